@@ -1,16 +1,19 @@
-"""The ``@actor`` decorator: marks a class as spawnable, with its options.
+"""``@actor`` marks a class as spawnable; ``ActorHandle`` calls a spawned one.
 
 The decorator only marks: the class is returned unchanged and stays usable
-in-process.  Misuse is rejected at decoration time.
+in-process.  Misuse is rejected at decoration time.  A handle turns attribute
+access into method proxies: ``h.m(...)`` blocks, ``h.m.remote(...)`` returns
+a future; unknown methods fail with ``AttributeError`` before anything is sent.
 """
 
 from __future__ import annotations
 
 import inspect
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Callable, TypeVar, overload
 
-__all__ = ["ActorOptions", "actor", "actor_options"]
+__all__ = ["ActorHandle", "ActorOptions", "actor", "actor_options"]
 
 T = TypeVar("T", bound=type)
 
@@ -69,3 +72,89 @@ def actor_options(cls: Any) -> ActorOptions:
     if not isinstance(options, ActorOptions):
         raise TypeError(f"{cls!r} is not an @actor class: decorate it with @actor")
     return options
+
+
+# -- handles -------------------------------------------------------------------
+
+
+class _Method:
+    """``handle.method``: call it to block, or ``.remote()`` for a future."""
+
+    __slots__ = ("_handle", "_name")
+
+    def __init__(self, handle: ActorHandle, name: str) -> None:
+        self._handle = handle
+        self._name = name
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        h = self._handle
+        return h._context().call(h._ref, self._name, args, kwargs)
+
+    def remote(self, *args: Any, **kwargs: Any) -> Future:
+        """Send the call and return a ``concurrent.futures.Future`` of its result."""
+        h = self._handle
+        return h._context().call_async(h._ref, self._name, args, kwargs)
+
+    def __repr__(self) -> str:
+        return f"<method {self._name} of {self._handle!r}>"
+
+
+class ActorHandle:
+    """A reference to a running actor; methods are called through it.
+
+    Thread-safe.  Pickles as plain connection data: unpickled in another
+    process of the same system it opens its own channel on first use.
+    """
+
+    __slots__ = ("_ctx", "_methods", "_ref")
+
+    def __init__(self, ref: Any, ctx: Any = None) -> None:
+        self._ref = ref
+        self._ctx = ctx
+        self._methods: dict[str, _Method] = {}
+
+    def _context(self) -> Any:
+        if self._ctx is None or self._ctx.closed:
+            from runtime.calls import context_for
+
+            self._ctx = context_for(self._ref.sid)
+        return self._ctx
+
+    def __getattr__(self, attr: str) -> _Method:
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        try:
+            return self._methods[attr]
+        except KeyError:
+            pass
+        if attr not in self._ref.methods:
+            raise AttributeError(f"actor {self._ref.name!r} (class {self._ref.cls_name}) has "
+                                 f"no method {attr!r}")
+        m = self._methods[attr] = _Method(self, attr)
+        return m
+
+    @property
+    def name(self) -> str:
+        return self._ref.name
+
+    @property
+    def pid(self) -> int:
+        """The pid of the actor's current process (a restart changes it)."""
+        return self._context().table.read(self._ref.index).pid
+
+    def kill(self) -> None:
+        """Kill the actor's process; returns once it is gone.  It is not restarted."""
+        self._context().kill(self._ref)
+
+    def stats(self) -> dict[str, Any]:
+        """Route counts and timings of this process's channel to the actor."""
+        from runtime.calls import summarize
+
+        ch = self._context().channel_stats(self._ref.index)
+        return summarize([ch] if ch else [])
+
+    def __reduce__(self) -> tuple:
+        return (ActorHandle, (self._ref,))
+
+    def __repr__(self) -> str:
+        return f"<ActorHandle {self._ref.name!r} ({self._ref.cls_name})>"

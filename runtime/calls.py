@@ -1,0 +1,448 @@
+"""The caller's side of method calls: channels to actors, futures, replies.
+
+One :class:`ProcessContext` per process and session holds that process's
+channels to actors (one per target actor, shared by every handle and thread
+of the process).  A call is ``(call_id, method, args, kwargs)``; a reply is
+``(call_id, ok, result_or_error)``.
+
+Who reads replies.  The thread that waits for a result reads the channel
+itself (it holds the channel's *reader role*), so a blocking call costs no
+thread hand-off: send, spin or sleep on the doorbell, read, return.  Replies
+for other calls it meets on the way complete their futures.  Futures that
+nobody waits on (``.remote()`` followed by ``add_done_callback``) are
+completed by a per-channel pump thread that takes the role when it is free.
+
+Failure.  Every wait is cut into slices of at most 100 ms; after each the
+actor's entry in the shared actor table is read (one memory load): a death or
+restart fails every pending call with :class:`ActorDiedError`.  Call deadlines
+(``call_timeout``) fail a call with :class:`CallTimeoutError` and forget its
+id, so a late reply is dropped.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import pickle
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import cloudpickle
+import zmq
+
+from runtime.errors import (
+    ActorDiedError,
+    ActorRuntimeError,
+    CallTimeoutError,
+    ProtocolError,
+    TransportError,
+    make_remote_exception,
+)
+from runtime.session import Session
+from runtime.table import ALIVE, DEAD, STATE_NAMES, ActorTable, describe_exit
+from runtime.transport.channel import Channel
+
+__all__ = ["ActorRef", "ProcessContext", "context_for", "register_context"]
+
+# Spin this long for a reply before sleeping on the doorbell: a no-op round
+# trip is ~20 us; a long call should not have its core stolen by the waiter.
+REPLY_SPIN_S = 150e-6
+OPEN_TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True)
+class ActorRef:
+    """Plain connection data of an actor: what a pickled handle carries."""
+
+    sid: str
+    index: int
+    name: str
+    cls_name: str
+    methods: frozenset[str]
+    untrusted: bool
+
+
+def ctl_endpoint(session: Session, index: int, incarnation: int) -> str:
+    return f"ipc://{session.private_path(f'actor{index}.{incarnation}.ctl')}"
+
+
+def bell_path(session: Session, index: int, incarnation: int) -> str:
+    return session.private_path(f"actor{index}.{incarnation}.bell")
+
+
+class CallFuture(Future):
+    """A ``concurrent.futures.Future`` whose ``result()`` reads replies itself.
+
+    Waiting in ``result``/``exception`` drives the channel (no thread
+    hand-off); ``TimeoutError`` at the timeout leaves the call running.
+    """
+
+    def __init__(self, owner: CallerChannel) -> None:
+        super().__init__()
+        self._owner = owner
+
+    def result(self, timeout: float | None = None) -> Any:
+        if not self.done():
+            self._owner.drive(self, timeout)
+        return super().result(timeout=None if self.done() else 0)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        if not self.done():
+            self._owner.drive(self, timeout)
+        return super().exception(timeout=None if self.done() else 0)
+
+
+class CallerChannel:
+    """This process's channel to one incarnation of one actor."""
+
+    def __init__(self, ctx: ProcessContext, ref: ActorRef, incarnation: int,
+                 channel: Channel) -> None:
+        self.ctx = ctx
+        self.ref = ref
+        self.incarnation = incarnation
+        self.channel = channel
+        self.pending: dict[int, tuple[CallFuture, float | None]] = {}
+        self._ids = itertools.count(1)
+        self._send_lock = threading.Lock()
+        self._role = threading.Lock()
+        self._pump: threading.Thread | None = None
+        self._pump_event = threading.Event()
+        self.dead: BaseException | None = None
+        self.closed = False
+
+    # -- liveness --------------------------------------------------------------
+    def check(self) -> None:
+        """Raise ``ActorDiedError`` if the actor this channel reaches is gone."""
+        entry = self.ctx.table.read(self.ref.index)
+        if entry.state != ALIVE or entry.incarnation != self.incarnation:
+            raise ActorDiedError(self.ctx.death_text(self.ref, entry))
+        self.ctx.check_owner()
+
+    # -- calls -----------------------------------------------------------------
+    def submit(self, method: str, args: tuple, kwargs: dict, *, pump: bool) -> CallFuture:
+        if self.dead is not None:
+            raise ActorDiedError(str(self.dead))
+        fut = CallFuture(self)
+        fut.set_running_or_notify_cancel()  # a sent call cannot be taken back
+        timeout = self.ctx.session.call_timeout
+        with self._send_lock:
+            call_id = next(self._ids) & 0xFFFFFFFF
+            self.pending[call_id] = (fut, None if timeout is None else time.monotonic() + timeout)
+            try:
+                self.channel.send((call_id, method, args, kwargs), tag=call_id,
+                                  check=self.check, on_full=self._drain_nowait)
+            except BaseException as exc:
+                self.pending.pop(call_id, None)
+                if isinstance(exc, ActorDiedError):
+                    self._fail_all(exc)
+                raise
+        if pump:
+            self._kick_pump()
+        return fut
+
+    def drive(self, fut: CallFuture, timeout: float | None) -> None:
+        """Read replies until ``fut`` is done or ``timeout`` seconds pass."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not fut.done():
+            if self._role.acquire(blocking=False):
+                try:
+                    self._read_until(fut.done, deadline)
+                finally:
+                    self._role.release()
+                    if self.pending:
+                        self._kick_pump()
+            else:
+                wait = 0.05 if deadline is None else min(0.05, deadline - time.monotonic())
+                if wait > 0:
+                    with fut._condition:
+                        if not fut.done():
+                            fut._condition.wait(wait)
+            if deadline is not None and time.monotonic() >= deadline:
+                return
+
+    def _read_until(self, done: Callable[[], bool], deadline: float | None) -> None:
+        ch = self.channel
+        while not done():
+            if self.dead is not None:
+                return
+            try:
+                ok, msg = ch.try_recv(check=self.check)
+                if ok:
+                    self._dispatch(msg)
+                    continue
+                if ch.peer_closed:
+                    raise ActorDiedError(f"actor {self.ref.name!r} closed its channel")
+                wait_until = self._expire(deadline)
+                if deadline is not None and time.monotonic() >= deadline:
+                    return
+                ch.wait(deadline=wait_until, check=self.check, spin_s=REPLY_SPIN_S)
+            except TimeoutError:
+                continue  # a deadline passed: the loop re-evaluates
+            except ProtocolError as exc:
+                entry = self.pending.pop(getattr(exc, "tag", None), None)
+                if entry is None:
+                    self._fail_all(exc)
+                    return
+                entry[0].set_exception(exc)
+            except ActorRuntimeError as exc:
+                self._fail_all(exc)
+                return
+
+    def _dispatch(self, msg: Any) -> None:
+        try:
+            call_id, ok, payload = msg
+        except (TypeError, ValueError):
+            raise ProtocolError(f"malformed reply from actor {self.ref.name!r}") from None
+        entry = self.pending.pop(call_id, None)
+        if entry is None:
+            return  # the call timed out earlier: drop its late reply
+        fut = entry[0]
+        if ok:
+            fut.set_result(payload)
+        else:
+            fut.set_exception(_rebuild_error(payload, safe=self.ref.untrusted))
+
+    def _expire(self, deadline: float | None) -> float | None:
+        """Fail calls past their call_timeout; return the next deadline to wake at."""
+        soonest = deadline
+        if self.ctx.session.call_timeout is None:
+            return soonest
+        now = time.monotonic()
+        for call_id, (fut, due) in list(self.pending.items()):
+            if due is None:
+                continue
+            if due <= now:
+                if self.pending.pop(call_id, None) is not None:
+                    fut.set_exception(CallTimeoutError(
+                        f"call to actor {self.ref.name!r} got no reply within "
+                        f"{self.ctx.session.call_timeout} s"))
+            elif soonest is None or due < soonest:
+                soonest = due
+        return soonest
+
+    def _drain_nowait(self) -> None:
+        """While our send waits for ring space, read replies if nobody else is."""
+        if self._role.acquire(blocking=False):
+            try:
+                while True:
+                    ok, msg = self.channel.try_recv(check=self.check)
+                    if not ok:
+                        break
+                    self._dispatch(msg)
+            finally:
+                self._role.release()
+
+    def _fail_all(self, exc: BaseException) -> None:
+        if self.dead is None:
+            self.dead = exc
+        while self.pending:
+            try:
+                _, (fut, _) = self.pending.popitem()
+            except KeyError:
+                break
+            if not fut.done():
+                fut.set_exception(type(exc)(str(exc)))
+
+    # -- pump --------------------------------------------------------------------
+    def _kick_pump(self) -> None:
+        if self._pump is None:
+            self._pump = threading.Thread(target=self._pump_main, daemon=True,
+                                          name=f"rt-pump-{self.ref.name}")
+            self._pump.start()
+        self._pump_event.set()
+
+    def _pump_main(self) -> None:
+        while not self.closed:
+            self._pump_event.wait(1.0)
+            self._pump_event.clear()
+            while self.pending and not self.closed and self.dead is None:
+                if self._role.acquire(timeout=0.05):
+                    try:
+                        self._read_until(lambda: not self.pending or self.closed,
+                                         time.monotonic() + 0.5)
+                    finally:
+                        self._role.release()
+
+    def close(self) -> None:
+        self.closed = True
+        self._pump_event.set()
+        with self._send_lock, self._role:
+            self.channel.close(notify=self.dead is None)
+        self._fail_all(ActorDiedError(f"channel to actor {self.ref.name!r} closed"))
+        if self._pump is not None and self._pump is not threading.current_thread():
+            self._pump.join(2.0)
+
+
+def _rebuild_error(payload: Any, *, safe: bool) -> BaseException:
+    try:
+        type_name, message, tb_text, exc_bytes = payload
+    except (TypeError, ValueError):
+        return ProtocolError("malformed error reply")
+    exc = None
+    if exc_bytes is not None and not safe:
+        try:
+            exc = cloudpickle.loads(exc_bytes)
+        except Exception:  # noqa: BLE001 - an unloadable exception still arrives as text
+            exc = None
+    return make_remote_exception(exc, str(type_name), str(message), str(tb_text))
+
+
+class ProcessContext:
+    """What one process knows of one session: the actor table and its channels."""
+
+    def __init__(self, session: Session, table: ActorTable, *, self_index: int = -1,
+                 owner_check: Callable[[], None] | None = None) -> None:
+        self.session = session
+        self.table = table
+        self.self_index = self_index
+        self._owner_check = owner_check
+        self._channels: dict[int, CallerChannel] = {}
+        self._lock = threading.Lock()
+        self._names = itertools.count()
+        self.closed = False
+        self.killer: Callable[[int], None] | None = None
+
+    def kill(self, ref: ActorRef) -> None:
+        if self.killer is None:
+            raise ActorRuntimeError("kill() works in the driver process (the one that owns "
+                                    "the ActorSystem)")
+        self.killer(ref.index)
+        self.forget(ref.index)
+
+    def check_owner(self) -> None:
+        if self._owner_check is not None:
+            self._owner_check()
+
+    def death_text(self, ref: ActorRef, entry: Any) -> str:
+        state = STATE_NAMES[entry.state] if entry.state < len(STATE_NAMES) else entry.state
+        how = describe_exit(entry.exit) if entry.pid else "never started"
+        return f"actor {ref.name!r} (pid {entry.pid}) died: {how}; now {state}"
+
+    # -- calls -----------------------------------------------------------------
+    def call(self, ref: ActorRef, method: str, args: tuple, kwargs: dict) -> Any:
+        fut = self.channel_for(ref).submit(method, args, kwargs, pump=False)
+        return fut.result()
+
+    def call_async(self, ref: ActorRef, method: str, args: tuple, kwargs: dict) -> Future:
+        return self.channel_for(ref).submit(method, args, kwargs, pump=True)
+
+    def channel_for(self, ref: ActorRef) -> CallerChannel:
+        cc = self._channels.get(ref.index)
+        if cc is not None and cc.dead is None:
+            entry = self.table.read(ref.index)
+            if entry.state == ALIVE and entry.incarnation == cc.incarnation:
+                return cc
+        with self._lock:
+            if self.closed:
+                raise ActorRuntimeError("the actor system is shut down")
+            cc = self._channels.get(ref.index)
+            entry = self._settled(ref)
+            if cc is not None:
+                if cc.dead is None and entry.incarnation == cc.incarnation:
+                    return cc
+                self._channels.pop(ref.index, None)
+                cc._fail_all(ActorDiedError(self.death_text(ref, self.table.read(ref.index))))
+                cc.close()
+            if entry.state != ALIVE:
+                raise ActorDiedError(self.death_text(ref, entry))
+            cc = self._open(ref, entry.incarnation)
+            self._channels[ref.index] = cc
+            return cc
+
+    def _settled(self, ref: ActorRef) -> Any:
+        """The actor's entry once it is ALIVE or DEAD (waits out a restart)."""
+        limit = self.session.call_timeout
+        deadline = None if limit is None else time.monotonic() + limit
+        while True:
+            entry = self.table.read(ref.index)
+            if entry.state in (ALIVE, DEAD):
+                return entry
+            self.check_owner()
+            if deadline is not None and time.monotonic() > deadline:
+                raise CallTimeoutError(f"actor {ref.name!r} did not come back within {limit} s")
+            time.sleep(0.005)
+
+    def _open(self, ref: ActorRef, incarnation: int) -> CallerChannel:
+        s = self.session
+        name = s.segment_name(f"c{next(self._names)}")
+        channel = Channel.create(shm_dir=s.shm_dir, private_dir=s.private_dir, name=name,
+                                 threshold=s.threshold, safe=ref.untrusted)
+        cc = CallerChannel(self, ref, incarnation, channel)
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        try:
+            sock.connect(ctl_endpoint(s, ref.index, incarnation))
+            sock.send(pickle.dumps(("open", channel.spec(), os.getpid(), self.self_index, name)))
+            deadline = time.monotonic() + OPEN_TIMEOUT_S
+            while not sock.poll(50):
+                cc.check()
+                if time.monotonic() > deadline:
+                    raise TransportError(f"actor {ref.name!r} did not accept a channel "
+                                         f"within {OPEN_TIMEOUT_S} s")
+            status, detail = pickle.loads(sock.recv())
+            if status != "ok":
+                raise TransportError(f"actor {ref.name!r} refused a channel: {detail}")
+            channel.attached(detail)
+        except BaseException:
+            channel.close(notify=False)
+            raise
+        finally:
+            sock.close(0)
+        return cc
+
+    # -- bookkeeping -------------------------------------------------------------
+    def channels(self) -> list[CallerChannel]:
+        return list(self._channels.values())
+
+    def channel_stats(self, index: int) -> dict[str, Any] | None:
+        cc = self._channels.get(index)
+        if cc is None:
+            return None
+        return dict(cc.channel.stats(), actor=cc.ref.name, incarnation=cc.incarnation)
+
+    def forget(self, index: int) -> None:
+        with self._lock:
+            cc = self._channels.pop(index, None)
+        if cc is not None:
+            cc.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self.closed = True
+            channels, self._channels = list(self._channels.values()), {}
+        for cc in channels:
+            cc.close()
+
+
+def summarize(channel_stats: list[dict[str, Any]]) -> dict[str, Any]:
+    """``{"routes": {"shm": {...}, "zmq": {...}}, "channels": [...]}`` over channels."""
+    routes = {r: {"messages": 0, "bytes": 0} for r in ("shm", "zmq")}
+    for ch in channel_stats:
+        for r in routes:
+            routes[r]["messages"] += ch["routes"][r]["messages"]
+            routes[r]["bytes"] += ch["routes"][r]["bytes"]
+    return {"routes": routes, "channels": channel_stats}
+
+
+_contexts: dict[str, ProcessContext] = {}
+
+
+def register_context(ctx: ProcessContext) -> None:
+    _contexts[ctx.session.sid] = ctx
+
+
+def unregister_context(ctx: ProcessContext) -> None:
+    if _contexts.get(ctx.session.sid) is ctx:
+        del _contexts[ctx.session.sid]
+
+
+def context_for(sid: str) -> ProcessContext:
+    ctx = _contexts.get(sid)
+    if ctx is None:
+        raise ActorRuntimeError(
+            "this actor handle belongs to an actor system that this process is not part "
+            "of (it was shut down, or the handle left the system's processes)")
+    return ctx

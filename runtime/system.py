@@ -1,0 +1,324 @@
+"""ActorSystem: starts the supervisor, spawns and kills actors, shuts down.
+
+Options are built once, in :class:`SystemOptions`, from the arguments and
+the environment (``RT_SHM_THRESHOLD``, ``RT_SHM_DIR``); nothing else reads the
+environment.  ``with ActorSystem() as system:`` guarantees that on exit no
+actor process, no segment and no per-session file remains; a system that is
+never shut down is cleaned up by a ``weakref.finalize`` at interpreter exit,
+and one whose driver is killed is cleaned up by its supervisor.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+import weakref
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+import cloudpickle
+import psutil
+
+import runtime
+from runtime.actor import ActorHandle, actor_options
+from runtime.calls import ActorRef, ProcessContext, register_context, summarize, unregister_context
+from runtime.errors import ActorDiedError, ActorRuntimeError, ActorStartError
+from runtime.session import Session, collect, remove_session_files
+from runtime.table import CAPACITY, FLAG_UNTRUSTED, ActorTable
+from runtime.transport.channel import ring_capacity
+from runtime.wire import FrameReader, write_frame
+
+__all__ = ["ActorSystem", "SystemOptions"]
+
+log = logging.getLogger(__name__)
+DEFAULT_THRESHOLD = 10 * 1024 * 1024
+SUPERVISOR_START_S = 60.0
+
+
+@dataclass(frozen=True)
+class SystemOptions:
+    """Validated options of one ``ActorSystem``."""
+
+    shm_threshold: int = DEFAULT_THRESHOLD
+    shm_dir: str = "/dev/shm"
+    call_timeout: float | None = None
+
+    @classmethod
+    def build(cls, *, shm_threshold: int | None = None, shm_dir: str | None = None,
+              call_timeout: float | None = None) -> SystemOptions:
+        """Arguments first, then ``RT_SHM_THRESHOLD`` / ``RT_SHM_DIR``, then defaults."""
+        if shm_threshold is None:
+            env = os.environ.get("RT_SHM_THRESHOLD")
+            try:
+                shm_threshold = int(env) if env else DEFAULT_THRESHOLD
+            except ValueError:
+                raise ValueError(f"RT_SHM_THRESHOLD must be an integer, got {env!r}") from None
+        if isinstance(shm_threshold, bool) or not isinstance(shm_threshold, int):
+            raise TypeError(f"shm_threshold must be an int, got {shm_threshold!r}")
+        if shm_threshold < 1:
+            raise ValueError(f"shm_threshold must be >= 1 byte, got {shm_threshold}")
+        total = psutil.virtual_memory().total
+        if 2 * (ring_capacity(shm_threshold) + 4096) > total:
+            raise ValueError(
+                f"shm_threshold {shm_threshold} is too large for this machine: one channel "
+                f"needs {2 * ring_capacity(shm_threshold)} bytes of shared memory and the "
+                f"machine has {total}")
+        shm_dir = shm_dir if shm_dir is not None else os.environ.get("RT_SHM_DIR") or "/dev/shm"
+        if not os.path.isdir(shm_dir):
+            raise ValueError(f"shm_dir {shm_dir!r} is not a directory")
+        if call_timeout is not None:
+            if isinstance(call_timeout, bool) or not isinstance(call_timeout, (int, float)) \
+                    or call_timeout <= 0:
+                raise ValueError(f"call_timeout must be a positive number of seconds, "
+                                 f"got {call_timeout!r}")
+            call_timeout = float(call_timeout)
+        return cls(shm_threshold, os.path.abspath(shm_dir), call_timeout)
+
+
+class _SupervisorLink:
+    """The driver's side of the two pipes to the supervisor."""
+
+    def __init__(self, session: Session, table: ActorTable) -> None:
+        req_r, self.req_w = os.pipe()
+        self.rep_r, rep_w = os.pipe()
+        cfg = {"session": session.__dict__, "table_fd": table.fd, "driver_pid": os.getpid(),
+               "req_fd": req_r, "rep_fd": rep_w}
+        env = dict(os.environ)
+        root = os.path.dirname(os.path.dirname(os.path.abspath(runtime.__file__)))
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "runtime.supervisor", json.dumps(cfg)],
+                stdin=subprocess.DEVNULL, pass_fds=(table.fd, req_r, rep_w), env=env)
+        finally:
+            os.close(req_r)
+            os.close(rep_w)
+        self._reader = FrameReader(self.rep_r)
+        self._waiters: dict[int, Future] = {}
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self.dead = False
+        self._hello: Future = Future()
+        self._thread = threading.Thread(target=self._read_loop, daemon=True,
+                                        name="rt-supervisor-link")
+        self._thread.start()
+        try:
+            self._hello.result(SUPERVISOR_START_S)
+        except Exception as exc:
+            self.close(kill=True)
+            raise ActorRuntimeError(f"the supervisor did not start: {exc}") from exc
+
+    def _read_loop(self) -> None:
+        while True:
+            try:
+                msgs = self._reader.feed()
+            except OSError:
+                msgs, self._reader.eof = [], True
+            for msg in msgs:
+                if msg[0] == "hello":
+                    self._hello.set_result(msg[1])
+                    continue
+                fut = self._waiters.pop(msg[1], None)
+                if fut is not None:
+                    fut.set_result((msg[0], msg[2]))
+            if self._reader.eof:
+                self.dead = True
+                err = ActorDiedError("the supervisor process died")
+                if not self._hello.done():
+                    self._hello.set_exception(err)
+                for fut in list(self._waiters.values()):
+                    fut.set_exception(err)
+                self._waiters.clear()
+                return
+
+    def request(self, op: str, *args: Any) -> Future:
+        fut: Future = Future()
+        with self._lock:
+            if self.dead:
+                raise ActorDiedError("the supervisor process died")
+            rid = next(self._ids)
+            self._waiters[rid] = fut
+            write_frame(self.req_w, (op, rid, *args))
+        return fut
+
+    def close(self, *, kill: bool = False) -> None:
+        if kill and self.proc.poll() is None:
+            self.proc.kill()
+        try:
+            os.close(self.req_w)  # EOF tells a live supervisor the driver is done
+        except OSError:
+            pass
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self._thread.join(5)
+        try:
+            os.close(self.rep_r)
+        except OSError:
+            pass
+
+
+def _emergency_cleanup(link: _SupervisorLink, session: Session) -> None:
+    """Finalizer for a system that was never shut down (no reference to it)."""
+    link.close(kill=False)
+    remove_session_files(session)
+
+
+class ActorSystem:
+    """Starts the supervisor; spawns, kills and cleans up actors.
+
+    ``ActorSystem(shm_threshold=10 MiB, shm_dir="/dev/shm", call_timeout=None)``.
+    Use as a context manager, or call :meth:`shutdown` (idempotent).
+    """
+
+    def __init__(self, *, shm_threshold: int | None = None, shm_dir: str | None = None,
+                 call_timeout: float | None = None) -> None:
+        self.options = SystemOptions.build(shm_threshold=shm_threshold, shm_dir=shm_dir,
+                                           call_timeout=call_timeout)
+        collect([self.options.shm_dir])
+        self.session = Session.new(shm_dir=self.options.shm_dir,
+                                   threshold=self.options.shm_threshold,
+                                   call_timeout=self.options.call_timeout)
+        self._closed = False
+        self._lock = threading.Lock()
+        self._names: set[str] = set()
+        self._counters: dict[str, itertools.count] = {}
+        self._next_index = 0
+        self._table = None
+        try:
+            self._table = ActorTable.create()
+            self._link = _SupervisorLink(self.session, self._table)
+        except BaseException:
+            if self._table is not None:
+                self._table.close()
+            remove_session_files(self.session)
+            raise
+        self._ctx = ProcessContext(self.session, self._table, owner_check=self._check_link)
+        self._ctx.killer = self._kill_index
+        register_context(self._ctx)
+        self._finalizer = weakref.finalize(self, _emergency_cleanup, self._link, self.session)
+
+    def _check_link(self) -> None:
+        if self._link.dead:
+            raise ActorDiedError("the supervisor process died; this actor system is unusable "
+                                 "(shut it down and start a new one)")
+
+    # -- spawning -----------------------------------------------------------------
+    def spawn(self, cls: type, *args: Any, name: str | None = None,
+              max_restarts: int | None = None, untrusted: bool | None = None,
+              **kwargs: Any) -> ActorHandle:
+        """Start an actor of ``cls``; returns its handle once ``__init__`` has run there.
+
+        Raises ``ActorStartError`` (with the remote traceback) if ``__init__``
+        raised or the process died during start-up.
+        """
+        options = actor_options(cls)
+        if max_restarts is None:
+            max_restarts = options.max_restarts
+        elif isinstance(max_restarts, bool) or not isinstance(max_restarts, int) \
+                or max_restarts < 0:
+            raise ValueError(f"max_restarts must be an int >= 0, got {max_restarts!r}")
+        if untrusted is None:
+            untrusted = options.untrusted
+        with self._lock:
+            if self._closed:
+                raise ActorRuntimeError("the actor system is shut down")
+            if name is None:
+                counter = self._counters.setdefault(cls.__name__, itertools.count())
+                while (name := f"{cls.__name__}-{next(counter)}") in self._names:
+                    pass
+            elif not isinstance(name, str) or not name:
+                raise ValueError(f"name must be a non-empty str, got {name!r}")
+            if name in self._names:
+                raise ValueError(f"an actor named {name!r} already exists in this system")
+            if self._next_index >= CAPACITY:
+                raise ActorRuntimeError(f"an actor system holds at most {CAPACITY} actors")
+            self._names.add(name)
+            index = self._next_index
+            self._next_index += 1
+        methods = frozenset(n for n in dir(cls)
+                            if not n.startswith("__") and callable(getattr(cls, n, None)))
+        ref = ActorRef(self.session.sid, index, name, cls.__qualname__, methods, bool(untrusted))
+        spec = _pickle_spec(cls, args, kwargs)
+        flags = FLAG_UNTRUSTED if untrusted else 0
+        boot = {"sys_path": list(sys.path), "cwd": os.getcwd(), "flags": flags}
+        status, detail = self._link.request("spawn", index, name, spec, max_restarts, flags,
+                                            boot).result()
+        if status != "spawned":
+            raise ActorStartError(detail)
+        return ActorHandle(ref, self._ctx)
+
+    def _kill_index(self, index: int) -> None:
+        self._link.request("kill", index).result()
+
+    # -- statistics -----------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        """What this process sent and received, per route and per channel.
+
+        ``{"routes": {"shm"|"zmq": {"messages", "bytes"}}, "channels": [...]}``;
+        each channel entry has ``actor``, ``mode``, ``routes`` (with sent and
+        received splits) and ``encode_s``, ``decode_s``, ``copy_s``, ``wait_s``.
+        """
+        chans = [self._ctx.channel_stats(cc.ref.index) for cc in self._ctx.channels()]
+        return summarize([c for c in chans if c])
+
+    # -- shutdown ---------------------------------------------------------------------
+    def shutdown(self) -> None:
+        """Stop every actor, wait for them, remove every file of the session."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._finalizer.detach()
+        self._ctx.close()
+        unregister_context(self._ctx)
+        try:
+            if not self._link.dead:
+                self._link.request("shutdown").result(30)
+        except Exception as exc:  # noqa: BLE001 - shut down regardless
+            log.warning("supervisor did not shut down cleanly: %s", exc)
+        self._link.close(kill=True)
+        remove_session_files(self.session)
+        self._table.close()
+
+    def __enter__(self) -> ActorSystem:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    def __repr__(self) -> str:
+        state = "shut down" if self._closed else "running"
+        return f"<ActorSystem {self.session.sid} {state}>"
+
+
+def _pickle_spec(cls: type, args: tuple, kwargs: dict) -> bytes:
+    """cloudpickle the constructor call; classes of modules an actor process could
+    not import (and ``__main__``) travel by value."""
+    module = sys.modules.get(cls.__module__)
+    by_value = (module is not None and cls.__module__ != "__main__"
+                and not _importable(cls.__module__))
+    if by_value:
+        cloudpickle.register_pickle_by_value(module)
+    try:
+        return cloudpickle.dumps((cls, args, kwargs))
+    finally:
+        if by_value:
+            cloudpickle.unregister_pickle_by_value(module)
+
+
+def _importable(modname: str) -> bool:
+    try:
+        spec = importlib.util.find_spec(modname)
+    except (ImportError, ValueError):
+        return False
+    return spec is not None and spec.origin not in (None, "built-in")

@@ -1,0 +1,108 @@
+"""The ZeroMQ link that carries messages at or above the size threshold.
+
+One PAIR socket per channel over ``ipc://`` in the session's private 0700
+directory: the caller binds, the callee connects.  Buffers go as separate
+frames with ``copy=False`` (ZeroMQ reads the tensor's memory directly) and
+``track=True``: :meth:`BulkLink.send` returns only once ZeroMQ has released
+the buffers, so a caller may modify or free its tensor as soon as the call
+returns.  Frames are received with ``copy=False`` and handed on as
+``torch.uint8`` tensors over the frame's own memory: no further copy.
+
+High-water marks bound what a slow reader can make the writer queue.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+
+import zmq
+
+from runtime.errors import TransportError
+
+__all__ = ["BulkLink"]
+
+HWM = 64  # messages queued per direction before send blocks
+
+
+class BulkLink:
+    """One end of a channel's ZeroMQ PAIR link."""
+
+    def __init__(self, endpoint: str, *, bind: bool) -> None:
+        self.endpoint = endpoint
+        ctx = zmq.Context.instance()
+        sock = ctx.socket(zmq.PAIR)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, HWM)
+        sock.setsockopt(zmq.RCVHWM, HWM)
+        try:
+            if bind:
+                sock.bind(endpoint)
+            else:
+                sock.connect(endpoint)
+        except zmq.ZMQError as exc:
+            sock.close(0)
+            raise TransportError(f"cannot {'bind' if bind else 'connect'} {endpoint}: "
+                                 f"{exc}") from exc
+        self.socket = sock
+        self._bound_path = endpoint[len("ipc://"):] if bind and endpoint.startswith("ipc://") \
+            else None
+
+    def send(self, parts: Sequence[object], *, deadline: float | None,
+             check: Callable[[], None] | None, slice_s: float = 0.05) -> None:
+        """Send ``parts`` as one multipart message; wait until ZeroMQ let go of them."""
+        sock = self.socket
+        while True:
+            try:
+                tracker = sock.send_multipart(parts, flags=zmq.NOBLOCK, copy=False,
+                                              track=True)
+                break
+            except zmq.Again:
+                self._pause(deadline, check, slice_s, "send")
+            except zmq.ZMQError as exc:
+                raise TransportError(f"ZeroMQ send on {self.endpoint} failed: {exc}") from exc
+        while not tracker.done:
+            try:
+                tracker.wait(slice_s)
+            except zmq.NotDone:
+                self._pause(deadline, check, 0, "send")
+
+    def recv(self, *, deadline: float | None, check: Callable[[], None] | None,
+             slice_s: float = 0.05) -> list[zmq.Frame]:
+        """Receive one multipart message as frames (no copy)."""
+        sock = self.socket
+        while True:
+            try:
+                return sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                pass
+            except zmq.ZMQError as exc:
+                raise TransportError(f"ZeroMQ receive on {self.endpoint} failed: "
+                                     f"{exc}") from exc
+            timeout = slice_s if deadline is None else min(slice_s, deadline - time.monotonic())
+            if timeout <= 0 or not sock.poll(int(timeout * 1000) or 1, zmq.POLLIN):
+                self._pause(deadline, check, 0, "receive")
+
+    def readable(self) -> bool:
+        return bool(self.socket.getsockopt(zmq.EVENTS) & zmq.POLLIN)
+
+    @staticmethod
+    def _pause(deadline: float | None, check: Callable[[], None] | None, sleep_s: float,
+               what: str) -> None:
+        if check is not None:
+            check()
+        if deadline is not None and time.monotonic() >= deadline:
+            raise TimeoutError(f"ZeroMQ {what} timed out")
+        if sleep_s:
+            time.sleep(min(sleep_s, 0.001))
+
+    def close(self) -> None:
+        """Close the socket; the binding end also removes its ``ipc://`` file."""
+        if not self.socket.closed:
+            self.socket.close(0)
+            if self._bound_path is not None:
+                try:
+                    os.unlink(self._bound_path)
+                except FileNotFoundError:
+                    pass

@@ -1,0 +1,511 @@
+"""Channel: ordered, size-routed messages between one caller and one callee.
+
+A channel is one ring per direction plus one ZeroMQ PAIR link.  Every message
+passes through the ring *in order*; a message whose encoded size is at or
+above ``threshold`` (or whose framing would not fit a ring record) leaves only
+a small BULK marker in the ring and travels on the ZeroMQ link, so the two
+routes can never reorder (the trick of vLLM's ``MessageQueue``).
+
+Record payload (inside a ring record, see ``ring.py``)::
+
+    offset          size      field
+    0               1         kind: 0 INLINE, 1 BULK (body on ZeroMQ), 2 CLOSE
+    1               3         zero
+    4               4         nbuf: number of out-of-band buffers
+    8               4         header length H
+    12              4         tag: a number of the sender's (the call id), kept
+                              readable even when the message cannot be decoded
+    16              8*nbuf    buffer sizes
+    16+8*nbuf       H         codec header
+    align8(...)     ...       buffers, each starting 8-byte aligned
+
+A BULK message on ZeroMQ is ``[prefix+codec header, buffer 0, buffer 1, ...]``.
+
+Sizing: each direction's ring holds ``2 x threshold`` bytes including its
+4 KiB header, so one channel uses at most ``4 x threshold`` of ``shm_dir``
+(40 MiB at the default 10 MiB).  Any message below the threshold fits one
+record (records never wrap, and a ring that large always has a contiguous
+stretch once drained), and while it is in flight there is room for more
+records behind it, so back-to-back messages of mixed sizes stream.  A small
+threshold still gets a ring of ``MIN_CAPACITY`` (64 KiB) for the BULK markers.
+
+When ``shm_dir`` has no room, ring creation fails with ``TransportError``;
+the channel logs one warning per process and carries everything on ZeroMQ.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from runtime import codec
+from runtime.errors import ProtocolError, TransportError
+from runtime.transport.bulk import BulkLink
+from runtime.transport.doorbell import Doorbell, DoorbellWriter
+from runtime.transport.ring import HEADER_SIZE, MIN_CAPACITY, ShmRing, align8, fence
+
+__all__ = ["Channel", "ChannelSpec", "ring_capacity"]
+
+log = logging.getLogger(__name__)
+
+KIND_INLINE, KIND_BULK, KIND_CLOSE = 0, 1, 2
+_PREFIX = struct.Struct("<B3xIII")  # kind, nbuf, header length, tag
+_SIZE = struct.Struct("<Q")
+_PREFIX_LEN = _PREFIX.size  # 16
+_MARKER = _PREFIX.pack(KIND_BULK, 0, 0, 0)
+_CLOSE = _PREFIX.pack(KIND_CLOSE, 0, 0, 0)
+_MEMMOVE_MIN = 64 * 1024
+
+# Default spin before blocking on the doorbell (seconds).  Waking a blocked
+# process costs ~85 us here, a spin iteration ~0.3 us: spin a little longer
+# than a typical round trip, then block so an idle process costs nothing.
+SPIN_S = 100e-6
+SLICE_S = 0.1  # longest single block; liveness is re-checked after each
+
+_warned_fallback = False
+
+
+def ring_capacity(threshold: int) -> int:
+    """Data bytes of one direction's ring for ``threshold`` (see module docstring)."""
+    return max(MIN_CAPACITY, align8(2 * threshold - HEADER_SIZE))
+
+
+@dataclass(frozen=True)
+class ChannelSpec:
+    """What the callee needs to attach to a channel the caller created (picklable)."""
+
+    to_callee: str | None
+    to_caller: str | None
+    endpoint: str
+    caller_bell: str | None
+    threshold: int
+
+
+class _Route:
+    __slots__ = ("bytes_in", "bytes_out", "msgs_in", "msgs_out")
+
+    def __init__(self) -> None:
+        self.msgs_out = self.bytes_out = self.msgs_in = self.bytes_in = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {"messages": self.msgs_out + self.msgs_in, "bytes": self.bytes_out + self.bytes_in,
+                "sent_messages": self.msgs_out, "sent_bytes": self.bytes_out,
+                "received_messages": self.msgs_in, "received_bytes": self.bytes_in}
+
+
+class Channel:
+    """One end of a channel.  Make the caller's end with :meth:`create`, the callee's
+    with :meth:`attach`.  ``send`` is for one thread at a time, and so is ``recv``.
+    """
+
+    def __init__(self, *, tx: ShmRing | None, rx: ShmRing | None, bulk: BulkLink,
+                 own_bell: Doorbell | None, owns_bell: bool, peer_bell: DoorbellWriter | None,
+                 threshold: int, safe: bool, name: str) -> None:
+        self.tx, self.rx, self.bulk = tx, rx, bulk
+        self.own_bell, self._owns_bell, self.peer_bell = own_bell, owns_bell, peer_bell
+        self.threshold = threshold
+        self.safe = safe
+        self.name = name
+        self.closed = False
+        self.peer_closed = False
+        self.routes = {"shm": _Route(), "zmq": _Route()}
+        self.encode_ns = self.decode_ns = self.copy_ns = self.wait_ns = 0
+
+    # -- construction --------------------------------------------------------
+    @classmethod
+    def create(cls, *, shm_dir: str, private_dir: str, name: str, threshold: int,
+               safe: bool = False) -> Channel:
+        """The caller's end: makes both rings, its doorbell and binds the ZeroMQ link."""
+        if threshold < 1:
+            raise ValueError(f"threshold must be >= 1 byte, got {threshold}")
+        tx = rx = None
+        bell = None
+        try:
+            cap = ring_capacity(threshold)
+            tx = ShmRing.create(shm_dir, f"{name}_c2a", cap)
+            rx = ShmRing.create(shm_dir, f"{name}_a2c", cap)
+        except TransportError as exc:
+            for ring in (tx, rx):
+                if ring is not None:
+                    ring.close()
+                    ring.unlink()
+            tx = rx = None
+            _warn_fallback(exc)
+        try:
+            if rx is not None:
+                bell = Doorbell(os.path.join(private_dir, f"{name}.bell"))
+            bulk = BulkLink(f"ipc://{os.path.join(private_dir, name + '.zmq')}", bind=True)
+        except BaseException:
+            for ring in (tx, rx):
+                if ring is not None:
+                    ring.close()
+                    ring.unlink()
+            if bell is not None:
+                bell.close()
+            raise
+        return cls(tx=tx, rx=rx, bulk=bulk, own_bell=bell, owns_bell=True, peer_bell=None,
+                   threshold=threshold, safe=safe, name=name)
+
+    def spec(self) -> ChannelSpec:
+        return ChannelSpec(
+            to_callee=self.tx.segment.path if self.tx else None,
+            to_caller=self.rx.segment.path if self.rx else None,
+            endpoint=self.bulk.endpoint,
+            caller_bell=self.own_bell.path if self.own_bell else None,
+            threshold=self.threshold)
+
+    def attached(self, callee_bell: str | None) -> None:
+        """Caller side, once the callee has mapped the rings: unlink their files.
+
+        From here on the segments live only as long as some mapping does, so no
+        crash of either process can leak them.
+        """
+        for ring in (self.tx, self.rx):
+            if ring is not None:
+                ring.unlink()
+        if self.tx is not None and callee_bell is not None:
+            self.peer_bell = DoorbellWriter(callee_bell)
+
+    @classmethod
+    def attach(cls, spec: ChannelSpec, *, own_bell: Doorbell | None, safe: bool,
+               name: str) -> Channel:
+        """The callee's end of a channel described by ``spec``."""
+        tx = rx = None
+        try:
+            if spec.to_callee is not None and spec.to_caller is not None:
+                rx = ShmRing.attach(spec.to_callee)
+                tx = ShmRing.attach(spec.to_caller)
+            bulk = BulkLink(spec.endpoint, bind=False)
+        except BaseException:
+            for ring in (tx, rx):
+                if ring is not None:
+                    ring.close()
+            raise
+        peer = DoorbellWriter(spec.caller_bell) if (tx is not None and spec.caller_bell) else None
+        return cls(tx=tx, rx=rx, bulk=bulk, own_bell=own_bell if rx is not None else None,
+                   owns_bell=False, peer_bell=peer, threshold=spec.threshold, safe=safe,
+                   name=name)
+
+    @property
+    def mode(self) -> str:
+        return "shm" if self.tx is not None else "zmq-only"
+
+    # -- sending -------------------------------------------------------------
+    def send(self, obj: Any, *, tag: int = 0, deadline: float | None = None,
+             check: Callable[[], None] | None = None,
+             on_full: Callable[[], None] | None = None, plain_only: bool = False) -> str:
+        """Encode and send ``obj``; returns the route taken ("shm" or "zmq").
+
+        With ``plain_only`` a message that needs the codec's pickle format is
+        refused with ``TypeError`` before anything is sent (an untrusted peer
+        would have to unpickle it; see ``codec``).
+
+        Blocks while the ring is full (backpressure) until ``deadline``
+        (``time.monotonic()`` value; TimeoutError) calling ``check`` (which
+        raises if the peer is gone) and ``on_full`` (e.g. drain replies) while
+        it waits.
+        """
+        if self.closed:
+            raise TransportError(f"channel {self.name} is closed")
+        t0 = time.perf_counter_ns()
+        enc = codec.encode(obj)
+        t1 = time.perf_counter_ns()
+        if plain_only and enc.header[4] != codec.FORMAT_PLAIN:
+            raise TypeError("message holds values other than tensors, arrays, numbers, str, "
+                            "bytes, None, bool and lists/tuples/dicts of these, which a "
+                            "safe-mode peer refuses")
+        self.encode_ns += t1 - t0
+        buffers = enc.buffers
+        header = enc.header
+        nbuf = len(buffers)
+        prefix = _PREFIX.pack(KIND_INLINE, nbuf, len(header), tag & 0xFFFFFFFF)
+        if nbuf:
+            prefix += struct.pack(f"<{nbuf}Q", *[b.nbytes for b in buffers])
+        tx = self.tx
+        if tx is not None and enc.nbytes < self.threshold:
+            size = align8(len(prefix) + len(header))
+            for b in buffers:
+                size += align8(b.nbytes)
+            if size <= tx.max_payload:
+                self._send_ring(prefix + header, buffers, size, deadline, check, on_full)
+                route = self.routes["shm"]
+                route.msgs_out += 1
+                route.bytes_out += enc.nbytes
+                self.copy_ns += time.perf_counter_ns() - t1
+                return "shm"
+        self.bulk.send([prefix + header, *buffers], deadline=deadline, check=check)
+        if tx is not None:
+            self._send_ring(_MARKER, (), _PREFIX_LEN, deadline, check, on_full)
+        route = self.routes["zmq"]
+        route.msgs_out += 1
+        route.bytes_out += enc.nbytes
+        self.copy_ns += time.perf_counter_ns() - t1
+        return "zmq"
+
+    def _send_ring(self, head: bytes, buffers: Any, size: int, deadline: float | None,
+                   check: Callable[[], None] | None,
+                   on_full: Callable[[], None] | None) -> None:
+        tx = self.tx
+        addr = tx.reserve(size)
+        if addr is None:
+            addr = self._wait_space(size, deadline, check, on_full)
+        view = tx.segment.view
+        base = tx.segment.address
+        off = addr - base
+        n = len(head)
+        view[off:off + n] = head
+        pos = addr + align8(n)
+        for b in buffers:
+            nb = b.nbytes
+            if nb >= _MEMMOVE_MIN:
+                ctypes.memmove(pos, b.ctypes.data, nb)
+            elif nb:
+                o = pos - base
+                view[o:o + nb] = b
+            pos += align8(nb)
+        tx.commit()
+        fence()
+        if tx.reader_sleeping() and self.peer_bell is not None:
+            self.peer_bell.ring()
+
+    def _wait_space(self, size: int, deadline: float | None, check: Callable[[], None] | None,
+                    on_full: Callable[[], None] | None) -> int:
+        t0 = time.perf_counter_ns()
+        pause = 20e-6
+        while True:
+            if on_full is not None:
+                on_full()
+            addr = self.tx.reserve(size)
+            if addr is not None:
+                self.wait_ns += time.perf_counter_ns() - t0
+                return addr
+            if check is not None:
+                check()
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"channel {self.name}: ring full until the deadline")
+            time.sleep(pause)
+            pause = min(pause * 2, 2e-3)
+
+    # -- receiving -----------------------------------------------------------
+    def readable(self) -> bool:
+        """True when a message (or a close record) is waiting."""
+        if self.rx is not None:
+            return self.rx.readable()
+        return self.bulk.readable()
+
+    def set_sleeping(self, flag: bool) -> None:
+        if self.rx is not None:
+            self.rx.set_sleeping(flag)
+
+    def try_recv(self, *, deadline: float | None = None,
+                 check: Callable[[], None] | None = None) -> tuple[bool, Any]:
+        """Receive one message if one is waiting: ``(True, obj)`` or ``(False, None)``.
+
+        A close record from the peer sets ``peer_closed`` and returns
+        ``(False, None)``.  A malformed message raises ``ProtocolError`` after it
+        has been consumed: the messages behind it are intact, and the
+        exception's ``tag`` attribute holds the sender's tag (None if unknown).
+        """
+        rx = self.rx
+        if rx is None:
+            if not self.bulk.readable():
+                return False, None
+            return True, self._recv_bulk(deadline, check)
+        rec = rx.peek()
+        if rec is None:
+            return False, None
+        addr, length = rec
+        t0 = time.perf_counter_ns()
+        base = rx.segment.address
+        view = rx.segment.view
+        off = addr - base
+        tag = None
+        try:
+            if length < _PREFIX_LEN:
+                raise ProtocolError(f"ring record of {length} bytes is shorter than a prefix")
+            kind, nbuf, hlen, tag = _PREFIX.unpack_from(view, off)
+            if kind == KIND_BULK:
+                rx.advance()
+                return True, self._recv_bulk(deadline, check)
+            if kind == KIND_CLOSE:
+                rx.advance()
+                self.peer_closed = True
+                return False, None
+            if kind != KIND_INLINE:
+                raise ProtocolError(f"unknown record kind {kind}")
+            sizes, pos = _parse_sizes(view, off, nbuf, length)
+            end = pos + hlen
+            if end > off + length:
+                raise ProtocolError(f"header of {hlen} bytes overruns a {length}-byte record")
+            header = bytes(view[pos:end])
+            pos = off + align8(end - off)
+            bufs = []
+            for nb in sizes:
+                if pos + nb > off + length:
+                    raise ProtocolError(f"buffer of {nb} bytes overruns a {length}-byte record")
+                t = torch.empty(nb, dtype=torch.uint8)
+                if nb:
+                    ctypes.memmove(t.data_ptr(), base + pos, nb)
+                bufs.append(t)
+                pos += align8(nb)
+        except ProtocolError as exc:
+            rx.advance()
+            exc.tag = tag
+            raise
+        rx.advance()
+        t1 = time.perf_counter_ns()
+        try:
+            obj = codec.decode(header, bufs, safe=self.safe)
+        except ProtocolError as exc:
+            exc.tag = tag
+            raise
+        self.decode_ns += time.perf_counter_ns() - t1
+        self.copy_ns += t1 - t0
+        route = self.routes["shm"]
+        route.msgs_in += 1
+        route.bytes_in += len(header) + sum(sizes)
+        return True, obj
+
+    def _recv_bulk(self, deadline: float | None, check: Callable[[], None] | None) -> Any:
+        if deadline is None:
+            deadline = time.monotonic() + 60.0  # the marker promises the frames
+        frames = self.bulk.recv(deadline=deadline, check=check)
+        t0 = time.perf_counter_ns()
+        meta = frames[0].buffer
+        if len(meta) < _PREFIX_LEN:
+            raise ProtocolError(f"ZeroMQ message with a {len(meta)}-byte prefix")
+        kind, nbuf, hlen, tag = _PREFIX.unpack_from(meta, 0)
+        try:
+            obj = self._decode_bulk(frames, meta, kind, nbuf, hlen)
+        except ProtocolError as exc:
+            exc.tag = tag
+            raise
+        self.decode_ns += time.perf_counter_ns() - t0
+        return obj
+
+    def _decode_bulk(self, frames: list, meta: Any, kind: int, nbuf: int, hlen: int) -> Any:
+        if kind != KIND_INLINE:
+            raise ProtocolError(f"unknown ZeroMQ message kind {kind}")
+        sizes, pos = _parse_sizes(meta, 0, nbuf, len(meta))
+        if pos + hlen != len(meta):
+            raise ProtocolError(f"ZeroMQ header frame of {len(meta)} bytes, declared {pos + hlen}")
+        if len(frames) != nbuf + 1:
+            raise ProtocolError(f"ZeroMQ message has {len(frames) - 1} buffer frames, "
+                                f"header declares {nbuf}")
+        bufs = []
+        for frame, nb in zip(frames[1:], sizes):
+            if len(frame.buffer) != nb:
+                raise ProtocolError(f"ZeroMQ frame of {len(frame.buffer)} bytes, declared {nb}")
+            bufs.append(torch.frombuffer(frame, dtype=torch.uint8) if nb
+                        else torch.empty(0, dtype=torch.uint8))
+        obj = codec.decode(meta[pos:], bufs, safe=self.safe)
+        route = self.routes["zmq"]
+        route.msgs_in += 1
+        route.bytes_in += hlen + sum(sizes)
+        return obj
+
+    def recv(self, *, deadline: float | None = None, check: Callable[[], None] | None = None,
+             spin_s: float = SPIN_S) -> Any:
+        """Block until a message arrives (``TimeoutError`` at ``deadline``).
+
+        Spins ``spin_s`` first, then sleeps on the doorbell (or the ZeroMQ
+        socket in ZeroMQ-only mode) in slices of at most 100 ms, calling
+        ``check`` after each.  Raises ``TransportError`` if the peer closed.
+        """
+        while True:
+            ok, obj = self.try_recv(deadline=deadline, check=check)
+            if ok:
+                return obj
+            if self.peer_closed:
+                raise TransportError(f"channel {self.name} was closed by the peer")
+            self.wait(deadline=deadline, check=check, spin_s=spin_s)
+
+    def wait(self, *, deadline: float | None, check: Callable[[], None] | None,
+             spin_s: float = SPIN_S) -> None:
+        """Return once something may be readable (spurious returns allowed)."""
+        if spin_s > 0:
+            end = time.perf_counter() + spin_s
+            readable = self.readable
+            while time.perf_counter() < end:
+                if readable():
+                    return
+        t0 = time.perf_counter_ns()
+        timeout = SLICE_S
+        if deadline is not None:
+            timeout = min(timeout, deadline - time.monotonic())
+            if timeout <= 0:
+                raise TimeoutError(f"channel {self.name}: nothing received before the deadline")
+        if self.rx is not None and self.own_bell is not None:
+            self.rx.set_sleeping(True)
+            fence()
+            if not self.rx.readable():
+                self.own_bell.wait(timeout)
+            self.rx.set_sleeping(False)
+        elif self.rx is None:
+            self.bulk.socket.poll(max(1, int(timeout * 1000)))
+        else:
+            time.sleep(min(timeout, 1e-3))
+        self.wait_ns += time.perf_counter_ns() - t0
+        if check is not None:
+            check()
+
+    # -- statistics and lifecycle -------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "mode": self.mode, "threshold": self.threshold,
+            "routes": {k: r.as_dict() for k, r in self.routes.items()},
+            "encode_s": self.encode_ns / 1e9, "decode_s": self.decode_ns / 1e9,
+            "copy_s": self.copy_ns / 1e9, "wait_s": self.wait_ns / 1e9,
+        }
+
+    def close(self, *, notify: bool = True) -> None:
+        """Release this end (idempotent); with ``notify``, tell the peer first."""
+        if self.closed:
+            return
+        self.closed = True
+        if notify and self.tx is not None:
+            try:
+                addr = self.tx.reserve(_PREFIX_LEN)
+                if addr is not None:
+                    off = addr - self.tx.segment.address
+                    self.tx.segment.view[off:off + _PREFIX_LEN] = _CLOSE
+                    self.tx.commit()
+                    fence()
+                    if self.tx.reader_sleeping() and self.peer_bell is not None:
+                        self.peer_bell.ring()
+            except (TransportError, OSError):
+                pass
+        for ring in (self.tx, self.rx):
+            if ring is not None:
+                if ring.segment.owner:
+                    ring.unlink()
+                ring.close()
+        if self.peer_bell is not None:
+            self.peer_bell.close()
+        if self._owns_bell and self.own_bell is not None:
+            self.own_bell.close()
+        self.bulk.close()
+
+
+def _parse_sizes(buf: Any, off: int, nbuf: int, length: int) -> tuple[list[int], int]:
+    pos = off + _PREFIX_LEN
+    if nbuf > (length - _PREFIX_LEN) // 8:
+        raise ProtocolError(f"{nbuf} buffers declared in a {length}-byte record")
+    sizes = list(struct.unpack_from(f"<{nbuf}Q", buf, pos)) if nbuf else []
+    return sizes, pos + 8 * nbuf
+
+
+def _warn_fallback(exc: TransportError) -> None:
+    global _warned_fallback
+    if not _warned_fallback:
+        _warned_fallback = True
+        log.warning("shared memory unavailable (%s); channels carry every message over "
+                    "ZeroMQ", exc)

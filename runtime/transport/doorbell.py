@@ -1,0 +1,105 @@
+"""Doorbells: a named FIFO that wakes a process blocked waiting for records.
+
+Measured choice.  A futex on a shared word is the cheapest wake-up but one
+thread can wait on one word only, and an actor must also wait on its ZeroMQ
+control socket.  A FIFO is a file descriptor, so ``zmq.Poller`` (poll(2))
+waits on it together with ZeroMQ sockets; writers need only its path (plain
+connection data, picklable), and a byte written while nobody waits stays in
+the pipe, so a late sleeper still wakes.  Cost: one ``write`` for the writer,
+only when the reader has declared itself asleep (see ``ring.py``).
+
+Each doorbell has exactly one waiting thread at a time (an actor's main loop,
+or the one thread reading a caller's channel), so draining the pipe never
+steals another waiter's wake-up.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+import stat
+
+from runtime.errors import TransportError
+
+__all__ = ["Doorbell", "DoorbellWriter"]
+
+
+class Doorbell:
+    """The waiting side: creates the FIFO (mode 0600) and holds it open."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        try:
+            os.mkfifo(path, 0o600)
+        except OSError as exc:
+            raise TransportError(f"cannot create doorbell {path}: {exc.strerror}") from exc
+        try:
+            # O_RDWR keeps a writer on the FIFO, so writers never get ENXIO and
+            # poll never reports a permanent hang-up.
+            self.fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as exc:
+            os.unlink(path)
+            raise TransportError(f"cannot open doorbell {path}: {exc.strerror}") from exc
+        self._poll = select.poll()
+        self._poll.register(self.fd, select.POLLIN)
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def wait(self, timeout: float) -> bool:
+        """Block until rung or ``timeout`` seconds pass; True if rung."""
+        ready = self._poll.poll(max(0, int(timeout * 1000)))
+        if ready:
+            self.drain()
+            return True
+        return False
+
+    def drain(self) -> None:
+        try:
+            while len(os.read(self.fd, 4096)) == 4096:
+                pass
+        except BlockingIOError:
+            pass
+
+    def close(self) -> None:
+        """Close and remove the FIFO (idempotent)."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+
+
+class DoorbellWriter:
+    """The ringing side: opens the peer's FIFO for writing on first use."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._fd = -1
+
+    def ring(self) -> None:
+        if self._fd < 0:
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            except OSError as exc:
+                raise TransportError(f"cannot open doorbell {self.path}: "
+                                     f"{exc.strerror}") from exc
+            if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+                os.close(fd)
+                raise TransportError(f"doorbell {self.path} is not a FIFO")
+            self._fd = fd
+        try:
+            os.write(self._fd, b"\x01")
+        except BlockingIOError:
+            pass  # pipe full: a wake-up is already pending
+        except OSError as exc:
+            if exc.errno != errno.EPIPE:
+                raise TransportError(f"cannot ring doorbell {self.path}: {exc}") from exc
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1

@@ -1,0 +1,265 @@
+"""An actor process: builds the instance, then serves calls one at a time.
+
+Started by the supervisor as ``python -m runtime.worker BOOT_JSON`` -- a
+fresh interpreter, never a fork of the driver and never a re-run of the
+driver's ``__main__``.  The class and constructor arguments arrive in a
+memfd as cloudpickle bytes, after ``sys.path`` has been set to the driver's.
+
+The serve loop scans every inbound channel round-robin, one message per
+channel per pass, so a busy caller cannot starve another; calls from one
+caller run in the order issued.  With nothing to do it spins briefly, then
+declares itself asleep in every ring and blocks in ``poll`` on its doorbell
+and its control socket: an idle actor uses no CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import sys
+import time
+import traceback
+from typing import Any
+
+import cloudpickle
+import zmq
+
+from runtime import faults
+from runtime.calls import ProcessContext, bell_path, ctl_endpoint, register_context
+from runtime.errors import ProtocolError, TransportError
+from runtime.session import Session
+from runtime.table import FLAG_UNTRUSTED, ActorTable
+from runtime.transport.channel import Channel
+from runtime.transport.doorbell import Doorbell
+from runtime.transport.ring import fence
+from runtime.wire import write_frame
+
+log = logging.getLogger("runtime.worker")
+
+IDLE_SPIN_S = 300e-6  # keep spinning this long after the last message
+LIVENESS_EVERY_S = 1.0
+
+
+class _Inbound:
+    __slots__ = ("caller_pid", "channel", "check")
+
+    def __init__(self, channel: Channel, caller_pid: int) -> None:
+        self.channel = channel
+        self.caller_pid = caller_pid
+        self.check = _pid_check(caller_pid)
+
+
+class ActorServer:
+    """Serves one actor instance over any number of inbound channels."""
+
+    def __init__(self, ctx: ProcessContext, index: int, incarnation: int, name: str,
+                 untrusted: bool) -> None:
+        self.ctx = ctx
+        self.name = name
+        self.untrusted = untrusted
+        s = ctx.session
+        self.bell = Doorbell(bell_path(s, index, incarnation))
+        self.ctl = zmq.Context.instance().socket(zmq.ROUTER)
+        self.ctl.setsockopt(zmq.LINGER, 0)
+        self.ctl.bind(ctl_endpoint(s, index, incarnation))
+        self.inbound: list[_Inbound] = []
+        self.instance: Any = None
+        self._poller: zmq.Poller | None = None
+
+    # -- control: channel opening ------------------------------------------------
+    def _control(self) -> None:
+        while True:
+            try:
+                ident, payload = self.ctl.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except ValueError:
+                continue
+            try:
+                op, spec, caller_pid, caller_index, name = pickle.loads(payload)
+                if op != "open":
+                    raise ProtocolError(f"unknown control request {op!r}")
+                safe = caller_index >= 0 and bool(
+                    self.ctx.table.read(caller_index).flags & FLAG_UNTRUSTED)
+                channel = Channel.attach(spec, own_bell=self.bell, safe=safe, name=name)
+            except Exception as exc:  # noqa: BLE001 - reported to the caller
+                self.ctl.send_multipart([ident, pickle.dumps(("error", repr(exc)))])
+                continue
+            self.inbound.append(_Inbound(channel, caller_pid))
+            self._poller = None
+            self.ctl.send_multipart([ident, pickle.dumps(("ok", self.bell.path))])
+
+    def _drop(self, conn: _Inbound) -> None:
+        if conn in self.inbound:
+            self.inbound.remove(conn)
+            self._poller = None
+        conn.channel.close(notify=False)
+
+    # -- calls -----------------------------------------------------------------------
+    def _run_call(self, conn: _Inbound, msg: Any) -> None:
+        try:
+            call_id, method, args, kwargs = msg
+            if not isinstance(method, str) or method.startswith("__"):
+                raise AttributeError(f"{method!r} is not a callable method")
+            fn = getattr(self.instance, method)
+            reply = (call_id, True, fn(*args, **kwargs))
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:  # noqa: BLE001 - every failure goes back to the caller
+            call_id = msg[0] if isinstance(msg, tuple) and msg else 0
+            reply = (call_id, False, self._error_payload(exc))
+        faults.hit("before_reply")
+        self._reply(conn, reply)
+
+    def _reply(self, conn: _Inbound, reply: tuple) -> None:
+        call_id = reply[0]
+        check = conn.check
+        try:
+            conn.channel.send(reply, tag=call_id, check=check, plain_only=self.untrusted)
+        except TypeError as exc:
+            conn.channel.send((call_id, False, self._error_payload(exc)), tag=call_id,
+                              check=check)
+        except TransportError as exc:
+            log.warning("actor %s: dropping the channel of pid %d: %s", self.name,
+                        conn.caller_pid, exc)
+            self._drop(conn)
+
+    def _error_payload(self, exc: BaseException) -> tuple:
+        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        exc_bytes = None
+        if not self.untrusted:
+            try:
+                exc_bytes = cloudpickle.dumps(exc)
+                cloudpickle.loads(exc_bytes)  # an exception that cannot be rebuilt goes as text
+            except Exception:  # noqa: BLE001
+                exc_bytes = None
+        cls = type(exc)
+        return (f"{cls.__module__}.{cls.__qualname__}", str(exc), tb, exc_bytes)
+
+    # -- the loop ----------------------------------------------------------------------
+    def serve(self) -> None:
+        rr = 0
+        spin_until = 0.0
+        next_liveness = time.monotonic() + LIVENESS_EVERY_S
+        while True:
+            progressed = False
+            conns = self.inbound
+            n = len(conns)
+            for k in range(n):
+                conn = conns[(rr + k) % n]
+                ch = conn.channel
+                try:
+                    ok, msg = ch.try_recv(check=conn.check)
+                except ProtocolError as exc:
+                    tag = getattr(exc, "tag", None)
+                    if tag is not None:
+                        self._reply(conn, (tag, False, self._error_payload(exc)))
+                    progressed = True
+                    continue
+                except TransportError as exc:
+                    log.warning("actor %s: channel failed: %s", self.name, exc)
+                    self._drop(conn)
+                    progressed = True
+                    continue
+                if ok:
+                    self._run_call(conn, msg)
+                    progressed = True
+                elif ch.peer_closed:
+                    self._drop(conn)
+                    progressed = True
+            rr += 1
+            if progressed:
+                spin_until = time.perf_counter() + IDLE_SPIN_S
+                continue
+            if self.ctl.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                self._control()
+                continue
+            if time.perf_counter() < spin_until:
+                continue
+            self._sleep()
+            now = time.monotonic()
+            if now >= next_liveness:
+                next_liveness = now + LIVENESS_EVERY_S
+                for conn in list(self.inbound):
+                    if not _pid_alive(conn.caller_pid):
+                        self._drop(conn)
+
+    def _sleep(self) -> None:
+        conns = self.inbound
+        for conn in conns:
+            conn.channel.set_sleeping(True)
+        fence()
+        if not any(conn.channel.readable() for conn in conns):
+            if self._poller is None:
+                self._poller = zmq.Poller()
+                self._poller.register(self.bell.fd, zmq.POLLIN)
+                self._poller.register(self.ctl, zmq.POLLIN)
+                for conn in conns:
+                    if conn.channel.rx is None:
+                        self._poller.register(conn.channel.bulk.socket, zmq.POLLIN)
+            self._poller.poll(int(LIVENESS_EVERY_S * 1000))
+            self.bell.drain()
+        for conn in conns:
+            conn.channel.set_sleeping(False)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _pid_check(pid: int):
+    def check() -> None:
+        if not _pid_alive(pid):
+            raise TransportError(f"caller process {pid} is gone")
+    return check
+
+
+def main() -> None:
+    boot = json.loads(sys.argv[1])
+    if os.getppid() != boot["supervisor_pid"]:
+        os._exit(70)  # the supervisor died before PR_SET_PDEATHSIG took effect
+    logging.basicConfig(level=logging.WARNING, format="[rt actor %(process)d] %(message)s")
+    sys.path[:] = list(dict.fromkeys([*boot["sys_path"], *sys.path]))
+    name = boot["name"]
+    faults.arm(name)
+    session = Session(**boot["session"])
+    table = ActorTable(boot["table_fd"])
+    index = boot["index"]
+    untrusted = bool(boot.get("flags", 0) & FLAG_UNTRUSTED)
+    ctx = ProcessContext(session, table, self_index=index)
+    register_context(ctx)
+    server = ActorServer(ctx, index, boot["incarnation"], name, untrusted)
+    status_fd = boot["status_fd"]
+    try:
+        spec_fd = boot["spec_fd"]
+        os.lseek(spec_fd, 0, os.SEEK_SET)
+        chunks = []
+        while chunk := os.read(spec_fd, 1 << 20):
+            chunks.append(chunk)
+        os.close(spec_fd)
+        cls, args, kwargs = cloudpickle.loads(b"".join(chunks))
+        faults.hit("init")
+        server.instance = cls(*args, **kwargs)
+    except BaseException as exc:  # noqa: BLE001 - reported as ActorStartError
+        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        write_frame(status_fd, ("init_failed", f"__init__ of actor {name!r} raised:\n{tb}"))
+        os._exit(1)
+    write_frame(status_fd, ("ready",))
+    os.close(status_fd)
+    try:
+        server.serve()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        os._exit(code)
+
+
+if __name__ == "__main__":
+    main()
