@@ -73,6 +73,32 @@ def bell_path(session: Session, index: int, incarnation: int) -> str:
     return session.private_path(f"actor{index}.{incarnation}.bell")
 
 
+class _Slot:
+    """Where a blocking call's reply lands; lighter than a Future (~0.3 us vs 4 us)."""
+
+    __slots__ = ("done", "event", "ok", "value")
+
+    def __init__(self) -> None:
+        self.done = False
+        self.event: threading.Event | None = None
+
+    def complete(self, ok: bool, value: Any) -> None:
+        self.ok, self.value = ok, value
+        self.done = True
+        ev = self.event
+        if ev is not None:
+            ev.set()
+
+    def is_done(self) -> bool:
+        return self.done
+
+    def wait(self, timeout: float) -> None:
+        if self.event is None:
+            self.event = threading.Event()
+        if not self.done:
+            self.event.wait(timeout)
+
+
 class CallFuture(Future):
     """A ``concurrent.futures.Future`` whose ``result()`` reads replies itself.
 
@@ -83,6 +109,20 @@ class CallFuture(Future):
     def __init__(self, owner: CallerChannel) -> None:
         super().__init__()
         self._owner = owner
+
+    def complete(self, ok: bool, value: Any) -> None:
+        if ok:
+            self.set_result(value)
+        else:
+            self.set_exception(value)
+
+    def is_done(self) -> bool:
+        return self._state == "FINISHED"
+
+    def wait(self, timeout: float) -> None:
+        with self._condition:
+            if not self.done():
+                self._condition.wait(timeout)
 
     def result(self, timeout: float | None = None) -> Any:
         if not self.done():
@@ -104,7 +144,7 @@ class CallerChannel:
         self.ref = ref
         self.incarnation = incarnation
         self.channel = channel
-        self.pending: dict[int, tuple[CallFuture, float | None]] = {}
+        self.pending: dict[int, tuple[Any, float | None]] = {}
         self._ids = itertools.count(1)
         self._send_lock = threading.Lock()
         self._role = threading.Lock()
@@ -122,15 +162,31 @@ class CallerChannel:
         self.ctx.check_owner()
 
     # -- calls -----------------------------------------------------------------
-    def submit(self, method: str, args: tuple, kwargs: dict, *, pump: bool) -> CallFuture:
-        if self.dead is not None:
-            raise ActorDiedError(str(self.dead))
+    def call(self, method: str, args: tuple, kwargs: dict) -> Any:
+        """A blocking call: send, read replies until ours, return or raise."""
+        slot = _Slot()
+        self._send(method, args, kwargs, slot)
+        self.drive(slot, None)
+        if slot.ok:
+            return slot.value
+        raise slot.value
+
+    def submit(self, method: str, args: tuple, kwargs: dict) -> CallFuture:
+        """Send the call; its reply completes the returned future."""
         fut = CallFuture(self)
         fut.set_running_or_notify_cancel()  # a sent call cannot be taken back
+        self._send(method, args, kwargs, fut)
+        self._kick_pump()
+        return fut
+
+    def _send(self, method: str, args: tuple, kwargs: dict, waiter: Any) -> None:
+        if self.dead is not None:
+            raise ActorDiedError(str(self.dead))
         timeout = self.ctx.session.call_timeout
         with self._send_lock:
             call_id = next(self._ids) & 0xFFFFFFFF
-            self.pending[call_id] = (fut, None if timeout is None else time.monotonic() + timeout)
+            self.pending[call_id] = (waiter,
+                                     None if timeout is None else time.monotonic() + timeout)
             try:
                 self.channel.send((call_id, method, args, kwargs), tag=call_id,
                                   check=self.check, on_full=self._drain_nowait)
@@ -139,17 +195,14 @@ class CallerChannel:
                 if isinstance(exc, ActorDiedError):
                     self._fail_all(exc)
                 raise
-        if pump:
-            self._kick_pump()
-        return fut
 
-    def drive(self, fut: CallFuture, timeout: float | None) -> None:
-        """Read replies until ``fut`` is done or ``timeout`` seconds pass."""
+    def drive(self, waiter: Any, timeout: float | None) -> None:
+        """Read replies until ``waiter`` is done or ``timeout`` seconds pass."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        while not fut.done():
+        while not waiter.is_done():
             if self._role.acquire(blocking=False):
                 try:
-                    self._read_until(fut.done, deadline)
+                    self._read_until(waiter.is_done, deadline)
                 finally:
                     self._role.release()
                     if self.pending:
@@ -157,9 +210,7 @@ class CallerChannel:
             else:
                 wait = 0.05 if deadline is None else min(0.05, deadline - time.monotonic())
                 if wait > 0:
-                    with fut._condition:
-                        if not fut.done():
-                            fut._condition.wait(wait)
+                    waiter.wait(wait)
             if deadline is not None and time.monotonic() >= deadline:
                 return
 
@@ -186,7 +237,7 @@ class CallerChannel:
                 if entry is None:
                     self._fail_all(exc)
                     return
-                entry[0].set_exception(exc)
+                entry[0].complete(False, exc)
             except ActorRuntimeError as exc:
                 self._fail_all(exc)
                 return
@@ -199,11 +250,8 @@ class CallerChannel:
         entry = self.pending.pop(call_id, None)
         if entry is None:
             return  # the call timed out earlier: drop its late reply
-        fut = entry[0]
-        if ok:
-            fut.set_result(payload)
-        else:
-            fut.set_exception(_rebuild_error(payload, safe=self.ref.untrusted))
+        entry[0].complete(True, payload) if ok else \
+            entry[0].complete(False, _rebuild_error(payload, safe=self.ref.untrusted))
 
     def _expire(self, deadline: float | None) -> float | None:
         """Fail calls past their call_timeout; return the next deadline to wake at."""
@@ -216,7 +264,7 @@ class CallerChannel:
                 continue
             if due <= now:
                 if self.pending.pop(call_id, None) is not None:
-                    fut.set_exception(CallTimeoutError(
+                    fut.complete(False, CallTimeoutError(
                         f"call to actor {self.ref.name!r} got no reply within "
                         f"{self.ctx.session.call_timeout} s"))
             elif soonest is None or due < soonest:
@@ -243,8 +291,7 @@ class CallerChannel:
                 _, (fut, _) = self.pending.popitem()
             except KeyError:
                 break
-            if not fut.done():
-                fut.set_exception(type(exc)(str(exc)))
+            fut.complete(False, type(exc)(str(exc)))
 
     # -- pump --------------------------------------------------------------------
     def _kick_pump(self) -> None:
@@ -323,11 +370,10 @@ class ProcessContext:
 
     # -- calls -----------------------------------------------------------------
     def call(self, ref: ActorRef, method: str, args: tuple, kwargs: dict) -> Any:
-        fut = self.channel_for(ref).submit(method, args, kwargs, pump=False)
-        return fut.result()
+        return self.channel_for(ref).call(method, args, kwargs)
 
     def call_async(self, ref: ActorRef, method: str, args: tuple, kwargs: dict) -> Future:
-        return self.channel_for(ref).submit(method, args, kwargs, pump=True)
+        return self.channel_for(ref).submit(method, args, kwargs)
 
     def channel_for(self, ref: ActorRef) -> CallerChannel:
         cc = self._channels.get(ref.index)

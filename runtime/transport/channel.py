@@ -46,7 +46,7 @@ from typing import Any
 
 import torch
 
-from runtime import codec
+from runtime import codec, faults
 from runtime.errors import ProtocolError, TransportError
 from runtime.transport.bulk import BulkLink
 from runtime.transport.doorbell import Doorbell, DoorbellWriter
@@ -60,8 +60,6 @@ KIND_INLINE, KIND_BULK, KIND_CLOSE = 0, 1, 2
 _PREFIX = struct.Struct("<B3xIII")  # kind, nbuf, header length, tag
 _SIZE = struct.Struct("<Q")
 _PREFIX_LEN = _PREFIX.size  # 16
-_MARKER = _PREFIX.pack(KIND_BULK, 0, 0, 0)
-_CLOSE = _PREFIX.pack(KIND_CLOSE, 0, 0, 0)
 _MEMMOVE_MIN = 64 * 1024
 
 # Default spin before blocking on the doorbell (seconds).  Waking a blocked
@@ -218,59 +216,72 @@ class Channel:
         t0 = time.perf_counter_ns()
         enc = codec.encode(obj)
         t1 = time.perf_counter_ns()
-        if plain_only and enc.header[4] != codec.FORMAT_PLAIN:
+        self.encode_ns += t1 - t0
+        header = enc.header
+        if plain_only and header[4] != codec.FORMAT_PLAIN:
             raise TypeError("message holds values other than tensors, arrays, numbers, str, "
                             "bytes, None, bool and lists/tuples/dicts of these, which a "
                             "safe-mode peer refuses")
-        self.encode_ns += t1 - t0
         buffers = enc.buffers
-        header = enc.header
         nbuf = len(buffers)
-        prefix = _PREFIX.pack(KIND_INLINE, nbuf, len(header), tag & 0xFFFFFFFF)
-        if nbuf:
-            prefix += struct.pack(f"<{nbuf}Q", *[b.nbytes for b in buffers])
+        hlen = len(header)
         tx = self.tx
+        route = "zmq"
         if tx is not None and enc.nbytes < self.threshold:
-            size = align8(len(prefix) + len(header))
+            head = _PREFIX_LEN + 8 * nbuf
+            size = (head + hlen + 7) & ~7
             for b in buffers:
-                size += align8(b.nbytes)
+                size += (b.nbytes + 7) & ~7
             if size <= tx.max_payload:
-                self._send_ring(prefix + header, buffers, size, deadline, check, on_full)
-                route = self.routes["shm"]
-                route.msgs_out += 1
-                route.bytes_out += enc.nbytes
-                self.copy_ns += time.perf_counter_ns() - t1
-                return "shm"
-        self.bulk.send([prefix + header, *buffers], deadline=deadline, check=check)
-        if tx is not None:
-            self._send_ring(_MARKER, (), _PREFIX_LEN, deadline, check, on_full)
-        route = self.routes["zmq"]
-        route.msgs_out += 1
-        route.bytes_out += enc.nbytes
+                addr = tx.reserve(size)
+                if addr is None:
+                    addr = self._wait_space(size, deadline, check, on_full)
+                view = tx.view
+                base = tx.segment.address
+                off = addr - base
+                _PREFIX.pack_into(view, off, KIND_INLINE, nbuf, hlen, tag & 0xFFFFFFFF)
+                if nbuf:
+                    _sizes(nbuf).pack_into(view, off + _PREFIX_LEN, *[b.nbytes for b in buffers])
+                view[off + head:off + head + hlen] = header
+                pos = addr + ((head + hlen + 7) & ~7)
+                for b in buffers:
+                    nb = b.nbytes
+                    if nb >= _MEMMOVE_MIN:
+                        ctypes.memmove(pos, b.ctypes.data, nb)  # releases the GIL
+                    elif nb:
+                        o = pos - base
+                        view[o:o + nb] = b
+                    pos += (nb + 7) & ~7
+                faults.hit("ring_before_flag")
+                tx.commit()
+                fence()
+                if tx.reader_sleeping() and self.peer_bell is not None:
+                    self.peer_bell.ring()
+                route = "shm"
+        if route == "zmq":
+            prefix = _PREFIX.pack(KIND_INLINE, nbuf, hlen, tag & 0xFFFFFFFF)
+            if nbuf:
+                prefix += _sizes(nbuf).pack(*[b.nbytes for b in buffers])
+            self.bulk.send([prefix + header, *buffers], deadline=deadline, check=check)
+            faults.hit("zmq_send")
+            if tx is not None:
+                self._send_marker(KIND_BULK, deadline, check, on_full)
+        r = self.routes[route]
+        r.msgs_out += 1
+        r.bytes_out += enc.nbytes
         self.copy_ns += time.perf_counter_ns() - t1
-        return "zmq"
+        return route
 
-    def _send_ring(self, head: bytes, buffers: Any, size: int, deadline: float | None,
-                   check: Callable[[], None] | None,
-                   on_full: Callable[[], None] | None) -> None:
+    def _send_marker(self, kind: int, deadline: float | None,
+                     check: Callable[[], None] | None,
+                     on_full: Callable[[], None] | None) -> None:
         tx = self.tx
-        addr = tx.reserve(size)
+        addr = tx.reserve(_PREFIX_LEN)
         if addr is None:
-            addr = self._wait_space(size, deadline, check, on_full)
-        view = tx.segment.view
-        base = tx.segment.address
-        off = addr - base
-        n = len(head)
-        view[off:off + n] = head
-        pos = addr + align8(n)
-        for b in buffers:
-            nb = b.nbytes
-            if nb >= _MEMMOVE_MIN:
-                ctypes.memmove(pos, b.ctypes.data, nb)
-            elif nb:
-                o = pos - base
-                view[o:o + nb] = b
-            pos += align8(nb)
+            if kind == KIND_CLOSE:
+                return  # best effort: the peer also notices our death
+            addr = self._wait_space(_PREFIX_LEN, deadline, check, on_full)
+        _PREFIX.pack_into(tx.view, addr - tx.segment.address, kind, 0, 0, 0)
         tx.commit()
         fence()
         if tx.reader_sleeping() and self.peer_bell is not None:
@@ -325,37 +336,43 @@ class Channel:
         addr, length = rec
         t0 = time.perf_counter_ns()
         base = rx.segment.address
-        view = rx.segment.view
+        view = rx.view
         off = addr - base
+        end = off + length
         tag = None
         try:
             if length < _PREFIX_LEN:
                 raise ProtocolError(f"ring record of {length} bytes is shorter than a prefix")
             kind, nbuf, hlen, tag = _PREFIX.unpack_from(view, off)
-            if kind == KIND_BULK:
-                rx.advance()
-                return True, self._recv_bulk(deadline, check)
-            if kind == KIND_CLOSE:
-                rx.advance()
-                self.peer_closed = True
-                return False, None
             if kind != KIND_INLINE:
+                rx.advance()
+                if kind == KIND_BULK:
+                    return True, self._recv_bulk(deadline, check)
+                if kind == KIND_CLOSE:
+                    self.peer_closed = True
+                    return False, None
                 raise ProtocolError(f"unknown record kind {kind}")
-            sizes, pos = _parse_sizes(view, off, nbuf, length)
-            end = pos + hlen
-            if end > off + length:
+            pos = off + _PREFIX_LEN
+            if nbuf:
+                if nbuf > (length - _PREFIX_LEN) // 8:
+                    raise ProtocolError(f"{nbuf} buffers declared in a {length}-byte record")
+                sizes = _sizes(nbuf).unpack_from(view, pos)
+                pos += 8 * nbuf
+            if pos + hlen > end:
                 raise ProtocolError(f"header of {hlen} bytes overruns a {length}-byte record")
-            header = bytes(view[pos:end])
-            pos = off + align8(end - off)
+            header = view[pos:pos + hlen].tobytes()
             bufs = []
-            for nb in sizes:
-                if pos + nb > off + length:
-                    raise ProtocolError(f"buffer of {nb} bytes overruns a {length}-byte record")
-                t = torch.empty(nb, dtype=torch.uint8)
-                if nb:
-                    ctypes.memmove(t.data_ptr(), base + pos, nb)
-                bufs.append(t)
-                pos += align8(nb)
+            if nbuf:
+                pos = off + ((pos + hlen - off + 7) & ~7)
+                for nb in sizes:
+                    if pos + nb > end:
+                        raise ProtocolError(
+                            f"buffer of {nb} bytes overruns a {length}-byte record")
+                    t = torch.empty(nb, dtype=torch.uint8)
+                    if nb:
+                        ctypes.memmove(t.data_ptr(), base + pos, nb)
+                    bufs.append(t)
+                    pos += (nb + 7) & ~7
         except ProtocolError as exc:
             rx.advance()
             exc.tag = tag
@@ -371,7 +388,7 @@ class Channel:
         self.copy_ns += t1 - t0
         route = self.routes["shm"]
         route.msgs_in += 1
-        route.bytes_in += len(header) + sum(sizes)
+        route.bytes_in += hlen + (sum(sizes) if nbuf else 0)
         return True, obj
 
     def _recv_bulk(self, deadline: float | None, check: Callable[[], None] | None) -> Any:
@@ -473,14 +490,7 @@ class Channel:
         self.closed = True
         if notify and self.tx is not None:
             try:
-                addr = self.tx.reserve(_PREFIX_LEN)
-                if addr is not None:
-                    off = addr - self.tx.segment.address
-                    self.tx.segment.view[off:off + _PREFIX_LEN] = _CLOSE
-                    self.tx.commit()
-                    fence()
-                    if self.tx.reader_sleeping() and self.peer_bell is not None:
-                        self.peer_bell.ring()
+                self._send_marker(KIND_CLOSE, None, None, None)
             except (TransportError, OSError):
                 pass
         for ring in (self.tx, self.rx):
@@ -499,8 +509,19 @@ def _parse_sizes(buf: Any, off: int, nbuf: int, length: int) -> tuple[list[int],
     pos = off + _PREFIX_LEN
     if nbuf > (length - _PREFIX_LEN) // 8:
         raise ProtocolError(f"{nbuf} buffers declared in a {length}-byte record")
-    sizes = list(struct.unpack_from(f"<{nbuf}Q", buf, pos)) if nbuf else []
+    sizes = list(_sizes(nbuf).unpack_from(buf, pos)) if nbuf else []
     return sizes, pos + 8 * nbuf
+
+
+_SIZES: dict[int, struct.Struct] = {}
+
+
+def _sizes(n: int) -> struct.Struct:
+    """The (cached) struct of ``n`` little-endian u64 buffer sizes."""
+    st = _SIZES.get(n)
+    if st is None:
+        st = _SIZES[n] = struct.Struct(f"<{n}Q")
+    return st
 
 
 def _warn_fallback(exc: TransportError) -> None:

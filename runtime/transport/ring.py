@@ -55,6 +55,7 @@ fast path makes no system call.
 from __future__ import annotations
 
 import ctypes
+import struct
 import threading
 
 from runtime.errors import ProtocolError, TransportError
@@ -67,10 +68,8 @@ HEADER_SIZE = 4096
 MIN_CAPACITY = 64 * 1024
 WRAP = 2**64 - 1
 _OFF_MAGIC, _OFF_CAP, _OFF_WPOS, _OFF_RPOS, _OFF_SLEEP = 0, 8, 64, 128, 192
-# Copies at or above this size go through ctypes.memmove, which releases the
-# GIL; smaller ones use memoryview assignment (no foreign call, ~0.2 us).
-_MEMMOVE_MIN = 64 * 1024
 
+_U64 = struct.Struct("<Q")
 _fence_lock = threading.Lock()
 
 
@@ -166,10 +165,10 @@ class ShmRing:
         if cap - (pos - self._rpos.value) < need:
             return None
         if total > tail:
-            ctypes.c_uint64.from_address(self.data_address + off).value = WRAP
+            _U64.pack_into(self.view, HEADER_SIZE + off, WRAP)
             pos += tail
             off = 0
-        ctypes.c_uint64.from_address(self.data_address + off).value = n
+        _U64.pack_into(self.view, HEADER_SIZE + off, n)
         self._pending = pos + total
         return self.data_address + off + 8
 
@@ -196,17 +195,18 @@ class ShmRing:
             return None
         cap = self.capacity
         off = r % cap
-        length = ctypes.c_uint64.from_address(self.data_address + off).value
+        (length,) = _U64.unpack_from(self.view, HEADER_SIZE + off)
         if length == WRAP:
             r += cap - off
             off = 0
-            length = ctypes.c_uint64.from_address(self.data_address).value
-        if length > cap - off - 8 or r + 8 + align8(length) > wpos:
+            (length,) = _U64.unpack_from(self.view, HEADER_SIZE)
+        nxt = r + 8 + ((length + 7) & ~7)
+        if length > cap - off - 8 or nxt > wpos:
             raise ProtocolError(
                 f"corrupt ring record at {r}: length {length}, capacity {cap}, "
                 f"published up to {wpos}")
-        self._next_r = r + 8 + align8(length)
-        return self.data_address + off + 8, int(length)
+        self._next_r = nxt
+        return self.data_address + off + 8, length
 
     def advance(self) -> None:
         """Release the record returned by the last :meth:`peek`."""
@@ -225,12 +225,3 @@ class ShmRing:
 
     def unlink(self) -> None:
         self.segment.unlink()
-
-
-def copy_in(dst_address: int, src, nbytes: int, view: memoryview, view_base: int) -> None:
-    """Copy ``nbytes`` from buffer ``src`` (bytes or uint8 ndarray) to ``dst_address``."""
-    if nbytes >= _MEMMOVE_MIN and hasattr(src, "ctypes"):
-        ctypes.memmove(dst_address, src.ctypes.data, nbytes)
-    elif nbytes:
-        off = dst_address - view_base
-        view[off:off + nbytes] = src

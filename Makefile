@@ -1,0 +1,38 @@
+# make demo | make test | make bench -- each sets up .venv on first use.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: demo test test-all lint bench quickstart clean
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check torch==2.13.0
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python examples/llama_prefill.py
+
+quickstart: $(STAMP)
+	$(BIN)/python examples/quickstart.py
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+test: lint
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-all: lint
+	$(BIN)/python -m pytest -q -m "" $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	mkdir -p benchmarks/results
+	$(BIN)/python benchmarks/bench_transport.py --json benchmarks/results/transport.json
+	$(BIN)/python benchmarks/bench_actors.py --json benchmarks/results/actors.json
+	$(BIN)/python benchmarks/bench_llama.py --json benchmarks/results/llama.json
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache

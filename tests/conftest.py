@@ -1,0 +1,85 @@
+"""Shared fixtures: every test must leave no rt_* file and no child process."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+
+import psutil
+import pytest
+
+SHM = "/dev/shm"
+
+
+def rt_files() -> set[str]:
+    out = set()
+    for d in (SHM, tempfile.gettempdir()):
+        try:
+            out |= {os.path.join(d, n) for n in os.listdir(d) if n.startswith("rt_")}
+        except OSError:
+            pass
+    return out
+
+
+def _foreign(path: str) -> bool:
+    """True for files of a live session driven by some unrelated process.
+
+    Other programs on the machine (a second test run, a benchmark) may have
+    sessions open; only sessions of this process or its children count.
+    """
+    sid = os.path.basename(path)[3:].split("_", 1)[0]
+    try:
+        with open(os.path.join(tempfile.gettempdir(), f"rt_{sid}", "driver.json")) as f:
+            pid = json.load(f)["pid"]
+    except (OSError, ValueError, KeyError):
+        return False
+    if pid == os.getpid() or not psutil.pid_exists(pid):
+        return False
+    try:
+        return os.getpid() not in [p.pid for p in psutil.Process(pid).parents()]
+    except psutil.NoSuchProcess:
+        return False
+
+
+@pytest.fixture(autouse=True)
+def no_leaks():
+    """Fail a test that leaves segments, private directories or processes behind."""
+    before = rt_files()
+    yield
+    me = psutil.Process()
+    deadline = time.monotonic() + 5
+    while True:
+        left = {p for p in rt_files() - before if not _foreign(p)}
+        kids = [p for p in me.children(recursive=True) if _alive(p)]
+        if (not left and not kids) or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    for p in kids:
+        p.kill()
+    assert not left, f"test left files behind: {sorted(left)}"
+    assert not kids, f"test left processes behind: {[(p.pid, p.cmdline()) for p in kids]}"
+
+
+def _alive(p: psutil.Process) -> bool:
+    try:
+        return p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+# Thresholds that force each route: everything below 10 MiB through the ring,
+# or (threshold 1 byte) every message through ZeroMQ.
+ROUTES = {"shm": 10 * 1024 * 1024, "zmq": 1}
+
+
+@pytest.fixture(params=sorted(ROUTES))
+def route(request):
+    """The name of the route calls should take; see ``threshold``."""
+    return request.param
+
+
+@pytest.fixture
+def threshold(route):
+    return ROUTES[route]

@@ -1,0 +1,287 @@
+"""The public contract of actors (DESIGN.md "Public API" and "Errors"), over both routes."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import psutil
+import pytest
+import torch
+
+import runtime
+from runtime import (
+    ActorDiedError,
+    ActorRuntimeError,
+    ActorStartError,
+    ActorSystem,
+    CallTimeoutError,
+    RemoteError,
+    actor,
+)
+from tests.integration.actors_lib import Caller, CustomError, Echo, FailingInit, Untrusted
+
+
+@pytest.fixture
+def system(threshold):
+    with ActorSystem(shm_threshold=threshold) as s:
+        yield s
+
+
+def test_sync_and_future_calls(system, route):
+    e = system.spawn(Echo, name="e")
+    assert e.add(2, b=3) == 5
+    t = torch.randn(3, 5)
+    assert torch.equal(e.echo(t), t)
+    fut = e.add.remote(torch.ones(4), 1.0)
+    assert torch.equal(fut.result(timeout=10), torch.full((4,), 2.0))
+    routes = system.stats()["routes"]
+    assert routes[route]["messages"] >= 6
+    other = "zmq" if route == "shm" else "shm"
+    assert routes[other]["messages"] == 0
+
+
+def test_thousand_futures_complete_in_issue_order(system):
+    e = system.spawn(Echo)
+    done = []
+    futs = [e.echo.remote(i) for i in range(1000)]
+    for i, f in enumerate(futs):
+        f.add_done_callback(lambda f, i=i: done.append(i))
+    assert [f.result(timeout=30) for f in futs] == list(range(1000))
+    assert done == sorted(done) and len(done) == 1000
+
+
+def test_futures_complete_without_anyone_waiting(system):
+    e = system.spawn(Echo)
+    ev = threading.Event()
+    e.echo.remote(7).add_done_callback(lambda f: ev.set())
+    assert ev.wait(10), "nobody called result(); the pump must complete the future"
+
+
+@pytest.mark.parametrize("kind,exc_type", [("value", ValueError), ("key", KeyError),
+                                           ("runtime", RuntimeError), ("custom", CustomError)])
+def test_remote_exceptions_keep_their_type(system, kind, exc_type):
+    e = system.spawn(Echo)
+    with pytest.raises(exc_type) as info:
+        e.fail(kind, "boom-" + kind)
+    err = info.value
+    assert isinstance(err, RemoteError)
+    assert not isinstance(err, ActorRuntimeError)
+    assert "boom-" + kind in str(err)
+    assert "Traceback" in str(err) and "in fail" in str(err)
+    assert "in fail" in str(err.__cause__)
+    assert e.add(1, 1) == 2  # the actor is still serving
+
+
+def test_exception_through_future(system):
+    e = system.spawn(Echo)
+    fut = e.fail.remote("value", "via future")
+    with pytest.raises(ValueError, match="via future"):
+        fut.result(timeout=10)
+
+
+def test_unpicklable_exception_arrives_as_remote_error(system):
+    e = system.spawn(Echo)
+    with pytest.raises(RemoteError) as info:
+        e.fail_unpicklable()
+    assert info.value.remote_type.endswith("UnpicklableError")
+    assert "cannot travel" in str(info.value)
+
+
+def test_init_failure_is_actor_start_error(system):
+    with pytest.raises(ActorStartError) as info:
+        system.spawn(FailingInit, "bad config")
+    assert "bad config" in str(info.value) and "ValueError" in str(info.value)
+    e = system.spawn(Echo)  # the system still works
+    assert e.add(1, 2) == 3
+
+
+def test_unknown_method_fails_before_sending(system):
+    e = system.spawn(Echo)
+    before = system.stats()["routes"]
+    with pytest.raises(AttributeError, match="no method 'nope'"):
+        e.nope(1)
+    assert system.stats()["routes"] == before
+
+
+def test_many_threads_share_one_handle(system):
+    e = system.spawn(Echo)
+
+    def work(k):
+        return [e.add(k * 1000 + i, 1) for i in range(200)]
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(work, range(8)))
+    for k, res in enumerate(results):
+        assert res == [k * 1000 + i + 1 for i in range(200)]
+    assert e.count() == 0  # echo() was never called; add() does not count
+
+
+def test_handle_passed_to_another_actor(system):
+    e = system.spawn(Echo, name="target")
+    c = system.spawn(Caller, e, name="caller")
+    t = torch.arange(10.0)
+    assert torch.equal(c.relay(t), t)
+    assert c.relay_many(50) == list(range(1, 51))
+    assert e.count() == 1
+
+
+def test_handle_pickles_as_plain_data(system):
+    e = system.spawn(Echo)
+    data = pickle.dumps(e)
+    assert len(data) < 1000
+    again = pickle.loads(data)
+    assert again.add(2, 2) == 4 and again.name == e.name
+
+
+def test_64_mib_tensor_argument_and_result(system, route):
+    e = system.spawn(Echo)
+    big = torch.randn(16 * 1024 * 1024)  # 64 MiB
+    out = e.echo(big)
+    assert torch.equal(out, big)
+    assert system.stats()["routes"]["zmq"]["messages"] >= 2
+
+
+def test_call_timeout(threshold):
+    with ActorSystem(shm_threshold=threshold, call_timeout=0.5) as system:
+        e = system.spawn(Echo)
+        t0 = time.monotonic()
+        with pytest.raises(CallTimeoutError) as info:
+            e.sleep(2.0)
+        assert isinstance(info.value, TimeoutError)
+        assert time.monotonic() - t0 < 1.5
+        time.sleep(1.8)  # the late reply arrives and must be dropped
+        assert e.add(40, 2) == 42
+
+
+def test_future_result_timeout_lets_the_call_go_on(system):
+    e = system.spawn(Echo)
+    fut = e.sleep.remote(0.5)
+    with pytest.raises(TimeoutError):
+        fut.result(timeout=0.05)
+    assert fut.result(timeout=10) == 0.5
+
+
+def test_with_exit_leaves_nothing(threshold):
+    with ActorSystem(shm_threshold=threshold) as system:
+        e = system.spawn(Echo)
+        pid = e.pid
+        e.echo(torch.ones(10))
+        private = system.session.private_dir
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    assert not os.path.exists(private)
+    assert not psutil.Process().children(recursive=True)
+
+
+def test_many_calls_leak_no_fds_or_segments(system):
+    e = system.spawn(Echo)
+    me = psutil.Process()
+    t = torch.ones(64)
+    for _ in range(100):
+        e.echo(t)
+    fds, shm = me.num_fds(), sorted(os.listdir("/dev/shm"))
+    for _ in range(5000):
+        e.echo(t)
+    assert me.num_fds() == fds
+    assert sorted(os.listdir("/dev/shm")) == shm
+
+
+def test_kill_is_synchronous_and_final(system):
+    e = system.spawn(Echo)
+    pid = e.pid
+    e.kill()
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    with pytest.raises(ActorDiedError):
+        e.add(1, 1)
+
+
+def test_untrusted_results_are_safe_decoded(system):
+    u = system.spawn(Untrusted)
+    assert torch.equal(u.tensor(5), torch.arange(5))
+    with pytest.raises(RemoteError) as info:
+        u.obj()
+    assert "safe-mode" in str(info.value)
+    with pytest.raises(RemoteError) as info:
+        u.fail()
+    assert not isinstance(info.value, KeyError)  # never unpickled: type name only
+    assert info.value.remote_type == "builtins.KeyError"
+    assert "from the untrusted side" in str(info.value)
+
+
+def test_spawn_untrusted_override(system):
+    e = system.spawn(Echo, untrusted=True)
+    assert e.add(1, 2) == 3
+    with pytest.raises(RemoteError):
+        e.weird()
+
+
+def test_names_are_unique(system):
+    system.spawn(Echo, name="x")
+    with pytest.raises(ValueError, match="already exists"):
+        system.spawn(Echo, name="x")
+    a, b = system.spawn(Echo), system.spawn(Echo)
+    assert a.name != b.name and a.name.startswith("Echo")
+
+
+def test_idle_actor_uses_no_cpu(system):
+    e = system.spawn(Echo)
+    e.add(1, 1)
+    proc = psutil.Process(e.pid)
+    time.sleep(0.2)
+    before = sum(proc.cpu_times()[:2])
+    time.sleep(2.0)
+    used = sum(proc.cpu_times()[:2]) - before
+    assert used < 0.1, f"idle actor used {used:.3f} s of CPU in 2 s"
+
+
+def test_decorator_rejects_misuse():
+    with pytest.raises(TypeError, match="classes"):
+        actor(lambda: None)
+    with pytest.raises(TypeError, match="reserved"):
+        @actor
+        class Bad:
+            def kill(self):
+                pass
+    with pytest.raises(ValueError):
+        actor(max_restarts=-1)
+
+    @actor(max_restarts=2)
+    class Fine:
+        def m(self):
+            return 1
+    assert Fine().m() == 1  # still usable in-process
+
+
+def test_spawn_rejects_unmarked_class(system):
+    class Plain:
+        pass
+    with pytest.raises(TypeError, match="not an @actor"):
+        system.spawn(Plain)
+
+
+def test_bad_options():
+    with pytest.raises(ValueError):
+        ActorSystem(shm_threshold=0)
+    with pytest.raises(ValueError):
+        ActorSystem(shm_threshold=1 << 50)
+    with pytest.raises(ValueError):
+        ActorSystem(call_timeout=-1)
+
+
+def test_env_threshold(monkeypatch):
+    monkeypatch.setenv("RT_SHM_THRESHOLD", "1")
+    with ActorSystem() as system:
+        e = system.spawn(Echo)
+        e.add(1, 1)
+        assert system.stats()["routes"]["zmq"]["messages"] == 2
+
+
+def test_public_api():
+    for name in ("actor", "ActorSystem", "ActorHandle", "ActorRuntimeError", "ActorStartError",
+                 "ActorDiedError", "CallTimeoutError", "TransportError", "ProtocolError",
+                 "RemoteError"):
+        assert hasattr(runtime, name)
+    assert issubclass(runtime.ProtocolError, runtime.TransportError)

@@ -1,0 +1,148 @@
+"""The split prefill through real actor processes equals the in-process reference.
+
+Tolerances as in ``tests/unit/test_llama_split_inprocess.py``: 1e-4 absolute in float32;
+with a bfloat16 wire, 4 % of the largest reference logit.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import time
+
+import psutil
+import pytest
+import torch
+
+from actors import GPUWorker, LlamaConfig, LlamaReference, TEEDriver
+from runtime import RemoteError
+
+try:
+    from runtime import ActorSystem
+except ImportError:  # the runtime's system layer is not there yet
+    pytest.skip("runtime.ActorSystem is not available", allow_module_level=True)
+
+TOL_F32 = 1e-4
+BF16_REL = 0.04
+MIB = 1024 * 1024
+
+
+def _shm_files() -> set[str]:
+    return set(glob.glob("/dev/shm/rt_*"))
+
+
+def _live_children() -> set[int]:
+    out = set()
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE:
+                out.add(p.pid)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+@pytest.fixture
+def leaves_nothing():
+    """Every test leaves no process and no /dev/shm/rt_* file behind."""
+    children, files = _live_children(), _shm_files()
+    yield
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and (_live_children() - children
+                                           or _shm_files() - files):
+        time.sleep(0.05)
+    assert not _live_children() - children, "actor processes left behind"
+    assert not _shm_files() - files, "shared-memory files left behind"
+
+
+@pytest.fixture(scope="module")
+def config() -> LlamaConfig:
+    return LlamaConfig.preset("tiny")
+
+
+@pytest.fixture(scope="module")
+def reference(config) -> LlamaReference:
+    return LlamaReference(config, seed=0)
+
+
+def ids_for(config: LlamaConfig, t: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, config.vocab_size, (t,), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.usefixtures("leaves_nothing")
+@pytest.mark.parametrize("attention", ["tee", "worker"])
+def test_actor_split_equals_reference(config, reference, attention):
+    ids = ids_for(config, 80)
+    want = reference.forward(ids, all_logits=True)
+    with ActorSystem() as system:
+        gpu = system.spawn(GPUWorker, config, seed=0, device="cpu")
+        drv = system.spawn(TEEDriver, config, gpu, seed=0, attention=attention)
+        got = drv.prefill(ids, all_logits=True)
+        assert got.shape == want.shape
+        assert got.dtype == torch.float32
+        assert (got - want).abs().max().item() < TOL_F32
+        last = drv.prefill(ids)
+        assert (last - want[-1]).abs().max().item() < TOL_F32
+        stats = drv.last_prefill_stats()
+        assert stats["policy"] == attention
+        assert stats["routes"] is not None
+        assert stats["routes"]["shm"]["messages"] > 0
+        assert stats["ops"]["qkv"]["routes"]["shm"]["messages"] >= config.num_hidden_layers
+        bf = system.spawn(TEEDriver, config, gpu, seed=0, wire_dtype=torch.bfloat16,
+                          attention=attention)
+        got16 = bf.prefill(ids, all_logits=True)
+        assert (got16 - want).abs().max().item() < BF16_REL * want.abs().max().item()
+        assert bf.last_prefill_stats()["wire_dtype"] == "bfloat16"
+
+
+@pytest.mark.usefixtures("leaves_nothing")
+@pytest.mark.parametrize(("attention", "threshold"), [("worker", 1 * MIB), ("tee", MIB // 4)])
+def test_both_routes_carry_traffic(config, reference, attention, threshold):
+    # T=512 on tiny: the score matrices are [2, 1024, 512] float32 = 4 MiB, gate/up replies
+    # 512 KiB, q/k/v inputs 128 KiB: some messages sit above the threshold, some below.
+    ids = ids_for(config, 512, seed=1)
+    want = reference.forward(ids)
+    with ActorSystem(shm_threshold=threshold) as system:
+        gpu = system.spawn(GPUWorker, config, seed=0, device="cpu")
+        drv = system.spawn(TEEDriver, config, gpu, seed=0, attention=attention)
+        got = drv.prefill(ids)
+        stats = drv.last_prefill_stats()
+    assert (got - want).abs().max().item() < TOL_F32
+    routes = stats["routes"]
+    assert routes["shm"]["messages"] > 0
+    assert routes["zmq"]["messages"] > 0
+    assert routes["zmq"]["bytes"] > threshold
+    big = "scores" if attention == "worker" else "gate_up"
+    assert stats["ops"][big]["routes"]["zmq"]["messages"] >= config.num_hidden_layers
+    assert stats["ops"]["qkv"]["routes"]["shm"]["messages"] > 0
+    assert stats["transport_s"] is not None
+    assert stats["worker_s"] > 0
+
+
+@pytest.mark.usefixtures("leaves_nothing")
+def test_driver_in_this_process_with_a_worker_handle(config, reference):
+    ids = ids_for(config, 33)
+    with ActorSystem() as system:
+        gpu = system.spawn(GPUWorker, config, seed=0, device="cpu")
+        assert gpu.pid != os.getpid()
+        drv = TEEDriver(config, gpu, seed=0)  # plain object, talking to the worker actor
+        got = drv.prefill(ids)
+        stats = drv.last_prefill_stats()
+    assert (got - reference.forward(ids)).abs().max().item() < TOL_F32
+    assert stats["routes"]["shm"]["messages"] > 0
+    assert stats["worker_device"]["type"] == "cpu"
+
+
+@pytest.mark.usefixtures("leaves_nothing")
+def test_worker_errors_reach_the_driver(config):
+    with ActorSystem() as system:
+        gpu = system.spawn(GPUWorker, config, seed=0, device="cpu")
+        # An untrusted actor's exceptions are not unpickled: a RemoteError naming the type.
+        with pytest.raises(RemoteError, match="layer must be") as info:
+            gpu.batch_linear(99, ("q",), torch.zeros(1, config.hidden_size))
+        assert "ValueError" in info.value.remote_type
+        # Results of the untrusted worker are plain values: tensors, tuples, dicts of numbers.
+        q, _k, v = gpu.batch_linear(0, ("q", "k", "v"), torch.zeros(2, config.hidden_size))
+        assert q.shape == (2, config.q_size)
+        assert v.shape == (2, config.kv_size)
+        assert gpu.compute_stats()["batch_linear:q+k+v"]["calls"] == 1
