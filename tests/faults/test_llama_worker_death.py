@@ -1,0 +1,115 @@
+"""A GPU worker killed during a prefill makes the prefill fail fast, leaving nothing behind."""
+
+from __future__ import annotations
+
+import glob
+import os
+import signal
+import threading
+import time
+
+import psutil
+import pytest
+import torch
+
+from actors import GPUWorker, LlamaConfig, TEEDriver
+from runtime import ActorDiedError, RemoteError
+
+try:
+    from runtime import ActorSystem
+except ImportError:  # the runtime's system layer is not there yet
+    pytest.skip("runtime.ActorSystem is not available", allow_module_level=True)
+
+KILL_AFTER_S = 0.5
+RAISE_WITHIN_S = 5.0
+
+
+def _shm_files() -> set[str]:
+    return set(glob.glob("/dev/shm/rt_*"))
+
+
+def _live_children() -> set[int]:
+    out = set()
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE:
+                out.add(p.pid)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+@pytest.fixture
+def leaves_nothing():
+    children, files = _live_children(), _shm_files()
+    yield
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and (_live_children() - children
+                                           or _shm_files() - files):
+        time.sleep(0.05)
+    assert not _live_children() - children, "actor processes left behind"
+    assert not _shm_files() - files, "shared-memory files left behind"
+
+
+@pytest.fixture(scope="module")
+def config() -> LlamaConfig:
+    # seed-bench at T=512: a prefill across two processes takes a good fraction of a second
+    # on two cores, so the kill lands inside one; the loop below makes that certain.
+    return LlamaConfig.preset("seed-bench")
+
+
+def _prefill_until_it_fails(drv, ids: torch.Tensor, pid: int) -> tuple[BaseException, float]:
+    """Run prefills back to back while a thread SIGKILLs ``pid``; return the error and how
+    long after the kill it came."""
+    killed_at: list[float] = []
+
+    def kill() -> None:
+        time.sleep(KILL_AFTER_S)
+        killed_at.append(time.monotonic())
+        os.kill(pid, signal.SIGKILL)
+
+    killer = threading.Thread(target=kill, daemon=True)
+    killer.start()
+    deadline = time.monotonic() + KILL_AFTER_S + 30
+    try:
+        while time.monotonic() < deadline:
+            drv.prefill(ids)
+    except Exception as e:  # what we are here for
+        killer.join()
+        return e, time.monotonic() - killed_at[0]
+    finally:
+        killer.join()
+    pytest.fail("prefill kept succeeding after the GPU worker was killed")
+
+
+def _names_actor_died(e: BaseException) -> bool:
+    return (isinstance(e, ActorDiedError) or "ActorDiedError" in getattr(e, "remote_type", "")
+            or "ActorDiedError" in str(e))
+
+
+@pytest.mark.usefixtures("leaves_nothing")
+def test_worker_killed_under_driver_actor(config):
+    ids = torch.randint(0, config.vocab_size, (512,), generator=torch.Generator().manual_seed(0))
+    with ActorSystem(shm_threshold=1024 * 1024) as system:
+        gpu = system.spawn(GPUWorker, config, seed=0, device="cpu")
+        drv = system.spawn(TEEDriver, config, gpu, seed=0, attention="worker")
+        drv.prefill(ids[:16])  # both up and talking
+        err, after = _prefill_until_it_fails(drv, ids, gpu.pid)
+        # The TEEDriver's call into the dead worker raised ActorDiedError in the driver
+        # process; it reaches us as that remote error.
+        assert isinstance(err, (RemoteError, ActorDiedError)), repr(err)
+        assert _names_actor_died(err), repr(err)
+        assert after < RAISE_WITHIN_S
+        assert not psutil.pid_exists(gpu.pid) or \
+            psutil.Process(gpu.pid).status() == psutil.STATUS_ZOMBIE
+
+
+@pytest.mark.usefixtures("leaves_nothing")
+def test_worker_killed_under_in_process_driver(config):
+    ids = torch.randint(0, config.vocab_size, (512,), generator=torch.Generator().manual_seed(1))
+    with ActorSystem() as system:
+        gpu = system.spawn(GPUWorker, config, seed=0, device="cpu")
+        drv = TEEDriver(config, gpu, seed=0, attention="worker")
+        err, after = _prefill_until_it_fails(drv, ids, gpu.pid)
+        assert isinstance(err, ActorDiedError), repr(err)
+        assert after < RAISE_WITHIN_S
