@@ -9,9 +9,10 @@ a future; unknown methods fail with ``AttributeError`` before anything is sent.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, Callable, TypeVar, overload
+from typing import Any, TypeVar, overload
 
 __all__ = ["ActorHandle", "ActorOptions", "actor", "actor_options"]
 

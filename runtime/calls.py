@@ -26,9 +26,10 @@ import os
 import pickle
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import cloudpickle
 import zmq
@@ -136,7 +137,7 @@ class CallFuture(Future):
 
 
 class CallerChannel:
-    """This process's channel to one incarnation of one actor."""
+    """The channel of this process to one incarnation of one actor."""
 
     def __init__(self, ctx: ProcessContext, ref: ActorRef, incarnation: int,
                  channel: Channel) -> None:
@@ -467,9 +468,9 @@ def summarize(channel_stats: list[dict[str, Any]]) -> dict[str, Any]:
     """``{"routes": {"shm": {...}, "zmq": {...}}, "channels": [...]}`` over channels."""
     routes = {r: {"messages": 0, "bytes": 0} for r in ("shm", "zmq")}
     for ch in channel_stats:
-        for r in routes:
-            routes[r]["messages"] += ch["routes"][r]["messages"]
-            routes[r]["bytes"] += ch["routes"][r]["bytes"]
+        for r, total in routes.items():
+            total["messages"] += ch["routes"][r]["messages"]
+            total["bytes"] += ch["routes"][r]["bytes"]
     return {"routes": routes, "channels": channel_stats}
 
 

@@ -44,11 +44,15 @@ never unpickles anything: that is how a TEE treats what a GPU worker sends.
       d    dict             u64 count, then key, value, key, value, ...
       A    torch.Tensor     u32 buffer index, u8 dtype id, u8 ndim, ndim x i64
       a    numpy.ndarray    u32 buffer index, u8 dtype code, u8 ndim, ndim x i64
-      g    numpy scalar     u8 dtype code, then itemsize native-order bytes
+      g    numpy scalar     u8 dtype code, then itemsize bytes in that byte order
 
-  Only exact types are plain: subclasses (``bool`` aside, ``IntEnum``,
-  namedtuples, ``OrderedDict``, ...) go to the pickle format so that trusted
-  mode keeps their type.  Containers nest at most :data:`MAX_DEPTH` deep.
+  Torch dtype ids are :data:`TORCH_DTYPE_IDS`; a numpy dtype code is the id in
+  :data:`NUMPY_DTYPE_IDS`, plus 0x80 for big-endian.  Only these exact types
+  are plain: subclasses (``IntEnum``, namedtuples, ``OrderedDict``, ``str``
+  subclasses, ...) go to the pickle format so that trusted mode keeps their
+  type; tensor subclasses such as ``nn.Parameter`` travel as plain tensors.
+  A message nesting containers more than :data:`MAX_DEPTH` deep (a cyclic
+  one, say) goes to the pickle format; the plain decoder refuses it.
 * Pickle: ``cloudpickle`` (so classes and functions defined in ``__main__``
   travel by value) with a ``persistent_id`` hook sending tensors and arrays
   out of band with the same descriptors as the plain format.
@@ -59,8 +63,9 @@ Values and their fate:
   negative bits resolved: on the CPU, contiguous, detached (``requires_grad``
   is not transported); subclasses such as ``nn.Parameter`` arrive as plain
   tensors.  Every dtype in :data:`TORCH_DTYPE_IDS` round-trips bit-exactly.
-  Tensors the codec cannot send out of band (sparse or quantized layouts,
-  dtypes outside the table) are pickled by torch itself, in trusted mode only.
+  Tensors the codec cannot send as one buffer (sparse, quantized or meta
+  tensors) are pickled by torch itself, in the pickle format (the dense
+  tensors they are made of still travel out of band).
 * A numpy array of a numeric, bool or complex dtype (either byte order)
   arrives as a contiguous array of the same dtype and shape; other arrays
   (object, structured, datetime, ``longdouble``) are pickled.  Numpy scalars
@@ -202,43 +207,30 @@ _TORCH_ENC: dict[torch.dtype, tuple[int, torch.dtype | None]] = {
 }
 
 # Numpy dtype ids: ids never change.  The code on the wire is the id, plus 0x80
-# for the byte order that is not this host's.
+# for big-endian.
 _NUMPY_DTYPE_NAMES = (
     (1, "bool"), (2, "int8"), (3, "uint8"), (4, "int16"), (5, "uint16"),
     (6, "int32"), (7, "uint32"), (8, "int64"), (9, "uint64"),
     (10, "float16"), (11, "float32"), (12, "float64"),
     (13, "complex64"), (14, "complex128"),
 )  # fmt: skip
-_SWAPPED = 0x80
+_BIG_ENDIAN = 0x80
 NUMPY_DTYPE_IDS: dict[np.dtype, int] = {}
 """Wire code of each numpy dtype (either byte order) the codec sends out of band."""
 for _code, _name in _NUMPY_DTYPE_NAMES:
     _dt = np.dtype(_name)
-    NUMPY_DTYPE_IDS[_dt] = _code
-    if _dt.itemsize > 1:
-        NUMPY_DTYPE_IDS[_dt.newbyteorder("S")] = _code | _SWAPPED
+    if _dt.itemsize == 1:
+        NUMPY_DTYPE_IDS[_dt] = _code
+    else:
+        NUMPY_DTYPE_IDS[_dt.newbyteorder("<")] = _code
+        NUMPY_DTYPE_IDS[_dt.newbyteorder(">")] = _code | _BIG_ENDIAN
 _NUMPY_BY_CODE: dict[int, np.dtype] = {code: dt for dt, code in NUMPY_DTYPE_IDS.items()}
 _NUMPY_SCALARS: dict[type, tuple[int, np.dtype]] = {}
-for _name in (
-    "bool_",
-    "byte",
-    "ubyte",
-    "short",
-    "ushort",
-    "intc",
-    "uintc",
-    "int_",
-    "uint",
-    "long",
-    "ulong",
-    "longlong",
-    "ulonglong",
-    "half",
-    "single",
-    "double",
-    "csingle",
-    "cdouble",
-):
+_NUMPY_SCALAR_NAMES = (
+    "bool_", "byte", "ubyte", "short", "ushort", "intc", "uintc", "int_", "uint", "long",
+    "ulong", "longlong", "ulonglong", "half", "single", "double", "csingle", "cdouble",
+)  # fmt: skip
+for _name in _NUMPY_SCALAR_NAMES:
     _t = getattr(np, _name, None)
     if _t is not None and np.dtype(_t) in NUMPY_DTYPE_IDS:
         _dt = np.dtype(_t)
@@ -296,7 +288,7 @@ def _tensor_bytes(t: torch.Tensor) -> tuple[int, tuple[int, ...], np.ndarray] | 
             t = t.resolve_conj().resolve_neg().contiguous()
             arr = t.numpy() if alias is None else t.view(alias).numpy()
         raw = np.frombuffer(arr, np.uint8)  # flat, zero-copy, holds arr (and t) alive
-    except (RuntimeError, TypeError):  # meta tensors, exotic subclasses: let pickle try
+    except (RuntimeError, TypeError, NotImplementedError):  # meta, exotic subclasses: to pickle
         return None
     return code, shape, raw  # shape: a torch.Size
 
@@ -636,7 +628,7 @@ def _dec(data: bytes, pos: int, end: int, ctx: _Ctx) -> tuple[object, int]:
                 raise _truncated("numpy scalar", pos, 1, end)
             code = data[pos]
             ndt = _NUMPY_BY_CODE.get(code)
-            if ndt is None or code & _SWAPPED:
+            if ndt is None:
                 raise ProtocolError(f"unknown numpy dtype id {code}")
             pos += 1
             if end - pos < ndt.itemsize:

@@ -87,7 +87,7 @@ def _mixed_class(cls: type[BaseException]) -> type[BaseException] | None:
         mixed = type(cls.__name__, (cls, RemoteError), {
             "__module__": cls.__module__,
             "__qualname__": getattr(cls, "__qualname__", cls.__name__),
-            "__str__": lambda self: _remote_text(self),
+            "__str__": _remote_text,
             "__reduce__": lambda self: (
                 make_remote_exception, (None, self.remote_type, self.remote_message,
                                         self.remote_traceback)),

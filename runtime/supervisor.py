@@ -143,7 +143,8 @@ class Supervisor:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "runtime.worker", json.dumps(boot)],
                 stdin=subprocess.DEVNULL, pass_fds=(self.table.fd, status_w, spec_fd),
-                preexec_fn=_die_with_parent, cwd=actor.boot.get("cwd") or None)
+                preexec_fn=_die_with_parent,  # noqa: PLW1509 - the supervisor has one thread
+                cwd=actor.boot.get("cwd") or None)
         except OSError as exc:
             os.close(status_r)
             self._start_failed(actor, f"cannot start the actor process: {exc}")
@@ -207,7 +208,8 @@ class Supervisor:
         init_error = getattr(actor, "init_error", None)
         actor.init_error = None
         if actor.pending:  # died before it was ready: a failed start
-            text = init_error or f"actor {actor.name!r} died during start-up ({describe_exit(code)})"
+            text = init_error or (f"actor {actor.name!r} died during start-up "
+                                  f"({describe_exit(code)})")
             self.table.write(actor.index, state=DEAD, exit=code)
             for rid in actor.pending:
                 write_frame(self.rep_fd, ("start_failed", rid, text))

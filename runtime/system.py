@@ -302,8 +302,9 @@ class ActorSystem:
 
 
 def _pickle_spec(cls: type, args: tuple, kwargs: dict) -> bytes:
-    """cloudpickle the constructor call; classes of modules an actor process could
-    not import (and ``__main__``) travel by value."""
+    """Cloudpickle the constructor call; classes of modules an actor process could
+    not import (and ``__main__``) travel by value.
+    """
     module = sys.modules.get(cls.__module__)
     by_value = (module is not None and cls.__module__ != "__main__"
                 and not _importable(cls.__module__))

@@ -265,22 +265,6 @@ def test_hanging_method_timeout_kill_shutdown():
             e.add(1, 1)
 
 
-@pytest.fixture
-def tiny_tmpfs(tmp_path):
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    mnt = tmp_path / "tiny"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
-                       capture_output=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount tmpfs: {r.stderr.decode().strip()}")
-    try:
-        yield str(mnt)
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
-
-
 def test_full_shm_dir_falls_back_to_zmq(tiny_tmpfs, caplog):
     with ActorSystem(shm_dir=tiny_tmpfs) as system:
         e = system.spawn(Echo)

@@ -76,6 +76,8 @@ def _prefill_until_it_fails(drv, ids: torch.Tensor, pid: int) -> tuple[BaseExcep
             drv.prefill(ids)
     except Exception as e:  # what we are here for
         killer.join()
+        if not killed_at:  # failed before the kill: not what this test is about
+            raise
         return e, time.monotonic() - killed_at[0]
     finally:
         killer.join()
@@ -97,6 +99,7 @@ def test_worker_killed_under_driver_actor(config):
         err, after = _prefill_until_it_fails(drv, ids, gpu.pid)
         # The TEEDriver's call into the dead worker raised ActorDiedError in the driver
         # process; it reaches us as that remote error.
+        print(f"after {after:.2f} s: {type(err).__mro__[:3]} {str(err).splitlines()[0]}")
         assert isinstance(err, (RemoteError, ActorDiedError)), repr(err)
         assert _names_actor_died(err), repr(err)
         assert after < RAISE_WITHIN_S
@@ -111,5 +114,6 @@ def test_worker_killed_under_in_process_driver(config):
         gpu = system.spawn(GPUWorker, config, seed=0, device="cpu")
         drv = TEEDriver(config, gpu, seed=0, attention="worker")
         err, after = _prefill_until_it_fails(drv, ids, gpu.pid)
+        print(f"after {after:.2f} s: {type(err).__mro__[:3]} {str(err).splitlines()[0]}")
         assert isinstance(err, ActorDiedError), repr(err)
         assert after < RAISE_WITHIN_S

@@ -7,8 +7,11 @@ with a bfloat16 wire, 4 % of the largest reference logit.
 from __future__ import annotations
 
 import glob
+import importlib.util
+import json
 import os
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -146,3 +149,25 @@ def test_worker_errors_reach_the_driver(config):
         assert q.shape == (2, config.q_size)
         assert v.shape == (2, config.kv_size)
         assert gpu.compute_stats()["batch_linear:q+k+v"]["calls"] == 1
+
+
+@pytest.mark.usefixtures("leaves_nothing")
+def test_example_runs_and_verifies(tmp_path, capsys):
+    path = Path(__file__).resolve().parents[2] / "examples" / "llama_prefill.py"
+    spec = importlib.util.spec_from_file_location("llama_prefill_example", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    out = tmp_path / "result.json"
+    assert example.main(["--tokens", "48", "--attention", "worker", "--threshold", "65536",
+                         "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "max abs logit error" in printed
+    assert "OK" in printed
+    assert "transport" in printed
+    result = json.loads(out.read_text())
+    assert result["ok"]
+    assert result["max_abs_error"] <= result["tolerance"]
+    assert result["stats"]["policy"] == "worker"
+    assert result["stats"]["tokens"] == 48
+    # A tolerance nobody can meet makes the example fail.
+    assert example.main(["--tokens", "8", "--tolerance", "-1"]) == 1

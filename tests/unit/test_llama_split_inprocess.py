@@ -1,0 +1,241 @@
+"""TEEDriver with a plain in-process GPUWorker against the reference forward.
+
+bfloat16 wire tolerance.  bf16 keeps 8 significant bits: every cast rounds by up to 2^-9 of
+the value (0.2 %).  With ``wire_dtype=bfloat16`` the activations are rounded about six times a
+layer and the logits come back from lm_head in bf16 (at |logit| ≈ 4 the bf16 spacing is 2^-5,
+so ±0.016 from that cast alone).  Measured on these shapes: max |error| 0.05-0.09 with max |logit|
+4-5 (1-2 % of the logit scale), while a model computed wholly in bf16 errs by 0.09-0.14 on the
+same inputs.  The test asks for both: within 4 % of the largest reference logit, and no worse
+than the all-bf16 model — bf16 on the wire alone must not cost more than bf16 everywhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from actors import GPUWorker, LlamaConfig, LlamaReference, TEEDriver
+from actors.llama import gpu_weight_names, load_weights, tee_weight_names
+from actors.tee_driver import OPS, WorkerResultError
+
+TOL_F32 = 1e-4
+BF16_REL = 0.04
+
+
+@pytest.fixture(scope="module")
+def config() -> LlamaConfig:
+    return LlamaConfig.preset("tiny")
+
+
+@pytest.fixture(scope="module")
+def worker(config) -> GPUWorker:
+    return GPUWorker(config, seed=0, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def reference(config) -> LlamaReference:
+    return LlamaReference(config, seed=0)
+
+
+def ids_for(config: LlamaConfig, t: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, config.vocab_size, (t,), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("attention", ["tee", "worker"])
+@pytest.mark.parametrize("t", [1, 7, 96])
+def test_float32_split_equals_reference(config, worker, reference, attention, t):
+    drv = TEEDriver(config, worker, seed=0, attention=attention)
+    ids = ids_for(config, t, seed=t)
+    want = reference.forward(ids, all_logits=True)
+    got_all = drv.prefill(ids, all_logits=True)
+    assert got_all.shape == (t, config.vocab_size)
+    assert got_all.dtype == torch.float32
+    assert (got_all - want).abs().max().item() < TOL_F32
+    got_last = drv.prefill(ids.tolist())  # a list works as well as a tensor
+    assert got_last.shape == (config.vocab_size,)
+    assert got_last.dtype == torch.float32
+    assert (got_last - want[-1]).abs().max().item() < TOL_F32
+
+
+def test_tied_embeddings_and_scaled_rope():
+    config = dataclasses.replace(
+        LlamaConfig.preset("tiny"), tie_word_embeddings=True, num_hidden_layers=3,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 16})
+    gpu = GPUWorker(config, seed=9, device="cpu")
+    ids = ids_for(config, 40)
+    want = LlamaReference(config, seed=9).forward(ids, all_logits=True)
+    for attention in ("tee", "worker"):
+        got = TEEDriver(config, gpu, seed=9, attention=attention).prefill(ids, all_logits=True)
+        assert (got - want).abs().max().item() < TOL_F32
+
+
+@pytest.mark.parametrize("attention", ["tee", "worker"])
+def test_bfloat16_wire_within_tolerance(config, worker, reference, attention):
+    drv = TEEDriver(config, worker, seed=0, wire_dtype=torch.bfloat16, attention=attention)
+    all_bf16 = LlamaReference(config, seed=0, dtype=torch.bfloat16)
+    for seed in range(3):
+        ids = ids_for(config, 64, seed)
+        want = reference.forward(ids, all_logits=True)
+        got = drv.prefill(ids, all_logits=True)
+        err = (got - want).abs().max().item()
+        assert err < BF16_REL * want.abs().max().item()
+        assert err <= (all_bf16.forward(ids, all_logits=True) - want).abs().max().item()
+    stats = drv.last_prefill_stats()
+    assert stats["wire_dtype"] == "bfloat16"
+    f32 = TEEDriver(config, worker, seed=0, attention=attention)
+    f32.prefill(ids, all_logits=True)
+    # Half the bytes each way (the token ids, int64, are the only exception).
+    ids_bytes = ids.numel() * 8
+    assert stats["bytes_out"] - ids_bytes == (f32.last_prefill_stats()["bytes_out"] - ids_bytes) / 2
+    assert stats["bytes_in"] == f32.last_prefill_stats()["bytes_in"] / 2
+
+
+def test_causal_mask_matters(config, worker):
+    drv = TEEDriver(config, worker, seed=0, attention="worker")
+    ids = ids_for(config, 32)
+    changed = ids.clone()
+    changed[20] = (changed[20] + 1) % config.vocab_size
+    a = drv.prefill(ids, all_logits=True)
+    b = drv.prefill(changed, all_logits=True)
+    assert torch.allclose(a[:20], b[:20], atol=1e-6, rtol=0)  # earlier positions cannot see it
+    assert (a[20:] - b[20:]).abs().amax(dim=-1).min().item() > 1e-4  # later ones all do
+
+
+def test_stats(config, worker):
+    drv = TEEDriver(config, worker, seed=0)
+    assert drv.attention == "tee"  # auto on a CPU worker
+    with pytest.raises(RuntimeError, match="no prefill"):
+        drv.last_prefill_stats()
+    t = 24
+    drv.prefill(ids_for(config, t))
+    s = drv.last_prefill_stats()
+    assert s["policy"] == "tee"
+    assert s["tokens"] == t
+    assert s["layers"] == config.num_hidden_layers
+    assert s["routes"] is None  # an in-process worker has no transport
+    assert set(s["ops"]) == set(OPS)
+    n = config.num_hidden_layers
+    ops = s["ops"]
+    assert {op: ops[op]["calls"] for op in ("embedding", "qkv", "o_proj", "gate_up", "down",
+                                            "lm_head")} == {
+        "embedding": 1, "qkv": n, "o_proj": n, "gate_up": n, "down": n, "lm_head": 1}
+    assert ops["scores"]["where"] == "tee"
+    assert ops["scores"]["bytes_out"] == 0
+    assert ops["scores"]["calls"] == n
+    assert ops["softmax"]["calls"] == n
+    # Only the last row goes to lm_head.
+    assert ops["lm_head"]["bytes_out"] == config.hidden_size * 4
+    assert ops["lm_head"]["bytes_in"] == config.vocab_size * 4
+    assert ops["qkv"]["bytes_out"] == n * t * config.hidden_size * 4
+    assert ops["qkv"]["bytes_in"] == n * t * (config.q_size + 2 * config.kv_size) * 4
+    assert s["calls"] == 2 + 4 * n
+    assert s["total_s"] >= s["tee_s"]
+    assert s["total_s"] >= s["wait_s"] >= s["worker_s"] >= 0
+    assert all(ops[op]["worker_s"] > 0 for op in ("embedding", "qkv", "down", "lm_head"))
+
+    drv_w = TEEDriver(config, worker, seed=0, attention="worker")
+    drv_w.prefill(ids_for(config, t))
+    ops = drv_w.last_prefill_stats()["ops"]
+    g, kv, d = config.num_key_value_groups, config.num_key_value_heads, config.head_dim
+    # Grouped, not expanded: q [kv, g*T, d] and k [kv, T, d] out, [kv, g*T, T] back.
+    assert ops["scores"]["bytes_out"] == n * (kv * g * t * d + kv * t * d) * 4
+    assert ops["scores"]["bytes_in"] == n * kv * g * t * t * 4
+    assert ops["context"]["bytes_out"] == n * (kv * g * t * t + kv * t * d) * 4
+
+
+def test_sides_hold_disjoint_weights(config, worker):
+    drv = TEEDriver(config, worker, seed=0)
+    assert set(drv._norms) == set(tee_weight_names(config))
+    held = {id(t) for t in [worker._embed, worker._lm_head]
+            + [w for layer in worker._fused for w in layer.values()]}
+    assert not config.tie_word_embeddings
+    assert len(held) == 2 + 4 * config.num_hidden_layers  # embed, lm_head, 4 fused per layer
+    assert not set(gpu_weight_names(config)) & set(tee_weight_names(config))
+    # The fused qkv rows are exactly q, k, v from the seed.
+    w = load_weights(config, gpu_weight_names(config), seed=0)
+    qkv = worker._fused[1][("q", "k", "v")]
+    assert torch.equal(qkv[: config.q_size], w["model.layers.1.self_attn.q_proj.weight"])
+    assert torch.equal(qkv[config.q_size + config.kv_size:],
+                       w["model.layers.1.self_attn.v_proj.weight"])
+
+
+def test_worker_batch_linear_subsets(config, worker):
+    x = torch.randn(5, config.hidden_size)
+    q, k, v = worker.batch_linear(0, ("q", "k", "v"), x)
+    k2, v2 = worker.batch_linear(0, ["k", "v"], x)
+    (q2,) = worker.batch_linear(0, ("q",), x)
+    v3, q3 = worker.batch_linear(0, ("v", "q"), x)
+    for a, b in ((k, k2), (v, v2), (q, q2), (v, v3), (q, q3)):
+        assert torch.allclose(a, b, atol=1e-6)
+    xb = x.to(torch.bfloat16)
+    out = worker.batch_linear(0, ("gate", "up"), xb)
+    assert [o.dtype for o in out] == [torch.bfloat16] * 2
+    assert [tuple(o.shape) for o in out] == [(5, config.intermediate_size)] * 2
+    y = worker.matmul(torch.randn(2, 3, 4, dtype=torch.bfloat16), torch.randn(2, 5, 4),
+                      transpose_b=True)
+    assert y.shape == (2, 3, 5)
+    assert y.dtype == torch.bfloat16
+    e = worker.embedding(torch.tensor([1, 2]), dtype="bfloat16")
+    assert e.dtype == torch.bfloat16
+    assert e.shape == (2, config.hidden_size)
+    stats = worker.compute_stats()
+    assert stats["batch_linear:q+k+v"]["calls"] >= 1
+    assert stats["matmul"]["seconds"] > 0
+    info = worker.device_info()
+    assert info["type"] == "cpu"
+    assert info["dtype"] == "float32"
+
+
+@pytest.mark.parametrize(("call", "match"), [
+    (lambda w, c: w.batch_linear(c.num_hidden_layers, ("q",), torch.zeros(1, 64)), "layer"),
+    (lambda w, c: w.batch_linear(0, ("q", "x"), torch.zeros(1, 64)), "unknown"),
+    (lambda w, c: w.batch_linear(0, "q", torch.zeros(1, 64)), "names"),
+    (lambda w, c: w.batch_linear(0, ("o",), torch.zeros(1, 63)), "width"),
+    (lambda w, c: w.matmul(torch.zeros(2, 3, 4), torch.zeros(2, 5, 6)), "do not match"),
+    (lambda w, c: w.embedding(torch.tensor([c.vocab_size])), "token ids"),
+    (lambda w, c: w.lm_head(torch.zeros(1, 3)), "hidden"),
+])
+def test_worker_rejects_bad_calls(config, worker, call, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        call(worker, config)
+
+
+def test_driver_rejects_bad_input(config, worker):
+    drv = TEEDriver(config, worker, seed=0)
+    with pytest.raises(ValueError, match=r"shape \[T\]"):
+        drv.prefill(torch.zeros(2, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"shape \[T\]"):
+        drv.prefill([])
+    with pytest.raises(ValueError, match="lie in"):
+        drv.prefill([0, config.vocab_size])
+    with pytest.raises(ValueError, match="attention"):
+        TEEDriver(config, worker, attention="gpu")
+
+
+class _LyingWorker(GPUWorker):
+    """Returns a q projection one row short: the TEE must notice."""
+
+    def batch_linear(self, layer, names, x, tag=None):
+        out = super().batch_linear(layer, names, x, tag=tag)
+        return (out[0][:-1], *out[1:])
+
+
+def test_driver_checks_worker_results(config):
+    drv = TEEDriver(config, _LyingWorker(config, seed=0, device="cpu"), seed=0)
+    with pytest.raises(WorkerResultError, match="qkv"):
+        drv.prefill(ids_for(config, 8))
+
+
+def test_progress_logging(config, worker, caplog):
+    # No logging configured for INFO (as in an actor process): log_every still shows progress.
+    drv = TEEDriver(config, worker, seed=0)
+    drv.prefill(ids_for(config, 8), log_every=1)
+    messages = [r.getMessage() for r in caplog.records if r.name == "actors.tee_driver"]
+    assert [m.split(": ")[1].split(",")[0] for m in messages] == [
+        f"layer {i + 1}/{config.num_hidden_layers} done" for i in range(config.num_hidden_layers)]
+    caplog.clear()
+    drv.prefill(ids_for(config, 8))
+    assert not [r for r in caplog.records if r.name == "actors.tee_driver"]

@@ -1,0 +1,407 @@
+"""Segments, rings and channels, exercised over both routes."""
+
+from __future__ import annotations
+
+import os
+import random
+import stat
+import struct
+import tempfile
+import threading
+import time
+import uuid
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from runtime import codec
+from runtime.errors import ProtocolError, TransportError
+from runtime.transport.channel import Channel, ring_capacity
+from runtime.transport.doorbell import Doorbell
+from runtime.transport.ring import MIN_CAPACITY, ShmRing
+from runtime.transport.segment import Segment
+
+SHM = "/dev/shm"
+
+
+def name() -> str:
+    return f"rt_test{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def private_dir():
+    d = tempfile.mkdtemp(prefix="rtp")  # short: ipc:// paths are limited to 107 bytes
+    yield d
+    for f in os.listdir(d):
+        os.unlink(os.path.join(d, f))
+    os.rmdir(d)
+
+
+def make_pair(private_dir: str, threshold: int, shm_dir: str = SHM):
+    caller = Channel.create(shm_dir=shm_dir, private_dir=private_dir, name=name(),
+                            threshold=threshold)
+    bell = Doorbell(os.path.join(private_dir, "callee.bell"))
+    callee = Channel.attach(caller.spec(), own_bell=bell, safe=False, name="callee")
+    caller.attached(bell.path)
+    return caller, callee, bell
+
+
+@pytest.fixture
+def pair(private_dir, threshold):
+    caller, callee, bell = make_pair(private_dir, threshold)
+    yield caller, callee
+    caller.close()
+    callee.close()
+    bell.close()
+
+
+def roundtrip(pair, obj):
+    caller, callee = pair
+    caller.send(obj)
+    got = callee.recv(deadline=time.monotonic() + 10)
+    callee.send(got)
+    return caller.recv(deadline=time.monotonic() + 10)
+
+
+# -- segments ------------------------------------------------------------------------
+
+
+def test_segment_mode_size_and_lifecycle():
+    seg = Segment.create(SHM, name(), 12345)
+    try:
+        st_ = os.stat(seg.path)
+        assert stat.S_IMODE(st_.st_mode) == 0o600
+        assert st_.st_size == 12345 and st_.st_blocks * 512 >= 12345  # space reserved
+        other = Segment.attach(seg.path)
+        seg.view[0:5] = b"hello"
+        assert bytes(other.view[0:5]) == b"hello"
+        other.close()
+        other.close()  # idempotent
+    finally:
+        seg.close()
+        seg.unlink()
+        seg.unlink()  # once: a second call is a no-op
+    assert not os.path.exists(seg.path)
+
+
+def test_segment_rejects_bad_names_and_sizes():
+    with pytest.raises(ValueError):
+        Segment.create(SHM, "foo", 10)
+    with pytest.raises(ValueError):
+        Segment.create(SHM, name(), 0)
+    with pytest.raises(TransportError, match="cannot open"):
+        Segment.attach(os.path.join(SHM, name()))
+
+
+def test_segment_full_dir_is_a_clear_error(tiny_tmpfs):
+    with pytest.raises(TransportError) as info:
+        Segment.create(tiny_tmpfs, name(), 64 << 20)
+    text = str(info.value)
+    assert tiny_tmpfs in text and str(64 << 20) in text and "free" in text
+    assert os.listdir(tiny_tmpfs) == []  # nothing half-made is left
+
+
+# -- rings ---------------------------------------------------------------------------
+
+
+def test_ring_wraps_around_and_keeps_records_intact():
+    ring = ShmRing.create(SHM, name(), MIN_CAPACITY)
+    reader = ShmRing.attach(ring.segment.path)
+    rng = random.Random(1)
+    try:
+        for i in range(2000):
+            payload = bytes([i % 251]) * rng.randint(0, 20000)
+            addr = ring.reserve(len(payload))
+            if addr is None:  # drain everything, then retry
+                while (rec := reader.peek()) is not None:
+                    reader.advance()
+                addr = ring.reserve(len(payload))
+            off = addr - ring.segment.address
+            ring.view[off:off + len(payload)] = payload
+            ring.commit()
+            raddr, length = reader.peek()
+            assert length == len(payload)
+            roff = raddr - reader.segment.address
+            assert bytes(reader.view[roff:roff + length]) == payload
+            reader.advance()
+        assert ring._w > 10 * ring.capacity  # it wrapped many times
+    finally:
+        reader.close()
+        ring.close()
+        ring.unlink()
+
+
+def test_ring_full_then_drained():
+    ring = ShmRing.create(SHM, name(), MIN_CAPACITY)
+    reader = ShmRing.attach(ring.segment.path)
+    try:
+        n = 0
+        while (addr := ring.reserve(1000)) is not None:
+            ring.commit()
+            n += 1
+        assert n == ring.capacity // ShmRing.record_size(1000)
+        assert reader.peek() is not None
+        reader.advance()
+        assert ring.reserve(1000) is not None
+        with pytest.raises(TransportError, match="exceeds"):
+            ring.reserve(ring.capacity)
+    finally:
+        reader.close()
+        ring.close()
+        ring.unlink()
+
+
+def test_ring_rejects_corrupt_records():
+    ring = ShmRing.create(SHM, name(), MIN_CAPACITY)
+    reader = ShmRing.attach(ring.segment.path)
+    try:
+        ring.reserve(8)
+        ring.commit()
+        struct.pack_into("<Q", ring.view, 4096, 10**12)  # a length beyond the ring
+        with pytest.raises(ProtocolError, match="corrupt ring record"):
+            reader.peek()
+    finally:
+        reader.close()
+        ring.close()
+        ring.unlink()
+
+
+def test_sizing_follows_the_threshold():
+    t = 10 * 1024 * 1024
+    assert 2 * (ring_capacity(t) + 4096) <= 4 * t
+    assert ring_capacity(1) == MIN_CAPACITY
+    assert ring_capacity(t) - 8 > t + 4096  # any message below t fits one record
+
+
+# -- channels over both routes ---------------------------------------------------------
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int8, torch.uint8,
+          torch.int16, torch.int32, torch.int64, torch.bool, torch.complex64,
+          *[getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n)]]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_every_dtype_bit_exact(pair, dtype):
+    t = (torch.randn(7, 5) * 10).to(dtype) if dtype != torch.bool else torch.rand(7, 5) > 0.5
+    out = roundtrip(pair, t)
+    assert out.dtype == dtype and out.shape == t.shape
+    assert torch.equal(out.view(torch.uint8), t.contiguous().view(torch.uint8))
+
+
+@pytest.mark.parametrize("shape", [(), (0,), (3, 0, 2), (1,), (2, 3, 4, 5)], ids=str)
+def test_shapes(pair, shape):
+    t = torch.randn(shape)
+    out = roundtrip(pair, t)
+    assert out.shape == t.shape and torch.equal(out, t)
+
+
+def test_non_contiguous_and_nested(pair):
+    base = torch.randn(6, 8)
+    obj = {"t": base.t(), "s": base[::2, 1::3], "l": [1, 2.5, "x", None, b"by", (True,)],
+           "np": np.arange(12, dtype=np.int16).reshape(3, 4)[:, ::2], "big": 2**80}
+    out = roundtrip(pair, obj)
+    assert torch.equal(out["t"], base.t()) and out["t"].is_contiguous()
+    assert torch.equal(out["s"], base[::2, 1::3])
+    assert out["l"] == [1, 2.5, "x", None, b"by", (True,)]
+    assert np.array_equal(out["np"], np.arange(12, dtype=np.int16).reshape(3, 4)[:, ::2])
+    assert out["big"] == 2**80
+
+
+def test_route_boundaries(private_dir):
+    t = 4096
+    caller, callee, bell = make_pair(private_dir, t)
+    try:
+        n0 = codec.encode(b"").nbytes
+        assert codec.encode(b"x" * 100).nbytes == n0 + 100
+        for size, want in [(t - 1, "shm"), (t, "zmq"), (t + 1, "zmq")]:
+            msg = b"x" * (size - n0)
+            assert codec.encode(msg).nbytes == size
+            before = {r: v["sent_messages"] for r, v in caller.stats()["routes"].items()}
+            assert caller.send(msg) == want
+            assert callee.recv(deadline=time.monotonic() + 5) == msg
+            after = caller.stats()["routes"]
+            assert after[want]["sent_messages"] == before[want] + 1
+            assert callee.stats()["routes"][want]["received_bytes"] >= size
+    finally:
+        caller.close()
+        callee.close()
+        bell.close()
+
+
+def test_order_kept_over_mixed_routes(private_dir):
+    threshold = 16 * 1024
+    caller, callee, bell = make_pair(private_dir, threshold)
+    rng = random.Random(7)
+    sizes = [rng.choice([0, 10, 1000, threshold // 2, threshold - 200, threshold * 3])
+             for _ in range(10_000)]
+    errors = []
+
+    def writer():
+        try:
+            for i, n in enumerate(sizes):
+                caller.send((i, torch.full((n // 4,), i % 1000, dtype=torch.int32)),
+                            deadline=time.monotonic() + 30)
+        except Exception as exc:
+            errors.append(exc)
+
+    th = threading.Thread(target=writer)
+    th.start()
+    try:
+        for i, n in enumerate(sizes):
+            j, t = callee.recv(deadline=time.monotonic() + 30)
+            assert j == i and t.numel() == n // 4
+            assert t.numel() == 0 or (int(t[0]) == i % 1000 and int(t[-1]) == i % 1000)
+        th.join()
+        assert not errors
+        routes = caller.stats()["routes"]
+        assert routes["shm"]["sent_messages"] > 1000 and routes["zmq"]["sent_messages"] > 1000
+    finally:
+        th.join()
+        caller.close()
+        callee.close()
+        bell.close()
+
+
+def test_blocked_writer_resumes_when_reader_drains(private_dir):
+    caller, callee, bell = make_pair(private_dir, 1024)  # small ring: MIN_CAPACITY
+    sent = []
+    th = threading.Thread(target=lambda: [sent.append(caller.send(b"y" * 900))
+                                          for _ in range(200)])
+    try:
+        th.start()
+        time.sleep(0.3)
+        assert 0 < len(sent) < 200, "the writer must block on a full ring"
+        got = [callee.recv(deadline=time.monotonic() + 5) for _ in range(200)]
+        th.join(5)
+        assert len(sent) == 200 and all(g == b"y" * 900 for g in got)
+    finally:
+        th.join()
+        caller.close()
+        callee.close()
+        bell.close()
+
+
+def test_full_ring_times_out_at_deadline(private_dir):
+    caller, callee, bell = make_pair(private_dir, 1024)
+    try:
+        with pytest.raises(TimeoutError):
+            for _ in range(1000):
+                caller.send(b"z" * 900, deadline=time.monotonic() + 0.2)
+    finally:
+        caller.close()
+        callee.close()
+        bell.close()
+
+
+def test_sleeping_reader_wakes_within_milliseconds(pair):
+    caller, callee = pair
+    woke = []
+
+    def reader():
+        callee.recv(deadline=time.monotonic() + 10)
+        woke.append(time.monotonic())
+
+    th = threading.Thread(target=reader)
+    th.start()
+    time.sleep(2.0)  # the reader spins briefly, then sleeps on its doorbell
+    sent = time.monotonic()
+    caller.send("wake up")
+    th.join(5)
+    assert woke and woke[0] - sent < 0.05
+
+
+def test_recv_deadline(pair):
+    _, callee = pair
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError):
+        callee.recv(deadline=time.monotonic() + 0.2)
+    assert 0.15 < time.monotonic() - t0 < 1.0
+
+
+def test_peer_close_is_seen(pair):
+    caller, callee = pair
+    caller.close()
+    with pytest.raises(TransportError, match="closed by the peer"):
+        callee.recv(deadline=time.monotonic() + 2)
+
+
+def test_malformed_record_costs_only_itself(private_dir):
+    caller, callee, bell = make_pair(private_dir, 1 << 20)
+    try:
+        tx = caller.tx
+        addr = tx.reserve(32)
+        off = addr - tx.segment.address
+        tx.view[off:off + 32] = struct.pack("<B3xIII", 0, 1000, 5, 77) + bytes(16)
+        tx.commit()
+        caller.send("after")
+        with pytest.raises(ProtocolError) as info:
+            callee.try_recv()
+        assert info.value.tag == 77
+        assert callee.recv(deadline=time.monotonic() + 2) == "after"
+    finally:
+        caller.close()
+        callee.close()
+        bell.close()
+
+
+@settings(max_examples=200, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(garbage=st.binary(min_size=0, max_size=300))
+def test_fuzzed_records_raise_only_protocol_errors(private_dir, garbage):
+    caller, callee, bell = make_pair(private_dir, 1 << 20)
+    try:
+        tx = caller.tx
+        addr = tx.reserve(len(garbage))
+        off = addr - tx.segment.address
+        tx.view[off:off + len(garbage)] = garbage
+        tx.commit()
+        caller.send("sentinel")
+        results = []
+        for _ in range(3):
+            try:
+                ok, obj = callee.try_recv(deadline=time.monotonic() + 0.2)
+                if ok:
+                    results.append(obj)
+            except (TransportError, TimeoutError):
+                pass
+        assert "sentinel" in results or callee.peer_closed
+    finally:
+        caller.close()
+        callee.close()
+        bell.close()
+
+
+def test_full_shm_dir_falls_back_to_zmq(tiny_tmpfs, private_dir, caplog):
+    caller, callee, bell = make_pair(private_dir, 10 << 20, shm_dir=tiny_tmpfs)
+    try:
+        assert caller.mode == "zmq-only" and callee.mode == "zmq-only"
+        for obj in ["small", torch.randn(100)]:
+            caller.send(obj)
+            got = callee.recv(deadline=time.monotonic() + 5)
+            assert got == obj if isinstance(obj, str) else torch.equal(got, obj)
+        assert caller.stats()["routes"]["zmq"]["sent_messages"] == 2
+        assert os.listdir(tiny_tmpfs) == []
+    finally:
+        caller.close()
+        callee.close()
+        bell.close()
+
+
+def test_doorbell_rung_before_wait():
+    d = tempfile.mkdtemp(prefix="rtp")
+    bell = Doorbell(os.path.join(d, "b"))
+    try:
+        from runtime.transport.doorbell import DoorbellWriter
+        w = DoorbellWriter(bell.path)
+        w.ring()
+        t0 = time.monotonic()
+        assert bell.wait(5.0)
+        assert time.monotonic() - t0 < 0.1
+        assert not bell.wait(0.05)
+        w.close()
+    finally:
+        bell.close()
+        os.rmdir(d)
