@@ -302,8 +302,10 @@ class ActorSystem:
 
 
 def _pickle_spec(cls: type, args: tuple, kwargs: dict) -> bytes:
-    """Cloudpickle the constructor call; classes of modules an actor process could
-    not import (and ``__main__``) travel by value.
+    """The constructor call, cloudpickled.
+
+    Classes of modules an actor process could not import (and ``__main__``)
+    travel by value.
     """
     module = sys.modules.get(cls.__module__)
     by_value = (module is not None and cls.__module__ != "__main__"

@@ -1,5 +1,7 @@
-"""Length-prefixed pickle messages over pipes, between the driver, the
-supervisor and starting actors -- processes of one trusted session.
+"""Length-prefixed pickle messages over pipes.
+
+Between the driver, the supervisor and starting actors: processes of one
+trusted session.
 """
 
 from __future__ import annotations

@@ -100,8 +100,10 @@ class _Route:
 
 
 class Channel:
-    """One end of a channel.  Make the caller's end with :meth:`create`, the callee's
-    with :meth:`attach`.  ``send`` is for one thread at a time, and so is ``recv``.
+    """One end of a channel.
+
+    Make the caller's end with :meth:`create`, the callee's with :meth:`attach`.
+    ``send`` is for one thread at a time, and so is ``recv``.
     """
 
     def __init__(self, *, tx: ShmRing | None, rx: ShmRing | None, bulk: BulkLink,
@@ -418,7 +420,7 @@ class Channel:
             raise ProtocolError(f"ZeroMQ message has {len(frames) - 1} buffer frames, "
                                 f"header declares {nbuf}")
         bufs = []
-        for frame, nb in zip(frames[1:], sizes):
+        for frame, nb in zip(frames[1:], sizes, strict=True):
             if len(frame.buffer) != nb:
                 raise ProtocolError(f"ZeroMQ frame of {len(frame.buffer)} bytes, declared {nb}")
             bufs.append(torch.frombuffer(frame, dtype=torch.uint8) if nb

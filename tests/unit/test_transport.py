@@ -116,7 +116,7 @@ def test_ring_wraps_around_and_keeps_records_intact():
             payload = bytes([i % 251]) * rng.randint(0, 20000)
             addr = ring.reserve(len(payload))
             if addr is None:  # drain everything, then retry
-                while (rec := reader.peek()) is not None:
+                while reader.peek() is not None:
                     reader.advance()
                 addr = ring.reserve(len(payload))
             off = addr - ring.segment.address
@@ -139,7 +139,7 @@ def test_ring_full_then_drained():
     reader = ShmRing.attach(ring.segment.path)
     try:
         n = 0
-        while (addr := ring.reserve(1000)) is not None:
+        while ring.reserve(1000) is not None:
             ring.commit()
             n += 1
         assert n == ring.capacity // ShmRing.record_size(1000)
