@@ -1,0 +1,233 @@
+"""Actor-call benchmark: calls through runtime actors against IPC baselines.
+
+One run, side by side on the same machine:
+
+* ``actor``: ``handle.echo(x)`` through ``ActorSystem`` (ring below 10 MiB,
+  ZeroMQ above; codec, dispatch and futures included);
+* ``pyzmq``: raw pyzmq ``ipc://`` PAIR echo, ``copy=False``;
+* ``pipe``: ``multiprocessing.Pipe`` echo (pickle);
+* ``tmq``: ``torch.multiprocessing`` Queue echo (tensors moved to shared
+  memory and handed over by file descriptor: no copy of the payload back).
+
+Plus: a no-op call after 5 ms of silence; the CPU an idle actor and a driver
+waiting on a long call burn; and a ~200 ms all-core matmul called through an
+actor against the same matmul in-process (what a waiting caller costs the
+callee).  ``--json PATH`` writes the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+import zmq
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.common import SIZES, cpu_seconds, iterations, machine, summary, timed, write_json
+from runtime import ActorSystem, actor
+
+
+@actor
+class Bench:
+    def noop(self):
+        return None
+
+    def echo(self, x):
+        return x
+
+    def sleep(self, s):
+        time.sleep(s)
+
+    def matmul(self, a, b, reps):
+        for _ in range(reps):
+            c = a @ b
+        return float(c[0, 0])
+
+
+def pipe_server(conn):
+    while True:
+        msg = conn.recv()
+        if isinstance(msg, str) and msg == "stop":
+            return
+        conn.send(msg)
+
+
+def tmq_server(q_in, q_out):
+    while True:
+        msg = q_in.get()
+        if isinstance(msg, str) and msg == "stop":
+            return
+        q_out.put(msg)
+
+
+def zmq_server(endpoint):
+    sock = zmq.Context.instance().socket(zmq.PAIR)
+    sock.connect(endpoint)
+    while True:
+        frames = sock.recv_multipart(copy=False)
+        if len(frames) == 1 and frames[0].bytes == b"stop":
+            break
+        sock.send_multipart(frames, copy=False)
+    sock.close(0)
+
+
+def tensor(n):
+    return torch.ones(n // 4) if n else None
+
+
+def bench_actor(sizes):
+    out = {}
+    with ActorSystem() as system:
+        b = system.spawn(Bench)
+        out["noop"] = summary(timed(b.noop, 3000, warmup=200))
+        print(f"  actor noop: {out['noop']['p50_us']:.1f} us p50", flush=True)
+        samples = []
+        for _ in range(60):
+            time.sleep(0.005)
+            t0 = time.perf_counter()
+            b.noop()
+            samples.append(time.perf_counter() - t0)
+        out["noop_after_5ms_silence"] = summary(samples)
+        for label, n in sizes.items():
+            x = tensor(n)
+            out[label] = summary(timed(lambda x=x: b.echo(x), iterations(n)), n)
+            print(f"  actor {label:>7}: {out[label]['p50_us']:10.1f} us p50", flush=True)
+        time.sleep(0.2)
+        c0 = cpu_seconds(b.pid)
+        time.sleep(2.0)
+        out["idle_actor_cpu_percent"] = (cpu_seconds(b.pid) - c0) / 2 * 100
+        c0 = cpu_seconds(os.getpid())
+        b.sleep(2.0)
+        out["waiting_driver_cpu_percent"] = (cpu_seconds(os.getpid()) - c0) / 2 * 100
+        out["compute"] = bench_compute(b)
+    return out
+
+
+def bench_compute(b):
+    n = 1024
+    a, m = torch.randn(n, n), torch.randn(n, n)
+    t0 = time.perf_counter()
+    reps = 1
+    while time.perf_counter() - t0 < 0.2:
+        _ = a @ m
+        reps += 1
+    local, remote = [], []
+    for _ in range(7):  # interleaved, so drift hits both alike
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            c = a @ m
+        float(c[0, 0])
+        local.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        b.matmul(a, m, reps)
+        remote.append(time.perf_counter() - t0)
+    lm, rm = statistics.median(local), statistics.median(remote)
+    print(f"  compute: in-process {lm * 1e3:.1f} ms, through an actor {rm * 1e3:.1f} ms "
+          f"({rm / lm:.3f}x)", flush=True)
+    return {"in_process_ms": lm * 1e3, "actor_ms": rm * 1e3, "ratio": rm / lm, "reps": reps}
+
+
+def bench_pyzmq(sizes, private_dir):
+    endpoint = f"ipc://{private_dir}/raw.zmq"
+    sock = zmq.Context.instance().socket(zmq.PAIR)
+    sock.bind(endpoint)
+    proc = mp.get_context("spawn").Process(target=zmq_server, args=(endpoint,))
+    proc.start()
+    out = {}
+    try:
+        out["noop"] = summary(timed(lambda: (sock.send(b""), sock.recv()), 3000, warmup=200))
+        for label, n in sizes.items():
+            msg = np.ones(n, dtype=np.uint8)
+
+            def rt(msg=msg, n=n):
+                sock.send(msg, copy=False)
+                frame = sock.recv(copy=False)
+                return torch.frombuffer(frame, dtype=torch.uint8) if n else None
+            out[label] = summary(timed(rt, iterations(n)), n)
+        print(f"  pyzmq noop: {out['noop']['p50_us']:.1f} us p50", flush=True)
+    finally:
+        sock.send(b"stop")
+        proc.join(10)
+        sock.close(0)
+    return out
+
+
+def bench_pipe(sizes):
+    a, b = mp.Pipe()
+    proc = mp.get_context("spawn").Process(target=pipe_server, args=(b,))
+    proc.start()
+    out = {"noop": summary(timed(lambda: (a.send(None), a.recv()), 3000, warmup=200))}
+    for label, n in sizes.items():
+        x = tensor(n)
+        out[label] = summary(timed(lambda x=x: (a.send(x), a.recv()), iterations(n)), n)
+    a.send("stop")
+    proc.join(10)
+    print(f"  pipe noop: {out['noop']['p50_us']:.1f} us p50", flush=True)
+    return out
+
+
+def bench_tmq(sizes):
+    ctx = torch.multiprocessing.get_context("spawn")
+    q_in, q_out = ctx.Queue(), ctx.Queue()
+    proc = ctx.Process(target=tmq_server, args=(q_in, q_out))
+    proc.start()
+    out = {"noop": summary(timed(lambda: (q_in.put(None), q_out.get()), 2000, warmup=100))}
+    for label, n in sizes.items():
+        if n == 0:
+            continue
+
+        def rt(n=n):
+            q_in.put(torch.ones(n // 4))  # a fresh tensor each time, as a caller would
+            return q_out.get()
+        out[label] = summary(timed(rt, iterations(n)), n)
+    q_in.put("stop")
+    proc.join(10)
+    print(f"  tmq noop: {out['noop']['p50_us']:.1f} us p50", flush=True)
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--json", help="write results here")
+    ap.add_argument("--sizes", default=",".join(k for k in SIZES if k != "empty"))
+    args = ap.parse_args(argv)
+    sizes = {k: SIZES[k] for k in args.sizes.split(",")}
+    private_dir = tempfile.mkdtemp(prefix="rtb")
+    try:
+        print("actors (ours):")
+        ours = bench_actor(sizes)
+        print("baselines:")
+        raw = bench_pyzmq(sizes, private_dir)
+        pipe = bench_pipe(sizes)
+        tmq = bench_tmq(sizes)
+    finally:
+        for f in os.listdir(private_dir):
+            os.unlink(os.path.join(private_dir, f))
+        os.rmdir(private_dir)
+    rows = ["noop", *sizes]
+    print(f"\n{'payload':>8} | {'actor p50':>10} {'p99':>9} | {'pyzmq':>9} | {'Pipe':>9} | "
+          f"{'tmp Queue':>9} | best baseline / actor")
+    for r in rows:
+        base = {k: v[r]["p50_us"] for k, v in (("pyzmq", raw), ("pipe", pipe), ("tmq", tmq))
+                if r in v}
+        best = min(base.values())
+        print(f"{r:>8} | {ours[r]['p50_us']:8.1f}us {ours[r]['p99_us']:7.0f}us | "
+              + " | ".join(f"{base.get(k, float('nan')):7.1f}us" for k in ("pyzmq", "pipe", "tmq"))
+              + f" | {best / ours[r]['p50_us']:.2f}x")
+    print(f"no-op after 5 ms silence: {ours['noop_after_5ms_silence']['p50_us']:.0f} us p50")
+    print(f"idle actor CPU {ours['idle_actor_cpu_percent']:.2f} %, waiting driver CPU "
+          f"{ours['waiting_driver_cpu_percent']:.2f} % of a core")
+    write_json(args.json, {"machine": machine(), "actor": ours, "pyzmq": raw, "pipe": pipe,
+                           "torch_mp_queue": tmq})
+
+
+if __name__ == "__main__":
+    main()

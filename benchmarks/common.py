@@ -1,0 +1,68 @@
+"""Helpers shared by the benchmarks: timing statistics, machine facts, JSON out."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import psutil
+
+SIZES = {"empty": 0, "4KiB": 4 << 10, "64KiB": 64 << 10, "1MiB": 1 << 20, "8MiB": 8 << 20,
+         "32MiB": 32 << 20, "128MiB": 128 << 20}
+
+
+def iterations(nbytes: int, budget_bytes: float = 4e9, lo: int = 15, hi: int = 3000) -> int:
+    """How many round trips to time for a payload: more for small ones."""
+    if nbytes == 0:
+        return hi
+    return int(max(lo, min(hi, budget_bytes // max(nbytes, 1) // 4)))
+
+
+def timed(fn: Callable[[], Any], n: int, warmup: int = 3) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def summary(samples: list[float], nbytes: int = 0) -> dict[str, float]:
+    s = sorted(samples)
+    p50 = statistics.median(s)
+    p99 = s[min(len(s) - 1, int(len(s) * 0.99))]
+    res = {"n": len(s), "p50_us": p50 * 1e6, "p99_us": p99 * 1e6}
+    if nbytes:
+        res["GBps"] = 2 * nbytes / p50 / 1e9  # payload there and back per round trip
+    return res
+
+
+def machine() -> dict[str, Any]:
+    import torch
+    import zmq
+
+    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "memory_GiB": round(psutil.virtual_memory().total / 2**30, 1),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "pyzmq": zmq.__version__, "libzmq": zmq.zmq_version(),
+            "when": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def write_json(path: str | None, data: dict[str, Any]) -> None:
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(data, f, indent=2)
+        print(f"wrote {path}")
+
+
+def cpu_seconds(pid: int) -> float:
+    t = psutil.Process(pid).cpu_times()
+    return t.user + t.system
