@@ -218,7 +218,7 @@ class CallerChannel:
     def _read_until(self, done: Callable[[], bool], deadline: float | None) -> None:
         ch = self.channel
         while not done():
-            if self.dead is not None:
+            if self.dead is not None or self.closed:
                 return
             try:
                 ok, msg = ch.try_recv(check=self.check)
@@ -314,12 +314,22 @@ class CallerChannel:
                     finally:
                         self._role.release()
 
-    def close(self) -> None:
+    def close(self, reason: BaseException | None = None) -> None:
+        """Fail what is pending with ``reason``, then release the channel."""
+        notify = self.dead is None
         self.closed = True
+        self._fail_all(reason or ActorDiedError(f"channel to actor {self.ref.name!r} closed"))
         self._pump_event.set()
-        with self._send_lock, self._role:
-            self.channel.close(notify=self.dead is None)
-        self._fail_all(ActorDiedError(f"channel to actor {self.ref.name!r} closed"))
+        # A reader finishes its current wait slice (<= 100 ms) and sees `closed`.
+        got_send = self._send_lock.acquire(timeout=5)
+        got_role = self._role.acquire(timeout=5)
+        try:
+            self.channel.close(notify=notify)
+        finally:
+            if got_role:
+                self._role.release()
+            if got_send:
+                self._send_lock.release()
         if self._pump is not None and self._pump is not threading.current_thread():
             self._pump.join(2.0)
 
@@ -352,6 +362,7 @@ class ProcessContext:
         self._names = itertools.count()
         self.closed = False
         self.killer: Callable[[int], None] | None = None
+        self.owner: object = None  # the driver's ActorSystem: kept alive by its handles
 
     def kill(self, ref: ActorRef) -> None:
         if self.killer is None:
@@ -461,7 +472,7 @@ class ProcessContext:
             self.closed = True
             channels, self._channels = list(self._channels.values()), {}
         for cc in channels:
-            cc.close()
+            cc.close(ActorRuntimeError("the actor system was shut down"))
 
 
 def summarize(channel_stats: list[dict[str, Any]]) -> dict[str, Any]:
@@ -488,8 +499,8 @@ def unregister_context(ctx: ProcessContext) -> None:
 
 def context_for(sid: str) -> ProcessContext:
     ctx = _contexts.get(sid)
-    if ctx is None:
+    if ctx is None or ctx.closed:
         raise ActorRuntimeError(
-            "this actor handle belongs to an actor system that this process is not part "
-            "of (it was shut down, or the handle left the system's processes)")
+            "this actor handle belongs to an actor system that is shut down, or that "
+            "this process is not part of")
     return ctx

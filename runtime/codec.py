@@ -93,6 +93,7 @@ import io
 import itertools
 import pickle
 import struct
+import sys
 import warnings
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -217,14 +218,20 @@ _NUMPY_DTYPE_NAMES = (
 _BIG_ENDIAN = 0x80
 NUMPY_DTYPE_IDS: dict[np.dtype, int] = {}
 """Wire code of each numpy dtype (either byte order) the codec sends out of band."""
+_NUMPY_BY_CODE: dict[int, np.dtype] = {}
 for _code, _name in _NUMPY_DTYPE_NAMES:
-    _dt = np.dtype(_name)
+    _dt = np.dtype(_name)  # native order: decoded arrays get this very dtype
     if _dt.itemsize == 1:
-        NUMPY_DTYPE_IDS[_dt] = _code
+        _pairs = [(_code, _dt)]
     else:
-        NUMPY_DTYPE_IDS[_dt.newbyteorder("<")] = _code
-        NUMPY_DTYPE_IDS[_dt.newbyteorder(">")] = _code | _BIG_ENDIAN
-_NUMPY_BY_CODE: dict[int, np.dtype] = {code: dt for dt, code in NUMPY_DTYPE_IDS.items()}
+        _big = sys.byteorder == "big"
+        _pairs = [
+            (_code, _dt if not _big else _dt.newbyteorder("<")),
+            (_code | _BIG_ENDIAN, _dt if _big else _dt.newbyteorder(">")),
+        ]
+    for _c, _d in _pairs:
+        NUMPY_DTYPE_IDS[_d] = _c
+        _NUMPY_BY_CODE[_c] = _d
 _NUMPY_SCALARS: dict[type, tuple[int, np.dtype]] = {}
 _NUMPY_SCALAR_NAMES = (
     "bool_", "byte", "ubyte", "short", "ushort", "intc", "uintc", "int_", "uint", "long",
@@ -235,7 +242,7 @@ for _name in _NUMPY_SCALAR_NAMES:
     if _t is not None and np.dtype(_t) in NUMPY_DTYPE_IDS:
         _dt = np.dtype(_t)
         _NUMPY_SCALARS[_t] = (NUMPY_DTYPE_IDS[_dt], _dt)
-del _code, _name, _dt, _t
+del _code, _name, _dt, _t, _pairs, _c, _d
 
 _TORCH_STRIDED = torch.strided
 _UINT8 = torch.uint8
@@ -459,7 +466,8 @@ def encode(obj: object) -> Encoded:
 # --------------------------------------------------------------------------- decode
 
 
-_BOOL_CODES = (TORCH_DTYPE_IDS[torch.bool], NUMPY_DTYPE_IDS[np.dtype(bool)])
+_TORCH_BOOL = torch.bool
+_NUMPY_BOOL = _NUMPY_BY_CODE[NUMPY_DTYPE_IDS[np.dtype(bool)]]
 
 # What decoding one message needs besides the header:
 # (buffers, sizes from the header, memo: buffer index -> (descriptor, object)).
@@ -504,7 +512,7 @@ def _materialize(is_tensor: bool, idx: int, code: int, shape: tuple[int, ...], c
             f"shape {shape} of {dtype} needs {count * itemsize} bytes but buffer {idx} holds {size}"
         )
     buf = buffers[idx]
-    if code in _BOOL_CODES and itemsize == 1 and size and int(buf.max()) > 1:
+    if (dtype is _TORCH_BOOL or dtype is _NUMPY_BOOL) and size and int(buf.max()) > 1:
         raise ProtocolError(f"bool buffer {idx} holds bytes other than 0 and 1")
     try:
         if is_tensor:

@@ -204,6 +204,7 @@ class ActorSystem:
             raise
         self._ctx = ProcessContext(self.session, self._table, owner_check=self._check_link)
         self._ctx.killer = self._kill_index
+        self._ctx.owner = self
         register_context(self._ctx)
         self._finalizer = weakref.finalize(self, _emergency_cleanup, self._link, self.session)
 
@@ -280,6 +281,7 @@ class ActorSystem:
             self._closed = True
         self._finalizer.detach()
         self._ctx.close()
+        self._ctx.owner = None
         unregister_context(self._ctx)
         try:
             if not self._link.dead:

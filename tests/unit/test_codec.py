@@ -688,6 +688,9 @@ def test_well_formed_hand_built_header_decodes():
     got = decode(header(p_desc(b"a", 0, NP_F32, (2,)), (8,)), [buf], safe=True)
     assert got.dtype == np.float32
     assert got.tolist() == [1.0, 2.0]
+    got = decode(header(b"g" + bytes([NP_F32 | 0x80]) + struct.pack(">f", 1.5)), [], safe=True)
+    assert type(got) is np.float32
+    assert got == 1.5
 
 
 def test_decode_accepts_bytearray_and_memoryview_headers():
