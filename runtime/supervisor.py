@@ -202,6 +202,9 @@ class Supervisor:
     def _died(self, actor: _Actor, code: int) -> None:
         pid = actor.proc.pid
         actor.proc = None
+        # Callers learn of the death from the table first, then the files go.
+        self.table.write(actor.index, state=RESTARTING if self._will_restart(actor) else DEAD,
+                         exit=code)
         sessions.remove_session_files(self.session, pid=pid)
         for suffix in (".bell", ".ctl"):
             _unlink(self.session.private_path(f"actor{actor.index}.{actor.incarnation}{suffix}"))
@@ -215,7 +218,7 @@ class Supervisor:
                 write_frame(self.rep_fd, ("start_failed", rid, text))
             actor.pending.clear()
             return
-        if actor.killed or actor.restarts >= actor.max_restarts or self.stopping:
+        if not self._will_restart(actor):
             self.table.write(actor.index, state=DEAD, exit=code)
             for rid in actor.kill_requests:
                 write_frame(self.rep_fd, ("killed", rid, None))
@@ -227,6 +230,10 @@ class Supervisor:
                     actor.restarts, actor.max_restarts)
         self.table.write(actor.index, state=RESTARTING, exit=code, restarts=actor.restarts)
         self._start(actor)
+
+    def _will_restart(self, actor: _Actor) -> bool:
+        return not (actor.pending or actor.killed or self.stopping
+                    or actor.restarts >= actor.max_restarts)
 
     # -- stopping --------------------------------------------------------------
     def _stop_all(self) -> None:

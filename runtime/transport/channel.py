@@ -258,7 +258,7 @@ class Channel:
                 tx.commit()
                 fence()
                 if tx.reader_sleeping() and self.peer_bell is not None:
-                    self.peer_bell.ring()
+                    self._ring_peer(check)
                 route = "shm"
         if route == "zmq":
             prefix = _PREFIX.pack(KIND_INLINE, nbuf, hlen, tag & 0xFFFFFFFF)
@@ -287,7 +287,16 @@ class Channel:
         tx.commit()
         fence()
         if tx.reader_sleeping() and self.peer_bell is not None:
+            self._ring_peer(check)
+
+    def _ring_peer(self, check: Callable[[], None] | None) -> None:
+        """Wake the reader; a doorbell that is gone usually means a dead peer."""
+        try:
             self.peer_bell.ring()
+        except TransportError:
+            if check is not None:
+                check()  # raises the peer's death, which explains the missing doorbell
+            raise
 
     def _wait_space(self, size: int, deadline: float | None, check: Callable[[], None] | None,
                     on_full: Callable[[], None] | None) -> int:
