@@ -33,6 +33,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from runtime import malloc
 from runtime import session as sessions
 from runtime.table import ALIVE, DEAD, RESTARTING, STARTING, ActorTable, describe_exit
 from runtime.wire import FrameReader, write_frame
@@ -83,6 +84,7 @@ class Supervisor:
         signal.signal(signal.SIGCHLD, lambda *_: None)
         signal.signal(signal.SIGTERM, lambda *_: self._exit_all("SIGTERM"))
         self.stopping = False
+        self.actor_env = malloc.child_environment(dict(os.environ))
 
     # -- main loop -------------------------------------------------------------
     def run(self) -> None:
@@ -144,7 +146,7 @@ class Supervisor:
                 [sys.executable, "-m", "runtime.worker", json.dumps(boot)],
                 stdin=subprocess.DEVNULL, pass_fds=(self.table.fd, status_w, spec_fd),
                 preexec_fn=_die_with_parent,  # noqa: PLW1509 - the supervisor has one thread
-                cwd=actor.boot.get("cwd") or None)
+                cwd=actor.boot.get("cwd") or None, env=self.actor_env)
         except OSError as exc:
             os.close(status_r)
             self._start_failed(actor, f"cannot start the actor process: {exc}")

@@ -27,6 +27,7 @@ import cloudpickle
 import psutil
 
 import runtime
+from runtime import malloc
 from runtime.actor import ActorHandle, actor_options
 from runtime.calls import ActorRef, ProcessContext, register_context, summarize, unregister_context
 from runtime.errors import ActorDiedError, ActorRuntimeError, ActorStartError
@@ -185,6 +186,7 @@ class ActorSystem:
         self.options = SystemOptions.build(shm_threshold=shm_threshold, shm_dir=shm_dir,
                                            call_timeout=call_timeout)
         collect([self.options.shm_dir])
+        malloc.tune_current_process()
         self.session = Session.new(shm_dir=self.options.shm_dir,
                                    threshold=self.options.shm_threshold,
                                    call_timeout=self.options.call_timeout)

@@ -177,6 +177,7 @@ class ActorServer:
                 self._control()
                 continue
             if time.perf_counter() < spin_until:
+                os.sched_yield()  # polite spin: a peer on this core runs at once
                 continue
             self._sleep()
             now = time.monotonic()
