@@ -119,3 +119,16 @@ class Restartable:
     def sleep(self, seconds):
         time.sleep(seconds)
         return seconds
+
+
+@actor
+class Timer:
+    """Times one call to another actor from its own process."""
+
+    def __init__(self, other):
+        self.other = other
+
+    def time_call(self):
+        t0 = time.monotonic()
+        self.other.add(1, 1)
+        return time.monotonic() - t0

@@ -285,3 +285,17 @@ def test_public_api():
                  "RemoteError"):
         assert hasattr(runtime, name)
     assert issubclass(runtime.ProtocolError, runtime.TransportError)
+
+
+def test_callers_are_served_fairly(system):
+    from tests.integration.actors_lib import Timer
+
+    e = system.spawn(Echo, name="busy")
+    t = system.spawn(Timer, e, name="timer")
+    t.time_call()  # open the timer's channel first
+    futs = [e.sleep.remote(0.002) for _ in range(1000)]  # >= 2 s of queued work
+    waited = t.time_call()
+    assert not all(f.done() for f in futs)
+    assert waited < 0.5, f"a second caller waited {waited:.2f} s behind a busy one"
+    for f in futs:
+        f.result(timeout=30)
