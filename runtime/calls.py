@@ -157,9 +157,8 @@ class CallerChannel:
     # -- liveness --------------------------------------------------------------
     def check(self) -> None:
         """Raise ``ActorDiedError`` if the actor this channel reaches is gone."""
-        entry = self.ctx.table.read(self.ref.index)
-        if entry.state != ALIVE or entry.incarnation != self.incarnation:
-            raise ActorDiedError(self.ctx.death_text(self.ref, entry))
+        if not self.ctx.table.alive(self.ref.index, self.incarnation):
+            raise ActorDiedError(self.ctx.death_text(self.ref, self.ctx.table.read(self.ref.index)))
         self.ctx.check_owner()
 
     # -- calls -----------------------------------------------------------------
@@ -389,10 +388,8 @@ class ProcessContext:
 
     def channel_for(self, ref: ActorRef) -> CallerChannel:
         cc = self._channels.get(ref.index)
-        if cc is not None and cc.dead is None:
-            entry = self.table.read(ref.index)
-            if entry.state == ALIVE and entry.incarnation == cc.incarnation:
-                return cc
+        if cc is not None and cc.dead is None and self.table.alive(ref.index, cc.incarnation):
+            return cc
         with self._lock:
             if self.closed:
                 raise ActorRuntimeError("the actor system is shut down")

@@ -75,6 +75,11 @@ class ActorTable:
     def state(self, index: int) -> int:
         return self._entries[index].state
 
+    def alive(self, index: int, incarnation: int) -> bool:
+        """True while incarnation ``incarnation`` of actor ``index`` is ALIVE (fast path)."""
+        e = self._entries[index]
+        return e.state == ALIVE and e.incarnation == incarnation
+
     def write(self, index: int, *, state: int, incarnation: int | None = None,
               pid: int | None = None, exit: int | None = None, flags: int | None = None,
               restarts: int | None = None) -> None:
