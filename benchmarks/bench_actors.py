@@ -25,13 +25,20 @@ import sys
 import tempfile
 import time
 
-import numpy as np
 import torch
-import zmq
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import SIZES, cpu_seconds, iterations, machine, summary, timed, write_json
+from benchmarks.common import (
+    SIZES,
+    bench_pyzmq,
+    cpu_seconds,
+    iterations,
+    machine,
+    summary,
+    timed,
+    write_json,
+)
 from runtime import ActorSystem, actor
 
 
@@ -66,17 +73,6 @@ def tmq_server(q_in, q_out):
         if isinstance(msg, str) and msg == "stop":
             return
         q_out.put(msg)
-
-
-def zmq_server(endpoint):
-    sock = zmq.Context.instance().socket(zmq.PAIR)
-    sock.connect(endpoint)
-    while True:
-        frames = sock.recv_multipart(copy=False)
-        if len(frames) == 1 and frames[0].bytes == b"stop":
-            break
-        sock.send_multipart(frames, copy=False)
-    sock.close(0)
 
 
 def tensor(n):
@@ -133,31 +129,6 @@ def bench_compute(b):
     print(f"  compute: in-process {lm * 1e3:.1f} ms, through an actor {rm * 1e3:.1f} ms "
           f"({rm / lm:.3f}x)", flush=True)
     return {"in_process_ms": lm * 1e3, "actor_ms": rm * 1e3, "ratio": rm / lm, "reps": reps}
-
-
-def bench_pyzmq(sizes, private_dir):
-    endpoint = f"ipc://{private_dir}/raw.zmq"
-    sock = zmq.Context.instance().socket(zmq.PAIR)
-    sock.bind(endpoint)
-    proc = mp.get_context("spawn").Process(target=zmq_server, args=(endpoint,))
-    proc.start()
-    out = {}
-    try:
-        out["noop"] = summary(timed(lambda: (sock.send(b""), sock.recv()), 3000, warmup=200))
-        for label, n in sizes.items():
-            msg = np.ones(n, dtype=np.uint8)
-
-            def rt(msg=msg, n=n):
-                sock.send(msg, copy=False)
-                frame = sock.recv(copy=False)
-                return torch.frombuffer(frame, dtype=torch.uint8) if n else None
-            out[label] = summary(timed(rt, iterations(n)), n)
-        print(f"  pyzmq noop: {out['noop']['p50_us']:.1f} us p50", flush=True)
-    finally:
-        sock.send(b"stop")
-        proc.join(10)
-        sock.close(0)
-    return out
 
 
 def bench_pipe(sizes):

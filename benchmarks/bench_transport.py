@@ -26,11 +26,19 @@ import time
 
 import numpy as np
 import torch
-import zmq
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import SIZES, cpu_seconds, iterations, machine, summary, timed, write_json
+from benchmarks.common import (
+    SIZES,
+    bench_pyzmq,
+    cpu_seconds,
+    iterations,
+    machine,
+    summary,
+    timed,
+    write_json,
+)
 from runtime.transport.channel import Channel
 from runtime.transport.doorbell import Doorbell
 
@@ -50,17 +58,6 @@ def channel_server(spec, private_dir):
     bell.close()
 
 
-def zmq_server(endpoint):
-    sock = zmq.Context.instance().socket(zmq.PAIR)
-    sock.connect(endpoint)
-    while True:
-        frames = sock.recv_multipart(copy=False)
-        if len(frames) == 1 and frames[0].bytes == b"stop":
-            break
-        sock.send_multipart(frames, copy=False)
-    sock.close(0)
-
-
 def payload(nbytes):
     return torch.empty(nbytes // 4, dtype=torch.float32).fill_(1.0) if nbytes else None
 
@@ -77,7 +74,7 @@ def bench_channel(sizes, private_dir):
         for label, n in sizes.items():
             msg = payload(n)
 
-            def rt():
+            def rt(msg=msg):
                 client.send(msg)
                 client.recv(spin_s=300e-6)
             out[label] = summary(timed(rt, iterations(n)), n)
@@ -105,39 +102,6 @@ def bench_channel(sizes, private_dir):
     return out
 
 
-def bench_pyzmq(sizes, private_dir):
-    endpoint = f"ipc://{private_dir}/raw.zmq"
-    sock = zmq.Context.instance().socket(zmq.PAIR)
-    sock.bind(endpoint)
-    proc = mp.get_context("spawn").Process(target=zmq_server, args=(endpoint,))
-    proc.start()
-    out = {}
-    try:
-        for label, n in sizes.items():
-            msg = np.ones(n, dtype=np.uint8)
-
-            def rt():
-                sock.send(msg, copy=False)
-                frame = sock.recv(copy=False)
-                torch.frombuffer(frame, dtype=torch.uint8) if n else None
-
-            out[label] = summary(timed(rt, iterations(n)), n)
-            print(f"  pyzmq   {label:>7}: {out[label]['p50_us']:10.1f} us p50", flush=True)
-        samples = []
-        for _ in range(60):
-            time.sleep(0.005)
-            t0 = time.perf_counter()
-            sock.send(b"")
-            sock.recv()
-            samples.append(time.perf_counter() - t0)
-        out["after_5ms_silence"] = summary(samples)
-    finally:
-        sock.send(b"stop")
-        proc.join(10)
-        sock.close(0)
-    return out
-
-
 def bench_memcpy(sizes):
     out = {}
     for label, n in sizes.items():
@@ -145,7 +109,7 @@ def bench_memcpy(sizes):
             continue
         bufs = [np.ones(n, dtype=np.uint8) for _ in range(5)]
 
-        def four_copies():
+        def four_copies(bufs=bufs):
             for i in range(4):
                 np.copyto(bufs[i + 1], bufs[i])
         out[label] = summary(timed(four_copies, iterations(n)), n)

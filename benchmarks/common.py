@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
 import os
 import platform
 import statistics
@@ -10,7 +11,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import psutil
+import torch
+import zmq
 
 SIZES = {"empty": 0, "4KiB": 4 << 10, "64KiB": 64 << 10, "1MiB": 1 << 20, "8MiB": 8 << 20,
          "32MiB": 32 << 20, "128MiB": 128 << 20}
@@ -66,3 +70,48 @@ def write_json(path: str | None, data: dict[str, Any]) -> None:
 def cpu_seconds(pid: int) -> float:
     t = psutil.Process(pid).cpu_times()
     return t.user + t.system
+
+
+def _zmq_echo_server(endpoint: str) -> None:
+    sock = zmq.Context.instance().socket(zmq.PAIR)
+    sock.connect(endpoint)
+    while True:
+        frames = sock.recv_multipart(copy=False)
+        if len(frames) == 1 and frames[0].bytes == b"stop":
+            break
+        sock.send_multipart(frames, copy=False)
+    sock.close(0)
+
+
+def bench_pyzmq(sizes: dict[str, int], private_dir: str) -> dict[str, Any]:
+    """Raw pyzmq baseline: ipc:// PAIR echo, copy=False both ways, frames into tensors."""
+    endpoint = f"ipc://{private_dir}/raw.zmq"
+    sock = zmq.Context.instance().socket(zmq.PAIR)
+    sock.bind(endpoint)
+    proc = mp.get_context("spawn").Process(target=_zmq_echo_server, args=(endpoint,))
+    proc.start()
+    out: dict[str, Any] = {}
+    try:
+        out["noop"] = summary(timed(lambda: (sock.send(b""), sock.recv()), 3000, warmup=200))
+        for label, n in sizes.items():
+            msg = np.ones(n, dtype=np.uint8)
+
+            def rt(msg=msg, n=n):
+                sock.send(msg, copy=False)
+                frame = sock.recv(copy=False)
+                return torch.frombuffer(frame, dtype=torch.uint8) if n else None
+            out[label] = summary(timed(rt, iterations(n)), n)
+            print(f"  pyzmq {label:>7}: {out[label]['p50_us']:10.1f} us p50", flush=True)
+        samples = []
+        for _ in range(60):
+            time.sleep(0.005)
+            t0 = time.perf_counter()
+            sock.send(b"")
+            sock.recv()
+            samples.append(time.perf_counter() - t0)
+        out["after_5ms_silence"] = summary(samples)
+    finally:
+        sock.send(b"stop")
+        proc.join(10)
+        sock.close(0)
+    return out

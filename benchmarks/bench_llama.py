@@ -1,0 +1,258 @@
+"""Split LLaMA prefill: two actor processes against one process, side by side in one run.
+
+    python benchmarks/bench_llama.py                                  # seed-bench T=1024, 1b T=128
+    python benchmarks/bench_llama.py --presets seed-bench --tokens 1024 --repeats 5
+    python benchmarks/bench_llama.py --presets llama-3.2-1b --tokens 128 --json out.json
+
+For each preset (random weights, float32) it times, as the median of ``--repeats`` rounds after
+a warm-up round, the methods interleaved within each round (a noisy neighbour then slows all
+alike):
+
+* ``reference``  — :class:`actors.LlamaReference`, the same maths in this process;
+* ``hf-eager``   — transformers ``LlamaForCausalLM`` (``attn_implementation="eager"``) holding
+  the very same weight tensors (no copy);
+* ``split-local`` — ``TEEDriver`` with a plain in-process ``GPUWorker``: the split's own cost
+  without transport (skipped when a second copy of the weights would not fit);
+* ``split``      — ``TEEDriver`` and ``GPUWorker`` as two actor processes (timed from here).
+
+and for the actor split: the bytes that crossed (payload, both directions; messages per route),
+the transport time (time blocked on the worker minus the worker's own compute), and a memcpy
+floor for those bytes.  Floor model: every byte is copied once by the sender into the channel
+(ring slot or ZeroMQ frame) and once by the receiver out of it, so floor = 2 x bytes / memcpy
+bandwidth, the bandwidth measured here with numpy on buffers of the mean message size.
+
+Memory: llama-3.2-1b is 1.24 B parameters, ~4.9 GB in float32.  This process holds one copy
+(shared by the reference and HF) and the worker actor another, ~10 GB together; ``split-local``
+would need a third, so it is skipped for models above ``--local-max-gb``.  On a 24 GiB machine
+with 2 cores use ``--tokens 128`` for it (the default for that preset).
+"""
+
+from __future__ import annotations
+
+import os
+
+# The TEE and the worker take turns on the same cores.  libgomp's default makes OpenMP threads
+# spin after every parallel region, stealing the core the other process is about to use: on
+# 2 cores a seed-bench prefill at T=128 took 145-940 ms that way, 63 ms with passive waiting.
+# libgomp reads this once, when torch loads; the actor processes inherit it from here.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from actors import GPUWorker, LlamaConfig, LlamaReference, TEEDriver
+from actors.gpu_worker import resolve_dtype
+from actors.llama import LM_HEAD, PRESETS, load_weights, weight_shapes
+
+MIB = 1024 * 1024
+DEFAULT_TOKENS = {"tiny": 1024, "seed-bench": 1024, "llama-3.2-1b": 128}
+
+
+def interleaved(methods: dict[str, Callable[[], Any]], repeats: int
+                ) -> dict[str, tuple[float, list[float], Any]]:
+    """Median seconds per method over ``repeats`` rounds, methods interleaved within each
+    round (so a noisy neighbour slows them all alike), after one warm-up round."""
+    last = {name: fn() for name, fn in methods.items()}
+    times: dict[str, list[float]] = {name: [] for name in methods}
+    for _ in range(repeats):
+        for name, fn in methods.items():
+            t0 = time.perf_counter()
+            last[name] = fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: (statistics.median(ts), ts, last[name]) for name, ts in times.items()}
+
+
+def memcpy_seconds(nbytes: int, chunk: int) -> tuple[float, float]:
+    """Seconds to copy ``nbytes`` with numpy in ``chunk``-sized pieces, and the bandwidth.
+
+    The pieces walk through a buffer as large as the traffic (up to 256 MiB, then scaled),
+    so the copies are not served from a cache-hot few hundred KiB.
+    """
+    size = int(min(max(nbytes, 1), 256 * MIB))
+    chunk = int(min(max(chunk, 64 * 1024), size))
+    src = np.ones(size, dtype=np.uint8)
+    dst = np.zeros_like(src)  # both touched: no page faults in the timed copies
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for lo in range(0, size, chunk):
+            np.copyto(dst[lo:lo + chunk], src[lo:lo + chunk])
+        best = min(best, time.perf_counter() - t0)
+    return best * nbytes / size, size / best
+
+
+def hf_model(config: LlamaConfig, weights: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """transformers' LlamaForCausalLM (eager attention) around our tensors, without copies."""
+    import transformers
+
+    hf_config = transformers.LlamaConfig(**config.to_hf_dict(), attn_implementation="eager")
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(hf_config)
+    state = {n: weights[n] for n in model.state_dict()}
+    model.load_state_dict(state, assign=True, strict=True)
+    # Non-persistent buffers (the RoPE frequencies) were built on the meta device: rebuild.
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=model.config)
+    return model.eval()
+
+
+def available_gb() -> float:
+    try:
+        import psutil
+
+        return psutil.virtual_memory().available / 1e9
+    except ImportError:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 1e9
+
+
+def bench_preset(name: str, tokens: int, args: argparse.Namespace) -> dict[str, Any]:
+    config = LlamaConfig.preset(name)
+    model_gb = config.num_parameters() * 4 / 1e9
+    print(f"\n== {name}: {config.num_parameters() / 1e6:.0f} M parameters "
+          f"({model_gb:.2f} GB float32), T={tokens}, {available_gb():.1f} GB available",
+          flush=True)
+    if 2.2 * model_gb > available_gb():
+        print(f"   skipped: needs ~{2.2 * model_gb:.1f} GB (this process + the worker)")
+        return {"preset": name, "tokens": tokens, "skipped": "memory"}
+    wire = resolve_dtype(args.wire_dtype, torch.float32)
+    ids = torch.randint(0, config.vocab_size, (tokens,),
+                        generator=torch.Generator().manual_seed(args.seed))
+    names = list(weight_shapes(config)) + ([LM_HEAD] if config.tie_word_embeddings else [])
+    t0 = time.perf_counter()
+    weights = load_weights(config, names, seed=args.seed)
+    print(f"   weights drawn in {time.perf_counter() - t0:.1f} s", flush=True)
+
+    ref = LlamaReference(config, weights=weights)
+    methods: dict[str, Callable[[], torch.Tensor]] = {"reference": lambda: ref.forward(ids)}
+    if not args.no_hf:
+        model = hf_model(config, weights)
+
+        @torch.no_grad()
+        def hf_forward() -> torch.Tensor:
+            return model(ids[None]).logits[0, -1].float()
+
+        methods["hf-eager"] = hf_forward
+    if not args.no_local and model_gb <= args.local_max_gb:
+        local_drv = TEEDriver(config, GPUWorker(config, seed=args.seed, device=args.device),
+                              seed=args.seed, wire_dtype=wire, attention=args.attention)
+        methods["split-local"] = lambda: local_drv.prefill(ids)
+
+    result: dict[str, Any] = {"preset": name, "tokens": tokens, "config": config.to_hf_dict(),
+                              "wire_dtype": str(wire).removeprefix("torch."),
+                              "repeats": args.repeats}
+    with contextlib.ExitStack() as stack:
+        try:
+            from runtime import ActorSystem
+        except ImportError:
+            print("   split: skipped, runtime.ActorSystem is not available")
+        else:
+            options = {} if args.threshold is None else {"shm_threshold": args.threshold}
+            system = stack.enter_context(ActorSystem(**options))
+            t0 = time.perf_counter()
+            gpu = system.spawn(GPUWorker, config, seed=args.seed, device=args.device)
+            drv = system.spawn(TEEDriver, config, gpu, seed=args.seed, wire_dtype=wire,
+                               attention=args.attention)
+            result["spawn_s"] = time.perf_counter() - t0
+            methods["split"] = lambda: drv.prefill(ids)
+        print(f"   timing {', '.join(methods)}: {args.repeats} interleaved rounds after a "
+              f"warm-up", flush=True)
+        timings = interleaved(methods, args.repeats)
+        if "split" in methods:
+            stats = drv.last_prefill_stats()
+    want = timings["reference"][2]
+    rows = {}
+    for method, (med, times, out) in timings.items():
+        rows[method] = {"median_s": med, "times_s": times,
+                        "max_abs_err": (out - want).abs().max().item()}
+    if "split-local" in rows:
+        rows["split-local"]["stats"] = local_drv.last_prefill_stats()
+    result["rows"] = rows
+    if "split" not in rows:
+        return result
+    rows["split"]["stats"] = stats
+    moved = stats["bytes_out"] + stats["bytes_in"]
+    routes = stats["routes"] or {}
+    messages = sum(r["messages"] for r in routes.values()) or 1
+    copy_s, bandwidth = memcpy_seconds(moved, moved // messages)
+    result["transport"] = {
+        "bytes": moved, "routes": routes, "transport_s": stats["transport_s"],
+        "memcpy_bandwidth_Bps": bandwidth, "floor_s": 2 * copy_s,
+        "tee_s": stats["tee_s"], "worker_s": stats["worker_s"], "wait_s": stats["wait_s"],
+        "total_s": stats["total_s"], "policy": stats["policy"]}
+    return result
+
+
+def print_table(results: list[dict[str, Any]]) -> None:
+    head = f"{'preset':<13} {'T':>5} {'method':<12} {'median s':>9} {'vs ref':>7} {'max|err|':>9}"
+    print("\n" + head + "\n" + "-" * len(head))
+    for res in results:
+        if res.get("skipped"):
+            print(f"{res['preset']:<13} {res['tokens']:>5} skipped ({res['skipped']})")
+            continue
+        ref_s = res["rows"]["reference"]["median_s"]
+        for method, row in res["rows"].items():
+            print(f"{res['preset']:<13} {res['tokens']:>5} {method:<12} {row['median_s']:>9.3f} "
+                  f"{row['median_s'] / ref_s:>6.2f}x {row['max_abs_err']:>9.2e}")
+        tr = res.get("transport")
+        if tr:
+            r = tr["routes"]
+            shm, zmq = r.get("shm", {}), r.get("zmq", {})
+            print(f"{'':<19} crossed {tr['bytes'] / MIB:.1f} MiB "
+                  f"(shm {shm.get('messages', 0)} msgs {shm.get('bytes', 0) / MIB:.1f} MiB, "
+                  f"zmq {zmq.get('messages', 0)} msgs {zmq.get('bytes', 0) / MIB:.1f} MiB), "
+                  f"attention '{tr['policy']}'")
+            transport = tr["transport_s"] or 0.0
+            print(f"{'':<19} transport {1e3 * transport:.1f} ms vs memcpy floor "
+                  f"{1e3 * tr['floor_s']:.1f} ms (2 copies at "
+                  f"{tr['memcpy_bandwidth_Bps'] / 1e9:.1f} GB/s) = "
+                  f"{transport / tr['floor_s'] if tr['floor_s'] else float('nan'):.1f}x floor")
+            print(f"{'':<19} prefill {1e3 * tr['total_s']:.1f} ms in the driver: TEE compute "
+                  f"{1e3 * tr['tee_s']:.1f}, worker compute {1e3 * (tr['worker_s'] or 0):.1f}, "
+                  f"transport {1e3 * transport:.1f} ms")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--presets", default="seed-bench,llama-3.2-1b",
+                   help=f"comma-separated, from {', '.join(PRESETS)}")
+    p.add_argument("--tokens", type=int, default=None,
+                   help="prompt length (default: 1024; 128 for llama-3.2-1b)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per figure (median)")
+    p.add_argument("--attention", default="auto", choices=["auto", "worker", "tee"])
+    p.add_argument("--wire-dtype", default=None, help="e.g. bfloat16 (default: float32)")
+    p.add_argument("--threshold", type=int, default=None, help="shm_threshold in bytes")
+    p.add_argument("--device", default="auto", help="worker device")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-hf", action="store_true", help="skip transformers")
+    p.add_argument("--no-local", action="store_true", help="skip the in-process split")
+    p.add_argument("--local-max-gb", type=float, default=2.0,
+                   help="largest model (GB) the in-process split is run for")
+    p.add_argument("--json", type=Path, default=None, help="write results here")
+    args = p.parse_args(argv)
+    presets = [s.strip() for s in args.presets.split(",") if s.strip()]
+    unknown = [s for s in presets if s not in PRESETS]
+    if unknown:
+        p.error(f"unknown preset(s) {unknown}; choose from {', '.join(PRESETS)}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{os.cpu_count()} cores, CUDA {'yes' if torch.cuda.is_available() else 'no'}")
+    results = [bench_preset(name, args.tokens or DEFAULT_TOKENS.get(name, 1024), args)
+               for name in presets]
+    print_table(results)
+    if args.json:
+        args.json.write_text(json.dumps({"argv": sys.argv[1:], "results": results}, indent=2))
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
