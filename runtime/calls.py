@@ -148,7 +148,8 @@ class CallerChannel:
         self.pending: dict[int, tuple[Any, float | None]] = {}
         self._ids = itertools.count(1)
         self._send_lock = threading.Lock()
-        self._role = threading.Lock()
+        # Re-entrant: a done-callback run while reading may itself wait on a call.
+        self._role = threading.RLock()
         self._pump: threading.Thread | None = None
         self._pump_event = threading.Event()
         self.dead: BaseException | None = None

@@ -299,3 +299,16 @@ def test_callers_are_served_fairly(system):
     assert waited < 0.5, f"a second caller waited {waited:.2f} s behind a busy one"
     for f in futs:
         f.result(timeout=30)
+
+
+def test_done_callback_may_call_the_same_actor(system):
+    e = system.spawn(Echo)
+    got = []
+    ev = threading.Event()
+
+    def cb(f):
+        got.append(e.add(f.result(), 1))  # a blocking call from inside a callback
+        ev.set()
+
+    e.echo.remote(41).add_done_callback(cb)
+    assert ev.wait(10) and got == [42]
