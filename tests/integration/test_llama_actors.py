@@ -151,12 +151,18 @@ def test_worker_errors_reach_the_driver(config):
         assert gpu.compute_stats()["batch_linear:q+k+v"]["calls"] == 1
 
 
-@pytest.mark.usefixtures("leaves_nothing")
-def test_example_runs_and_verifies(tmp_path, capsys):
+def _load_example():
     path = Path(__file__).resolve().parents[2] / "examples" / "llama_prefill.py"
     spec = importlib.util.spec_from_file_location("llama_prefill_example", path)
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
+    return example
+
+
+@pytest.mark.usefixtures("leaves_nothing")
+def test_example_runs_and_verifies(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")  # what the example sets; undone after
+    example = _load_example()
     out = tmp_path / "result.json"
     assert example.main(["--tokens", "48", "--attention", "worker", "--threshold", "65536",
                          "--json", str(out)]) == 0
@@ -171,3 +177,20 @@ def test_example_runs_and_verifies(tmp_path, capsys):
     assert result["stats"]["tokens"] == 48
     # A tolerance nobody can meet makes the example fail.
     assert example.main(["--tokens", "8", "--tolerance", "-1"]) == 1
+
+
+@pytest.mark.usefixtures("leaves_nothing")
+def test_example_with_a_checkpoint(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")  # what the example sets; undone after
+    transformers = pytest.importorskip("transformers")
+    from actors.llama import load_weights
+
+    config = LlamaConfig.preset("tiny")
+    model = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(**config.to_hf_dict(), attn_implementation="eager"))
+    model.load_state_dict(load_weights(config, list(model.state_dict()), seed=7))
+    model.save_pretrained(tmp_path / "ckpt")
+    example = _load_example()
+    assert example.main(["--checkpoint", str(tmp_path / "ckpt"), "--tokens", "24",
+                         "--wire-dtype", "bfloat16"]) == 0
+    assert "checkpoint" in capsys.readouterr().out

@@ -239,3 +239,59 @@ def test_progress_logging(config, worker, caplog):
     caplog.clear()
     drv.prefill(ids_for(config, 8))
     assert not [r for r in caplog.records if r.name == "actors.tee_driver"]
+
+
+class _CudaLookingWorker(GPUWorker):
+    """Says it computes on CUDA, so that ``attention="auto"`` runs its probe."""
+
+    def device_info(self):
+        return {**super().device_info(), "type": "cuda", "device": "cuda:0"}
+
+
+def test_auto_policy_probe_on_a_cuda_worker(config, reference):
+    cpu_drv = TEEDriver(config, GPUWorker(config, seed=0, device="cpu"), seed=0)
+    assert cpu_drv.policy_probe()["policy"] == "tee"
+    assert "CPU worker" in cpu_drv.policy_probe()["reason"]
+    drv = TEEDriver(config, _CudaLookingWorker(config, seed=0, device="cpu"), seed=0)
+    probe = drv.policy_probe()
+    assert probe["policy"] == probe["choice"] == drv.attention
+    assert drv.attention in ("tee", "worker")
+    assert probe["tee_s"] > 0
+    assert probe["worker_s"] > 0
+    assert probe["reason"].startswith("measured at T=256")
+    ids = ids_for(config, 20)
+    assert (drv.prefill(ids) - reference.forward(ids)).abs().max().item() < TOL_F32
+    assert drv.last_prefill_stats()["policy_reason"] == probe["reason"]
+
+
+def test_split_from_a_checkpoint_reads_only_each_sides_tensors(tmp_path, monkeypatch):
+    transformers = pytest.importorskip("transformers")
+    from actors.llama import CheckpointReader, weight_shapes
+
+    config = dataclasses.replace(LlamaConfig.preset("tiny"), tie_word_embeddings=True)
+    hf_config = transformers.LlamaConfig(**config.to_hf_dict(), attn_implementation="eager")
+    model = transformers.LlamaForCausalLM(hf_config).eval()
+    model.load_state_dict(load_weights(config, list(model.state_dict()), seed=4))
+    model.save_pretrained(tmp_path, max_shard_size="40KB")
+
+    read: list[str] = []
+    original = CheckpointReader.read
+
+    def recording(self, names):
+        names = list(names)
+        read.extend(names)
+        return original(self, names)
+
+    monkeypatch.setattr(CheckpointReader, "read", recording)
+    loaded = LlamaConfig.from_pretrained(tmp_path)
+    gpu = GPUWorker(loaded, checkpoint=tmp_path, device="cpu")
+    gpu_read, read[:] = set(read), []
+    drv = TEEDriver(loaded, gpu, checkpoint=str(tmp_path), attention="worker")
+    tee_read = set(read)
+    assert gpu_read == set(gpu_weight_names(config))  # lm_head is tied: not in the files
+    assert tee_read == set(tee_weight_names(config))
+    assert gpu_read | tee_read == set(weight_shapes(config))
+    ids = ids_for(config, 30)
+    with torch.no_grad():
+        want = model(ids[None]).logits[0]
+    assert (drv.prefill(ids, all_logits=True) - want).abs().max().item() < TOL_F32

@@ -1,0 +1,306 @@
+"""The untrusted GPU worker: holds every linear weight and does the heavy linear algebra.
+
+It knows nothing of the model's control flow: the TEE driver sends activations, names the
+projections of a layer it wants, and gets the products back.  Inputs arrive on the CPU in the
+wire dtype; results go back on the CPU in that same dtype, computed in the worker's ``dtype``.
+
+Fused groups.  The projections that always share an input are concatenated once at load, so
+one matmul serves the group:
+
+==================  ===============================  =====================
+group               rows of the fused weight         request
+==================  ===============================  =====================
+``qkv``             q_size + kv_size + kv_size       ``("q", "k", "v")``
+``gate_up``         2 x intermediate_size            ``("gate", "up")``
+``o``, ``down``     hidden_size                      ``("o",)``, ``("down",)``
+==================  ===============================  =====================
+
+Any other request (``("k", "v")``, ``("q",)``) is served by row slices of the fused weights
+(views: no second copy), one matmul per run of neighbours.
+
+On CUDA every call stages its inputs through pinned host buffers (PyTorch's caching host
+allocator, so they are reused), copies asynchronously, and synchronises once, on the way out.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F  # noqa: N812 - the usual alias
+
+from actors.llama import (
+    EMBED,
+    LINEAR_NAMES,
+    LM_HEAD,
+    CheckpointReader,
+    LlamaConfig,
+    linear_name,
+    load_weights,
+)
+from runtime import actor
+
+__all__ = ["FUSED_GROUPS", "GPUWorker", "resolve_dtype"]
+
+FUSED_GROUPS: tuple[tuple[str, ...], ...] = (("q", "k", "v"), ("o",), ("gate", "up"), ("down",))
+_GROUP_OF = {name: g for g in FUSED_GROUPS for name in g}
+
+_DTYPES = {"float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "half": torch.float16, "fp16": torch.float16,
+           "float64": torch.float64, "double": torch.float64}
+
+
+def resolve_dtype(dtype: torch.dtype | str | None, default: torch.dtype | None = None
+                  ) -> torch.dtype | None:
+    """A floating dtype from a ``torch.dtype`` or a name such as ``"bfloat16"``."""
+    if dtype is None:
+        return default
+    if isinstance(dtype, str):
+        name = dtype.removeprefix("torch.")
+        if name not in _DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(sorted(_DTYPES))}")
+        dtype = _DTYPES[name]
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating torch.dtype or its name, got {dtype!r}")
+    return dtype
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _resolve_device(device: str | torch.device) -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} asked for, but CUDA is not available here")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:n]', got {str(device)!r}")
+    return dev
+
+
+@actor(untrusted=True)
+class GPUWorker:
+    """Embedding, batched projections, attention matmuls and lm_head of one LLaMA model.
+
+    ``device="auto"`` is CUDA when available, else the CPU; ``dtype`` is the compute dtype and
+    the dtype the weights are held in.  Weights come from ``checkpoint`` (a folder of
+    safetensors, only the worker's tensors read) or are drawn from ``seed``.
+    """
+
+    def __init__(self, config: LlamaConfig, checkpoint: str | Path | None = None, seed: int = 0,
+                 device: str | torch.device = "auto", dtype: torch.dtype | str = torch.float32
+                 ) -> None:
+        if not isinstance(config, LlamaConfig):
+            raise TypeError(f"config must be a LlamaConfig, got {type(config).__name__}")
+        self.config = config
+        self.device = _resolve_device(device)
+        self.dtype = resolve_dtype(dtype)
+        self._cuda = self.device.type == "cuda"
+        self._stats: dict[str, list[float]] = {}
+        c = config
+        if checkpoint is not None:
+            checkpoint = CheckpointReader(checkpoint)  # the file map, read once
+        self._embed, self._lm_head = self._load([EMBED, LM_HEAD], checkpoint, seed)
+        # Per layer: fused weight of each group plus the row offsets of its members.
+        self._fused: list[dict[tuple[str, ...], torch.Tensor]] = []
+        self._rows: dict[str, tuple[int, int]] = {}
+        for i in range(c.num_hidden_layers):
+            layer: dict[tuple[str, ...], torch.Tensor] = {}
+            for group in FUSED_GROUPS:
+                names = [linear_name(i, s) for s in group]
+                parts = self._load_cpu(names, checkpoint, seed)
+                if i == 0:
+                    start = 0
+                    for short, p in zip(group, parts, strict=True):
+                        self._rows[short] = (start, start + p.shape[0])
+                        start += p.shape[0]
+                fused = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+                layer[group] = fused.to(self.device, self.dtype).contiguous()
+                del parts, fused
+            self._fused.append(layer)
+
+    def _load_cpu(self, names: list[str], checkpoint: CheckpointReader | None, seed: int
+                  ) -> list[torch.Tensor]:
+        w = load_weights(self.config, names, checkpoint, seed, self.dtype)
+        return [w[n] for n in names]
+
+    def _load(self, names: list[str], checkpoint: CheckpointReader | None, seed: int
+              ) -> list[torch.Tensor]:
+        moved: dict[int, torch.Tensor] = {}  # a tied lm_head stays one tensor on the device
+        out = []
+        for t in self._load_cpu(names, checkpoint, seed):
+            if id(t) not in moved:
+                moved[id(t)] = t.to(self.device)
+            out.append(moved[id(t)])
+        return out
+
+    # -- introspection ------------------------------------------------------------------------
+
+    def device_info(self) -> dict[str, Any]:
+        """Where and how this worker computes, as plain values."""
+        info: dict[str, Any] = {"type": self.device.type, "device": str(self.device),
+                                "dtype": _dtype_name(self.dtype),
+                                "threads": torch.get_num_threads()}
+        if self._cuda:
+            info["name"] = torch.cuda.get_device_name(self.device)
+        else:
+            import platform
+
+            info["name"] = platform.processor() or platform.machine()
+        return info
+
+    def compute_stats(self, reset: bool = False) -> dict[str, dict[str, float]]:
+        """Per op ``{"calls", "seconds"}`` of this worker's own work.
+
+        Copies to and from the device count as work, transport does not; ``reset`` clears
+        the counters after reading.  Ops are keyed by the caller's ``tag`` when given.
+        """
+        out = {k: {"calls": int(v[0]), "seconds": v[1]} for k, v in self._stats.items()}
+        if reset:
+            self._stats.clear()
+        return out
+
+    def _account(self, key: str, t0: float) -> None:
+        entry = self._stats.setdefault(key, [0, 0.0])
+        entry[0] += 1
+        entry[1] += time.perf_counter() - t0
+
+    # -- staging --------------------------------------------------------------------------------
+
+    def _in(self, t: Any, what: str) -> torch.Tensor:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{what} must be a tensor, got {type(t).__name__}")
+        if not self._cuda:
+            return t
+        staged = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        staged.copy_(t)
+        return staged.to(self.device, non_blocking=True)
+
+    def _out(self, ts: Sequence[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
+        if not self._cuda:
+            return [t.to(dtype) for t in ts]
+        outs = []
+        for t in ts:
+            host = torch.empty(t.shape, dtype=dtype, pin_memory=True)
+            host.copy_(t.to(dtype), non_blocking=True)
+            outs.append(host)
+        torch.cuda.current_stream(self.device).synchronize()  # the one sync of the call
+        return outs
+
+    # -- the offloaded ops ----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def embedding(self, ids: torch.Tensor, dtype: torch.dtype | str | None = None,
+                  tag: str | None = None) -> torch.Tensor:
+        """Embedding rows of token ``ids [T]``: ``[T, hidden]`` in ``dtype`` (default: mine)."""
+        t0 = time.perf_counter()
+        out_dtype = resolve_dtype(dtype, self.dtype)
+        if not isinstance(ids, torch.Tensor) or ids.dtype.is_floating_point or ids.dim() != 1:
+            raise TypeError("ids must be a 1-D integer tensor")
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size):
+            raise ValueError(f"token ids must lie in [0, {self.config.vocab_size})")
+        y = F.embedding(self._in(ids.long(), "ids"), self._embed)
+        (out,) = self._out([y], out_dtype)
+        self._account(tag or "embedding", t0)
+        return out
+
+    @torch.no_grad()
+    def batch_linear(self, layer: int, names: Sequence[str], x: torch.Tensor,
+                     tag: str | None = None) -> tuple[torch.Tensor, ...]:
+        """``x @ W.T`` for each projection ``names`` of ``layer``, e.g. ``("q", "k", "v")``.
+
+        ``x`` is ``[..., in]``; one result per name, in ``x``'s dtype.  Names of one group
+        must share their input width (``o`` and ``down`` take other inputs than q/k/v).
+        """
+        t0 = time.perf_counter()
+        if isinstance(layer, bool) or not isinstance(layer, int) \
+                or not 0 <= layer < self.config.num_hidden_layers:
+            raise ValueError(f"layer must be an int in [0, {self.config.num_hidden_layers}), "
+                             f"got {layer!r}")
+        if isinstance(names, str) or not names:
+            raise ValueError(f"names must be a non-empty sequence of {LINEAR_NAMES}, "
+                             f"got {names!r}")
+        unknown = [n for n in names if n not in _GROUP_OF]
+        if unknown:
+            raise ValueError(f"unknown projection(s) {unknown}; choose from {LINEAR_NAMES}")
+        if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point or x.dim() < 1:
+            raise TypeError("x must be a floating tensor [..., in]")
+        fused = self._fused[layer]
+        for n in names:
+            if fused[_GROUP_OF[n]].shape[1] != x.shape[-1]:
+                raise ValueError(f"projection {n!r} takes inputs of width "
+                                 f"{fused[_GROUP_OF[n]].shape[1]}, x has {x.shape[-1]}")
+        xd = self._in(x, "x").to(self.dtype)
+        results: list[torch.Tensor] = []
+        for run in _runs(names):
+            group = _GROUP_OF[run[0]]
+            w = fused[group]
+            lo, hi = self._rows[run[0]][0], self._rows[run[-1]][1]
+            if (lo, hi) != (0, w.shape[0]):
+                w = w[lo:hi]  # a row slice of a contiguous tensor: still contiguous
+            y = F.linear(xd, w)
+            if len(run) == 1:
+                results.append(y)
+            else:
+                sizes = [self._rows[n][1] - self._rows[n][0] for n in run]
+                results.extend(p.contiguous() if self._cuda else p
+                               for p in y.split(sizes, dim=-1))
+        out = tuple(self._out(results, x.dtype))
+        self._account(tag or "batch_linear:" + "+".join(names), t0)
+        return out
+
+    @torch.no_grad()
+    def matmul(self, a: torch.Tensor, b: torch.Tensor, transpose_b: bool = False,
+               tag: str | None = None) -> torch.Tensor:
+        """Batched ``a @ b``, or ``a @ b.transpose(-1, -2)`` with ``transpose_b``.
+
+        E.g. the attention scores ``q @ kᵀ`` and the context ``p @ v``; the result is in
+        ``a``'s dtype.
+        """
+        t0 = time.perf_counter()
+        for what, t in (("a", a), ("b", b)):
+            if not isinstance(t, torch.Tensor) or not t.dtype.is_floating_point or t.dim() < 2:
+                raise TypeError(f"{what} must be a floating tensor with at least 2 dims")
+        inner_b = b.shape[-1] if transpose_b else b.shape[-2]
+        if a.shape[-1] != inner_b:
+            raise ValueError(f"matmul shapes do not match: a {tuple(a.shape)}, "
+                             f"b {tuple(b.shape)}{' transposed' if transpose_b else ''}")
+        ad = self._in(a, "a").to(self.dtype)
+        bd = self._in(b, "b").to(self.dtype)
+        y = torch.matmul(ad, bd.transpose(-1, -2) if transpose_b else bd)
+        (out,) = self._out([y], a.dtype)
+        self._account(tag or "matmul", t0)
+        return out
+
+    @torch.no_grad()
+    def lm_head(self, x: torch.Tensor, tag: str | None = None) -> torch.Tensor:
+        """Logits ``[..., vocab]`` of final-normed states ``x [..., hidden]``, in its dtype."""
+        t0 = time.perf_counter()
+        if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point \
+                or x.dim() < 1 or x.shape[-1] != self.config.hidden_size:
+            raise ValueError(f"x must be a floating tensor [..., hidden_size="
+                             f"{self.config.hidden_size}]")
+        y = F.linear(self._in(x, "x").to(self.dtype), self._lm_head)
+        (out,) = self._out([y], x.dtype)
+        self._account(tag or "lm_head", t0)
+        return out
+
+
+def _runs(names: Sequence[str]) -> list[list[str]]:
+    """Split ``names`` into runs of neighbours within one fused group, in order."""
+    runs: list[list[str]] = []
+    for n in names:
+        if runs:
+            prev = runs[-1][-1]
+            group = _GROUP_OF[n]
+            if _GROUP_OF[prev] is group and group.index(n) == group.index(prev) + 1:
+                runs[-1].append(n)
+                continue
+        runs.append([n])
+    return runs

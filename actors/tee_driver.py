@@ -1,0 +1,479 @@
+"""The TEE driver: the model's control flow and non-linear ops, offloading the rest.
+
+The driver keeps only what the enclave must: the RMSNorm weights and the RoPE tables.  Per
+layer it runs
+
+======================  ==========  ==============================================
+step                    where       crosses
+======================  ==========  ==============================================
+RMSNorm                 TEE         —
+q, k, v projections     worker      x ``[T, hidden]`` → q, k, v
+RoPE                    TEE         —
+scores ``q·kᵀ``         policy      q ``[kv, g·T, d]``, k ``[kv, T, d]`` → ``[kv, g·T, T]``
+causal softmax          TEE         —
+context ``p·v``         policy      p ``[kv, g·T, T]``, v ``[kv, T, d]`` → ``[kv, g·T, d]``
+o projection            worker      ``[T, heads·d]`` → ``[T, hidden]``
+residual add, RMSNorm   TEE         —
+gate, up projections    worker      x → gate, up
+SiLU·up                 TEE         —
+down projection         worker      ``[T, intermediate]`` → ``[T, hidden]``
+residual add            TEE         —
+======================  ==========  ==============================================
+
+and finally the last RMSNorm in the TEE and lm_head on the worker (only the last row unless
+every position's logits are asked for).  Attention is batched per layer in grouped form: the
+``g`` query heads that share a key/value head are stacked along the rows, so K and V cross
+once per key/value head, never expanded to all heads.
+
+Attention policy (``attention=``): ``"worker"`` sends the two attention matmuls to the worker,
+``"tee"`` computes them in the TEE, ``"auto"`` decides per worker device:
+
+* CPU worker: ``"tee"``.  The matmuls cost the same on either side, so offloading can only add
+  the transport of the score and probability matrices (``heads·T²`` elements each way per
+  layer, the largest messages of a prefill).  Measured on 2 cores, seed-bench, T=1024,
+  float32, median of 7: 320 ms per prefill with ``"tee"``, 409 ms with ``"worker"``, whose
+  attention moved 280 MiB: 79 ms of transport and 53 ms of worker compute, where the TEE
+  needs 50 ms for the same matmuls.
+* CUDA worker: measured once, at construction.  Both the compute (``2·heads·T²·d`` FLOPs per
+  matmul) and the bytes (``4·heads·T²`` per float32 matrix) grow as T², so their ratio is set
+  by ``head_dim`` and the machine, not by T.  A GPU makes the compute nearly free, but the
+  matrices still cross the channel and PCIe: in the measurement above the transport alone
+  (79 ms) exceeds the TEE's compute (50 ms) in float32, and a bfloat16 wire (44 ms against
+  55 ms) only breaks even.  So no fixed rule is right for every host: the driver times its
+  own matmuls against a round trip through the worker on a probe of T=256 and picks the
+  faster (:meth:`TEEDriver.policy_probe`).
+
+Results from the worker are untrusted: every one is checked for type, shape and dtype before
+use (:class:`WorkerResultError`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from actors.gpu_worker import resolve_dtype
+from actors.llama import (
+    FINAL_NORM,
+    LlamaConfig,
+    apply_rope,
+    causal_softmax,
+    load_weights,
+    norm_names,
+    rms_norm,
+    rope_cos_sin,
+    rope_inv_freq,
+    silu_mul,
+    tee_weight_names,
+)
+from runtime import actor
+
+__all__ = ["OPS", "POLICIES", "TEEDriver", "WorkerResultError"]
+
+logger = logging.getLogger(__name__)
+
+POLICIES = ("auto", "worker", "tee")
+# Rows of the per-op table, in pipeline order; the first set is what may go to the worker.
+WORKER_OPS = ("embedding", "qkv", "scores", "context", "o_proj", "gate_up", "down", "lm_head")
+OPS = ("embedding", "rms_norm", "qkv", "rope", "scores", "softmax", "context", "o_proj",
+       "residual", "gate_up", "silu_mul", "down", "lm_head")
+
+
+class WorkerResultError(RuntimeError):
+    """The GPU worker returned something other than the tensor the driver asked for."""
+
+
+@dataclass
+class _Row:
+    where: str
+    calls: int = 0
+    bytes_out: int = 0
+    bytes_in: int = 0
+    routes: dict[str, dict[str, int]] = field(default_factory=lambda: {
+        "shm": {"messages": 0, "bytes": 0}, "zmq": {"messages": 0, "bytes": 0}})
+    wait_s: float = 0.0
+    tee_s: float = 0.0
+    worker_s: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"where": self.where, "calls": self.calls, "bytes_out": self.bytes_out,
+                "bytes_in": self.bytes_in,
+                "routes": {k: dict(v) for k, v in self.routes.items()},
+                "wait_s": self.wait_s, "tee_s": self.tee_s, "worker_s": self.worker_s}
+
+
+def _nbytes(obj: Any) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(o) for o in obj)
+    if isinstance(obj, dict):
+        return sum(_nbytes(o) for o in obj.values())
+    return 0
+
+
+def _route_counts(stats: Any) -> tuple[int, int, int, int] | None:
+    try:
+        r = stats["routes"]
+        return (int(r["shm"]["messages"]), int(r["shm"]["bytes"]),
+                int(r["zmq"]["messages"]), int(r["zmq"]["bytes"]))
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+@contextlib.contextmanager
+def _progress_logging(enabled: bool) -> Iterator[None]:
+    """Let INFO progress through for one prefill.
+
+    Also in a process (an actor) whose logging was left at WARNING or never configured:
+    asking for ``log_every`` is asking to see it.
+    """
+    if not enabled or logger.isEnabledFor(logging.INFO):
+        yield
+        return
+    old_level = logger.level
+    handler = None
+    if not logger.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.setLevel(old_level)
+        if handler is not None:
+            logger.removeHandler(handler)
+
+
+@actor
+class TEEDriver:
+    """Runs a LLaMA prefill with the GPU worker ``gpu``.
+
+    ``gpu`` is an ``ActorHandle`` of a ``GPUWorker`` or, in-process, a plain ``GPUWorker``.
+    ``dtype`` is the TEE's compute dtype; ``wire_dtype`` (default: ``dtype``) is what
+    activations cross in — ``torch.bfloat16`` halves the bytes.  ``attention`` is the policy
+    for the attention matmuls (see the module docstring).  Norm weights come from
+    ``checkpoint`` or are drawn from ``seed``, exactly as the worker draws its own.
+    """
+
+    def __init__(self, config: LlamaConfig, gpu: Any,  # noqa: PLR0917 - the documented API
+                 checkpoint: str | Path | None = None,
+                 seed: int = 0, dtype: torch.dtype | str = torch.float32,
+                 wire_dtype: torch.dtype | str | None = None, *, attention: str = "auto"
+                 ) -> None:
+        if not isinstance(config, LlamaConfig):
+            raise TypeError(f"config must be a LlamaConfig, got {type(config).__name__}")
+        if attention not in POLICIES:
+            raise ValueError(f"attention must be one of {POLICIES}, got {attention!r}")
+        self.config = config
+        self.gpu = gpu
+        self.dtype = resolve_dtype(dtype)
+        self.wire_dtype = resolve_dtype(wire_dtype, self.dtype)
+        self._norms = load_weights(config, tee_weight_names(config), checkpoint, seed,
+                                   self.dtype)
+        self._inv_freq = rope_inv_freq(config)
+        self._cos = self._sin = torch.empty(0)
+        info = self.gpu.device_info()
+        self.worker_device = {k: v for k, v in info.items()
+                              if isinstance(v, (str, int, float, bool))} \
+            if isinstance(info, dict) else {}
+        self._probe: dict[str, Any] = {}
+        if attention == "auto":
+            if self.worker_device.get("type") == "cuda":
+                self._probe = self._measure_attention()
+                attention = self._probe["choice"]
+                self.policy_reason = (
+                    f"measured at T={self._probe['tokens']}: TEE "
+                    f"{1e3 * self._probe['tee_s']:.2f} ms, worker round trip "
+                    f"{1e3 * self._probe['worker_s']:.2f} ms")
+            else:
+                attention = "tee"
+                self.policy_reason = ("CPU worker: the matmuls cost the same on either side, "
+                                      "offloading only adds transport")
+        else:
+            self.policy_reason = "asked for"
+        self.attention = attention
+        self._rows: dict[str, _Row] = {}
+        self._last: dict[str, Any] | None = None
+
+    # -- the attention policy probe -------------------------------------------------------------
+
+    def _measure_attention(self, tokens: int = 256, rounds: int = 3) -> dict[str, Any]:
+        """Time one layer's attention matmuls here and through the worker; pick the faster.
+
+        Random inputs of ``tokens`` positions; the best of ``rounds`` after a warm-up.
+        """
+        c = self.config
+        kv, g, d, t = c.num_key_value_heads, c.num_key_value_groups, c.head_dim, tokens
+        gen = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(kv, n, d, generator=gen).to(self.dtype) for n in (g * t, t, t))
+        p = torch.softmax(torch.randn(kv, g * t, t, generator=gen), -1).to(self.dtype)
+
+        def here() -> None:
+            torch.matmul(q, k.transpose(-1, -2))
+            torch.matmul(p, v)
+
+        def there() -> None:
+            w = self.wire_dtype
+            s = self.gpu.matmul(q.to(w), k.to(w), transpose_b=True, tag="probe")
+            o = self.gpu.matmul(p.to(w), v.to(w), tag="probe")
+            self._expect(s, (kv, g * t, t), "probe scores").to(self.dtype)
+            self._expect(o, (kv, g * t, d), "probe context").to(self.dtype)
+
+        def best(fn: Any) -> float:
+            times = []
+            for _ in range(rounds + 1):  # the first round warms up
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+            return min(times[1:])
+
+        tee_s, worker_s = best(here), best(there)
+        return {"tokens": t, "tee_s": tee_s, "worker_s": worker_s,
+                "choice": "worker" if worker_s < tee_s else "tee"}
+
+    def policy_probe(self) -> dict[str, Any]:
+        """The attention policy, why, and the probe's timings when one ran (CUDA, ``auto``)."""
+        return {"policy": self.attention, "reason": self.policy_reason, **self._probe}
+
+    # -- accounting ------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _tee(self, op: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._rows[op].tee_s += time.perf_counter() - t0
+
+    def _routes(self) -> tuple[int, int, int, int] | None:
+        stats = getattr(self.gpu, "stats", None)
+        return _route_counts(stats()) if callable(stats) else None
+
+    def _offload(self, op: str, method: str, *args: Any, **kwargs: Any) -> Any:
+        row = self._rows[op]
+        before = self._routes()
+        t0 = time.perf_counter()
+        out = getattr(self.gpu, method)(*args, tag=op, **kwargs)
+        row.wait_s += time.perf_counter() - t0
+        after = self._routes()
+        row.calls += 1
+        row.bytes_out += _nbytes(args)
+        row.bytes_in += _nbytes(out)
+        if before is not None and after is not None:
+            d = [b - a for a, b in zip(before, after, strict=True)]
+            row.routes["shm"]["messages"] += d[0]
+            row.routes["shm"]["bytes"] += d[1]
+            row.routes["zmq"]["messages"] += d[2]
+            row.routes["zmq"]["bytes"] += d[3]
+        return out
+
+    def _worker_compute(self) -> dict[str, Any] | None:
+        fn = getattr(self.gpu, "compute_stats", None)
+        if fn is None:
+            return None
+        stats = fn()
+        return stats if isinstance(stats, dict) else None
+
+    # -- validation of what the worker returns ------------------------------------------------
+
+    def _expect(self, t: Any, shape: Sequence[int], what: str) -> torch.Tensor:
+        if not isinstance(t, torch.Tensor):
+            raise WorkerResultError(f"worker returned {type(t).__name__} for {what}, "
+                                    f"expected a tensor")
+        if tuple(t.shape) != tuple(shape) or t.dtype != self.wire_dtype:
+            raise WorkerResultError(
+                f"worker returned {what} of shape {tuple(t.shape)} {t.dtype}, expected "
+                f"{tuple(shape)} {self.wire_dtype}")
+        return t
+
+    def _expect_many(self, ts: Any, shapes: Sequence[Sequence[int]], what: str
+                     ) -> list[torch.Tensor]:
+        if not isinstance(ts, (list, tuple)) or len(ts) != len(shapes):
+            raise WorkerResultError(f"worker returned {type(ts).__name__} for {what}, "
+                                    f"expected {len(shapes)} tensors")
+        return [self._expect(t, s, f"{what}[{i}]")
+                for i, (t, s) in enumerate(zip(ts, shapes, strict=True))]
+
+    # -- the pieces of a layer ---------------------------------------------------------------
+
+    def _linear(self, op: str, layer: int, names: tuple[str, ...], x: torch.Tensor,
+                widths: Sequence[int]) -> list[torch.Tensor]:
+        with self._tee(op):
+            xw = x.to(self.wire_dtype).contiguous()
+        out = self._offload(op, "batch_linear", layer, names, xw)
+        with self._tee(op):
+            t = x.shape[0]
+            ys = self._expect_many(out, [(t, w) for w in widths], op)
+            return [y.to(self.dtype) for y in ys]
+
+    def _matmul(self, op: str, a: torch.Tensor, b: torch.Tensor, transpose_b: bool
+                ) -> torch.Tensor:
+        shape = (*a.shape[:-1], b.shape[-2] if transpose_b else b.shape[-1])
+        if self.attention == "tee":
+            with self._tee(op):
+                self._rows[op].calls += 1
+                return torch.matmul(a, b.transpose(-1, -2) if transpose_b else b)
+        with self._tee(op):
+            aw = a.to(self.wire_dtype).contiguous()
+            bw = b.to(self.wire_dtype).contiguous()
+        out = self._offload(op, "matmul", aw, bw, transpose_b=transpose_b)
+        with self._tee(op):
+            return self._expect(out, shape, op).to(self.dtype)
+
+    def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Grouped causal attention: q ``[heads, T, d]``, k/v ``[kv, T, d]`` → ``[T, heads·d]``."""
+        c = self.config
+        nh, t, d = q.shape
+        nkv, g = c.num_key_value_heads, c.num_key_value_groups
+        qg = q.reshape(nkv, g * t, d)  # query heads of one kv head stacked along the rows
+        scores = self._matmul("scores", qg, k, transpose_b=True)  # [kv, g*T, T]
+        with self._tee("softmax"):
+            self._rows["softmax"].calls += 1
+            probs = causal_softmax(scores.view(nkv, g, t, t), d ** -0.5).view(nkv, g * t, t)
+        ctx = self._matmul("context", probs, v, transpose_b=False)  # [kv, g*T, d]
+        return ctx.view(nh, t, d).transpose(0, 1).reshape(t, nh * d)
+
+    def _rope_tables(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._cos.shape[0] < t:
+            self._cos, self._sin = rope_cos_sin(self.config, max(t, 2 * self._cos.shape[0]),
+                                                self.dtype, self._inv_freq)
+        return self._cos[:t], self._sin[:t]
+
+    def _norm(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        with self._tee("rms_norm"):
+            self._rows["rms_norm"].calls += 1
+            return rms_norm(x, self._norms[name], self.config.rms_norm_eps)
+
+    # -- public -------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor | Sequence[int], all_logits: bool = False,
+                log_every: int = 0) -> torch.Tensor:
+        """Float32 logits of the last position ``[vocab]`` (``[T, vocab]`` with ``all_logits``).
+
+        ``log_every=n`` logs progress at INFO every ``n`` layers.
+        """
+        c = self.config
+        ids = torch.as_tensor(input_ids, dtype=torch.long)
+        if ids.dim() != 1 or ids.numel() == 0:
+            raise ValueError(f"input_ids must have shape [T] with T >= 1, got {tuple(ids.shape)}")
+        if int(ids.min()) < 0 or int(ids.max()) >= c.vocab_size:
+            raise ValueError(f"input_ids must lie in [0, {c.vocab_size})")
+        with _progress_logging(log_every > 0):
+            return self._prefill(ids, all_logits, log_every)
+
+    def _prefill(self, ids: torch.Tensor, all_logits: bool, log_every: int) -> torch.Tensor:
+        c = self.config
+        self._rows = {op: _Row(where=("tee" if op not in WORKER_OPS else
+                                      self.attention if op in ("scores", "context")
+                                      else "worker"))
+                      for op in OPS}
+        t = ids.numel()
+        nh, nkv, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        compute_before = self._worker_compute()
+        t_start = time.perf_counter()
+
+        out = self._offload("embedding", "embedding", ids, dtype=str(self.wire_dtype))
+        with self._tee("embedding"):
+            h = self._expect(out, (t, c.hidden_size), "embedding").to(self.dtype)
+        with self._tee("rope"):
+            cos, sin = self._rope_tables(t)
+
+        for i in range(c.num_hidden_layers):
+            in_norm, post_norm = norm_names(i)
+            x = self._norm(h, in_norm)
+            q, k, v = self._linear("qkv", i, ("q", "k", "v"), x, (c.q_size, c.kv_size, c.kv_size))
+            with self._tee("rope"):
+                self._rows["rope"].calls += 1
+                q = apply_rope(q.view(t, nh, d).transpose(0, 1), cos, sin)
+                k = apply_rope(k.view(t, nkv, d).transpose(0, 1), cos, sin)
+                v = v.view(t, nkv, d).transpose(0, 1)
+            attn = self._attention(q, k, v)
+            (o,) = self._linear("o_proj", i, ("o",), attn, (c.hidden_size,))
+            with self._tee("residual"):
+                self._rows["residual"].calls += 1
+                h = h + o
+            x = self._norm(h, post_norm)
+            gate, up = self._linear("gate_up", i, ("gate", "up"), x,
+                                    (c.intermediate_size, c.intermediate_size))
+            with self._tee("silu_mul"):
+                self._rows["silu_mul"].calls += 1
+                a = silu_mul(gate, up)
+            (down,) = self._linear("down", i, ("down",), a, (c.hidden_size,))
+            with self._tee("residual"):
+                self._rows["residual"].calls += 1
+                h = h + down
+            if log_every and ((i + 1) % log_every == 0 or i + 1 == c.num_hidden_layers):
+                logger.info("prefill T=%d: layer %d/%d done, %.2f s", t, i + 1,
+                            c.num_hidden_layers, time.perf_counter() - t_start)
+
+        last = h if all_logits else h[-1:]
+        x = self._norm(last, FINAL_NORM)
+        with self._tee("lm_head"):
+            xw = x.to(self.wire_dtype).contiguous()
+        out = self._offload("lm_head", "lm_head", xw)
+        with self._tee("lm_head"):
+            logits = self._expect(out, (last.shape[0], c.vocab_size), "lm_head").float()
+        total = time.perf_counter() - t_start
+        self._finish(t, all_logits, total, compute_before)
+        return logits if all_logits else logits[0]
+
+    def _finish(self, t: int, all_logits: bool, total: float,
+                compute_before: dict[str, Any] | None) -> None:
+        compute_after = self._worker_compute()
+        worker_known = compute_before is not None and compute_after is not None
+        if worker_known:
+            for op in WORKER_OPS:
+                after = compute_after.get(op, {})
+                before = compute_before.get(op, {})
+                try:
+                    self._rows[op].worker_s = max(
+                        0.0, float(after.get("seconds", 0.0)) - float(before.get("seconds", 0.0)))
+                except (AttributeError, TypeError, ValueError):
+                    worker_known = False
+        rows = {op: r.as_dict() for op, r in self._rows.items()}
+        routes_known = self._routes() is not None
+        routes = {k: {"messages": sum(r["routes"][k]["messages"] for r in rows.values()),
+                      "bytes": sum(r["routes"][k]["bytes"] for r in rows.values())}
+                  for k in ("shm", "zmq")}
+        wait = sum(r["wait_s"] for r in rows.values())
+        worker = sum(r["worker_s"] for r in rows.values()) if worker_known else None
+        self._last = {
+            "tokens": t, "layers": self.config.num_hidden_layers, "all_logits": all_logits,
+            "policy": self.attention, "policy_reason": self.policy_reason,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "wire_dtype": str(self.wire_dtype).removeprefix("torch."),
+            "worker_device": dict(self.worker_device),
+            "total_s": total, "tee_s": sum(r["tee_s"] for r in rows.values()),
+            "wait_s": wait, "worker_s": worker,
+            "transport_s": None if worker is None else max(0.0, wait - worker),
+            "calls": sum(r["calls"] for op, r in rows.items()
+                         if op in WORKER_OPS and r["where"] == "worker"),
+            "bytes_out": sum(r["bytes_out"] for r in rows.values()),
+            "bytes_in": sum(r["bytes_in"] for r in rows.values()),
+            "routes": routes if routes_known else None,
+            "ops": rows,
+        }
+
+    def last_prefill_stats(self) -> dict[str, Any]:
+        """The accounting of the last prefill, as plain dicts and numbers.
+
+        Keys: ``tokens``, ``layers``, ``policy`` (attention), ``dtype``, ``wire_dtype``,
+        ``worker_device``, ``total_s``, ``tee_s`` (TEE compute), ``wait_s`` (blocked on the
+        worker), ``worker_s`` (the worker's own compute), ``transport_s`` (wait - worker),
+        ``calls``, ``bytes_out``, ``bytes_in``, ``routes`` (shm/zmq messages and bytes, ``None``
+        for an in-process worker) and ``ops``: per op ``where``, ``calls``, ``bytes_out``,
+        ``bytes_in``, ``routes``, ``wait_s``, ``tee_s``, ``worker_s``.
+        """
+        if self._last is None:
+            raise RuntimeError("no prefill has run yet")
+        return self._last

@@ -1,0 +1,182 @@
+"""Split LLaMA prefill: a TEE driver and an untrusted GPU worker as two actor processes.
+
+    python examples/llama_prefill.py                       # tiny preset, random weights
+    python examples/llama_prefill.py --preset seed-bench --tokens 1024 --threshold 1048576
+    python examples/llama_prefill.py --checkpoint ~/models/Llama-3.2-1B --tokens 128
+
+Spawns a ``GPUWorker`` and a ``TEEDriver`` in an ``ActorSystem``, runs one prefill, checks the
+logits against the in-process reference forward (exit status 1 above tolerance), and prints
+the per-op transport table and the split of the total time.
+"""
+
+from __future__ import annotations
+
+import os
+
+# The TEE and the worker take turns on the same cores.  libgomp's default makes OpenMP threads
+# spin after every parallel region, stealing the core the other process is about to use: on
+# 2 cores a seed-bench prefill at T=128 took 145-940 ms that way, 63 ms with passive waiting.
+# libgomp reads this once, when torch loads; the actor processes inherit it from here.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from actors import GPUWorker, LlamaConfig, LlamaReference, TEEDriver
+from actors.gpu_worker import resolve_dtype
+from actors.llama import PRESETS
+from actors.tee_driver import OPS
+from runtime import ActorSystem
+
+MIB = 1024 * 1024
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    p.add_argument("--checkpoint", type=Path, default=None,
+                   help="Hugging Face style folder (config.json + *.safetensors); "
+                        "overrides --preset")
+    p.add_argument("--tokens", type=int, default=64, help="prompt length T")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights and prompt")
+    p.add_argument("--dtype", default="float32", help="compute dtype of both sides")
+    p.add_argument("--wire-dtype", default=None, help="dtype activations cross in "
+                   "(default: --dtype; bfloat16 halves the bytes)")
+    p.add_argument("--threshold", type=int, default=None,
+                   help="shm_threshold in bytes: messages at or above it go through ZeroMQ "
+                        "(default: the runtime's, 10 MiB)")
+    p.add_argument("--device", default="auto", help="worker device: auto, cpu, cuda[:n]")
+    p.add_argument("--attention", default="auto", choices=["auto", "worker", "tee"],
+                   help="where the attention matmuls run")
+    p.add_argument("--progress", type=int, default=None,
+                   help="log every N layers (default: every layer on long runs)")
+    p.add_argument("--tolerance", type=float, default=None,
+                   help="max abs logit error allowed (default: 1e-4 x logit scale for "
+                        "float32, 4%% of it for 16-bit)")
+    p.add_argument("--warmup", type=int, default=1,
+                   help="untimed prefills first (a fresh process pays one-time setup)")
+    p.add_argument("--no-verify", action="store_true", help="skip the reference check")
+    p.add_argument("--json", type=Path, default=None, help="write the results here")
+    args = p.parse_args(argv)
+    if args.tokens < 1:
+        p.error("--tokens must be >= 1")
+    return args
+
+
+def op_table(stats: dict[str, Any]) -> str:
+    head = (f"{'op':<10} {'where':<6} {'calls':>5} {'MiB out':>9} {'MiB in':>9} {'shm':>5} "
+            f"{'zmq':>5} {'zmq MiB%':>8} {'wait ms':>9} {'worker ms':>9} {'tee ms':>8}")
+    lines = [head, "-" * len(head)]
+    for op in OPS:
+        r = stats["ops"][op]
+        if not r["calls"] and not r["tee_s"]:
+            continue
+        shm, zmq = r["routes"]["shm"], r["routes"]["zmq"]
+        routed = shm["bytes"] + zmq["bytes"]
+        share = f"{100 * zmq['bytes'] / routed:.0f}%" if routed else "-"
+        lines.append(
+            f"{op:<10} {r['where']:<6} {r['calls']:>5} "
+            f"{r['bytes_out'] / MIB:>9.2f} {r['bytes_in'] / MIB:>9.2f} "
+            f"{shm['messages']:>5} {zmq['messages']:>5} {share:>8} {1e3 * r['wait_s']:>9.1f} "
+            f"{1e3 * r['worker_s']:>9.1f} {1e3 * r['tee_s']:>8.1f}")
+    routes = stats["routes"] or {"shm": {"messages": 0, "bytes": 0},
+                                 "zmq": {"messages": 0, "bytes": 0}}
+    lines.append("-" * len(head))
+    lines.append(
+        f"{'total':<10} {'':<6} {stats['calls']:>5} {stats['bytes_out'] / MIB:>9.2f} "
+        f"{stats['bytes_in'] / MIB:>9.2f} {routes['shm']['messages']:>5} "
+        f"{routes['zmq']['messages']:>5} {'':>8} {1e3 * stats['wait_s']:>9.1f} "
+        f"{1e3 * (stats['worker_s'] or 0):>9.1f} {1e3 * stats['tee_s']:>8.1f}")
+    return "\n".join(lines)
+
+
+def time_split(stats: dict[str, Any]) -> str:
+    total, tee, wait = stats["total_s"], stats["tee_s"], stats["wait_s"]
+    worker = stats["worker_s"] or 0.0
+    transport = stats["transport_s"] or 0.0
+    other = max(0.0, total - tee - wait)
+
+    def part(name: str, s: float) -> str:
+        return f"{name} {1e3 * s:.1f} ms ({100 * s / total:.0f}%)"
+
+    return (f"prefill {1e3 * total:.1f} ms = " + " + ".join([
+        part("TEE compute", tee), part("worker compute", worker),
+        part("transport", transport), part("driver glue", other)]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%X")
+    config = (LlamaConfig.from_pretrained(args.checkpoint) if args.checkpoint
+              else LlamaConfig.preset(args.preset))
+    dtype = resolve_dtype(args.dtype)
+    wire = resolve_dtype(args.wire_dtype, dtype)
+    checkpoint = str(args.checkpoint) if args.checkpoint else None
+    progress = args.progress
+    if progress is None:  # every layer when a prefill takes more than a moment
+        work = args.tokens * config.num_parameters()
+        progress = 1 if work > 2e10 else 0
+    ids = torch.randint(0, config.vocab_size, (args.tokens,),
+                        generator=torch.Generator().manual_seed(args.seed))
+    source = f"checkpoint {checkpoint}" if checkpoint else f"preset {args.preset}, random weights"
+    print(f"LLaMA {source}: {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
+          f"{config.num_parameters() / 1e6:.1f} M parameters; T={args.tokens}, "
+          f"dtype {args.dtype}, wire {str(wire).removeprefix('torch.')}")
+
+    options = {} if args.threshold is None else {"shm_threshold": args.threshold}
+    with ActorSystem(**options) as system:
+        t0 = time.perf_counter()
+        gpu = system.spawn(GPUWorker, config, checkpoint, seed=args.seed, device=args.device,
+                           dtype=dtype)
+        drv = system.spawn(TEEDriver, config, gpu, checkpoint, seed=args.seed, dtype=dtype,
+                           wire_dtype=wire, attention=args.attention)
+        spawn_s = time.perf_counter() - t0
+        for _ in range(args.warmup):
+            drv.prefill(ids)
+        t0 = time.perf_counter()
+        logits = drv.prefill(ids, log_every=progress)
+        call_s = time.perf_counter() - t0
+        stats = drv.last_prefill_stats()
+
+    device = stats["worker_device"]
+    print(f"\nworker on {device.get('device')} ({device.get('name')}), spawned in "
+          f"{spawn_s:.2f} s; attention policy '{stats['policy']}' ({stats['policy_reason']})\n")
+    print(op_table(stats))
+    print("\n" + time_split(stats))
+    print(f"call from here {1e3 * call_s:.1f} ms")
+
+    result: dict[str, Any] = {
+        "config": dataclasses.asdict(config), "tokens": args.tokens, "seed": args.seed,
+        "checkpoint": checkpoint, "threshold": args.threshold, "spawn_s": spawn_s,
+        "call_s": call_s, "stats": stats}
+    status = 0
+    if not args.no_verify:
+        ref = LlamaReference(config, checkpoint, seed=args.seed, dtype=torch.float32)
+        want = ref.forward(ids)
+        err = (logits - want).abs().max().item()
+        scale = want.abs().max().item()
+        sixteen = torch.finfo(wire).bits <= 16 or torch.finfo(dtype).bits <= 16
+        tol = args.tolerance if args.tolerance is not None else (
+            0.04 * scale if sixteen else 1e-4 * max(1.0, scale))
+        ok = err <= tol
+        print(f"max abs logit error vs reference: {err:.3g} (tolerance {tol:.3g}, "
+              f"logit scale {scale:.3g}) {'OK' if ok else 'FAILED'}")
+        result.update(max_abs_error=err, tolerance=tol, ok=ok)
+        status = 0 if ok else 1
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+        print(f"wrote {args.json}")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
