@@ -664,7 +664,7 @@ MALFORMED = [
         [u8(7)],
         "buffer 0 size mismatch: header declares 8 bytes, got 7",
     ),
-    ("not uint8", header(A_TENSOR, (8,)), [torch.zeros(2)], "buffer 0 is not a 1-D torch.uint8"),
+    ("not uint8", header(A_TENSOR, (8,)), [torch.zeros(2)], "buffer 0 is not a 1-D uint8"),
     ("not 1-D", header(A_TENSOR, (8,)), [u8(8).reshape(2, 4)], "not a 1-D"),
 ]
 
