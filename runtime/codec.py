@@ -734,8 +734,9 @@ def decode(
 
     ``buffers`` are 1-D ``uint8`` numpy arrays (or ``torch.uint8`` CPU
     tensors) the caller owns, exactly as many as :func:`encode` produced, in
-    order; tensors and arrays in the result are views of them.  With ``safe=True`` only the plain format is
-    accepted and nothing is ever unpickled.  Any malformed input raises
+    order; tensors and arrays in the result are views of them.  With
+    ``safe=True`` only the plain format is accepted and nothing is ever
+    unpickled.  Any malformed input raises
     :class:`~runtime.errors.ProtocolError` naming the defect.
     """
     data = header if type(header) is bytes else bytes(header)
