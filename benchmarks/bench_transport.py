@@ -10,6 +10,10 @@ an echo round trip through
 * ``memcpy``: four single-threaded copies in one process into preallocated
   buffers: the floor of an echo (copy in and out on each side).
 
+Each side runs in its own client process: ours with the allocator settings
+an ``ActorSystem`` applies (``runtime.malloc``), raw pyzmq with glibc's
+defaults (fresh receive buffers), as a user of plain pyzmq gets them.
+
 Also: the first message after 5 ms of silence, and the CPU an idle reader
 burns over 2 s.  Writes JSON with ``--json``.  Run: ``make bench`` or
 ``python benchmarks/bench_transport.py --json out.json``.
@@ -39,6 +43,7 @@ from benchmarks.common import (
     timed,
     write_json,
 )
+from runtime import malloc
 from runtime.transport.channel import Channel
 from runtime.transport.doorbell import Doorbell
 
@@ -46,6 +51,7 @@ THRESHOLD = 10 * 1024 * 1024
 
 
 def channel_server(spec, private_dir):
+    malloc.tune_current_process()
     bell = Doorbell(os.path.join(private_dir, "server.bell"))
     ch = Channel.attach(spec, own_bell=bell, safe=False, name="server")
     ch.send(bell.path)  # handshake: tells the client where to ring
@@ -63,6 +69,7 @@ def payload(nbytes):
 
 
 def bench_channel(sizes, private_dir):
+    malloc.tune_current_process()  # as ActorSystem() does in the driver
     client = Channel.create(shm_dir="/dev/shm", private_dir=private_dir,
                             name=f"rt_bench{os.getpid()}", threshold=THRESHOLD)
     proc = mp.get_context("spawn").Process(target=channel_server,
@@ -102,6 +109,21 @@ def bench_channel(sizes, private_dir):
     return out
 
 
+def _child(fn, args, queue):
+    queue.put(fn(*args))
+
+
+def in_subprocess(fn, *args):
+    """Run ``fn(*args)`` in a fresh process: its allocator settings stay its own."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(fn, args, queue))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return result
+
+
 def bench_memcpy(sizes):
     out = {}
     for label, n in sizes.items():
@@ -125,9 +147,9 @@ def main(argv=None):
     private_dir = tempfile.mkdtemp(prefix="rtb")
     try:
         print("channel (ours):")
-        ours = bench_channel(sizes, private_dir)
+        ours = in_subprocess(bench_channel, sizes, private_dir)
         print("raw pyzmq:")
-        raw = bench_pyzmq(sizes, private_dir)
+        raw = in_subprocess(bench_pyzmq, sizes, private_dir)
         floor = bench_memcpy(sizes)
     finally:
         for f in os.listdir(private_dir):
