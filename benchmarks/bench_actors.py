@@ -5,9 +5,14 @@ One run, side by side on the same machine:
 * ``actor``: ``handle.echo(x)`` through ``ActorSystem`` (ring below 10 MiB,
   ZeroMQ above; codec, dispatch and futures included);
 * ``pyzmq``: raw pyzmq ``ipc://`` PAIR echo, ``copy=False``;
-* ``pipe``: ``multiprocessing.Pipe`` echo (pickle);
+* ``pipe``: ``multiprocessing.Pipe`` echo (its pickler carries torch's
+  reductions, so tensors too travel as shared memory plus a descriptor);
 * ``tmq``: ``torch.multiprocessing`` Queue echo (tensors moved to shared
   memory and handed over by file descriptor: no copy of the payload back).
+
+Every call sends a freshly made tensor (made outside the timed region): the
+shared-memory baselines cache a storage they have shared once, so resending
+one tensor would time nothing.
 
 Plus: a no-op call after 5 ms of silence; the CPU an idle actor and a driver
 waiting on a long call burn; and a ~200 ms all-core matmul called through an
@@ -93,8 +98,7 @@ def bench_actor(sizes):
             samples.append(time.perf_counter() - t0)
         out["noop_after_5ms_silence"] = summary(samples)
         for label, n in sizes.items():
-            x = tensor(n)
-            out[label] = summary(timed(lambda x=x: b.echo(x), iterations(n)), n)
+            out[label] = summary(timed(b.echo, iterations(n), setup=lambda n=n: tensor(n)), n)
             print(f"  actor {label:>7}: {out[label]['p50_us']:10.1f} us p50", flush=True)
         time.sleep(0.2)
         c0 = cpu_seconds(b.pid)
@@ -137,8 +141,8 @@ def bench_pipe(sizes):
     proc.start()
     out = {"noop": summary(timed(lambda: (a.send(None), a.recv()), 3000, warmup=200))}
     for label, n in sizes.items():
-        x = tensor(n)
-        out[label] = summary(timed(lambda x=x: (a.send(x), a.recv()), iterations(n)), n)
+        out[label] = summary(timed(lambda x: (a.send(x), a.recv()), iterations(n),
+                                   setup=lambda n=n: tensor(n)), n)
     a.send("stop")
     proc.join(10)
     print(f"  pipe noop: {out['noop']['p50_us']:.1f} us p50", flush=True)
@@ -155,10 +159,10 @@ def bench_tmq(sizes):
         if n == 0:
             continue
 
-        def rt(n=n):
-            q_in.put(torch.ones(n // 4))  # a fresh tensor each time, as a caller would
+        def rt(x):
+            q_in.put(x)
             return q_out.get()
-        out[label] = summary(timed(rt, iterations(n)), n)
+        out[label] = summary(timed(rt, iterations(n), setup=lambda n=n: tensor(n)), n)
     q_in.put("stop")
     proc.join(10)
     print(f"  tmq noop: {out['noop']['p50_us']:.1f} us p50", flush=True)
