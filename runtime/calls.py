@@ -43,14 +43,16 @@ from runtime.errors import (
     make_remote_exception,
 )
 from runtime.session import Session
+from runtime.spin import SpinPolicy
 from runtime.table import ALIVE, DEAD, STATE_NAMES, ActorTable, describe_exit
 from runtime.transport.channel import Channel
 
 __all__ = ["ActorRef", "ProcessContext", "context_for", "register_context"]
 
-# Spin this long for a reply before sleeping on the doorbell: a no-op round
-# trip is ~20 us; a long call should not have its core stolen by the waiter.
-REPLY_SPIN_S = 150e-6
+# Spin for a reply between these bounds before sleeping on the doorbell
+# (see runtime.spin): a no-op round trip is ~35 us, a 1 MiB echo ~600 us; a
+# 200 ms call pays at most 2 ms of spinning (1 %) before its waiter sleeps.
+REPLY_SPIN_MIN_S, REPLY_SPIN_MAX_S = 100e-6, 2e-3
 OPEN_TIMEOUT_S = 30.0
 
 
@@ -154,6 +156,7 @@ class CallerChannel:
         self._pump_event = threading.Event()
         self.dead: BaseException | None = None
         self.closed = False
+        self.spin = SpinPolicy(REPLY_SPIN_MIN_S, REPLY_SPIN_MAX_S)
 
     # -- liveness --------------------------------------------------------------
     def check(self) -> None:
@@ -166,8 +169,10 @@ class CallerChannel:
     def call(self, method: str, args: tuple, kwargs: dict) -> Any:
         """A blocking call: send, read replies until ours, return or raise."""
         slot = _Slot()
+        t0 = time.perf_counter()
         self._send(method, args, kwargs, slot)
         self.drive(slot, None)
+        self.spin.observe(time.perf_counter() - t0)
         if slot.ok:
             return slot.value
         raise slot.value
@@ -217,6 +222,7 @@ class CallerChannel:
 
     def _read_until(self, done: Callable[[], bool], deadline: float | None) -> None:
         ch = self.channel
+        spin = self.spin.window  # spin once; after a slice of sleep, sleep again
         while not done():
             if self.dead is not None or self.closed:
                 return
@@ -224,13 +230,15 @@ class CallerChannel:
                 ok, msg = ch.try_recv(check=self.check)
                 if ok:
                     self._dispatch(msg)
+                    spin = self.spin.window
                     continue
                 if ch.peer_closed:
                     raise ActorDiedError(f"actor {self.ref.name!r} closed its channel")
                 wait_until = self._expire(deadline)
                 if deadline is not None and time.monotonic() >= deadline:
                     return
-                ch.wait(deadline=wait_until, check=self.check, spin_s=REPLY_SPIN_S)
+                ch.wait(deadline=wait_until, check=self.check, spin_s=spin)
+                spin = 0.0
             except TimeoutError:
                 continue  # a deadline passed: the loop re-evaluates
             except ProtocolError as exc:
