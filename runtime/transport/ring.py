@@ -161,16 +161,6 @@ class ShmRing:
         pos = self._w
         off = pos % cap
         tail = cap - off
-        used = pos - self._rpos.value
-        if used == 0 and off and total <= off:
-            # Empty ring: start again at offset 0, so request/reply traffic keeps
-            # reusing the same cache-warm bytes instead of sweeping the whole
-            # ring (measured: a 1 MiB copy into a cold ring costs ~2x a warm one).
-            # The WRAP record at `off` lies past the new record's end.
-            _U64.pack_into(self.view, HEADER_SIZE + off, WRAP)
-            pos += tail
-            off = 0
-            tail = cap
         need = total if total <= tail else tail + total
         if cap - (pos - self._rpos.value) < need:
             return None

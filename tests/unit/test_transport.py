@@ -154,6 +154,27 @@ def test_ring_full_then_drained():
         ring.unlink()
 
 
+def test_ring_keeps_its_capacity_after_draining():
+    ring = ShmRing.create(SHM, name(), MIN_CAPACITY)
+    reader = ShmRing.attach(ring.segment.path)
+    try:
+        for rounds in range(5):  # move the positions around the ring, draining each time
+            for _ in range(7):
+                assert ring.reserve(1000) is not None
+                ring.commit()
+            while reader.peek() is not None:
+                reader.advance()
+        fits = 0
+        while ring.reserve(1000) is not None:  # no reader now: the whole ring is free
+            ring.commit()
+            fits += 1
+        assert fits >= ring.capacity // ShmRing.record_size(1000) - 1
+    finally:
+        reader.close()
+        ring.close()
+        ring.unlink()
+
+
 def test_ring_rejects_corrupt_records():
     ring = ShmRing.create(SHM, name(), MIN_CAPACITY)
     reader = ShmRing.attach(ring.segment.path)
