@@ -294,8 +294,8 @@ def _loop(rounds: int) -> None:
                 baseline = state(system)
             deadline = time.monotonic() + 2
 
-            def grew():
-                return any(now > base for now, base in zip(state(system), baseline))
+            def grew(baseline=baseline):
+                return any(now > base for now, base in zip(state(system), baseline, strict=True))
             while grew() and time.monotonic() < deadline:
                 time.sleep(0.05)
             assert not grew(), f"round {i}: {state(system)} grew from {baseline}"

@@ -158,7 +158,7 @@ def test_ring_keeps_its_capacity_after_draining():
     ring = ShmRing.create(SHM, name(), MIN_CAPACITY)
     reader = ShmRing.attach(ring.segment.path)
     try:
-        for rounds in range(5):  # move the positions around the ring, draining each time
+        for _ in range(5):  # move the positions around the ring, draining each time
             for _ in range(7):
                 assert ring.reserve(1000) is not None
                 ring.commit()
