@@ -6,7 +6,11 @@ wait should sleep at once, or it steals the core the other side computes on
 (two cores: a 200 ms call must cost the callee nothing).  The typical wait
 is not known in advance -- a no-op call returns in ~35 us, a 1 MiB echo in
 ~600 us, a matmul in 200 ms -- so each waiter keeps a moving average of what
-it waited recently and spins for twice that, between ``floor`` and ``cap``.
+it waited recently and spins for twice that, at least ``floor``.  When twice
+the average exceeds ``cap`` the waits are long: a wake-up costs little next
+to them, while spinning through them steals a core from whoever computes
+(the split LLaMA prefill: the TEE waiting 2-30 ms per offloaded op while the
+worker multiplies on both cores), so the window drops back to ``floor``.
 """
 
 from __future__ import annotations
@@ -32,4 +36,4 @@ class SpinPolicy:
     def window(self) -> float:
         """Seconds to spin before sleeping."""
         w = 2 * self._avg
-        return self.floor if w < self.floor else (self.cap if w > self.cap else w)
+        return self.floor if (w < self.floor or w > self.cap) else w
