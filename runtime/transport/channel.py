@@ -120,6 +120,7 @@ class Channel:
         self.name = name
         self.closed = False
         self.peer_closed = False
+        self.woke_peer = False  # the last send had to wake a sleeping reader
         self.routes = {"shm": _Route(), "zmq": _Route()}
         self.encode_ns = self.decode_ns = self.copy_ns = self.wait_ns = 0
 
@@ -219,6 +220,7 @@ class Channel:
         """
         if self.closed:
             raise TransportError(f"channel {self.name} is closed")
+        self.woke_peer = False
         t0 = time.perf_counter_ns()
         enc = codec.encode(obj)
         t1 = time.perf_counter_ns()
@@ -295,6 +297,7 @@ class Channel:
 
     def _ring_peer(self, check: Callable[[], None] | None) -> None:
         """Wake the reader; a doorbell that is gone usually means a dead peer."""
+        self.woke_peer = True
         try:
             self.peer_bell.ring()
         except TransportError:
