@@ -161,6 +161,7 @@ class CallerChannel:
         self.dead: BaseException | None = None
         self.closed = False
         self.spin = SpinPolicy(REPLY_SPIN_MIN_S, REPLY_SPIN_MAX_S)
+        self._deferred: list[Any] = []  # replies read while a send held the lock
 
     # -- liveness --------------------------------------------------------------
     def check(self) -> None:
@@ -205,6 +206,9 @@ class CallerChannel:
                 if isinstance(exc, ActorDiedError):
                     self._fail_all(exc)
                 raise
+        if self._deferred:
+            with self._role:
+                self._dispatch_deferred()
 
     def drive(self, waiter: Any, timeout: float | None) -> None:
         """Read replies until ``waiter`` is done or ``timeout`` seconds pass."""
@@ -232,6 +236,9 @@ class CallerChannel:
         while not done():
             if self.dead is not None or self.closed:
                 return
+            if self._deferred:
+                self._dispatch_deferred()
+                continue
             try:
                 ok, msg = ch.try_recv(check=self.check)
                 if ok:
@@ -287,16 +294,27 @@ class CallerChannel:
         return soonest
 
     def _drain_nowait(self) -> None:
-        """While our send waits for ring space, read replies if nobody else is."""
+        """While our send waits for ring space, read replies if nobody else is.
+
+        The replies are only queued: completing a future runs its callbacks,
+        and a callback that calls this actor again would wait for the send
+        lock we hold.  They are completed, in order, once the send is done
+        (or by the next reader, before anything newer).
+        """
         if self._role.acquire(blocking=False):
             try:
                 while True:
                     ok, msg = self.channel.try_recv(check=self.check)
                     if not ok:
                         break
-                    self._dispatch(msg)
+                    self._deferred.append(msg)
             finally:
                 self._role.release()
+
+    def _dispatch_deferred(self) -> None:
+        """Complete the replies ``_drain_nowait`` queued (holding the reader role)."""
+        while self._deferred:
+            self._dispatch(self._deferred.pop(0))
 
     def _fail_all(self, exc: BaseException) -> None:
         if self.dead is None:

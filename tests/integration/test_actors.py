@@ -312,3 +312,27 @@ def test_done_callback_may_call_the_same_actor(system):
 
     e.echo.remote(41).add_done_callback(cb)
     assert ev.wait(10) and got == [42]
+
+
+def test_callbacks_may_call_again_while_the_ring_is_full():
+    # A 1 KiB threshold gives the smallest rings (64 KiB): 200 calls of ~900
+    # bytes fill them, so sends wait for space and read replies meanwhile.
+    with ActorSystem(shm_threshold=1024) as system:
+        e = system.spawn(Echo)
+        e.sleep(0.01)
+        seconds = []
+        blob = b"x" * 900
+
+        def again(f):
+            seconds.append(e.add.remote(1, 1))  # re-enters the runtime from a callback
+
+        e.sleep.remote(0.3)  # replies pile up behind it while the sends fill the ring
+        futs = []
+        for _ in range(200):
+            futs.append(e.echo.remote(blob))
+            futs[-1].add_done_callback(again)
+        assert all(f.result(timeout=30) == blob for f in futs)
+        deadline = time.monotonic() + 10
+        while len(seconds) < 200 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert [s.result(timeout=10) for s in seconds] == [2] * 200
