@@ -183,18 +183,21 @@ class Channel:
     def attach(cls, spec: ChannelSpec, *, own_bell: Doorbell | None, safe: bool,
                name: str) -> Channel:
         """The callee's end of a channel described by ``spec``."""
-        tx = rx = None
+        tx = rx = bulk = None
         try:
             if spec.to_callee is not None and spec.to_caller is not None:
                 rx = ShmRing.attach(spec.to_callee)
                 tx = ShmRing.attach(spec.to_caller)
             bulk = BulkLink(spec.endpoint, bind=False)
+            peer = DoorbellWriter(spec.caller_bell) if (tx is not None and spec.caller_bell) \
+                else None
         except BaseException:
             for ring in (tx, rx):
                 if ring is not None:
                     ring.close()
+            if bulk is not None:
+                bulk.close()
             raise
-        peer = DoorbellWriter(spec.caller_bell) if (tx is not None and spec.caller_bell) else None
         return cls(tx=tx, rx=rx, bulk=bulk, own_bell=own_bell if rx is not None else None,
                    owns_bell=False, peer_bell=peer, threshold=spec.threshold, safe=safe,
                    name=name)

@@ -74,23 +74,27 @@ class Doorbell:
 
 
 class DoorbellWriter:
-    """The ringing side: opens the peer's FIFO for writing on first use."""
+    """The ringing side: holds the peer's FIFO open for writing.
+
+    Opened at once, not on the first ring, so a channel's file descriptors are
+    all taken when it is set up (a process's descriptor count stays flat
+    however its peers sleep) and a missing peer shows at set-up.
+    """
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self._fd = -1
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as exc:
+            raise TransportError(f"cannot open doorbell {path}: {exc.strerror}") from exc
+        if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise TransportError(f"doorbell {path} is not a FIFO")
+        self._fd = fd
 
     def ring(self) -> None:
         if self._fd < 0:
-            try:
-                fd = os.open(self.path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-            except OSError as exc:
-                raise TransportError(f"cannot open doorbell {self.path}: "
-                                     f"{exc.strerror}") from exc
-            if not stat.S_ISFIFO(os.fstat(fd).st_mode):
-                os.close(fd)
-                raise TransportError(f"doorbell {self.path} is not a FIFO")
-            self._fd = fd
+            raise TransportError(f"doorbell {self.path} is closed")
         try:
             os.write(self._fd, b"\x01")
         except BlockingIOError:
