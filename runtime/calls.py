@@ -194,7 +194,12 @@ class CallerChannel:
         if self.dead is not None:
             raise ActorDiedError(str(self.dead))
         timeout = self.ctx.session.call_timeout
-        with self._send_lock:
+        # Waiting for the send lock, keep reading replies when we may: the
+        # holder may be stuck on a full ring that only drains once the actor
+        # can write its replies -- and the reader may be us, in a callback.
+        while not self._send_lock.acquire(timeout=0.0005):
+            self._drain_nowait()
+        try:
             call_id = next(self._ids) & 0xFFFFFFFF
             self.pending[call_id] = (waiter,
                                      None if timeout is None else time.monotonic() + timeout)
@@ -206,7 +211,11 @@ class CallerChannel:
                 if isinstance(exc, ActorDiedError):
                     self._fail_all(exc)
                 raise
-        if self._deferred:
+        finally:
+            self._send_lock.release()
+        # Complete what was read meanwhile -- unless this thread is the reader
+        # (a callback): its reading loop does it next, without nesting deeper.
+        if self._deferred and not self._role._is_owned():
             with self._role:
                 self._dispatch_deferred()
 
@@ -236,10 +245,10 @@ class CallerChannel:
         while not done():
             if self.dead is not None or self.closed:
                 return
-            if self._deferred:
-                self._dispatch_deferred()
-                continue
             try:
+                if self._deferred:
+                    self._dispatch_deferred()
+                    continue
                 ok, msg = ch.try_recv(check=self.check)
                 if ok:
                     self._dispatch(msg)
@@ -272,7 +281,9 @@ class CallerChannel:
         entry = self.pending.pop(call_id, None)
         if entry is None:
             return  # the call timed out earlier: drop its late reply
-        entry[0].complete(True, payload) if ok else \
+        if ok:
+            entry[0].complete(True, payload)
+        else:
             entry[0].complete(False, _rebuild_error(payload, safe=self.ref.untrusted))
 
     def _expire(self, deadline: float | None) -> float | None:
