@@ -6,7 +6,7 @@ frames with ``copy=False`` (ZeroMQ reads the tensor's memory directly) and
 ``track=True``: :meth:`BulkLink.send` returns only once ZeroMQ has released
 the buffers, so a caller may modify or free its tensor as soon as the call
 returns.  Frames are received with ``copy=False`` and handed on as
-``torch.uint8`` tensors over the frame's own memory: no further copy.
+``uint8`` arrays over the frame's own memory: no further copy.
 
 High-water marks bound what a slow reader can make the writer queue.
 """
