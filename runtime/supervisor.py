@@ -36,6 +36,7 @@ from typing import Any
 from runtime import malloc
 from runtime import session as sessions
 from runtime.table import ALIVE, DEAD, RESTARTING, STARTING, ActorTable, describe_exit
+from runtime.transport.segment import unlink_quietly
 from runtime.wire import FrameReader, write_frame
 
 log = logging.getLogger("runtime.supervisor")
@@ -209,7 +210,8 @@ class Supervisor:
                          exit=code)
         sessions.remove_session_files(self.session, pid=pid)
         for suffix in (".bell", ".ctl"):
-            _unlink(self.session.private_path(f"actor{actor.index}.{actor.incarnation}{suffix}"))
+            name = f"actor{actor.index}.{actor.incarnation}{suffix}"
+            unlink_quietly(self.session.private_path(name))
         init_error = getattr(actor, "init_error", None)
         actor.init_error = None
         if actor.pending:  # died before it was ready: a failed start
@@ -283,13 +285,6 @@ def _signal(proc: subprocess.Popen, sig: int) -> None:
     try:
         proc.send_signal(sig)
     except ProcessLookupError:
-        pass
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
         pass
 
 

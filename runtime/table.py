@@ -72,9 +72,6 @@ class ActorTable:
         e = self._entries[index]
         return Entry(e.state, e.incarnation, e.pid, e.exit, e.flags, e.restarts)
 
-    def state(self, index: int) -> int:
-        return self._entries[index].state
-
     def alive(self, index: int, incarnation: int) -> bool:
         """True while incarnation ``incarnation`` of actor ``index`` is ALIVE (fast path)."""
         e = self._entries[index]

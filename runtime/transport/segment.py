@@ -20,7 +20,7 @@ import os
 
 from runtime.errors import TransportError
 
-__all__ = ["Segment"]
+__all__ = ["Segment", "unlink_quietly"]
 
 PREFIX = "rt_"
 
@@ -65,7 +65,7 @@ class Segment:
             mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:
             os.close(fd)
-            _unlink_quietly(path)
+            unlink_quietly(path)
             raise
         os.close(fd)
         return cls(path, mm, owner=True)
@@ -106,14 +106,15 @@ class Segment:
         """Remove the file (once; the mapping stays valid until closed)."""
         if not self._unlinked:
             self._unlinked = True
-            _unlink_quietly(self.path)
+            unlink_quietly(self.path)
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else "open"
         return f"<Segment {self.path} {self.size} bytes {state}>"
 
 
-def _unlink_quietly(path: str) -> None:
+def unlink_quietly(path: str) -> None:
+    """Remove ``path``; a file already gone is not an error."""
     try:
         os.unlink(path)
     except FileNotFoundError:
