@@ -50,10 +50,13 @@ from runtime.transport.doorbell import Doorbell
 THRESHOLD = 10 * 1024 * 1024
 
 
-def channel_server(spec, private_dir):
+def channel_server(spec, ring_fds, private_dir):
     malloc.tune_current_process()
     bell = Doorbell(os.path.join(private_dir, "server.bell"))
-    ch = Channel.attach(spec, own_bell=bell, safe=False, name="server")
+    # The rings have no name: open the client's descriptors through /proc
+    # (the runtime itself passes them over a Unix socket, SCM_RIGHTS).
+    fds = [os.open(f"/proc/{os.getppid()}/fd/{fd}", os.O_RDWR) for fd in ring_fds]
+    ch = Channel.attach(spec, fds=fds, own_bell=bell, safe=False, name="server")
     ch.send(bell.path)  # handshake: tells the client where to ring
     while True:
         msg = ch.recv(spin_s=300e-6)
@@ -73,7 +76,7 @@ def bench_channel(sizes, private_dir):
     client = Channel.create(shm_dir="/dev/shm", private_dir=private_dir,
                             name=f"rt_bench{os.getpid()}", threshold=THRESHOLD)
     proc = mp.get_context("spawn").Process(target=channel_server,
-                                           args=(client.spec(), private_dir))
+                                           args=(client.spec(), client.ring_fds(), private_dir))
     proc.start()
     client.attached(client.recv(deadline=time.monotonic() + 60))
     out = {}

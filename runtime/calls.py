@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import pickle
 import threading
 import time
 from collections.abc import Callable
@@ -32,19 +31,18 @@ from dataclasses import dataclass
 from typing import Any
 
 import cloudpickle
-import zmq
 
+from runtime import control
 from runtime.errors import (
     ActorDiedError,
     ActorRuntimeError,
     CallTimeoutError,
     ProtocolError,
-    TransportError,
     make_remote_exception,
 )
 from runtime.session import Session
 from runtime.spin import SpinPolicy
-from runtime.table import ALIVE, DEAD, STATE_NAMES, ActorTable, describe_exit
+from runtime.table import ALIVE, DEAD, FLAG_UNTRUSTED, STATE_NAMES, ActorTable, describe_exit
 from runtime.transport.channel import Channel
 
 __all__ = ["ActorRef", "ProcessContext", "context_for", "register_context"]
@@ -72,8 +70,9 @@ class ActorRef:
     untrusted: bool
 
 
-def ctl_endpoint(session: Session, index: int, incarnation: int) -> str:
-    return f"ipc://{session.private_path(f'actor{index}.{incarnation}.ctl')}"
+def ctl_path(session: Session, index: int, incarnation: int) -> str:
+    """The Unix socket on which incarnation ``incarnation`` of actor ``index`` opens channels."""
+    return session.private_path(f"actor{index}.{incarnation}.ctl")
 
 
 def bell_path(session: Session, index: int, incarnation: int) -> str:
@@ -284,7 +283,7 @@ class CallerChannel:
         if ok:
             entry[0].complete(True, payload)
         else:
-            entry[0].complete(False, _rebuild_error(payload, safe=self.ref.untrusted))
+            entry[0].complete(False, _rebuild_error(payload, safe=self.channel.safe))
 
     def _expire(self, deadline: float | None) -> float | None:
         """Fail calls past their call_timeout; return the next deadline to wake at."""
@@ -467,29 +466,25 @@ class ProcessContext:
     def _open(self, ref: ActorRef, incarnation: int) -> CallerChannel:
         s = self.session
         name = s.segment_name(f"c{next(self._names)}")
+        # Trust comes from the supervisor's record (the read-only table), not
+        # from the handle, which is plain data anyone could have built.
+        safe = bool(self.table.read(ref.index).flags & FLAG_UNTRUSTED)
         channel = Channel.create(shm_dir=s.shm_dir, private_dir=s.private_dir, name=name,
-                                 threshold=s.threshold, safe=ref.untrusted)
+                                 threshold=s.threshold, safe=safe)
         cc = CallerChannel(self, ref, incarnation, channel)
-        sock = zmq.Context.instance().socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
         try:
-            sock.connect(ctl_endpoint(s, ref.index, incarnation))
-            sock.send(pickle.dumps(("open", channel.spec(), os.getpid(), self.self_index, name)))
-            deadline = time.monotonic() + OPEN_TIMEOUT_S
-            while not sock.poll(50):
-                cc.check()
-                if time.monotonic() > deadline:
-                    raise TransportError(f"actor {ref.name!r} did not accept a channel "
-                                         f"within {OPEN_TIMEOUT_S} s")
-            status, detail = pickle.loads(sock.recv())
-            if status != "ok":
-                raise TransportError(f"actor {ref.name!r} refused a channel: {detail}")
-            channel.attached(detail)
+            reply = control.request(
+                ctl_path(s, ref.index, incarnation),
+                ["open", {"name": name, "spec": channel.spec().as_dict()}],
+                channel.ring_fds(), timeout=OPEN_TIMEOUT_S, check=cc.check)
+            fields = control.reply_fields(reply, f"opening a channel to actor {ref.name!r}")
+            bell = fields.get("bell")
+            if not isinstance(bell, str) or not bell.startswith(s.private_dir + os.sep):
+                raise ProtocolError(f"actor {ref.name!r} answered with a bad doorbell path")
+            channel.attached(bell)
         except BaseException:
             channel.close(notify=False)
             raise
-        finally:
-            sock.close(0)
         return cc
 
     # -- bookkeeping -------------------------------------------------------------

@@ -2,9 +2,12 @@
 
 Started by ``ActorSystem`` as ``python -m runtime.supervisor``: a child of the
 driver, never a fork of it, and free of torch so it starts fast and stays
-small.  It talks to the driver over two pipes (length-prefixed pickles; see
-``wire.py``) and to nobody else; callers learn of deaths from the shared
-actor table (``table.py``), which only the supervisor writes.
+small.  It talks to the driver over a Unix socket pair and a pipe (JSON
+frames, see ``wire.py``; each spawn request carries the actor's sealed
+constructor memfd as a descriptor, see ``spec.py``) and reads each starting
+actor's status pipe (JSON too: an untrusted actor writes it).  Callers learn
+of deaths from the shared actor table (``table.py``), which only the
+supervisor can write: it seals the table against every other writer.
 
 Duties:
 
@@ -27,6 +30,7 @@ import logging
 import os
 import selectors
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -35,6 +39,7 @@ from typing import Any
 
 from runtime import malloc
 from runtime import session as sessions
+from runtime.errors import ProtocolError
 from runtime.table import ALIVE, DEAD, RESTARTING, STARTING, ActorTable, describe_exit
 from runtime.transport.segment import unlink_quietly
 from runtime.wire import FrameReader, write_frame
@@ -54,7 +59,7 @@ def _die_with_parent() -> None:
 class _Actor:
     index: int
     name: str
-    spec: bytes
+    spec_fd: int
     max_restarts: int
     flags: int
     boot: dict[str, Any]
@@ -71,9 +76,9 @@ class _Actor:
 class Supervisor:
     def __init__(self, cfg: dict[str, Any]) -> None:
         self.session = sessions.Session(**cfg["session"])
-        self.table = ActorTable(cfg["table_fd"])
+        self.table = ActorTable.open_writer(cfg["table_fd"])
         self.driver_pid = cfg["driver_pid"]
-        self.req = FrameReader(cfg["req_fd"])
+        self.req = FrameReader(socket.socket(fileno=cfg["req_fd"]))
         self.rep_fd = cfg["rep_fd"]
         os.set_blocking(self.req.fd, False)
         self.actors: dict[int, _Actor] = {}
@@ -90,11 +95,17 @@ class Supervisor:
     # -- main loop -------------------------------------------------------------
     def run(self) -> None:
         self.session.record_owner("supervisor", os.getpid())
-        write_frame(self.rep_fd, ("hello", os.getpid()))
+        write_frame(self.rep_fd, ["hello", os.getpid()])
         while not self.stopping:
             for key, _ in self.sel.select(timeout=0.2):
                 if key.data == "req":
-                    for msg in self.req.feed():
+                    try:
+                        msgs = self.req.feed()
+                    except ProtocolError as exc:  # the driver is trusted: a bug, not an attack
+                        log.error("bad request from the driver (%s); exiting", exc)
+                        self._exit_all("bad request")
+                        return
+                    for msg in msgs:
                         self._handle(msg)
                     if self.req.eof:
                         self._exit_all("driver gone")
@@ -111,41 +122,41 @@ class Supervisor:
                 self._exit_all("driver gone")
                 return
 
-    def _handle(self, msg: tuple) -> None:
+    def _handle(self, msg: list) -> None:
         op, rid = msg[0], msg[1]
         if op == "spawn":
-            _, _, index, name, spec, max_restarts, flags, boot = msg
-            actor = _Actor(index, name, spec, max_restarts, flags, boot)
+            _, _, index, name, max_restarts, flags, boot = msg
+            (spec_fd,) = self.req.take_fds(1)
+            actor = _Actor(index, name, spec_fd, max_restarts, flags, boot)
             actor.pending.append(rid)
             self.actors[index] = actor
             self._start(actor)
         elif op == "kill":
             actor = self.actors.get(msg[2])
             if actor is None or actor.proc is None:
-                write_frame(self.rep_fd, ("killed", rid, None))
+                write_frame(self.rep_fd, ["killed", rid, None])
                 return
             actor.killed = True
             actor.kill_requests.append(rid)
             _signal(actor.proc, signal.SIGKILL)
         elif op == "shutdown":
             self._stop_all()
-            write_frame(self.rep_fd, ("bye", rid, None))
+            write_frame(self.rep_fd, ["bye", rid, None])
             self.stopping = True
         else:
-            write_frame(self.rep_fd, ("error", rid, f"unknown request {op!r}"))
+            write_frame(self.rep_fd, ["error", rid, f"unknown request {op!r}"])
 
     # -- starting --------------------------------------------------------------
     def _start(self, actor: _Actor) -> None:
         status_r, status_w = os.pipe2(os.O_CLOEXEC)
-        spec_fd = os.memfd_create("rt_spec", 0)
-        os.write(spec_fd, actor.spec)
         boot = dict(actor.boot, session=self.session.__dict__, index=actor.index,
                     name=actor.name, incarnation=actor.incarnation, table_fd=self.table.fd,
-                    status_fd=status_w, spec_fd=spec_fd, supervisor_pid=os.getpid())
+                    status_fd=status_w, spec_fd=actor.spec_fd, supervisor_pid=os.getpid(),
+                    driver_pid=self.driver_pid)
         try:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "runtime.worker", json.dumps(boot)],
-                stdin=subprocess.DEVNULL, pass_fds=(self.table.fd, status_w, spec_fd),
+                stdin=subprocess.DEVNULL, pass_fds=(self.table.fd, status_w, actor.spec_fd),
                 preexec_fn=_die_with_parent,  # noqa: PLW1509 - the supervisor has one thread
                 cwd=actor.boot.get("cwd") or None, env=self.actor_env)
         except OSError as exc:
@@ -154,7 +165,6 @@ class Supervisor:
             return
         finally:
             os.close(status_w)
-            os.close(spec_fd)
         actor.proc = proc
         actor.ready = False
         os.set_blocking(status_r, False)
@@ -165,14 +175,21 @@ class Supervisor:
 
     def _status(self, actor: _Actor) -> None:
         reader = actor.status
-        for msg in reader.feed():
-            if msg[0] == "ready":
+        try:
+            msgs = reader.feed()
+        except ProtocolError as exc:
+            log.warning("actor %s wrote a malformed status (%s); killing it", actor.name, exc)
+            self._close_status(actor)
+            _signal(actor.proc, signal.SIGKILL)
+            return
+        for msg in msgs:
+            if msg[0] == "ready" and actor.proc is not None:
                 actor.ready = True
                 self.table.write(actor.index, state=ALIVE)
                 for rid in actor.pending:
-                    write_frame(self.rep_fd, ("spawned", rid, actor.proc.pid))
+                    write_frame(self.rep_fd, ["spawned", rid, actor.proc.pid])
                 actor.pending.clear()
-            elif msg[0] == "init_failed":
+            elif msg[0] == "init_failed" and len(msg) == 2 and isinstance(msg[1], str):
                 actor.init_error = msg[1]
         if reader.eof:
             self._close_status(actor)
@@ -186,8 +203,15 @@ class Supervisor:
     def _start_failed(self, actor: _Actor, text: str) -> None:
         self.table.write(actor.index, state=DEAD)
         for rid in actor.pending:
-            write_frame(self.rep_fd, ("start_failed", rid, text))
+            write_frame(self.rep_fd, ["start_failed", rid, text])
         actor.pending.clear()
+        self._forget_spec(actor)
+
+    def _forget_spec(self, actor: _Actor) -> None:
+        """Close the constructor memfd of an actor that will never start again."""
+        if actor.spec_fd >= 0:
+            os.close(actor.spec_fd)
+            actor.spec_fd = -1
 
     # -- deaths ----------------------------------------------------------------
     def _reap(self) -> None:
@@ -196,9 +220,7 @@ class Supervisor:
             if proc is None or proc.poll() is None:
                 continue
             if actor.status is not None:  # collect a last status message
-                for msg in actor.status.feed():
-                    if msg[0] == "init_failed":
-                        actor.init_error = msg[1]
+                self._status(actor)
                 self._close_status(actor)
             self._died(actor, proc.returncode)
 
@@ -219,14 +241,16 @@ class Supervisor:
                                   f"({describe_exit(code)})")
             self.table.write(actor.index, state=DEAD, exit=code)
             for rid in actor.pending:
-                write_frame(self.rep_fd, ("start_failed", rid, text))
+                write_frame(self.rep_fd, ["start_failed", rid, text])
             actor.pending.clear()
+            self._forget_spec(actor)
             return
         if not self._will_restart(actor):
             self.table.write(actor.index, state=DEAD, exit=code)
             for rid in actor.kill_requests:
-                write_frame(self.rep_fd, ("killed", rid, None))
+                write_frame(self.rep_fd, ["killed", rid, None])
             actor.kill_requests.clear()
+            self._forget_spec(actor)
             return
         actor.restarts += 1
         actor.incarnation += 1

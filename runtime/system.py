@@ -15,6 +15,7 @@ import itertools
 import json
 import logging
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -30,8 +31,9 @@ import runtime
 from runtime import malloc
 from runtime.actor import ActorHandle, actor_options
 from runtime.calls import ActorRef, ProcessContext, register_context, summarize, unregister_context
-from runtime.errors import ActorDiedError, ActorRuntimeError, ActorStartError
+from runtime.errors import ActorDiedError, ActorRuntimeError, ActorStartError, ProtocolError
 from runtime.session import Session, collect, remove_session_files
+from runtime.spec import write_spec
 from runtime.table import CAPACITY, FLAG_UNTRUSTED, ActorTable
 from runtime.transport.channel import ring_capacity
 from runtime.wire import FrameReader, write_frame
@@ -84,22 +86,27 @@ class SystemOptions:
 
 
 class _SupervisorLink:
-    """The driver's side of the two pipes to the supervisor."""
+    """The driver's side of the links to the supervisor.
 
-    def __init__(self, session: Session, table: ActorTable) -> None:
-        req_r, self.req_w = os.pipe()
+    Requests go over a Unix socket pair (a spawn request carries the actor's
+    constructor memfd as a descriptor), replies come back on a pipe; both
+    carry JSON frames (``wire.py``).
+    """
+
+    def __init__(self, session: Session, table_fd: int) -> None:
+        self.req, req_r = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.rep_r, rep_w = os.pipe()
-        cfg = {"session": session.__dict__, "table_fd": table.fd, "driver_pid": os.getpid(),
-               "req_fd": req_r, "rep_fd": rep_w}
+        cfg = {"session": session.__dict__, "table_fd": table_fd, "driver_pid": os.getpid(),
+               "req_fd": req_r.fileno(), "rep_fd": rep_w}
         env = dict(os.environ)
         root = os.path.dirname(os.path.dirname(os.path.abspath(runtime.__file__)))
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
         try:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "runtime.supervisor", json.dumps(cfg)],
-                stdin=subprocess.DEVNULL, pass_fds=(table.fd, req_r, rep_w), env=env)
+                stdin=subprocess.DEVNULL, pass_fds=(table_fd, req_r.fileno(), rep_w), env=env)
         finally:
-            os.close(req_r)
+            req_r.close()
             os.close(rep_w)
         self._reader = FrameReader(self.rep_r)
         self._waiters: dict[int, Future] = {}
@@ -120,7 +127,7 @@ class _SupervisorLink:
         while True:
             try:
                 msgs = self._reader.feed()
-            except OSError:
+            except (OSError, ProtocolError):
                 msgs, self._reader.eof = [], True
             for msg in msgs:
                 if msg[0] == "hello":
@@ -139,21 +146,25 @@ class _SupervisorLink:
                 self._waiters.clear()
                 return
 
-    def request(self, op: str, *args: Any) -> Future:
+    def request(self, op: str, *args: Any, fds: tuple[int, ...] = ()) -> Future:
         fut: Future = Future()
         with self._lock:
             if self.dead:
                 raise ActorDiedError("the supervisor process died")
             rid = next(self._ids)
             self._waiters[rid] = fut
-            write_frame(self.req_w, (op, rid, *args))
+            try:
+                write_frame(self.req, [op, rid, *args], fds)
+            except OSError as exc:
+                self._waiters.pop(rid, None)
+                raise ActorDiedError(f"the supervisor process died ({exc})") from exc
         return fut
 
     def close(self, *, kill: bool = False) -> None:
         if kill and self.proc.poll() is None:
             self.proc.kill()
         try:
-            os.close(self.req_w)  # EOF tells a live supervisor the driver is done
+            self.req.close()  # EOF tells a live supervisor the driver is done
         except OSError:
             pass
         try:
@@ -196,12 +207,19 @@ class ActorSystem:
         self._counters: dict[str, itertools.count] = {}
         self._next_index = 0
         self._table = None
+        table_fd = -1
         try:
-            self._table = ActorTable.create()
-            self._link = _SupervisorLink(self.session, self._table)
+            table_fd = ActorTable.create()
+            self._link = _SupervisorLink(self.session, table_fd)
+            # Sealed by the supervisor by now: this process maps it read-only.
+            self._table = ActorTable(table_fd)
         except BaseException:
             if self._table is not None:
                 self._table.close()
+            elif table_fd >= 0:
+                os.close(table_fd)
+            if getattr(self, "_link", None) is not None:
+                self._link.close(kill=True)
             remove_session_files(self.session)
             raise
         self._ctx = ProcessContext(self.session, self._table, owner_check=self._check_link)
@@ -251,11 +269,15 @@ class ActorSystem:
         methods = frozenset(n for n in dir(cls)
                             if not n.startswith("__") and callable(getattr(cls, n, None)))
         ref = ActorRef(self.session.sid, index, name, cls.__qualname__, methods, bool(untrusted))
-        spec = _pickle_spec(cls, args, kwargs)
+        spec_fd = _spec_memfd(cls, args, kwargs)
         flags = FLAG_UNTRUSTED if untrusted else 0
         boot = {"sys_path": list(sys.path), "cwd": os.getcwd(), "flags": flags}
-        status, detail = self._link.request("spawn", index, name, spec, max_restarts, flags,
-                                            boot).result()
+        try:
+            fut = self._link.request("spawn", index, name, max_restarts, flags, boot,
+                                     fds=(spec_fd,))
+        finally:
+            os.close(spec_fd)  # the supervisor holds its own descriptor now
+        status, detail = fut.result()
         if status != "spawned":
             raise ActorStartError(detail)
         return ActorHandle(ref, self._ctx)
@@ -305,8 +327,8 @@ class ActorSystem:
         return f"<ActorSystem {self.session.sid} {state}>"
 
 
-def _pickle_spec(cls: type, args: tuple, kwargs: dict) -> bytes:
-    """The constructor call, cloudpickled.
+def _spec_memfd(cls: type, args: tuple, kwargs: dict) -> int:
+    """The constructor call in a sealed memfd (see ``runtime.spec``).
 
     Classes of modules an actor process could not import (and ``__main__``)
     travel by value.
@@ -317,7 +339,7 @@ def _pickle_spec(cls: type, args: tuple, kwargs: dict) -> bytes:
     if by_value:
         cloudpickle.register_pickle_by_value(module)
     try:
-        return cloudpickle.dumps((cls, args, kwargs))
+        return write_spec((cls, args, kwargs))
     finally:
         if by_value:
             cloudpickle.unregister_pickle_by_value(module)

@@ -6,13 +6,21 @@ dead actor notices the death with one memory load.  The region is a
 ``memfd`` inherited by file descriptor: it has no name in any directory, so
 no crash can leak it.
 
-Entry layout (32 bytes, entry ``i`` at ``32 * i``)::
+Only the supervisor can write it.  The driver creates the memfd (with sealing
+allowed) and hands it to the supervisor, which maps it writable and then seals
+it with ``F_SEAL_FUTURE_WRITE`` (plus shrink, grow and seal): from then on no
+process -- an untrusted actor that reopens ``/proc/self/fd/N`` included -- can
+map it writable, ``mprotect`` a mapping to writable or ``write()`` to it, while
+the supervisor's own mapping stays writable.  Everyone else maps it read-only,
+so an actor cannot clear its own ``untrusted`` flag.
+
+Entry layout (32 bytes, eight u32 words, entry ``i`` at ``32 * i``)::
 
     offset  size  field
     0       4     state        EMPTY / STARTING / ALIVE / RESTARTING / DEAD
     4       4     incarnation  0 for the first process, +1 per restart
     8       4     pid          of the current (or last) process
-    12      4     exit         exit code of the last process, -N for signal N
+    12      4     exit         exit code of the last process, -N for signal N (i32)
     16      4     flags        bit 0: untrusted
     20      4     restarts     restarts so far
 
@@ -22,11 +30,13 @@ incarnation and pid.
 
 from __future__ import annotations
 
-import ctypes
+import fcntl
 import mmap
 import os
 import signal
 from typing import NamedTuple
+
+from runtime.errors import ActorRuntimeError
 
 __all__ = ["ActorTable", "Entry", "describe_exit"]
 
@@ -34,14 +44,12 @@ EMPTY, STARTING, ALIVE, RESTARTING, DEAD = range(5)
 STATE_NAMES = ("empty", "starting", "alive", "restarting", "dead")
 CAPACITY = 4096
 ENTRY = 32
+_WORDS = ENTRY // 4
 FLAG_UNTRUSTED = 1
-
-
-class _Entry(ctypes.Structure):
-    _fields_ = [("state", ctypes.c_uint32), ("incarnation", ctypes.c_uint32),
-                ("pid", ctypes.c_int32), ("exit", ctypes.c_int32),
-                ("flags", ctypes.c_uint32), ("restarts", ctypes.c_uint32),
-                ("_pad", ctypes.c_uint32 * 2)]
+_STATE, _INCARNATION, _PID, _EXIT, _FLAGS, _RESTARTS = range(6)
+# Linux >= 5.1; Python's fcntl module does not name it.
+F_SEAL_FUTURE_WRITE = getattr(fcntl, "F_SEAL_FUTURE_WRITE", 0x0010)
+_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | F_SEAL_FUTURE_WRITE | fcntl.F_SEAL_SEAL
 
 
 class Entry(NamedTuple):
@@ -54,49 +62,76 @@ class Entry(NamedTuple):
 
 
 class ActorTable:
-    """A view of the session's actor table."""
+    """A view of the session's actor table: read-only unless ``writable`` (the supervisor)."""
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, *, writable: bool = False) -> None:
         self.fd = fd
-        self._mm = mmap.mmap(fd, CAPACITY * ENTRY, mmap.MAP_SHARED,
-                             mmap.PROT_READ | mmap.PROT_WRITE)
-        self._entries = (_Entry * CAPACITY).from_buffer(self._mm)
+        self.writable = writable
+        prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+        self._mm: mmap.mmap | None = mmap.mmap(fd, CAPACITY * ENTRY, mmap.MAP_SHARED, prot)
+        view = memoryview(self._mm)
+        self._u32 = view.cast("I")  # state, incarnation, flags, restarts
+        self._i32 = view.cast("i")  # pid, exit
+        view.release()
 
     @classmethod
-    def create(cls) -> ActorTable:
-        fd = os.memfd_create("rt_actor_table", 0)  # close-on-exec; passed explicitly
+    def create(cls) -> int:
+        """A new, unmapped, sealable table memfd for the supervisor to map and seal."""
+        fd = os.memfd_create("rt_actor_table", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         os.ftruncate(fd, CAPACITY * ENTRY)
-        return cls(fd)
+        return fd
+
+    @classmethod
+    def open_writer(cls, fd: int) -> ActorTable:
+        """The supervisor's view: map writable, then seal against every other writer."""
+        table = cls(fd, writable=True)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
+        return table
 
     def read(self, index: int) -> Entry:
-        e = self._entries[index]
-        return Entry(e.state, e.incarnation, e.pid, e.exit, e.flags, e.restarts)
+        b = index * _WORDS
+        u, i = self._u32, self._i32
+        return Entry(u[b], u[b + 1], i[b + 2], i[b + 3], u[b + 4], u[b + 5])
 
     def alive(self, index: int, incarnation: int) -> bool:
         """True while incarnation ``incarnation`` of actor ``index`` is ALIVE (fast path)."""
-        e = self._entries[index]
-        return e.state == ALIVE and e.incarnation == incarnation
+        b = index * _WORDS
+        return self._u32[b] == ALIVE and self._u32[b + 1] == incarnation
+
+    def find_pid(self, pid: int) -> tuple[int, Entry] | None:
+        """The (index, entry) of the live or starting actor process ``pid``, if any."""
+        i32 = self._i32
+        for index in range(CAPACITY):
+            b = index * _WORDS
+            if i32[b + _PID] == pid and self._u32[b] in (STARTING, ALIVE):
+                return index, self.read(index)
+        return None
 
     def write(self, index: int, *, state: int, incarnation: int | None = None,
               pid: int | None = None, exit: int | None = None, flags: int | None = None,
               restarts: int | None = None) -> None:
         """Update an entry (supervisor only); ``state`` is stored last."""
-        e = self._entries[index]
+        if not self.writable:
+            raise ActorRuntimeError("the actor table is read-only in this process")
+        b = index * _WORDS
+        u, i = self._u32, self._i32
         if incarnation is not None:
-            e.incarnation = incarnation
+            u[b + _INCARNATION] = incarnation
         if pid is not None:
-            e.pid = pid
+            i[b + _PID] = pid
         if exit is not None:
-            e.exit = exit
+            i[b + _EXIT] = exit
         if flags is not None:
-            e.flags = flags
+            u[b + _FLAGS] = flags
         if restarts is not None:
-            e.restarts = restarts
-        e.state = state
+            u[b + _RESTARTS] = restarts
+        u[b + _STATE] = state
 
     def close(self) -> None:
+        """Unmap and close the descriptor (idempotent)."""
         if self._mm is not None:
-            del self._entries
+            self._u32.release()
+            self._i32.release()
             self._mm.close()
             self._mm = None
             os.close(self.fd)

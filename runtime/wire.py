@@ -1,49 +1,109 @@
-"""Length-prefixed pickle messages over pipes.
+"""Length-prefixed JSON messages over pipes and Unix sockets, with descriptors.
 
-Between the driver, the supervisor and starting actors: processes of one
-trusted session.
+Between the driver and the supervisor, and from a starting actor to the
+supervisor.  The format is plain on purpose: an actor (an untrusted one
+included) writes its status pipe, and nothing an actor can write is ever
+unpickled by another process.  A message is a JSON array of strings,
+numbers, booleans, None and nested arrays/objects::
+
+    offset  size  field
+    0       4     length N of the body (u32, little-endian), at most MAX_FRAME
+    4       N     UTF-8 JSON
+
+On a Unix socket a message may carry file descriptors (``SCM_RIGHTS``), sent
+with its first byte: the driver hands the supervisor each actor's
+constructor-call memfd that way, so the arguments never pass through the
+supervisor's memory.  A malformed or oversized frame raises
+:class:`~runtime.errors.ProtocolError`.
 """
 
 from __future__ import annotations
 
+import array
+import json
 import os
-import pickle
 import select
+import socket
 import struct
 from typing import Any
 
-__all__ = ["FrameReader", "write_frame"]
+from runtime.errors import ProtocolError
+
+__all__ = ["MAX_FRAME", "FrameReader", "encode_frame", "write_frame"]
 
 _LEN = struct.Struct("<I")
+MAX_FRAME = 16 << 20
+"""Longest message body: status messages carry an ``__init__`` traceback at most."""
+_MAX_FDS = 8
 
 
-def write_frame(fd: int, obj: Any) -> None:
-    """Write one message (blocking until the pipe took all of it)."""
-    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    buf = memoryview(_LEN.pack(len(data)) + data)
+def encode_frame(obj: Any) -> bytes:
+    """One message as bytes: length prefix and JSON body."""
+    data = json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
+    if len(data) > MAX_FRAME:
+        raise ProtocolError(f"message of {len(data)} bytes exceeds {MAX_FRAME}")
+    return _LEN.pack(len(data)) + data
+
+
+def write_frame(target: int | socket.socket, obj: Any, fds: tuple[int, ...] = ()) -> None:
+    """Write one message (blocking until all of it is taken); ``fds`` need a socket."""
+    buf = memoryview(encode_frame(obj))
+    sock = target if isinstance(target, socket.socket) else None
+    if fds and sock is None:
+        raise ValueError("descriptors travel over a Unix socket, not a pipe")
     while buf:
         try:
-            n = os.write(fd, buf)
+            if sock is None:
+                n = os.write(target, buf)
+            elif fds:
+                n = socket.send_fds(sock, [buf], list(fds))
+                fds = ()
+            else:
+                n = sock.send(buf)
         except BlockingIOError:
+            fd = target if sock is None else sock.fileno()
             select.select([], [fd], [], 1.0)
             continue
         buf = buf[n:]
 
 
 class FrameReader:
-    """Reassembles messages from a pipe read in whatever pieces arrive."""
+    """Reassembles messages from a pipe or socket read in whatever pieces arrive.
 
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
+    Descriptors received on a socket queue up in ``fds`` in arrival order; a
+    message that announces descriptors takes them from the front.
+    """
+
+    def __init__(self, source: int | socket.socket, *, max_frame: int = MAX_FRAME) -> None:
+        self.max_frame = max_frame
+        self.sock = source if isinstance(source, socket.socket) else None
+        self.fd = source.fileno() if self.sock is not None else source
         self._buf = bytearray()
+        self.fds: list[int] = []
         self.eof = False
 
-    def feed(self) -> list[Any]:
-        """Read what is available (one ``read``); return the complete messages."""
+    def _read(self) -> bytes | None:
         try:
-            chunk = os.read(self.fd, 1 << 20)
-        except BlockingIOError:
-            chunk = None
+            if self.sock is None:
+                return os.read(self.fd, 1 << 20)
+            data, ancdata, _, _ = self.sock.recvmsg(
+                1 << 20, socket.CMSG_SPACE(_MAX_FDS * array.array("i").itemsize))
+        except (BlockingIOError, InterruptedError):
+            return None
+        for level, kind, payload in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds = array.array("i")
+                fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])
+                self.fds.extend(fds)
+        return data
+
+    def feed(self) -> list[Any]:
+        """Read what is available (one read); return the complete messages.
+
+        Raises ``ProtocolError`` on a frame that is oversized or not JSON; the
+        stream is unusable after that.
+        """
+        chunk = self._read()
         if chunk == b"":
             self.eof = True
         elif chunk:
@@ -51,8 +111,32 @@ class FrameReader:
         out = []
         while len(self._buf) >= 4:
             (n,) = _LEN.unpack_from(self._buf, 0)
+            if n > self.max_frame:
+                raise ProtocolError(f"frame of {n} bytes exceeds {self.max_frame}")
             if len(self._buf) < 4 + n:
                 break
-            out.append(pickle.loads(bytes(self._buf[4:4 + n])))
+            try:
+                msg = json.loads(bytes(self._buf[4:4 + n]))
+            except ValueError as exc:
+                raise ProtocolError(f"frame is not JSON: {exc}") from None
+            if not isinstance(msg, list) or not msg or not isinstance(msg[0], str):
+                raise ProtocolError("frame is not a list starting with a name")
+            out.append(msg)
             del self._buf[:4 + n]
         return out
+
+    def take_fds(self, n: int) -> list[int]:
+        """The next ``n`` received descriptors (``ProtocolError`` if fewer arrived)."""
+        if n > len(self.fds):
+            raise ProtocolError(f"message announces {n} descriptors, {len(self.fds)} arrived")
+        out, self.fds = self.fds[:n], self.fds[n:]
+        return out
+
+    def close_fds(self) -> None:
+        """Close descriptors received but never taken."""
+        for fd in self.fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.fds = []

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import pickle
 import sys
 import time
 import traceback
@@ -27,12 +26,14 @@ import cloudpickle
 import zmq
 
 from runtime import faults
-from runtime.calls import ProcessContext, bell_path, ctl_endpoint, register_context
+from runtime.calls import ProcessContext, bell_path, ctl_path, register_context
+from runtime.control import ControlServer
 from runtime.errors import ProtocolError, TransportError
 from runtime.session import Session
+from runtime.spec import read_spec
 from runtime.spin import SpinPolicy
 from runtime.table import FLAG_UNTRUSTED, ActorTable
-from runtime.transport.channel import Channel
+from runtime.transport.channel import Channel, ChannelSpec
 from runtime.transport.doorbell import Doorbell
 from runtime.transport.ring import fence
 from runtime.wire import write_frame
@@ -58,41 +59,52 @@ class ActorServer:
     """Serves one actor instance over any number of inbound channels."""
 
     def __init__(self, ctx: ProcessContext, index: int, incarnation: int, name: str,
-                 untrusted: bool) -> None:
+                 untrusted: bool, *, driver_pid: int) -> None:
         self.ctx = ctx
         self.name = name
         self.untrusted = untrusted
+        self.driver_pid = driver_pid
         s = ctx.session
         self.bell = Doorbell(bell_path(s, index, incarnation))
-        self.ctl = zmq.Context.instance().socket(zmq.ROUTER)
-        self.ctl.setsockopt(zmq.LINGER, 0)
-        self.ctl.bind(ctl_endpoint(s, index, incarnation))
+        self.ctl = ControlServer(ctl_path(s, index, incarnation), self._open, name=name)
         self.inbound: list[_Inbound] = []
         self.instance: Any = None
         self._poller: zmq.Poller | None = None
 
     # -- control: channel opening ------------------------------------------------
+    def peer_is_untrusted(self, pid: int) -> bool:
+        """Trust of a connecting process, from the supervisor's records only.
+
+        The driver (its pid came from the supervisor) and trusted actors are
+        trusted; an actor spawned ``untrusted`` is not; any other process is
+        refused: it is not part of this session.
+        """
+        if pid == self.driver_pid:
+            return False
+        found = self.ctx.table.find_pid(pid)
+        if found is None:
+            raise ProtocolError(f"pid {pid} is not a process of this session")
+        return bool(found[1].flags & FLAG_UNTRUSTED)
+
+    def _open(self, msg: list, fds: list[int], pid: int) -> list:
+        """Handle one control request: ``["open", {"name": str, "spec": {...}}]``."""
+        if len(msg) != 2 or msg[0] != "open" or not isinstance(msg[1], dict):
+            raise ProtocolError("unknown control request")
+        name = msg[1].get("name")
+        if not isinstance(name, str) or not 0 < len(name) <= 200:
+            raise ProtocolError("malformed channel name")
+        spec = ChannelSpec.from_dict(msg[1].get("spec"))
+        safe = self.peer_is_untrusted(pid)
+        channel = Channel.attach(spec, fds=fds, own_bell=self.bell, safe=safe, name=name)
+        self.inbound.append(_Inbound(channel, pid))
+        self._poller = None
+        return ["ok", {"bell": self.bell.path}]
+
     def _control(self) -> None:
-        while True:
-            try:
-                ident, payload = self.ctl.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            except ValueError:
-                continue
-            try:
-                op, spec, caller_pid, caller_index, name = pickle.loads(payload)
-                if op != "open":
-                    raise ProtocolError(f"unknown control request {op!r}")
-                safe = caller_index >= 0 and bool(
-                    self.ctx.table.read(caller_index).flags & FLAG_UNTRUSTED)
-                channel = Channel.attach(spec, own_bell=self.bell, safe=safe, name=name)
-            except Exception as exc:  # noqa: BLE001 - reported to the caller
-                self.ctl.send_multipart([ident, pickle.dumps(("error", repr(exc)))])
-                continue
-            self.inbound.append(_Inbound(channel, caller_pid))
-            self._poller = None
-            self.ctl.send_multipart([ident, pickle.dumps(("ok", self.bell.path))])
+        n = len(self.ctl.fds())
+        self.ctl.service()
+        if len(self.ctl.fds()) != n:
+            self._poller = None  # half-read connections are waited on too
 
     def _drop(self, conn: _Inbound) -> None:
         if conn in self.inbound:
@@ -184,7 +196,7 @@ class ActorServer:
                 continue
             if idle_since is None:
                 idle_since = time.perf_counter()
-            if self.ctl.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            if self.ctl.ready():
                 self._control()
                 continue
             if time.perf_counter() < spin_until:
@@ -207,7 +219,8 @@ class ActorServer:
             if self._poller is None:
                 self._poller = zmq.Poller()
                 self._poller.register(self.bell.fd, zmq.POLLIN)
-                self._poller.register(self.ctl, zmq.POLLIN)
+                for fd in self.ctl.fds():
+                    self._poller.register(fd, zmq.POLLIN)
                 for conn in conns:
                     if conn.channel.rx is None:
                         self._poller.register(conn.channel.bulk.socket, zmq.POLLIN)
@@ -243,28 +256,24 @@ def main() -> None:
     name = boot["name"]
     faults.arm(name)
     session = Session(**boot["session"])
-    table = ActorTable(boot["table_fd"])
+    table = ActorTable(boot["table_fd"])  # read-only: only the supervisor writes it
     index = boot["index"]
     untrusted = bool(boot.get("flags", 0) & FLAG_UNTRUSTED)
     ctx = ProcessContext(session, table, self_index=index)
     register_context(ctx)
-    server = ActorServer(ctx, index, boot["incarnation"], name, untrusted)
+    server = ActorServer(ctx, index, boot["incarnation"], name, untrusted,
+                          driver_pid=boot["driver_pid"])
     status_fd = boot["status_fd"]
     try:
-        spec_fd = boot["spec_fd"]
-        os.lseek(spec_fd, 0, os.SEEK_SET)
-        chunks = []
-        while chunk := os.read(spec_fd, 1 << 20):
-            chunks.append(chunk)
-        os.close(spec_fd)
-        cls, args, kwargs = cloudpickle.loads(b"".join(chunks))
+        cls, args, kwargs = read_spec(boot["spec_fd"])
+        os.close(boot["spec_fd"])
         faults.hit("init")
         server.instance = cls(*args, **kwargs)
     except BaseException as exc:  # noqa: BLE001 - reported as ActorStartError
         tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-        write_frame(status_fd, ("init_failed", f"__init__ of actor {name!r} raised:\n{tb}"))
+        write_frame(status_fd, ["init_failed", f"__init__ of actor {name!r} raised:\n{tb}"])
         os._exit(1)
-    write_frame(status_fd, ("ready",))
+    write_frame(status_fd, ["ready"])
     os.close(status_fd)
     try:
         server.serve()

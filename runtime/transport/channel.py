@@ -19,7 +19,8 @@ Record payload (inside a ring record, see ``ring.py``)::
     16+8*nbuf       H         codec header
     align8(...)     ...       buffers, each starting 8-byte aligned
 
-A BULK message on ZeroMQ is ``[prefix+codec header, buffer 0, buffer 1, ...]``.
+A BULK message on ZeroMQ is ``[secret+prefix+codec header, buffer 0, buffer 1, ...]``,
+where ``secret`` is the channel's 16 random bytes (see :class:`ChannelSpec`).
 
 Sizing: each direction's ring holds ``2 x threshold`` bytes including its
 4 KiB header, so one channel uses at most ``4 x threshold`` of ``shm_dir``
@@ -36,8 +37,10 @@ the channel logs one warning per process and carries everything on ZeroMQ.
 from __future__ import annotations
 
 import ctypes
+import hmac
 import logging
 import os
+import secrets
 import struct
 import time
 from collections.abc import Callable
@@ -61,6 +64,7 @@ _PREFIX = struct.Struct("<B3xIII")  # kind, nbuf, header length, tag
 _SIZE = struct.Struct("<Q")
 _PREFIX_LEN = _PREFIX.size  # 16
 _MEMMOVE_MIN = 64 * 1024
+SECRET_LEN = 16
 
 # Default spin before blocking on the doorbell (seconds).  Waking a blocked
 # process costs ~85 us here, a spin iteration ~0.3 us: spin a little longer
@@ -82,13 +86,41 @@ def ring_capacity(threshold: int) -> int:
 
 @dataclass(frozen=True)
 class ChannelSpec:
-    """What the callee needs to attach to a channel the caller created (picklable)."""
+    """What the callee needs to attach to a channel the caller created.
 
-    to_callee: str | None
-    to_caller: str | None
+    Plain data (it travels as JSON in the open request); the two ring
+    segments travel beside it as descriptors (``Channel.ring_fds``), never by
+    name.  ``secret`` opens every ZeroMQ message of the channel, in both
+    directions: the ``ipc://`` endpoint is a file another process of the
+    session could connect to, and a message without the secret is refused
+    before it is decoded.
+    """
+
+    rings: bool
     endpoint: str
     caller_bell: str | None
     threshold: int
+    secret: bytes
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"rings": self.rings, "endpoint": self.endpoint, "caller_bell": self.caller_bell,
+                "threshold": self.threshold, "secret": self.secret.hex()}
+
+    @classmethod
+    def from_dict(cls, d: Any) -> ChannelSpec:
+        """Validate a spec received from a peer (``ProtocolError`` when malformed)."""
+        try:
+            spec = cls(d["rings"], d["endpoint"], d["caller_bell"], d["threshold"],
+                       bytes.fromhex(d["secret"]))
+        except (KeyError, TypeError, ValueError):
+            raise ProtocolError("malformed channel spec") from None
+        if not (type(spec.rings) is bool and type(spec.endpoint) is str
+                and spec.endpoint.startswith("ipc://")
+                and (spec.caller_bell is None or type(spec.caller_bell) is str)
+                and type(spec.threshold) is int and spec.threshold >= 1
+                and len(spec.secret) == SECRET_LEN):
+            raise ProtocolError("malformed channel spec")
+        return spec
 
 
 class _Route:
@@ -112,8 +144,9 @@ class Channel:
 
     def __init__(self, *, tx: ShmRing | None, rx: ShmRing | None, bulk: BulkLink,
                  own_bell: Doorbell | None, owns_bell: bool, peer_bell: DoorbellWriter | None,
-                 threshold: int, safe: bool, name: str) -> None:
+                 threshold: int, safe: bool, name: str, secret: bytes) -> None:
         self.tx, self.rx, self.bulk = tx, rx, bulk
+        self.secret = secret
         self.own_bell, self._owns_bell, self.peer_bell = own_bell, owns_bell, peer_bell
         self.threshold = threshold
         self.safe = safe
@@ -128,20 +161,23 @@ class Channel:
     @classmethod
     def create(cls, *, shm_dir: str, private_dir: str, name: str, threshold: int,
                safe: bool = False) -> Channel:
-        """The caller's end: makes both rings, its doorbell and binds the ZeroMQ link."""
+        """The caller's end: makes both rings, its doorbell and binds the ZeroMQ link.
+
+        The rings are nameless segments (``ShmRing.create_anonymous``): hand
+        :meth:`ring_fds` to the callee, then call :meth:`attached`.
+        """
         if threshold < 1:
             raise ValueError(f"threshold must be >= 1 byte, got {threshold}")
         tx = rx = None
         bell = None
         try:
             cap = ring_capacity(threshold)
-            tx = ShmRing.create(shm_dir, f"{name}_c2a", cap)
-            rx = ShmRing.create(shm_dir, f"{name}_a2c", cap)
+            tx = ShmRing.create_anonymous(shm_dir, cap)
+            rx = ShmRing.create_anonymous(shm_dir, cap)
         except TransportError as exc:
             for ring in (tx, rx):
                 if ring is not None:
                     ring.close()
-                    ring.unlink()
             tx = rx = None
             _warn_fallback(exc)
         try:
@@ -152,46 +188,56 @@ class Channel:
             for ring in (tx, rx):
                 if ring is not None:
                     ring.close()
-                    ring.unlink()
             if bell is not None:
                 bell.close()
             raise
         return cls(tx=tx, rx=rx, bulk=bulk, own_bell=bell, owns_bell=True, peer_bell=None,
-                   threshold=threshold, safe=safe, name=name)
+                   threshold=threshold, safe=safe, name=name,
+                   secret=secrets.token_bytes(SECRET_LEN))
 
     def spec(self) -> ChannelSpec:
-        return ChannelSpec(
-            to_callee=self.tx.segment.path if self.tx else None,
-            to_caller=self.rx.segment.path if self.rx else None,
-            endpoint=self.bulk.endpoint,
-            caller_bell=self.own_bell.path if self.own_bell else None,
-            threshold=self.threshold)
+        return ChannelSpec(rings=self.tx is not None, endpoint=self.bulk.endpoint,
+                           caller_bell=self.own_bell.path if self.own_bell else None,
+                           threshold=self.threshold, secret=self.secret)
+
+    def ring_fds(self) -> tuple[int, ...]:
+        """Caller side, until :meth:`attached`: the descriptors of (to callee, to caller)."""
+        if self.tx is None:
+            return ()
+        return (self.tx.segment.fd, self.rx.segment.fd)
 
     def attached(self, callee_bell: str | None) -> None:
-        """Caller side, once the callee has mapped the rings: unlink their files.
+        """Caller side, once the callee has the rings: drop their descriptors.
 
-        From here on the segments live only as long as some mapping does, so no
-        crash of either process can leak them.
+        The segments have no name; from here on they live exactly as long as
+        the two mappings do, so no crash of either process can leak them.
         """
         for ring in (self.tx, self.rx):
             if ring is not None:
-                ring.unlink()
+                ring.segment.release_fd()
         if self.tx is not None and callee_bell is not None:
             self.peer_bell = DoorbellWriter(callee_bell)
 
     @classmethod
-    def attach(cls, spec: ChannelSpec, *, own_bell: Doorbell | None, safe: bool,
-               name: str) -> Channel:
-        """The callee's end of a channel described by ``spec``."""
+    def attach(cls, spec: ChannelSpec, *, fds: tuple[int, ...] | list[int] = (),
+               own_bell: Doorbell | None, safe: bool, name: str) -> Channel:
+        """The callee's end of a channel described by ``spec``; takes ownership of ``fds``."""
         tx = rx = bulk = None
+        fds = list(fds)
         try:
-            if spec.to_callee is not None and spec.to_caller is not None:
-                rx = ShmRing.attach(spec.to_callee)
-                tx = ShmRing.attach(spec.to_caller)
+            if spec.rings:
+                if len(fds) != 2:
+                    raise ProtocolError(f"channel spec has rings, {len(fds)} descriptors came")
+                rx = ShmRing.from_fd(fds.pop(0))
+                tx = ShmRing.from_fd(fds.pop(0))
+            elif fds:
+                raise ProtocolError("descriptors came for a channel without rings")
             bulk = BulkLink(spec.endpoint, bind=False)
             peer = DoorbellWriter(spec.caller_bell) if (tx is not None and spec.caller_bell) \
                 else None
         except BaseException:
+            for fd in fds:
+                os.close(fd)
             for ring in (tx, rx):
                 if ring is not None:
                     ring.close()
@@ -200,7 +246,7 @@ class Channel:
             raise
         return cls(tx=tx, rx=rx, bulk=bulk, own_bell=own_bell if rx is not None else None,
                    owns_bell=False, peer_bell=peer, threshold=spec.threshold, safe=safe,
-                   name=name)
+                   name=name, secret=spec.secret)
 
     @property
     def mode(self) -> str:
@@ -270,7 +316,7 @@ class Channel:
                     self._ring_peer(check)
                 route = "shm"
         if route == "zmq":
-            prefix = _PREFIX.pack(KIND_INLINE, nbuf, hlen, tag & 0xFFFFFFFF)
+            prefix = self.secret + _PREFIX.pack(KIND_INLINE, nbuf, hlen, tag & 0xFFFFFFFF)
             if nbuf:
                 prefix += _sizes(nbuf).pack(*[b.nbytes for b in buffers])
             self.bulk.send([prefix + header, *buffers], deadline=deadline, check=check)
@@ -420,8 +466,12 @@ class Channel:
         frames = self.bulk.recv(deadline=deadline, check=check)
         t0 = time.perf_counter_ns()
         meta = frames[0].buffer
-        if len(meta) < _PREFIX_LEN:
+        if len(meta) < SECRET_LEN + _PREFIX_LEN:
             raise ProtocolError(f"ZeroMQ message with a {len(meta)}-byte prefix")
+        if not hmac.compare_digest(meta[:SECRET_LEN], self.secret):
+            raise ProtocolError(f"channel {self.name}: a ZeroMQ message without the channel's "
+                                f"secret (not from its peer) was refused")
+        meta = meta[SECRET_LEN:]
         kind, nbuf, hlen, tag = _PREFIX.unpack_from(meta, 0)
         try:
             obj = self._decode_bulk(frames, meta, kind, nbuf, hlen)

@@ -131,6 +131,29 @@ class ShmRing:
             raise
 
     @classmethod
+    def create_anonymous(cls, shm_dir: str, capacity: int) -> ShmRing:
+        """Like :meth:`create`, on a nameless segment (see ``Segment.create_anonymous``)."""
+        capacity = max(MIN_CAPACITY, align8(capacity))
+        seg = Segment.create_anonymous(shm_dir, HEADER_SIZE + capacity)
+        try:
+            ctypes.c_uint64.from_address(seg.address + _OFF_CAP).value = capacity
+            ctypes.c_uint64.from_address(seg.address + _OFF_MAGIC).value = MAGIC
+            return cls(seg)
+        except BaseException:
+            seg.close()
+            raise
+
+    @classmethod
+    def from_fd(cls, fd: int) -> ShmRing:
+        """The ring behind a received descriptor (which this closes)."""
+        seg = Segment.from_fd(fd)
+        try:
+            return cls(seg)
+        except BaseException:
+            seg.close()
+            raise
+
+    @classmethod
     def attach(cls, path: str) -> ShmRing:
         seg = Segment.attach(path)
         try:

@@ -17,6 +17,7 @@ import ctypes
 import errno
 import mmap
 import os
+import secrets
 
 from runtime.errors import TransportError
 
@@ -37,6 +38,66 @@ class Segment:
         self.address: int = ctypes.addressof(self._anchor)
         self.view = memoryview(mm)
         self._unlinked = False
+        self.fd: int | None = None  # kept only by anonymous segments until handed over
+
+    @classmethod
+    def create_anonymous(cls, shm_dir: str, size: int) -> Segment:
+        """A segment with no name: an ``O_TMPFILE`` inode in ``shm_dir``'s filesystem.
+
+        It counts against ``shm_dir``'s space like a named file (so a full
+        ``/dev/shm`` still fails here), but no process can open it by name:
+        the only way in is the descriptor kept in :attr:`fd`, which the
+        creator hands to its peer (``SCM_RIGHTS``) and then releases with
+        :meth:`release_fd`.  Nothing is left behind by any crash.  On a
+        filesystem without ``O_TMPFILE`` the file is created under a random
+        name and unlinked at once, before anyone is told of it.
+        """
+        if size <= 0:
+            raise ValueError(f"segment size must be positive, got {size}")
+        try:
+            fd = os.open(shm_dir, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                raise TransportError(f"cannot create a segment in {shm_dir}: "
+                                     f"{exc.strerror}") from exc
+            path = os.path.join(shm_dir, f"{PREFIX}anon_{secrets.token_hex(16)}")
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC, 0o600)
+            except OSError as exc2:
+                raise TransportError(f"cannot create segment {path}: {exc2.strerror}") from exc2
+            unlink_quietly(path)
+        try:
+            _reserve(fd, size, shm_dir, f"an anonymous segment in {shm_dir}")
+            mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:
+            os.close(fd)
+            raise
+        seg = cls(f"<anonymous in {shm_dir}>", mm, owner=False)
+        seg.fd = fd
+        seg._unlinked = True  # there is no name to remove
+        return seg
+
+    @classmethod
+    def from_fd(cls, fd: int) -> Segment:
+        """Map the segment behind ``fd`` (received from its creator); closes ``fd``."""
+        try:
+            size = os.fstat(fd).st_size
+            if size <= 0:
+                raise TransportError("a received segment is empty")
+            mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except OSError as exc:
+            raise TransportError(f"cannot map a received segment: {exc}") from exc
+        finally:
+            os.close(fd)
+        seg = cls("<received>", mm, owner=False)
+        seg._unlinked = True
+        return seg
+
+    def release_fd(self) -> None:
+        """Close the descriptor of an anonymous segment once its peer has it."""
+        fd, self.fd = self.fd, None
+        if fd is not None:
+            os.close(fd)
 
     @classmethod
     def create(cls, shm_dir: str, name: str, size: int) -> Segment:
@@ -51,17 +112,7 @@ class Segment:
         except OSError as exc:
             raise TransportError(f"cannot create segment {path}: {exc.strerror}") from exc
         try:
-            try:
-                os.posix_fallocate(fd, 0, size)
-            except OSError as exc:
-                if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.ENOMEM):
-                    raise TransportError(
-                        f"no room in {shm_dir} for a {size}-byte segment: "
-                        f"{_free_bytes(shm_dir)} bytes free") from exc
-                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-                    raise TransportError(f"cannot reserve {size} bytes in {path}: "
-                                         f"{exc.strerror}") from exc
-                os.ftruncate(fd, size)  # filesystems without fallocate
+            _reserve(fd, size, shm_dir, path)
             mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:
             os.close(fd)
@@ -92,6 +143,7 @@ class Segment:
 
     def close(self) -> None:
         """Detach this mapping (idempotent).  The file stays until :meth:`unlink`."""
+        self.release_fd()
         mm, self._mm = self._mm, None
         if mm is None:
             return
@@ -119,6 +171,21 @@ def unlink_quietly(path: str) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+def _reserve(fd: int, size: int, shm_dir: str, what: str) -> None:
+    """Back ``size`` bytes now, so a full directory fails here and never as a SIGBUS."""
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.ENOMEM):
+            raise TransportError(
+                f"no room in {shm_dir} for a {size}-byte segment: "
+                f"{_free_bytes(shm_dir)} bytes free") from exc
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+            raise TransportError(f"cannot reserve {size} bytes in {what}: "
+                                 f"{exc.strerror}") from exc
+        os.ftruncate(fd, size)  # filesystems without fallocate
 
 
 def _free_bytes(directory: str) -> int:

@@ -44,7 +44,8 @@ def make_pair(private_dir: str, threshold: int, shm_dir: str = SHM):
     caller = Channel.create(shm_dir=shm_dir, private_dir=private_dir, name=name(),
                             threshold=threshold)
     bell = Doorbell(os.path.join(private_dir, "callee.bell"))
-    callee = Channel.attach(caller.spec(), own_bell=bell, safe=False, name="callee")
+    callee = Channel.attach(caller.spec(), fds=[os.dup(fd) for fd in caller.ring_fds()],
+                            own_bell=bell, safe=False, name="callee")
     caller.attached(bell.path)
     return caller, callee, bell
 

@@ -1,0 +1,237 @@
+"""Opening channels: a Unix stream socket per actor, peers known by their pid.
+
+Every actor listens on ``<private dir>/actor<i>.<incarnation>.ctl``.  A caller
+that wants a channel connects, sends one request (a :mod:`runtime.wire` JSON
+frame) carrying the descriptors of the two ring segments (``SCM_RIGHTS``:
+the rings have no name anywhere, see ``segment.py``), and reads one reply.
+
+Who is asking is never taken from the request: the server reads the peer's
+pid from the socket (``SO_PEERCRED``, filled in by the kernel at ``connect``)
+and the actor decides the peer's trust from the supervisor's record of that
+pid (the read-only actor table; the driver's pid comes from the supervisor
+too).  Why not a per-actor secret: a secret has to be handed to every process
+that may call, stored, and kept out of untrusted actors; the kernel already
+knows who is on the other end of a Unix socket.
+
+The server never blocks on a peer: connections are accepted and read
+non-blocking, a request must arrive whole within ``REQUEST_DEADLINE_S`` and
+fit ``MAX_REQUEST`` bytes, and at most ``MAX_PENDING`` half-read connections
+are kept (the oldest is dropped).  A malformed or hostile request is refused
+with one logged line; the actor keeps serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import socket
+import struct
+import time
+from collections.abc import Callable
+from typing import Any
+
+from runtime.errors import ProtocolError, TransportError
+from runtime.wire import FrameReader, encode_frame, write_frame
+
+__all__ = ["ControlServer", "peer_pid", "reply_fields", "request"]
+
+log = logging.getLogger(__name__)
+
+MAX_REQUEST = 64 * 1024
+MAX_PENDING = 32
+REQUEST_DEADLINE_S = 2.0
+_CRED = struct.Struct("3i")
+
+# handler(message, descriptors, peer pid) -> reply; raising refuses the request.
+Handler = Callable[[list, list[int], int], list]
+
+
+def peer_pid(sock: socket.socket) -> int:
+    """The pid of the process that connected ``sock`` (from the kernel)."""
+    pid, _, _ = _CRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size))
+    return pid
+
+
+class _Pending:
+    __slots__ = ("deadline", "pid", "reader", "sock")
+
+    def __init__(self, sock: socket.socket, pid: int) -> None:
+        self.sock = sock
+        self.pid = pid
+        self.reader = FrameReader(sock, max_frame=MAX_REQUEST)
+        self.deadline = time.monotonic() + REQUEST_DEADLINE_S
+
+
+class ControlServer:
+    """The listening end; call :meth:`service` when :meth:`ready` says so."""
+
+    def __init__(self, path: str, handler: Handler, *, name: str = "") -> None:
+        self.path = path
+        self.name = name
+        self._handler = handler
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self._sock.bind(path)
+            os.chmod(path, 0o600)
+            self._sock.listen(MAX_PENDING)
+            self._sock.setblocking(False)
+        except OSError as exc:
+            self._sock.close()
+            raise TransportError(f"cannot listen on {path}: {exc}") from exc
+        self._pending: dict[int, _Pending] = {}
+        self._poll = select.poll()
+        self._poll.register(self._sock, select.POLLIN)
+        self.refused = 0
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def fds(self) -> list[int]:
+        """Every descriptor to wait on: the listening socket and half-read requests."""
+        return [self._sock.fileno(), *self._pending]
+
+    def ready(self) -> bool:
+        """True when a connection or request bytes are waiting (never blocks)."""
+        return bool(self._poll.poll(0)) or (
+            bool(self._pending) and min(p.deadline for p in self._pending.values())
+            <= time.monotonic())
+
+    def service(self) -> None:
+        """Accept what is waiting and answer every request that arrived whole."""
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:  # EMFILE and friends: try again on the next pass
+                log.warning("actor %s: cannot accept a control connection: %s", self.name, exc)
+                break
+            conn.setblocking(False)
+            try:
+                pid = peer_pid(conn)
+            except OSError:
+                conn.close()
+                continue
+            if len(self._pending) >= MAX_PENDING:
+                oldest = min(self._pending.values(), key=lambda p: p.deadline)
+                self._refuse(oldest, "too many connections waiting")
+            self._pending[conn.fileno()] = _Pending(conn, pid)
+            self._poll.register(conn, select.POLLIN)
+        now = time.monotonic()
+        for fd, revents in self._poll.poll(0):
+            p = self._pending.get(fd)
+            if p is not None and revents:
+                self._read(p)
+        for p in list(self._pending.values()):
+            if p.deadline <= now:
+                self._refuse(p, "no complete request in time")
+
+    def _read(self, p: _Pending) -> None:
+        try:
+            msgs = p.reader.feed()
+        except (ProtocolError, OSError) as exc:
+            self._refuse(p, str(exc))
+            return
+        if not msgs:
+            if p.reader.eof:
+                self._refuse(p, "closed before sending a request")
+            return
+        if len(msgs) > 1:
+            self._refuse(p, "more than one request on a connection")
+            return
+        fds, p.reader.fds = p.reader.fds, []
+        try:
+            reply = self._handler(msgs[0], fds, p.pid)
+        except Exception as exc:  # noqa: BLE001 - refused, reported, and we go on serving
+            for fd in fds:
+                _close_fd(fd)
+            self._refuse(p, str(exc))
+            return
+        self._finish(p, reply)
+
+    def _refuse(self, p: _Pending, why: str) -> None:
+        self.refused += 1
+        log.warning("actor %s: refused a control request from pid %d: %.200s", self.name,
+                    p.pid, why)
+        self._finish(p, ["error", why[:1000]])
+
+    def _finish(self, p: _Pending, reply: list) -> None:
+        self._pending.pop(p.sock.fileno(), None)
+        try:
+            self._poll.unregister(p.sock)
+        except (KeyError, ValueError):
+            pass
+        try:
+            p.sock.send(encode_frame(reply), socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+        except OSError:
+            pass  # the peer is gone or does not read: nothing more to tell it
+        p.reader.close_fds()
+        p.sock.close()
+
+    def close(self) -> None:
+        for p in list(self._pending.values()):
+            p.reader.close_fds()
+            p.sock.close()
+        self._pending.clear()
+        self._sock.close()
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
+def _close_fd(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def request(path: str, msg: list, fds: tuple[int, ...], *, timeout: float,
+            check: Callable[[], None] | None = None) -> list:
+    """Send one request to the server at ``path``; return its reply.
+
+    Waits in 50 ms slices, calling ``check`` (which raises if the server's
+    actor died) after each; ``TransportError`` when ``timeout`` passes.
+    """
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    deadline = time.monotonic() + timeout
+    try:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(path)
+        except OSError as exc:
+            if check is not None:
+                check()
+            raise TransportError(f"cannot reach {path}: {exc}") from exc
+        write_frame(sock, msg, fds)
+        sock.setblocking(False)
+        reader = FrameReader(sock, max_frame=MAX_REQUEST)
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        while True:
+            if poller.poll(50):
+                msgs = reader.feed()
+                if msgs:
+                    return msgs[0]
+                if reader.eof:
+                    raise TransportError(f"{path} closed the connection without a reply")
+            if check is not None:
+                check()
+            if time.monotonic() > deadline:
+                raise TransportError(f"no reply from {path} within {timeout} s")
+    finally:
+        sock.close()
+
+
+def reply_fields(reply: Any, what: str) -> dict:
+    """The fields of an ``["ok", {...}]`` reply; ``TransportError`` for a refusal."""
+    if not isinstance(reply, list) or len(reply) != 2:
+        raise ProtocolError(f"malformed reply to {what}")
+    status, detail = reply
+    if status == "ok" and isinstance(detail, dict):
+        return detail
+    if status == "error":
+        raise TransportError(f"{what} refused: {str(detail)[:1000]}")
+    raise ProtocolError(f"malformed reply to {what}")
