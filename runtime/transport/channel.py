@@ -406,6 +406,11 @@ class Channel:
         view = rx.view
         off = addr - base
         end = off + length
+        if length >= _PREFIX_LEN and view[off] == KIND_BULK:
+            # Outside the handler below: a defect of the ZeroMQ message must
+            # carry that message's tag, not the marker's.
+            rx.advance()
+            return True, self._recv_bulk(deadline, check)
         tag = None
         try:
             if length < _PREFIX_LEN:
@@ -413,8 +418,6 @@ class Channel:
             kind, nbuf, hlen, tag = _PREFIX.unpack_from(view, off)
             if kind != KIND_INLINE:
                 rx.advance()
-                if kind == KIND_BULK:
-                    return True, self._recv_bulk(deadline, check)
                 if kind == KIND_CLOSE:
                     self.peer_closed = True
                     return False, None

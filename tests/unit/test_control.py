@@ -1,0 +1,186 @@
+"""The control socket and the JSON frames: hostile input is refused, serving goes on."""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import socket
+import struct
+import tempfile
+import time
+
+import pytest
+
+from runtime import control
+from runtime.errors import ProtocolError, TransportError
+from runtime.wire import MAX_FRAME, FrameReader, encode_frame, write_frame
+
+
+class _Marker:
+    """Unpickling this creates a file: proof that something was unpickled."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+@pytest.fixture
+def server(tmp_path):
+    d = tempfile.mkdtemp(prefix="rtc")  # short: AF_UNIX paths are limited to 107 bytes
+    seen = []
+
+    def handler(msg, fds, pid):
+        seen.append((msg, len(fds), pid))
+        for fd in fds:
+            os.close(fd)
+        if msg == ["boom"]:
+            raise ValueError("handler refused")
+        return ["ok", {"echo": msg}]
+
+    srv = control.ControlServer(os.path.join(d, "t.ctl"), handler, name="test")
+    yield srv, seen
+    srv.close()
+    os.rmdir(d)
+
+
+def pump(srv, until, timeout=3.0):
+    deadline = time.monotonic() + timeout
+    while not until() and time.monotonic() < deadline:
+        if srv.ready():
+            srv.service()
+        time.sleep(0.001)
+
+
+def raw_client(path: str) -> socket.socket:
+    c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    c.connect(path)
+    return c
+
+
+def read_reply(c: socket.socket) -> list:
+    c.settimeout(3)
+    r = FrameReader(c)
+    while True:
+        msgs = r.feed()
+        if msgs:
+            return msgs[0]
+        if r.eof:
+            raise EOFError
+
+
+def test_request_reply_and_peer_pid(server):
+    srv, seen = server
+    import threading
+
+    out = []
+    t = threading.Thread(target=lambda: out.append(
+        control.request(srv.path, ["hello", 1], (), timeout=5)))
+    t.start()
+    pump(srv, lambda: out)
+    t.join()
+    assert out == [["ok", {"echo": ["hello", 1]}]]
+    assert seen[0][2] == os.getpid()  # from SO_PEERCRED, not from the request
+
+
+@pytest.mark.parametrize("payload", [
+    "pickle", "garbage", "oversized", "not-a-list", "two-requests"])
+def test_hostile_requests_are_refused_and_serving_goes_on(server, payload, tmp_path, caplog):
+    srv, seen = server
+    marker = str(tmp_path / "pwned")
+    c = raw_client(srv.path)
+    if payload == "pickle":
+        body = pickle.dumps(_Marker(marker))
+        c.sendall(struct.pack("<I", len(body)) + body)
+    elif payload == "garbage":
+        c.sendall(b"\xff" * 64)
+    elif payload == "oversized":
+        c.sendall(struct.pack("<I", MAX_FRAME))
+    elif payload == "not-a-list":
+        c.sendall(encode_frame({"op": "open"}))
+    else:
+        c.sendall(encode_frame(["a"]) + encode_frame(["b"]))
+    with caplog.at_level(logging.WARNING, logger="runtime.control"):
+        pump(srv, lambda: srv.refused)
+        reply = read_reply(c)
+    c.close()
+    assert reply[0] == "error"
+    assert srv.refused == 1
+    assert not seen
+    assert not os.path.exists(marker)
+    assert len([r for r in caplog.records if "refused" in r.getMessage()]) == 1
+    # ... and the next, well-formed request is served.
+    c = raw_client(srv.path)
+    c.sendall(encode_frame(["fine"]))
+    pump(srv, lambda: seen)
+    assert read_reply(c) == ["ok", {"echo": ["fine"]}]
+    c.close()
+
+
+def test_a_silent_connection_is_dropped_at_its_deadline(server, monkeypatch):
+    srv, _ = server
+    monkeypatch.setattr(control, "REQUEST_DEADLINE_S", 0.2)
+    silent = raw_client(srv.path)
+    pump(srv, lambda: srv.refused, timeout=3)
+    assert srv.refused == 1
+    assert read_reply(silent)[0] == "error"
+    silent.close()
+
+
+def test_handler_errors_refuse_and_close_passed_descriptors(server):
+    srv, _ = server
+    c = raw_client(srv.path)
+    r, w = os.pipe()
+    write_frame(c, ["boom"], (r,))
+    pump(srv, lambda: srv.refused)
+    assert read_reply(c) == ["error", "handler refused"]
+    c.close()
+    os.close(r)
+    os.close(w)
+
+
+def test_too_many_waiting_connections_drop_the_oldest(server):
+    srv, _ = server
+    clients = []
+    for _ in range(control.MAX_PENDING + 3):
+        clients.append(raw_client(srv.path))
+        srv.service()  # accept as they come, as the actor's loop does
+    pump(srv, lambda: srv.refused >= 3)
+    assert srv.refused >= 3
+    assert len(srv.fds()) <= control.MAX_PENDING + 1
+    for c in clients:
+        c.close()
+
+
+def test_request_to_a_missing_server_is_a_transport_error(tmp_path):
+    with pytest.raises(TransportError, match="cannot reach"):
+        control.request(str(tmp_path / "nobody.ctl"), ["x"], (), timeout=1)
+
+
+def test_reply_fields():
+    assert control.reply_fields(["ok", {"a": 1}], "x") == {"a": 1}
+    with pytest.raises(TransportError, match="x refused: no"):
+        control.reply_fields(["error", "no"], "x")
+    for bad in (None, ["ok"], ["ok", 3], ["maybe", {}]):
+        with pytest.raises(ProtocolError):
+            control.reply_fields(bad, "x")
+
+
+def test_wire_frames_are_json_only(tmp_path):
+    r, w = os.pipe()
+    try:
+        write_frame(w, ["ready", 1, None, {"k": [1.5, "s"]}])
+        assert FrameReader(r).feed() == [["ready", 1, None, {"k": [1.5, "s"]}]]
+        marker = str(tmp_path / "pwned")
+        body = pickle.dumps(_Marker(marker))
+        os.write(w, struct.pack("<I", len(body)) + body)
+        with pytest.raises(ProtocolError, match="not JSON"):
+            FrameReader(r).feed()
+        assert not os.path.exists(marker)
+        with pytest.raises(TypeError):
+            write_frame(w, [_Marker(marker)])  # nothing but JSON values can be written
+    finally:
+        os.close(r)
+        os.close(w)
