@@ -173,11 +173,72 @@ def bench_tmq(sizes):
     return out
 
 
+@actor
+class Empty:
+    def ping(self):
+        return None
+
+
+def bench_spawn(zygote: bool, rounds: int = 10, many: int = 32) -> dict:
+    """Spawn and restart times and idle memory, with the zygote on or off (``RT_ZYGOTE``)."""
+    import psutil
+
+    old = os.environ.get("RT_ZYGOTE")
+    os.environ["RT_ZYGOTE"] = "1" if zygote else "0"
+    try:
+        with ActorSystem() as system:
+            system.spawn(Empty).ping()  # the first spawn waits for the zygote's imports
+            spawn = []
+            for _ in range(rounds):
+                t0 = time.perf_counter()
+                system.spawn(Empty)
+                spawn.append(time.perf_counter() - t0)
+            h = system.spawn(Empty, max_restarts=rounds)
+            restart = []
+            for _ in range(rounds // 2):
+                h.ping()
+                t0 = time.perf_counter()
+                os.kill(h.pid, 9)
+                while True:
+                    try:
+                        h.ping()
+                        break
+                    except Exception:  # noqa: BLE001 - ActorDiedError until it is back
+                        time.sleep(0.002)
+                restart.append(time.perf_counter() - t0)
+        with ActorSystem() as system:
+            system.spawn(Empty).ping()
+            t0 = time.perf_counter()
+            hs = [system.spawn(Empty) for _ in range(many)]
+            for x in hs:
+                x.ping()
+            many_s = time.perf_counter() - t0
+            time.sleep(0.5)
+            uss = [psutil.Process(x.pid).memory_full_info().uss for x in hs]
+    finally:
+        if old is None:
+            os.environ.pop("RT_ZYGOTE", None)
+        else:
+            os.environ["RT_ZYGOTE"] = old
+    out = {"spawn_p50_s": statistics.median(spawn), "restart_p50_s": statistics.median(restart),
+           f"spawn_{many}_s": many_s, "idle_uss_mib": statistics.median(uss) / 2**20}
+    print(f"  zygote {'on ' if zygote else 'off'}: spawn {out['spawn_p50_s'] * 1e3:7.1f} ms p50, "
+          f"restart after kill -9 {out['restart_p50_s'] * 1e3:7.1f} ms p50, {many} actors "
+          f"{many_s:5.2f} s, idle USS {out['idle_uss_mib']:5.1f} MiB", flush=True)
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--json", help="write results here")
     ap.add_argument("--sizes", default=",".join(k for k in SIZES if k != "empty"))
+    ap.add_argument("--spawn-only", action="store_true", help="only the spawn/restart figures")
     args = ap.parse_args(argv)
+    print("spawn (targets: 0.3 s p50, restart 0.5 s, 32 actors 10 s, 60 MiB USS):")
+    spawn = {"zygote": bench_spawn(True), "fresh_interpreter": bench_spawn(False)}
+    if args.spawn_only:
+        write_json(args.json, {"machine": machine(), "spawn": spawn})
+        return
     sizes = {k: SIZES[k] for k in args.sizes.split(",")}
     private_dir = tempfile.mkdtemp(prefix="rtb")
     try:
@@ -205,7 +266,7 @@ def main(argv=None):
     print(f"idle actor CPU {ours['idle_actor_cpu_percent']:.2f} %, waiting driver CPU "
           f"{ours['waiting_driver_cpu_percent']:.2f} % of a core")
     write_json(args.json, {"machine": machine(), "actor": ours, "pyzmq": raw, "pipe": pipe,
-                           "torch_mp_queue": tmq})
+                           "torch_mp_queue": tmq, "spawn": spawn})
 
 
 if __name__ == "__main__":

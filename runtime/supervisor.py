@@ -28,6 +28,7 @@ import ctypes
 import json
 import logging
 import os
+import select
 import selectors
 import signal
 import socket
@@ -39,6 +40,7 @@ from typing import Any
 
 from runtime import malloc
 from runtime import session as sessions
+from runtime.children import Children, Proc
 from runtime.errors import ProtocolError
 from runtime.table import ALIVE, DEAD, RESTARTING, STARTING, ActorTable, describe_exit
 from runtime.transport.segment import unlink_quietly
@@ -46,7 +48,10 @@ from runtime.wire import FrameReader, write_frame
 
 log = logging.getLogger("runtime.supervisor")
 PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
 TERM_GRACE_S = 1.0
+ZYGOTE_START_S = 60.0  # then actors start as fresh interpreters
+FORK_REPLY_S = 10.0
 
 
 def _die_with_parent() -> None:
@@ -65,7 +70,7 @@ class _Actor:
     boot: dict[str, Any]
     incarnation: int = 0
     restarts: int = 0
-    proc: subprocess.Popen | None = None
+    proc: Proc | None = None
     status: FrameReader | None = None
     pending: list[int] = field(default_factory=list)  # request ids awaiting start
     kill_requests: list[int] = field(default_factory=list)
@@ -91,6 +96,17 @@ class Supervisor:
         signal.signal(signal.SIGTERM, lambda *_: self._exit_all("SIGTERM"))
         self.stopping = False
         self.actor_env = actor_environment(dict(os.environ))
+        self.children = Children()
+        # Actors forked by the zygote are orphaned on purpose: they must land here.
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+        self.zygote: _Zygote | None = None
+        self._awaiting_zygote: list[_Actor] = []
+        if cfg.get("zygote", True):
+            try:
+                self.zygote = _Zygote.start(self)
+            except OSError as exc:
+                log.warning("no zygote (%s): actors start as fresh interpreters", exc)
 
     # -- main loop -------------------------------------------------------------
     def run(self) -> None:
@@ -115,9 +131,13 @@ class Supervisor:
                         os.read(self._wake_r, 4096)
                     except BlockingIOError:
                         pass
+                elif key.data == "zygote":
+                    self._zygote_event()
                 else:
                     self._status(key.data)
             self._reap()
+            if self._awaiting_zygote and self.zygote is not None and self.zygote.overdue():
+                self._zygote_gone("it did not start in time")
             if os.getppid() != self.driver_pid:
                 self._exit_all("driver gone")
                 return
@@ -133,6 +153,10 @@ class Supervisor:
             self._start(actor)
         elif op == "kill":
             actor = self.actors.get(msg[2])
+            if actor in self._awaiting_zygote:  # never started: it never will
+                self._awaiting_zygote.remove(actor)
+                actor.killed = True
+                self._start_failed(actor, f"actor {actor.name!r} was killed while starting")
             if actor is None or actor.proc is None:
                 write_frame(self.rep_fd, ["killed", rid, None])
                 return
@@ -146,19 +170,57 @@ class Supervisor:
         else:
             write_frame(self.rep_fd, ["error", rid, f"unknown request {op!r}"])
 
+    # -- the zygote ------------------------------------------------------------------
+    def _zygote_event(self) -> None:
+        z = self.zygote
+        try:
+            msgs = z.reader.feed()
+        except ProtocolError as exc:
+            self._zygote_gone(f"bad message: {exc}")
+            return
+        if any(m[0] == "ready" for m in msgs):
+            z.ready = True
+            waiting, self._awaiting_zygote = self._awaiting_zygote, []
+            for actor in waiting:
+                self._start(actor)
+        if z.reader.eof:
+            self._zygote_gone("it exited")
+
+    def _zygote_gone(self, why: str) -> None:
+        """Fall back to fresh interpreters for this session."""
+        z, self.zygote = self.zygote, None
+        if z is not None:
+            log.warning("zygote unavailable (%s): actors start as fresh interpreters", why)
+            self.sel.unregister(z.sock)
+            z.close()
+        waiting, self._awaiting_zygote = self._awaiting_zygote, []
+        for actor in waiting:
+            self._start(actor)
+
     # -- starting --------------------------------------------------------------
     def _start(self, actor: _Actor) -> None:
+        if self.zygote is not None and not self.zygote.ready:
+            self._awaiting_zygote.append(actor)  # the first spawns wait for its imports
+            return
         status_r, status_w = os.pipe2(os.O_CLOEXEC)
         boot = dict(actor.boot, session=self.session.__dict__, index=actor.index,
                     name=actor.name, incarnation=actor.incarnation, table_fd=self.table.fd,
                     status_fd=status_w, spec_fd=actor.spec_fd, supervisor_pid=os.getpid(),
                     driver_pid=self.driver_pid)
         try:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "runtime.worker", json.dumps(boot)],
-                stdin=subprocess.DEVNULL, pass_fds=(self.table.fd, status_w, actor.spec_fd),
-                preexec_fn=_die_with_parent,  # noqa: PLW1509 - the supervisor has one thread
-                cwd=actor.boot.get("cwd") or None, env=self.actor_env)
+            proc = None
+            if self.zygote is not None:
+                try:
+                    proc = self.children.add(self.zygote.fork(boot, status_w, actor.spec_fd))
+                except (OSError, ProtocolError) as exc:
+                    self._zygote_gone(str(exc))
+            if proc is None:
+                popen = subprocess.Popen(
+                    [sys.executable, "-m", "runtime.worker", json.dumps(boot)],
+                    stdin=subprocess.DEVNULL, pass_fds=(self.table.fd, status_w, actor.spec_fd),
+                    preexec_fn=_die_with_parent,  # noqa: PLW1509 - the supervisor has one thread
+                    cwd=actor.boot.get("cwd") or None, env=self.actor_env)
+                proc = self.children.add(popen.pid, popen)
         except OSError as exc:
             os.close(status_r)
             self._start_failed(actor, f"cannot start the actor process: {exc}")
@@ -266,6 +328,9 @@ class Supervisor:
     # -- stopping --------------------------------------------------------------
     def _stop_all(self) -> None:
         self.stopping = True
+        waiting, self._awaiting_zygote = self._awaiting_zygote, []
+        for actor in waiting:
+            self._start_failed(actor, "the actor system is shutting down")
         live = [a for a in self.actors.values() if a.proc is not None]
         for a in live:
             _signal(a.proc, signal.SIGTERM)
@@ -290,6 +355,62 @@ class Supervisor:
         os._exit(0)
 
 
+class _Zygote:
+    """The supervisor's end of the zygote (see ``zygote.py``)."""
+
+    def __init__(self, sock: socket.socket, proc: Proc) -> None:
+        self.sock = sock
+        self.proc = proc
+        self.reader = FrameReader(sock)
+        self.ready = False
+        self.started = time.monotonic()
+
+    @classmethod
+    def start(cls, sup: Supervisor) -> _Zygote:
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        cfg = {"supervisor_pid": os.getpid(), "sock_fd": theirs.fileno(),
+               "table_fd": sup.table.fd}
+        try:
+            popen = subprocess.Popen(
+                [sys.executable, "-m", "runtime.zygote", json.dumps(cfg)],
+                stdin=subprocess.DEVNULL, pass_fds=(theirs.fileno(), sup.table.fd),
+                preexec_fn=_die_with_parent,  # noqa: PLW1509 - the supervisor has one thread
+                env=sup.actor_env)
+        except OSError:
+            mine.close()
+            raise
+        finally:
+            theirs.close()
+        mine.setblocking(False)
+        z = cls(mine, sup.children.add(popen.pid, popen))
+        sup.sel.register(mine, selectors.EVENT_READ, "zygote")
+        return z
+
+    def overdue(self) -> bool:
+        return not self.ready and time.monotonic() - self.started > ZYGOTE_START_S
+
+    def fork(self, boot: dict[str, Any], status_fd: int, spec_fd: int) -> int:
+        """Ask for a new actor process; its pid (it becomes our child)."""
+        write_frame(self.sock, ["fork", boot], (status_fd, spec_fd))
+        deadline = time.monotonic() + FORK_REPLY_S
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise OSError("the zygote did not answer a fork request in time")
+            select.select([self.sock], [], [], left)
+            for msg in self.reader.feed():
+                if msg[0] == "forked" and len(msg) == 2 and isinstance(msg[1], int):
+                    return msg[1]
+                if msg[0] == "failed":
+                    raise OSError(f"the zygote could not fork: {msg[1:]}")
+            if self.reader.eof:
+                raise OSError("the zygote exited")
+
+    def close(self) -> None:
+        self.sock.close()
+        self.proc.send_signal(signal.SIGKILL)
+
+
 def actor_environment(environ: dict[str, str]) -> dict[str, str]:
     """The environment actor processes start with.
 
@@ -305,11 +426,8 @@ def actor_environment(environ: dict[str, str]) -> dict[str, str]:
     return malloc.child_environment(env)
 
 
-def _signal(proc: subprocess.Popen, sig: int) -> None:
-    try:
-        proc.send_signal(sig)
-    except ProcessLookupError:
-        pass
+def _signal(proc: Proc, sig: int) -> None:
+    proc.send_signal(sig)
 
 
 def main() -> None:

@@ -52,11 +52,16 @@ class SystemOptions:
     shm_threshold: int = DEFAULT_THRESHOLD
     shm_dir: str = "/dev/shm"
     call_timeout: float | None = None
+    zygote: bool = True
 
     @classmethod
     def build(cls, *, shm_threshold: int | None = None, shm_dir: str | None = None,
               call_timeout: float | None = None) -> SystemOptions:
-        """Arguments first, then ``RT_SHM_THRESHOLD`` / ``RT_SHM_DIR``, then defaults."""
+        """Arguments first, then ``RT_SHM_THRESHOLD`` / ``RT_SHM_DIR``, then defaults.
+
+        ``RT_ZYGOTE=0`` starts every actor as a fresh interpreter instead of a
+        fork of the session's zygote (see ``runtime.zygote``).
+        """
         if shm_threshold is None:
             env = os.environ.get("RT_SHM_THRESHOLD")
             try:
@@ -82,7 +87,8 @@ class SystemOptions:
                 raise ValueError(f"call_timeout must be a positive number of seconds, "
                                  f"got {call_timeout!r}")
             call_timeout = float(call_timeout)
-        return cls(shm_threshold, os.path.abspath(shm_dir), call_timeout)
+        zygote = os.environ.get("RT_ZYGOTE", "1").strip().lower() not in ("0", "false", "no")
+        return cls(shm_threshold, os.path.abspath(shm_dir), call_timeout, zygote)
 
 
 class _SupervisorLink:
@@ -93,11 +99,11 @@ class _SupervisorLink:
     carry JSON frames (``wire.py``).
     """
 
-    def __init__(self, session: Session, table_fd: int) -> None:
+    def __init__(self, session: Session, table_fd: int, *, zygote: bool) -> None:
         self.req, req_r = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.rep_r, rep_w = os.pipe()
         cfg = {"session": session.__dict__, "table_fd": table_fd, "driver_pid": os.getpid(),
-               "req_fd": req_r.fileno(), "rep_fd": rep_w}
+               "req_fd": req_r.fileno(), "rep_fd": rep_w, "zygote": zygote}
         env = dict(os.environ)
         root = os.path.dirname(os.path.dirname(os.path.abspath(runtime.__file__)))
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
@@ -210,7 +216,7 @@ class ActorSystem:
         table_fd = -1
         try:
             table_fd = ActorTable.create()
-            self._link = _SupervisorLink(self.session, table_fd)
+            self._link = _SupervisorLink(self.session, table_fd, zygote=self.options.zygote)
             # Sealed by the supervisor by now: this process maps it read-only.
             self._table = ActorTable(table_fd)
         except BaseException:

@@ -1,9 +1,10 @@
 """An actor process: builds the instance, then serves calls one at a time.
 
-Started by the supervisor as ``python -m runtime.worker BOOT_JSON`` -- a
-fresh interpreter, never a fork of the driver and never a re-run of the
-driver's ``__main__``.  The class and constructor arguments arrive in a
-memfd as cloudpickle bytes, after ``sys.path`` has been set to the driver's.
+Forked by the session's zygote (``zygote.py``: torch already imported,
+nothing run) or, as a fall-back, started as ``python -m runtime.worker
+BOOT_JSON``; never a fork of the driver and never a re-run of the driver's
+``__main__``.  The class and constructor arguments arrive in a sealed memfd
+(``spec.py``), decoded after ``sys.path`` has been set to the driver's.
 
 The serve loop scans every inbound channel round-robin, one message per
 channel per pass, so a busy caller cannot starve another; calls from one
@@ -251,7 +252,16 @@ def main() -> None:
     boot = json.loads(sys.argv[1])
     if os.getppid() != boot["supervisor_pid"]:
         os._exit(70)  # the supervisor died before PR_SET_PDEATHSIG took effect
-    logging.basicConfig(level=logging.WARNING, format="[rt actor %(process)d] %(message)s")
+    run(boot)
+
+
+def run(boot: dict[str, Any]) -> None:
+    """Build the actor from ``boot`` and serve it until the process ends.
+
+    Shared by a fresh interpreter (:func:`main`) and a fork of the zygote.
+    """
+    logging.basicConfig(level=logging.WARNING, format="[rt actor %(process)d] %(message)s",
+                        force=True)
     sys.path[:] = list(dict.fromkeys([*boot["sys_path"], *sys.path]))
     name = boot["name"]
     faults.arm(name)

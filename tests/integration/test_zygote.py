@@ -1,0 +1,94 @@
+"""Actors forked by the session's zygote, and the fall-back to fresh interpreters."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import psutil
+import torch
+
+from runtime import ActorDiedError, ActorSystem
+from tests.integration.actors_lib import Echo
+
+
+def _cmdline(pid: int) -> str:
+    return " ".join(psutil.Process(pid).cmdline())
+
+
+def test_actors_are_forked_by_the_zygote_and_parented_by_the_supervisor():
+    with ActorSystem() as system:
+        e = system.spawn(Echo)
+        sup = system._link.proc.pid
+        assert psutil.Process(e.pid).ppid() == sup  # re-parented: the supervisor reaps it
+        assert "runtime.zygote" in _cmdline(e.pid)  # a fork, not a fresh interpreter
+        assert torch.equal(e.echo(torch.arange(5)), torch.arange(5))
+        # Two actors are two processes with their own state.
+        f = system.spawn(Echo, "other")
+        assert f.pid != e.pid
+        e.echo(1)
+        assert e.count() == 2 and f.count() == 0
+
+
+def test_restart_after_kill_9_comes_from_the_zygote():
+    with ActorSystem() as system:
+        e = system.spawn(Echo, max_restarts=1)
+        old = e.pid
+        os.kill(old, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                assert e.echo(3) == 3
+                break
+            except ActorDiedError:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+        assert e.pid != old and "runtime.zygote" in _cmdline(e.pid)
+
+
+def test_rt_zygote_0_starts_fresh_interpreters(monkeypatch):
+    monkeypatch.setenv("RT_ZYGOTE", "0")
+    with ActorSystem() as system:
+        e = system.spawn(Echo)
+        assert "runtime.worker" in _cmdline(e.pid)
+        assert e.echo(2) == 2
+
+
+def test_a_dead_zygote_means_fresh_interpreters(caplog):
+    with ActorSystem() as system:
+        e = system.spawn(Echo)
+        zygotes = [p for p in psutil.Process(system._link.proc.pid).children()
+                   if "runtime.zygote" in " ".join(p.cmdline()) and p.pid != e.pid]
+        assert len(zygotes) == 1
+        zygotes[0].kill()
+        zygotes[0].wait(5)
+        f = system.spawn(Echo)
+        assert "runtime.worker" in _cmdline(f.pid)
+        assert f.echo(1) == 1 and e.echo(2) == 2
+
+
+def test_actors_forked_by_the_zygote_die_with_the_supervisor():
+    system = ActorSystem()
+    try:
+        pids = [system.spawn(Echo).pid for _ in range(2)]
+        os.kill(system._link.proc.pid, signal.SIGKILL)
+        _, alive = psutil.wait_procs([psutil.Process(p) for p in pids], timeout=5)
+        assert not alive
+    finally:
+        system.shutdown()
+
+
+def test_many_spawns_and_kills_leave_no_process():
+    with ActorSystem() as system:
+        handles = [system.spawn(Echo) for _ in range(8)]
+        pids = {h.pid for h in handles}
+        for h in handles[::2]:
+            h.kill()
+        for h in handles[1::2]:
+            os.kill(h.pid, signal.SIGKILL)
+        sup = psutil.Process(system._link.proc.pid)
+        deadline = time.monotonic() + 5
+        while [p for p in sup.children() if p.pid in pids] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not [p for p in sup.children() if p.pid in pids], "dead actors were not reaped"
