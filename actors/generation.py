@@ -120,21 +120,26 @@ class Sampler:
         else:
             self.generator.manual_seed(options.seed)
 
-    def __call__(self, logits: torch.Tensor) -> int:
+    def scores(self, logits: torch.Tensor) -> torch.Tensor:
+        """The float32 scores a token is drawn from: scaled, masked tokens at ``-inf``."""
         o = self.options
-        if o.temperature == 0.0:
-            return int(torch.argmax(logits))
         scores = logits.float() / o.temperature
-        if 0 < o.top_k < scores.numel():
-            kth = torch.topk(scores, o.top_k).values[-1]
+        if 0 < o.top_k < scores.shape[-1]:
+            kth = torch.topk(scores, o.top_k, dim=-1).values[..., -1:]
             scores = scores.masked_fill(scores < kth, float("-inf"))
         if o.top_p < 1.0:
-            ordered, index = torch.sort(scores, descending=False)
+            ordered, index = torch.sort(scores, descending=False, dim=-1)
             cumulative = ordered.softmax(-1).cumsum(-1)
             drop = cumulative <= 1 - o.top_p
-            drop[-1] = False  # keep at least the most likely token
-            scores = scores.masked_fill(drop.scatter(0, index, drop), float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
+            drop[..., -1] = False  # keep at least the most likely token
+            scores = scores.masked_fill(drop.scatter(-1, index, drop), float("-inf"))
+        return scores
+
+    def __call__(self, logits: torch.Tensor) -> int:
+        """The next token of ``logits [vocab]``."""
+        if self.options.temperature == 0.0:
+            return int(torch.argmax(logits))
+        probs = torch.softmax(self.scores(logits), dim=-1)
         return int(torch.multinomial(probs, 1, generator=self.generator))
 
 

@@ -1,0 +1,191 @@
+"""Split generation against transformers' generate, on a real model, in one run.
+
+    python benchmarks/bench_generate.py                       # SmolLM2-135M from the cache
+    python benchmarks/bench_generate.py --new-tokens 32 --repeats 5 --json out.json
+    python benchmarks/bench_generate.py --checkpoint model.gguf
+
+SmolLM2-135M-Instruct comes from the user's cache, where ``make demo`` (or
+``examples/llama_generate.py``) puts it; without it the benchmark says so and exits 0.  A
+chat-formatted question is the prompt; every method makes exactly ``--new-tokens`` greedy
+tokens (no eos stop), in float32, and the tokens are compared.  Methods, interleaved within
+each of ``--repeats`` rounds after a warm-up round (a noisy neighbour slows all alike):
+
+* ``hf``          — transformers ``LlamaForCausalLM.generate(do_sample=False)`` in this
+  process (its default attention), on the same float32 weights: what a user would otherwise
+  run;
+* ``split-local`` — ``TEEDriver.generate`` with a plain in-process ``GPUWorker`` (the split's
+  own cost, without transport);
+* ``split``       — ``TEEDriver`` and ``GPUWorker`` as two actor processes, timed from here.
+
+Per method: the median time of the whole call, and the decode time per new token,
+``(t(N new tokens) - t(1 new token)) / (N - 1)``, both measured the same way for every
+method; for the split also the driver's own accounting (``last_generate_stats``): ms/token,
+calls/token, and the TEE / worker / transport split.
+"""
+
+from __future__ import annotations
+
+import os
+
+# The TEE and the worker take turns on the same cores; see examples/llama_prefill.py.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from actors import GPUWorker, LlamaConfig, TEEDriver
+from actors.gguf_checkpoint import cache_root, cached_conversion, find_gguf
+from benchmarks.common import machine, write_json
+
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+PROMPT = "What is the capital of France? Answer in two sentences."
+
+
+def interleaved(methods: dict[str, Callable[[], Any]], repeats: int
+                ) -> dict[str, tuple[float, list[float], Any]]:
+    """Median seconds per method over ``repeats`` rounds, interleaved, after a warm-up."""
+    last = {name: fn() for name, fn in methods.items()}
+    times: dict[str, list[float]] = {name: [] for name in methods}
+    for _ in range(repeats):
+        for name, fn in methods.items():
+            t0 = time.perf_counter()
+            last[name] = fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: (statistics.median(ts), ts, last[name]) for name, ts in times.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", type=Path, default=None,
+                   help=f"GGUF file or HF folder (default: {GGUF_NAME} in the cache)")
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default="auto", help="worker device")
+    p.add_argument("--threshold", type=int, default=None, help="shm_threshold in bytes")
+    p.add_argument("--no-local", action="store_true", help="skip the in-process split")
+    p.add_argument("--json", default=None, help="write results here")
+    args = p.parse_args(argv)
+    if args.new_tokens < 2:
+        p.error("--new-tokens must be >= 2")
+    checkpoint = args.checkpoint or cache_root() / "models" / GGUF_NAME
+    if not checkpoint.exists():
+        print(f"skipped: {checkpoint} is not there; run `make demo` (it downloads SmolLM2 "
+              f"into the cache) or pass --checkpoint")
+        write_json(args.json, {"skipped": f"{checkpoint} absent", "machine": machine()})
+        return 0
+
+    import transformers
+
+    from actors.tokenizer import chat_ids, load_tokenizer
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    gguf = find_gguf(checkpoint)
+    folder = cached_conversion(gguf) if gguf is not None else checkpoint
+    config = LlamaConfig.from_pretrained(checkpoint)
+    ids = chat_ids(load_tokenizer(checkpoint), PROMPT)
+    n = args.new_tokens
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} "
+          f"cores; {checkpoint.name}: {config.num_parameters() / 1e6:.1f} M parameters; "
+          f"prompt {len(ids)} tokens, {n} new greedy tokens, float32", flush=True)
+
+    hf = transformers.LlamaForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    prompt = torch.tensor([ids])
+    gen_config = transformers.GenerationConfig(do_sample=False, eos_token_id=None,
+                                               pad_token_id=0)
+
+    def hf_generate(k: int) -> list[int]:
+        with torch.no_grad():
+            out = hf.generate(prompt, attention_mask=torch.ones_like(prompt),
+                              generation_config=gen_config, max_new_tokens=k,
+                              min_new_tokens=k)
+        return out[0, len(ids):].tolist()
+
+    methods: dict[str, Callable[[], Any]] = {
+        "hf": lambda: hf_generate(n), "hf@1": lambda: hf_generate(1)}
+    result: dict[str, Any] = {"machine": machine(), "checkpoint": str(checkpoint),
+                              "prompt_tokens": len(ids), "new_tokens": n,
+                              "repeats": args.repeats, "attn_implementation":
+                              hf.config._attn_implementation}
+    local = None
+    if not args.no_local:
+        local = TEEDriver(config, GPUWorker(config, checkpoint, device=args.device),
+                          checkpoint)
+        methods["split-local"] = lambda: local.generate(ids, n).tolist()
+        methods["split-local@1"] = lambda: local.generate(ids, 1).tolist()
+
+    from runtime import ActorSystem
+
+    options = {} if args.threshold is None else {"shm_threshold": args.threshold}
+    with ActorSystem(**options) as system:
+        t0 = time.perf_counter()
+        gpu = system.spawn(GPUWorker, config, str(checkpoint), device=args.device)
+        drv = system.spawn(TEEDriver, config, gpu, str(checkpoint))
+        result["spawn_s"] = time.perf_counter() - t0
+        split_stats: list[dict[str, Any]] = []
+
+        def split_n() -> list[int]:
+            out = drv.generate(ids, n).tolist()
+            split_stats.append(drv.last_generate_stats())
+            return out
+
+        methods["split"] = split_n
+        methods["split@1"] = lambda: drv.generate(ids, 1).tolist()
+        print(f"timing {', '.join(methods)}: {args.repeats} interleaved rounds after a "
+              f"warm-up", flush=True)
+        timings = interleaved(methods, args.repeats)
+    if local is not None:
+        result["split_local_stats"] = local.last_generate_stats()
+
+    want = timings["hf"][2]
+    rows: dict[str, Any] = {}
+    for name in [m for m in methods if "@" not in m]:
+        med, times, tokens = timings[name]
+        med1 = timings[f"{name}@1"][0]
+        rows[name] = {"median_s": med, "times_s": times, "first_token_s": med1,
+                      "decode_s_per_token": (med - med1) / (n - 1),
+                      "s_per_new_token": med / n, "tokens_equal_hf": tokens == want}
+    stats = split_stats[1:]  # the warm-up round's is left out
+    if stats:
+        def median(key: str) -> float | None:
+            vals = [s[key] for s in stats if s[key] is not None]
+            return statistics.median(vals) if vals else None
+
+        rows["split"]["driver"] = {
+            k: median(k) for k in ("ms_per_token", "tokens_per_s", "calls_per_token",
+                                   "tee_ms_per_token", "worker_ms_per_token",
+                                   "transport_ms_per_token")}
+        rows["split"]["driver"]["prefill_ms"] = 1e3 * statistics.median(
+            s["prefill"]["total_s"] for s in stats)
+        result["split_stats"] = stats[-1]
+    result["rows"] = rows
+
+    hf_row = rows["hf"]
+    head = (f"{'method':<12} {'generate s':>10} {'s/new tok':>9} {'decode ms/tok':>13} "
+            f"{'vs hf':>6} {'same tokens':>11}")
+    print("\n" + head + "\n" + "-" * len(head))
+    for name, r in rows.items():
+        print(f"{name:<12} {r['median_s']:>10.3f} {r['s_per_new_token']:>9.4f} "
+              f"{1e3 * r['decode_s_per_token']:>13.1f} "
+              f"{r['decode_s_per_token'] / hf_row['decode_s_per_token']:>5.2f}x "
+              f"{'yes' if r['tokens_equal_hf'] else 'NO':>11}")
+    d = rows["split"].get("driver")
+    if d:
+        print(f"\nsplit, the driver's accounting (median): prefill {d['prefill_ms']:.1f} ms; "
+              f"decode {d['ms_per_token']:.1f} ms/token ({d['tokens_per_s']:.1f} tokens/s), "
+              f"{d['calls_per_token']:.0f} calls/token = TEE {d['tee_ms_per_token']:.1f} + "
+              f"worker {d['worker_ms_per_token'] or 0:.1f} + transport "
+              f"{d['transport_ms_per_token'] or 0:.1f} ms/token (+ driver glue)")
+    write_json(args.json, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
