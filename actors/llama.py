@@ -512,8 +512,15 @@ def load_weights(config: LlamaConfig, names: Sequence[str],
 
 # -- the shared maths ------------------------------------------------------------------------
 
+_FUSED_RMS_NORM = hasattr(F, "rms_norm")  # torch >= 2.4
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm as LLaMA computes it: in float32, then back to ``x``'s dtype, then x weight."""
+    if _FUSED_RMS_NORM and x.dtype == torch.float32 and weight.dtype == torch.float32:
+        # The same maths in one op (no cast to round between): half the time of the six ops
+        # below on a decode row, which runs it twice per layer.
+        return F.rms_norm(x, weight.shape, weight, eps)
     x32 = x.float()
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return weight * x32.to(x.dtype)
