@@ -11,8 +11,9 @@ tokens (no eos stop), in float32, and the tokens are compared.  Methods, interle
 each of ``--repeats`` rounds after a warm-up round (a noisy neighbour slows all alike):
 
 * ``hf``          — transformers ``LlamaForCausalLM.generate(do_sample=False)`` in this
-  process (its default attention), on the same float32 weights: what a user would otherwise
-  run;
+  process (its default attention), on the same float32 weights: the like-for-like baseline;
+* ``hf-bf16``     — the same in bfloat16, the dtype transformers picks when it loads SmolLM2
+  from the Hub (its checkpoint's ``torch_dtype``): what a user gets by default;
 * ``split-local`` — ``TEEDriver.generate`` with a plain in-process ``GPUWorker`` (the split's
   own cost, without transport);
 * ``split``       — ``TEEDriver`` and ``GPUWorker`` as two actor processes, timed from here.
@@ -70,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto", help="worker device")
     p.add_argument("--threshold", type=int, default=None, help="shm_threshold in bytes")
     p.add_argument("--no-local", action="store_true", help="skip the in-process split")
+    p.add_argument("--no-bf16", action="store_true",
+                   help="skip transformers in bfloat16 (how it loads SmolLM2 from the Hub: its "
+                        "checkpoint dtype; slow on CPUs without bf16 units)")
     p.add_argument("--json", default=None, help="write results here")
     args = p.parse_args(argv)
     if args.new_tokens < 2:
@@ -96,24 +100,38 @@ def main(argv: list[str] | None = None) -> int:
           f"cores; {checkpoint.name}: {config.num_parameters() / 1e6:.1f} M parameters; "
           f"prompt {len(ids)} tokens, {n} new greedy tokens, float32", flush=True)
 
-    hf = transformers.LlamaForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
     prompt = torch.tensor([ids])
-    gen_config = transformers.GenerationConfig(do_sample=False, eos_token_id=None,
-                                               pad_token_id=0)
 
-    def hf_generate(k: int) -> list[int]:
-        with torch.no_grad():
-            out = hf.generate(prompt, attention_mask=torch.ones_like(prompt),
-                              generation_config=gen_config, max_new_tokens=k,
-                              min_new_tokens=k)
-        return out[0, len(ids):].tolist()
+    def hf_runner(dtype: torch.dtype) -> Callable[[int], list[int]]:
+        model = transformers.LlamaForCausalLM.from_pretrained(str(folder), dtype=dtype).eval()
+        # No eos stop: exactly n tokens (an unset eos in the call falls back to the model's).
+        model.generation_config.eos_token_id = None
+        configs = {k: transformers.GenerationConfig(do_sample=False, eos_token_id=None,
+                                                    pad_token_id=0, max_new_tokens=k)
+                   for k in (1, n)}
 
-    methods: dict[str, Callable[[], Any]] = {
-        "hf": lambda: hf_generate(n), "hf@1": lambda: hf_generate(1)}
+        def run(k: int) -> list[int]:
+            with torch.no_grad():
+                out = model.generate(prompt, attention_mask=torch.ones_like(prompt),
+                                     generation_config=configs[k])
+            got = out[0, len(ids):].tolist()
+            if len(got) != k:
+                raise RuntimeError(f"transformers made {len(got)} tokens, not {k}")
+            return got
+
+        run.attn_implementation = model.config._attn_implementation  # type: ignore[attr-defined]
+        return run
+
+    hf = hf_runner(torch.float32)
+    methods: dict[str, Callable[[], Any]] = {"hf": lambda: hf(n), "hf@1": lambda: hf(1)}
+    if not args.no_bf16:
+        hf16 = hf_runner(torch.bfloat16)
+        methods["hf-bf16"] = lambda: hf16(n)
+        methods["hf-bf16@1"] = lambda: hf16(1)
     result: dict[str, Any] = {"machine": machine(), "checkpoint": str(checkpoint),
                               "prompt_tokens": len(ids), "new_tokens": n,
-                              "repeats": args.repeats, "attn_implementation":
-                              hf.config._attn_implementation}
+                              "repeats": args.repeats, "loadavg_before": os.getloadavg(),
+                              "hf_attn_implementation": hf.attn_implementation}
     local = None
     if not args.no_local:
         local = TEEDriver(config, GPUWorker(config, checkpoint, device=args.device),
@@ -166,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
             s["prefill"]["total_s"] for s in stats)
         result["split_stats"] = stats[-1]
     result["rows"] = rows
+    result["loadavg_after"] = os.getloadavg()
 
     hf_row = rows["hf"]
     head = (f"{'method':<12} {'generate s':>10} {'s/new tok':>9} {'decode ms/tok':>13} "
@@ -183,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{d['calls_per_token']:.0f} calls/token = TEE {d['tee_ms_per_token']:.1f} + "
               f"worker {d['worker_ms_per_token'] or 0:.1f} + transport "
               f"{d['transport_ms_per_token'] or 0:.1f} ms/token (+ driver glue)")
+    print(f"load average before {result['loadavg_before'][0]:.2f}, after "
+          f"{result['loadavg_after'][0]:.2f} (other jobs share these cores)")
     write_json(args.json, result)
     return 0
 
