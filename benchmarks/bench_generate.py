@@ -3,6 +3,7 @@
     python benchmarks/bench_generate.py                       # SmolLM2-135M from the cache
     python benchmarks/bench_generate.py --new-tokens 32 --repeats 5 --json out.json
     python benchmarks/bench_generate.py --checkpoint model.gguf
+    python benchmarks/bench_generate.py --preset llama-3.2-1b --wire-dtype bfloat16  # GPU host
 
 SmolLM2-135M-Instruct comes from the user's cache, where ``make demo`` (or
 ``examples/llama_generate.py``) puts it; without it the benchmark says so and exits 0.  A
@@ -43,6 +44,8 @@ import torch
 
 from actors import GPUWorker, LlamaConfig, TEEDriver
 from actors.gguf_checkpoint import cache_root, cached_conversion, find_gguf
+from actors.gpu_worker import resolve_dtype
+from actors.llama import LM_HEAD, PRESETS, load_weights, weight_shapes
 from benchmarks.common import machine, write_json
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -74,36 +77,68 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-bf16", action="store_true",
                    help="skip transformers in bfloat16 (how it loads SmolLM2 from the Hub: its "
                         "checkpoint dtype; slow on CPUs without bf16 units)")
+    p.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                   help="random weights of this shape instead of a checkpoint (e.g. "
+                        "llama-3.2-1b on a GPU host)")
+    p.add_argument("--prompt-tokens", type=int, default=42,
+                   help="prompt length with --preset (random ids)")
+    p.add_argument("--dtype", default="float32", help="compute dtype of the split's two sides")
+    p.add_argument("--wire-dtype", default=None, help="dtype activations cross in")
     p.add_argument("--json", default=None, help="write results here")
     args = p.parse_args(argv)
     if args.new_tokens < 2:
         p.error("--new-tokens must be >= 2")
-    checkpoint = args.checkpoint or cache_root() / "models" / GGUF_NAME
-    if not checkpoint.exists():
-        print(f"skipped: {checkpoint} is not there; run `make demo` (it downloads SmolLM2 "
-              f"into the cache) or pass --checkpoint")
-        write_json(args.json, {"skipped": f"{checkpoint} absent", "machine": machine()})
-        return 0
 
     import transformers
 
-    from actors.tokenizer import chat_ids, load_tokenizer
-
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
-    gguf = find_gguf(checkpoint)
-    folder = cached_conversion(gguf) if gguf is not None else checkpoint
-    config = LlamaConfig.from_pretrained(checkpoint)
-    ids = chat_ids(load_tokenizer(checkpoint), PROMPT)
+    dtype = resolve_dtype(args.dtype)
+    wire = resolve_dtype(args.wire_dtype, dtype)
+    hf_device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
+                             else "cpu" if args.device == "auto" else args.device)
+    if args.preset is not None:
+        checkpoint = None
+        config = LlamaConfig.preset(args.preset)
+        ids = torch.randint(0, config.vocab_size, (args.prompt_tokens,),
+                            generator=torch.Generator().manual_seed(0)).tolist()
+        source = f"preset {args.preset}, random weights"
+        names = [*weight_shapes(config), *([LM_HEAD] if config.tie_word_embeddings else [])]
+        weights = load_weights(config, names)
+
+        def load_hf(dt: torch.dtype) -> torch.nn.Module:
+            from benchmarks.bench_llama import hf_model
+
+            return hf_model(config, weights).to(hf_device, dt)
+    else:
+        checkpoint = args.checkpoint or cache_root() / "models" / GGUF_NAME
+        if not checkpoint.exists():
+            print(f"skipped: {checkpoint} is not there; run `make demo` (it downloads "
+                  f"SmolLM2 into the cache) or pass --checkpoint or --preset")
+            write_json(args.json, {"skipped": f"{checkpoint} absent", "machine": machine()})
+            return 0
+        from actors.tokenizer import chat_ids, load_tokenizer
+
+        gguf = find_gguf(checkpoint)
+        folder = cached_conversion(gguf) if gguf is not None else checkpoint
+        config = LlamaConfig.from_pretrained(checkpoint)
+        ids = chat_ids(load_tokenizer(checkpoint), PROMPT)
+        source = checkpoint.name
+
+        def load_hf(dt: torch.dtype) -> torch.nn.Module:
+            return transformers.LlamaForCausalLM.from_pretrained(str(folder), dtype=dt) \
+                .to(hf_device)
+
     n = args.new_tokens
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} "
-          f"cores; {checkpoint.name}: {config.num_parameters() / 1e6:.1f} M parameters; "
-          f"prompt {len(ids)} tokens, {n} new greedy tokens, float32", flush=True)
+          f"cores; {source}: {config.num_parameters() / 1e6:.1f} M parameters; prompt "
+          f"{len(ids)} tokens, {n} new greedy tokens; split {args.dtype}, wire "
+          f"{str(wire).removeprefix('torch.')}", flush=True)
 
-    prompt = torch.tensor([ids])
+    prompt = torch.tensor([ids], device=hf_device)
 
     def hf_runner(dtype: torch.dtype) -> Callable[[int], list[int]]:
-        model = transformers.LlamaForCausalLM.from_pretrained(str(folder), dtype=dtype).eval()
+        model = load_hf(dtype).eval()
         # No eos stop: exactly n tokens (an unset eos in the call falls back to the model's).
         model.generation_config.eos_token_id = None
         configs = {k: transformers.GenerationConfig(do_sample=False, eos_token_id=None,
@@ -128,14 +163,17 @@ def main(argv: list[str] | None = None) -> int:
         hf16 = hf_runner(torch.bfloat16)
         methods["hf-bf16"] = lambda: hf16(n)
         methods["hf-bf16@1"] = lambda: hf16(1)
-    result: dict[str, Any] = {"machine": machine(), "checkpoint": str(checkpoint),
+    result: dict[str, Any] = {"machine": machine(), "source": source,
+                              "checkpoint": None if checkpoint is None else str(checkpoint),
+                              "dtype": args.dtype, "wire_dtype": str(wire),
                               "prompt_tokens": len(ids), "new_tokens": n,
                               "repeats": args.repeats, "loadavg_before": os.getloadavg(),
                               "hf_attn_implementation": hf.attn_implementation}
     local = None
     if not args.no_local:
-        local = TEEDriver(config, GPUWorker(config, checkpoint, device=args.device),
-                          checkpoint)
+        local = TEEDriver(config, GPUWorker(config, checkpoint, device=args.device,
+                                            dtype=dtype),
+                          checkpoint, dtype=dtype, wire_dtype=wire)
         methods["split-local"] = lambda: local.generate(ids, n).tolist()
         methods["split-local@1"] = lambda: local.generate(ids, 1).tolist()
 
@@ -144,8 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     options = {} if args.threshold is None else {"shm_threshold": args.threshold}
     with ActorSystem(**options) as system:
         t0 = time.perf_counter()
-        gpu = system.spawn(GPUWorker, config, str(checkpoint), device=args.device)
-        drv = system.spawn(TEEDriver, config, gpu, str(checkpoint))
+        ckpt = None if checkpoint is None else str(checkpoint)
+        gpu = system.spawn(GPUWorker, config, ckpt, device=args.device, dtype=dtype)
+        drv = system.spawn(TEEDriver, config, gpu, ckpt, dtype=dtype, wire_dtype=wire)
         result["spawn_s"] = time.perf_counter() - t0
         split_stats: list[dict[str, Any]] = []
 
