@@ -267,3 +267,19 @@ def test_kv_cache_bounds():
     cache.advance(1)
     with pytest.raises(ValueError, match="full"):
         cache.append(0, k[:, :1], k[:, :1])
+
+
+def test_several_rows_against_the_cache(config, driver):
+    # _layers with a cache at start > 0 and more than one row (the masked path of
+    # _attention_step) equals a prefill of the whole sequence.
+    ids = ids_for(config, 13, seed=13)
+    want = driver.prefill(ids, all_logits=True)
+    cache = KVCache(config.num_hidden_layers, config.num_key_value_heads, config.head_dim,
+                    13, torch.float32)
+    driver._rows = driver._new_rows(decode=True)
+    with torch.no_grad():
+        driver._layers(driver._embed(ids[:9]), 0, cache)
+        h = driver._layers(driver._embed(ids[9:]), 9, cache)
+        got = driver._logits(driver._norm(h, "model.norm.weight"))
+    assert cache.length == 13
+    assert (got - want[9:]).abs().max().item() < 1e-4
