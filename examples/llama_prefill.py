@@ -33,10 +33,8 @@ import torch
 from actors import GPUWorker, LlamaConfig, LlamaReference, TEEDriver
 from actors.gpu_worker import resolve_dtype
 from actors.llama import PRESETS
-from actors.tee_driver import OPS
+from actors.report import op_table, time_split
 from runtime import ActorSystem
-
-MIB = 1024 * 1024
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -44,8 +42,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     p.add_argument("--checkpoint", type=Path, default=None,
-                   help="Hugging Face style folder (config.json + *.safetensors); "
-                        "overrides --preset")
+                   help="Hugging Face style folder (config.json + *.safetensors), or a GGUF "
+                        "file or a folder holding one; overrides --preset")
     p.add_argument("--tokens", type=int, default=64, help="prompt length T")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and prompt")
     p.add_argument("--dtype", default="float32", help="compute dtype of both sides")
@@ -70,47 +68,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.tokens < 1:
         p.error("--tokens must be >= 1")
     return args
-
-
-def op_table(stats: dict[str, Any]) -> str:
-    head = (f"{'op':<10} {'where':<6} {'calls':>5} {'MiB out':>9} {'MiB in':>9} {'shm':>5} "
-            f"{'zmq':>5} {'zmq MiB%':>8} {'wait ms':>9} {'worker ms':>9} {'tee ms':>8}")
-    lines = [head, "-" * len(head)]
-    for op in OPS:
-        r = stats["ops"][op]
-        if not r["calls"] and not r["tee_s"]:
-            continue
-        shm, zmq = r["routes"]["shm"], r["routes"]["zmq"]
-        routed = shm["bytes"] + zmq["bytes"]
-        share = f"{100 * zmq['bytes'] / routed:.0f}%" if routed else "-"
-        lines.append(
-            f"{op:<10} {r['where']:<6} {r['calls']:>5} "
-            f"{r['bytes_out'] / MIB:>9.2f} {r['bytes_in'] / MIB:>9.2f} "
-            f"{shm['messages']:>5} {zmq['messages']:>5} {share:>8} {1e3 * r['wait_s']:>9.1f} "
-            f"{1e3 * r['worker_s']:>9.1f} {1e3 * r['tee_s']:>8.1f}")
-    routes = stats["routes"] or {"shm": {"messages": 0, "bytes": 0},
-                                 "zmq": {"messages": 0, "bytes": 0}}
-    lines.append("-" * len(head))
-    lines.append(
-        f"{'total':<10} {'':<6} {stats['calls']:>5} {stats['bytes_out'] / MIB:>9.2f} "
-        f"{stats['bytes_in'] / MIB:>9.2f} {routes['shm']['messages']:>5} "
-        f"{routes['zmq']['messages']:>5} {'':>8} {1e3 * stats['wait_s']:>9.1f} "
-        f"{1e3 * (stats['worker_s'] or 0):>9.1f} {1e3 * stats['tee_s']:>8.1f}")
-    return "\n".join(lines)
-
-
-def time_split(stats: dict[str, Any]) -> str:
-    total, tee, wait = stats["total_s"], stats["tee_s"], stats["wait_s"]
-    worker = stats["worker_s"] or 0.0
-    transport = stats["transport_s"] or 0.0
-    other = max(0.0, total - tee - wait)
-
-    def part(name: str, s: float) -> str:
-        return f"{name} {1e3 * s:.1f} ms ({100 * s / total:.0f}%)"
-
-    return (f"prefill {1e3 * total:.1f} ms = " + " + ".join([
-        part("TEE compute", tee), part("worker compute", worker),
-        part("transport", transport), part("driver glue", other)]))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -82,3 +82,71 @@ def test_worker_killed_under_in_process_driver(config):
         print(f"after {after:.2f} s: {type(err).__mro__[:3]} {str(err).splitlines()[0]}")
         assert isinstance(err, ActorDiedError), repr(err)
         assert after < RAISE_WITHIN_S
+
+
+def _generate_until_it_fails(run, pid: int) -> tuple[BaseException, float]:
+    """Like :func:`_prefill_until_it_fails`, for a generation: ``run()`` generates."""
+    killed_at: list[float] = []
+
+    def kill() -> None:
+        time.sleep(KILL_AFTER_S)
+        killed_at.append(time.monotonic())
+        os.kill(pid, signal.SIGKILL)
+
+    killer = threading.Thread(target=kill, daemon=True)
+    killer.start()
+    deadline = time.monotonic() + KILL_AFTER_S + 30
+    try:
+        while time.monotonic() < deadline:
+            run()
+    except Exception as e:  # what we are here for
+        killer.join()
+        if not killed_at:
+            raise
+        return e, time.monotonic() - killed_at[0]
+    finally:
+        killer.join()
+    pytest.fail("generation kept succeeding after the GPU worker was killed")
+
+
+def test_worker_killed_mid_generation_under_driver_actor(config):
+    ids = torch.randint(0, config.vocab_size, (16,), generator=torch.Generator().manual_seed(2))
+    with ActorSystem() as system:
+        gpu = system.spawn(GPUWorker, config, seed=0, device="cpu")
+        drv = system.spawn(TEEDriver, config, gpu, seed=0)
+        assert len(drv.generate(ids, 3)) == 3  # both up and talking
+        err, after = _generate_until_it_fails(lambda: drv.generate(ids, 2000), gpu.pid)
+        print(f"after {after:.2f} s: {type(err).__mro__[:3]} {str(err).splitlines()[0]}")
+        assert isinstance(err, (RemoteError, ActorDiedError)), repr(err)
+        assert _names_actor_died(err), repr(err)
+        assert after < RAISE_WITHIN_S
+        assert not psutil.pid_exists(gpu.pid) or \
+            psutil.Process(gpu.pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_worker_killed_while_streaming(config):
+    ids = torch.randint(0, config.vocab_size, (16,), generator=torch.Generator().manual_seed(3))
+    with ActorSystem() as system:
+        gpu = system.spawn(GPUWorker, config, seed=0, device="cpu")
+        drv = TEEDriver(config, gpu, seed=0)
+        drv.generate_start(ids, 4000)
+        got = drv.generate_step(2)  # streaming has begun
+        assert len(got) == 2
+        killed_at: list[float] = []
+
+        def kill() -> None:
+            time.sleep(0.2)
+            killed_at.append(time.monotonic())
+            os.kill(gpu.pid, signal.SIGKILL)
+
+        killer = threading.Thread(target=kill, daemon=True)
+        killer.start()
+        try:
+            with pytest.raises(ActorDiedError):
+                while step := drv.generate_step():
+                    got.extend(step)
+            after = time.monotonic() - killed_at[0]
+        finally:
+            killer.join()
+        print(f"after {after:.2f} s and {len(got)} tokens")
+        assert after < RAISE_WITHIN_S

@@ -1,0 +1,132 @@
+"""Text in and out: a tokenizer for a checkpoint, chat formatting, streaming decode.
+
+The tokenizer is transformers' ``AutoTokenizer``, read from a Hugging Face folder or from a
+GGUF file's own vocabulary (``tokenizer.ggml.*`` metadata, with its chat template).  Building
+one from a GGUF file takes seconds (7 s for SmolLM2's 49152 tokens on two cores), so the
+result is saved next to the weights' conversion in the user's cache
+(``$XDG_CACHE_HOME/tee-actors/gguf/<stem>-<key>-tokenizer/``) and loaded from there
+afterwards.
+
+Tokenising runs wherever the caller is: in the split it belongs to the TEE side (the text
+never reaches the GPU worker, which sees token ids at most).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from actors.gguf_checkpoint import conversion_dir, find_gguf
+
+__all__ = ["StreamDecoder", "chat_ids", "eos_token_ids", "load_tokenizer"]
+
+
+def _auto_tokenizer() -> Any:
+    try:
+        from transformers import AutoTokenizer
+    except ImportError as e:
+        raise ImportError("tokenizers need the 'transformers' package: "
+                          "pip install 'tee-actors[text]'") from e
+    return AutoTokenizer
+
+
+def tokenizer_cache_dir(gguf_path: str | Path, cache_dir: str | Path | None = None) -> Path:
+    """Where the tokenizer built from ``gguf_path`` is kept."""
+    weights = conversion_dir(gguf_path, cache_dir)
+    return weights.with_name(weights.name + "-tokenizer")
+
+
+def load_tokenizer(checkpoint: str | Path, cache_dir: str | Path | None = None) -> Any:
+    """A tokenizer (transformers') for a Hugging Face folder, a GGUF file or a folder with one.
+
+    ``cache_dir`` overrides ``$XDG_CACHE_HOME/tee-actors/gguf`` for GGUF conversions.  The
+    tokenizer's ``chat_template`` is the model's when the checkpoint has one.
+    """
+    auto = _auto_tokenizer()
+    path = Path(checkpoint)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    gguf = find_gguf(path)
+    if gguf is None:
+        return auto.from_pretrained(str(path))
+    saved = tokenizer_cache_dir(gguf, cache_dir)
+    if (saved / "tokenizer_config.json").is_file():
+        return auto.from_pretrained(str(saved))
+    tok = auto.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    saved.parent.mkdir(parents=True, exist_ok=True)
+    tmp = saved.with_name(f".{saved.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tok.save_pretrained(str(tmp))
+        try:
+            tmp.rename(saved)
+        except OSError:  # another process saved it first
+            pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return tok
+
+
+def _as_ids(out: Any) -> list[int]:
+    if isinstance(out, dict) or hasattr(out, "keys"):  # BatchEncoding (transformers 5)
+        out = out["input_ids"]
+    if hasattr(out, "tolist"):
+        out = out.tolist()
+    if out and isinstance(out[0], list):
+        out = out[0]
+    return [int(i) for i in out]
+
+
+def chat_ids(tokenizer: Any, prompt: str, system: str | None = None) -> list[int]:
+    """Token ids of ``prompt`` as a user turn, ready for the assistant's answer.
+
+    With the model's chat template when it has one (and ``system`` as a system turn when
+    given; otherwise the template's default, if any); plain encoding otherwise.
+    """
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "user", "content": prompt}]
+        if system is not None:
+            messages.insert(0, {"role": "system", "content": system})
+        return _as_ids(tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                     tokenize=True))
+    text = prompt if system is None else f"{system}\n\n{prompt}"
+    return _as_ids(tokenizer(text)["input_ids"])
+
+
+def eos_token_ids(tokenizer: Any, extra: Sequence[int] = ()) -> list[int]:
+    """The ids that end an answer: the tokenizer's eos plus ``extra``, without repeats."""
+    out: list[int] = []
+    eos = getattr(tokenizer, "eos_token_id", None)
+    for i in ([eos] if isinstance(eos, int) else list(eos or [])) + list(extra):
+        if i is not None and int(i) not in out:
+            out.append(int(i))
+    return out
+
+
+class StreamDecoder:
+    """Turns tokens arriving one by one into text, printable piece by piece.
+
+    Each :meth:`push` returns the text the new token completes.  A token may end inside a
+    multi-byte character (decoded as U+FFFD); that piece is held back until the next token
+    completes it.  Special tokens (eos, chat markers) are skipped.
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.tokens: list[int] = []
+        self.shown = 0
+
+    def push(self, token: int) -> str:
+        self.tokens.append(int(token))
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return ""
+        piece, self.shown = text[self.shown:], len(text)
+        return piece
+
+    def text(self) -> str:
+        """Everything decoded so far."""
+        return self.tokenizer.decode(self.tokens, skip_special_tokens=True)
