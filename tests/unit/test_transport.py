@@ -190,6 +190,130 @@ def test_ring_rejects_corrupt_records():
         ring.unlink()
 
 
+def test_ring_reserve_at_exact_boundaries():
+    """Deterministic: every free-space and wrap decision at its exact boundary.
+
+    An 8-byte error in the free-space check, or ``<`` for ``<=``, fails here.
+    """
+    ring = ShmRing.create(SHM, name(), MIN_CAPACITY)
+    reader = ShmRing.attach(ring.segment.path)
+    data, cap = ring.data_address, ring.capacity
+
+    def consume(n_records):
+        for _ in range(n_records):
+            assert reader.peek() is not None
+            reader.advance()
+
+    try:
+        # A fresh ring holds one record of exactly the capacity, then nothing.
+        assert ring.reserve(cap - 8) == data + 8
+        ring.commit()
+        assert ring.reserve(0) is None
+        consume(1)
+        # Free space exactly the record's size: it fits; 8 bytes more do not.
+        assert ring.reserve(cap - 72) == data + 8  # occupies cap - 64
+        ring.commit()
+        assert ring.reserve(57) is None  # 8 + 64 > 64 free
+        assert ring._w == cap + cap - 64 + 64  # ... but its WRAP (64 free = tail) went out
+        consume(1)
+        assert reader.peek() is None and reader._r == 2 * cap  # the lone WRAP is consumed
+        # A record exactly as long as the tail goes there, without a WRAP.
+        assert ring.reserve(cap - 72) == data + 8
+        ring.commit()
+        assert ring.reserve(56) == data + cap - 64 + 8
+        ring.commit()
+        assert ring.reserve(0) is None  # full to the byte
+        consume(1)  # 64 bytes still unread, cap - 64 free
+        assert ring.reserve(cap - 72) == data + 8  # exactly the free space
+        ring.commit()
+        assert ring.reserve(0) is None
+        consume(1)  # cap - 64 unread at offset 0, the tail (64 bytes) free
+        w = ring._w
+        assert ring.reserve(64) is None and ring._w == w + 64  # WRAP out, no room behind it
+        consume(1)
+        assert reader.peek() is None  # the lone WRAP: drained, at offset 0
+        assert ring.reserve(cap - 8) == data + 8
+        ring.commit()
+        consume(1)
+        assert ring.reserve(cap - 72) == data + 8
+        ring.commit()
+        consume(1)  # drained at offset cap - 64: a full-size record needs tail + cap
+        assert ring.reserve(cap - 8) is None  # the WRAP goes out first ...
+        assert reader.peek() is None  # ... the reader passes it ...
+        assert ring.reserve(cap - 8) == data + 8  # ... and the whole ring is free
+        ring.commit()
+        consume(1)
+        # The WRAP goes out only when the whole tail is free.
+        assert ring.reserve(cap - 16) == data + 8
+        ring.commit()
+        consume(1)  # drained at offset cap - 8
+        assert ring.reserve(0) == data + cap  # fills the 8-byte tail exactly
+        ring.commit()
+        assert ring.reserve(cap - 72) == data + 8
+        ring.commit()  # unread: 8 bytes at cap - 8, then cap - 64 from 0; tail 64, free 56
+        w = ring._w
+        assert ring.reserve(64) is None and ring._w == w
+        consume(1)  # free 64 = the tail
+        assert ring.reserve(64) is None and ring._w == w + 64
+        with pytest.raises(TransportError, match="exceeds"):
+            ring.reserve(cap - 7)
+    finally:
+        reader.close()
+        ring.close()
+        ring.unlink()
+
+
+def _record_size(obj) -> int:
+    enc = codec.encode(obj)
+    size = 16 + 8 * len(enc.buffers) + ((len(enc.header) + 7) & ~7)
+    return 8 + size + sum((b.nbytes + 7) & ~7 for b in enc.buffers)
+
+
+def _through(sender, receiver, msg, route="shm"):
+    """Send ``msg`` while another thread receives (the reader must pass WRAP markers)."""
+    got = []
+    th = threading.Thread(target=lambda: got.append(receiver.recv(deadline=time.monotonic() + 5)))
+    th.start()
+    try:
+        assert sender.send(msg, deadline=time.monotonic() + 5) == route
+    finally:
+        th.join(10)
+    assert got, "nothing received"
+    return got[0]
+
+
+def test_ring_never_wedges_below_the_threshold(private_dir):
+    """Records never wrap: a record longer than the ring's tail must still get through.
+
+    Before, a message below the threshold could need ``tail + record`` bytes,
+    more than the whole ring, and its sender waited forever.
+    """
+    threshold = 64 * 1024
+    caller, callee, bell = make_pair(private_dir, threshold)
+    try:
+        cap = caller.tx.capacity
+        assert cap == 2 * threshold - 4096
+        n0 = codec.encode(b"").nbytes
+        first = b"a" * (cap // 2 - 1000 - n0 - 32)  # leaves the ring at ~ cap/2 - 1000
+        second = b"b" * (threshold - 1 - n0)  # just below the threshold: record ~ cap/2 + 2k
+        assert _record_size(second) > cap - (_record_size(first) % cap)  # not in the tail
+        for msg in (first, second, second, first, second):
+            assert _through(caller, callee, msg) == msg
+        # Framing repeats every buffer size: many small tensors make a record
+        # longer than the threshold although the message is below it.
+        many = [torch.tensor([i], dtype=torch.int32) for i in range(1800)]
+        assert codec.encode(many).nbytes < threshold < _record_size(many) < cap
+        for _ in range(4):
+            got = _through(caller, callee, many)
+            assert [int(t) for t in got] == list(range(1800))
+        for _ in range(4):  # the reply direction is the same code
+            assert len(_through(callee, caller, many)) == 1800
+    finally:
+        caller.close()
+        callee.close()
+        bell.close()
+
+
 def test_sizing_follows_the_threshold():
     t = 10 * 1024 * 1024
     assert 2 * (ring_capacity(t) + 4096) <= 4 * t
