@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import stat
 import struct
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -456,6 +459,129 @@ def test_sleeping_reader_wakes_within_milliseconds(pair):
     caller.send("wake up")
     th.join(5)
     assert woke and woke[0] - sent < 0.05
+
+
+def test_publishing_fences_before_it_reads_the_sleeping_flag(private_dir, monkeypatch):
+    """The wake-up protocol's order, checked deterministically on both routes.
+
+    Writer: publish, full fence, then read ``reader_sleeping``; reader: set
+    ``reader_sleeping``, full fence, then look at the ring.  Without either
+    fence x86 may let the load pass the store, both sides miss each other and
+    the reader sleeps a whole slice (100 ms at a caller, 1 s at an actor).
+    That race is too rare to catch by timing here (no lost wake-up in 400k
+    ping-pongs without the fence), so the order itself is the test.
+    """
+    import runtime.transport.channel as channel_mod
+    from runtime.transport import ring as ring_mod
+
+    caller, callee, bell = make_pair(private_dir, 4096)
+    events = []
+
+    def spy(obj, attr, event):
+        real = getattr(obj, attr)
+
+        def wrapper(*a):
+            events.append(event)
+            return real(*a)
+        monkeypatch.setattr(obj, attr, wrapper)
+
+    try:
+        spy(caller.tx, "commit", "publish")
+        spy(caller.tx, "reader_sleeping", "load flag")
+        spy(callee.rx, "set_sleeping", "set flag")
+        spy(callee.rx, "readable", "load ring")
+        monkeypatch.setattr(channel_mod, "fence", lambda: (events.append("fence"),
+                                                           ring_mod.fence()))
+        for msg, route in ((b"s" * 100, "shm"), (b"z" * 10000, "zmq")):
+            del events[:]
+            assert caller.send(msg) == route
+            assert events == ["publish", "fence", "load flag"], (route, events)
+            assert callee.recv(deadline=time.monotonic() + 5) == msg
+        del events[:]
+        callee.wait(deadline=time.monotonic() + 0.05, check=None, spin_s=0)
+        assert events[:3] == ["set flag", "fence", "load ring"], events
+    finally:
+        monkeypatch.undo()
+        caller.close()
+        callee.close()
+        bell.close()
+
+
+_PONG = """
+import json, os, random, sys, time
+sys.path.insert(0, os.getcwd())
+from runtime.transport.channel import Channel, ChannelSpec
+from runtime.transport.doorbell import Doorbell
+spec = ChannelSpec(**json.loads(sys.argv[1]))
+bell = Doorbell(sys.argv[2])
+ch = Channel.attach(spec, own_bell=bell, safe=False, name="pong")
+print("ready", flush=True)
+rnd, pc = random.Random(1), time.perf_counter
+while True:
+    x = ch.recv(spin_s=0.0)  # sleep at once: every wait races the next ping
+    if x is None:
+        break
+    end = pc() + rnd.random() * 20e-6  # land the reply around the peer's going to sleep
+    while pc() < end:
+        pass
+    ch.send(x)
+ch.close(notify=False)
+bell.close()
+"""
+
+
+def test_no_wake_up_is_lost_in_a_ping_pong_stress(private_dir):
+    """Worst-case wake-up, robust to load: count sleeps that ran out their 100 ms
+    slice although a message was waiting (the writer never rang).
+
+    A busy machine delays wake-ups but never loses them: the doorbell byte
+    stays in the pipe, so a slow wake-up still ends the wait as "rung".
+    """
+    caller = Channel.create(shm_dir=SHM, private_dir=private_dir, name=name(),
+                            threshold=1 << 20)
+    bell_path = os.path.join(private_dir, "pong.bell")
+    child = subprocess.Popen([sys.executable, "-c", _PONG, json.dumps(caller.spec().__dict__),
+                              bell_path], stdout=subprocess.PIPE, text=True, cwd=os.getcwd())
+    real = caller.own_bell
+    waits, lost, worst = [0], [], [0.0]
+
+    class CountingBell:
+        def __getattr__(self, attr):
+            return getattr(real, attr)
+
+        def wait(self, timeout):
+            waits[0] += 1
+            rung = real.wait(timeout)
+            if not rung and caller.rx.readable():
+                lost.append(waits[0])
+            return rung
+
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        caller.attached(bell_path)
+        caller.own_bell = CountingBell()
+        rnd, pc = random.Random(2), time.perf_counter
+        end = time.monotonic() + 3.0
+        n = 0
+        while time.monotonic() < end:
+            t0 = pc()
+            caller.send(n)
+            assert caller.recv(deadline=time.monotonic() + 10, spin_s=0.0) == n
+            worst[0] = max(worst[0], pc() - t0)
+            n += 1
+            stop = pc() + rnd.random() * 20e-6
+            while pc() < stop:
+                pass
+        caller.send(None)
+        assert child.wait(10) == 0
+        assert waits[0] > 1000, f"only {waits[0]} sleeps in {n} round trips: no stress"
+        assert not lost, (f"{len(lost)} of {waits[0]} sleeps in {n} round trips lost their "
+                          f"wake-up (worst round trip {worst[0] * 1e3:.0f} ms)")
+    finally:
+        child.kill()
+        child.wait()
+        caller.own_bell = real
+        caller.close(notify=False)
 
 
 def test_recv_deadline(pair):
