@@ -444,21 +444,48 @@ def test_full_ring_times_out_at_deadline(private_dir):
         bell.close()
 
 
-def test_sleeping_reader_wakes_within_milliseconds(pair):
+def test_sleeping_reader_is_woken_by_its_doorbell(pair):
+    """A reader asleep on its doorbell is rung awake, not left to its 100 ms slice.
+
+    Robust to load: instead of a wall-clock limit, the reader's doorbell wait
+    must end because it was rung.
+    """
     caller, callee = pair
-    woke = []
+    woke, waits = [], []
+    real = callee.own_bell
+
+    class Recording:
+        def __getattr__(self, attr):
+            return getattr(real, attr)
+
+        def wait(self, timeout):
+            rung = real.wait(timeout)
+            waits.append(rung)
+            return rung
+
+    callee.own_bell = Recording()
 
     def reader():
-        callee.recv(deadline=time.monotonic() + 10)
+        callee.recv(deadline=time.monotonic() + 30)
         woke.append(time.monotonic())
 
     th = threading.Thread(target=reader)
     th.start()
-    time.sleep(2.0)  # the reader spins briefly, then sleeps on its doorbell
-    sent = time.monotonic()
-    caller.send("wake up")
-    th.join(5)
-    assert woke and woke[0] - sent < 0.05
+    try:
+        deadline = time.monotonic() + 10
+        while not callee.rx.reader_sleeping():  # the reader has declared itself asleep
+            assert time.monotonic() < deadline, "the reader never slept"
+            time.sleep(0.001)
+        time.sleep(0.25)  # well into a wait slice
+        sent = time.monotonic()
+        caller.send("wake up")
+        th.join(10)
+        assert woke, "the reader never woke"
+        assert waits[-1] is True, f"woken by its slice running out, not by the doorbell: {waits}"
+        assert woke[0] - sent < 1.0
+    finally:
+        th.join(10)
+        callee.own_bell = real
 
 
 def test_publishing_fences_before_it_reads_the_sleeping_flag(private_dir, monkeypatch):
