@@ -69,6 +69,7 @@ _MEMMOVE_MIN = 64 * 1024
 # than a typical round trip, then block so an idle process costs nothing.
 SPIN_S = 100e-6
 SLICE_S = 0.1  # longest single block; liveness is re-checked after each
+BULK_FRAMES_S = 60.0  # a BULK marker's frames are already queued: this is for broken peers
 
 _warned_fallback = False
 # Spinning politely: if the peer shares our core (an oversubscribed machine),
@@ -479,7 +480,7 @@ class Channel:
             if kind != KIND_INLINE:
                 rx.advance()
                 if kind == KIND_BULK:
-                    return True, self._recv_bulk(deadline, check)
+                    return True, self._recv_marked_bulk(check)
                 if kind == KIND_CLOSE:
                     self.peer_closed = True
                     return False, None
@@ -525,9 +526,22 @@ class Channel:
         route.bytes_in += hlen + (sum(sizes) if nbuf else 0)
         return True, obj
 
+    def _recv_marked_bulk(self, check: Callable[[], None] | None) -> Any:
+        """The frames a consumed BULK marker announces.
+
+        They were queued before the marker was published, so they are waited
+        for whatever the caller's deadline: left behind, they would be taken
+        for the next marker's.  Frames that never come mean a broken peer.
+        """
+        try:
+            return self._recv_bulk(time.monotonic() + BULK_FRAMES_S, check)
+        except TimeoutError:
+            self.failed = ProtocolError(f"channel {self.name}: a BULK marker without its "
+                                        f"ZeroMQ frames within {BULK_FRAMES_S:.0f} s")
+            self.failed.tag = None
+            raise self.failed from None
+
     def _recv_bulk(self, deadline: float | None, check: Callable[[], None] | None) -> Any:
-        if deadline is None:
-            deadline = time.monotonic() + 60.0  # the marker promises the frames
         frames = self.bulk.recv(deadline=deadline, check=check)
         t0 = time.perf_counter_ns()
         meta = frames[0].buffer

@@ -611,6 +611,46 @@ def test_no_wake_up_is_lost_in_a_ping_pong_stress(private_dir):
         caller.close(notify=False)
 
 
+def test_a_bulk_marker_waits_for_its_frames_whatever_the_deadline(private_dir, monkeypatch):
+    """Once a BULK marker is consumed its frames are read, even past the caller's
+    deadline: left in the link they would be taken for the next marker's, and
+    every large message after would be one late.  Frames that never come fail
+    the channel (a broken peer) instead of waiting for ever.
+    """
+    import runtime.transport.channel as channel_mod
+
+    caller, callee, bell = make_pair(private_dir, 4096)
+    try:
+        def marker_then_frames(text, delay):
+            enc = caller.encode(text)
+            parts = [channel_mod._PREFIX.pack(channel_mod.KIND_INLINE, 0, len(enc.header), 0)
+                     + enc.header]
+            caller._send_marker(channel_mod.KIND_BULK, None, None, None)
+            if delay is not None:
+                threading.Timer(delay, lambda: caller.bulk.send(
+                    parts, deadline=None, check=None)).start()
+
+        marker_then_frames("late frames", 0.3)
+        assert callee.recv(deadline=time.monotonic() + 0.05) == "late frames"
+        big = b"b" * 10000
+        assert caller.send(big) == "zmq"
+        assert callee.recv(deadline=time.monotonic() + 5) == big  # still in step
+
+        monkeypatch.setattr(channel_mod, "BULK_FRAMES_S", 0.5)
+        marker_then_frames("never sent", None)
+        caller.send("after")
+        t0 = time.monotonic()
+        with pytest.raises(ProtocolError, match="without its ZeroMQ frames"):
+            callee.recv(deadline=time.monotonic() + 30)
+        assert time.monotonic() - t0 < 5
+        with pytest.raises(ProtocolError):  # the channel is finished
+            callee.try_recv()
+    finally:
+        caller.close()
+        callee.close()
+        bell.close()
+
+
 def test_recv_deadline(pair):
     _, callee = pair
     t0 = time.monotonic()
