@@ -23,11 +23,17 @@ A BULK message on ZeroMQ is ``[prefix+codec header, buffer 0, buffer 1, ...]``.
 
 Sizing: each direction's ring holds ``2 x threshold`` bytes including its
 4 KiB header, so one channel uses at most ``4 x threshold`` of ``shm_dir``
-(40 MiB at the default 10 MiB).  Any message below the threshold fits one
-record (records never wrap, and a ring that large always has a contiguous
-stretch once drained), and while it is in flight there is room for more
-records behind it, so back-to-back messages of mixed sizes stream.  A small
-threshold still gets a ring of ``MIN_CAPACITY`` (64 KiB) for the BULK markers.
+(40 MiB at the default 10 MiB).  Any record up to the ring's capacity fits
+once the ring is drained (``ring.py`` publishes a WRAP on its own), so the
+route is decided on the real record: framing repeats every buffer size, and a
+message just below the threshold made of many small tensors has a record
+larger than the threshold -- it still fits, and a record that would not fit
+goes to ZeroMQ.  While a record is in flight there is room for more behind
+it, so back-to-back messages of mixed sizes stream.  A small threshold still
+gets a ring of ``MIN_CAPACITY`` (64 KiB) for the BULK markers.
+
+A send happens whole or not at all and waits (for ring space, for ZeroMQ's
+high-water mark) only until its deadline; see :meth:`Channel.send_encoded`.
 
 When ``shm_dir`` has no room, ring creation fails with ``TransportError``;
 the channel logs one warning per process and carries everything on ZeroMQ.
