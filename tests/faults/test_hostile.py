@@ -252,7 +252,7 @@ def _race(system, action):
 
 def test_calls_racing_kill_get_actor_died_error():
     with ActorSystem(shm_threshold=1024) as system:
-        for _ in range(3):
+        for _ in range(2):
             errors = _race(system, lambda e: e.kill())
             assert len(errors) >= 6
             assert all(type(x) is ActorDiedError for x in errors), \
@@ -260,7 +260,7 @@ def test_calls_racing_kill_get_actor_died_error():
 
 
 def test_calls_racing_shutdown_get_runtime_errors():
-    for _ in range(2):
+    for _ in range(1):
         system = ActorSystem(shm_threshold=1024)
         try:
             errors = _race(system, lambda e, s=system: s.shutdown())
