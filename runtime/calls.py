@@ -22,6 +22,7 @@ id, so a late reply is dropped.
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import threading
 import time
@@ -38,14 +39,37 @@ from runtime.errors import (
     ActorRuntimeError,
     CallTimeoutError,
     ProtocolError,
+    TransportError,
     make_remote_exception,
 )
 from runtime.session import Session
 from runtime.spin import SpinPolicy
-from runtime.table import ALIVE, DEAD, FLAG_UNTRUSTED, STATE_NAMES, ActorTable, describe_exit
+from runtime.table import (
+    ALIVE,
+    DEAD,
+    FLAG_UNTRUSTED,
+    RESTARTING,
+    STATE_NAMES,
+    ActorTable,
+    describe_exit,
+)
 from runtime.transport.channel import Channel
 
 __all__ = ["ActorRef", "ProcessContext", "context_for", "register_context"]
+
+log = logging.getLogger(__name__)
+
+# This process's pid, refreshed in a forked child: a context made by another
+# process (the parent of a fork) refuses to work (its channels are the parent's).
+_pid = os.getpid()
+
+
+def _after_fork_in_child() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 # Spin for a reply between these bounds before sleeping on the doorbell
 # (see runtime.spin): a no-op round trip is ~35 us, a 1 MiB echo ~600 us; a
@@ -122,6 +146,19 @@ class CallFuture(Future):
         else:
             self.set_exception(value)
 
+    def _invoke_callbacks(self) -> None:
+        # Futures run done-callbacks on whichever thread completes them -- here
+        # often the channel's pump.  concurrent.futures logs an Exception from
+        # a callback; a SystemExit would end that thread and strand every
+        # other pending future, so it is logged too.
+        for callback in self._done_callbacks:
+            try:
+                callback(self)
+            except KeyboardInterrupt:
+                raise
+            except BaseException:  # see above
+                log.exception("exception calling callback for %r", self)
+
     def is_done(self) -> bool:
         return self._state == "FINISHED"
 
@@ -141,15 +178,49 @@ class CallFuture(Future):
         return super().exception(timeout=None if self.done() else 0)
 
 
+class _Failed:
+    """A reply that could not be decoded, queued like a reply (see ``_drain_nowait``)."""
+
+    __slots__ = ("exc", "tag")
+
+    def __init__(self, tag: int, exc: BaseException) -> None:
+        self.tag, self.exc = tag, exc
+
+
+def _again(exc: BaseException) -> BaseException:
+    """A fresh exception like ``exc``.
+
+    One instance raised in many threads would collect all their tracebacks.
+    """
+    try:
+        return type(exc)(str(exc))
+    except Exception:  # noqa: BLE001 - an exception type with another signature
+        return ActorRuntimeError(str(exc))
+
+
 class CallerChannel:
-    """The channel of this process to one incarnation of one actor."""
+    """The channel of this process to one incarnation of one actor.
+
+    Once the channel fails (the actor died, the system shut down, the peer
+    broke the protocol) ``dead`` holds the reason: every pending call fails
+    with it, and so does every later call that still holds this channel.
+    Nothing touches the underlying :class:`Channel` without holding the send
+    lock (to send) or the reader role (to read), and :meth:`close` takes both
+    before it unmaps anything.
+    """
 
     def __init__(self, ctx: ProcessContext, ref: ActorRef, incarnation: int,
                  channel: Channel) -> None:
         self.ctx = ctx
         self.ref = ref
         self.incarnation = incarnation
+        entry = ctx.table.read(ref.index)
+        # The process this channel reaches: a death message names it, not a successor.
+        self.pid = entry.pid if entry.incarnation == incarnation else 0
         self.channel = channel
+        # A call nests its values two containers deep, a reply one.
+        channel.send_envelope = 2
+        channel.recv_envelope = 1
         self.pending: dict[int, tuple[Any, float | None]] = {}
         self._ids = itertools.count(1)
         self._send_lock = threading.Lock()
@@ -164,10 +235,16 @@ class CallerChannel:
 
     # -- liveness --------------------------------------------------------------
     def check(self) -> None:
-        """Raise ``ActorDiedError`` if the actor this channel reaches is gone."""
+        """Raise if this channel is finished or the actor it reaches is gone."""
+        if self.dead is not None:
+            raise _again(self.dead)
         if not self.ctx.table.alive(self.ref.index, self.incarnation):
-            raise ActorDiedError(self.ctx.death_text(self.ref, self.ctx.table.read(self.ref.index)))
+            raise ActorDiedError(self.death_text())
         self.ctx.check_owner()
+
+    def death_text(self) -> str:
+        return self.ctx.death_text(self.ref, self.ctx.table.read(self.ref.index),
+                                   incarnation=self.incarnation, pid=self.pid)
 
     # -- calls -----------------------------------------------------------------
     def call(self, method: str, args: tuple, kwargs: dict) -> Any:
@@ -190,33 +267,54 @@ class CallerChannel:
         return fut
 
     def _send(self, method: str, args: tuple, kwargs: dict, waiter: Any) -> None:
-        if self.dead is not None:
-            raise ActorDiedError(str(self.dead))
-        timeout = self.ctx.session.call_timeout
-        # Waiting for the send lock, keep reading replies when we may: the
-        # holder may be stuck on a full ring that only drains once the actor
-        # can write its replies -- and the reader may be us, in a callback.
-        while not self._send_lock.acquire(timeout=0.0005):
-            self._drain_nowait()
         try:
-            call_id = next(self._ids) & 0xFFFFFFFF
-            self.pending[call_id] = (waiter,
-                                     None if timeout is None else time.monotonic() + timeout)
-            try:
-                self.channel.send((call_id, method, args, kwargs), tag=call_id,
-                                  check=self.check, on_full=self._drain_nowait)
-            except BaseException as exc:
-                self.pending.pop(call_id, None)
-                if isinstance(exc, ActorDiedError):
-                    self._fail_all(exc)
-                raise
-        finally:
-            self._send_lock.release()
+            self._send_locked(method, args, kwargs, waiter)
+        except ActorDiedError:
+            self.ctx.retire(self)  # its descriptors go now, not at shutdown
+            raise
         # Complete what was read meanwhile -- unless this thread is the reader
         # (a callback): its reading loop does it next, without nesting deeper.
         if self._deferred and not self._role._is_owned():
             with self._role:
                 self._dispatch_deferred()
+
+    def _send_locked(self, method: str, args: tuple, kwargs: dict, waiter: Any) -> None:
+        if self.dead is not None:
+            raise _again(self.dead)
+        timeout = self.ctx.session.call_timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
+        # Waiting for the send lock, keep reading replies when we may: the
+        # holder may be stuck on a full ring that only drains once the actor
+        # can write its replies -- and the reader may be us, in a callback.
+        while not self._send_lock.acquire(timeout=0.0005):
+            self._drain_nowait()
+            if self.dead is not None:
+                raise _again(self.dead)
+            if deadline is not None and time.monotonic() >= deadline:
+                raise self._send_timeout(timeout)
+        try:
+            if self.dead is not None:  # closed while we waited for the lock
+                raise _again(self.dead)
+            call_id = next(self._ids) & 0xFFFFFFFF
+            self.pending[call_id] = (waiter, deadline)
+            try:
+                self.channel.send((call_id, method, args, kwargs), tag=call_id,
+                                  deadline=deadline, check=self.check,
+                                  on_full=self._drain_nowait)
+            except BaseException as exc:
+                self.pending.pop(call_id, None)
+                if isinstance(exc, ActorDiedError):
+                    self._fail_all(exc)
+                elif isinstance(exc, TimeoutError) and not isinstance(exc, ActorRuntimeError):
+                    raise self._send_timeout(timeout) from exc
+                raise
+        finally:
+            self._send_lock.release()
+
+    def _send_timeout(self, timeout: float | None) -> CallTimeoutError:
+        return CallTimeoutError(f"call to actor {self.ref.name!r} could not be sent within "
+                                f"{timeout} s: the actor is not reading its channel (busy, "
+                                f"or too many calls queued)")
 
     def drive(self, waiter: Any, timeout: float | None) -> None:
         """Read replies until ``waiter`` is done or ``timeout`` seconds pass."""
@@ -237,6 +335,13 @@ class CallerChannel:
                 return
 
     def _read_until(self, done: Callable[[], bool], deadline: float | None) -> None:
+        """Read and dispatch replies (holding the reader role) until ``done()``.
+
+        Never raises for what the actor sent: a reply that fails to decode
+        fails its call; one that names no call, a corrupt ring, the actor's
+        death fail the channel.  Returns at ``deadline``, or once the channel
+        is finished.
+        """
         ch = self.channel
         spin = self.spin.window  # spin once; after a slice of sleep, sleep again
         if ch.woke_peer:
@@ -254,7 +359,9 @@ class CallerChannel:
                     spin = self.spin.window
                     continue
                 if ch.peer_closed:
-                    raise ActorDiedError(f"actor {self.ref.name!r} closed its channel")
+                    self.check()  # the actor's death explains it best
+                    raise TransportError(f"actor {self.ref.name!r} closed the channel (it "
+                                         f"found the channel broken; see its log)")
                 wait_until = self._expire(deadline)
                 if deadline is not None and time.monotonic() >= deadline:
                     return
@@ -263,27 +370,59 @@ class CallerChannel:
             except TimeoutError:
                 continue  # a deadline passed: the loop re-evaluates
             except ProtocolError as exc:
-                entry = self.pending.pop(getattr(exc, "tag", None), None)
+                tag = getattr(exc, "tag", None)
+                entry = None if ch.failed is not None else self.pending.pop(tag, None)
                 if entry is None:
                     self._fail_all(exc)
                     return
                 entry[0].complete(False, exc)
+            except ActorDiedError as exc:
+                self._fail_all(exc)
+                self.ctx.retire(self)  # its descriptors go now, not at shutdown
+                return
             except ActorRuntimeError as exc:
                 self._fail_all(exc)
                 return
+            except Exception as exc:  # the reader must survive anything
+                log.exception("channel to actor %r failed", self.ref.name)
+                self._fail_all(TransportError(f"channel to actor {self.ref.name!r} failed: "
+                                              f"{type(exc).__name__}: {exc}"))
+                return
 
     def _dispatch(self, msg: Any) -> None:
-        try:
-            call_id, ok, payload = msg
-        except (TypeError, ValueError):
-            raise ProtocolError(f"malformed reply from actor {self.ref.name!r}") from None
-        entry = self.pending.pop(call_id, None)
+        """Complete the call ``msg`` answers; never raises.
+
+        The reply is validated before its call leaves the pending set.  A
+        malformed reply that names a pending call fails that call with
+        ``ProtocolError``; one that names no call fails the channel.
+        """
+        if type(msg) is _Failed:
+            entry = self.pending.pop(msg.tag, None)
+            if entry is not None:
+                entry[0].complete(False, msg.exc)
+            return
+        if type(msg) is not tuple or len(msg) != 3 or type(msg[0]) is not int:
+            what = type(msg).__name__
+            if type(msg) is tuple:
+                what = f"tuple of {len(msg)}" + (f" with a {type(msg[0]).__name__} call id"
+                                                 if len(msg) == 3 else "")
+            self._fail_all(ProtocolError(f"malformed reply from actor {self.ref.name!r}: "
+                                         f"expected (call id, ok, value), got a {what}"))
+            return
+        call_id, ok, payload = msg
+        entry = self.pending.get(call_id)
         if entry is None:
             return  # the call timed out earlier: drop its late reply
-        if ok:
-            entry[0].complete(True, payload)
+        if type(ok) is not bool:
+            ok, value = False, ProtocolError(
+                f"malformed reply from actor {self.ref.name!r} to call {call_id}: its ok "
+                f"flag is a {type(ok).__name__}, not a bool")
+        elif ok:
+            value = payload
         else:
-            entry[0].complete(False, _rebuild_error(payload, safe=self.channel.safe))
+            value = _rebuild_error(payload, safe=self.channel.safe)
+        if self.pending.pop(call_id, None) is not None:
+            entry[0].complete(ok, value)
 
     def _expire(self, deadline: float | None) -> float | None:
         """Fail calls past their call_timeout; return the next deadline to wake at."""
@@ -309,12 +448,23 @@ class CallerChannel:
         The replies are only queued: completing a future runs its callbacks,
         and a callback that calls this actor again would wait for the send
         lock we hold.  They are completed, in order, once the send is done
-        (or by the next reader, before anything newer).
+        (or by the next reader, before anything newer).  A reply that fails
+        to decode is queued as a failure of its call; a failure of the channel
+        fails every call (their callbacks find the channel dead and return).
         """
         if self._role.acquire(blocking=False):
             try:
-                while True:
-                    ok, msg = self.channel.try_recv(check=self.check)
+                ch = self.channel
+                while self.dead is None and not self.closed:
+                    try:
+                        ok, msg = ch.try_recv(check=self.check)
+                    except ProtocolError as exc:
+                        tag = getattr(exc, "tag", None)
+                        if ch.failed is not None or tag is None:
+                            self._fail_all(exc)
+                            raise
+                        self._deferred.append(_Failed(tag, exc))
+                        continue
                     if not ok:
                         break
                     self._deferred.append(msg)
@@ -334,11 +484,11 @@ class CallerChannel:
                 _, (fut, _) = self.pending.popitem()
             except KeyError:
                 break
-            fut.complete(False, type(exc)(str(exc)))
+            fut.complete(False, _again(exc))
 
     # -- pump --------------------------------------------------------------------
     def _kick_pump(self) -> None:
-        if self._pump is None:
+        if self._pump is None and not self.closed:
             self._pump = threading.Thread(target=self._pump_main, daemon=True,
                                           name=f"rt-pump-{self.ref.name}")
             self._pump.start()
@@ -353,27 +503,44 @@ class CallerChannel:
                     try:
                         self._read_until(lambda: not self.pending or self.closed,
                                          time.monotonic() + 0.5)
+                    except BaseException as exc:  # the pump never dies
+                        log.exception("pump of actor %r", self.ref.name)
+                        self._fail_all(TransportError(f"channel to actor {self.ref.name!r} "
+                                                      f"failed: {exc!r}"))
                     finally:
                         self._role.release()
 
     def close(self, reason: BaseException | None = None) -> None:
-        """Fail what is pending with ``reason``, then release the channel."""
+        """Fail what is pending with ``reason``, then release the channel (idempotent)."""
+        if self.closed:
+            return
         notify = self.dead is None
         self.closed = True
         self._fail_all(reason or ActorDiedError(f"channel to actor {self.ref.name!r} closed"))
         self._pump_event.set()
-        # A reader finishes its current wait slice (<= 100 ms) and sees `closed`.
+        # A reader finishes its current wait slice (<= 100 ms) and sees `dead`;
+        # a sender waiting for ring space sees it in `check`.
         got_send = self._send_lock.acquire(timeout=5)
-        got_role = self._role.acquire(timeout=5)
+        got_role = got_send and self._role.acquire(timeout=5)
         try:
-            self.channel.close(notify=notify)
+            if got_role:
+                self.channel.close(notify=notify)
         finally:
             if got_role:
                 self._role.release()
             if got_send:
                 self._send_lock.release()
+        if not got_role:
+            # A thread is still inside the channel (a long done-callback, say):
+            # unmapping now would pull memory from under it.  Close once it left.
+            threading.Thread(target=self._close_when_free, args=(notify,), daemon=True,
+                             name=f"rt-close-{self.ref.name}").start()
         if self._pump is not None and self._pump is not threading.current_thread():
             self._pump.join(2.0)
+
+    def _close_when_free(self, notify: bool) -> None:
+        with self._send_lock, self._role:
+            self.channel.close(notify=notify)
 
 
 def _rebuild_error(payload: Any, *, safe: bool) -> BaseException:
@@ -387,7 +554,10 @@ def _rebuild_error(payload: Any, *, safe: bool) -> BaseException:
             exc = cloudpickle.loads(exc_bytes)
         except Exception:  # noqa: BLE001 - an unloadable exception still arrives as text
             exc = None
-    return make_remote_exception(exc, str(type_name), str(message), str(tb_text))
+    try:
+        return make_remote_exception(exc, str(type_name), str(message), str(tb_text))
+    except Exception as err:  # noqa: BLE001 - a hostile payload is a protocol error
+        return ProtocolError(f"malformed error reply: {type(err).__name__}: {err}")
 
 
 class ProcessContext:
@@ -405,22 +575,52 @@ class ProcessContext:
         self.closed = False
         self.killer: Callable[[int], None] | None = None
         self.owner: object = None  # the driver's ActorSystem: kept alive by its handles
+        self.pid = os.getpid()
+
+    @property
+    def forked(self) -> bool:
+        """True in a child forked from the process this context belongs to."""
+        return self.pid != _pid
+
+    def check_process(self) -> None:
+        """Refuse to work in a forked child: its channels are the parent's."""
+        if self.pid != _pid:
+            raise ActorRuntimeError(
+                f"this actor handle belongs to process {self.pid}; process {_pid} is a fork "
+                f"of it and cannot use it (the channels are the parent's). Start an "
+                f"ActorSystem in the child, or call actors from the parent")
 
     def kill(self, ref: ActorRef) -> None:
+        self.check_process()
         if self.killer is None:
             raise ActorRuntimeError("kill() works in the driver process (the one that owns "
                                     "the ActorSystem)")
         self.killer(ref.index)
-        self.forget(ref.index)
+        self.forget(ref.index, ActorDiedError(self.death_text(ref, self.table.read(ref.index))))
 
     def check_owner(self) -> None:
         if self._owner_check is not None:
             self._owner_check()
 
-    def death_text(self, ref: ActorRef, entry: Any) -> str:
+    def death_text(self, ref: ActorRef, entry: Any, *, incarnation: int | None = None,
+                   pid: int = 0) -> str:
+        """Why actor ``ref`` is gone, from its table ``entry``.
+
+        With ``incarnation`` (and its ``pid``), the text is about that process
+        -- the one a caller was talking to -- even after a restart replaced
+        it: the table keeps the last exit code while the successor starts.
+        """
         state = STATE_NAMES[entry.state] if entry.state < len(STATE_NAMES) else entry.state
-        how = describe_exit(entry.exit) if entry.pid else "never started"
-        return f"actor {ref.name!r} (pid {entry.pid}) died: {how}; now {state}"
+        if incarnation is None or entry.incarnation == incarnation:
+            pid = pid or entry.pid
+            how = describe_exit(entry.exit) if pid else "never started"
+            return f"actor {ref.name!r} (pid {pid}) died: {how}; now {state}"
+        ended = entry.state in (RESTARTING, DEAD)
+        if entry.incarnation == incarnation + 1 and not ended:
+            return (f"actor {ref.name!r} (pid {pid}) died: {describe_exit(entry.exit)}; "
+                    f"restarted as pid {entry.pid} ({state})")
+        return (f"actor {ref.name!r} (pid {pid}) died; it has been restarted since "
+                f"(now pid {entry.pid}, {state})")
 
     # -- calls -----------------------------------------------------------------
     def call(self, ref: ActorRef, method: str, args: tuple, kwargs: dict) -> Any:
@@ -430,25 +630,46 @@ class ProcessContext:
         return self.channel_for(ref).submit(method, args, kwargs)
 
     def channel_for(self, ref: ActorRef) -> CallerChannel:
+        if self.pid != _pid:
+            self.check_process()
         cc = self._channels.get(ref.index)
         if cc is not None and cc.dead is None and self.table.alive(ref.index, cc.incarnation):
             return cc
-        with self._lock:
-            if self.closed:
-                raise ActorRuntimeError("the actor system is shut down")
-            cc = self._channels.get(ref.index)
-            entry = self._settled(ref)
-            if cc is not None:
-                if cc.dead is None and entry.incarnation == cc.incarnation:
+        if ref.index == self.self_index:
+            raise ActorRuntimeError(
+                f"actor {ref.name!r} called itself through its own handle: an actor runs "
+                f"one call at a time, so that call could never be served; call the method "
+                f"directly (self.method(...))")
+        stale = []
+        try:
+            with self._lock:
+                if self.closed:
+                    raise ActorRuntimeError("the actor system is shut down")
+                # Channels to incarnations that are gone (this one included)
+                # are released now: each holds descriptors and two mappings.
+                for index, old in list(self._channels.items()):
+                    if old.dead is not None or not self.table.alive(index, old.incarnation):
+                        del self._channels[index]
+                        stale.append(old)
+                entry = self._settled(ref)
+                if entry.state != ALIVE:
+                    raise ActorDiedError(self.death_text(ref, entry))
+                cc = self._channels.get(ref.index)
+                if cc is not None:
                     return cc
-                self._channels.pop(ref.index, None)
-                cc._fail_all(ActorDiedError(self.death_text(ref, self.table.read(ref.index))))
-                cc.close()
-            if entry.state != ALIVE:
-                raise ActorDiedError(self.death_text(ref, entry))
-            cc = self._open(ref, entry.incarnation)
-            self._channels[ref.index] = cc
-            return cc
+                cc = self._open(ref, entry.incarnation)
+                self._channels[ref.index] = cc
+                return cc
+        finally:
+            for old in stale:
+                old.close(ActorDiedError(old.death_text()) if old.dead is None else None)
+
+    def retire(self, cc: CallerChannel) -> None:
+        """Close ``cc``, whose actor incarnation is gone, and forget it."""
+        with self._lock:
+            if self._channels.get(cc.ref.index) is cc:
+                del self._channels[cc.ref.index]
+        cc.close()
 
     def _settled(self, ref: ActorRef) -> Any:
         """The actor's entry once it is ALIVE or DEAD (waits out a restart)."""
@@ -497,16 +718,18 @@ class ProcessContext:
             return None
         return dict(cc.channel.stats(), actor=cc.ref.name, incarnation=cc.incarnation)
 
-    def forget(self, index: int) -> None:
+    def forget(self, index: int, reason: BaseException | None = None) -> None:
         with self._lock:
             cc = self._channels.pop(index, None)
         if cc is not None:
-            cc.close()
+            cc.close(reason)
 
     def close(self) -> None:
         with self._lock:
             self.closed = True
             channels, self._channels = list(self._channels.values()), {}
+        if self.forked:
+            return  # the channels are the parent's: never touch them from a fork
         for cc in channels:
             cc.close(ActorRuntimeError("the actor system was shut down"))
 

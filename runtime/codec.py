@@ -281,6 +281,9 @@ class _NotPlain(Exception):
     """The value cannot be written in the plain format (internal)."""
 
 
+_TOO_DEEP = object()  # _NotPlain's argument when the culprit is the nesting depth
+
+
 # --------------------------------------------------------------------------- encode
 
 
@@ -333,7 +336,7 @@ def _descriptor(obj: object, bufs: list[np.ndarray], memo: dict[int, tuple]) -> 
     is_tensor = isinstance(obj, _TENSOR)
     parts = _tensor_bytes(obj) if is_tensor else _array_bytes(obj)  # type: ignore[arg-type]
     if parts is None:
-        raise _NotPlain
+        raise _NotPlain(obj)
     code, shape, raw = parts
     desc = _DESC.pack(_T_TENSOR if is_tensor else _T_ARRAY, len(bufs), code, len(shape))
     desc += _DIMS[len(shape)].pack(*shape)
@@ -342,8 +345,11 @@ def _descriptor(obj: object, bufs: list[np.ndarray], memo: dict[int, tuple]) -> 
     return desc
 
 
-def _enc(obj: object, out: bytearray, bufs: list[np.ndarray]) -> None:
+def _enc(obj: object, out: bytearray, bufs: list[np.ndarray],
+         max_depth: int = MAX_DEPTH) -> None:
     """Append ``obj`` in the plain format to ``out``; raise _NotPlain if it cannot be.
+
+    ``_NotPlain``'s argument is the culprit, or ``_TOO_DEEP``.
 
     Iterative, not recursive: ``stack`` holds the iterators of the enclosing
     containers, so its length is the depth of the value being written.
@@ -366,16 +372,16 @@ def _enc(obj: object, out: bytearray, bufs: list[np.ndarray]) -> None:
                     out += _TAG_Q.pack(_T_BIGINT, n)
                     out += x.to_bytes(n, "little", signed=True)
             elif t is tuple or t is list:
-                if len(stack) >= MAX_DEPTH:
-                    raise _NotPlain
+                if len(stack) >= max_depth:
+                    raise _NotPlain(_TOO_DEEP)
                 out += _TAG_Q.pack(_T_TUPLE if t is tuple else _T_LIST, len(x))
                 if x:
                     stack.append(it)
                     it = iter(x)
                     break
             elif t is dict:
-                if len(stack) >= MAX_DEPTH:
-                    raise _NotPlain
+                if len(stack) >= max_depth:
+                    raise _NotPlain(_TOO_DEEP)
                 out += _TAG_Q.pack(_T_DICT, len(x))
                 if x:
                     stack.append(it)
@@ -400,7 +406,7 @@ def _enc(obj: object, out: bytearray, bufs: list[np.ndarray]) -> None:
             elif isinstance(x, _TENSOR):  # subclasses such as nn.Parameter arrive as tensors
                 out += _descriptor(x, bufs, memo)
             else:
-                raise _NotPlain
+                raise _NotPlain(x)
         else:  # this container is done: resume the enclosing one
             if not stack:
                 return
@@ -456,20 +462,39 @@ def _pickled(obj: object, bufs: list[np.ndarray]) -> bytes:
     return f.getvalue()
 
 
-def encode(obj: object) -> Encoded:
+def encode(obj: object, *, plain_only: bool = False, envelope: int = 0) -> Encoded:
     """Encode ``obj`` into a header and out-of-band buffers.
 
     The plain format is used when ``obj`` holds only plain values (see the
-    module docstring), the pickle format otherwise.  Raises ``TypeError``
-    naming the offending type when ``obj`` cannot be pickled either, and
-    ``TransportError`` when it nests too deep.
+    module docstring) nested at most :data:`MAX_DEPTH` containers deep, the
+    pickle format otherwise.  Raises ``TypeError`` naming the offending type
+    when ``obj`` cannot be pickled either, and ``TransportError`` when it
+    nests too deep for pickle.
+
+    ``envelope``: how many containers of ``obj`` are the caller's own
+    wrapping around the values (a call tuple, say); the depth limit applies
+    to the values inside, so a message may nest ``MAX_DEPTH + envelope``.
+
+    With ``plain_only`` nothing is pickled: a message the plain format cannot
+    express raises ``TypeError`` naming the offending type, or ``ValueError``
+    when a value nests too deep (what a safe-mode peer refuses).
     """
     out = bytearray()
     bufs: list[np.ndarray] = []
     try:
-        _enc(obj, out, bufs)
+        _enc(obj, out, bufs, MAX_DEPTH + envelope)
         fmt = FORMAT_PLAIN
-    except _NotPlain:
+    except _NotPlain as exc:
+        if plain_only:
+            culprit = exc.args[0] if exc.args else obj
+            if culprit is _TOO_DEEP:
+                raise ValueError(f"a value nests lists, tuples or dicts more than {MAX_DEPTH} "
+                                 f"deep, which a safe-mode peer refuses") from None
+            t = type(culprit)
+            raise TypeError(
+                f"message holds a value of type {t.__module__}.{t.__qualname__}; a safe-mode "
+                f"peer accepts only tensors, arrays, numbers, str, bytes, None, bool and "
+                f"lists/tuples/dicts of these") from None
         bufs = []
         out = _pickled(obj, bufs)  # type: ignore[assignment]
         fmt = FORMAT_PICKLE
@@ -577,7 +602,8 @@ _LENGTH_TAGS = frozenset((_T_STR, _T_BYTES, _T_BIGINT))
 _DESC_TAGS = frozenset((_T_TENSOR, _T_ARRAY))
 
 
-def _dec(data: bytes, pos: int, end: int, ctx: _Ctx) -> tuple[object, int]:
+def _dec(data: bytes, pos: int, end: int, ctx: _Ctx,
+         envelope: int = 0) -> tuple[object, int]:
     """Read one plain-format value at ``pos``; return it and the offset after it.
 
     Iterative, not recursive: the open container is ``(items, want, kind)``
@@ -632,7 +658,7 @@ def _dec(data: bytes, pos: int, end: int, ctx: _Ctx) -> tuple[object, int]:
                     f"declared length {n} of {_CONTAINER_NAMES[tag]} at offset {pos - 8}"
                     f" beyond frame ({end - pos} bytes left)"
                 )
-            if len(stack) >= MAX_DEPTH:
+            if len(stack) >= MAX_DEPTH + envelope:
                 raise ProtocolError(f"nesting deeper than {MAX_DEPTH} at offset {pos - 9}")
             if n:
                 stack.append((items, want, kind))
@@ -729,6 +755,7 @@ def decode(
     buffers: Sequence[np.ndarray | torch.Tensor],
     *,
     safe: bool,
+    envelope: int = 0,
 ) -> object:
     """Decode a message from its header and its buffers.
 
@@ -736,8 +763,10 @@ def decode(
     tensors) the caller owns, exactly as many as :func:`encode` produced, in
     order; tensors and arrays in the result are views of them.  With
     ``safe=True`` only the plain format is accepted and nothing is ever
-    unpickled.  Any malformed input raises
-    :class:`~runtime.errors.ProtocolError` naming the defect.
+    unpickled.  Plain values may nest :data:`MAX_DEPTH` containers deep
+    inside ``envelope`` containers of the caller's (see :func:`encode`).  Any
+    malformed input raises :class:`~runtime.errors.ProtocolError` naming the
+    defect.
     """
     data = header if type(header) is bytes else bytes(header)
     end = len(data)
@@ -777,7 +806,7 @@ def decode(
     ctx = (buffers, sizes, memo)
     if fmt == FORMAT_PLAIN:
         try:
-            obj, pos = _dec(data, pos, end, ctx)
+            obj, pos = _dec(data, pos, end, ctx, envelope)
         except ProtocolError:
             raise
         except Exception as exc:  # a safety net: every defect should be named above

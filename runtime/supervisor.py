@@ -233,7 +233,7 @@ class Supervisor:
         actor.status = FrameReader(status_r)
         self.sel.register(status_r, selectors.EVENT_READ, actor)
         self.table.write(actor.index, state=STARTING, incarnation=actor.incarnation,
-                         pid=proc.pid, exit=0, flags=actor.flags, restarts=actor.restarts)
+                         pid=proc.pid, flags=actor.flags, restarts=actor.restarts)
 
     def _status(self, actor: _Actor) -> None:
         reader = actor.status

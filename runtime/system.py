@@ -14,6 +14,7 @@ import importlib.util
 import itertools
 import json
 import logging
+import math
 import os
 import socket
 import subprocess
@@ -83,9 +84,9 @@ class SystemOptions:
             raise ValueError(f"shm_dir {shm_dir!r} is not a directory")
         if call_timeout is not None:
             if isinstance(call_timeout, bool) or not isinstance(call_timeout, (int, float)) \
-                    or call_timeout <= 0:
-                raise ValueError(f"call_timeout must be a positive number of seconds, "
-                                 f"got {call_timeout!r}")
+                    or not math.isfinite(call_timeout) or call_timeout <= 0:
+                raise ValueError(f"call_timeout must be a positive, finite number of seconds "
+                                 f"(None for no limit), got {call_timeout!r}")
             call_timeout = float(call_timeout)
         zygote = os.environ.get("RT_ZYGOTE", "1").strip().lower() not in ("0", "false", "no")
         return cls(shm_threshold, os.path.abspath(shm_dir), call_timeout, zygote)
@@ -185,8 +186,14 @@ class _SupervisorLink:
             pass
 
 
-def _emergency_cleanup(link: _SupervisorLink, session: Session) -> None:
-    """Finalizer for a system that was never shut down (no reference to it)."""
+def _emergency_cleanup(link: _SupervisorLink, session: Session, owner_pid: int) -> None:
+    """Finalizer for a system that was never shut down (no reference to it).
+
+    Runs at interpreter exit too -- also in a child made by ``os.fork()``,
+    which must leave the parent's session alone.
+    """
+    if os.getpid() != owner_pid:
+        return
     link.close(kill=False)
     remove_session_files(session)
 
@@ -232,7 +239,16 @@ class ActorSystem:
         self._ctx.killer = self._kill_index
         self._ctx.owner = self
         register_context(self._ctx)
-        self._finalizer = weakref.finalize(self, _emergency_cleanup, self._link, self.session)
+        self._pid = os.getpid()
+        self._finalizer = weakref.finalize(self, _emergency_cleanup, self._link, self.session,
+                                           self._pid)
+
+    def _check_process(self) -> None:
+        """Refuse to work in a child forked from the driver (the session is the parent's)."""
+        if os.getpid() != self._pid:
+            raise ActorRuntimeError(
+                f"this ActorSystem belongs to process {self._pid}; process {os.getpid()} is a "
+                f"fork of it and cannot use it. Start an ActorSystem in the child")
 
     def _check_link(self) -> None:
         if self._link.dead:
@@ -248,6 +264,7 @@ class ActorSystem:
         Raises ``ActorStartError`` (with the remote traceback) if ``__init__``
         raised or the process died during start-up.
         """
+        self._check_process()
         options = actor_options(cls)
         if max_restarts is None:
             max_restarts = options.max_restarts
@@ -310,6 +327,11 @@ class ActorSystem:
                 return
             self._closed = True
         self._finalizer.detach()
+        if os.getpid() != self._pid:
+            # A forked child leaving a ``with ActorSystem()`` block: the session,
+            # its supervisor and its channels are the parent's.  Only let go.
+            self._ctx.close()
+            return
         self._ctx.close()
         self._ctx.owner = None
         unregister_context(self._ctx)

@@ -45,6 +45,7 @@ log = logging.getLogger("runtime.worker")
 # caller's next call usually follows within tens of microseconds.
 IDLE_SPIN_MIN_S, IDLE_SPIN_MAX_S = 100e-6, 1e-3
 LIVENESS_EVERY_S = 1.0
+CONTROL_EVERY_S = 0.01  # while busy, new channels are accepted this often
 
 
 class _Inbound:
@@ -54,6 +55,9 @@ class _Inbound:
         self.channel = channel
         self.caller_pid = caller_pid
         self.check = _pid_check(caller_pid)
+        # A call nests its values two containers deep, a reply one.
+        channel.recv_envelope = 2
+        channel.send_envelope = 1
 
 
 class ActorServer:
@@ -107,11 +111,12 @@ class ActorServer:
         if len(self.ctl.fds()) != n:
             self._poller = None  # half-read connections are waited on too
 
-    def _drop(self, conn: _Inbound) -> None:
+    def _drop(self, conn: _Inbound, *, notify: bool = False) -> None:
+        """Forget a channel; with ``notify``, tell its (living) caller first."""
         if conn in self.inbound:
             self.inbound.remove(conn)
             self._poller = None
-        conn.channel.close(notify=False)
+        conn.channel.close(notify=notify)
 
     # -- calls -----------------------------------------------------------------------
     def _run_call(self, conn: _Inbound, msg: Any) -> None:
@@ -122,7 +127,7 @@ class ActorServer:
             fn = getattr(self.instance, method)
             reply = (call_id, True, fn(*args, **kwargs))
         except (SystemExit, KeyboardInterrupt):
-            raise
+            raise  # the method ends the actor (sys.exit): the caller gets ActorDiedError
         except BaseException as exc:  # noqa: BLE001 - every failure goes back to the caller
             call_id = msg[0] if isinstance(msg, tuple) and msg else 0
             reply = (call_id, False, self._error_payload(exc))
@@ -130,29 +135,54 @@ class ActorServer:
         self._reply(conn, reply)
 
     def _reply(self, conn: _Inbound, reply: tuple) -> None:
-        call_id = reply[0]
-        check = conn.check
+        """Send a reply; a reply that cannot be encoded becomes that call's error.
+
+        Encoding runs user code (``__reduce__``) and can fail in any way --
+        nesting too deep for pickle, an unpicklable value, even ``SystemExit``
+        -- but nothing has been sent then: the call fails, the channel and the
+        actor carry on.  Only a failure of the channel itself drops it.
+        """
+        call_id = reply[0] if type(reply[0]) is int else 0
+        ch = conn.channel
         try:
-            conn.channel.send(reply, tag=call_id, check=check, plain_only=self.untrusted)
-        except TypeError as exc:
-            conn.channel.send((call_id, False, self._error_payload(exc)), tag=call_id,
-                              check=check)
+            enc = ch.encode(reply, plain_only=self.untrusted)
+        except BaseException as exc:
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            enc = ch.encode((call_id, False, self._error_payload(exc)))
+        try:
+            ch.send_encoded(enc, tag=call_id, check=conn.check)
         except TransportError as exc:
             log.warning("actor %s: dropping the channel of pid %d: %s", self.name,
                         conn.caller_pid, exc)
             self._drop(conn)
 
     def _error_payload(self, exc: BaseException) -> tuple:
-        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        """``(type name, message, traceback text, pickled exception or None)``.
+
+        Plain strings whatever the exception does: its ``__str__`` or its
+        pickling may raise (even ``SystemExit``), and the actor must live on.
+        """
+        cls = type(exc)
+        try:
+            tb = "".join(traceback.format_exception(cls, exc, exc.__traceback__))
+        except BaseException:  # noqa: BLE001 - a hostile exception must not end the actor
+            tb = f"{cls.__qualname__} (its traceback could not be formatted)\n"
+        try:
+            message = str(exc)
+            if type(message) is not str:
+                raise TypeError("__str__ returned a non-str")
+        except BaseException as err:  # noqa: BLE001 - as above
+            message = f"<str() of the {cls.__qualname__} raised {type(err).__name__}>"
         exc_bytes = None
         if not self.untrusted:
             try:
                 exc_bytes = cloudpickle.dumps(exc)
                 cloudpickle.loads(exc_bytes)  # an exception that cannot be rebuilt goes as text
-            except Exception:  # noqa: BLE001
+            except BaseException:  # noqa: BLE001 - as above
                 exc_bytes = None
-        cls = type(exc)
-        return (f"{cls.__module__}.{cls.__qualname__}", str(exc), tb, exc_bytes)
+        name = f"{getattr(cls, '__module__', '?')}.{getattr(cls, '__qualname__', '?')}"
+        return (str(name), message, str(tb), exc_bytes)
 
     # -- the loop ----------------------------------------------------------------------
     def serve(self) -> None:
@@ -160,6 +190,7 @@ class ActorServer:
         spin_until = 0.0
         spin = SpinPolicy(IDLE_SPIN_MIN_S, IDLE_SPIN_MAX_S)
         idle_since = None
+        next_control = 0.0
         next_liveness = time.monotonic() + LIVENESS_EVERY_S
         while True:
             progressed = False
@@ -170,16 +201,19 @@ class ActorServer:
                 ch = conn.channel
                 try:
                     ok, msg = ch.try_recv(check=conn.check)
-                except ProtocolError as exc:
-                    tag = getattr(exc, "tag", None)
-                    if tag is not None:
-                        self._reply(conn, (tag, False, self._error_payload(exc)))
-                    progressed = True
-                    continue
                 except TransportError as exc:
-                    log.warning("actor %s: channel failed: %s", self.name, exc)
-                    self._drop(conn)
                     progressed = True
+                    tag = getattr(exc, "tag", None)
+                    if isinstance(exc, ProtocolError) and ch.failed is None:
+                        # One message lost (consumed): its caller hears why.
+                        if tag is not None:
+                            self._reply(conn, (tag, False, self._error_payload(exc)))
+                        continue
+                    # A corrupt ring or a failed link: nothing more can be read
+                    # from this channel.  The caller is told; others are served.
+                    log.warning("actor %s: dropping the channel of pid %d: %s", self.name,
+                                conn.caller_pid, exc)
+                    self._drop(conn, notify=_pid_alive(conn.caller_pid))
                     continue
                 if ok:
                     self._run_call(conn, msg)
@@ -194,6 +228,10 @@ class ActorServer:
                     spin.observe(now - idle_since)
                     idle_since = None
                 spin_until = now + spin.window
+                if now >= next_control:  # busy: still let new callers in
+                    next_control = now + CONTROL_EVERY_S
+                    if self.ctl.ready():
+                        self._control()
                 continue
             if idle_since is None:
                 idle_since = time.perf_counter()

@@ -52,21 +52,30 @@ class BulkLink:
     def send(self, parts: Sequence[object], *, deadline: float | None,
              check: Callable[[], None] | None, slice_s: float = 0.05) -> None:
         """Send ``parts`` as one multipart message; wait until ZeroMQ let go of them."""
-        sock = self.socket
         while True:
-            try:
-                tracker = sock.send_multipart(parts, flags=zmq.NOBLOCK, copy=False,
-                                              track=True)
+            tracker = self.try_send(parts)
+            if tracker is not None:
                 break
-            except zmq.Again:
-                self._pause(deadline, check, slice_s, "send")
-            except zmq.ZMQError as exc:
-                raise TransportError(f"ZeroMQ send on {self.endpoint} failed: {exc}") from exc
+            self.pause(deadline, check, "send", slice_s)
+        self.wait_sent(tracker, deadline, check, slice_s)
+
+    def try_send(self, parts: Sequence[object]) -> zmq.MessageTracker | None:
+        """Queue ``parts`` as one message without blocking: its tracker, or None if full."""
+        try:
+            return self.socket.send_multipart(parts, flags=zmq.NOBLOCK, copy=False, track=True)
+        except zmq.Again:
+            return None
+        except zmq.ZMQError as exc:
+            raise TransportError(f"ZeroMQ send on {self.endpoint} failed: {exc}") from exc
+
+    def wait_sent(self, tracker: zmq.MessageTracker, deadline: float | None,
+                  check: Callable[[], None] | None, slice_s: float = 0.05) -> None:
+        """Wait until ZeroMQ has let go of a queued message's buffers."""
         while not tracker.done:
             try:
                 tracker.wait(slice_s)
             except zmq.NotDone:
-                self._pause(deadline, check, 0, "send")
+                self.pause(deadline, check, "send", 0)
 
     def recv(self, *, deadline: float | None, check: Callable[[], None] | None,
              slice_s: float = 0.05) -> list[zmq.Frame]:
@@ -82,14 +91,15 @@ class BulkLink:
                                      f"{exc}") from exc
             timeout = slice_s if deadline is None else min(slice_s, deadline - time.monotonic())
             if timeout <= 0 or not sock.poll(int(timeout * 1000) or 1, zmq.POLLIN):
-                self._pause(deadline, check, 0, "receive")
+                self.pause(deadline, check, "receive", 0)
 
     def readable(self) -> bool:
         return bool(self.socket.getsockopt(zmq.EVENTS) & zmq.POLLIN)
 
     @staticmethod
-    def _pause(deadline: float | None, check: Callable[[], None] | None, sleep_s: float,
-               what: str) -> None:
+    def pause(deadline: float | None, check: Callable[[], None] | None, what: str,
+              sleep_s: float = 0.05) -> None:
+        """Between attempts: raise if the peer is gone or ``deadline`` passed, else nap."""
         if check is not None:
             check()
         if deadline is not None and time.monotonic() >= deadline:

@@ -24,11 +24,17 @@ where ``secret`` is the channel's 16 random bytes (see :class:`ChannelSpec`).
 
 Sizing: each direction's ring holds ``2 x threshold`` bytes including its
 4 KiB header, so one channel uses at most ``4 x threshold`` of ``shm_dir``
-(40 MiB at the default 10 MiB).  Any message below the threshold fits one
-record (records never wrap, and a ring that large always has a contiguous
-stretch once drained), and while it is in flight there is room for more
-records behind it, so back-to-back messages of mixed sizes stream.  A small
-threshold still gets a ring of ``MIN_CAPACITY`` (64 KiB) for the BULK markers.
+(40 MiB at the default 10 MiB).  Any record up to the ring's capacity fits
+once the ring is drained (``ring.py`` publishes a WRAP on its own), so the
+route is decided on the real record: framing repeats every buffer size, and a
+message just below the threshold made of many small tensors has a record
+larger than the threshold -- it still fits, and a record that would not fit
+goes to ZeroMQ.  While a record is in flight there is room for more behind
+it, so back-to-back messages of mixed sizes stream.  A small threshold still
+gets a ring of ``MIN_CAPACITY`` (64 KiB) for the BULK markers.
+
+A send happens whole or not at all and waits (for ring space, for ZeroMQ's
+high-water mark) only until its deadline; see :meth:`Channel.send_encoded`.
 
 When ``shm_dir`` has no room, ring creation fails with ``TransportError``;
 the channel logs one warning per process and carries everything on ZeroMQ.
@@ -41,7 +47,9 @@ import hmac
 import logging
 import os
 import secrets
+import signal
 import struct
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -71,12 +79,46 @@ SECRET_LEN = 16
 # than a typical round trip, then block so an idle process costs nothing.
 SPIN_S = 100e-6
 SLICE_S = 0.1  # longest single block; liveness is re-checked after each
+BULK_FRAMES_S = 60.0  # a BULK marker's frames are already queued: this is for broken peers
 
 _warned_fallback = False
 # Spinning politely: if the peer shares our core (an oversubscribed machine),
 # sched_yield hands it the core at once instead of after a time slice; with
 # a core to itself it returns in ~1 us.
 _yield = os.sched_yield
+
+
+class _interrupts_held:  # noqa: N801 - used like a function: ``with _interrupts_held():``
+    """Hold back SIGINT (``KeyboardInterrupt``) for the duration of a short step.
+
+    Only the main thread receives Python signal handlers, and only there can
+    the handler be swapped; elsewhere this does nothing.  A SIGINT arriving
+    inside runs the original handler on exit, after the step is complete.
+    """
+
+    __slots__ = ("got", "old")
+
+    def __enter__(self) -> None:
+        self.old = None
+        if threading.current_thread() is not threading.main_thread():
+            return
+        old = signal.getsignal(signal.SIGINT)
+        if not callable(old):
+            return  # SIG_IGN / SIG_DFL: nothing Python-level to hold back
+        self.got = None
+        signal.signal(signal.SIGINT, self._hold)
+        self.old = old
+
+    def _hold(self, signum: int, frame: Any) -> None:
+        self.got = (signum, frame)
+
+    def __exit__(self, *exc: object) -> None:
+        old = self.old
+        if old is None:
+            return
+        signal.signal(signal.SIGINT, old)
+        if self.got is not None:
+            old(*self.got)
 
 
 def ring_capacity(threshold: int) -> int:
@@ -141,6 +183,13 @@ class Channel:
     Make the caller's end with :meth:`create`, the callee's with :meth:`attach`.
     ``send`` is for one thread at a time, and so is ``recv``.
     """
+
+    # Containers of the layer above wrapping the values of a message (a call
+    # tuple, say), each way: the codec's depth limit applies inside them.
+    send_envelope = recv_envelope = 0
+    # Set when the ring's own framing is found corrupt: every later receive
+    # raises it (the records behind a corrupt one cannot be found).
+    failed: ProtocolError | None = None
 
     def __init__(self, *, tx: ShmRing | None, rx: ShmRing | None, bulk: BulkLink,
                  own_bell: Doorbell | None, owns_bell: bool, peer_bell: DoorbellWriter | None,
@@ -253,32 +302,55 @@ class Channel:
         return "shm" if self.tx is not None else "zmq-only"
 
     # -- sending -------------------------------------------------------------
+    def encode(self, obj: Any, *, plain_only: bool = False) -> codec.Encoded:
+        """Encode ``obj`` for :meth:`send_encoded`; nothing is sent.
+
+        With ``plain_only`` nothing is pickled: a message the plain format
+        cannot express is refused with ``TypeError`` (or ``ValueError`` for
+        nesting too deep), since a safe-mode peer would have
+        to unpickle it; see ``codec``.  Any other exception is the value's own
+        (a ``__reduce__`` that raises, say): nothing is sent either way.
+        """
+        t0 = time.perf_counter_ns()
+        enc = codec.encode(obj, plain_only=plain_only, envelope=self.send_envelope)
+        self.encode_ns += time.perf_counter_ns() - t0
+        return enc
+
     def send(self, obj: Any, *, tag: int = 0, deadline: float | None = None,
              check: Callable[[], None] | None = None,
              on_full: Callable[[], None] | None = None, plain_only: bool = False) -> str:
         """Encode and send ``obj``; returns the route taken ("shm" or "zmq").
 
-        With ``plain_only`` a message that needs the codec's pickle format is
-        refused with ``TypeError`` before anything is sent (an untrusted peer
-        would have to unpickle it; see ``codec``).
+        See :meth:`encode` and :meth:`send_encoded`.
+        """
+        if self.closed:
+            raise TransportError(f"channel {self.name} is closed")
+        return self.send_encoded(self.encode(obj, plain_only=plain_only), tag=tag,
+                                 deadline=deadline, check=check, on_full=on_full)
 
-        Blocks while the ring is full (backpressure) until ``deadline``
-        (``time.monotonic()`` value; TimeoutError) calling ``check`` (which
-        raises if the peer is gone) and ``on_full`` (e.g. drain replies) while
-        it waits.
+    def send_encoded(self, enc: codec.Encoded, *, tag: int = 0, deadline: float | None = None,
+                     check: Callable[[], None] | None = None,
+                     on_full: Callable[[], None] | None = None) -> str:
+        """Send an encoded message; returns the route taken ("shm" or "zmq").
+
+        The route follows the real record: a message below the threshold whose
+        record fits the ring (any record up to the ring's capacity fits once
+        the ring is drained, see ``ring.py``) goes through the ring, anything
+        else through ZeroMQ with a marker in the ring.
+
+        Blocks while the ring (or the ZeroMQ link) is full, until ``deadline``
+        (``time.monotonic()`` value; ``TimeoutError``), calling ``check``
+        (which raises if the peer is gone) and ``on_full`` (e.g. drain
+        replies) while it waits.  A send happens whole or not at all: an
+        exception (a timeout, the peer's death, ``KeyboardInterrupt``) leaves
+        the channel as it was, except that a message already handed over may
+        still be delivered.
         """
         if self.closed:
             raise TransportError(f"channel {self.name} is closed")
         self.woke_peer = False
-        t0 = time.perf_counter_ns()
-        enc = codec.encode(obj)
         t1 = time.perf_counter_ns()
-        self.encode_ns += t1 - t0
         header = enc.header
-        if plain_only and header[4] != codec.FORMAT_PLAIN:
-            raise TypeError("message holds values other than tensors, arrays, numbers, str, "
-                            "bytes, None, bool and lists/tuples/dicts of these, which a "
-                            "safe-mode peer refuses")
         buffers = enc.buffers
         nbuf = len(buffers)
         hlen = len(header)
@@ -319,15 +391,46 @@ class Channel:
             prefix = self.secret + _PREFIX.pack(KIND_INLINE, nbuf, hlen, tag & 0xFFFFFFFF)
             if nbuf:
                 prefix += _sizes(nbuf).pack(*[b.nbytes for b in buffers])
-            self.bulk.send([prefix + header, *buffers], deadline=deadline, check=check)
-            faults.hit("zmq_send")
-            if tx is not None:
-                self._send_marker(KIND_BULK, deadline, check, on_full)
+            parts = [prefix + header, *buffers]
+            if tx is None:
+                self.bulk.send(parts, deadline=deadline, check=check)
+            else:
+                self._send_bulk(parts, deadline, check, on_full)
         r = self.routes[route]
         r.msgs_out += 1
         r.bytes_out += enc.nbytes
         self.copy_ns += time.perf_counter_ns() - t1
         return route
+
+    def _send_bulk(self, parts: list, deadline: float | None,
+                   check: Callable[[], None] | None,
+                   on_full: Callable[[], None] | None) -> None:
+        """Frames on ZeroMQ, then their marker in the ring: both or neither.
+
+        The marker's ring space is reserved first (waiting is harmless: nothing
+        is sent yet); then queueing the frames and publishing the marker run as
+        one step that neither ``KeyboardInterrupt`` nor a timeout can split --
+        frames without their marker would be taken for the next message's, and
+        the channel would run one message late from then on.
+        """
+        tx = self.tx
+        addr = tx.reserve(_PREFIX_LEN)
+        if addr is None:
+            addr = self._wait_space(_PREFIX_LEN, deadline, check, on_full)
+        bulk = self.bulk
+        while True:
+            with _interrupts_held():
+                tracker = bulk.try_send(parts)
+                if tracker is not None:
+                    faults.hit("zmq_send")
+                    _PREFIX.pack_into(tx.view, addr - tx.segment.address, KIND_BULK, 0, 0, 0)
+                    tx.commit()
+                    fence()
+                    if tx.reader_sleeping() and self.peer_bell is not None:
+                        self._ring_peer(check)
+                    break
+            bulk.pause(deadline, check, "send")
+        bulk.wait_sent(tracker, deadline, check)
 
     def _send_marker(self, kind: int, deadline: float | None,
                      check: Callable[[], None] | None,
@@ -358,13 +461,19 @@ class Channel:
                     on_full: Callable[[], None] | None) -> int:
         t0 = time.perf_counter_ns()
         pause = 20e-6
+        tx = self.tx
         while True:
             if on_full is not None:
                 on_full()
-            addr = self.tx.reserve(size)
+            addr = tx.reserve(size)
             if addr is not None:
                 self.wait_ns += time.perf_counter_ns() - t0
                 return addr
+            # Only the reader moving on frees space: make sure it is awake
+            # (reserve may just have published a WRAP marker for it to pass).
+            fence()
+            if tx.reader_sleeping() and self.peer_bell is not None:
+                self._ring_peer(check)
             if check is not None:
                 check()
             if deadline is not None and time.monotonic() >= deadline:
@@ -397,7 +506,16 @@ class Channel:
             if not self.bulk.readable():
                 return False, None
             return True, self._recv_bulk(deadline, check)
-        rec = rx.peek()
+        if self.failed is not None:
+            raise self.failed
+        try:
+            rec = rx.peek()
+        except ProtocolError as exc:
+            # The ring's own framing is broken: nothing behind this point can
+            # be found, so the channel is finished (the caller drops it).
+            exc.tag = None
+            self.failed = exc
+            raise
         if rec is None:
             return False, None
         addr, length = rec
@@ -410,7 +528,7 @@ class Channel:
             # Outside the handler below: a defect of the ZeroMQ message must
             # carry that message's tag, not the marker's.
             rx.advance()
-            return True, self._recv_bulk(deadline, check)
+            return True, self._recv_marked_bulk(check)
         tag = None
         try:
             if length < _PREFIX_LEN:
@@ -452,7 +570,7 @@ class Channel:
         rx.advance()
         t1 = time.perf_counter_ns()
         try:
-            obj = codec.decode(header, bufs, safe=self.safe)
+            obj = codec.decode(header, bufs, safe=self.safe, envelope=self.recv_envelope)
         except ProtocolError as exc:
             exc.tag = tag
             raise
@@ -463,9 +581,22 @@ class Channel:
         route.bytes_in += hlen + (sum(sizes) if nbuf else 0)
         return True, obj
 
+    def _recv_marked_bulk(self, check: Callable[[], None] | None) -> Any:
+        """The frames a consumed BULK marker announces.
+
+        They were queued before the marker was published, so they are waited
+        for whatever the caller's deadline: left behind, they would be taken
+        for the next marker's.  Frames that never come mean a broken peer.
+        """
+        try:
+            return self._recv_bulk(time.monotonic() + BULK_FRAMES_S, check)
+        except TimeoutError:
+            self.failed = ProtocolError(f"channel {self.name}: a BULK marker without its "
+                                        f"ZeroMQ frames within {BULK_FRAMES_S:.0f} s")
+            self.failed.tag = None
+            raise self.failed from None
+
     def _recv_bulk(self, deadline: float | None, check: Callable[[], None] | None) -> Any:
-        if deadline is None:
-            deadline = time.monotonic() + 60.0  # the marker promises the frames
         frames = self.bulk.recv(deadline=deadline, check=check)
         t0 = time.perf_counter_ns()
         meta = frames[0].buffer
@@ -498,7 +629,7 @@ class Channel:
             if len(frame.buffer) != nb:
                 raise ProtocolError(f"ZeroMQ frame of {len(frame.buffer)} bytes, declared {nb}")
             bufs.append(np.frombuffer(frame, np.uint8))  # the frame's memory: no copy
-        obj = codec.decode(meta[pos:], bufs, safe=self.safe)
+        obj = codec.decode(meta[pos:], bufs, safe=self.safe, envelope=self.recv_envelope)
         route = self.routes["zmq"]
         route.msgs_in += 1
         route.bytes_in += hlen + sum(sizes)

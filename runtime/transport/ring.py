@@ -19,6 +19,8 @@ Layout of the segment (all integers little-endian, native order)::
 
     A record never wraps: when the tail of the data area is too short the
     writer stores WRAP (2**64-1) as the length and the record starts at 0.
+    The WRAP is published on its own, before the record, so the reader can
+    pass it and free the tail: any record up to C bytes fits a drained ring.
 
 Why counters, not one flag per fixed-size slot: messages range from a 40-byte
 call to just under the threshold (10 MiB by default).  Fixed slots would have
@@ -175,30 +177,43 @@ class ShmRing:
     def reserve(self, n: int) -> int | None:
         """Space for an ``n``-byte payload: its absolute address, or None if full.
 
-        The caller fills the payload, then calls :meth:`commit`.
+        The caller fills the payload, then calls :meth:`commit`.  A record that
+        does not fit in the rest of the data area starts at offset 0: the WRAP
+        marker that sends the reader there is *published at once* (if the tail
+        is free), so that once the reader has passed it the whole ring is
+        available.  Hence any record up to ``capacity`` bytes fits a drained
+        ring, wherever the positions stand (without this a record longer than
+        half the ring could need ``tail + record > capacity`` bytes and never
+        fit).  After a None the writer must ring a sleeping reader: only the
+        reader moving on frees space.
         """
-        if n > self.capacity - 8:
-            raise TransportError(f"record of {n} bytes exceeds ring capacity {self.capacity}")
         cap = self.capacity
+        if n > cap - 8:
+            raise TransportError(f"record of {n} bytes exceeds ring capacity {cap}")
         total = 8 + align8(n)
         pos = self._w
         off = pos % cap
         tail = cap - off
-        need = total if total <= tail else tail + total
-        if cap - (pos - self._rpos.value) < need:
-            return None
+        free = cap - (pos - self._rpos.value)
         if total > tail:
+            if free < tail:
+                return None
             _U64.pack_into(self.view, HEADER_SIZE + off, WRAP)
             pos += tail
+            free -= tail
             off = 0
+            self._w = pos  # published alone: the reader consumes it by itself
+            self._wpos.value = pos
+        if free < total:
+            return None
         _U64.pack_into(self.view, HEADER_SIZE + off, n)
         self._pending = pos + total
         return self.data_address + off + 8
 
     def commit(self) -> None:
         """Publish the reserved record (after its payload is written)."""
-        self._w = self._pending
-        self._wpos.value = self._w
+        self._w = w = self._pending
+        self._wpos.value = w
 
     def reader_sleeping(self) -> bool:
         return bool(self._sleeping.value)
@@ -210,7 +225,10 @@ class ShmRing:
     def peek(self) -> tuple[int, int] | None:
         """The next record as (absolute address, length), or None if empty.
 
-        The payload stays valid until :meth:`advance`.
+        The payload stays valid until :meth:`advance`.  A WRAP marker with
+        nothing published behind it is consumed here (the writer waits for the
+        reader to pass it).  ``ProtocolError`` means the ring itself is corrupt:
+        nothing more can be read from it.
         """
         wpos = self._wpos.value
         r = self._r
@@ -222,9 +240,13 @@ class ShmRing:
         if length == WRAP:
             r += cap - off
             off = 0
+            if r == wpos:
+                self._r = self._next_r = r
+                self._rpos.value = r
+                return None
             (length,) = _U64.unpack_from(self.view, HEADER_SIZE)
         nxt = r + 8 + ((length + 7) & ~7)
-        if length > cap - off - 8 or nxt > wpos:
+        if length > cap - off - 8 or nxt > wpos or wpos - r > cap:
             raise ProtocolError(
                 f"corrupt ring record at {r}: length {length}, capacity {cap}, "
                 f"published up to {wpos}")

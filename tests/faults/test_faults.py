@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from runtime import ActorDiedError, ActorStartError, ActorSystem, CallTimeoutError
+from runtime.table import DEAD, RESTARTING
 from tests.integration.actors_lib import Echo, Restartable
 
 BIG = 16 * 1024 * 1024  # float32 elements: 64 MiB
@@ -41,6 +42,31 @@ def wait_gone(pids, timeout: float) -> bool:
     return all(gone(p) for p in pids)
 
 
+def wait_dead(system, handle, timeout: float = 10) -> None:
+    """Until the supervisor has recorded the actor's death (reaped it)."""
+    deadline = time.monotonic() + timeout
+    while system._table.read(handle._ref.index).state not in (RESTARTING, DEAD):
+        assert time.monotonic() < deadline, "the supervisor never recorded the death"
+        time.sleep(0.002)
+
+
+def death_watch(system, handle) -> list[float]:
+    """A thread noting when the actor's death is recorded: ``[time]`` once it is."""
+    seen: list[float] = []
+    incarnation = system._table.read(handle._ref.index).incarnation
+
+    def watch():
+        deadline = time.monotonic() + 60
+        while system._table.alive(handle._ref.index, incarnation):
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.002)
+        seen.append(time.monotonic())
+
+    threading.Thread(target=watch, daemon=True).start()
+    return seen
+
+
 def kill_later(pid: int, delay: float) -> threading.Thread:
     t = threading.Thread(target=lambda: (time.sleep(delay), os.kill(pid, signal.SIGKILL)))
     t.start()
@@ -52,7 +78,7 @@ def test_kill_while_idle(threshold):
         e = system.spawn(Echo)
         assert e.add(1, 1) == 2
         os.kill(e.pid, signal.SIGKILL)
-        time.sleep(0.3)
+        wait_dead(system, e)  # not a fixed sleep: a loaded machine reaps late
         t0 = time.monotonic()
         with pytest.raises(ActorDiedError, match="SIGKILL"):
             e.add(1, 1)
@@ -62,12 +88,14 @@ def test_kill_while_idle(threshold):
 def test_kill_during_long_call(threshold):
     with ActorSystem(shm_threshold=threshold) as system:
         e = system.spawn(Echo)
+        seen = death_watch(system, e)
         killer = kill_later(e.pid, 0.3)
-        t0 = time.monotonic()
         with pytest.raises(ActorDiedError):
             e.sleep(30)
-        assert time.monotonic() - t0 < 0.3 + 1.0
+        failed = time.monotonic()
         killer.join()
+        # Within 1 s of the death the supervisor recorded (not of a fixed clock).
+        assert seen and failed - seen[0] < 1.0
 
 
 def test_kill_fails_every_pending_future():
@@ -137,11 +165,11 @@ def test_restarts_then_stays_dead():
             assert r.pid_() == r.pid != pids[-1]
             pids.append(r.pid)
         os.kill(r.pid, signal.SIGKILL)
-        time.sleep(0.5)
+        wait_dead(system, r)
         t0 = time.monotonic()
         with pytest.raises(ActorDiedError):
             r.add(1)
-        assert time.monotonic() - t0 < 0.5
+        assert time.monotonic() - t0 < 1.0
         assert wait_gone(pids, 2)
 
 
@@ -276,35 +304,60 @@ def test_full_shm_dir_falls_back_to_zmq(tiny_tmpfs, caplog):
         assert os.listdir(tiny_tmpfs) == []
 
 
-def _loop(rounds: int) -> None:
+def _churn(rounds: int) -> None:
+    """Spawn, call and kill ``rounds`` actors in one system: nothing may grow.
+
+    Half the actors go by ``kill()``, half by SIGKILL from outside (then either
+    a call sees the death, or nothing does until the next channel opens).
+    Descriptors, threads, the session's files and the driver's memory stay
+    flat: what belonged to a dead incarnation is released when its death is
+    seen, not at shutdown.
+    """
     me = psutil.Process()
 
-    def state(system):
-        return (me.num_fds(), len(os.listdir("/dev/shm")), len(me.children(recursive=True)),
-                len(os.listdir(system.session.private_dir)))
-
     with ActorSystem() as system:
-        baseline = None
+        sid = system.session.sid
+
+        def state():
+            files = [n for n in os.listdir("/dev/shm") if n.startswith(f"rt_{sid}")]
+            return (me.num_fds(), threading.active_count(),
+                    len(files) + len(os.listdir(system.session.private_dir)))
+
+        baseline = rss0 = None
         for i in range(rounds):
             e = system.spawn(Echo, name=f"round{i}")
             assert torch.equal(e.echo(torch.ones(8)), torch.ones(8))
-            e.kill()
-            if baseline is None:
+            if i % 2 == 0:
+                e.kill()
+            else:
+                os.kill(e.pid, signal.SIGKILL)
+                deadline = time.monotonic() + 10
+                while system._table.read(e._ref.index).state != DEAD:
+                    assert time.monotonic() < deadline
+                    time.sleep(0.005)
+                if i % 4 == 1:
+                    with pytest.raises(ActorDiedError, match="SIGKILL"):
+                        e.add(1, 1)
+            if i == 3:  # warmed up: ZeroMQ's context, allocator arenas
                 time.sleep(0.5)  # ZeroMQ closes sockets asynchronously
-                baseline = state(system)
+                baseline, rss0 = state(), me.memory_info().rss
+            if baseline is None:
+                continue
             deadline = time.monotonic() + 2
 
             def grew(baseline=baseline):
-                return any(now > base for now, base in zip(state(system), baseline, strict=True))
+                return any(now > base for now, base in zip(state(), baseline, strict=True))
             while grew() and time.monotonic() < deadline:
                 time.sleep(0.05)
-            assert not grew(), f"round {i}: {state(system)} grew from {baseline}"
+            assert not grew(), f"round {i}: (fds, threads, files) {state()} grew from {baseline}"
+        grown = (me.memory_info().rss - rss0) / 2**20
+        assert grown < 16 + 0.1 * rounds, f"the driver grew by {grown:.1f} MiB"
 
 
 def test_spawn_call_kill_rounds():
-    _loop(5)
+    _churn(16)
 
 
 @pytest.mark.slow
-def test_spawn_call_kill_50_rounds():
-    _loop(50)
+def test_spawn_call_kill_100_rounds():
+    _churn(100)

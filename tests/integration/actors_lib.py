@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import struct
 import sys
 import threading
 import time
@@ -132,3 +133,109 @@ class Timer:
         t0 = time.monotonic()
         self.other.add(1, 1)
         return time.monotonic() - t0
+
+
+# -- hostile values, hostile peers (tests/faults/test_hostile.py) -------------------
+
+
+class Node:
+    """A linked-list node: a long list nests deeper than pickle can follow."""
+
+    def __init__(self, nxt):
+        self.next = nxt
+
+
+class BadStr(Exception):
+    def __str__(self):
+        raise RuntimeError("this exception has no text")
+
+
+class ExitOnPickle:
+    def __reduce__(self):
+        raise SystemExit(3)
+
+
+class ExitOnPickleError(Exception):
+    def __reduce__(self):
+        raise SystemExit(4)
+
+
+def nest(depth):
+    """A list nested ``depth`` lists deep (``nest(1) == [0]``)."""
+    v = 0
+    for _ in range(depth):
+        v = [v]
+    return v
+
+
+def _serving_frame():
+    """The worker's frame serving the current call (its channel and message)."""
+    frame = sys._getframe(1)
+    while frame.f_code.co_name != "_run_call":
+        frame = frame.f_back
+    return frame.f_locals["conn"], frame.f_locals["msg"]
+
+
+@actor
+class Tricky:
+    """Trusted, but returns and raises values that are hard to send."""
+
+    def ping(self):
+        return "pong"
+
+    def linked_list(self, n):
+        node = None
+        for _ in range(n):
+            node = Node(node)
+        return node
+
+    def bad_str(self):
+        raise BadStr()
+
+    def reduce_exit(self):
+        return ExitOnPickle()
+
+    def raise_reduce_exit(self):
+        raise ExitOnPickleError("cannot travel")
+
+    def set_self(self, handle):
+        self.me = handle
+
+    def call_self(self):
+        return self.me.ping()
+
+    def sleep(self, seconds):
+        time.sleep(seconds)
+        return seconds
+
+
+@actor(untrusted=True)
+class Hostile:
+    """An untrusted actor that breaks the protocol on request."""
+
+    def ping(self):
+        return "pong"
+
+    def nest(self, depth):
+        return nest(depth)
+
+    def raw_reply(self, kind):
+        """Send a malformed reply of its own before the real one."""
+        conn, msg = _serving_frame()
+        call_id = msg[0]
+        bad = {"ok_tensor": (call_id, torch.ones(3), 1),
+               "id_list": ([call_id, 1], True, 1),
+               "short": (call_id, True),
+               "not_tuple": [call_id, True, 1],
+               "error_garbage": (call_id, False, torch.ones(2))}[kind]
+        conn.channel.send(bad, tag=call_id)
+        return "the real reply"
+
+    def corrupt_reply_ring(self):
+        """Publish a record whose length lies beyond the ring."""
+        conn, _ = _serving_frame()
+        tx = conn.channel.tx
+        addr = tx.reserve(8)
+        tx.commit()
+        struct.pack_into("<Q", tx.view, addr - 8 - tx.segment.address, 10**12)
+        return "never read"

@@ -165,13 +165,13 @@ class Liar:
     """Replies in the codec's pickle format, which an honest untrusted actor cannot."""
 
     def pickled_reply(self, marker: str):
-        original = channel_mod.Channel.send
+        original = channel_mod.Channel.encode
 
-        def send(self, obj, **kw):
+        def encode(self, obj, **kw):
             kw["plain_only"] = False
             return original(self, obj, **kw)
 
-        channel_mod.Channel.send = send
+        channel_mod.Channel.encode = encode
         return Marker(marker)
 
 

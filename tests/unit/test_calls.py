@@ -1,0 +1,90 @@
+"""The caller's side of calls (runtime.calls) against a scripted channel: deterministic."""
+
+from __future__ import annotations
+
+from collections import deque
+from types import SimpleNamespace
+
+from runtime.calls import ActorRef, CallerChannel
+from runtime.table import ALIVE, Entry
+
+
+class _Table:
+    def read(self, index):
+        return Entry(ALIVE, 0, 4242, 0, 0, 0)
+
+    def alive(self, index, incarnation):
+        return True
+
+
+class _Context:
+    table = _Table()
+    session = SimpleNamespace(call_timeout=None)
+
+    def check_owner(self):
+        pass
+
+    def retire(self, cc):
+        pass
+
+
+class _ScriptedChannel:
+    """Replies come from ``inbox``; with ``full`` set, a send finds the ring full
+    once and reads replies meanwhile (``on_full``), as a real send would."""
+
+    woke_peer = False
+    peer_closed = False
+    failed = None
+
+    def __init__(self):
+        self.inbox = deque()
+        self.sent = []
+        self.full = False
+
+    def send(self, obj, *, tag, deadline, check, on_full):
+        if self.full and on_full is not None:
+            on_full()
+        self.sent.append(obj)
+
+    def try_recv(self, *, check=None, deadline=None):
+        if self.inbox:
+            return True, self.inbox.popleft()
+        return False, None
+
+    def wait(self, *, deadline, check, spin_s=0.0):
+        raise TimeoutError
+
+
+def _caller():
+    ref = ActorRef("0" * 12, 0, "scripted", "Scripted", frozenset({"m"}), False)
+    ch = _ScriptedChannel()
+    cc = CallerChannel(_Context(), ref, 0, ch)
+    cc._kick_pump = lambda: None  # no pump thread: this test reads itself
+    return cc, ch
+
+
+def test_replies_read_during_a_full_ring_send_complete_in_issue_order():
+    cc, ch = _caller()
+    order, locked = [], []
+    futures = [cc.submit("m", (i,), {}) for i in range(1, 7)]
+    for f in futures:
+        f.add_done_callback(lambda f: (order.append(f.result()),
+                                       locked.append(cc._send_lock.locked())))
+    ch.inbox.extend((i, True, i) for i in range(1, 7))  # the replies, in order
+    ch.full = True
+    last = cc.submit("m", (7,), {})  # waits for space: reads all six meanwhile
+    assert order == [1, 2, 3, 4, 5, 6]
+    assert not any(locked), "a callback ran while the send lock was held"
+    ch.inbox.append((7, True, 7))
+    assert last.result(timeout=5) == 7
+
+
+def test_a_malformed_reply_fails_only_its_call_and_keeps_order():
+    cc, ch = _caller()
+    futures = [cc.submit("m", (i,), {}) for i in range(1, 4)]
+    ch.inbox.extend([(1, True, "one"), (2, "not a bool", None), (3, True, "three")])
+    assert futures[2].result(timeout=5) == "three"
+    assert futures[0].result(timeout=0) == "one"
+    exc = futures[1].exception(timeout=0)
+    assert type(exc).__name__ == "ProtocolError" and "ok flag" in str(exc)
+    assert cc.dead is None
