@@ -149,8 +149,10 @@ def test_corrupt_request_ring_drops_that_channel_only():
         tx = cc.channel.tx
         with cc._send_lock:
             addr = tx.reserve(8)
-            tx.commit()
+            # Corrupt the length before publishing: a reader spinning on the ring
+            # would otherwise take the record while it is still well-formed.
             struct.pack_into("<Q", tx.view, addr - 8 - tx.segment.address, 10**12)
+            tx.commit()
         t0 = time.monotonic()
         with pytest.raises(TransportError):
             e.add(2, 2)  # behind the corrupt record: never read

@@ -236,6 +236,8 @@ class Hostile:
         conn, _ = _serving_frame()
         tx = conn.channel.tx
         addr = tx.reserve(8)
-        tx.commit()
+        # Corrupt the length before publishing: a reader spinning on the ring
+        # would otherwise take the record while it is still well-formed.
         struct.pack_into("<Q", tx.view, addr - 8 - tx.segment.address, 10**12)
+        tx.commit()
         return "never read"
