@@ -31,9 +31,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
-import cloudpickle
-
-from runtime import control
+from runtime import codec, control
 from runtime.errors import (
     ActorDiedError,
     ActorRuntimeError,
@@ -549,11 +547,8 @@ def _rebuild_error(payload: Any, *, safe: bool) -> BaseException:
     except (TypeError, ValueError):
         return ProtocolError("malformed error reply")
     exc = None
-    if exc_bytes is not None and not safe:
-        try:
-            exc = cloudpickle.loads(exc_bytes)
-        except Exception:  # noqa: BLE001 - an unloadable exception still arrives as text
-            exc = None
+    if type(exc_bytes) is bytes and not safe:  # never from an untrusted actor
+        exc = codec.trusted_exception(exc_bytes)
     try:
         return make_remote_exception(exc, str(type_name), str(message), str(tb_text))
     except Exception as err:  # noqa: BLE001 - a hostile payload is a protocol error

@@ -117,6 +117,8 @@ __all__ = [
     "Encoded",
     "decode",
     "encode",
+    "exception_bytes",
+    "trusted_exception",
 ]
 
 MAGIC = b"RTC"
@@ -828,3 +830,32 @@ def decode(
         unused = min(set(range(n)) - memo.keys())
         raise ProtocolError(f"buffer {unused} is not referenced by the payload")
     return obj
+
+
+# --------------------------------------------------------------------- exceptions
+
+
+def exception_bytes(exc: BaseException) -> bytes | None:
+    """``exc`` pickled for a trusted peer, or None if it cannot be rebuilt there.
+
+    The round trip is tried here, so an exception whose pickling or
+    unpickling fails (or raises ``SystemExit``) travels as text only.
+    """
+    try:
+        data = cloudpickle.dumps(exc)
+        cloudpickle.loads(data)
+    except BaseException:  # noqa: BLE001 - a hostile exception must not end the process
+        return None
+    return data
+
+
+def trusted_exception(data: bytes) -> BaseException | None:
+    """Rebuild what :func:`exception_bytes` made (None if it is no exception).
+
+    Only for bytes from a trusted peer: this unpickles.
+    """
+    try:
+        exc = cloudpickle.loads(data)
+    except Exception:  # noqa: BLE001 - an unloadable exception still arrives as text
+        return None
+    return exc if isinstance(exc, BaseException) else None

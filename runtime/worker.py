@@ -23,10 +23,9 @@ import time
 import traceback
 from typing import Any
 
-import cloudpickle
 import zmq
 
-from runtime import faults
+from runtime import codec, faults
 from runtime.calls import ProcessContext, bell_path, ctl_path, register_context
 from runtime.control import ControlServer
 from runtime.errors import ProtocolError, TransportError
@@ -174,13 +173,7 @@ class ActorServer:
                 raise TypeError("__str__ returned a non-str")
         except BaseException as err:  # noqa: BLE001 - as above
             message = f"<str() of the {cls.__qualname__} raised {type(err).__name__}>"
-        exc_bytes = None
-        if not self.untrusted:
-            try:
-                exc_bytes = cloudpickle.dumps(exc)
-                cloudpickle.loads(exc_bytes)  # an exception that cannot be rebuilt goes as text
-            except BaseException:  # noqa: BLE001 - as above
-                exc_bytes = None
+        exc_bytes = None if self.untrusted else codec.exception_bytes(exc)
         name = f"{getattr(cls, '__module__', '?')}.{getattr(cls, '__qualname__', '?')}"
         return (str(name), message, str(tb), exc_bytes)
 
