@@ -1,0 +1,368 @@
+"""Freivalds checks of the untrusted GPU worker's results, before the TEE uses them.
+
+Method.  For an offloaded linear op ``y = x Wᵀ`` (``x [T, n]``, ``W [m, n]``, ``y [T, m]``) the
+TEE compares, row by row, ``y v`` with ``x (Wᵀ v)`` for a secret random ``v [m]``.  ``Wᵀ v`` is
+precomputed at start-up, so a check costs two matrix-vector products (``T·(m + n)``
+multiply-adds) where the worker spent ``T·m·n``; the TEE keeps no weight to do it.  For a matmul
+of two operands the TEE knows (the attention matmuls ``q kᵀ`` and ``p v``), ``(A B) r`` is compared
+with ``A (B r)`` for a fresh random ``r``.  An embedding lookup ``y = E[ids]`` is checked as
+``y v`` against ``(E v)[ids]``.
+
+Vectors: Rademacher (each entry ±1, equally likely).  A wrong result ``y + e`` shifts row
+``i``'s residual by exactly ``e_i · v``; for an error in one element that is ``±e_ij``, its full
+size, whatever ``v`` is.  So "one element off by 1 % of its row's norm" is caught with
+certainty (not just with probability 0.99) as long as the row's tolerance plus its honest
+residual stays below 1 % of the row norm: in float32 the tolerance is ~1e-4 of it (below).
+A Gaussian ``v`` would shift the residual by ``|e_ij · v_j|``, below 1 % of ``e_ij`` with
+probability 0.008: catching the same error with probability 0.99 would need a tolerance ~80 times
+tighter than the error.  For an error spread over several elements the shift ``e_i · v`` is zero
+with probability at most 1/2 (Freivalds); for a spread error much larger than the tolerance
+(noise, a stale or swapped result, zeros) it is about ``N(0, |e_i|²)``, and the check misses
+it with probability about ``0.8 · tolerance / |e_i|`` per row and check, ~1e-4 in float32,
+~3 % in bfloat16 for an error as large as the row — and every layer is checked anew.
+NaN and Inf always fail: they make the residual non-finite, and a check also fails when its
+tolerance is not finite (a huge finite element would otherwise overflow the row norm to Inf).
+
+Tolerance, per row ``i`` (``S`` the safety factor, 8).  Error bounds of the probabilistic kind
+(Higham and Mary): a dot product of ``k`` terms ``a`` computed in unit roundoff ``u`` errs by
+about ``u·√k·(|a|₂ + |Σa|)`` — rounding errors of random sign, added along partial sums that
+stay within those two sizes.  The four sources:
+
+* the worker's product, accumulated in float32 (``u_acc = 2^-24``; also for 16-bit inputs,
+  as every BLAS and cuBLAS by default does), summed over the row with random signs:
+  ``u_acc·√n·(ω·|x_i| + |y_i|)``, where ``ω`` is the largest column norm of ``W``
+  (precomputed) so that ``ω·|x_i|`` bounds ``(Σ_j |x_i ⊙ W_j|²)^½``;
+* rounding ``y`` to the dtype it crosses in and to the TEE's dtype: ``u_out·|y_i|`` with
+  ``u_out`` the coarser of the two (2^-24 float32, 2^-8 bfloat16);
+* the TEE's two dot products, in float32 (``u_t = 2^-24``; float64 for a float64 TEE):
+  ``u_t·(√m·(|y_i| + |y_i·v|) + √n·|x_i·Wᵀv| + (√n + 1)·|Wᵀv|_∞·|x_i|)``, the last ``+1``
+  for ``Wᵀv`` itself being rounded to float32 once.
+
+``tol_i = S · (sum of those)``, all ``|·|`` Euclidean.  The check uses exactly the tensors that
+crossed (the wire-rounded ``x``) and the result exactly as the TEE then uses it.  Measured on
+the model's own activations (random weights, T = 1 … 1024, tests/unit/test_verify.py): honest
+residuals stay below ~1/20 of the tolerance in float32 and bfloat16, while the tolerance is
+~1e-4 of the row norm in float32 and ~3.2 % in bfloat16 — so a single element off by 1 %
+(float32) or 10 % (bfloat16) of its row norm is always caught, and bfloat16 needs no float32
+results.  Assumptions: the worker holds its weights in the TEE's dtype or finer and
+multiplies in float32 or finer (TF32 matmuls would fail float32 checks: leave
+``torch.backends.cuda.matmul.allow_tf32`` off, its default).
+
+Pool and refresh policy.  Per offloaded weight (a fused group such as q|k|v counts as one: one
+vector over the concatenated outputs, so swapping gate and up is an error like any other) the
+TEE keeps ``pool_size`` (4) secret vectors with their ``Wᵀ v``, built at start-up by reading each
+weight once, one at a time (from the checkpoint or the seed), and picks one uniformly at random
+per check.  The randomness comes from ``secrets`` / a torch generator seeded from it, never from
+the model seed.  A pool is redrawn (its weights read again, one at a time):
+
+* after any failed check — every pool, at its next use, and the generator is reseeded: a
+  worker that learnt something from the failure learnt it about vectors no longer in use;
+* after ``refresh_checks`` (1024) uses, each pool's own limit drawn from
+  ``[refresh_checks/2, refresh_checks]`` so the redraws of different weights spread over
+  many prefills instead of landing in one.
+
+The worker sees nothing that depends on the vectors: a passing check is silent, and a failing
+one ends the prefill with :class:`~actors.errors.VerificationError` and retires every vector.
+Matmul checks draw a fresh ``r`` each time.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from actors.errors import VerificationError
+from actors.llama import (
+    EMBED,
+    LM_HEAD,
+    CheckpointReader,
+    LlamaConfig,
+    linear_name,
+    load_weights,
+)
+
+__all__ = ["GROUPS", "U_ACC", "VerificationError", "Verifier", "unit_roundoff"]
+
+# The driver's linear ops and the projections each one fuses, in output order.
+GROUPS: dict[str, tuple[str, ...]] = {
+    "qkv": ("q", "k", "v"), "o_proj": ("o",), "gate_up": ("gate", "up"), "down": ("down",)}
+U_ACC = 2.0 ** -24  # the worker accumulates in float32 (or finer)
+
+
+def unit_roundoff(dtype: torch.dtype) -> float:
+    """Half the machine epsilon: 2^-24 for float32, 2^-8 for bfloat16, 2^-11 for float16."""
+    return torch.finfo(dtype).eps / 2
+
+
+@dataclass
+class _Pool:
+    """Secret vectors of one weight and what the TEE precomputed from them."""
+
+    v: torch.Tensor       # [P, m] ±1, in the check dtype
+    u: torch.Tensor       # [P, n] Wᵀv (linear) or [P, vocab] E v (lookup), in the check dtype
+    u_max: list[float]    # |u|_∞ per vector (linear)
+    omega: float          # largest column norm of W (linear)
+    limit: int            # uses before it is redrawn
+    uses: int = 0
+    stale: bool = False
+
+
+class Verifier:
+    """The TEE's Freivalds checks: secret vector pools, tolerances, timings and counters.
+
+    ``ops`` names the pools to build: ``(op, layer)`` for the linear groups of :data:`GROUPS`,
+    ``("embedding", None)`` and ``("lm_head", None)``.  Weights come from ``checkpoint`` (a
+    folder or a :class:`~actors.llama.CheckpointReader`) or ``seed``, in ``dtype`` (the TEE's,
+    which is what the worker must compute in); ``wire_dtype`` is what results cross in.
+    Every ``check_*`` returns the seconds it took and raises :class:`VerificationError` on a
+    mismatch.
+    """
+
+    def __init__(self, config: LlamaConfig, ops: Sequence[tuple[str, int | None]],
+                 checkpoint: str | Path | CheckpointReader | None = None, seed: int = 0, *,
+                 dtype: torch.dtype = torch.float32, wire_dtype: torch.dtype | None = None,
+                 pool_size: int = 4, refresh_checks: int = 1024, safety: float = 8.0) -> None:
+        if pool_size < 1 or refresh_checks < 1 or not safety > 0:
+            raise ValueError("pool_size and refresh_checks must be >= 1, safety > 0")
+        self.config = config
+        self._source = checkpoint
+        self._seed = seed
+        self.dtype = dtype
+        self.wire_dtype = wire_dtype or dtype
+        self.check_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        self.u_check = unit_roundoff(self.check_dtype)
+        self.u_out = max(unit_roundoff(self.wire_dtype), unit_roundoff(dtype))
+        self.pool_size = pool_size
+        self.refresh_checks = refresh_checks
+        self.safety = safety
+        self._gen = torch.Generator()
+        self._reseed()
+        self.checks = 0
+        self.failures = 0
+        self.seconds = 0.0
+        self.refreshes = 0
+        self.refresh_s = 0.0
+        self.worst_ratio = 0.0  # largest |residual| / tolerance of any passed check
+        self._cached: tuple[str, torch.Tensor] | None = None
+        t0 = time.perf_counter()
+        self._pools: dict[tuple[str, int | None], _Pool] = {}
+        for key in ops:
+            self._pools[key] = self._build(key)
+        self._cached = None
+        self.build_s = time.perf_counter() - t0
+
+    # -- pools ----------------------------------------------------------------------------------
+
+    def _reseed(self) -> None:
+        self._gen.manual_seed(secrets.randbits(63))
+
+    def _signs(self, *shape: int) -> torch.Tensor:
+        return torch.randint(0, 2, shape, generator=self._gen, dtype=torch.float64).mul_(2).sub_(1)
+
+    def _weight(self, name: str) -> torch.Tensor:
+        """One weight in float64; the last one read is kept (a tied embedding serves two pools)."""
+        if name == LM_HEAD and self.config.tie_word_embeddings:
+            name = EMBED
+        if self._cached is not None and self._cached[0] == name:
+            return self._cached[1]
+        self._cached = None  # drop the last one before reading the next: one at a time
+        w = load_weights(self.config, [name], self._source, self._seed, self.dtype)[name]
+        w = w.to(torch.float64)
+        self._cached = (name, w)
+        return w
+
+    def _build(self, key: tuple[str, int | None]) -> _Pool:
+        op, layer = key
+        p = self.pool_size
+        if op == "embedding":
+            e = self._weight(EMBED)  # [vocab, hidden]
+            v = self._signs(p, e.shape[1])
+            u = v @ e.T  # [P, vocab]: E v for every token
+            u_max, omega = [float(a) for a in u.abs().amax(-1)], 0.0
+        else:
+            if op == "lm_head":
+                names = [LM_HEAD]
+            elif op in GROUPS and layer is not None:
+                names = [linear_name(layer, s) for s in GROUPS[op]]
+            else:
+                raise ValueError(f"no pool for {key!r}")
+            parts, u, colsq = [], None, None
+            for name in names:
+                w = self._weight(name)  # [m_part, n]
+                vp = self._signs(p, w.shape[0])
+                up = vp @ w  # [P, n]: (Wᵀ v)ᵀ
+                cs = w.square().sum(0)
+                u = up if u is None else u + up
+                colsq = cs if colsq is None else colsq + cs
+                parts.append(vp)
+                del w
+            if op != "lm_head":
+                self._cached = None
+            v = torch.cat(parts, dim=1)
+            u_max = [float(a) for a in u.abs().amax(-1)]
+            omega = float(colsq.max().sqrt())
+        lo = max(1, self.refresh_checks // 2)
+        limit = lo + secrets.randbelow(self.refresh_checks - lo + 1)
+        return _Pool(v=v.to(self.check_dtype), u=u.to(self.check_dtype), u_max=u_max,
+                     omega=omega, limit=limit)
+
+    def _pool(self, key: tuple[str, int | None]) -> _Pool:
+        pool = self._pools.get(key)
+        if pool is None:
+            raise KeyError(f"no verification pool for {key!r}")
+        if pool.stale or pool.uses >= pool.limit:
+            t0 = time.perf_counter()
+            pool = self._pools[key] = self._build(key)
+            self._cached = None
+            self.refreshes += 1
+            self.refresh_s += time.perf_counter() - t0
+        pool.uses += 1
+        return pool
+
+    # -- judging -----------------------------------------------------------------------------------
+
+    def _tolerance(self, n: int, m: int, *, xnorm: torch.Tensor, ynorm: torch.Tensor,
+                   lhs: torch.Tensor, rhs: torch.Tensor, omega: Any, u_max: Any,
+                   u_out: float) -> torch.Tensor:
+        """Per-row tolerance of ``y v - x u``; see the module docstring for each term."""
+        sn, sm = math.sqrt(n), math.sqrt(m)
+        worker = U_ACC * sn * (omega * xnorm + ynorm)
+        rounding = u_out * ynorm
+        tee = self.u_check * (sm * (ynorm + lhs.abs()) + sn * rhs.abs()
+                              + (sn + 1) * u_max * xnorm)
+        return self.safety * (worker + rounding + tee)
+
+    def _judge(self, what: str, lhs: torch.Tensor, rhs: torch.Tensor, tol: torch.Tensor) -> None:
+        r = (lhs - rhs).abs()
+        finite = bool(torch.isfinite(r).all()) and bool(torch.isfinite(tol).all())
+        if finite and bool((r <= tol).all()):
+            if r.numel():
+                self.worst_ratio = max(self.worst_ratio,
+                                       float((r / tol.clamp_min(1e-300)).max()))
+            return
+        self.failures += 1
+        for pool in self._pools.values():
+            pool.stale = True
+        self._reseed()
+        if not finite:
+            detail = "the result holds NaN or Inf (or overflows)"
+        else:
+            flat = (r - tol).flatten()
+            i = int(flat.argmax())
+            detail = (f"row {i}: residual {float(r.flatten()[i]):.3g} > tolerance "
+                      f"{float(tol.flatten()[i]):.3g}; {int((r > tol).sum())} of {r.numel()} "
+                      f"rows fail")
+        raise VerificationError(f"the worker's {what} result failed its Freivalds check: "
+                                f"{detail}")
+
+    def _as_check(self, t: torch.Tensor) -> torch.Tensor:
+        return t if t.dtype == self.check_dtype else t.to(self.check_dtype)
+
+    def _done(self, t0: float) -> float:
+        dt = time.perf_counter() - t0
+        self.checks += 1
+        self.seconds += dt
+        return dt
+
+    # -- the checks ------------------------------------------------------------------------------
+
+    def check_linear(self, op: str, layer: int | None, x: torch.Tensor,
+                     ys: Sequence[torch.Tensor], *, out_dtype: torch.dtype | None = None
+                     ) -> float:
+        """Check the results ``ys`` of one linear op against its input ``x [T, n]``.
+
+        ``ys`` are the outputs of ``op``'s fused projections, ``[T, m_j]`` each, as the TEE
+        will use them; ``x`` is the input exactly as it was sent.  ``out_dtype``: the dtype
+        the results crossed in (default: the wire dtype).
+        """
+        t0 = time.perf_counter()
+        what = op if layer is None else f"{op} (layer {layer})"
+        pool = self._pool((op, layer))
+        j = secrets.randbelow(self.pool_size)
+        v = pool.v[j]
+        lhs = None
+        ysq = None
+        off = 0
+        for y in ys:
+            yc = self._as_check(y)
+            w = yc.shape[-1]
+            part = yc @ v[off:off + w]
+            sq = torch.linalg.vector_norm(yc, dim=-1).square()
+            lhs = part if lhs is None else lhs + part
+            ysq = sq if ysq is None else ysq + sq
+            off += w
+        if lhs is None or off != v.numel():
+            raise VerificationError(f"{what}: results of total width {off}, expected "
+                                    f"{v.numel()}")
+        xc = self._as_check(x)
+        rhs = xc @ pool.u[j]
+        xnorm = torch.linalg.vector_norm(xc, dim=-1)
+        u_out = max(unit_roundoff(out_dtype or self.wire_dtype), unit_roundoff(ys[0].dtype))
+        tol = self._tolerance(xc.shape[-1], off, xnorm=xnorm, ynorm=ysq.sqrt(), lhs=lhs,
+                              rhs=rhs, omega=pool.omega, u_max=pool.u_max[j], u_out=u_out)
+        self._judge(what, lhs, rhs, tol)
+        return self._done(t0)
+
+    def check_lookup(self, op: str, ids: torch.Tensor, y: torch.Tensor) -> float:
+        """Check embedding rows ``y [T, hidden]`` (as used) of token ``ids [T]``."""
+        t0 = time.perf_counter()
+        pool = self._pool((op, None))
+        j = secrets.randbelow(self.pool_size)
+        yc = self._as_check(y)
+        lhs = yc @ pool.v[j]
+        rhs = pool.u[j][ids]
+        ynorm = torch.linalg.vector_norm(yc, dim=-1)
+        m = yc.shape[-1]
+        # No product on the worker: the rounding of y, the TEE's y·v, and E v rounded once.
+        tol = self.safety * (self.u_out * ynorm
+                             + self.u_check * (math.sqrt(m) * (ynorm + lhs.abs()) + rhs.abs()))
+        self._judge(op, lhs, rhs, tol)
+        return self._done(t0)
+
+    def check_matmul(self, what: str, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *,
+                     transpose_b: bool = False, out_dtype: torch.dtype | None = None) -> float:
+        """Check ``out`` (as used) against ``a @ b``, or ``a @ bᵀ`` with ``transpose_b``.
+
+        The operands exactly as they were sent: batched ``[..., R, n]``, ``[..., n, C]``.
+        """
+        t0 = time.perf_counter()
+        ac, oc = self._as_check(a), self._as_check(out)
+        cols = oc.shape[-1]
+        r = self._signs(cols)
+        bd = b.to(torch.float64)
+        if transpose_b:  # b [..., C, n]: B r = bᵀ r, and W (out = a Wᵀ) is b itself
+            w = (r @ bd) if bd.dim() == 2 else torch.einsum("c,...cn->...n", r, bd)
+            colsq = bd.square().sum(-2)
+        else:  # b [..., n, C]: W = bᵀ
+            w = bd @ r
+            colsq = bd.square().sum(-1)
+        omega = colsq.amax(-1).sqrt().to(self.check_dtype)[..., None]
+        wc = w.to(self.check_dtype)
+        u_max = wc.abs().amax(-1)[..., None]
+        lhs = oc @ r.to(self.check_dtype)
+        rhs = (ac @ wc[..., None])[..., 0]
+        xnorm = torch.linalg.vector_norm(ac, dim=-1)
+        ynorm = torch.linalg.vector_norm(oc, dim=-1)
+        u_out = max(unit_roundoff(out_dtype or self.wire_dtype), unit_roundoff(out.dtype))
+        tol = self._tolerance(ac.shape[-1], cols, xnorm=xnorm, ynorm=ynorm, lhs=lhs, rhs=rhs,
+                              omega=omega, u_max=u_max, u_out=u_out)
+        self._judge(what, lhs, rhs, tol)
+        return self._done(t0)
+
+    # -- reporting ----------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """Lifetime counters, as plain values."""
+        return {"checks": self.checks, "failures": self.failures, "seconds": self.seconds,
+                "refreshes": self.refreshes, "refresh_s": self.refresh_s,
+                "build_s": self.build_s, "worst_ratio": self.worst_ratio,
+                "pools": len(self._pools), "pool_size": self.pool_size,
+                "refresh_checks": self.refresh_checks, "safety": self.safety,
+                "u_out": self.u_out}
