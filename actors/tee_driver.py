@@ -1,29 +1,36 @@
 """The TEE driver: the model's control flow and non-linear ops, offloading the rest.
 
-The driver keeps only what the enclave must: the RMSNorm weights and the RoPE tables.  Per
-layer it runs
+The driver keeps what the enclave must: the RMSNorm weights, the RoPE tables and, with
+``private_io=True`` (the default), the embedding and lm_head.  It runs
 
 ======================  ==========  ==============================================
 step                    where       crosses
 ======================  ==========  ==============================================
+embedding lookup        TEE [#]_    (worker: ids ``[T]`` int64 → ``[T, hidden]``)
 RMSNorm                 TEE         —
 q, k, v projections     worker      x ``[T, hidden]`` → q, k, v
 RoPE                    TEE         —
-scores ``q·kᵀ``         policy      q ``[kv, g·T, d]``, k ``[kv, T, d]`` → ``[kv, g·T, T]``
+attention (fused)       ``"tee"``   —
+scores ``q·kᵀ``         ``worker``  q ``[kv, g·T, d]``, k ``[kv, T, d]`` → ``[kv, g·T, T]``
 causal softmax          TEE         —
-context ``p·v``         policy      p ``[kv, g·T, T]``, v ``[kv, T, d]`` → ``[kv, g·T, d]``
+context ``p·v``         ``worker``  p ``[kv, g·T, T]``, v ``[kv, T, d]`` → ``[kv, g·T, d]``
 o projection            worker      ``[T, heads·d]`` → ``[T, hidden]``
 residual add, RMSNorm   TEE         —
 gate, up projections    worker      x → gate, up
 SiLU·up                 TEE         —
 down projection         worker      ``[T, intermediate]`` → ``[T, hidden]``
 residual add            TEE         —
+final RMSNorm           TEE         —
+lm_head                 TEE [#]_    (worker: ``[rows, hidden]`` → float32 ``[rows, vocab]``)
 ======================  ==========  ==============================================
 
-and finally the last RMSNorm in the TEE and lm_head on the worker (only the last row unless
-every position's logits are asked for).  Attention is batched per layer in grouped form: the
-``g`` query heads that share a key/value head are stacked along the rows, so K and V cross
-once per key/value head, never expanded to all heads.
+.. [#] On the worker with ``private_io=False``; lm_head then gets only the last row unless
+   every position's logits are asked for, and answers in float32 whatever the wire dtype.
+
+per layer for the middle rows.  Attention is batched per layer in grouped form: the ``g``
+query heads that share a key/value head are stacked along the rows, so K and V cross once
+per key/value head, never expanded to all heads; in the TEE one fused causal kernel
+(``scaled_dot_product_attention`` with grouped KV) replaces scores, softmax and context.
 
 Attention policy (``attention=``): ``"worker"`` sends the two attention matmuls to the worker,
 ``"tee"`` computes them in the TEE, ``"auto"`` decides per worker device:
@@ -44,7 +51,9 @@ Attention policy (``attention=``): ``"worker"`` sends the two attention matmuls 
   faster (:meth:`TEEDriver.policy_probe`).
 
 Results from the worker are untrusted: every one is checked for type, shape and dtype before
-use (:class:`WorkerResultError`).
+use (:class:`WorkerResultError`) and, with ``verify=True`` (the default), for its value by a
+Freivalds check (:mod:`actors.verify`; :class:`VerificationError`) before anything is
+computed from it.
 """
 
 from __future__ import annotations
@@ -246,16 +255,21 @@ class TEEDriver:
         q, k, v = (torch.randn(kv, n, d, generator=gen).to(self.dtype) for n in (g * t, t, t))
         p = torch.softmax(torch.randn(kv, g * t, t, generator=gen), -1).to(self.dtype)
 
-        def here() -> None:
-            torch.matmul(q, k.transpose(-1, -2))
-            torch.matmul(p, v)
+        def here() -> None:  # the fused kernel the "tee" policy runs
+            F.scaled_dot_product_attention(q.view(1, kv * g, t, d), k[None], v[None],
+                                           is_causal=True, enable_gqa=g > 1)
 
-        def there() -> None:
+        def there() -> None:  # what the "worker" policy costs the TEE: wait, softmax, checks
             w = self.wire_dtype
-            s = self.gpu.matmul(q.to(w), k.to(w), transpose_b=True, tag="probe")
-            o = self.gpu.matmul(p.to(w), v.to(w), tag="probe")
-            self._expect(s, (kv, g * t, t), "probe scores").to(self.dtype)
-            self._expect(o, (kv, g * t, d), "probe context").to(self.dtype)
+            qw, kw, pw, vw = q.to(w), k.to(w), p.to(w), v.to(w)
+            s = self.gpu.matmul(qw, kw, transpose_b=True, tag="probe")
+            s = self._expect(s, (kv, g * t, t), "probe scores").to(self.dtype)
+            causal_softmax(s.view(kv, g, t, t), d ** -0.5)
+            o = self.gpu.matmul(pw, vw, tag="probe")
+            o = self._expect(o, (kv, g * t, d), "probe context").to(self.dtype)
+            if self._verifier is not None:
+                self._verifier.check_matmul("probe scores", qw, kw, s, transpose_b=True)
+                self._verifier.check_matmul("probe context", pw, vw, o)
 
         def best(fn: Any) -> float:
             times = []

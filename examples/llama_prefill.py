@@ -65,6 +65,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1,
                    help="untimed prefills first (a fresh process pays one-time setup)")
     p.add_argument("--no-verify", action="store_true", help="skip the reference check")
+    p.add_argument("--public-io", action="store_true",
+                   help="private_io=False: send token ids to the worker and let it run lm_head")
+    p.add_argument("--no-checks", action="store_true",
+                   help="verify=False: use the worker's results without Freivalds checks")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     args = p.parse_args(argv)
     if args.tokens < 1:
@@ -74,7 +78,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def op_table(stats: dict[str, Any]) -> str:
     head = (f"{'op':<10} {'where':<6} {'calls':>5} {'MiB out':>9} {'MiB in':>9} {'shm':>5} "
-            f"{'zmq':>5} {'zmq MiB%':>8} {'wait ms':>9} {'worker ms':>9} {'tee ms':>8}")
+            f"{'zmq':>5} {'zmq MiB%':>8} {'wait ms':>9} {'worker ms':>9} {'tee ms':>8} "
+            f"{'check ms':>8}")
     lines = [head, "-" * len(head)]
     for op in OPS:
         r = stats["ops"][op]
@@ -87,7 +92,8 @@ def op_table(stats: dict[str, Any]) -> str:
             f"{op:<10} {r['where']:<6} {r['calls']:>5} "
             f"{r['bytes_out'] / MIB:>9.2f} {r['bytes_in'] / MIB:>9.2f} "
             f"{shm['messages']:>5} {zmq['messages']:>5} {share:>8} {1e3 * r['wait_s']:>9.1f} "
-            f"{1e3 * r['worker_s']:>9.1f} {1e3 * r['tee_s']:>8.1f}")
+            f"{1e3 * r['worker_s']:>9.1f} {1e3 * r['tee_s']:>8.1f} "
+            f"{1e3 * r['verify_s']:>8.2f}")
     routes = stats["routes"] or {"shm": {"messages": 0, "bytes": 0},
                                  "zmq": {"messages": 0, "bytes": 0}}
     lines.append("-" * len(head))
@@ -95,7 +101,8 @@ def op_table(stats: dict[str, Any]) -> str:
         f"{'total':<10} {'':<6} {stats['calls']:>5} {stats['bytes_out'] / MIB:>9.2f} "
         f"{stats['bytes_in'] / MIB:>9.2f} {routes['shm']['messages']:>5} "
         f"{routes['zmq']['messages']:>5} {'':>8} {1e3 * stats['wait_s']:>9.1f} "
-        f"{1e3 * (stats['worker_s'] or 0):>9.1f} {1e3 * stats['tee_s']:>8.1f}")
+        f"{1e3 * (stats['worker_s'] or 0):>9.1f} {1e3 * stats['tee_s']:>8.1f} "
+        f"{1e3 * (stats['verify'] or {}).get('seconds', 0.0):>8.2f}")
     return "\n".join(lines)
 
 
@@ -138,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         gpu = system.spawn(GPUWorker, config, checkpoint, seed=args.seed, device=args.device,
                            dtype=dtype)
         drv = system.spawn(TEEDriver, config, gpu, checkpoint, seed=args.seed, dtype=dtype,
-                           wire_dtype=wire, attention=args.attention)
+                           wire_dtype=wire, attention=args.attention,
+                           private_io=not args.public_io, verify=not args.no_checks)
         spawn_s = time.perf_counter() - t0
         for _ in range(args.warmup):
             drv.prefill(ids)
@@ -152,6 +160,12 @@ def main(argv: list[str] | None = None) -> int:
           f"{spawn_s:.2f} s; attention policy '{stats['policy']}' ({stats['policy_reason']})\n")
     print(op_table(stats))
     print("\n" + time_split(stats))
+    checks = stats["verify"]
+    print("token ids and logits " + ("stayed in the TEE" if stats["private_io"] else
+                                     "crossed to the worker") + "; " + (
+        f"{checks['checks']} worker results verified in {1e3 * checks['seconds']:.2f} ms "
+        f"(largest residual/tolerance so far {checks['lifetime']['worst_ratio']:.3f})"
+        if checks else "worker results NOT verified"))
     print(f"call from here {1e3 * call_s:.1f} ms")
 
     result: dict[str, Any] = {
