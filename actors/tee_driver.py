@@ -40,7 +40,9 @@ Attention policy (``attention=``): ``"worker"`` sends the two attention matmuls 
   layer, the largest messages of a prefill).  Measured on 2 cores, seed-bench, T=1024,
   float32, median of 7: 320 ms per prefill with ``"tee"``, 409 ms with ``"worker"``, whose
   attention moved 280 MiB: 79 ms of transport and 53 ms of worker compute, where the TEE
-  needs 50 ms for the same matmuls.
+  needs 50 ms for the same matmuls — and the TEE's fused kernel now needs 39 ms for the
+  whole attention (9.7 ms a layer against 46 ms materialised), the worker policy's results
+  must be verified besides.
 * CUDA worker: measured once, at construction.  Both the compute (``2·heads·T²·d`` FLOPs per
   matmul) and the bytes (``4·heads·T²`` per float32 matrix) grow as T², so their ratio is set
   by ``head_dim`` and the machine, not by T.  A GPU makes the compute nearly free, but the
