@@ -362,17 +362,19 @@ class TEEDriver:
 
     def _linear(self, op: str, layer: int, names: tuple[str, ...], x: torch.Tensor,
                 widths: Sequence[int]) -> list[torch.Tensor]:
+        begun = None
         with self._tee(op):
             xw = x.to(self.wire_dtype).contiguous()
+            if self._verifier is not None:
+                if names != GROUPS.get(op):
+                    raise ValueError(f"cannot verify {op} as projections {names}")
+                begun = self._verifier.begin_linear(op, layer, xw)  # x·Wᵀv while x is hot
         out = self._offload(op, "batch_linear", layer, names, xw)
         with self._tee(op):
             t = x.shape[0]
             ys = self._expect_many(out, [(t, w) for w in widths], op)
             ys = [y.to(self.dtype) for y in ys]
-            if names == GROUPS.get(op):
-                self._verify(op, "linear", op, layer, xw, ys)
-            elif self._verifier is not None:
-                raise ValueError(f"cannot verify {op} as projections {names}")
+            self._verify(op, "linear", op, layer, xw, ys, begun=begun)
             return ys
 
     def _matmul(self, op: str, a: torch.Tensor, b: torch.Tensor, transpose_b: bool

@@ -76,13 +76,14 @@ Matmul checks draw a fresh ``r`` each time.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -121,6 +122,22 @@ class _Pool:
     limit: int            # uses before it is redrawn
     uses: int = 0
     stale: bool = False
+
+
+@dataclass
+class Begun:
+    """The half of a linear check done before the call: the vector drawn, ``x·(Wᵀv)``.
+
+    Done while ``x`` is still in the cache (``x`` cold costs ~0.15 ms more per check at
+    T=1024); the worker never sees which vector.
+    """
+
+    pool: _Pool
+    j: int
+    x: torch.Tensor      # as sent, in the check dtype
+    rhs: torch.Tensor    # x·(Wᵀv)
+    xnorm: torch.Tensor  # |x_i|
+    seconds: float
 
 
 class Verifier:
@@ -272,36 +289,44 @@ class Verifier:
         tolerance at hand; ``rest(rows, ynorm(rows))``: the other terms for those rows, given
         the norms of their ``y`` rows (norms cost a pass over ``x`` or ``y`` each).  Since
         ``cheap`` is below the tolerance, a row whose finite residual is within it passes as
-        it stands, and most do: a float32 check computes norms only for the rows left over
-        (a few %).  NaN or Inf in a residual, or a tolerance that is not finite (one huge
+        it stands: with a float32 wire every honest row of a linear check does (``cheap``
+        lacks only the ``|y_i|`` terms there), so such a check costs one pass over ``y`` and
+        one sync.  NaN or Inf in a residual, or a tolerance that is not finite (one huge
         element overflows a norm), fail the check.
         ``worst_ratio`` follows the rows whose whole tolerance was computed: every row with
         ``full_margins`` (for measurements; the decisions are the same).
         """
         r = (lhs - rhs).abs_()
-        tiny = torch.finfo(r.dtype).tiny
-        detail = "the result holds NaN or Inf (or overflows)"
-        if math.isfinite(float(r.sum()) + float(cheap.sum())):
-            ok = r <= cheap
-            if self.full_margins:
-                ok.zero_()
-            elif bool(ok.all()):
+        # ``cheap`` holds |y·v| (and, computed eagerly, |y_i|): it is not finite only when
+        # ``y`` holds NaN, Inf or overflowing values, which fail at once (an infinite
+        # residual would otherwise be "within" an infinite ``cheap``).
+        if not math.isfinite(cheap.sum().item()):
+            self._fail(what, "the result holds NaN or Inf (or overflows)")
+        if self.full_margins:
+            rows = torch.arange(r.numel())
+        else:  # the fast path: every residual within ``cheap`` (NaN never is)
+            rows = (~(r <= cheap)).nonzero().flatten()
+            if not rows.numel():
                 return
-            rows = (~ok).nonzero().flatten()
-            yn = ynorm(rows)
-            tol = cheap[rows].add_(rest(rows, yn))
-            res = r[rows]
-            if self.observer is not None:
-                self.observer(what, res, tol, yn)
-            if math.isfinite(float(tol.sum())):
-                if bool((res <= tol).all()):
-                    ratio = float((res / tol.clamp_min(tiny)).max())
-                    self.worst_ratio = max(self.worst_ratio, ratio)
-                    return
-                i = int((res - tol).argmax())
-                detail = (f"row {int(rows[i])}: residual {float(res[i]):.3g} > tolerance "
-                          f"{float(tol[i]):.3g}; {int((res > tol).sum())} of {r.numel()} "
-                          f"rows fail")
+        yn = ynorm(rows)
+        tol = cheap.index_select(0, rows).add_(rest(rows, yn))
+        res = r.index_select(0, rows)
+        if self.observer is not None:
+            self.observer(what, res, tol, yn)
+        if not (math.isfinite(float(tol.sum())) and bool(torch.isfinite(res).all())):
+            self._fail(what, "the result holds NaN or Inf (or overflows)")
+        if bool((res <= tol).all()):
+            if res.numel():
+                ratio = float((res / tol.clamp_min(torch.finfo(r.dtype).tiny)).max())
+                self.worst_ratio = max(self.worst_ratio, ratio)
+            return
+        i = int((res - tol).argmax())
+        self._fail(what, f"row {int(rows[i])}: residual {float(res[i]):.3g} > tolerance "
+                         f"{float(tol[i]):.3g}; {int((res > tol).sum())} of {r.numel()} "
+                         f"rows fail")
+
+    def _fail(self, what: str, detail: str) -> NoReturn:
+        """Count the failure, retire every vector, and raise."""
         self.failures += 1
         for pool in self._pools.values():
             pool.stale = True
@@ -315,7 +340,8 @@ class Verifier:
         sq = None
         for t in ts:
             flat = t.reshape(-1, t.shape[-1])
-            part = torch.linalg.vector_norm(flat if rows is None else flat[rows], dim=-1)
+            part = torch.linalg.vector_norm(
+                flat if rows is None else flat.index_select(0, rows), dim=-1)
             sq = part.square_() if sq is None else sq.add_(part.square_())
         if sq is None:
             raise ValueError("no tensor to take row norms of")
@@ -326,16 +352,30 @@ class Verifier:
 
     # -- the checks ------------------------------------------------------------------------------
 
+    def begin_linear(self, op: str, layer: int | None, x: torch.Tensor) -> Begun:
+        """The first half of :meth:`check_linear`, best done right before ``x`` is sent."""
+        t0 = time.perf_counter()
+        with self._threads():
+            pool = self._pool((op, layer))
+            j = secrets.randbelow(self.pool_size)
+            xc = self._as_check(x)
+            rhs = xc @ pool.u[j]
+            xnorm = torch.linalg.vector_norm(xc, dim=-1)
+        return Begun(pool, j, xc, rhs, xnorm, time.perf_counter() - t0)
+
     def check_linear(self, op: str, layer: int | None, x: torch.Tensor,
-                     ys: Sequence[torch.Tensor], *, out_dtype: torch.dtype | None = None
-                     ) -> float:
+                     ys: Sequence[torch.Tensor], *, out_dtype: torch.dtype | None = None,
+                     begun: Begun | None = None) -> float:
         """Check the results ``ys`` of one linear op against its input ``x [T, n]``.
 
         ``ys`` are the outputs of ``op``'s fused projections, ``[T, m_j]`` each, as the TEE
         will use them; ``x`` is the input exactly as it was sent.  ``out_dtype``: the dtype
-        the results crossed in (default: the wire dtype).
+        the results crossed in (default: the wire dtype).  ``begun``: what
+        :meth:`begin_linear` returned for this ``x`` (else it is done here).  Returns the
+        seconds spent, ``begin_linear``'s included.
         """
-        return self._run(self._check_linear, op, layer, x, ys, out_dtype)
+        begun = begun or self.begin_linear(op, layer, x)
+        return self._run(self._check_linear, op, layer, begun, ys, out_dtype) + begun.seconds
 
     def check_lookup(self, op: str, ids: torch.Tensor, y: torch.Tensor) -> float:
         """Check embedding rows ``y [T, hidden]`` (as used) of token ``ids [T]``."""
@@ -353,30 +393,35 @@ class Verifier:
     def _run(self, check: Any, *args: Any, **kwargs: Any) -> float:
         """Run one check on ``self.threads`` threads; count it and return its seconds."""
         t0 = time.perf_counter()
-        threads = torch.get_num_threads()
-        if threads != self.threads:
-            torch.set_num_threads(self.threads)
         try:
-            check(*args, **kwargs)
+            with self._threads():
+                check(*args, **kwargs)
         finally:
-            if threads != self.threads:
-                torch.set_num_threads(threads)
             dt = time.perf_counter() - t0
             self.checks += 1
             self.seconds += dt
         return dt
 
-    def _check_linear(self, op: str, layer: int | None, x: torch.Tensor,
+    @contextlib.contextmanager
+    def _threads(self) -> Iterator[None]:
+        threads = torch.get_num_threads()
+        if threads != self.threads:
+            torch.set_num_threads(self.threads)
+        try:
+            yield
+        finally:
+            if threads != self.threads:
+                torch.set_num_threads(threads)
+
+    def _check_linear(self, op: str, layer: int | None, begun: Begun,
                       ys: Sequence[torch.Tensor], out_dtype: torch.dtype | None) -> None:
         what = op if layer is None else f"{op} (layer {layer})"
-        pool = self._pool((op, layer))
-        j = secrets.randbelow(self.pool_size)
+        pool, j, xc, rhs = begun.pool, begun.j, begun.x, begun.rhs
         v = pool.v[j]
         ycs = [self._as_check(y) for y in ys]
         m = sum(y.shape[-1] for y in ycs)
         if not ycs or m != v.numel():
             raise VerificationError(f"{what}: results of total width {m}, expected {v.numel()}")
-        xc = self._as_check(x)
         n = xc.shape[-1]
         u_out = max(unit_roundoff(out_dtype or self.wire_dtype), unit_roundoff(ys[0].dtype),
                     unit_roundoff(self.dtype))  # a worker computing in the TEE's dtype rounds
@@ -395,17 +440,17 @@ class Verifier:
             part = yc @ v[off:off + w]
             lhs = part if lhs is None else lhs.add_(part)
             off += w
-        rhs = xc @ pool.u[j]
-        cheap = lhs.abs().mul_(c).add_(rhs.abs(), alpha=d)
+        cheap = begun.xnorm * a
+        cheap.add_(lhs.abs(), alpha=c).add_(rhs.abs(), alpha=d)
         if ynorm is not None:
             cheap.add_(ynorm, alpha=b)
 
         def norms(rows: torch.Tensor) -> torch.Tensor:
-            return ynorm[rows] if ynorm is not None else self._row_norms(ycs, rows)
+            return ynorm.index_select(0, rows) if ynorm is not None \
+                else self._row_norms(ycs, rows)
 
         def rest(rows: torch.Tensor, yn: torch.Tensor) -> torch.Tensor:
-            more = self._row_norms([xc], rows).mul_(a)
-            return more if eager else more.add_(yn, alpha=b)
+            return torch.zeros_like(yn) if eager else yn * b
 
         self._decide(what, lhs, rhs, cheap, rest=rest, ynorm=norms)
 
@@ -451,10 +496,11 @@ class Verifier:
             cheap.add_(ynorm, alpha=b_y)
 
         def norms(rows: torch.Tensor) -> torch.Tensor:
-            return ynorm[rows] if ynorm is not None else self._row_norms([oc], rows)
+            return ynorm.index_select(0, rows) if ynorm is not None \
+                else self._row_norms([oc], rows)
 
         def rest(rows: torch.Tensor, yn: torch.Tensor) -> torch.Tensor:
-            more = self._row_norms([ac], rows).mul_(a_row[rows])
+            more = self._row_norms([ac], rows).mul_(a_row.index_select(0, rows))
             return more if eager else more.add_(yn, alpha=b_y)
 
         self._decide(what, lhs, rhs, cheap, rest=rest, ynorm=norms)

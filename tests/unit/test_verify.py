@@ -71,10 +71,14 @@ def test_tampered_embedding_and_lm_head_are_caught(config, lie, target, wire):
     gpu = TamperingWorker(config, lie, target, rel=rel, seed=0, device="cpu")
     drv = TEEDriver(config, gpu, seed=0, wire_dtype=dtype, private_io=False)
     with pytest.raises(VerificationError, match=f"worker's {target} result"):
-        # "stale" needs an earlier call of the same shape: the first prefill is honest.
-        for seed in range(2):
+        # "stale" needs an earlier call of the same shape: the first prefill is honest.  A
+        # lie spread over a row (noise) escapes one bf16 check with probability ~3 %
+        # (actors/verify.py); here it has one check per prefill, so up to 4 tries.
+        for seed in range(5):
             drv.prefill(ids_for(config, 16, seed), all_logits=True)
-    assert gpu.told() == 1
+    assert gpu.told() >= 1
+    if lie in ("one_element", "zeros", "nan", "inf", "huge") or wire == "float32":
+        assert gpu.told() == 1  # caught at the first lie
 
 
 def test_a_failure_retires_every_vector(config):
