@@ -48,9 +48,10 @@ bfloat16 needs no float32 results.  (The exception: a row whose norm nearly vani
 cancellation — a single score ``q·k`` at T = 1 — where the float32 error of the product
 itself, which scales with ``|q|·|k|``, is a sizeable fraction of the row.)
 
-Only the ``|y_i|`` terms need a second pass over ``y``; residuals within the rest of the
-tolerance (which is smaller) pass as they stand, and every honest float32 check does, so a
-float32 check reads ``y`` once.
+Cost.  ``x·(Wᵀv)`` and ``|x_i|`` are computed before the call, while ``x`` is in the cache
+(:meth:`Verifier.begin_linear`).  Only the ``|y_i|`` terms would need a second pass over ``y``;
+rows whose residual is within the rest of the tolerance (which is smaller) pass as they
+stand, and every honest float32 row does, so a float32 check reads ``y`` once.
 
 Assumptions: the worker holds its weights in the TEE's dtype or finer and multiplies in
 float32 or finer (TF32 matmuls would fail float32 checks: leave
