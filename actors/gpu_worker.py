@@ -306,16 +306,21 @@ class GPUWorker:
         return out
 
     @torch.no_grad()
-    def lm_head(self, x: torch.Tensor, tag: str | None = None) -> torch.Tensor:
-        """Logits ``[..., vocab]`` of final-normed states ``x [..., hidden]``, in its dtype."""
+    def lm_head(self, x: torch.Tensor, dtype: torch.dtype | str | None = None,
+                tag: str | None = None) -> torch.Tensor:
+        """Logits ``[..., vocab]`` of final-normed states ``x [..., hidden]``, in ``dtype``.
+
+        ``dtype`` defaults to ``x``'s; the TEE driver asks for float32 whatever the wire dtype.
+        """
         t0 = time.perf_counter()
+        out_dtype = resolve_dtype(dtype, x.dtype if isinstance(x, torch.Tensor) else None)
         if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point \
                 or x.dim() < 1 or x.shape[-1] != self.config.hidden_size:
             raise ValueError(f"x must be a floating tensor [..., hidden_size="
                              f"{self.config.hidden_size}]")
         with self._threads_for(x.numel() // max(1, x.shape[-1])):
             y = F.linear(self._in(x, "x").to(self.dtype), self._lm_head)
-        (out,) = self._out([y], x.dtype)
+        (out,) = self._out([y], out_dtype)
         self._account(tag or "lm_head", t0)
         return out
 

@@ -17,7 +17,8 @@ def op_table(stats: dict[str, Any], per: int = 1) -> str:
     ``per`` divides the counts and times (e.g. the number of decode steps: per token).
     """
     head = (f"{'op':<10} {'where':<6} {'calls':>7} {'MiB out':>9} {'MiB in':>9} {'shm':>6} "
-            f"{'zmq':>5} {'zmq MiB%':>8} {'wait ms':>9} {'worker ms':>9} {'tee ms':>8}")
+            f"{'zmq':>5} {'zmq MiB%':>8} {'wait ms':>9} {'worker ms':>9} {'tee ms':>8} "
+            f"{'check ms':>8}")
     lines = [head, "-" * len(head)]
     n = max(1, per)
     for op in OPS:
@@ -32,7 +33,7 @@ def op_table(stats: dict[str, Any], per: int = 1) -> str:
             f"{r['bytes_out'] / MIB / n:>9.3f} {r['bytes_in'] / MIB / n:>9.3f} "
             f"{shm['messages'] / n:>6.4g} {zmq['messages'] / n:>5.4g} {share:>8} "
             f"{1e3 * r['wait_s'] / n:>9.2f} {1e3 * r['worker_s'] / n:>9.2f} "
-            f"{1e3 * r['tee_s'] / n:>8.2f}")
+            f"{1e3 * r['tee_s'] / n:>8.2f} {1e3 * r.get('verify_s', 0.0) / n:>8.2f}")
     routes = stats["routes"] or {"shm": {"messages": 0, "bytes": 0},
                                  "zmq": {"messages": 0, "bytes": 0}}
     lines.append("-" * len(head))
@@ -40,7 +41,8 @@ def op_table(stats: dict[str, Any], per: int = 1) -> str:
         f"{'total':<10} {'':<6} {stats['calls'] / n:>7.4g} {stats['bytes_out'] / MIB / n:>9.3f} "
         f"{stats['bytes_in'] / MIB / n:>9.3f} {routes['shm']['messages'] / n:>6.4g} "
         f"{routes['zmq']['messages'] / n:>5.4g} {'':>8} {1e3 * stats['wait_s'] / n:>9.2f} "
-        f"{1e3 * (stats['worker_s'] or 0) / n:>9.2f} {1e3 * stats['tee_s'] / n:>8.2f}")
+        f"{1e3 * (stats['worker_s'] or 0) / n:>9.2f} {1e3 * stats['tee_s'] / n:>8.2f} "
+        f"{1e3 * (stats.get('verify') or {}).get('seconds', 0.0) / n:>8.2f}")
     return "\n".join(lines)
 
 

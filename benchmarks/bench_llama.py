@@ -13,7 +13,13 @@ alike):
   the very same weight tensors (no copy);
 * ``split-local`` — ``TEEDriver`` with a plain in-process ``GPUWorker``: the split's own cost
   without transport (skipped when a second copy of the weights would not fit);
-* ``split``      — ``TEEDriver`` and ``GPUWorker`` as two actor processes (timed from here).
+* ``split``      — ``TEEDriver`` and ``GPUWorker`` as two actor processes (timed from here),
+  with the driver's defaults: ``private_io=True`` (embedding and lm_head in the TEE) and
+  ``verify=True`` (every offloaded result checked);
+* ``split-open`` — the same worker and a second driver with ``private_io=False, verify=False``:
+  today's placement unchecked, the baseline of the trust boundary's cost (issue 9);
+* ``split-checked`` — ``private_io=False, verify=True``: the checks alone (``--no-trust``
+  skips these two).
 
 and for the actor split: the bytes that crossed (payload, both directions; messages per route),
 the transport time (time blocked on the worker minus the worker's own compute), and a memcpy
@@ -39,6 +45,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import statistics
@@ -164,11 +171,20 @@ def bench_preset(name: str, tokens: int, args: argparse.Namespace) -> dict[str, 
                                attention=args.attention)
             result["spawn_s"] = time.perf_counter() - t0
             methods["split"] = lambda: drv.prefill(ids)
+            trust = {}
+            if not args.no_trust:
+                for method, options in (("split-open", {"private_io": False, "verify": False}),
+                                        ("split-checked", {"private_io": False})):
+                    trust[method] = system.spawn(TEEDriver, config, gpu, seed=args.seed,
+                                                 wire_dtype=wire, attention=args.attention,
+                                                 **options)
+                    methods[method] = functools.partial(trust[method].prefill, ids)
         print(f"   timing {', '.join(methods)}: {args.repeats} interleaved rounds after a "
               f"warm-up", flush=True)
         timings = interleaved(methods, args.repeats)
         if "split" in methods:
             stats = drv.last_prefill_stats()
+            trust_stats = {m: d.last_prefill_stats() for m, d in trust.items()}
     want = timings["reference"][2]
     rows = {}
     for method, (med, times, out) in timings.items():
@@ -180,6 +196,25 @@ def bench_preset(name: str, tokens: int, args: argparse.Namespace) -> dict[str, 
     if "split" not in rows:
         return result
     rows["split"]["stats"] = stats
+    for method, st in trust_stats.items():
+        rows[method]["stats"] = st
+    if "split-open" in rows:
+        base = rows["split-open"]["median_s"]
+        result["trust"] = {
+            "open_s": base, "default_s": rows["split"]["median_s"],
+            "checked_s": rows["split-checked"]["median_s"],
+            "default_vs_open": rows["split"]["median_s"] / base,
+            "checked_vs_open": rows["split-checked"]["median_s"] / base,
+            # Per round (the methods run back to back in each): steadier on a shared machine.
+            "default_vs_open_paired": statistics.median(
+                a / b for a, b in zip(rows["split"]["times_s"], rows["split-open"]["times_s"],
+                                      strict=True)),
+            "checked_vs_open_paired": statistics.median(
+                a / b for a, b in zip(rows["split-checked"]["times_s"],
+                                      rows["split-open"]["times_s"], strict=True)),
+            "verify_checks": stats["verify"]["checks"], "verify_s": stats["verify"]["seconds"],
+            "checked_verify_s": trust_stats["split-checked"]["verify"]["seconds"],
+            "worst_ratio": stats["verify"]["lifetime"]["worst_ratio"]}
     moved = stats["bytes_out"] + stats["bytes_in"]
     routes = stats["routes"] or {}
     messages = sum(r["messages"] for r in routes.values()) or 1
@@ -219,6 +254,14 @@ def print_table(results: list[dict[str, Any]]) -> None:
             print(f"{'':<19} prefill {1e3 * tr['total_s']:.1f} ms in the driver: TEE compute "
                   f"{1e3 * tr['tee_s']:.1f}, worker compute {1e3 * (tr['worker_s'] or 0):.1f}, "
                   f"transport {1e3 * transport:.1f} ms")
+        tr = res.get("trust")
+        if tr:
+            print(f"{'':<19} trust boundary: defaults (private_io, verify) "
+                  f"{tr['default_vs_open']:.3f}x (paired per round "
+                  f"{tr['default_vs_open_paired']:.3f}x), checks alone "
+                  f"{tr['checked_vs_open']:.3f}x ({tr['checked_vs_open_paired']:.3f}x) of "
+                  f"private_io=False, verify=False; {tr['verify_checks']} checks "
+                  f"{1e3 * tr['verify_s']:.1f} ms in the last prefill")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -235,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-hf", action="store_true", help="skip transformers")
     p.add_argument("--no-local", action="store_true", help="skip the in-process split")
+    p.add_argument("--no-trust", action="store_true",
+                   help="skip split-open and split-checked (the trust boundary's cost)")
     p.add_argument("--local-max-gb", type=float, default=2.0,
                    help="largest model (GB) the in-process split is run for")
     p.add_argument("--json", type=Path, default=None, help="write results here")

@@ -63,6 +63,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1,
                    help="untimed prefills first (a fresh process pays one-time setup)")
     p.add_argument("--no-verify", action="store_true", help="skip the reference check")
+    p.add_argument("--public-io", action="store_true",
+                   help="private_io=False: send token ids to the worker and let it run lm_head")
+    p.add_argument("--no-checks", action="store_true",
+                   help="verify=False: use the worker's results without Freivalds checks")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     args = p.parse_args(argv)
     if args.tokens < 1:
@@ -95,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         gpu = system.spawn(GPUWorker, config, checkpoint, seed=args.seed, device=args.device,
                            dtype=dtype)
         drv = system.spawn(TEEDriver, config, gpu, checkpoint, seed=args.seed, dtype=dtype,
-                           wire_dtype=wire, attention=args.attention)
+                           wire_dtype=wire, attention=args.attention,
+                           private_io=not args.public_io, verify=not args.no_checks)
         spawn_s = time.perf_counter() - t0
         for _ in range(args.warmup):
             drv.prefill(ids)
@@ -109,6 +114,11 @@ def main(argv: list[str] | None = None) -> int:
           f"{spawn_s:.2f} s; attention policy '{stats['policy']}' ({stats['policy_reason']})\n")
     print(op_table(stats))
     print("\n" + time_split(stats))
+    checks = stats["verify"]
+    print("token ids and logits " + ("stayed in the TEE" if stats["private_io"] else
+                                     "crossed to the worker") + "; " + (
+        f"{checks['checks']} worker results verified in {1e3 * checks['seconds']:.2f} ms"
+        if checks else "worker results NOT verified"))
     print(f"call from here {1e3 * call_s:.1f} ms")
 
     result: dict[str, Any] = {

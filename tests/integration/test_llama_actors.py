@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from actors import GPUWorker, LlamaConfig, LlamaReference, TEEDriver
+from actors import GPUWorker, LlamaConfig, LlamaReference, TEEDriver, VerificationError
 from runtime import ActorSystem, RemoteError
 
 TOL_F32 = 1e-4
@@ -152,3 +152,44 @@ def test_example_with_a_checkpoint(tmp_path, capsys, monkeypatch):
     assert example.main(["--checkpoint", str(tmp_path / "ckpt"), "--tokens", "24",
                          "--wire-dtype", "bfloat16"]) == 0
     assert "checkpoint" in capsys.readouterr().out
+
+
+# -- the trust boundary with real actor processes (issue 9, parts 2 and 3) --------------------
+
+@pytest.mark.parametrize(("lie", "target", "attention"), [
+    ("one_element", "batch_linear", "tee"), ("swap", "batch_linear", "worker"),
+    ("stale", "matmul", "worker"), ("nan", "matmul", "worker")])
+def test_a_lying_worker_actor_is_caught(config, lie, target, attention):
+    from tests.tampering_workers import TamperingWorker
+
+    ids = ids_for(config, 40)
+    with ActorSystem() as system:
+        gpu = system.spawn(TamperingWorker, config, lie, target, seed=0, device="cpu")
+        # A driver in this process gets the error itself...
+        drv = TEEDriver(config, gpu, seed=0, attention=attention)
+        with pytest.raises(VerificationError, match="Freivalds"):
+            drv.prefill(ids)
+        # ...and a driver actor's caller gets it through the runtime, type kept.
+        drv_actor = system.spawn(TEEDriver, config, gpu, seed=0, attention=attention)
+        with pytest.raises(RemoteError) as info:
+            drv_actor.prefill(ids)
+        assert isinstance(info.value, VerificationError) \
+            or "VerificationError" in getattr(info.value, "remote_type", ""), repr(info.value)
+        assert gpu.told() >= 2
+
+
+def test_spy_worker_actor_sees_no_token_id(config, reference):
+    from tests.tampering_workers import SpyWorker
+
+    ids = ids_for(config, 50)
+    with ActorSystem() as system:
+        spy = system.spawn(SpyWorker, config, seed=0, device="cpu")
+        drv = system.spawn(TEEDriver, config, spy, seed=0, attention="worker")
+        got = drv.prefill(ids, all_logits=True)
+        seen = spy.seen()
+        stats = drv.last_prefill_stats()
+    assert (got - reference.forward(ids, all_logits=True)).abs().max().item() < TOL_F32
+    assert {m for m, _ in seen} == {"device_info", "batch_linear", "matmul"}
+    assert {d for _, ds in seen for d in ds if d.startswith("tensor")} == {"tensor[float32]"}
+    assert stats["verify"]["checks"] == stats["calls"] == 6 * config.num_hidden_layers
+    assert stats["verify"]["lifetime"]["failures"] == 0

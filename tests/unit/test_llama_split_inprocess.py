@@ -87,10 +87,23 @@ def test_bfloat16_wire_within_tolerance(config, worker, reference, attention):
     assert stats["wire_dtype"] == "bfloat16"
     f32 = TEEDriver(config, worker, seed=0, attention=attention)
     f32.prefill(ids, all_logits=True)
-    # Half the bytes each way (the token ids, int64, are the only exception).
-    ids_bytes = ids.numel() * 8
-    assert stats["bytes_out"] - ids_bytes == (f32.last_prefill_stats()["bytes_out"] - ids_bytes) / 2
+    # Half the bytes each way: with private_io nothing but activations crosses.
+    assert stats["bytes_out"] == f32.last_prefill_stats()["bytes_out"] / 2
     assert stats["bytes_in"] == f32.last_prefill_stats()["bytes_in"] / 2
+    # Today's placement: the token ids (int64) go out, and lm_head's logits come back in
+    # float32 whatever the wire (issue 8, item 6).
+    old16 = TEEDriver(config, worker, seed=0, wire_dtype=torch.bfloat16, attention=attention,
+                      private_io=False)
+    old32 = TEEDriver(config, worker, seed=0, attention=attention, private_io=False)
+    got16 = old16.prefill(ids, all_logits=True)
+    old32.prefill(ids, all_logits=True)
+    assert (got16 - want).abs().max().item() < BF16_REL * want.abs().max().item()
+    s16, s32 = old16.last_prefill_stats(), old32.last_prefill_stats()
+    ids_bytes = ids.numel() * 8
+    logits_bytes = ids.numel() * config.vocab_size * 4
+    assert s16["ops"]["lm_head"]["bytes_in"] == s32["ops"]["lm_head"]["bytes_in"] == logits_bytes
+    assert s16["bytes_out"] - ids_bytes == (s32["bytes_out"] - ids_bytes) / 2
+    assert s16["bytes_in"] - logits_bytes == (s32["bytes_in"] - logits_bytes) / 2
 
 
 def test_causal_mask_matters(config, worker):
@@ -105,7 +118,7 @@ def test_causal_mask_matters(config, worker):
 
 
 def test_stats(config, worker):
-    drv = TEEDriver(config, worker, seed=0)
+    drv = TEEDriver(config, worker, seed=0, private_io=False)  # the old placement's table
     assert drv.attention == "tee"  # auto on a CPU worker
     with pytest.raises(RuntimeError, match="no prefill"):
         drv.last_prefill_stats()
@@ -122,10 +135,11 @@ def test_stats(config, worker):
     assert {op: ops[op]["calls"] for op in ("embedding", "qkv", "o_proj", "gate_up", "down",
                                             "lm_head")} == {
         "embedding": 1, "qkv": n, "o_proj": n, "gate_up": n, "down": n, "lm_head": 1}
-    assert ops["scores"]["where"] == "tee"
-    assert ops["scores"]["bytes_out"] == 0
-    assert ops["scores"]["calls"] == n
-    assert ops["softmax"]["calls"] == n
+    # The fused kernel: no score matrix, no separate softmax.
+    assert ops["attention"]["where"] == "tee"
+    assert ops["attention"]["calls"] == n
+    assert ops["attention"]["bytes_out"] == 0
+    assert ops["scores"]["calls"] == ops["softmax"]["calls"] == ops["context"]["calls"] == 0
     # Only the last row goes to lm_head.
     assert ops["lm_head"]["bytes_out"] == config.hidden_size * 4
     assert ops["lm_head"]["bytes_in"] == config.vocab_size * 4
@@ -135,10 +149,38 @@ def test_stats(config, worker):
     assert s["total_s"] >= s["tee_s"]
     assert s["total_s"] >= s["wait_s"] >= s["worker_s"] >= 0
     assert all(ops[op]["worker_s"] > 0 for op in ("embedding", "qkv", "down", "lm_head"))
+    # Every offloaded result was checked, and the checks are part of the TEE's time.
+    assert {op: ops[op]["checks"] for op in ("embedding", "qkv", "o_proj", "gate_up", "down",
+                                             "lm_head")} == {
+        "embedding": 1, "qkv": n, "o_proj": n, "gate_up": n, "down": n, "lm_head": 1}
+    assert s["verify"]["checks"] == s["calls"]
+    assert 0 < s["verify"]["seconds"] <= s["tee_s"]
+    assert all(0 < ops[op]["verify_s"] <= ops[op]["tee_s"] for op in ("qkv", "lm_head"))
+    assert s["verify"]["lifetime"]["failures"] == 0
+    assert s["private_io"] is False
+
+    # The defaults: embedding and lm_head in the TEE, nothing but activations crosses.
+    drv_p = TEEDriver(config, worker, seed=0)
+    drv_p.prefill(ids_for(config, t))
+    sp = drv_p.last_prefill_stats()
+    assert sp["private_io"] is True
+    assert sp["ops"]["embedding"]["where"] == sp["ops"]["lm_head"]["where"] == "tee"
+    assert sp["ops"]["embedding"]["calls"] == sp["ops"]["lm_head"]["calls"] == 1
+    assert sp["ops"]["embedding"]["bytes_out"] == sp["ops"]["lm_head"]["bytes_in"] == 0
+    assert sp["ops"]["embedding"]["checks"] == sp["ops"]["lm_head"]["checks"] == 0
+    assert sp["calls"] == sp["verify"]["checks"] == 4 * n
+    assert sp["bytes_out"] == s["bytes_out"] - t * 8 - config.hidden_size * 4
+    # verify=False: no checks, no verify entry.
+    drv_n = TEEDriver(config, worker, seed=0, private_io=False, verify=False)
+    drv_n.prefill(ids_for(config, t))
+    assert drv_n.last_prefill_stats()["verify"] is None
+    assert all(r["checks"] == 0 for r in drv_n.last_prefill_stats()["ops"].values())
 
     drv_w = TEEDriver(config, worker, seed=0, attention="worker")
     drv_w.prefill(ids_for(config, t))
     ops = drv_w.last_prefill_stats()["ops"]
+    assert ops["scores"]["checks"] == ops["context"]["checks"] == n
+    assert ops["attention"]["calls"] == 0
     g, kv, d = config.num_key_value_groups, config.num_key_value_heads, config.head_dim
     # Grouped, not expanded: q [kv, g*T, d] and k [kv, T, d] out, [kv, g*T, T] back.
     assert ops["scores"]["bytes_out"] == n * (kv * g * t * d + kv * t * d) * 4
@@ -147,8 +189,15 @@ def test_stats(config, worker):
 
 
 def test_sides_hold_disjoint_weights(config, worker):
-    drv = TEEDriver(config, worker, seed=0)
+    drv = TEEDriver(config, worker, seed=0, private_io=False)
     assert set(drv._norms) == set(tee_weight_names(config))
+    assert not drv._io  # the verifier keeps vectors, no weight
+    pools = drv._verifier._pools.values()
+    assert all(p.u.shape[0] == p.v.shape[0] == 4 and p.u.dim() == 2 for p in pools)
+    # With private_io the TEE holds the embedding and lm_head too, in float32.
+    drv_p = TEEDriver(config, worker, seed=0, dtype=torch.bfloat16)
+    assert set(drv_p._io) == {"model.embed_tokens.weight", "lm_head.weight"}
+    assert all(w.dtype == torch.float32 for w in drv_p._io.values())
     held = {id(t) for t in [worker._embed, worker._lm_head]
             + [w for layer in worker._fused for w in layer.values()]}
     assert not config.tie_word_embeddings
@@ -286,8 +335,9 @@ def test_split_from_a_checkpoint_reads_only_each_sides_tensors(tmp_path, monkeyp
     loaded = LlamaConfig.from_pretrained(tmp_path)
     gpu = GPUWorker(loaded, checkpoint=tmp_path, device="cpu")
     gpu_read, read[:] = set(read), []
-    drv = TEEDriver(loaded, gpu, checkpoint=str(tmp_path), attention="worker")
-    tee_read = set(read)
+    drv = TEEDriver(loaded, gpu, checkpoint=str(tmp_path), attention="worker",
+                    private_io=False, verify=False)
+    tee_read, read[:] = set(read), []
     assert gpu_read == set(gpu_weight_names(config))  # lm_head is tied: not in the files
     assert tee_read == set(tee_weight_names(config))
     assert gpu_read | tee_read == set(weight_shapes(config))
@@ -295,3 +345,12 @@ def test_split_from_a_checkpoint_reads_only_each_sides_tensors(tmp_path, monkeyp
     with torch.no_grad():
         want = model(ids[None]).logits[0]
     assert (drv.prefill(ids, all_logits=True) - want).abs().max().item() < TOL_F32
+    # The defaults read every tensor, each exactly once (the verifier one at a time), and
+    # the tied embedding serves the embedding lookup and lm_head alike.
+    for private_io in (True, False):
+        drv = TEEDriver(loaded, gpu, checkpoint=str(tmp_path), attention="worker",
+                        private_io=private_io)
+        assert sorted(read) == sorted(weight_shapes(config)), private_io
+        read[:] = []
+        assert (drv.prefill(ids, all_logits=True) - want).abs().max().item() < TOL_F32
+        assert drv.last_prefill_stats()["verify"]["checks"] > 0

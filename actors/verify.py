@@ -1,0 +1,518 @@
+"""Freivalds checks of the untrusted GPU worker's results, before the TEE uses them.
+
+Method.  For an offloaded linear op ``y = x Wᵀ`` (``x [T, n]``, ``W [m, n]``, ``y [T, m]``) the
+TEE compares, row by row, ``y v`` with ``x (Wᵀ v)`` for a secret random ``v [m]``.  ``Wᵀ v`` is
+precomputed at start-up, so a check costs two matrix-vector products (``T·(m + n)``
+multiply-adds) where the worker spent ``T·m·n``; the TEE keeps no weight to do it.  For a matmul
+of two operands the TEE knows (the attention matmuls ``q kᵀ`` and ``p v``), ``(A B) r`` is compared
+with ``A (B r)`` for a fresh random ``r``.  An embedding lookup ``y = E[ids]`` is checked as
+``y v`` against ``(E v)[ids]``.
+
+Vectors: Rademacher (each entry ±1, equally likely).  A wrong result ``y + e`` shifts row
+``i``'s residual by exactly ``e_i · v``; for an error in one element that is ``±e_ij``, its full
+size, whatever ``v`` is.  So "one element off by 1 % of its row's norm" is caught with
+certainty (not just with probability 0.99) as long as the row's tolerance plus its honest
+residual stays below 1 % of the row norm: in float32 the tolerance is ~1e-4 of it (below).
+A Gaussian ``v`` would shift the residual by ``|e_ij · v_j|``, below 1 % of ``e_ij`` with
+probability 0.008: catching the same error with probability 0.99 would need a tolerance ~80 times
+tighter than the error.  For an error spread over several elements the shift ``e_i · v`` is zero
+with probability at most 1/2 (Freivalds); for a spread error much larger than the tolerance
+(noise, a stale or swapped result, zeros) it is about ``N(0, |e_i|²)``, and the check misses
+it with probability about ``0.8 · tolerance / |e_i|`` per row and check, ~1e-4 in float32,
+~3 % in bfloat16 for an error as large as the row — and every layer is checked anew.
+NaN and Inf always fail: they make the residual non-finite, and a check also fails when its
+tolerance is not finite (a huge finite element would otherwise overflow the row norm to Inf).
+
+Tolerance, per row ``i`` (``S`` the safety factor, 8).  Error bounds of the probabilistic kind
+(Higham and Mary): a dot product of ``k`` terms ``a`` computed in unit roundoff ``u`` errs by
+about ``u·√k·(|a|₂ + |Σa|)`` — rounding errors of random sign, added along partial sums that
+stay within those two sizes.  The four sources:
+
+* the worker's product, accumulated in float32 (``u_acc = 2^-24``; also for 16-bit inputs,
+  as every BLAS and cuBLAS by default does), summed over the row with random signs:
+  ``u_acc·√n·(ω·|x_i| + |y_i|)``, where ``ω`` is the largest column norm of ``W``
+  (precomputed) so that ``ω·|x_i|`` bounds ``(Σ_j |x_i ⊙ W_j|²)^½``;
+* rounding ``y`` to the dtype it crosses in and to the TEE's dtype: ``u_out·|y_i|`` with
+  ``u_out`` the coarser of the two (2^-24 float32, 2^-8 bfloat16);
+* the TEE's two dot products, in float32 (``u_t = 2^-24``; float64 for a float64 TEE):
+  ``u_t·(√m·(|y_i| + |y_i·v|) + √n·|x_i·Wᵀv| + (√n + 1)·|Wᵀv|_∞·|x_i|)``, the last ``+1``
+  for ``Wᵀv`` itself being rounded to float32 once.
+
+``tol_i = S · (sum of those)``, all ``|·|`` Euclidean.  The check uses exactly the tensors that
+crossed (the wire-rounded ``x``) and the result exactly as the TEE then uses it.  Measured on
+random-weight models, T = 1 … 1024 (``benchmarks/bench_verify.py``; the table is in
+docs/design.md): the tolerance is ~1e-4 of the row norm in float32 and 3.13 % in bfloat16,
+and honest residuals stay below 0.06 (float32) and 0.3 (bfloat16) of it — so a single
+element off by 1 % (float32) or 10 % (bfloat16) of its row norm is always caught, and
+bfloat16 needs no float32 results.  (The exception: a row whose norm nearly vanishes by
+cancellation — a single score ``q·k`` at T = 1 — where the float32 error of the product
+itself, which scales with ``|q|·|k|``, is a sizeable fraction of the row.)
+
+Cost.  ``x·(Wᵀv)`` and ``|x_i|`` are computed before the call, while ``x`` is in the cache
+(:meth:`Verifier.begin_linear`).  Only the ``|y_i|`` terms would need a second pass over ``y``;
+rows whose residual is within the rest of the tolerance (which is smaller) pass as they
+stand, and every honest float32 row does, so a float32 check reads ``y`` once.
+
+Assumptions: the worker holds its weights in the TEE's dtype or finer and multiplies in
+float32 or finer (TF32 matmuls would fail float32 checks: leave
+``torch.backends.cuda.matmul.allow_tf32`` off, its default).
+
+Pool and refresh policy.  Per offloaded weight (a fused group such as q|k|v counts as one: one
+vector over the concatenated outputs, so swapping gate and up is an error like any other) the
+TEE keeps ``pool_size`` (4) secret vectors with their ``Wᵀ v``, built at start-up by reading each
+weight once, one at a time (from the checkpoint or the seed), and picks one uniformly at random
+per check.  The randomness comes from ``secrets`` / a torch generator seeded from it, never from
+the model seed.  A pool is redrawn (its weights read again, one at a time):
+
+* after any failed check — every pool, at its next use, and the generator is reseeded: a
+  worker that learnt something from the failure learnt it about vectors no longer in use;
+* after ``refresh_checks`` (1024) uses, each pool's own limit drawn from
+  ``[refresh_checks/2, refresh_checks]`` so the redraws of different weights spread over
+  many prefills instead of landing in one.
+
+The worker sees nothing that depends on the vectors: a passing check is silent, and a failing
+one ends the prefill with :class:`~actors.errors.VerificationError` and retires every vector.
+Matmul checks draw a fresh ``r`` each time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import secrets
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn
+
+import torch
+
+from actors.errors import VerificationError
+from actors.llama import (
+    EMBED,
+    LM_HEAD,
+    CheckpointReader,
+    LlamaConfig,
+    linear_name,
+    load_weights,
+)
+
+__all__ = ["GROUPS", "U_ACC", "VerificationError", "Verifier", "unit_roundoff"]
+
+# The driver's linear ops and the projections each one fuses, in output order.
+GROUPS: dict[str, tuple[str, ...]] = {
+    "qkv": ("q", "k", "v"), "o_proj": ("o",), "gate_up": ("gate", "up"), "down": ("down",)}
+U_ACC = 2.0 ** -24  # the worker accumulates in float32 (or finer)
+_EAGER_NORMS = 2.0 ** -20  # rounding coarser than this (16-bit): row norms always needed
+
+
+def unit_roundoff(dtype: torch.dtype) -> float:
+    """Half the machine epsilon: 2^-24 for float32, 2^-8 for bfloat16, 2^-11 for float16."""
+    return torch.finfo(dtype).eps / 2
+
+
+@dataclass
+class _Pool:
+    """Secret vectors of one weight and what the TEE precomputed from them."""
+
+    v: torch.Tensor       # [P, m] ±1, in the check dtype
+    u: torch.Tensor       # [P, n] Wᵀv (linear) or [P, vocab] E v (lookup), in the check dtype
+    u_max: list[float]    # |u|_∞ per vector (linear)
+    omega: float          # largest column norm of W (linear)
+    limit: int            # uses before it is redrawn
+    uses: int = 0
+    stale: bool = False
+
+
+@dataclass
+class Begun:
+    """The half of a linear check done before the call: the vector drawn, ``x·(Wᵀv)``.
+
+    Done while ``x`` is still in the cache (``x`` cold costs ~0.15 ms more per check at
+    T=1024); the worker never sees which vector.
+    """
+
+    pool: _Pool
+    j: int
+    x: torch.Tensor      # as sent, in the check dtype
+    rhs: torch.Tensor    # x·(Wᵀv)
+    xnorm: torch.Tensor  # |x_i|
+    seconds: float
+
+
+class Verifier:
+    """The TEE's Freivalds checks: secret vector pools, tolerances, timings and counters.
+
+    ``ops`` names the pools to build: ``(op, layer)`` for the linear groups of :data:`GROUPS`,
+    ``("embedding", None)`` and ``("lm_head", None)``.  Weights come from ``checkpoint`` (a
+    folder or a :class:`~actors.llama.CheckpointReader`) or ``seed``, in ``dtype`` (the TEE's,
+    which is what the worker must compute in); ``wire_dtype`` is what results cross in.
+    Every ``check_*`` returns the seconds it took and raises :class:`VerificationError` on a
+    mismatch.
+    """
+
+    def __init__(self, config: LlamaConfig, ops: Sequence[tuple[str, int | None]],
+                 checkpoint: str | Path | CheckpointReader | None = None, seed: int = 0, *,
+                 dtype: torch.dtype = torch.float32, wire_dtype: torch.dtype | None = None,
+                 pool_size: int = 4, refresh_checks: int = 1024, safety: float = 8.0,
+                 threads: int | None = None) -> None:
+        if pool_size < 1 or refresh_checks < 1 or not safety > 0:
+            raise ValueError("pool_size and refresh_checks must be >= 1, safety > 0")
+        self.config = config
+        self._source = checkpoint
+        self._seed = seed
+        self.dtype = dtype
+        self.wire_dtype = wire_dtype or dtype
+        self.check_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        self.u_check = unit_roundoff(self.check_dtype)
+        self.u_out = max(unit_roundoff(self.wire_dtype), unit_roundoff(dtype))
+        self.pool_size = pool_size
+        self.refresh_checks = refresh_checks
+        self.safety = safety
+        # Checks are a few memory-bound passes.  On 2 cores one thread costs ~10 % more than
+        # two when the machine is idle, and saves a scheduler quantum (~8 ms) per parallel
+        # region whenever another process holds the other core: per-layer checks at T=1024
+        # measured 31 ms median with two threads under a neighbour's load, 3.8 ms with one.
+        n = torch.get_num_threads()
+        self.threads = threads or (1 if n <= 2 else n)
+        self._gen = torch.Generator()
+        self._reseed()
+        self.checks = 0
+        self.failures = 0
+        self.seconds = 0.0
+        self.refreshes = 0
+        self.refresh_s = 0.0
+        self.worst_ratio = 0.0  # largest |residual| / tolerance of any passed row it computed
+        self.full_margins = False  # compute every row's whole tolerance (to measure margins)
+        # Called as observer(what, residuals, tolerances, y row norms) for rows whose whole
+        # tolerance was computed (benchmarks/bench_verify.py).
+        self.observer: Any = None
+        self._cached: tuple[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+        t0 = time.perf_counter()
+        self._pools: dict[tuple[str, int | None], _Pool] = {}
+        for key in ops:
+            self._pools[key] = self._build(key)
+        self._cached = None
+        self.build_s = time.perf_counter() - t0
+
+    # -- pools ----------------------------------------------------------------------------------
+
+    def _reseed(self) -> None:
+        self._gen.manual_seed(secrets.randbits(63))
+
+    def _signs(self, *shape: int) -> torch.Tensor:
+        return torch.randint(0, 2, shape, generator=self._gen, dtype=torch.float64).mul_(2).sub_(1)
+
+    def _weight(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """One weight in float64, and its column norms.
+
+        The last one read is kept: a tied embedding serves two pools.
+        """
+        if name == LM_HEAD and self.config.tie_word_embeddings:
+            name = EMBED
+        if self._cached is not None and self._cached[0] == name:
+            return self._cached[1]
+        self._cached = None  # drop the last one before reading the next: one at a time
+        w = load_weights(self.config, [name], self._source, self._seed, self.dtype)[name]
+        colnorm = torch.linalg.vector_norm(w, dim=0, dtype=torch.float32)
+        pair = (w.to(torch.float64), colnorm)
+        self._cached = (name, pair)
+        return pair
+
+    def _build(self, key: tuple[str, int | None]) -> _Pool:
+        op, layer = key
+        p = self.pool_size
+        if op == "embedding":
+            e, _ = self._weight(EMBED)  # [vocab, hidden]
+            v = self._signs(p, e.shape[1])
+            u = v @ e.T  # [P, vocab]: E v for every token
+            u_max, omega = [float(a) for a in u.abs().amax(-1)], 0.0
+        else:
+            if op == "lm_head":
+                names = [LM_HEAD]
+            elif op in GROUPS and layer is not None:
+                names = [linear_name(layer, s) for s in GROUPS[op]]
+            else:
+                raise ValueError(f"no pool for {key!r}")
+            parts, u, colsq = [], None, None
+            for name in names:
+                w, colnorm = self._weight(name)  # [m_part, n]
+                vp = self._signs(p, w.shape[0])
+                up = vp @ w  # [P, n]: (Wᵀ v)ᵀ
+                cs = colnorm.square()
+                u = up if u is None else u + up
+                colsq = cs if colsq is None else colsq + cs
+                parts.append(vp)
+                del w
+            if op != "lm_head":
+                self._cached = None
+            v = torch.cat(parts, dim=1)
+            u_max = [float(a) for a in u.abs().amax(-1)]
+            omega = float(colsq.max().sqrt())
+        lo = max(1, self.refresh_checks // 2)
+        limit = lo + secrets.randbelow(self.refresh_checks - lo + 1)
+        return _Pool(v=v.to(self.check_dtype), u=u.to(self.check_dtype), u_max=u_max,
+                     omega=omega, limit=limit)
+
+    def _pool(self, key: tuple[str, int | None]) -> _Pool:
+        pool = self._pools.get(key)
+        if pool is None:
+            raise KeyError(f"no verification pool for {key!r}")
+        if pool.stale or pool.uses >= pool.limit:
+            t0 = time.perf_counter()
+            pool = self._pools[key] = self._build(key)
+            self._cached = None
+            self.refreshes += 1
+            self.refresh_s += time.perf_counter() - t0
+        pool.uses += 1
+        return pool
+
+    # -- judging -----------------------------------------------------------------------------------
+
+    def _coefficients(self, n: int, m: int, u_out: float) -> tuple[Any, float, float, float]:
+        """``((a1, a2), b, c, d)``, the safety factor included, of the per-row tolerance.
+
+        ``tol_i = (a1·ω + a2·|Wᵀv|_∞)·|x_i| + b·|y_i| + c·|y_i·v| + d·|x_i·Wᵀv|`` (the module
+        docstring derives each term) for ``n`` inputs and ``m`` outputs.
+        """
+        sn, sm, ut, s = math.sqrt(n), math.sqrt(m), self.u_check, self.safety
+        return ((U_ACC * sn * s, ut * (sn + 1) * s),  # worker's sum; TEE's x·u, u rounded
+                (U_ACC * sn + u_out + ut * sm) * s,   # worker's sum, rounding y, TEE's y·v
+                ut * sm * s,                          # TEE's y·v
+                ut * sn * s)                          # TEE's x·u
+
+    def _decide(self, what: str, lhs: torch.Tensor, rhs: torch.Tensor, cheap: torch.Tensor, *,
+                rest: Any, ynorm: Any) -> None:
+        """Accept, or raise :class:`VerificationError`.
+
+        ``lhs``, ``rhs``: ``y·v`` and ``x·(Wᵀv)`` per row, flat.  ``cheap``: the terms of the
+        tolerance at hand; ``rest(rows, ynorm(rows))``: the other terms for those rows, given
+        the norms of their ``y`` rows (norms cost a pass over ``x`` or ``y`` each).  Since
+        ``cheap`` is below the tolerance, a row whose finite residual is within it passes as
+        it stands: with a float32 wire every honest row of a linear check does (``cheap``
+        lacks only the ``|y_i|`` terms there), so such a check costs one pass over ``y`` and
+        one sync.  NaN or Inf in a residual, or a tolerance that is not finite (one huge
+        element overflows a norm), fail the check.
+        ``worst_ratio`` follows the rows whose whole tolerance was computed: every row with
+        ``full_margins`` (for measurements; the decisions are the same).
+        """
+        r = (lhs - rhs).abs_()
+        # ``cheap`` holds |y·v| (and, computed eagerly, |y_i|): it is not finite only when
+        # ``y`` holds NaN, Inf or overflowing values, which fail at once (an infinite
+        # residual would otherwise be "within" an infinite ``cheap``).
+        if not math.isfinite(cheap.sum().item()):
+            self._fail(what, "the result holds NaN or Inf (or overflows)")
+        if self.full_margins:
+            rows = torch.arange(r.numel())
+        else:  # the fast path: every residual within ``cheap`` (NaN never is)
+            rows = (~(r <= cheap)).nonzero().flatten()
+            if not rows.numel():
+                return
+        yn = ynorm(rows)
+        tol = cheap.index_select(0, rows).add_(rest(rows, yn))
+        res = r.index_select(0, rows)
+        if self.observer is not None:
+            self.observer(what, res, tol, yn)
+        if not (math.isfinite(float(tol.sum())) and bool(torch.isfinite(res).all())):
+            self._fail(what, "the result holds NaN or Inf (or overflows)")
+        if bool((res <= tol).all()):
+            if res.numel():
+                ratio = float((res / tol.clamp_min(torch.finfo(r.dtype).tiny)).max())
+                self.worst_ratio = max(self.worst_ratio, ratio)
+            return
+        i = int((res - tol).argmax())
+        self._fail(what, f"row {int(rows[i])}: residual {float(res[i]):.3g} > tolerance "
+                         f"{float(tol[i]):.3g}; {int((res > tol).sum())} of {r.numel()} "
+                         f"rows fail")
+
+    def _fail(self, what: str, detail: str) -> NoReturn:
+        """Count the failure, retire every vector, and raise."""
+        self.failures += 1
+        for pool in self._pools.values():
+            pool.stale = True
+        self._reseed()
+        raise VerificationError(f"the worker's {what} result failed its Freivalds check: "
+                                f"{detail}")
+
+    @staticmethod
+    def _row_norms(ts: Sequence[torch.Tensor], rows: torch.Tensor | None) -> torch.Tensor:
+        """Euclidean norms of the rows of ``[..., w_j]`` tensors side by side, flat."""
+        sq = None
+        for t in ts:
+            flat = t.reshape(-1, t.shape[-1])
+            part = torch.linalg.vector_norm(
+                flat if rows is None else flat.index_select(0, rows), dim=-1)
+            sq = part.square_() if sq is None else sq.add_(part.square_())
+        if sq is None:
+            raise ValueError("no tensor to take row norms of")
+        return sq.sqrt_()
+
+    def _as_check(self, t: torch.Tensor) -> torch.Tensor:
+        return t if t.dtype == self.check_dtype else t.to(self.check_dtype)
+
+    # -- the checks ------------------------------------------------------------------------------
+
+    def begin_linear(self, op: str, layer: int | None, x: torch.Tensor) -> Begun:
+        """The first half of :meth:`check_linear`, best done right before ``x`` is sent."""
+        t0 = time.perf_counter()
+        with self._threads():
+            pool = self._pool((op, layer))
+            j = secrets.randbelow(self.pool_size)
+            xc = self._as_check(x)
+            rhs = xc @ pool.u[j]
+            xnorm = torch.linalg.vector_norm(xc, dim=-1)
+        return Begun(pool, j, xc, rhs, xnorm, time.perf_counter() - t0)
+
+    def check_linear(self, op: str, layer: int | None, x: torch.Tensor,
+                     ys: Sequence[torch.Tensor], *, out_dtype: torch.dtype | None = None,
+                     begun: Begun | None = None) -> float:
+        """Check the results ``ys`` of one linear op against its input ``x [T, n]``.
+
+        ``ys`` are the outputs of ``op``'s fused projections, ``[T, m_j]`` each, as the TEE
+        will use them; ``x`` is the input exactly as it was sent.  ``out_dtype``: the dtype
+        the results crossed in (default: the wire dtype).  ``begun``: what
+        :meth:`begin_linear` returned for this ``x`` (else it is done here).  Returns the
+        seconds spent, ``begin_linear``'s included.
+        """
+        begun = begun or self.begin_linear(op, layer, x)
+        return self._run(self._check_linear, op, layer, begun, ys, out_dtype) + begun.seconds
+
+    def check_lookup(self, op: str, ids: torch.Tensor, y: torch.Tensor) -> float:
+        """Check embedding rows ``y [T, hidden]`` (as used) of token ``ids [T]``."""
+        return self._run(self._check_lookup, op, ids, y)
+
+    def check_matmul(self, what: str, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *,
+                     transpose_b: bool = False, out_dtype: torch.dtype | None = None) -> float:
+        """Check ``out`` (as used) against ``a @ b``, or ``a @ bᵀ`` with ``transpose_b``.
+
+        The operands exactly as they were sent: batched ``[..., R, n]``, ``[..., n, C]``.
+        """
+        return self._run(self._check_matmul, what, a, b, out, transpose_b=transpose_b,
+                         out_dtype=out_dtype)
+
+    def _run(self, check: Any, *args: Any, **kwargs: Any) -> float:
+        """Run one check on ``self.threads`` threads; count it and return its seconds."""
+        t0 = time.perf_counter()
+        try:
+            with self._threads():
+                check(*args, **kwargs)
+        finally:
+            dt = time.perf_counter() - t0
+            self.checks += 1
+            self.seconds += dt
+        return dt
+
+    @contextlib.contextmanager
+    def _threads(self) -> Iterator[None]:
+        threads = torch.get_num_threads()
+        if threads != self.threads:
+            torch.set_num_threads(self.threads)
+        try:
+            yield
+        finally:
+            if threads != self.threads:
+                torch.set_num_threads(threads)
+
+    def _check_linear(self, op: str, layer: int | None, begun: Begun,
+                      ys: Sequence[torch.Tensor], out_dtype: torch.dtype | None) -> None:
+        what = op if layer is None else f"{op} (layer {layer})"
+        pool, j, xc, rhs = begun.pool, begun.j, begun.x, begun.rhs
+        v = pool.v[j]
+        ycs = [self._as_check(y) for y in ys]
+        m = sum(y.shape[-1] for y in ycs)
+        if not ycs or m != v.numel():
+            raise VerificationError(f"{what}: results of total width {m}, expected {v.numel()}")
+        n = xc.shape[-1]
+        u_out = max(unit_roundoff(out_dtype or self.wire_dtype), unit_roundoff(ys[0].dtype),
+                    unit_roundoff(self.dtype))  # a worker computing in the TEE's dtype rounds
+        (a1, a2), b, c, d = self._coefficients(n, m, u_out)
+        a = a1 * pool.omega + a2 * pool.u_max[j]
+        # With a 16-bit wire the rounding of y dominates: its norms are needed for every row,
+        # and first, since a cold tensor streams into the cache faster through the norm than
+        # through the matrix-vector product, which then reads it hot (gate_up at T=1024, one
+        # thread: 0.50 + 0.22 ms instead of 0.88 + 0.29 ms).
+        eager = u_out > _EAGER_NORMS
+        ynorm = self._row_norms(ycs, None) if eager else None
+        lhs = None
+        off = 0
+        for yc in ycs:
+            w = yc.shape[-1]
+            part = yc @ v[off:off + w]
+            lhs = part if lhs is None else lhs.add_(part)
+            off += w
+        cheap = begun.xnorm * a
+        cheap.add_(lhs.abs(), alpha=c).add_(rhs.abs(), alpha=d)
+        if ynorm is not None:
+            cheap.add_(ynorm, alpha=b)
+
+        def norms(rows: torch.Tensor) -> torch.Tensor:
+            return ynorm.index_select(0, rows) if ynorm is not None \
+                else self._row_norms(ycs, rows)
+
+        def rest(rows: torch.Tensor, yn: torch.Tensor) -> torch.Tensor:
+            return torch.zeros_like(yn) if eager else yn * b
+
+        self._decide(what, lhs, rhs, cheap, rest=rest, ynorm=norms)
+
+    def _check_lookup(self, op: str, ids: torch.Tensor, y: torch.Tensor) -> None:
+        pool = self._pool((op, None))
+        j = secrets.randbelow(self.pool_size)
+        yc = self._as_check(y)
+        lhs = yc @ pool.v[j]
+        rhs = pool.u[j][ids]
+        # No product on the worker: the rounding of y, the TEE's y·v, and E v rounded once.
+        sm, ut, sf = math.sqrt(yc.shape[-1]), self.u_check, self.safety
+        cheap = lhs.abs().mul_(ut * sm * sf).add_(rhs.abs(), alpha=ut * sf)
+        b = (self.u_out + ut * sm) * sf
+        self._decide(op, lhs, rhs, cheap, rest=lambda rows, yn: yn * b,
+                     ynorm=lambda rows: self._row_norms([yc], rows))
+
+    def _check_matmul(self, what: str, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *,
+                      transpose_b: bool, out_dtype: torch.dtype | None) -> None:
+        ac, oc = self._as_check(a), self._as_check(out)
+        cols = oc.shape[-1]
+        r = self._signs(cols)
+        bd = b.to(torch.float64)
+        if transpose_b:  # b [..., C, n]: B r = bᵀ r, and W (out = a Wᵀ) is b itself
+            w = (r @ bd) if bd.dim() == 2 else torch.einsum("c,...cn->...n", r, bd)
+            colsq = bd.square().sum(-2)
+        else:  # b [..., n, C]: W = bᵀ
+            w = bd @ r
+            colsq = bd.square().sum(-1)
+        wc = w.to(self.check_dtype)
+        n = ac.shape[-1]
+        u_out = max(unit_roundoff(out_dtype or self.wire_dtype), unit_roundoff(out.dtype),
+                    unit_roundoff(self.dtype))
+        (a1, a2), b_y, c, d = self._coefficients(n, cols, u_out)
+        # Per batch: ω and |B r|_∞, spread over that batch's rows.
+        a_row = (colsq.amax(-1).sqrt().to(self.check_dtype) * a1
+                 + wc.abs().amax(-1) * a2)[..., None].expand(ac.shape[:-1]).reshape(-1)
+        eager = u_out > _EAGER_NORMS
+        ynorm = self._row_norms([oc], None) if eager else None
+        lhs = (oc @ r.to(self.check_dtype)).reshape(-1)
+        rhs = (ac @ wc[..., None]).reshape(-1)
+        cheap = lhs.abs().mul_(c).add_(rhs.abs(), alpha=d)
+        if ynorm is not None:
+            cheap.add_(ynorm, alpha=b_y)
+
+        def norms(rows: torch.Tensor) -> torch.Tensor:
+            return ynorm.index_select(0, rows) if ynorm is not None \
+                else self._row_norms([oc], rows)
+
+        def rest(rows: torch.Tensor, yn: torch.Tensor) -> torch.Tensor:
+            more = self._row_norms([ac], rows).mul_(a_row.index_select(0, rows))
+            return more if eager else more.add_(yn, alpha=b_y)
+
+        self._decide(what, lhs, rhs, cheap, rest=rest, ynorm=norms)
+
+    # -- reporting ----------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """Lifetime counters, as plain values."""
+        return {"checks": self.checks, "failures": self.failures, "seconds": self.seconds,
+                "refreshes": self.refreshes, "refresh_s": self.refresh_s,
+                "build_s": self.build_s, "worst_ratio": self.worst_ratio,
+                "pools": len(self._pools), "pool_size": self.pool_size,
+                "refresh_checks": self.refresh_checks, "safety": self.safety,
+                "u_out": self.u_out}
