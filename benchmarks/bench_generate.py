@@ -42,6 +42,8 @@ from typing import Any
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 from actors import GPUWorker, LlamaConfig, TEEDriver
 from actors.gguf_checkpoint import cache_root, cached_conversion, find_gguf
 from actors.gpu_worker import resolve_dtype

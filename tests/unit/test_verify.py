@@ -115,21 +115,22 @@ def test_pools_are_redrawn_from_time_to_time(config):
 
 # -- detection and false alarms -----------------------------------------------------------------
 
+@pytest.mark.parametrize("rows", [64, 1])  # 1: a decode step, checked with numpy first
 @pytest.mark.parametrize("wire", sorted(WIRES))
-def test_one_element_off_is_always_caught(wire):
+def test_one_element_off_is_always_caught(wire, rows):
     """1 % (float32) or 10 % (bfloat16) of the row's norm in one element: caught every time."""
     dtype, rel = WIRES[wire]
     worker = GPUWorker(MID, seed=0, device="cpu")
     ver = Verifier(MID, [("gate_up", 0)], seed=0, wire_dtype=dtype)
     gen = torch.Generator().manual_seed(3)
-    x = torch.randn(64, MID.hidden_size, generator=gen).to(dtype)
+    x = torch.randn(rows, MID.hidden_size, generator=gen).to(dtype)
     honest = [y.float() for y in worker.batch_linear(0, GROUPS["gate_up"], x)]
     ver.check_linear("gate_up", 0, x, honest)
     caught = 0
     trials = 100
     for _ in range(trials):
         part = int(torch.randint(2, (1,), generator=gen))
-        i = int(torch.randint(64, (1,), generator=gen))
+        i = int(torch.randint(rows, (1,), generator=gen))
         j = int(torch.randint(MID.intermediate_size, (1,), generator=gen))
         ys = [y.clone() for y in honest]
         # The part's own row norm: stricter than the fused row's.
@@ -145,6 +146,20 @@ def test_one_element_off_is_always_caught(wire):
     assert caught == trials
     assert ver.failures == trials
     ver.check_linear("gate_up", 0, x, honest)  # redrawn pools still pass the truth
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 3e38])
+def test_a_decode_sized_result_with_nan_inf_or_overflow_is_caught(bad):
+    worker = GPUWorker(MID, seed=0, device="cpu")
+    ver = Verifier(MID, [("down", 0)], seed=0)
+    x = torch.randn(1, MID.intermediate_size, generator=torch.Generator().manual_seed(4))
+    (y,) = worker.batch_linear(0, GROUPS["down"], x)
+    ver.check_linear("down", 0, x, [y])
+    y = y.clone()
+    y[0, 7] = bad
+    y[0, 9] = bad
+    with pytest.raises(VerificationError):
+        ver.check_linear("down", 0, x, [y])
 
 
 def test_no_false_alarm_over_1000_honest_ops():
