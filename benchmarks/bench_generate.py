@@ -48,23 +48,10 @@ from actors import GPUWorker, LlamaConfig, TEEDriver
 from actors.gguf_checkpoint import cache_root, cached_conversion, find_gguf
 from actors.gpu_worker import resolve_dtype
 from actors.llama import LM_HEAD, PRESETS, load_weights, weight_shapes
-from benchmarks.common import machine, write_json
+from benchmarks.common import interleaved, machine, write_json
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPT = "What is the capital of France? Answer in two sentences."
-
-
-def interleaved(methods: dict[str, Callable[[], Any]], repeats: int
-                ) -> dict[str, tuple[float, list[float], Any]]:
-    """Median seconds per method over ``repeats`` rounds, interleaved, after a warm-up."""
-    last = {name: fn() for name, fn in methods.items()}
-    times: dict[str, list[float]] = {name: [] for name in methods}
-    for _ in range(repeats):
-        for name, fn in methods.items():
-            t0 = time.perf_counter()
-            last[name] = fn()
-            times[name].append(time.perf_counter() - t0)
-    return {name: (statistics.median(ts), ts, last[name]) for name, ts in times.items()}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -62,22 +62,11 @@ from actors import GPUWorker, LlamaConfig, LlamaReference, TEEDriver
 from actors.gpu_worker import resolve_dtype
 from actors.llama import LM_HEAD, PRESETS, load_weights, weight_shapes
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.common import interleaved
+
 MIB = 1024 * 1024
 DEFAULT_TOKENS = {"tiny": 1024, "seed-bench": 1024, "llama-3.2-1b": 128}
-
-
-def interleaved(methods: dict[str, Callable[[], Any]], repeats: int
-                ) -> dict[str, tuple[float, list[float], Any]]:
-    """Median seconds per method over ``repeats`` rounds, methods interleaved within each
-    round (so a noisy neighbour slows them all alike), after one warm-up round."""
-    last = {name: fn() for name, fn in methods.items()}
-    times: dict[str, list[float]] = {name: [] for name in methods}
-    for _ in range(repeats):
-        for name, fn in methods.items():
-            t0 = time.perf_counter()
-            last[name] = fn()
-            times[name].append(time.perf_counter() - t0)
-    return {name: (statistics.median(ts), ts, last[name]) for name, ts in times.items()}
 
 
 def memcpy_seconds(nbytes: int, chunk: int) -> tuple[float, float]:

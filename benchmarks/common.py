@@ -124,3 +124,17 @@ def bench_pyzmq(sizes: dict[str, int], private_dir: str) -> dict[str, Any]:
         proc.join(10)
         sock.close(0)
     return out
+
+
+def interleaved(methods: dict[str, Callable[[], Any]], repeats: int
+                ) -> dict[str, tuple[float, list[float], Any]]:
+    """Median seconds per method over ``repeats`` rounds, methods interleaved within each
+    round (so a noisy neighbour slows them all alike), after one warm-up round."""
+    last = {name: fn() for name, fn in methods.items()}
+    times: dict[str, list[float]] = {name: [] for name in methods}
+    for _ in range(repeats):
+        for name, fn in methods.items():
+            t0 = time.perf_counter()
+            last[name] = fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: (statistics.median(ts), ts, last[name]) for name, ts in times.items()}

@@ -122,46 +122,38 @@ class ShmRing:
     def create(cls, shm_dir: str, name: str, capacity: int) -> ShmRing:
         """Create a ring segment with ``capacity`` data bytes (rounded up to 8)."""
         capacity = max(MIN_CAPACITY, align8(capacity))
-        seg = Segment.create(shm_dir, name, HEADER_SIZE + capacity)
-        try:
-            ctypes.c_uint64.from_address(seg.address + _OFF_CAP).value = capacity
-            ctypes.c_uint64.from_address(seg.address + _OFF_MAGIC).value = MAGIC
-            return cls(seg)
-        except BaseException:
-            seg.close()
-            seg.unlink()
-            raise
+        return cls._over(Segment.create(shm_dir, name, HEADER_SIZE + capacity), capacity)
 
     @classmethod
     def create_anonymous(cls, shm_dir: str, capacity: int) -> ShmRing:
         """Like :meth:`create`, on a nameless segment (see ``Segment.create_anonymous``)."""
         capacity = max(MIN_CAPACITY, align8(capacity))
-        seg = Segment.create_anonymous(shm_dir, HEADER_SIZE + capacity)
-        try:
-            ctypes.c_uint64.from_address(seg.address + _OFF_CAP).value = capacity
-            ctypes.c_uint64.from_address(seg.address + _OFF_MAGIC).value = MAGIC
-            return cls(seg)
-        except BaseException:
-            seg.close()
-            raise
+        return cls._over(Segment.create_anonymous(shm_dir, HEADER_SIZE + capacity), capacity)
 
     @classmethod
     def from_fd(cls, fd: int) -> ShmRing:
         """The ring behind a received descriptor (which this closes)."""
-        seg = Segment.from_fd(fd)
-        try:
-            return cls(seg)
-        except BaseException:
-            seg.close()
-            raise
+        return cls._over(Segment.from_fd(fd))
 
     @classmethod
     def attach(cls, path: str) -> ShmRing:
-        seg = Segment.attach(path)
+        return cls._over(Segment.attach(path))
+
+    @classmethod
+    def _over(cls, seg: Segment, capacity: int | None = None) -> ShmRing:
+        """The ring in ``seg``, whose header is written first when ``capacity`` is given.
+
+        A segment that is no ring is closed (and a new one unlinked) before the error rises.
+        """
         try:
+            if capacity is not None:
+                ctypes.c_uint64.from_address(seg.address + _OFF_CAP).value = capacity
+                ctypes.c_uint64.from_address(seg.address + _OFF_MAGIC).value = MAGIC
             return cls(seg)
         except BaseException:
             seg.close()
+            if capacity is not None:
+                seg.unlink()
             raise
 
     @staticmethod
