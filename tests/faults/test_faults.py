@@ -365,3 +365,27 @@ def test_spawn_call_kill_rounds():
 @pytest.mark.slow
 def test_spawn_call_kill_100_rounds():
     _churn(100)
+
+
+def test_a_dead_actors_files_go_while_the_session_runs():
+    """The supervisor removes what a dead actor made (its channels' ZeroMQ sockets and
+    doorbells) at once, not only at shutdown.  A killed actor never closes them itself."""
+    from tests.integration.actors_lib import Caller
+
+    with ActorSystem() as system:
+        target = system.spawn(Echo)
+        caller = system.spawn(Caller, target)
+        assert caller.relay(3) == 3  # the caller opened a channel: files named by its pid
+        pid = caller.pid
+        private = system.session.private_dir
+
+        def made_by_caller():
+            return [n for n in os.listdir(private) if f"_{pid}_" in n]
+
+        assert made_by_caller(), "the caller's channel left no file to watch"
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while made_by_caller() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not made_by_caller()
+        assert target.echo(4) == 4  # the target lives on
