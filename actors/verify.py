@@ -384,6 +384,11 @@ class Verifier:
         costs ~15 torch calls of ~5 us each at T=1, the same maths in numpy ~1 us a call.
         False means "not shown here": the torch path then decides, rejections included.
         """
+        with np.errstate(all="ignore"):  # NaN, Inf and overflow are judged below, not warned
+            return self._accept_small_quiet(begun, ycs, a=a, b=b, c=c, d=d, eager=eager)
+
+    def _accept_small_quiet(self, begun: Begun, ycs: Sequence[torch.Tensor], *, a: float,
+                            b: float, c: float, d: float, eager: bool) -> bool:
         v = begun.pool.v[begun.j].numpy()
         lhs = None
         ysq = None
