@@ -320,3 +320,24 @@ def test_trace_of_a_pipelined_prefill(config, tmp_path):
         assert any(op == w["name"] and s - 1.0 <= w["ts"] and w["ts"] + w["dur"] <= e + 1.0
                    for op, s, e in intervals), w
 
+
+def test_bench_llama_compares_and_traces(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")  # what the benchmark sets; undone after
+    pytest.importorskip("transformers")
+    from benchmarks import bench_llama
+
+    out, trace = tmp_path / "bench.json", tmp_path / "trace.json"
+    assert bench_llama.main(["--presets", "tiny", "--tokens", "96", "--repeats", "1",
+                             "--no-local", "--chunk-rows", "32", "--trace", str(trace),
+                             "--json", str(out)]) == 0
+    (res,) = json.loads(out.read_text())["results"]
+    rows = res["rows"]
+    assert {"reference", "hf-eager", "hf-sdpa", "split", "split-unchunked", "split-open",
+            "split-open-unchunked", "split-checked"} <= set(rows)
+    assert all(r["max_abs_err"] < TOL_F32 for r in rows.values())
+    assert rows["split"]["stats"]["chunks"] == 3
+    assert rows["split-unchunked"]["stats"]["chunks"] == 1
+    assert {"split/hf-eager", "split/hf-sdpa", "split/split-unchunked",
+            "split-open/split-open-unchunked"} <= set(res["paired"])
+    assert len({e["pid"] for e in json.loads(trace.read_text())["traceEvents"]}) == 2
+    assert "split/hf-sdpa" in capsys.readouterr().out
