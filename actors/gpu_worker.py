@@ -46,7 +46,7 @@ from actors.llama import (
 )
 from runtime import actor
 
-__all__ = ["FUSED_GROUPS", "GPUWorker", "resolve_dtype"]
+__all__ = ["FUSED_GROUPS", "GPUWorker", "resolve_dtype", "set_threads"]
 
 DECODE_ROWS = 4  # calls with at most this many input rows count as decode-sized
 TRACE_CAPACITY = 65536  # per-call spans kept for trace_events (oldest dropped first)
@@ -74,6 +74,15 @@ def resolve_dtype(dtype: torch.dtype | str | None, default: torch.dtype | None =
     return dtype
 
 
+def set_threads(threads: int | None) -> None:
+    """``torch.set_num_threads(threads)`` unless ``None``; refuses anything but an int >= 1."""
+    if threads is None:
+        return
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads must be None or an int >= 1, got {threads!r}")
+    torch.set_num_threads(threads)
+
+
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -98,13 +107,16 @@ class GPUWorker:
     safetensors, only the worker's tensors read) or are drawn from ``seed``.
     ``decode_threads``: intra-op threads of a CPU worker for calls of at most
     ``DECODE_ROWS`` rows (``None``: leave torch's setting alone); see :meth:`_threads_for`.
+    ``threads``: torch's intra-op threads for this process (``None``: its default); meant for
+    an actor, e.g. to give a CPU worker cores of its own beside the TEE's.
     """
 
     def __init__(self, config: LlamaConfig, checkpoint: str | Path | None = None, seed: int = 0,
                  device: str | torch.device = "auto", dtype: torch.dtype | str = torch.float32,
-                 *, decode_threads: int | None = 1) -> None:
+                 *, decode_threads: int | None = 1, threads: int | None = None) -> None:
         if not isinstance(config, LlamaConfig):
             raise TypeError(f"config must be a LlamaConfig, got {type(config).__name__}")
+        set_threads(threads)
         self.config = config
         self.device = _resolve_device(device)
         self.dtype = resolve_dtype(dtype)

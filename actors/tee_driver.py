@@ -85,7 +85,7 @@ import torch.nn.functional as F  # noqa: N812 - the usual alias
 
 from actors.errors import VerificationError, WorkerResultError
 from actors.generation import GenerationOptions, GenerationState, KVCache, one_thread
-from actors.gpu_worker import resolve_dtype
+from actors.gpu_worker import resolve_dtype, set_threads
 from actors.llama import (
     EMBED,
     FINAL_NORM,
@@ -314,6 +314,11 @@ class TEEDriver:
     embedding, and lm_head when untied, in float32), so token ids and logits never cross;
     ``False`` offloads them as before.  ``verify=True``: every offloaded result is checked
     (:mod:`actors.verify`) before use and a failure raises :class:`VerificationError`.
+
+    ``chunk_rows``: a prefill runs in chunks of this many rows, pipelined (see
+    :meth:`_layers`); ``None`` chooses (:meth:`chunk_plan`), ``0`` keeps it whole.
+    ``threads``: torch's intra-op threads for this process (``None``: its default), for an
+    actor.
     """
 
     def __init__(self, config: LlamaConfig, gpu: Any,  # noqa: PLR0917 - the documented API
@@ -321,7 +326,7 @@ class TEEDriver:
                  seed: int = 0, dtype: torch.dtype | str = torch.float32,
                  wire_dtype: torch.dtype | str | None = None, *, attention: str = "auto",
                  private_io: bool = True, verify: bool = True,
-                 chunk_rows: int | None = None) -> None:
+                 chunk_rows: int | None = None, threads: int | None = None) -> None:
         if not isinstance(config, LlamaConfig):
             raise TypeError(f"config must be a LlamaConfig, got {type(config).__name__}")
         if attention not in POLICIES:
@@ -333,6 +338,7 @@ class TEEDriver:
                                        or not isinstance(chunk_rows, int) or chunk_rows < 0):
             raise ValueError(f"chunk_rows must be None (automatic), 0 (no chunks) or an int "
                              f">= 1, got {chunk_rows!r}")
+        set_threads(threads)
         self.config = config
         self.gpu = gpu
         self.chunk_rows = chunk_rows

@@ -27,6 +27,10 @@ alike):
 * ``split-checked`` — ``private_io=False, verify=True`` (chunked): the checks alone
   (``--no-trust`` skips these three).
 
+``--split-threads N`` gives every split actor ``N`` intra-op threads (transformers and the
+reference keep this process's): with a CPU worker the automatic chunk rule pipelines only when
+the host has cores for both sides (see ``actors.tee_driver.auto_chunk_rows``).
+
 and for the actor split: the bytes that crossed (payload, both directions; messages per route),
 the transport time, and a memcpy floor for those bytes.  Floor model: every byte is copied
 once by the sender into the channel (ring slot or ZeroMQ frame) and once by the receiver out of
@@ -176,9 +180,10 @@ def bench_preset(name: str, tokens: int, args: argparse.Namespace) -> dict[str, 
             options = {} if args.threshold is None else {"shm_threshold": args.threshold}
             system = stack.enter_context(ActorSystem(**options))
             t0 = time.perf_counter()
-            gpu = system.spawn(GPUWorker, config, seed=args.seed, device=args.device)
+            threads = {"threads": args.split_threads}
+            gpu = system.spawn(GPUWorker, config, seed=args.seed, device=args.device, **threads)
             drv = system.spawn(TEEDriver, config, gpu, seed=args.seed, wire_dtype=wire,
-                               attention=args.attention, chunk_rows=args.chunk_rows)
+                               attention=args.attention, chunk_rows=args.chunk_rows, **threads)
             result["spawn_s"] = time.perf_counter() - t0
             methods["split"] = lambda: drv.prefill(ids)
             others: dict[str, Any] = {}
@@ -192,7 +197,7 @@ def bench_preset(name: str, tokens: int, args: argparse.Namespace) -> dict[str, 
             for method, options in variants:
                 if args.no_unchunked and options.get("chunk_rows") == 0:
                     continue
-                options = {"chunk_rows": args.chunk_rows, **options}
+                options = {"chunk_rows": args.chunk_rows, **threads, **options}
                 others[method] = system.spawn(TEEDriver, config, gpu, seed=args.seed,
                                               wire_dtype=wire, attention=args.attention,
                                               **options)
@@ -331,6 +336,9 @@ def main(argv: list[str] | None = None) -> int:
                         "chunk)")
     p.add_argument("--trace", type=Path, default=None,
                    help="write a Chrome trace (Perfetto) of one 'split' prefill here")
+    p.add_argument("--split-threads", type=int, default=None,
+                   help="intra-op threads of each split actor (default: torch's); e.g. 1 on "
+                        "2 cores gives the TEE and a CPU worker a core each")
     p.add_argument("--local-max-gb", type=float, default=2.0,
                    help="largest model (GB) the in-process split is run for")
     p.add_argument("--json", type=Path, default=None, help="write results here")

@@ -341,3 +341,24 @@ def test_bench_llama_compares_and_traces(tmp_path, capsys, monkeypatch):
             "split-open/split-open-unchunked"} <= set(res["paired"])
     assert len({e["pid"] for e in json.loads(trace.read_text())["traceEvents"]}) == 2
     assert "split/hf-sdpa" in capsys.readouterr().out
+
+
+def test_automatic_chunks_with_a_cpu_worker(config, reference):
+    """A CPU worker is pipelined only when it has cores of its own beside the TEE's."""
+    ids = ids_for(config, 600, seed=6)
+    with ActorSystem() as system:
+        shared = system.spawn(GPUWorker, config, seed=0, device="cpu")
+        drv = system.spawn(TEEDriver, config, shared, seed=0)
+        # torch's default: each side takes every core, so they take turns.
+        assert drv.chunk_plan(1024) == [(0, 1024)]
+        own = system.spawn(GPUWorker, config, seed=0, device="cpu", threads=1)
+        assert own.device_info()["threads"] == 1
+        split = system.spawn(TEEDriver, config, own, seed=0, threads=1)
+        if len(os.sched_getaffinity(0)) < 2:
+            pytest.skip("one core: the two sides could not overlap")
+        assert len(split.chunk_plan(1024)) == 4  # cores >= 1 + 1
+        got = split.prefill(ids)
+        assert split.last_prefill_stats()["chunks"] == 2
+    assert (got - reference.forward(ids)).abs().max().item() < TOL_F32
+    with pytest.raises(ValueError, match="threads"):
+        GPUWorker(config, seed=0, device="cpu", threads=0)
