@@ -70,9 +70,10 @@ class GenerationOptions:
 class KVCache:
     """Keys (after RoPE) and values of every layer, for up to ``capacity`` positions.
 
-    ``append(layer, k, v)`` writes ``k, v [kv, T, d]`` at the current length and returns views
-    of everything cached for that layer so far, the new rows included; :meth:`advance` moves
-    the length on once every layer has appended.
+    ``append(layer, k, v)`` writes ``k, v [kv, T, d]`` at the current length (plus an
+    ``offset``, for the chunks of a prefill) and returns views of everything cached for that
+    layer so far, the new rows included; :meth:`advance` moves the length on once every layer
+    has appended.
     """
 
     def __init__(self, layers: int, kv_heads: int, head_dim: int, capacity: int,
@@ -84,14 +85,20 @@ class KVCache:
         self.values = [torch.empty(kv_heads, capacity, head_dim, dtype=dtype)
                        for _ in range(layers)]
 
-    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor, offset: int = 0
                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write ``k, v [kv, T, d]`` at ``offset`` rows past the current length.
+
+        (``offset``: a chunk of a prefill.)  Returns views of the layer's cache up to and
+        including the new rows.
+        """
         t = k.shape[1]
-        end = self.length + t
+        lo = self.length + offset
+        end = lo + t
         if end > self.capacity:
-            raise ValueError(f"KV cache full: {self.length} + {t} > {self.capacity} positions")
-        self.keys[layer][:, self.length:end] = k
-        self.values[layer][:, self.length:end] = v
+            raise ValueError(f"KV cache full: {lo} + {t} > {self.capacity} positions")
+        self.keys[layer][:, lo:end] = k
+        self.values[layer][:, lo:end] = v
         return self.keys[layer][:, :end], self.values[layer][:, :end]
 
     def advance(self, t: int) -> None:

@@ -24,7 +24,9 @@ allocator, so they are reused), copies asynchronously, and synchronises once, on
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -44,9 +46,10 @@ from actors.llama import (
 )
 from runtime import actor
 
-__all__ = ["FUSED_GROUPS", "GPUWorker", "resolve_dtype"]
+__all__ = ["FUSED_GROUPS", "GPUWorker", "resolve_dtype", "set_threads"]
 
 DECODE_ROWS = 4  # calls with at most this many input rows count as decode-sized
+TRACE_CAPACITY = 65536  # per-call spans kept for trace_events (oldest dropped first)
 FUSED_GROUPS: tuple[tuple[str, ...], ...] = (("q", "k", "v"), ("o",), ("gate", "up"), ("down",))
 _GROUP_OF = {name: g for g in FUSED_GROUPS for name in g}
 
@@ -69,6 +72,15 @@ def resolve_dtype(dtype: torch.dtype | str | None, default: torch.dtype | None =
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating torch.dtype or its name, got {dtype!r}")
     return dtype
+
+
+def set_threads(threads: int | None) -> None:
+    """``torch.set_num_threads(threads)`` unless ``None``; refuses anything but an int >= 1."""
+    if threads is None:
+        return
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads must be None or an int >= 1, got {threads!r}")
+    torch.set_num_threads(threads)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -95,18 +107,25 @@ class GPUWorker:
     safetensors, only the worker's tensors read) or are drawn from ``seed``.
     ``decode_threads``: intra-op threads of a CPU worker for calls of at most
     ``DECODE_ROWS`` rows (``None``: leave torch's setting alone); see :meth:`_threads_for`.
+    ``threads``: torch's intra-op threads for this process (``None``: its default); meant for
+    an actor, e.g. to give a CPU worker cores of its own beside the TEE's.
     """
 
     def __init__(self, config: LlamaConfig, checkpoint: str | Path | None = None, seed: int = 0,
                  device: str | torch.device = "auto", dtype: torch.dtype | str = torch.float32,
-                 *, decode_threads: int | None = 1) -> None:
+                 *, decode_threads: int | None = 1, threads: int | None = None) -> None:
         if not isinstance(config, LlamaConfig):
             raise TypeError(f"config must be a LlamaConfig, got {type(config).__name__}")
+        set_threads(threads)
         self.config = config
         self.device = _resolve_device(device)
         self.dtype = resolve_dtype(dtype)
         self._cuda = self.device.type == "cuda"
         self._stats: dict[str, list[float]] = {}
+        # (tag, start ns, end ns, rows) of each call, CLOCK_MONOTONIC (shared by the processes
+        # of one host): ~0.3 us a call, bounded.
+        self._spans: collections.deque[tuple[str, int, int, int]] = collections.deque(
+            maxlen=TRACE_CAPACITY)
         if decode_threads is not None and (isinstance(decode_threads, bool)
                                            or not isinstance(decode_threads, int)
                                            or decode_threads < 1):
@@ -190,10 +209,26 @@ class GPUWorker:
             return contextlib.nullcontext()
         return _Threads(self._decode_threads)
 
-    def _account(self, key: str, t0: float) -> None:
+    def trace_events(self, reset: bool = True, since_ns: int = 0) -> dict[str, Any]:
+        """The calls this worker served, as spans on the host's monotonic clock.
+
+        ``{"pid", "clock": "CLOCK_MONOTONIC", "events": [[tag, start_ns, end_ns, rows], ...]}``
+        for the calls that ended at or after ``since_ns`` (``time.monotonic_ns()`` of any
+        process on this host), oldest first; the last :data:`TRACE_CAPACITY` calls are kept.
+        A span is a method's own work, as :meth:`compute_stats` counts it.  ``reset``
+        forgets every span after reading.
+        """
+        events = [list(e) for e in self._spans if e[2] >= since_ns]
+        if reset:
+            self._spans.clear()
+        return {"pid": os.getpid(), "clock": "CLOCK_MONOTONIC", "events": events}
+
+    def _account(self, key: str, t0: int, rows: int) -> None:
+        t1 = time.monotonic_ns()
         entry = self._stats.setdefault(key, [0, 0.0])
         entry[0] += 1
-        entry[1] += time.perf_counter() - t0
+        entry[1] += (t1 - t0) * 1e-9
+        self._spans.append((key, t0, t1, rows))
 
     # -- staging --------------------------------------------------------------------------------
 
@@ -223,7 +258,7 @@ class GPUWorker:
     def embedding(self, ids: torch.Tensor, dtype: torch.dtype | str | None = None,
                   tag: str | None = None) -> torch.Tensor:
         """Embedding rows of token ``ids [T]``: ``[T, hidden]`` in ``dtype`` (default: mine)."""
-        t0 = time.perf_counter()
+        t0 = time.monotonic_ns()
         out_dtype = resolve_dtype(dtype, self.dtype)
         if not isinstance(ids, torch.Tensor) or ids.dtype.is_floating_point or ids.dim() != 1:
             raise TypeError("ids must be a 1-D integer tensor")
@@ -232,7 +267,7 @@ class GPUWorker:
         with self._threads_for(ids.numel()):
             y = F.embedding(self._in(ids.long(), "ids"), self._embed)
         (out,) = self._out([y], out_dtype)
-        self._account(tag or "embedding", t0)
+        self._account(tag or "embedding", t0, ids.numel())
         return out
 
     @torch.no_grad()
@@ -243,7 +278,7 @@ class GPUWorker:
         ``x`` is ``[..., in]``; one result per name, in ``x``'s dtype.  Names of one group
         must share their input width (``o`` and ``down`` take other inputs than q/k/v).
         """
-        t0 = time.perf_counter()
+        t0 = time.monotonic_ns()
         if isinstance(layer, bool) or not isinstance(layer, int) \
                 or not 0 <= layer < self.config.num_hidden_layers:
             raise ValueError(f"layer must be an int in [0, {self.config.num_hidden_layers}), "
@@ -278,7 +313,8 @@ class GPUWorker:
                     results.extend(p.contiguous() if self._cuda else p
                                    for p in y.split(sizes, dim=-1))
         out = tuple(self._out(results, x.dtype))
-        self._account(tag or "batch_linear:" + "+".join(names), t0)
+        self._account(tag or "batch_linear:" + "+".join(names), t0,
+                      x.numel() // max(1, x.shape[-1]))
         return out
 
     @torch.no_grad()
@@ -289,7 +325,7 @@ class GPUWorker:
         E.g. the attention scores ``q @ kᵀ`` and the context ``p @ v``; the result is in
         ``a``'s dtype.
         """
-        t0 = time.perf_counter()
+        t0 = time.monotonic_ns()
         for what, t in (("a", a), ("b", b)):
             if not isinstance(t, torch.Tensor) or not t.dtype.is_floating_point or t.dim() < 2:
                 raise TypeError(f"{what} must be a floating tensor with at least 2 dims")
@@ -302,7 +338,7 @@ class GPUWorker:
             bd = self._in(b, "b").to(self.dtype)
             y = torch.matmul(ad, bd.transpose(-1, -2) if transpose_b else bd)
         (out,) = self._out([y], a.dtype)
-        self._account(tag or "matmul", t0)
+        self._account(tag or "matmul", t0, a.numel() // max(1, a.shape[-1]))
         return out
 
     @torch.no_grad()
@@ -312,7 +348,7 @@ class GPUWorker:
 
         ``dtype`` defaults to ``x``'s; the TEE driver asks for float32 whatever the wire dtype.
         """
-        t0 = time.perf_counter()
+        t0 = time.monotonic_ns()
         out_dtype = resolve_dtype(dtype, x.dtype if isinstance(x, torch.Tensor) else None)
         if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point \
                 or x.dim() < 1 or x.shape[-1] != self.config.hidden_size:
@@ -321,7 +357,7 @@ class GPUWorker:
         with self._threads_for(x.numel() // max(1, x.shape[-1])):
             y = F.linear(self._in(x, "x").to(self.dtype), self._lm_head)
         (out,) = self._out([y], out_dtype)
-        self._account(tag or "lm_head", t0)
+        self._account(tag or "lm_head", t0, x.numel() // max(1, x.shape[-1]))
         return out
 
 

@@ -56,12 +56,24 @@ Results from the worker are untrusted: every one is checked for type, shape and 
 use (:class:`WorkerResultError`) and, with ``verify=True`` (the default), for its value by a
 Freivalds check (:mod:`actors.verify`; :class:`VerificationError`) before anything is
 computed from it.
+
+Overlap (``chunk_rows=``).  A prefill can run in row chunks as a wavefront (:meth:`_layers`):
+each chunk goes through the layers as a coroutine that stops at every offload, the offloads
+in flight form one FIFO (one call per chunk, sent with ``.remote``), and chunk ``j+1`` runs
+one offload behind chunk ``j`` — so while the TEE computes one chunk, the worker computes
+the others' offloads and the channel carries them.  :meth:`chunk_plan` and
+:func:`auto_chunk_rows` say how a prompt is cut; ``prefill(trace=True)`` records a timeline
+of both processes (:meth:`last_trace`, :mod:`actors.trace`).  Accounting is per call: exact
+with several calls in flight.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import itertools
 import logging
+import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -73,7 +85,7 @@ import torch.nn.functional as F  # noqa: N812 - the usual alias
 
 from actors.errors import VerificationError, WorkerResultError
 from actors.generation import GenerationOptions, GenerationState, KVCache, one_thread
-from actors.gpu_worker import resolve_dtype
+from actors.gpu_worker import resolve_dtype, set_threads
 from actors.llama import (
     EMBED,
     FINAL_NORM,
@@ -90,10 +102,12 @@ from actors.llama import (
     silu_mul,
     tee_weight_names,
 )
-from actors.verify import GROUPS, Verifier
+from actors.trace import TID_CALLS, TID_TEE, Recorder, chrome_trace
+from actors.verify import GROUPS, Begun, Verifier
 from runtime import actor
 
-__all__ = ["OPS", "POLICIES", "TEEDriver", "VerificationError", "WorkerResultError"]
+__all__ = ["OPS", "POLICIES", "TEEDriver", "VerificationError", "WorkerResultError",
+           "auto_chunk_rows"]
 
 logger = logging.getLogger(__name__)
 
@@ -119,13 +133,15 @@ class _Row:
     worker_s: float = 0.0
     checks: int = 0
     verify_s: float = 0.0  # part of tee_s
+    in_flight_s: float = 0.0  # per call, send to reply; calls of one op may overlap
 
     def as_dict(self) -> dict[str, Any]:
         return {"where": self.where, "calls": self.calls, "bytes_out": self.bytes_out,
                 "bytes_in": self.bytes_in,
                 "routes": {k: dict(v) for k, v in self.routes.items()},
                 "wait_s": self.wait_s, "tee_s": self.tee_s, "worker_s": self.worker_s,
-                "checks": self.checks, "verify_s": self.verify_s}
+                "checks": self.checks, "verify_s": self.verify_s,
+                "in_flight_s": self.in_flight_s}
 
 
 def _nbytes(obj: Any) -> int:
@@ -167,6 +183,98 @@ class _TeeTimer:
         self.row.tee_s += time.perf_counter() - self.t0
 
 
+class _TracedTeeTimer:
+    """``_TeeTimer`` that also records the block as a span of a traced prefill."""
+
+    __slots__ = ("args", "name", "rec", "row", "t0")
+
+    def __init__(self, row: _Row, rec: Recorder, name: str, args: dict[str, Any]) -> None:
+        self.row, self.rec, self.name, self.args = row, rec, name, args
+        self.t0 = 0
+
+    def __enter__(self) -> None:
+        self.t0 = time.monotonic_ns()
+
+    def __exit__(self, *exc: object) -> None:
+        t1 = time.monotonic_ns()
+        self.row.tee_s += (t1 - self.t0) * 1e-9
+        self.rec.span(TID_TEE, self.name, self.t0, t1, self.args)
+
+
+class _Call:
+    """One offloaded call: sent, and either answered (``value``) or in flight (``fut``)."""
+
+    __slots__ = ("arrived", "fut", "op", "sent", "value", "where")
+
+    def __init__(self, op: str, sent: int, where: dict[str, Any]) -> None:
+        self.op, self.sent, self.where = op, sent, where
+        self.fut: Any = None
+        self.value: Any = None
+        self.arrived = 0  # monotonic ns when the reply was read (a future's done-callback)
+
+    def arrive(self, _fut: Any) -> None:
+        self.arrived = time.monotonic_ns()
+
+
+@dataclass
+class _Linear:
+    """A linear offload between its send and its check: what the check needs."""
+
+    op: str
+    layer: int
+    xw: torch.Tensor
+    widths: tuple[int, ...]
+    begun: Begun | None
+    call: _Call
+
+
+def _union_s(intervals: list[tuple[int, int]]) -> float:
+    """Seconds covered by the union of ``(start_ns, end_ns)`` intervals."""
+    total, cur_s, cur_e = 0, None, None
+    for s, e in sorted(intervals):
+        if cur_e is None or s > cur_e:
+            if cur_e is not None:
+                total += cur_e - cur_s
+            cur_s, cur_e = s, e
+        else:
+            cur_e = max(cur_e, e)
+    if cur_e is not None:
+        total += cur_e - cur_s
+    return total * 1e-9
+
+
+# Automatic chunking of a prefill (``chunk_rows=None``): see auto_chunk_rows.
+AUTO_MIN_ROWS = 256
+AUTO_MAX_CHUNKS = 4
+_DRIVER_IDS = itertools.count()
+
+
+def auto_chunk_rows(tokens: int, *, worker_device: str, cores: int, tee_threads: int,
+                    worker_threads: int) -> int:
+    """Rows per chunk of an automatically pipelined prefill (``tokens``: one chunk).
+
+    ``min(AUTO_MAX_CHUNKS, tokens // AUTO_MIN_ROWS)`` chunks of equal size, at least one:
+    a prompt shorter than ``2 · AUTO_MIN_ROWS`` is never cut, since each chunk adds one call
+    per offloaded op and a call costs 50-250 us of fixed overhead, more than the overlap of
+    a short chunk can hide.  A CPU worker overlaps only if the host has cores for both
+    sides (``cores >= tee_threads + worker_threads``): otherwise the two processes take
+    turns on the same cores anyway, and overlapping them only adds calls and contention
+    (docs/design.md has the measurements).
+    """
+    if worker_device == "cpu" and cores < tee_threads + worker_threads:
+        return tokens
+    n = max(1, min(AUTO_MAX_CHUNKS, tokens // AUTO_MIN_ROWS))
+    return -(-tokens // n)
+
+
+def _cores() -> int:
+    """CPUs this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 @contextlib.contextmanager
 def _progress_logging(enabled: bool) -> Iterator[None]:
     """Let INFO progress through for one prefill.
@@ -206,13 +314,19 @@ class TEEDriver:
     embedding, and lm_head when untied, in float32), so token ids and logits never cross;
     ``False`` offloads them as before.  ``verify=True``: every offloaded result is checked
     (:mod:`actors.verify`) before use and a failure raises :class:`VerificationError`.
+
+    ``chunk_rows``: a prefill runs in chunks of this many rows, pipelined (see
+    :meth:`_layers`); ``None`` chooses (:meth:`chunk_plan`), ``0`` keeps it whole.
+    ``threads``: torch's intra-op threads for this process (``None``: its default), for an
+    actor.
     """
 
     def __init__(self, config: LlamaConfig, gpu: Any,  # noqa: PLR0917 - the documented API
                  checkpoint: str | Path | None = None,
                  seed: int = 0, dtype: torch.dtype | str = torch.float32,
                  wire_dtype: torch.dtype | str | None = None, *, attention: str = "auto",
-                 private_io: bool = True, verify: bool = True) -> None:
+                 private_io: bool = True, verify: bool = True,
+                 chunk_rows: int | None = None, threads: int | None = None) -> None:
         if not isinstance(config, LlamaConfig):
             raise TypeError(f"config must be a LlamaConfig, got {type(config).__name__}")
         if attention not in POLICIES:
@@ -220,8 +334,30 @@ class TEEDriver:
         for name, flag in (("private_io", private_io), ("verify", verify)):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be a bool, got {flag!r}")
+        if chunk_rows is not None and (isinstance(chunk_rows, bool)
+                                       or not isinstance(chunk_rows, int) or chunk_rows < 0):
+            raise ValueError(f"chunk_rows must be None (automatic), 0 (no chunks) or an int "
+                             f">= 1, got {chunk_rows!r}")
+        set_threads(threads)
         self.config = config
         self.gpu = gpu
+        self.chunk_rows = chunk_rows
+        # A worker actor's handle answers ``.remote``: offloads can then be in flight while
+        # the TEE computes.  A plain in-process worker runs every call synchronously.
+        self._async = callable(getattr(getattr(gpu, "batch_linear", None), "remote", None))
+        self._pipelined = False  # the current layer loop issues futures
+        # Tags name this driver too, so the worker's per-tag counters stay exact when several
+        # drivers share it.
+        self._id = f"{os.getpid()}.{next(_DRIVER_IDS)}"
+        self._tags = {op: f"{op}@{self._id}" for op in WORKER_OPS}
+        self._flights: list[tuple[int, int]] = []  # in-flight intervals of pipelined calls
+        self._rec: Recorder | None = None
+        self._at: dict[str, Any] = {}  # layer and chunk of the current step, for the trace
+        self._last_trace: dict[str, Any] | None = None
+        c = config
+        self._widths = {"qkv": (c.q_size, c.kv_size, c.kv_size), "o_proj": (c.hidden_size,),
+                        "gate_up": (c.intermediate_size, c.intermediate_size),
+                        "down": (c.hidden_size,)}
         self.dtype = resolve_dtype(dtype)
         self.wire_dtype = resolve_dtype(wire_dtype, self.dtype)
         self.private_io = private_io
@@ -313,31 +449,81 @@ class TEEDriver:
 
     # -- accounting ------------------------------------------------------------------------
 
-    def _tee(self, op: str) -> _TeeTimer:
+    def _tee(self, op: str) -> _TeeTimer | _TracedTeeTimer:
         """``with self._tee(op):`` adds the block's time to ``op``'s TEE seconds."""
+        if self._rec is not None:
+            return _TracedTeeTimer(self._rows[op], self._rec, op, self._at)
         return _TeeTimer(self._rows[op])
 
     def _routes(self) -> tuple[int, int, int, int] | None:
         stats = getattr(self.gpu, "stats", None)
         return _route_counts(stats()) if callable(stats) else None
 
-    def _offload(self, op: str, method: str, *args: Any, **kwargs: Any) -> Any:
+    def _issue(self, op: str, method: str, *args: Any, **kwargs: Any) -> _Call:
+        """Send one offload: a future when the layer loop pipelines, else a blocking call.
+
+        Accounting is per call, so it stays exact with several calls in flight: bytes from
+        the tensors sent and received, routes and encoded sizes from the call's own record
+        (``CallFuture.wire``).  A blocking call is the only one in flight, so the channel's
+        counters before and after it are its own.
+        """
         row = self._rows[op]
-        before = self._routes()
-        t0 = time.perf_counter()
-        out = getattr(self.gpu, method)(*args, tag=op, **kwargs)
-        row.wait_s += time.perf_counter() - t0
-        after = self._routes()
         row.calls += 1
         row.bytes_out += _nbytes(args)
-        row.bytes_in += _nbytes(out)
-        if before is not None and after is not None:
-            d = [b - a for a, b in zip(before, after, strict=True)]
-            row.routes["shm"]["messages"] += d[0]
-            row.routes["shm"]["bytes"] += d[1]
-            row.routes["zmq"]["messages"] += d[2]
-            row.routes["zmq"]["bytes"] += d[3]
-        return out
+        fn = getattr(self.gpu, method)
+        call = _Call(op, time.monotonic_ns(), self._at)
+        if self._pipelined:
+            call.fut = fn.remote(*args, tag=self._tags[op], **kwargs)
+            call.fut.add_done_callback(call.arrive)
+            t1 = time.monotonic_ns()
+            name = "send "
+        else:
+            before = self._routes()
+            call.value = fn(*args, tag=self._tags[op], **kwargs)
+            t1 = call.arrived = time.monotonic_ns()
+            after = self._routes()
+            row.in_flight_s += (t1 - call.sent) * 1e-9
+            row.bytes_in += _nbytes(call.value)
+            if before is not None and after is not None:
+                d = [b - a for a, b in zip(before, after, strict=True)]
+                for i, route in enumerate(("shm", "zmq")):
+                    row.routes[route]["messages"] += d[2 * i]
+                    row.routes[route]["bytes"] += d[2 * i + 1]
+            name = "call "
+        row.wait_s += (t1 - call.sent) * 1e-9
+        if self._rec is not None:
+            self._rec.span(TID_CALLS, name + op, call.sent, t1, self._at)
+            if call.fut is None:
+                self._rec.flight(op, call.sent, t1, self._at)
+        return call
+
+    def _collect(self, call: _Call) -> Any:
+        """The result of an offload; waits for it if it is still in flight."""
+        fut = call.fut
+        if fut is None:
+            return call.value
+        row = self._rows[call.op]
+        t0 = time.monotonic_ns()
+        value = fut.result()
+        t1 = time.monotonic_ns()
+        row.wait_s += (t1 - t0) * 1e-9
+        arrived = call.arrived or t1
+        row.in_flight_s += (arrived - call.sent) * 1e-9
+        row.bytes_in += _nbytes(value)
+        self._flights.append((call.sent, arrived))
+        wire = getattr(fut, "wire", None)
+        if wire is not None and len(wire) == 4:
+            for route, nbytes in (wire[:2], wire[2:]):
+                r = row.routes.setdefault(route, {"messages": 0, "bytes": 0})
+                r["messages"] += 1
+                r["bytes"] += nbytes
+        if self._rec is not None:
+            self._rec.span(TID_CALLS, "wait " + call.op, t0, t1, call.where)
+            self._rec.flight(call.op, call.sent, arrived, call.where)
+        return value
+
+    def _offload(self, op: str, method: str, *args: Any, **kwargs: Any) -> Any:
+        return self._collect(self._issue(op, method, *args, **kwargs))
 
     def _worker_compute(self) -> dict[str, Any] | None:
         fn = getattr(self.gpu, "compute_stats", None)
@@ -378,21 +564,28 @@ class TEEDriver:
 
     # -- the pieces of a layer ---------------------------------------------------------------
 
-    def _linear(self, op: str, layer: int, names: tuple[str, ...], x: torch.Tensor,
-                widths: Sequence[int]) -> list[torch.Tensor]:
+    def _linear_begin(self, op: str, layer: int, x: torch.Tensor) -> _Linear:
+        """Send ``x`` for ``op``'s fused projections of ``layer``; :meth:`_linear_end` checks.
+
+        With ``verify``, the check's first half (``x·Wᵀv``) runs here, while ``x`` is hot.
+        """
+        names = GROUPS[op]
         begun = None
         with self._tee(op):
             xw = x.to(self.wire_dtype).contiguous()
             if self._verifier is not None:
-                if names != GROUPS.get(op):
-                    raise ValueError(f"cannot verify {op} as projections {names}")
                 begun = self._verifier.begin_linear(op, layer, xw)  # x·Wᵀv while x is hot
-        out = self._offload(op, "batch_linear", layer, names, xw)
-        with self._tee(op):
-            t = x.shape[0]
-            ys = self._expect_many(out, [(t, w) for w in widths], op)
+        call = self._issue(op, "batch_linear", layer, names, xw)
+        return _Linear(op, layer, xw, self._widths[op], begun, call)
+
+    def _linear_end(self, p: _Linear) -> list[torch.Tensor]:
+        """The results of :meth:`_linear_begin`'s call, validated and verified, in the TEE dtype."""
+        out = self._collect(p.call)
+        with self._tee(p.op):
+            t = p.xw.shape[0]
+            ys = self._expect_many(out, [(t, w) for w in p.widths], p.op)
             ys = [y.to(self.dtype) for y in ys]
-            self._verify(op, "linear", op, layer, xw, ys, begun=begun)
+            self._verify(p.op, "linear", p.op, p.layer, p.xw, ys, begun=p.begun)
             return ys
 
     def _matmul(self, op: str, a: torch.Tensor, b: torch.Tensor, transpose_b: bool
@@ -412,7 +605,10 @@ class TEEDriver:
             return y
 
     def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Grouped causal attention: q ``[heads, T, d]``, k/v ``[kv, T, d]`` → ``[T, heads·d]``.
+        """Grouped causal attention: q ``[heads, T, d]``, k/v ``[kv, Tk, d]`` → ``[T, heads·d]``.
+
+        ``Tk >= T``: the queries are the last ``T`` positions (a chunk of a prefill sees
+        the keys of every chunk up to its own).
 
         ``"tee"``: one fused kernel (``scaled_dot_product_attention``, grouped KV, never
         expanded), no score matrix materialised: 9.7 ms against 46 ms per seed-bench layer
@@ -431,11 +627,12 @@ class TEEDriver:
                 ctx = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask,
                                                      is_causal=mask is None, enable_gqa=g > 1)[0]
                 return ctx.transpose(0, 1).reshape(t, nh * d)
+        tk = k.shape[-2]  # a chunk's queries see the keys of every chunk up to theirs
         qg = q.reshape(nkv, g * t, d)  # query heads of one kv head stacked along the rows
-        scores = self._matmul("scores", qg, k, transpose_b=True)  # [kv, g*T, T]
+        scores = self._matmul("scores", qg, k, transpose_b=True)  # [kv, g*T, Tk]
         with self._tee("softmax"):
             self._rows["softmax"].calls += 1
-            probs = causal_softmax(scores.view(nkv, g, t, t), d ** -0.5).view(nkv, g * t, t)
+            probs = causal_softmax(scores.view(nkv, g, t, tk), d ** -0.5).view(nkv, g * t, tk)
         ctx = self._matmul("context", probs, v, transpose_b=False)  # [kv, g*T, d]
         return ctx.view(nh, t, d).transpose(0, 1).reshape(t, nh * d)
 
@@ -454,14 +651,40 @@ class TEEDriver:
 
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor | Sequence[int], all_logits: bool = False,
-                log_every: int = 0) -> torch.Tensor:
+                log_every: int = 0, *, trace: bool = False) -> torch.Tensor:
         """Float32 logits of the last position ``[vocab]`` (``[T, vocab]`` with ``all_logits``).
 
-        ``log_every=n`` logs progress at INFO every ``n`` layers.
+        ``log_every=n`` logs progress at INFO every ``n`` layers.  ``trace=True`` records a
+        timeline of this prefill, both processes, for :meth:`last_trace`.
         """
         ids = self._check_ids(input_ids)
         with _progress_logging(log_every > 0):
-            return self._prefill(ids, all_logits, log_every)
+            return self._prefill(ids, all_logits, log_every, trace=trace)
+
+    def last_trace(self) -> dict[str, Any]:
+        """The Chrome trace (``{"traceEvents": [...]}``) of the last ``prefill(trace=True)``.
+
+        Write it with ``json.dump`` and open it in Perfetto (ui.perfetto.dev) or
+        ``chrome://tracing``; :mod:`actors.trace` describes the tracks.
+        """
+        if self._last_trace is None:
+            raise RuntimeError("no traced prefill has run yet: call prefill(..., trace=True)")
+        return self._last_trace
+
+    def _build_trace(self, rec: Recorder, end_ns: int) -> dict[str, Any]:
+        fn = getattr(self.gpu, "trace_events", None)
+        worker = None
+        if callable(fn):
+            got = fn(reset=False, since_ns=rec.start_ns)
+            worker = got if isinstance(got, dict) else None
+        st = self._last or {}
+        meta = {"tokens": st.get("tokens"), "chunks": st.get("chunks"),
+                "chunk_rows": st.get("chunk_rows"), "policy": self.attention,
+                "private_io": self.private_io, "verify": self._verifier is not None,
+                "wire_dtype": str(self.wire_dtype).removeprefix("torch."),
+                "total_ms": round(1e3 * st.get("total_s", 0.0), 3),
+                "worker_device": str(self.worker_device.get("device", ""))}
+        return chrome_trace(rec, end_ns, worker, self._id, meta)
 
     def _check_ids(self, input_ids: torch.Tensor | Sequence[int]) -> torch.Tensor:
         ids = torch.as_tensor(input_ids, dtype=torch.long)
@@ -642,19 +865,51 @@ class TEEDriver:
 
         return {op: _Row(where=where(op)) for op in OPS}
 
+    def chunk_plan(self, tokens: int) -> list[tuple[int, int]]:
+        """The row ranges ``[lo, hi)`` a prefill of ``tokens`` positions is pipelined in.
+
+        One range: no pipeline.  ``chunk_rows=None`` (automatic): one chunk with an
+        in-process worker (nothing can overlap), else :func:`auto_chunk_rows` for the
+        worker's device and threads and this host's cores.  ``0``: one chunk; ``n``:
+        chunks of ``n`` rows, the last one shorter.
+        """
+        rows = self.chunk_rows
+        if rows is None:
+            if not self._async:
+                return [(0, tokens)]
+            info = self.worker_device
+            rows = auto_chunk_rows(
+                tokens, worker_device=str(info.get("type", "")), cores=_cores(),
+                tee_threads=torch.get_num_threads(),
+                worker_threads=int(info.get("threads", 1) or 1))
+        elif rows == 0:
+            rows = tokens
+        return [(lo, min(lo + rows, tokens)) for lo in range(0, tokens, max(1, rows))]
+
     def _prefill(self, ids: torch.Tensor, all_logits: bool, log_every: int,
-                 cache: KVCache | None = None) -> torch.Tensor:
+                 cache: KVCache | None = None, trace: bool = False) -> torch.Tensor:
         self._rows = self._new_rows()
+        self._flights = []
         t = ids.numel()
         compute_before = self._worker_compute()
         t_start = time.perf_counter()
-        h = self._embed(ids)
-        h = self._layers(h, 0, cache, log_every, t_start)
-        last = h if all_logits else h[-1:]
-        x = self._norm(last, FINAL_NORM)
-        logits = self._logits(x)
-        total = time.perf_counter() - t_start
+        start_ns = time.monotonic_ns()
+        self._rec = Recorder(start_ns) if trace else None
+        self._at = {}
+        try:
+            h = self._embed(ids)
+            h = self._layers(h, 0, cache, log_every, t_start)
+            last = h if all_logits else h[-1:]
+            x = self._norm(last, FINAL_NORM)
+            logits = self._logits(x)
+            total = time.perf_counter() - t_start
+            end_ns = time.monotonic_ns()
+        finally:
+            rec, self._rec = self._rec, None
+            self._at = {}
         self._finish(t, all_logits, total, compute_before)
+        if rec is not None:
+            self._last_trace = self._build_trace(rec, end_ns)
         return logits if all_logits else logits[0]
 
     def _layers(self, h: torch.Tensor, start: int, cache: KVCache | None = None,
@@ -665,52 +920,122 @@ class TEEDriver:
         values are appended to it; at ``start == 0`` (a prefill filling the cache) attention
         is the prefill's, later (decode steps) the new rows attend to everything cached
         (:meth:`_attention_step`).
+
+        A prefill runs in the row chunks of :meth:`chunk_plan`, as a wavefront.  Each chunk
+        is a coroutine (:meth:`_chunk_layers`) that goes through the layers and stops at each
+        offload; the calls in flight form one FIFO, one call per chunk, in the order the
+        worker serves them.  The loop takes the oldest call's result (waiting if it is not
+        there yet), resumes its chunk — which does the TEE's work on it and sends its next
+        offload to the back of the FIFO — and starts chunk ``j+1`` once chunk ``j`` has
+        passed its first offload.  So chunk ``j`` runs one offload ahead of chunk ``j+1``:
+        while the TEE computes one chunk's attention the worker computes other chunks'
+        gate_up and down, and the channel carries what is between them.  Attention of chunk
+        ``j`` needs the keys and values of chunks ``<= j`` of its layer; every step of chunk
+        ``j`` is sent, hence resumed, before the same step of chunk ``j+1``, so they are in
+        place.  With a worker actor and several chunks the offloads are futures
+        (``.remote``); otherwise each is a blocking call and the loop degenerates to the
+        plain layer-by-layer order.
         """
         c = self.config
         t = h.shape[0]
-        nh, nkv, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        chunks = self.chunk_plan(t) if start == 0 else [(0, t)]
         with self._tee("rope"):
             cos, sin = self._rope_tables(start + t)
             cos, sin = cos[start:], sin[start:]
+        store = cache
+        if cache is None and len(chunks) > 1:  # K and V of every layer, chunk by chunk
+            store = KVCache(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, t,
+                            self.dtype)
+        out: list[torch.Tensor] = [h] * len(chunks)
+        fifo: collections.deque[tuple[int, Any, _Linear]] = collections.deque()
+
+        def resume(j: int, steps: Any, value: Any) -> None:
+            try:
+                fifo.append((j, steps, steps.send(value)))
+            except StopIteration as done:
+                out[j] = done.value
+
+        def begin(j: int) -> None:
+            lo, hi = chunks[j]
+            resume(j, self._chunk_layers(j, h[lo:hi], lo, start, cos[lo:hi], sin[lo:hi],
+                                         store, log_every if j + 1 == len(chunks) else 0,
+                                         t_start), None)
+
+        self._pipelined = self._async and len(chunks) > 1
+        try:
+            begin(0)
+            started = 1
+            while fifo:
+                j, steps, pending = fifo.popleft()
+                if self._rec is not None:
+                    self._at = pending.call.where
+                result = self._linear_end(pending)
+                resume(j, steps, result)
+                if j + 1 == started < len(chunks):  # the newest chunk passed an offload
+                    begin(started)
+                    started += 1
+        finally:
+            self._pipelined = False
+            self._at = {}
+        if cache is not None:
+            cache.advance(t)
+        return out[0] if len(out) == 1 else torch.cat(out)
+
+    def _chunk_layers(self, j: int, h: torch.Tensor, lo: int, start: int,  # noqa: PLR0917
+                      cos: torch.Tensor, sin: torch.Tensor, store: KVCache | None,
+                      log_every: int, t_start: float) -> Any:
+        """One chunk's rows (``h``, from row ``lo``) through every layer, as a coroutine.
+
+        Yields each offload it sends (a :class:`_Linear`), is resumed with its checked
+        result, returns the chunk's final hidden states.  ``store``: where each layer's keys
+        and values go (the KV cache, or the prefill's own), or ``None`` (a single chunk
+        without cache: attention uses its own keys and values).
+        """
+        c = self.config
+        nh, nkv, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        n = h.shape[0]
+        trace = self._rec is not None
         for i in range(c.num_hidden_layers):
             in_norm, post_norm = norm_names(i)
-            x = self._norm(h, in_norm)
-            q, k, v = self._linear("qkv", i, ("q", "k", "v"), x, (c.q_size, c.kv_size, c.kv_size))
+            if trace:
+                self._at = {"layer": i, "chunk": j}
+            q, k, v = yield self._linear_begin("qkv", i, self._norm(h, in_norm))
+            if trace:
+                self._at = {"layer": i, "chunk": j}
             with self._tee("rope"):
                 self._rows["rope"].calls += 1
-                # q and k heads rotated together: one pass of RoPE's ops instead of two
-                # (a decode row: 22 us a layer instead of 32).
-                qk = torch.cat((q.view(t, nh, d), k.view(t, nkv, d)), dim=1).transpose(0, 1)
+                # q and k heads rotated together: one pass of RoPE's ops instead of two (a
+                # decode row: 22 us a layer instead of 32).
+                qk = torch.cat((q.view(n, nh, d), k.view(n, nkv, d)), dim=1).transpose(0, 1)
                 qk = apply_rope(qk, cos, sin)
                 q, k = qk[:nh], qk[nh:]
-                v = v.view(t, nkv, d).transpose(0, 1)
-            if cache is None:
-                attn = self._attention(q, k, v)
-            else:
+                v = v.view(n, nkv, d).transpose(0, 1)
+            if store is not None:
                 with self._tee("kv_cache"):
                     self._rows["kv_cache"].calls += 1
-                    k_all, v_all = cache.append(i, k, v)
-                attn = self._attention(q, k, v) if start == 0 else \
-                    self._attention_step(q, k_all, v_all)
-            (o,) = self._linear("o_proj", i, ("o",), attn, (c.hidden_size,))
+                    k, v = store.append(i, k, v, offset=lo)
+            attn = self._attention(q, k, v) if start == 0 else self._attention_step(q, k, v)
+            (o,) = yield self._linear_begin("o_proj", i, attn)
+            if trace:
+                self._at = {"layer": i, "chunk": j}
             with self._tee("residual"):
                 self._rows["residual"].calls += 1
                 h = h + o
-            x = self._norm(h, post_norm)
-            gate, up = self._linear("gate_up", i, ("gate", "up"), x,
-                                    (c.intermediate_size, c.intermediate_size))
+            gate, up = yield self._linear_begin("gate_up", i, self._norm(h, post_norm))
+            if trace:
+                self._at = {"layer": i, "chunk": j}
             with self._tee("silu_mul"):
                 self._rows["silu_mul"].calls += 1
                 a = silu_mul(gate, up)
-            (down,) = self._linear("down", i, ("down",), a, (c.hidden_size,))
+            (down,) = yield self._linear_begin("down", i, a)
+            if trace:
+                self._at = {"layer": i, "chunk": j}
             with self._tee("residual"):
                 self._rows["residual"].calls += 1
                 h = h + down
             if log_every and ((i + 1) % log_every == 0 or i + 1 == c.num_hidden_layers):
-                logger.info("prefill T=%d: layer %d/%d done, %.2f s", t, i + 1,
+                logger.info("prefill T=%d: layer %d/%d done, %.2f s", lo + n, i + 1,
                             c.num_hidden_layers, time.perf_counter() - t_start)
-        if cache is not None:
-            cache.advance(t)
         return h
 
     def _attention_step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
@@ -781,29 +1106,41 @@ class TEEDriver:
     def _finish(self, t: int, all_logits: bool, total: float,
                 compute_before: dict[str, Any] | None) -> None:
         self._last = self._summary(self._rows, t, total, compute_before,
-                                   self._worker_compute())
+                                   self._worker_compute(), self._flights)
         self._last["all_logits"] = all_logits
+        chunks = self.chunk_plan(t)
+        self._last["chunks"] = len(chunks)
+        self._last["chunk_rows"] = chunks[0][1] - chunks[0][0]
 
-    def _summary(self, rows_in: dict[str, _Row], t: int, total: float,
+    def _summary(self, rows_in: dict[str, _Row], t: int, total: float,  # noqa: PLR0917
                  compute_before: dict[str, Any] | None,
-                 compute_after: dict[str, Any] | None) -> dict[str, Any]:
+                 compute_after: dict[str, Any] | None,
+                 flights: list[tuple[int, int]] | None = None) -> dict[str, Any]:
+        """The stats dict of ``rows_in``; ``flights``: the pipelined calls' intervals."""
         worker_known = compute_before is not None and compute_after is not None
         if worker_known:
             for op in WORKER_OPS:
-                after = compute_after.get(op, {})
-                before = compute_before.get(op, {})
+                tag = self._tags[op]
+                after = compute_after.get(tag, {})
+                before = compute_before.get(tag, {})
                 try:
                     rows_in[op].worker_s = max(
                         0.0, float(after.get("seconds", 0.0)) - float(before.get("seconds", 0.0)))
                 except (AttributeError, TypeError, ValueError):
                     worker_known = False
         rows = {op: r.as_dict() for op, r in rows_in.items()}
-        routes_known = self._routes() is not None
-        routes = {k: {"messages": sum(r["routes"][k]["messages"] for r in rows.values()),
-                      "bytes": sum(r["routes"][k]["bytes"] for r in rows.values())}
-                  for k in ("shm", "zmq")}
+        routes_known = callable(getattr(self.gpu, "stats", None))
+        routes = {k: {"messages": sum(r["routes"].get(k, {}).get("messages", 0)
+                                      for r in rows.values()),
+                      "bytes": sum(r["routes"].get(k, {}).get("bytes", 0)
+                                   for r in rows.values())}
+                  for k in sorted({k for r in rows.values() for k in r["routes"]})}
         wait = sum(r["wait_s"] for r in rows.values())
         worker = sum(r["worker_s"] for r in rows.values()) if worker_known else None
+        # Blocking calls never overlap anything; pipelined ones overlap each other.
+        flights = flights or []
+        in_flight = (sum(r["in_flight_s"] for r in rows.values())
+                     - sum(e - s for s, e in flights) * 1e-9 + _union_s(flights))
         return {
             "tokens": t, "layers": self.config.num_hidden_layers,
             "policy": self.attention, "policy_reason": self.policy_reason,
@@ -812,7 +1149,9 @@ class TEEDriver:
             "worker_device": dict(self.worker_device),
             "total_s": total, "tee_s": sum(r["tee_s"] for r in rows.values()),
             "wait_s": wait, "worker_s": worker,
-            "transport_s": None if worker is None else max(0.0, wait - worker),
+            "in_flight_s": in_flight,
+            "transport_s": None if worker is None else max(0.0, in_flight - worker),
+            "hidden_s": max(0.0, in_flight - wait),
             "calls": sum(r["calls"] for op, r in rows.items()
                          if op in WORKER_OPS and r["where"] == "worker"),
             "bytes_out": sum(r["bytes_out"] for r in rows.values()),
@@ -834,14 +1173,21 @@ class TEEDriver:
         """The accounting of the last prefill, as plain dicts and numbers.
 
         Keys: ``tokens``, ``layers``, ``policy`` (attention), ``dtype``, ``wire_dtype``,
-        ``worker_device``, ``total_s``, ``tee_s`` (TEE compute), ``wait_s`` (blocked on the
-        worker), ``worker_s`` (the worker's own compute), ``transport_s`` (wait - worker),
-        ``calls``, ``bytes_out``, ``bytes_in``, ``routes`` (shm/zmq messages and bytes, ``None``
-        for an in-process worker), ``private_io``, ``verify`` (``None`` with ``verify=False``,
-        else ``checks`` and ``seconds`` of this prefill and ``lifetime``: the verifier's
-        counters since start-up — checks, failures, refreshes, worst residual/tolerance...)
-        and ``ops``: per op ``where``, ``calls``, ``bytes_out``, ``bytes_in``, ``routes``,
-        ``wait_s``, ``tee_s``, ``worker_s``, ``checks``, ``verify_s`` (part of ``tee_s``).
+        ``worker_device``, ``chunks`` and ``chunk_rows`` (the pipeline, :meth:`chunk_plan`),
+        ``total_s``, ``tee_s`` (TEE compute), ``wait_s`` (the driver blocked on the worker,
+        sending included), ``worker_s`` (the worker's own compute, its calls from this
+        driver only), ``in_flight_s`` (time during which at least one offload was between
+        its send and its reply), ``transport_s`` (``in_flight_s - worker_s``: the channel,
+        dispatch, and queueing behind other drivers' calls), ``hidden_s`` (``in_flight_s -
+        wait_s``: offload time the TEE spent computing instead of waiting), ``calls``,
+        ``bytes_out``, ``bytes_in`` (tensor payload), ``routes`` (shm/zmq messages and encoded
+        bytes, per call as the channel counts them; ``None`` for an in-process worker),
+        ``private_io``, ``verify`` (``None`` with ``verify=False``, else ``checks`` and
+        ``seconds`` of this prefill and ``lifetime``: the verifier's counters since start-up
+        — checks, failures, refreshes, worst residual/tolerance...) and ``ops``: per op
+        ``where``, ``calls``, ``bytes_out``, ``bytes_in``, ``routes``, ``wait_s``,
+        ``in_flight_s`` (summed over its calls), ``tee_s``, ``worker_s``, ``checks``,
+        ``verify_s`` (part of ``tee_s``).
         """
         if self._last is None:
             raise RuntimeError("no prefill has run yet")

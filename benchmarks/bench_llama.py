@@ -3,29 +3,40 @@
     python benchmarks/bench_llama.py                                  # seed-bench T=1024, 1b T=128
     python benchmarks/bench_llama.py --presets seed-bench --tokens 1024 --repeats 5
     python benchmarks/bench_llama.py --presets llama-3.2-1b --tokens 128 --json out.json
+    python benchmarks/bench_llama.py --presets seed-bench --trace prefill.json  # + a timeline
 
 For each preset (random weights, float32) it times, as the median of ``--repeats`` rounds after
 a warm-up round, the methods interleaved within each round (a noisy neighbour then slows all
 alike):
 
 * ``reference``  — :class:`actors.LlamaReference`, the same maths in this process;
-* ``hf-eager``   — transformers ``LlamaForCausalLM`` (``attn_implementation="eager"``) holding
-  the very same weight tensors (no copy);
+* ``hf-eager``, ``hf-sdpa`` — transformers ``LlamaForCausalLM`` (``attn_implementation``
+  ``"eager"`` and ``"sdpa"``) holding the very same weight tensors (no copy), computing the
+  last position's logits only (``logits_to_keep=1``), as the split does: a full
+  ``[T, vocab]`` lm_head would flatter the split;
 * ``split-local`` — ``TEEDriver`` with a plain in-process ``GPUWorker``: the split's own cost
   without transport (skipped when a second copy of the weights would not fit);
 * ``split``      — ``TEEDriver`` and ``GPUWorker`` as two actor processes (timed from here),
-  with the driver's defaults: ``private_io=True`` (embedding and lm_head in the TEE) and
-  ``verify=True`` (every offloaded result checked);
-* ``split-open`` — the same worker and a second driver with ``private_io=False, verify=False``:
-  today's placement unchecked, the baseline of the trust boundary's cost (issue 9);
-* ``split-checked`` — ``private_io=False, verify=True``: the checks alone (``--no-trust``
-  skips these two).
+  with the driver's defaults: ``private_io=True`` (embedding and lm_head in the TEE),
+  ``verify=True`` (every offloaded result checked) and the prefill pipelined in row chunks
+  (``chunk_rows`` automatic, or ``--chunk-rows``);
+* ``split-unchunked`` — the same, one chunk (``chunk_rows=0``): no overlap;
+* ``split-open``, ``split-open-unchunked`` — the same worker and drivers with
+  ``private_io=False, verify=False``: the old placement unchecked, the baseline of the trust
+  boundary's cost (issue 9);
+* ``split-checked`` — ``private_io=False, verify=True`` (chunked): the checks alone
+  (``--no-trust`` skips these three).
+
+``--split-threads N`` gives every split actor ``N`` intra-op threads (transformers and the
+reference keep this process's): with a CPU worker the automatic chunk rule pipelines only when
+the host has cores for both sides (see ``actors.tee_driver.auto_chunk_rows``).
 
 and for the actor split: the bytes that crossed (payload, both directions; messages per route),
-the transport time (time blocked on the worker minus the worker's own compute), and a memcpy
-floor for those bytes.  Floor model: every byte is copied once by the sender into the channel
-(ring slot or ZeroMQ frame) and once by the receiver out of it, so floor = 2 x bytes / memcpy
-bandwidth, the bandwidth measured here with numpy on buffers of the mean message size.
+the transport time, and a memcpy floor for those bytes.  Floor model: every byte is copied
+once by the sender into the channel (ring slot or ZeroMQ frame) and once by the receiver out of
+it, so floor = 2 x bytes / memcpy bandwidth, the bandwidth measured here with numpy on buffers
+of the mean message size.  Ratios against transformers are medians of the per-round ratios
+(the methods run back to back in each round).
 
 Memory: llama-3.2-1b is 1.24 B parameters, ~4.9 GB in float32.  This process holds one copy
 (shared by the reference and HF) and the worker actor another, ~10 GB together; ``split-local``
@@ -88,11 +99,12 @@ def memcpy_seconds(nbytes: int, chunk: int) -> tuple[float, float]:
     return best * nbytes / size, size / best
 
 
-def hf_model(config: LlamaConfig, weights: dict[str, torch.Tensor]) -> torch.nn.Module:
-    """transformers' LlamaForCausalLM (eager attention) around our tensors, without copies."""
+def hf_model(config: LlamaConfig, weights: dict[str, torch.Tensor],
+             attn: str = "eager") -> torch.nn.Module:
+    """transformers' LlamaForCausalLM (``attn`` attention) around our tensors, without copies."""
     import transformers
 
-    hf_config = transformers.LlamaConfig(**config.to_hf_dict(), attn_implementation="eager")
+    hf_config = transformers.LlamaConfig(**config.to_hf_dict(), attn_implementation=attn)
     with torch.device("meta"):
         model = transformers.LlamaForCausalLM(hf_config)
     state = {n: weights[n] for n in model.state_dict()}
@@ -131,13 +143,15 @@ def bench_preset(name: str, tokens: int, args: argparse.Namespace) -> dict[str, 
     ref = LlamaReference(config, weights=weights)
     methods: dict[str, Callable[[], torch.Tensor]] = {"reference": lambda: ref.forward(ids)}
     if not args.no_hf:
-        model = hf_model(config, weights)
+        for attn in ("eager", "sdpa"):
+            model = hf_model(config, weights, attn)
 
-        @torch.no_grad()
-        def hf_forward() -> torch.Tensor:
-            return model(ids[None]).logits[0, -1].float()
+            @torch.no_grad()
+            def hf_forward(model: torch.nn.Module = model) -> torch.Tensor:
+                # The last position's logits only, as the split computes them.
+                return model(ids[None], logits_to_keep=1).logits[0, -1].float()
 
-        methods["hf-eager"] = hf_forward
+            methods[f"hf-{attn}"] = hf_forward
     if not args.no_local and model_gb <= args.local_max_gb:
         local_drv = TEEDriver(config, GPUWorker(config, seed=args.seed, device=args.device),
                               seed=args.seed, wire_dtype=wire, attention=args.attention)
@@ -155,25 +169,40 @@ def bench_preset(name: str, tokens: int, args: argparse.Namespace) -> dict[str, 
             options = {} if args.threshold is None else {"shm_threshold": args.threshold}
             system = stack.enter_context(ActorSystem(**options))
             t0 = time.perf_counter()
-            gpu = system.spawn(GPUWorker, config, seed=args.seed, device=args.device)
+            threads = {"threads": args.split_threads}
+            gpu = system.spawn(GPUWorker, config, seed=args.seed, device=args.device, **threads)
             drv = system.spawn(TEEDriver, config, gpu, seed=args.seed, wire_dtype=wire,
-                               attention=args.attention)
+                               attention=args.attention, chunk_rows=args.chunk_rows, **threads)
             result["spawn_s"] = time.perf_counter() - t0
             methods["split"] = lambda: drv.prefill(ids)
-            trust = {}
+            others: dict[str, Any] = {}
+            variants = [] if args.no_unchunked else [("split-unchunked", {"chunk_rows": 0})]
             if not args.no_trust:
-                for method, options in (("split-open", {"private_io": False, "verify": False}),
-                                        ("split-checked", {"private_io": False})):
-                    trust[method] = system.spawn(TEEDriver, config, gpu, seed=args.seed,
-                                                 wire_dtype=wire, attention=args.attention,
-                                                 **options)
-                    methods[method] = functools.partial(trust[method].prefill, ids)
+                variants += [
+                    ("split-open", {"private_io": False, "verify": False}),
+                    ("split-open-unchunked", {"private_io": False, "verify": False,
+                                              "chunk_rows": 0}),
+                    ("split-checked", {"private_io": False})]
+            for method, options in variants:
+                if args.no_unchunked and options.get("chunk_rows") == 0:
+                    continue
+                options = {"chunk_rows": args.chunk_rows, **threads, **options}
+                others[method] = system.spawn(TEEDriver, config, gpu, seed=args.seed,
+                                              wire_dtype=wire, attention=args.attention,
+                                              **options)
+                methods[method] = functools.partial(others[method].prefill, ids)
         print(f"   timing {', '.join(methods)}: {args.repeats} interleaved rounds after a "
               f"warm-up", flush=True)
         timings = interleaved(methods, args.repeats)
         if "split" in methods:
             stats = drv.last_prefill_stats()
-            trust_stats = {m: d.last_prefill_stats() for m, d in trust.items()}
+            trust_stats = {m: d.last_prefill_stats() for m, d in others.items()}
+            if args.trace:
+                drv.prefill(ids, trace=True)
+                args.trace.write_text(json.dumps(drv.last_trace()))
+                result["trace"] = str(args.trace)
+                print(f"   wrote the timeline of one 'split' prefill to {args.trace} "
+                      f"(open it in ui.perfetto.dev)", flush=True)
     want = timings["reference"][2]
     rows = {}
     for method, (med, times, out) in timings.items():
@@ -187,7 +216,20 @@ def bench_preset(name: str, tokens: int, args: argparse.Namespace) -> dict[str, 
     rows["split"]["stats"] = stats
     for method, st in trust_stats.items():
         rows[method]["stats"] = st
-    if "split-open" in rows:
+    paired = {}
+    for method in ("split", "split-unchunked", "split-open", "split-open-unchunked"):
+        for hf in ("hf-eager", "hf-sdpa"):
+            if method in rows and hf in rows:
+                paired[f"{method}/{hf}"] = statistics.median(
+                    a / b for a, b in zip(rows[method]["times_s"], rows[hf]["times_s"],
+                                          strict=True))
+    for chunked, whole in (("split", "split-unchunked"), ("split-open", "split-open-unchunked")):
+        if chunked in rows and whole in rows:
+            paired[f"{chunked}/{whole}"] = statistics.median(
+                a / b for a, b in zip(rows[chunked]["times_s"], rows[whole]["times_s"],
+                                      strict=True))
+    result["paired"] = paired
+    if "split-open" in rows and "split-checked" in rows:
         base = rows["split-open"]["median_s"]
         result["trust"] = {
             "open_s": base, "default_s": rows["split"]["median_s"],
@@ -212,12 +254,14 @@ def bench_preset(name: str, tokens: int, args: argparse.Namespace) -> dict[str, 
         "bytes": moved, "routes": routes, "transport_s": stats["transport_s"],
         "memcpy_bandwidth_Bps": bandwidth, "floor_s": 2 * copy_s,
         "tee_s": stats["tee_s"], "worker_s": stats["worker_s"], "wait_s": stats["wait_s"],
+        "in_flight_s": stats["in_flight_s"], "hidden_s": stats["hidden_s"],
+        "chunks": stats["chunks"], "chunk_rows": stats["chunk_rows"],
         "total_s": stats["total_s"], "policy": stats["policy"]}
     return result
 
 
 def print_table(results: list[dict[str, Any]]) -> None:
-    head = f"{'preset':<13} {'T':>5} {'method':<12} {'median s':>9} {'vs ref':>7} {'max|err|':>9}"
+    head = f"{'preset':<13} {'T':>5} {'method':<20} {'median s':>9} {'vs ref':>7} {'max|err|':>9}"
     print("\n" + head + "\n" + "-" * len(head))
     for res in results:
         if res.get("skipped"):
@@ -225,7 +269,7 @@ def print_table(results: list[dict[str, Any]]) -> None:
             continue
         ref_s = res["rows"]["reference"]["median_s"]
         for method, row in res["rows"].items():
-            print(f"{res['preset']:<13} {res['tokens']:>5} {method:<12} {row['median_s']:>9.3f} "
+            print(f"{res['preset']:<13} {res['tokens']:>5} {method:<20} {row['median_s']:>9.3f} "
                   f"{row['median_s'] / ref_s:>6.2f}x {row['max_abs_err']:>9.2e}")
         tr = res.get("transport")
         if tr:
@@ -240,9 +284,14 @@ def print_table(results: list[dict[str, Any]]) -> None:
                   f"{1e3 * tr['floor_s']:.1f} ms (2 copies at "
                   f"{tr['memcpy_bandwidth_Bps'] / 1e9:.1f} GB/s) = "
                   f"{transport / tr['floor_s'] if tr['floor_s'] else float('nan'):.1f}x floor")
-            print(f"{'':<19} prefill {1e3 * tr['total_s']:.1f} ms in the driver: TEE compute "
-                  f"{1e3 * tr['tee_s']:.1f}, worker compute {1e3 * (tr['worker_s'] or 0):.1f}, "
-                  f"transport {1e3 * transport:.1f} ms")
+            print(f"{'':<19} split prefill {1e3 * tr['total_s']:.1f} ms in {tr['chunks']} "
+                  f"chunk(s) of {tr['chunk_rows']} rows: TEE compute {1e3 * tr['tee_s']:.1f}, "
+                  f"waiting {1e3 * tr['wait_s']:.1f}; offloads in flight "
+                  f"{1e3 * tr['in_flight_s']:.1f} = worker compute "
+                  f"{1e3 * (tr['worker_s'] or 0):.1f} + transport {1e3 * transport:.1f}, "
+                  f"{1e3 * tr['hidden_s']:.1f} hidden behind TEE compute")
+        for name, ratio in res.get("paired", {}).items():
+            print(f"{'':<19} {name:<32} {ratio:.3f}x (median of per-round ratios)")
         tr = res.get("trust")
         if tr:
             print(f"{'':<19} trust boundary: defaults (private_io, verify) "
@@ -268,7 +317,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-hf", action="store_true", help="skip transformers")
     p.add_argument("--no-local", action="store_true", help="skip the in-process split")
     p.add_argument("--no-trust", action="store_true",
-                   help="skip split-open and split-checked (the trust boundary's cost)")
+                   help="skip split-open* and split-checked (the trust boundary's cost)")
+    p.add_argument("--no-unchunked", action="store_true",
+                   help="skip the unchunked split-*-unchunked methods")
+    p.add_argument("--chunk-rows", type=int, default=None,
+                   help="rows per chunk of the pipelined prefill (default: automatic; 0: one "
+                        "chunk)")
+    p.add_argument("--trace", type=Path, default=None,
+                   help="write a Chrome trace (Perfetto) of one 'split' prefill here")
+    p.add_argument("--split-threads", type=int, default=None,
+                   help="intra-op threads of each split actor (default: torch's); e.g. 1 on "
+                        "2 cores gives the TEE and a CPU worker a core each")
     p.add_argument("--local-max-gb", type=float, default=2.0,
                    help="largest model (GB) the in-process split is run for")
     p.add_argument("--json", type=Path, default=None, help="write results here")

@@ -3,10 +3,13 @@
     python examples/llama_prefill.py                       # tiny preset, random weights
     python examples/llama_prefill.py --preset seed-bench --tokens 1024 --threshold 1048576
     python examples/llama_prefill.py --checkpoint ~/models/Llama-3.2-1B --tokens 128
+    python examples/llama_prefill.py --preset seed-bench --tokens 1024 --trace prefill.json
 
 Spawns a ``GPUWorker`` and a ``TEEDriver`` in an ``ActorSystem``, runs one prefill, checks the
 logits against the in-process reference forward (exit status 1 above tolerance), and prints
-the per-op transport table and the split of the total time.
+the per-op transport table and the split of the total time.  ``--trace PATH`` writes the timed
+prefill's timeline as a Chrome trace (open it in ui.perfetto.dev): TEE compute, sends and
+waits, each offload in flight, and the worker's compute, one track per process.
 """
 
 from __future__ import annotations
@@ -67,10 +70,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="private_io=False: send token ids to the worker and let it run lm_head")
     p.add_argument("--no-checks", action="store_true",
                    help="verify=False: use the worker's results without Freivalds checks")
+    p.add_argument("--chunk-rows", type=int, default=None,
+                   help="rows per chunk of the pipelined prefill (default: automatic; 0: one "
+                        "chunk, no overlap)")
+    p.add_argument("--trace", type=Path, default=None,
+                   help="write a Chrome trace (JSON, opens in Perfetto) of the timed prefill")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     args = p.parse_args(argv)
     if args.tokens < 1:
         p.error("--tokens must be >= 1")
+    if args.chunk_rows is not None and args.chunk_rows < 0:
+        p.error("--chunk-rows must be >= 0")
     return args
 
 
@@ -100,14 +110,16 @@ def main(argv: list[str] | None = None) -> int:
                            dtype=dtype)
         drv = system.spawn(TEEDriver, config, gpu, checkpoint, seed=args.seed, dtype=dtype,
                            wire_dtype=wire, attention=args.attention,
-                           private_io=not args.public_io, verify=not args.no_checks)
+                           private_io=not args.public_io, verify=not args.no_checks,
+                           chunk_rows=args.chunk_rows)
         spawn_s = time.perf_counter() - t0
         for _ in range(args.warmup):
             drv.prefill(ids)
         t0 = time.perf_counter()
-        logits = drv.prefill(ids, log_every=progress)
+        logits = drv.prefill(ids, log_every=progress, trace=args.trace is not None)
         call_s = time.perf_counter() - t0
         stats = drv.last_prefill_stats()
+        trace = drv.last_trace() if args.trace is not None else None
 
     device = stats["worker_device"]
     print(f"\nworker on {device.get('device')} ({device.get('name')}), spawned in "
@@ -119,7 +131,12 @@ def main(argv: list[str] | None = None) -> int:
                                      "crossed to the worker") + "; " + (
         f"{checks['checks']} worker results verified in {1e3 * checks['seconds']:.2f} ms"
         if checks else "worker results NOT verified"))
-    print(f"call from here {1e3 * call_s:.1f} ms")
+    print(f"{stats['chunks']} chunk(s) of {stats['chunk_rows']} rows; call from here "
+          f"{1e3 * call_s:.1f} ms")
+    if trace is not None:
+        args.trace.write_text(json.dumps(trace))
+        print(f"wrote the timeline to {args.trace} ({len(trace['traceEvents'])} events; open it "
+              f"in ui.perfetto.dev)")
 
     result: dict[str, Any] = {
         "config": dataclasses.asdict(config), "tokens": args.tokens, "seed": args.seed,

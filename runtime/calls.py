@@ -104,11 +104,12 @@ def bell_path(session: Session, index: int, incarnation: int) -> str:
 class _Slot:
     """Where a blocking call's reply lands; lighter than a Future (~0.3 us vs 4 us)."""
 
-    __slots__ = ("done", "event", "ok", "value")
+    __slots__ = ("done", "event", "ok", "value", "wire")
 
     def __init__(self) -> None:
         self.done = False
         self.event: threading.Event | None = None
+        self.wire: list[Any] | None = None
 
     def complete(self, ok: bool, value: Any) -> None:
         self.ok, self.value = ok, value
@@ -132,11 +133,16 @@ class CallFuture(Future):
 
     Waiting in ``result``/``exception`` drives the channel (no thread
     hand-off); ``TimeoutError`` at the timeout leaves the call running.
+
+    ``wire``: ``[route, bytes]`` of the call as sent, then of its reply once read
+    (``"shm"``/``"zmq"`` and the encoded size, as the channel's counters count them):
+    per-call accounting that stays exact with several calls in flight.
     """
 
     def __init__(self, owner: CallerChannel) -> None:
         super().__init__()
         self._owner = owner
+        self.wire: list[Any] | None = None
 
     def complete(self, ok: bool, value: Any) -> None:
         if ok:
@@ -296,9 +302,10 @@ class CallerChannel:
             call_id = next(self._ids) & 0xFFFFFFFF
             self.pending[call_id] = (waiter, deadline)
             try:
-                self.channel.send((call_id, method, args, kwargs), tag=call_id,
-                                  deadline=deadline, check=self.check,
-                                  on_full=self._drain_nowait)
+                enc = self.channel.encode((call_id, method, args, kwargs))
+                route = self.channel.send_encoded(enc, tag=call_id, deadline=deadline,
+                                                  check=self.check, on_full=self._drain_nowait)
+                waiter.wire = [route, enc.nbytes]
             except BaseException as exc:
                 self.pending.pop(call_id, None)
                 if isinstance(exc, ActorDiedError):
@@ -351,7 +358,7 @@ class CallerChannel:
                 if self._deferred:
                     self._dispatch_deferred()
                     continue
-                ok, msg = ch.try_recv(check=self.check)
+                ok, msg = self._recv()
                 if ok:
                     self._dispatch(msg)
                     spin = self.spin.window
@@ -386,6 +393,19 @@ class CallerChannel:
                 self._fail_all(TransportError(f"channel to actor {self.ref.name!r} failed: "
                                               f"{type(exc).__name__}: {exc}"))
                 return
+
+    def _recv(self) -> tuple[bool, Any]:
+        """``try_recv``, noting on the reply's call the route and size it came by (``wire``)."""
+        routes = self.channel.routes
+        before = [r.bytes_in for r in routes.values()]
+        ok, msg = self.channel.try_recv(check=self.check)
+        if ok and type(msg) is tuple and len(msg) == 3 and type(msg[0]) is int:
+            entry = self.pending.get(msg[0])
+            if entry is not None and entry[0].wire is not None:
+                for (name, r), b in zip(routes.items(), before, strict=False):
+                    if r.bytes_in != b:
+                        entry[0].wire[2:] = (name, r.bytes_in - b)
+        return ok, msg
 
     def _dispatch(self, msg: Any) -> None:
         """Complete the call ``msg`` answers; never raises.
@@ -455,7 +475,7 @@ class CallerChannel:
                 ch = self.channel
                 while self.dead is None and not self.closed:
                     try:
-                        ok, msg = ch.try_recv(check=self.check)
+                        ok, msg = self._recv()
                     except ProtocolError as exc:
                         tag = getattr(exc, "tag", None)
                         if ch.failed is not None or tag is None:

@@ -7,6 +7,7 @@ with a bfloat16 wire, 4 % of the largest reference logit.
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 import os
 from pathlib import Path
@@ -123,17 +124,23 @@ def test_example_runs_and_verifies(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")  # what the example sets; undone after
     example = _load_example()
     out = tmp_path / "result.json"
+    trace = tmp_path / "trace.json"
     assert example.main(["--tokens", "48", "--attention", "worker", "--threshold", "65536",
+                         "--chunk-rows", "16", "--trace", str(trace),
                          "--json", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "max abs logit error" in printed
     assert "OK" in printed
     assert "transport" in printed
+    assert "3 chunk(s) of 16 rows" in printed
     result = json.loads(out.read_text())
     assert result["ok"]
     assert result["max_abs_error"] <= result["tolerance"]
     assert result["stats"]["policy"] == "worker"
     assert result["stats"]["tokens"] == 48
+    events = json.loads(trace.read_text())["traceEvents"]
+    assert len({e["pid"] for e in events}) == 2
+    assert {"scores", "context", "qkv"} <= {e["name"] for e in events if e.get("cat") == "worker"}
     # A tolerance nobody can meet makes the example fail.
     assert example.main(["--tokens", "8", "--tolerance", "-1"]) == 1
 
@@ -193,3 +200,165 @@ def test_spy_worker_actor_sees_no_token_id(config, reference):
     assert {d for _, ds in seen for d in ds if d.startswith("tensor")} == {"tensor[float32]"}
     assert stats["verify"]["checks"] == stats["calls"] == 6 * config.num_hidden_layers
     assert stats["verify"]["lifetime"]["failures"] == 0
+
+
+# -- the pipelined prefill through actors (issue 8, items 5 and 7) -------------------------------
+
+def _routes(handle) -> dict[str, tuple[int, int]]:
+    r = handle.stats()["routes"]
+    return {k: (v["messages"], v["bytes"]) for k, v in r.items()}
+
+
+def test_chunked_prefill_accounting_is_exact(config, reference):
+    """Per call, not by diffing the channel around each call: with several calls in flight
+    the per-op table is what an unchunked prefill reports (calls times the chunks), and its
+    totals are the channel's own counters."""
+    ids = ids_for(config, 240, seed=2)
+    want = reference.forward(ids)
+    tables = {}
+    with ActorSystem(shm_threshold=48 * 1024) as system:  # gate_up replies go by ZeroMQ
+        gpu = system.spawn(GPUWorker, config, seed=0, device="cpu")
+        for rows in (0, 60):
+            drv = TEEDriver(config, gpu, seed=0, private_io=False, chunk_rows=rows)
+            drv.prefill(ids)  # warm-up: the worker now knows this driver's tags
+            before = _routes(gpu)
+            got = drv.prefill(ids)
+            after = _routes(gpu)
+            gpu.compute_stats()  # one more bookkeeping call, as the driver makes two per prefill
+            extra = _routes(gpu)
+            s = drv.last_prefill_stats()
+            assert (got - want).abs().max().item() < TOL_F32
+            for route in ("shm", "zmq"):
+                one = [extra[route][i] - after[route][i] for i in (0, 1)]
+                channel = [after[route][i] - before[route][i] - 2 * one[i] for i in (0, 1)]
+                assert [s["routes"][route]["messages"], s["routes"][route]["bytes"]] == \
+                    channel, (rows, route)
+            assert s["routes"]["zmq"]["messages"] > 0 and s["routes"]["shm"]["messages"] > 0
+            tables[rows] = s
+    whole, chunked = tables[0], tables[60]
+    assert chunked["chunks"] == 4 and whole["chunks"] == 1
+    for op in ("qkv", "o_proj", "gate_up", "down"):
+        a, b = whole["ops"][op], chunked["ops"][op]
+        assert b["calls"] == 4 * a["calls"]
+        assert (b["bytes_out"], b["bytes_in"]) == (a["bytes_out"], a["bytes_in"])
+        assert b["routes"]["shm"]["messages"] + b["routes"]["zmq"]["messages"] == 2 * b["calls"]
+        assert b["checks"] == b["calls"]
+        assert b["worker_s"] > 0
+    for op in ("embedding", "lm_head"):  # blocking calls, once per prefill either way
+        assert whole["ops"][op]["routes"] == chunked["ops"][op]["routes"]
+    assert chunked["in_flight_s"] > 0
+    assert chunked["wait_s"] <= chunked["total_s"]
+
+
+def test_two_drivers_pipeline_on_one_worker(config, reference):
+    ids = [ids_for(config, 200, seed=s) for s in (1, 2)]
+    want = [reference.forward(i, all_logits=True) for i in ids]
+    with ActorSystem() as system:
+        gpu = system.spawn(GPUWorker, config, seed=0, device="cpu")
+        drivers = [system.spawn(TEEDriver, config, gpu, seed=0, chunk_rows=50, attention=att)
+                   for att in ("tee", "worker")]
+        for _ in range(2):  # concurrently, twice
+            futures = [d.prefill.remote(i, all_logits=True) for d, i in zip(drivers, ids,
+                                                                            strict=True)]
+            for fut, w in zip(futures, want, strict=True):
+                assert (fut.result(timeout=120) - w).abs().max().item() < TOL_F32
+        per_tag = gpu.compute_stats()
+        for d in drivers:
+            s = d.last_prefill_stats()
+            assert s["chunks"] == 4
+            assert s["verify"]["lifetime"]["failures"] == 0
+            # The worker's counters are keyed by this driver's tags: its own calls only.
+            mine = {k: v for k, v in per_tag.items() if k.endswith(f"@{d.pid}.0")}
+            assert mine["qkv@" + f"{d.pid}.0"]["calls"] == 2 * 4 * config.num_hidden_layers
+            assert sum(v["calls"] for v in mine.values()) == 2 * s["calls"]
+
+
+def test_trace_of_a_pipelined_prefill(config, tmp_path):
+    ids = ids_for(config, 256, seed=3)
+    with ActorSystem() as system:
+        gpu = system.spawn(GPUWorker, config, seed=0, device="cpu")
+        drv = system.spawn(TEEDriver, config, gpu, seed=0, chunk_rows=64)
+        drv.prefill(ids)
+        drv.prefill(ids, trace=True)
+        trace = json.loads(json.dumps(drv.last_trace()))  # plain JSON all the way
+        driver_pid, worker_pid = drv.pid, gpu.pid
+    events = trace["traceEvents"]
+    names = {(e["pid"], e["args"]["name"]) for e in events if e["name"] == "process_name"}
+    assert names == {(driver_pid, f"TEE driver (pid {driver_pid})"),
+                     (worker_pid, f"GPU worker (pid {worker_pid})")}
+    (total,) = [e for e in events if e["ph"] == "X" and e["name"] == "prefill"]
+    end = total["dur"]
+    spans = [e for e in events if e["ph"] == "X" and e is not total]
+    assert {e["pid"] for e in spans} == {driver_pid, worker_pid}
+    for e in spans:  # on the prefill's clock, inside it
+        assert e["dur"] >= 0 and e["ts"] >= -1.0 and e["ts"] + e["dur"] <= end + 1.0, e
+
+    def track(pid, tid):
+        return sorted((e["ts"], e["ts"] + e["dur"]) for e in spans
+                      if e["pid"] == pid and e["tid"] == tid)
+
+    # One thread each: spans of a track follow each other.
+    for pid, tid in ((driver_pid, 1), (driver_pid, 2), (worker_pid, 10)):
+        t = track(pid, tid)
+        assert t, (pid, tid)
+        assert all(a[1] <= b[0] + 1.0 for a, b in itertools.pairwise(t)), (pid, tid)
+    flights: dict[int, dict] = {}
+    for e in events:
+        if e["ph"] in "be":
+            flights.setdefault(e["id"], {})[e["ph"]] = e
+    assert len(flights) == 4 * 4 * config.num_hidden_layers
+    intervals = [(f["b"]["name"], f["b"]["ts"], f["e"]["ts"]) for f in flights.values()]
+    assert all(s <= e for _, s, e in intervals)
+    # Overlap: several offloads were in flight at once.
+    starts = sorted(s for _, s, _ in intervals)
+    assert any(sum(s <= t < e for _, s, e in intervals) >= 2 for t in starts)
+    # One clock for both processes: the worker computed each call between its send and
+    # its reply (1 us of slack for rounding).
+    worker_spans = [e for e in spans if e["pid"] == worker_pid]
+    assert len(worker_spans) == len(flights)
+    for w in worker_spans:
+        assert any(op == w["name"] and s - 1.0 <= w["ts"] and w["ts"] + w["dur"] <= e + 1.0
+                   for op, s, e in intervals), w
+
+
+def test_bench_llama_compares_and_traces(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")  # what the benchmark sets; undone after
+    pytest.importorskip("transformers")
+    from benchmarks import bench_llama
+
+    out, trace = tmp_path / "bench.json", tmp_path / "trace.json"
+    assert bench_llama.main(["--presets", "tiny", "--tokens", "96", "--repeats", "1",
+                             "--no-local", "--chunk-rows", "32", "--trace", str(trace),
+                             "--json", str(out)]) == 0
+    (res,) = json.loads(out.read_text())["results"]
+    rows = res["rows"]
+    assert {"reference", "hf-eager", "hf-sdpa", "split", "split-unchunked", "split-open",
+            "split-open-unchunked", "split-checked"} <= set(rows)
+    assert all(r["max_abs_err"] < TOL_F32 for r in rows.values())
+    assert rows["split"]["stats"]["chunks"] == 3
+    assert rows["split-unchunked"]["stats"]["chunks"] == 1
+    assert {"split/hf-eager", "split/hf-sdpa", "split/split-unchunked",
+            "split-open/split-open-unchunked"} <= set(res["paired"])
+    assert len({e["pid"] for e in json.loads(trace.read_text())["traceEvents"]}) == 2
+    assert "split/hf-sdpa" in capsys.readouterr().out
+
+
+def test_automatic_chunks_with_a_cpu_worker(config, reference):
+    """A CPU worker is pipelined only when it has cores of its own beside the TEE's."""
+    ids = ids_for(config, 600, seed=6)
+    with ActorSystem() as system:
+        shared = system.spawn(GPUWorker, config, seed=0, device="cpu")
+        drv = system.spawn(TEEDriver, config, shared, seed=0)
+        # torch's default: each side takes every core, so they take turns.
+        assert drv.chunk_plan(1024) == [(0, 1024)]
+        own = system.spawn(GPUWorker, config, seed=0, device="cpu", threads=1)
+        assert own.device_info()["threads"] == 1
+        split = system.spawn(TEEDriver, config, own, seed=0, threads=1)
+        if len(os.sched_getaffinity(0)) < 2:
+            pytest.skip("one core: the two sides could not overlap")
+        assert len(split.chunk_plan(1024)) == 4  # cores >= 1 + 1
+        got = split.prefill(ids)
+        assert split.last_prefill_stats()["chunks"] == 2
+    assert (got - reference.forward(ids)).abs().max().item() < TOL_F32
+    with pytest.raises(ValueError, match="threads"):
+        GPUWorker(config, seed=0, device="cpu", threads=0)
