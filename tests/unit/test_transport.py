@@ -43,12 +43,13 @@ def private_dir():
     os.rmdir(d)
 
 
-def make_pair(private_dir: str, threshold: int, shm_dir: str = SHM):
+def make_pair(private_dir: str, threshold: int, shm_dir: str = SHM, *, safe: bool = False,
+              **options):
     caller = Channel.create(shm_dir=shm_dir, private_dir=private_dir, name=name(),
-                            threshold=threshold)
+                            threshold=threshold, **options)
     bell = Doorbell(os.path.join(private_dir, "callee.bell"))
-    callee = Channel.attach(caller.spec(), fds=[os.dup(fd) for fd in caller.ring_fds()],
-                            own_bell=bell, safe=False, name="callee")
+    callee = Channel.attach(caller.spec(), fds=[os.dup(fd) for fd in caller.peer_fds()],
+                            own_bell=bell, safe=safe, name="callee", shm_dir=shm_dir)
     caller.attached(bell.path)
     return caller, callee, bell
 
@@ -543,7 +544,7 @@ from runtime.transport.doorbell import Doorbell
 spec = ChannelSpec.from_dict(json.loads(sys.argv[1]))
 bell = Doorbell(sys.argv[2])
 fds = [int(fd) for fd in sys.argv[3].split(",")]
-ch = Channel.attach(spec, fds=fds, own_bell=bell, safe=False, name="pong")
+ch = Channel.attach(spec, fds=fds, own_bell=bell, safe=False, name="pong", shm_dir="/dev/shm")
 print("ready", flush=True)
 rnd, pc = random.Random(1), time.perf_counter
 while True:
@@ -569,7 +570,7 @@ def test_no_wake_up_is_lost_in_a_ping_pong_stress(private_dir):
     caller = Channel.create(shm_dir=SHM, private_dir=private_dir, name=name(),
                             threshold=1 << 20)
     bell_path = os.path.join(private_dir, "pong.bell")
-    fds = caller.ring_fds()
+    fds = caller.peer_fds()
     child = subprocess.Popen([sys.executable, "-c", _PONG, json.dumps(caller.spec().as_dict()),
                               bell_path, ",".join(map(str, fds))], pass_fds=fds,
                              stdout=subprocess.PIPE, text=True, cwd=os.getcwd())
