@@ -231,6 +231,11 @@ class Channel:
             self.pool_tx = TxPool(pool_sock, shm_dir, max_bytes=pool_bytes,
                                   max_slots=POOL_MAX_SLOTS)
             self.pool_rx = RxPool(pool_sock, shm_dir)
+        elif pool_sock is not None:
+            # This end cannot map slots: closing the pair tells the peer's pool
+            # (its next slot announcement fails), so it sends plain frames.
+            pool_sock.close()
+            self.pool_sock = None
         self._queued = False  # set once a BULK message's frames are queued
         self.own_bell, self._owns_bell, self.peer_bell = own_bell, owns_bell, peer_bell
         self.threshold = threshold

@@ -41,7 +41,10 @@ dropping FREE slots that are in the way), and otherwise sends the buffers as
 plain ZeroMQ frames.  So a tensor the receiver keeps stays valid and
 unchanged, and a receiver that never frees a slot only makes its sender fall
 back.  The finalizer holds its own export of the mapping, so closing the
-channel unmaps the slot only once the last lease is gone.
+channel unmaps the slot only once the last lease is gone; it frees the slot
+only in the process that took the lease (a forked child's copies do not).
+A receiver that cannot map slots closes its end of the socket pair: the
+sender's next announcement fails and it sends frames from then on.
 
 Ordering: the sender loads FREE, stores BUSY, then writes the data and sends
 the ZeroMQ message (a system call); the receiver reads the data and stores
@@ -69,6 +72,7 @@ from __future__ import annotations
 
 import array
 import ctypes
+import errno
 import logging
 import mmap
 import os
@@ -166,6 +170,7 @@ class TxPool:
         self.bytes = 0
         self._next_id = 1
         self._retry_at = 0.0
+        self.peer_gone = False  # the peer closed its end: it takes no slots
         # statistics
         self.created = self.dropped = self.fallbacks = 0
 
@@ -187,7 +192,7 @@ class TxPool:
 
     def _grow(self, need: int) -> TxSlot | None:
         size = slot_size(need)
-        if size > self.max_bytes or time.monotonic() < self._retry_at:
+        if size > self.max_bytes or self.peer_gone or time.monotonic() < self._retry_at:
             return None
         while len(self.slots) >= self.max_slots or self.bytes + size > self.max_bytes:
             free = [s for s in self.slots if s.is_free()]
@@ -208,9 +213,11 @@ class TxPool:
             slot_id = self._next_id
             socket.send_fds(self.sock, [_OP.pack(OP_ADD, slot_id, size)], [seg.fd],
                             socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
-        except OSError as exc:  # the peer's queue is full, or the peer is gone
+        except OSError as exc:  # the peer's queue is full, or it closed its end
             seg.close()
             self._retry_at = time.monotonic() + RETRY_S
+            if exc.errno in (errno.EPIPE, errno.ECONNRESET, errno.ECONNREFUSED):
+                self.peer_gone = True  # it cannot map slots: frames from now on
             log.debug("cannot hand a pool slot to the peer: %s", exc)
             return None
         except BaseException:
@@ -268,8 +275,11 @@ class _RxSlot:
             pass  # exported by live leases: unmapped when they are collected
 
 
-def _set_free(state: ctypes.c_uint32) -> None:
-    state.value = FREE
+def _set_free(state: ctypes.c_uint32, pid: int) -> None:
+    # Only in the process that took the lease: a forked child holds copies of
+    # the parent's tensors, and its dropping them must not free the parent's slot.
+    if os.getpid() == pid:
+        state.value = FREE
 
 
 class RxPool:
@@ -313,7 +323,7 @@ class RxPool:
             fin = None
         else:
             data = np.frombuffer(slot.mm, np.uint8, span, start)
-            fin = weakref.finalize(data, _set_free, slot.state)
+            fin = weakref.finalize(data, _set_free, slot.state, os.getpid())
             fin.atexit = False
         return [data[o:o + n] for o, n in zip(offsets, sizes, strict=True)], fin
 

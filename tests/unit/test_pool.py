@@ -17,7 +17,8 @@ import torch
 from runtime import codec
 from runtime.errors import ProtocolError
 from runtime.transport import pool
-from runtime.transport.channel import _PREFIX, KIND_POOL, POOL_MIN
+from runtime.transport.channel import _PREFIX, KIND_POOL, POOL_MIN, Channel
+from runtime.transport.doorbell import Doorbell
 from tests.unit.test_transport import SHM, make_pair
 
 MiB = 1 << 20
@@ -188,6 +189,50 @@ def test_pool_off_sends_frames(private_dir):
         caller.close()
         callee.close()
         bell.close()
+
+
+def test_a_peer_that_cannot_map_slots_gets_frames(private_dir):
+    """A callee attached without ``shm_dir`` closes the pool's pair: the caller
+    learns it at its first slot announcement and sends frames from then on."""
+    caller = Channel.create(shm_dir=SHM, private_dir=private_dir, name="rt_nomap",
+                            threshold=MiB)
+    bell = Doorbell(os.path.join(private_dir, "nomap.bell"))
+    callee = Channel.attach(caller.spec(), fds=[os.dup(fd) for fd in caller.peer_fds()],
+                            own_bell=bell, safe=False, name="callee")  # no shm_dir
+    caller.attached(bell.path)
+    try:
+        assert callee.pool_tx is None and callee.pool_sock is None
+        for i in range(3):
+            t = torch.full((MiB,), float(i))
+            caller.send(t)
+            got = recv(callee)
+            assert torch.equal(got, t)
+            callee.send(got)
+            assert torch.equal(recv(caller), t)
+        st = pool_stats(caller)
+        assert st["created"] == 0 and st["fallbacks"] == 3 and caller.pool_tx.peer_gone
+    finally:
+        caller.close()
+        callee.close()
+        bell.close()
+
+
+def test_a_forked_child_dropping_a_tensor_does_not_free_the_slot(big_pair):
+    caller, callee = big_pair
+    caller.send(torch.full((MiB,), 5.0))
+    kept = recv(callee)
+    pid = os.fork()
+    if pid == 0:  # the child drops its copy of the tensor, then exits
+        try:
+            del kept
+            gc.collect()
+        finally:
+            os._exit(0)
+    assert os.waitpid(pid, 0)[1] == 0
+    assert not caller.pool_tx.slots[0].is_free()
+    caller.send(torch.full((MiB,), 6.0))  # must not land in kept's slot
+    assert torch.all(recv(callee) == 6.0)
+    assert torch.all(kept == 5.0)
 
 
 def test_an_untrusted_peers_slot_is_copied_out_and_freed_at_once(private_dir):
