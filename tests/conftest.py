@@ -107,6 +107,12 @@ def tiny_tmpfs(tmp_path):
 
 
 @pytest.fixture
+def small_tmpfs(tmp_path):
+    """32 MiB: room for pool slots, not for two rings at the default threshold."""
+    yield from _tmpfs(tmp_path, "small", "32m")
+
+
+@pytest.fixture
 def shm_tmpfs(tmp_path):
     """A tmpfs of its own as ``shm_dir``: its usage counts nameless segments exactly."""
     yield from _tmpfs(tmp_path, "shm", "1g")

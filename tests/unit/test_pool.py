@@ -299,6 +299,27 @@ def test_full_shm_dir_for_slots_falls_back(tiny_tmpfs, private_dir, caplog):
         bell.close()
 
 
+def test_pool_without_rings(small_tmpfs, private_dir):
+    """Rings that do not fit (2 x 20 MiB) do not keep the pool from working."""
+    caller, callee, bell = make_pair(private_dir, 10 * MiB, shm_dir=small_tmpfs)
+    try:
+        assert caller.mode == "zmq-only" and callee.mode == "zmq-only"
+        for i in range(4):
+            t = torch.full((MiB,), float(i))
+            assert caller.send(t) == "zmq"
+            got = recv(callee)
+            assert torch.equal(got, t) and mapped_slot(callee, got)
+            del got
+            callee.send(torch.full((2 * MiB,), float(-i)))
+            assert torch.all(recv(caller) == -i)
+        assert pool_stats(caller)["created"] == 1 and pool_stats(callee)["created"] == 1
+        assert caller.send("small") == "zmq" and recv(callee) == "small"
+    finally:
+        caller.close()
+        callee.close()
+        bell.close()
+
+
 # -- a hostile peer ---------------------------------------------------------------------
 
 
