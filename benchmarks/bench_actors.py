@@ -233,9 +233,12 @@ def main(argv=None):
     ap.add_argument("--json", help="write results here")
     ap.add_argument("--sizes", default=",".join(k for k in SIZES if k != "empty"))
     ap.add_argument("--spawn-only", action="store_true", help="only the spawn/restart figures")
+    ap.add_argument("--no-spawn", action="store_true", help="skip the spawn/restart figures")
     args = ap.parse_args(argv)
-    print("spawn (targets: 0.3 s p50, restart 0.5 s, 32 actors 10 s, 60 MiB USS):")
-    spawn = {"zygote": bench_spawn(True), "fresh_interpreter": bench_spawn(False)}
+    spawn = None
+    if not args.no_spawn:
+        print("spawn (targets: 0.3 s p50, restart 0.5 s, 32 actors 10 s, 60 MiB USS):")
+        spawn = {"zygote": bench_spawn(True), "fresh_interpreter": bench_spawn(False)}
     if args.spawn_only:
         write_json(args.json, {"machine": machine(), "spawn": spawn})
         return

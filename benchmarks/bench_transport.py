@@ -27,6 +27,7 @@ import os
 import sys
 import tempfile
 import time
+from multiprocessing.reduction import recv_handle, send_handle
 
 import numpy as np
 import torch
@@ -50,13 +51,14 @@ from runtime.transport.doorbell import Doorbell
 THRESHOLD = 10 * 1024 * 1024
 
 
-def channel_server(spec, ring_fds, private_dir):
+def channel_server(spec, conn, nfds, private_dir):
     malloc.tune_current_process()
     bell = Doorbell(os.path.join(private_dir, "server.bell"))
-    # The rings have no name: open the client's descriptors through /proc
-    # (the runtime itself passes them over a Unix socket, SCM_RIGHTS).
-    fds = [os.open(f"/proc/{os.getppid()}/fd/{fd}", os.O_RDWR) for fd in ring_fds]
-    ch = Channel.attach(spec, fds=fds, own_bell=bell, safe=False, name="server")
+    # The rings have no name and the pool's socket pair is private: the
+    # descriptors come over a Unix socket (SCM_RIGHTS), as in the runtime.
+    fds = [recv_handle(conn) for _ in range(nfds)]
+    ch = Channel.attach(spec, fds=fds, own_bell=bell, safe=False, name="server",
+                        shm_dir="/dev/shm")
     ch.send(bell.path)  # handshake: tells the client where to ring
     while True:
         msg = ch.recv(spin_s=300e-6)
@@ -75,9 +77,13 @@ def bench_channel(sizes, private_dir):
     malloc.tune_current_process()  # as ActorSystem() does in the driver
     client = Channel.create(shm_dir="/dev/shm", private_dir=private_dir,
                             name=f"rt_bench{os.getpid()}", threshold=THRESHOLD)
+    ours, theirs = mp.Pipe()
+    fds = client.peer_fds()
     proc = mp.get_context("spawn").Process(target=channel_server,
-                                           args=(client.spec(), client.ring_fds(), private_dir))
+                                           args=(client.spec(), theirs, len(fds), private_dir))
     proc.start()
+    for fd in fds:
+        send_handle(ours, fd, proc.pid)
     client.attached(client.recv(deadline=time.monotonic() + 60))
     out = {}
     try:

@@ -712,7 +712,7 @@ class ProcessContext:
             reply = control.request(
                 ctl_path(s, ref.index, incarnation),
                 ["open", {"name": name, "spec": channel.spec().as_dict()}],
-                channel.ring_fds(), timeout=OPEN_TIMEOUT_S, check=cc.check)
+                channel.peer_fds(), timeout=OPEN_TIMEOUT_S, check=cc.check)
             fields = control.reply_fields(reply, f"opening a channel to actor {ref.name!r}")
             bell = fields.get("bell")
             if not isinstance(bell, str) or not bell.startswith(s.private_dir + os.sep):

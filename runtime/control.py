@@ -2,8 +2,10 @@
 
 Every actor listens on ``<private dir>/actor<i>.<incarnation>.ctl``.  A caller
 that wants a channel connects, sends one request (a :mod:`runtime.wire` JSON
-frame) carrying the descriptors of the two ring segments (``SCM_RIGHTS``:
-the rings have no name anywhere, see ``segment.py``), and reads one reply.
+frame) carrying the descriptors of the two ring segments and of the callee's
+end of the channel's pool socket pair (``SCM_RIGHTS``: the rings have no name
+anywhere, see ``segment.py``, and pool slots travel over that private pair),
+and reads one reply.
 
 Who is asking is never taken from the request: the server reads the peer's
 pid from the socket (``SO_PEERCRED``, filled in by the kernel at ``connect``)

@@ -314,7 +314,10 @@ class ActorSystem:
 
         ``{"routes": {"shm"|"zmq": {"messages", "bytes"}}, "channels": [...]}``;
         each channel entry has ``actor``, ``mode``, ``routes`` (with sent and
-        received splits) and ``encode_s``, ``decode_s``, ``copy_s``, ``wait_s``.
+        received splits), ``encode_s``, ``decode_s``, ``copy_s``, ``wait_s`` and,
+        when the channel has a pool, ``pool``: this side's slots (``slots``,
+        ``slot_bytes``, ``created``, ``dropped``, ``fallbacks`` to frames) and
+        the peer's it maps (``peer_slots``, ``received``).
         """
         chans = [self._ctx.channel_stats(cc.ref.index) for cc in self._ctx.channels()]
         return summarize([c for c in chans if c])

@@ -99,7 +99,8 @@ class ActorServer:
             raise ProtocolError("malformed channel name")
         spec = ChannelSpec.from_dict(msg[1].get("spec"))
         safe = self.peer_is_untrusted(pid)
-        channel = Channel.attach(spec, fds=fds, own_bell=self.bell, safe=safe, name=name)
+        channel = Channel.attach(spec, fds=fds, own_bell=self.bell, safe=safe, name=name,
+                                 shm_dir=self.ctx.session.shm_dir)
         self.inbound.append(_Inbound(channel, pid))
         self._poller = None
         return ["ok", {"bell": self.bell.path}]
@@ -210,6 +211,7 @@ class ActorServer:
                     continue
                 if ok:
                     self._run_call(conn, msg)
+                    msg = None  # its tensors may hold the caller's pool slot: let it go now
                     progressed = True
                 elif ch.peer_closed:
                     self._drop(conn)

@@ -86,13 +86,12 @@ def threshold(route):
     return ROUTES[route]
 
 
-@pytest.fixture
-def tiny_tmpfs(tmp_path):
+def _tmpfs(tmp_path, name: str, size: str):
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root")
-    mnt = tmp_path / "tiny"
+    mnt = tmp_path / name
     mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)],
                        capture_output=True)
     if r.returncode != 0:
         pytest.skip(f"cannot mount tmpfs: {r.stderr.decode().strip()}")
@@ -100,3 +99,26 @@ def tiny_tmpfs(tmp_path):
         yield str(mnt)
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.fixture
+def tiny_tmpfs(tmp_path):
+    yield from _tmpfs(tmp_path, "tiny", "1m")
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """32 MiB: room for pool slots, not for two rings at the default threshold."""
+    yield from _tmpfs(tmp_path, "small", "32m")
+
+
+@pytest.fixture
+def shm_tmpfs(tmp_path):
+    """A tmpfs of its own as ``shm_dir``: its usage counts nameless segments exactly."""
+    yield from _tmpfs(tmp_path, "shm", "1g")
+
+
+def tmpfs_used(path: str) -> int:
+    """Bytes in use on the filesystem of ``path`` (nameless segments included)."""
+    st = os.statvfs(path)
+    return (st.f_blocks - st.f_bfree) * st.f_frsize

@@ -50,18 +50,31 @@ class BulkLink:
             else None
 
     def send(self, parts: Sequence[object], *, deadline: float | None,
-             check: Callable[[], None] | None, slice_s: float = 0.05) -> None:
-        """Send ``parts`` as one multipart message; wait until ZeroMQ let go of them."""
+             check: Callable[[], None] | None, slice_s: float = 0.05,
+             small: bool = False) -> None:
+        """Send ``parts`` as one multipart message; wait until ZeroMQ let go of them.
+
+        ``small``: the parts are a few bytes, copied by ZeroMQ (no waiting after).
+        """
         while True:
-            tracker = self.try_send(parts)
+            tracker = self.try_send(parts, copy=small)
             if tracker is not None:
                 break
             self.pause(deadline, check, "send", slice_s)
-        self.wait_sent(tracker, deadline, check, slice_s)
+        if not small:
+            self.wait_sent(tracker, deadline, check, slice_s)
 
-    def try_send(self, parts: Sequence[object]) -> zmq.MessageTracker | None:
-        """Queue ``parts`` as one message without blocking: its tracker, or None if full."""
+    def try_send(self, parts: Sequence[object], *,
+                 copy: bool = False) -> zmq.MessageTracker | bool | None:
+        """Queue ``parts`` as one message without blocking: None if the link is full.
+
+        Zero-copy (the default) returns the message's tracker; with ``copy``
+        ZeroMQ copies the parts at once and this returns True.
+        """
         try:
+            if copy:
+                self.socket.send_multipart(parts, flags=zmq.NOBLOCK)
+                return True
             return self.socket.send_multipart(parts, flags=zmq.NOBLOCK, copy=False, track=True)
         except zmq.Again:
             return None

@@ -21,6 +21,13 @@ Record payload (inside a ring record, see ``ring.py``)::
 
 A BULK message on ZeroMQ is ``[secret+prefix+codec header, buffer 0, buffer 1, ...]``,
 where ``secret`` is the channel's 16 random bytes (see :class:`ChannelSpec`).
+When its buffers lie in a pool slot (``pool.py``) it is one frame,
+``secret+prefix(kind 3 POOL)+sizes+place+codec header`` where ``place`` is
+``pool.PLACE`` (slot id, zero, offset of buffer 0): the buffers are not on the
+socket at all.  The pool is used between processes of one host for messages
+whose buffers add up to at least ``POOL_MIN``; plain frames remain the
+fallback (no free slot and the pool at its cap, ``shm_dir`` full, a channel
+made with ``pool_bytes=0``).
 
 Sizing: each direction's ring holds ``2 x threshold`` bytes including its
 4 KiB header, so one channel uses at most ``4 x threshold`` of ``shm_dir``
@@ -48,6 +55,7 @@ import logging
 import os
 import secrets
 import signal
+import socket
 import struct
 import threading
 import time
@@ -61,18 +69,24 @@ from runtime import codec, faults
 from runtime.errors import ProtocolError, TransportError
 from runtime.transport.bulk import BulkLink
 from runtime.transport.doorbell import Doorbell, DoorbellWriter
+from runtime.transport.memcopy import copy_bytes
+from runtime.transport.pool import PLACE, RxPool, TxPool, layout
 from runtime.transport.ring import HEADER_SIZE, MIN_CAPACITY, ShmRing, align8, fence
 
-__all__ = ["Channel", "ChannelSpec", "ring_capacity"]
+__all__ = ["POOL_MIN", "Channel", "ChannelSpec", "default_pool_bytes", "ring_capacity"]
 
 log = logging.getLogger(__name__)
 
-KIND_INLINE, KIND_BULK, KIND_CLOSE = 0, 1, 2
+KIND_INLINE, KIND_BULK, KIND_CLOSE, KIND_POOL = 0, 1, 2, 3
 _PREFIX = struct.Struct("<B3xIII")  # kind, nbuf, header length, tag
 _SIZE = struct.Struct("<Q")
 _PREFIX_LEN = _PREFIX.size  # 16
 _MEMMOVE_MIN = 64 * 1024
 SECRET_LEN = 16
+# Large messages whose buffers add up to less than this go as plain frames:
+# a slot is at least 1 MiB, and below this ZeroMQ's copies cost microseconds.
+POOL_MIN = 64 * 1024
+POOL_MAX_SLOTS = 8
 
 # Default spin before blocking on the doorbell (seconds).  Waking a blocked
 # process costs ~85 us here, a spin iteration ~0.3 us: spin a little longer
@@ -126,16 +140,22 @@ def ring_capacity(threshold: int) -> int:
     return max(MIN_CAPACITY, align8(2 * threshold - HEADER_SIZE))
 
 
+def default_pool_bytes(threshold: int) -> int:
+    """Default cap of one direction's pool: 1 GiB, or 8 messages at the threshold."""
+    return max(1 << 30, 8 * threshold)
+
+
 @dataclass(frozen=True)
 class ChannelSpec:
     """What the callee needs to attach to a channel the caller created.
 
     Plain data (it travels as JSON in the open request); the two ring
-    segments travel beside it as descriptors (``Channel.ring_fds``), never by
-    name.  ``secret`` opens every ZeroMQ message of the channel, in both
-    directions: the ``ipc://`` endpoint is a file another process of the
-    session could connect to, and a message without the secret is refused
-    before it is decoded.
+    segments and the callee's end of the pool socket pair travel beside it as
+    descriptors (``Channel.peer_fds``), never by name.  ``secret`` opens every
+    ZeroMQ message of the channel, in both directions: the ``ipc://`` endpoint
+    is a file another process of the session could connect to, and a message
+    without the secret is refused before it is decoded.  ``pool``: a socket
+    pair for pool slots comes along; ``pool_bytes`` caps each side's pool.
     """
 
     rings: bool
@@ -143,24 +163,28 @@ class ChannelSpec:
     caller_bell: str | None
     threshold: int
     secret: bytes
+    pool: bool = False
+    pool_bytes: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return {"rings": self.rings, "endpoint": self.endpoint, "caller_bell": self.caller_bell,
-                "threshold": self.threshold, "secret": self.secret.hex()}
+                "threshold": self.threshold, "secret": self.secret.hex(), "pool": self.pool,
+                "pool_bytes": self.pool_bytes}
 
     @classmethod
     def from_dict(cls, d: Any) -> ChannelSpec:
         """Validate a spec received from a peer (``ProtocolError`` when malformed)."""
         try:
             spec = cls(d["rings"], d["endpoint"], d["caller_bell"], d["threshold"],
-                       bytes.fromhex(d["secret"]))
+                       bytes.fromhex(d["secret"]), d["pool"], d["pool_bytes"])
         except (KeyError, TypeError, ValueError):
             raise ProtocolError("malformed channel spec") from None
         if not (type(spec.rings) is bool and type(spec.endpoint) is str
                 and spec.endpoint.startswith("ipc://")
                 and (spec.caller_bell is None or type(spec.caller_bell) is str)
                 and type(spec.threshold) is int and spec.threshold >= 1
-                and len(spec.secret) == SECRET_LEN):
+                and len(spec.secret) == SECRET_LEN and type(spec.pool) is bool
+                and type(spec.pool_bytes) is int and 0 <= spec.pool_bytes < 1 << 48):
             raise ProtocolError("malformed channel spec")
         return spec
 
@@ -193,9 +217,26 @@ class Channel:
 
     def __init__(self, *, tx: ShmRing | None, rx: ShmRing | None, bulk: BulkLink,
                  own_bell: Doorbell | None, owns_bell: bool, peer_bell: DoorbellWriter | None,
-                 threshold: int, safe: bool, name: str, secret: bytes) -> None:
+                 threshold: int, safe: bool, name: str, secret: bytes,
+                 pool_sock: socket.socket | None = None, shm_dir: str | None = None,
+                 pool_bytes: int = 0, peer_sock: socket.socket | None = None) -> None:
         self.tx, self.rx, self.bulk = tx, rx, bulk
         self.secret = secret
+        # The pool: slots for our large messages, mappings of the peer's.
+        self.pool_sock = pool_sock
+        self._peer_sock = peer_sock  # caller side, until attached(): the callee's end
+        self.pool_bytes = pool_bytes
+        self.pool_tx = self.pool_rx = None
+        if pool_sock is not None and shm_dir is not None and pool_bytes > 0:
+            self.pool_tx = TxPool(pool_sock, shm_dir, max_bytes=pool_bytes,
+                                  max_slots=POOL_MAX_SLOTS)
+            self.pool_rx = RxPool(pool_sock, shm_dir)
+        elif pool_sock is not None:
+            # This end cannot map slots: closing the pair tells the peer's pool
+            # (its next slot announcement fails), so it sends plain frames.
+            pool_sock.close()
+            self.pool_sock = None
+        self._queued = False  # set once a BULK message's frames are queued
         self.own_bell, self._owns_bell, self.peer_bell = own_bell, owns_bell, peer_bell
         self.threshold = threshold
         self.safe = safe
@@ -209,16 +250,22 @@ class Channel:
     # -- construction --------------------------------------------------------
     @classmethod
     def create(cls, *, shm_dir: str, private_dir: str, name: str, threshold: int,
-               safe: bool = False) -> Channel:
+               safe: bool = False, pool_bytes: int | None = None) -> Channel:
         """The caller's end: makes both rings, its doorbell and binds the ZeroMQ link.
 
-        The rings are nameless segments (``ShmRing.create_anonymous``): hand
-        :meth:`ring_fds` to the callee, then call :meth:`attached`.
+        The rings are nameless segments (``ShmRing.create_anonymous``), and the
+        pool's slots travel over a private socket pair: hand :meth:`peer_fds`
+        to the callee, then call :meth:`attached`.  ``pool_bytes`` caps each
+        direction's pool (default :func:`default_pool_bytes`; 0: no pool, large
+        messages always go as ZeroMQ frames).
         """
         if threshold < 1:
             raise ValueError(f"threshold must be >= 1 byte, got {threshold}")
+        if pool_bytes is None:
+            pool_bytes = default_pool_bytes(threshold)
         tx = rx = None
         bell = None
+        socks: tuple[socket.socket, socket.socket] | tuple[None, None] = (None, None)
         try:
             cap = ring_capacity(threshold)
             tx = ShmRing.create_anonymous(shm_dir, cap)
@@ -232,6 +279,9 @@ class Channel:
         try:
             if rx is not None:
                 bell = Doorbell(os.path.join(private_dir, f"{name}.bell"))
+            if pool_bytes > 0:
+                socks = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+                socks[0].setblocking(False)
             bulk = BulkLink(f"ipc://{os.path.join(private_dir, name + '.zmq')}", bind=True)
         except BaseException:
             for ring in (tx, rx):
@@ -239,24 +289,36 @@ class Channel:
                     ring.close()
             if bell is not None:
                 bell.close()
+            for sock in socks:
+                if sock is not None:
+                    sock.close()
             raise
         return cls(tx=tx, rx=rx, bulk=bulk, own_bell=bell, owns_bell=True, peer_bell=None,
                    threshold=threshold, safe=safe, name=name,
-                   secret=secrets.token_bytes(SECRET_LEN))
+                   secret=secrets.token_bytes(SECRET_LEN), pool_sock=socks[0],
+                   shm_dir=shm_dir, pool_bytes=pool_bytes, peer_sock=socks[1])
 
     def spec(self) -> ChannelSpec:
         return ChannelSpec(rings=self.tx is not None, endpoint=self.bulk.endpoint,
                            caller_bell=self.own_bell.path if self.own_bell else None,
-                           threshold=self.threshold, secret=self.secret)
+                           threshold=self.threshold, secret=self.secret,
+                           pool=self._peer_sock is not None, pool_bytes=self.pool_bytes)
 
-    def ring_fds(self) -> tuple[int, ...]:
-        """Caller side, until :meth:`attached`: the descriptors of (to callee, to caller)."""
-        if self.tx is None:
-            return ()
-        return (self.tx.segment.fd, self.rx.segment.fd)
+    def peer_fds(self) -> tuple[int, ...]:
+        """Caller side, until :meth:`attached`: the descriptors the callee needs.
+
+        The rings' (to callee, to caller) when the channel has rings, then the
+        callee's end of the pool socket pair when it has a pool.
+        """
+        fds: tuple[int, ...] = ()
+        if self.tx is not None:
+            fds = (self.tx.segment.fd, self.rx.segment.fd)
+        if self._peer_sock is not None:
+            fds += (self._peer_sock.fileno(),)
+        return fds
 
     def attached(self, callee_bell: str | None) -> None:
-        """Caller side, once the callee has the rings: drop their descriptors.
+        """Caller side, once the callee has the descriptors: drop our copies.
 
         The segments have no name; from here on they live exactly as long as
         the two mappings do, so no crash of either process can leak them.
@@ -264,23 +326,34 @@ class Channel:
         for ring in (self.tx, self.rx):
             if ring is not None:
                 ring.segment.release_fd()
+        if self._peer_sock is not None:
+            self._peer_sock.close()
+            self._peer_sock = None
         if self.tx is not None and callee_bell is not None:
             self.peer_bell = DoorbellWriter(callee_bell)
 
     @classmethod
     def attach(cls, spec: ChannelSpec, *, fds: tuple[int, ...] | list[int] = (),
-               own_bell: Doorbell | None, safe: bool, name: str) -> Channel:
-        """The callee's end of a channel described by ``spec``; takes ownership of ``fds``."""
-        tx = rx = bulk = None
+               own_bell: Doorbell | None, safe: bool, name: str,
+               shm_dir: str | None = None) -> Channel:
+        """The callee's end of a channel described by ``spec``; takes ownership of ``fds``.
+
+        ``shm_dir`` is this process's own idea of the session's ``shm_dir``:
+        the peer's pool slots must be files there.  Without it the callee uses
+        no pool (its large messages go as frames, and it refuses the peer's
+        slots).
+        """
+        tx = rx = bulk = sock = None
         fds = list(fds)
+        want = 2 * spec.rings + spec.pool
         try:
+            if len(fds) != want:
+                raise ProtocolError(f"channel spec needs {want} descriptors, {len(fds)} came")
             if spec.rings:
-                if len(fds) != 2:
-                    raise ProtocolError(f"channel spec has rings, {len(fds)} descriptors came")
                 rx = ShmRing.from_fd(fds.pop(0))
                 tx = ShmRing.from_fd(fds.pop(0))
-            elif fds:
-                raise ProtocolError("descriptors came for a channel without rings")
+            if spec.pool:
+                sock = _pool_socket(fds.pop(0))
             bulk = BulkLink(spec.endpoint, bind=False)
             peer = DoorbellWriter(spec.caller_bell) if (tx is not None and spec.caller_bell) \
                 else None
@@ -290,12 +363,15 @@ class Channel:
             for ring in (tx, rx):
                 if ring is not None:
                     ring.close()
+            if sock is not None:
+                sock.close()
             if bulk is not None:
                 bulk.close()
             raise
         return cls(tx=tx, rx=rx, bulk=bulk, own_bell=own_bell if rx is not None else None,
                    owns_bell=False, peer_bell=peer, threshold=spec.threshold, safe=safe,
-                   name=name, secret=spec.secret)
+                   name=name, secret=spec.secret, pool_sock=sock, shm_dir=shm_dir,
+                   pool_bytes=spec.pool_bytes)
 
     @property
     def mode(self) -> str:
@@ -387,7 +463,8 @@ class Channel:
                 if tx.reader_sleeping() and self.peer_bell is not None:
                     self._ring_peer(check)
                 route = "shm"
-        if route == "zmq":
+        if route == "zmq" and not (nbuf and self.pool_tx is not None
+                                   and self._send_pooled(enc, tag, deadline, check, on_full)):
             prefix = self.secret + _PREFIX.pack(KIND_INLINE, nbuf, hlen, tag & 0xFFFFFFFF)
             if nbuf:
                 prefix += _sizes(nbuf).pack(*[b.nbytes for b in buffers])
@@ -402,16 +479,56 @@ class Channel:
         self.copy_ns += time.perf_counter_ns() - t1
         return route
 
+    def _send_pooled(self, enc: codec.Encoded, tag: int, deadline: float | None,
+                     check: Callable[[], None] | None,
+                     on_full: Callable[[], None] | None) -> bool:
+        """Send a large message with its buffers in a pool slot; False: use frames.
+
+        The buffers are copied once into the slot (``memcopy``: on several
+        threads where that pays); ZeroMQ carries one small frame.  A send that
+        fails before the frame is queued gives the slot back.
+        """
+        buffers = enc.buffers
+        sizes = [b.nbytes for b in buffers]
+        offsets, span = layout(sizes)
+        if span < POOL_MIN:
+            return False
+        slot = self.pool_tx.acquire(span)
+        if slot is None:
+            return False
+        self._queued = False
+        try:
+            base = slot.data_address
+            for b, off, n in zip(buffers, offsets, sizes, strict=True):
+                if n:
+                    copy_bytes(base + off, b.ctypes.data, n)
+            nbuf = len(buffers)
+            parts = [b"".join((self.secret,
+                               _PREFIX.pack(KIND_POOL, nbuf, len(enc.header), tag & 0xFFFFFFFF),
+                               _sizes(nbuf).pack(*sizes), PLACE.pack(slot.id, 0, 0),
+                               enc.header))]
+            if self.tx is None:
+                self.bulk.send(parts, deadline=deadline, check=check, small=True)
+                self._queued = True
+            else:
+                self._send_bulk(parts, deadline, check, on_full, small=True)
+        except BaseException:
+            if not self._queued:
+                slot.release()
+            raise
+        return True
+
     def _send_bulk(self, parts: list, deadline: float | None,
                    check: Callable[[], None] | None,
-                   on_full: Callable[[], None] | None) -> None:
+                   on_full: Callable[[], None] | None, *, small: bool = False) -> None:
         """Frames on ZeroMQ, then their marker in the ring: both or neither.
 
         The marker's ring space is reserved first (waiting is harmless: nothing
         is sent yet); then queueing the frames and publishing the marker run as
         one step that neither ``KeyboardInterrupt`` nor a timeout can split --
         frames without their marker would be taken for the next message's, and
-        the channel would run one message late from then on.
+        the channel would run one message late from then on.  ``small``: the
+        parts are small bytes, copied by ZeroMQ (nothing to wait for after).
         """
         tx = self.tx
         addr = tx.reserve(_PREFIX_LEN)
@@ -420,8 +537,9 @@ class Channel:
         bulk = self.bulk
         while True:
             with _interrupts_held():
-                tracker = bulk.try_send(parts)
+                tracker = bulk.try_send(parts, copy=small)
                 if tracker is not None:
+                    self._queued = True
                     faults.hit("zmq_send")
                     _PREFIX.pack_into(tx.view, addr - tx.segment.address, KIND_BULK, 0, 0, 0)
                     tx.commit()
@@ -430,7 +548,8 @@ class Channel:
                         self._ring_peer(check)
                     break
             bulk.pause(deadline, check, "send")
-        bulk.wait_sent(tracker, deadline, check)
+        if not small:
+            bulk.wait_sent(tracker, deadline, check)
 
     def _send_marker(self, kind: int, deadline: float | None,
                      check: Callable[[], None] | None,
@@ -616,6 +735,8 @@ class Channel:
         return obj
 
     def _decode_bulk(self, frames: list, meta: Any, kind: int, nbuf: int, hlen: int) -> Any:
+        if kind == KIND_POOL:
+            return self._decode_pooled(frames, meta, nbuf, hlen)
         if kind != KIND_INLINE:
             raise ProtocolError(f"unknown ZeroMQ message kind {kind}")
         sizes, pos = _parse_sizes(meta, 0, nbuf, len(meta))
@@ -630,6 +751,41 @@ class Channel:
                 raise ProtocolError(f"ZeroMQ frame of {len(frame.buffer)} bytes, declared {nb}")
             bufs.append(np.frombuffer(frame, np.uint8))  # the frame's memory: no copy
         obj = codec.decode(meta[pos:], bufs, safe=self.safe, envelope=self.recv_envelope)
+        route = self.routes["zmq"]
+        route.msgs_in += 1
+        route.bytes_in += hlen + sum(sizes)
+        return obj
+
+    def _decode_pooled(self, frames: list, meta: Any, nbuf: int, hlen: int) -> Any:
+        """A message whose buffers lie in a slot of the peer's pool.
+
+        Read in place from a trusted peer (the decoded tensors keep the slot
+        BUSY until they are gone, see ``pool.py``); copied out, and the slot
+        freed at once, from an untrusted one, which could change the bytes
+        after they were checked.
+        """
+        if self.pool_rx is None:
+            raise ProtocolError("a pool message on a channel without a pool")
+        if len(frames) != 1:
+            raise ProtocolError(f"pool message with {len(frames) - 1} buffer frames")
+        sizes, pos = _parse_sizes(meta, 0, nbuf, len(meta))
+        if pos + PLACE.size + hlen != len(meta):
+            raise ProtocolError(f"ZeroMQ header frame of {len(meta)} bytes, declared "
+                                f"{pos + PLACE.size + hlen}")
+        slot_id, zero, offset = PLACE.unpack_from(meta, pos)
+        if zero:
+            raise ProtocolError("malformed pool placement")
+        t0 = time.perf_counter_ns()
+        bufs, fin = self.pool_rx.buffers(slot_id, offset, sizes, copy=self.safe)
+        self.copy_ns += time.perf_counter_ns() - t0
+        try:
+            obj = codec.decode(meta[pos + PLACE.size:], bufs, safe=self.safe,
+                               envelope=self.recv_envelope)
+        except BaseException:
+            del bufs
+            if fin is not None:
+                fin()  # free the slot now, not when the traceback goes
+            raise
         route = self.routes["zmq"]
         route.msgs_in += 1
         route.bytes_in += hlen + sum(sizes)
@@ -683,12 +839,15 @@ class Channel:
 
     # -- statistics and lifecycle -------------------------------------------
     def stats(self) -> dict[str, Any]:
-        return {
+        out = {
             "name": self.name, "mode": self.mode, "threshold": self.threshold,
             "routes": {k: r.as_dict() for k, r in self.routes.items()},
             "encode_s": self.encode_ns / 1e9, "decode_s": self.decode_ns / 1e9,
             "copy_s": self.copy_ns / 1e9, "wait_s": self.wait_ns / 1e9,
         }
+        if self.pool_tx is not None:
+            out["pool"] = {**self.pool_tx.stats(), **self.pool_rx.stats()}
+        return out
 
     def close(self, *, notify: bool = True) -> None:
         """Release this end (idempotent); with ``notify``, tell the peer first."""
@@ -709,6 +868,12 @@ class Channel:
             self.peer_bell.close()
         if self._owns_bell and self.own_bell is not None:
             self.own_bell.close()
+        for pool in (self.pool_tx, self.pool_rx):
+            if pool is not None:
+                pool.close()  # a slot a received tensor still uses stays mapped for it
+        for sock in (self.pool_sock, self._peer_sock):
+            if sock is not None:
+                sock.close()
         self.bulk.close()
 
 
@@ -718,6 +883,20 @@ def _parse_sizes(buf: Any, off: int, nbuf: int, length: int) -> tuple[list[int],
         raise ProtocolError(f"{nbuf} buffers declared in a {length}-byte record")
     sizes = list(_sizes(nbuf).unpack_from(buf, pos)) if nbuf else []
     return sizes, pos + 8 * nbuf
+
+
+def _pool_socket(fd: int) -> socket.socket:
+    """The callee's end of the pool socket pair, from a received descriptor."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError as exc:
+        os.close(fd)
+        raise ProtocolError(f"the pool descriptor is not a socket: {exc}") from None
+    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_SEQPACKET:
+        sock.close()
+        raise ProtocolError("the pool descriptor is not a Unix SOCK_SEQPACKET socket")
+    sock.setblocking(False)
+    return sock
 
 
 _SIZES: dict[int, struct.Struct] = {}

@@ -7,6 +7,7 @@ after every test; each test asserts the error and the time.
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import subprocess
@@ -389,3 +390,105 @@ def test_a_dead_actors_files_go_while_the_session_runs():
             time.sleep(0.02)
         assert not made_by_caller()
         assert target.echo(4) == 4  # the target lives on
+
+
+# -- the pool: kill -9 of either side mid-transfer ------------------------------------
+
+
+def _fds_and_maps() -> tuple[int, int]:
+    with open("/proc/self/maps") as f:
+        maps = sum(1 for line in f if "(deleted)" in line and "#" in line)
+    return psutil.Process().num_fds(), maps
+
+
+def _until(cond, timeout: float = 10) -> bool:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+@pytest.mark.parametrize("how", ["argument queued", "result queued", "result loop"])
+def test_kill_mid_pooled_transfer_leaves_nothing(shm_tmpfs, monkeypatch, how):
+    """Slots are nameless and their descriptors travel over the channel's own
+    socket pair: whatever the moment of a ``kill -9``, once the caller has seen
+    the death nothing of the channel is left -- no descriptor, no mapping, no
+    byte of the session's ``shm_dir`` (its own tmpfs here, so usage is exact).
+    """
+    from tests.conftest import tmpfs_used
+
+    if how == "result queued":  # killed with the reply's frame queued, its marker not yet
+        monkeypatch.setenv("RT_FAULT", "zmq_send@2")
+        monkeypatch.setenv("RT_FAULT_ACTOR", "victim")
+    big = torch.ones(BIG)
+    with ActorSystem(shm_dir=shm_tmpfs) as system:
+        warm = system.spawn(Echo)  # ZeroMQ's context (its descriptors stay) starts here
+        warm.echo(big)
+        warm.kill()
+        gc.collect()
+        base = _fds_and_maps()
+        e = system.spawn(Echo, name="victim")
+        assert torch.equal(e.echo(big), big)  # the pool's slots exist now, both ways
+        assert tmpfs_used(shm_tmpfs) >= 2 * 4 * BIG
+        assert _fds_and_maps()[1] >= base[1] + 4  # two rings and two slots mapped here
+        t0 = time.monotonic()
+        if how == "argument queued":  # the slot written, its descriptor in the actor's queue
+            e.sleep.remote(0.6)
+            killer = kill_later(e.pid, 0.3)
+            with pytest.raises(ActorDiedError):
+                e.echo(big + 1)
+        elif how == "result queued":
+            with pytest.raises(ActorDiedError, match="SIGKILL"):
+                e.echo(big + 1)
+            killer = None
+        else:
+            killer = kill_later(e.pid, 0.05)
+            with pytest.raises(ActorDiedError):
+                for _ in range(50):
+                    e.ones(BIG)
+        assert time.monotonic() - t0 < 3.0
+        if killer is not None:
+            killer.join()
+        gc.collect()
+        assert _until(lambda: tmpfs_used(shm_tmpfs) == 0), \
+            f"{tmpfs_used(shm_tmpfs)} bytes left in shm_dir"
+        assert _until(lambda: _fds_and_maps() <= base), f"{_fds_and_maps()} > {base}"
+    assert tmpfs_used(shm_tmpfs) == 0
+
+
+POOL_DRIVER = textwrap.dedent("""
+    import os, sys, time, torch
+    sys.path[:0] = {path!r}
+    from runtime import ActorSystem
+    from tests.integration.actors_lib import Echo
+    system = ActorSystem(shm_dir={shm!r})
+    e = system.spawn(Echo)
+    x = torch.ones(16 * 1024 * 1024)
+    e.echo(x)
+    print(system._link.proc.pid, e.pid, flush=True)
+    while True:
+        e.echo(x)
+""")
+
+
+def test_driver_killed_mid_pooled_transfer_leaves_nothing(shm_tmpfs, tmp_path):
+    from tests.conftest import tmpfs_used
+
+    script = tmp_path / "driver.py"
+    script.write_text(POOL_DRIVER.format(path=[os.getcwd(), *sys.path], shm=shm_tmpfs))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        pids = [int(p) for p in proc.stdout.readline().split()]
+        assert len(pids) == 2
+        time.sleep(0.3)  # echoing 64 MiB back and forth
+        assert tmpfs_used(shm_tmpfs) > 0
+        proc.kill()
+        proc.wait()
+        assert wait_gone(pids, 2.5), "supervisor and actors must go within 2 s"
+        assert _until(lambda: tmpfs_used(shm_tmpfs) == 0, 5), \
+            f"{tmpfs_used(shm_tmpfs)} bytes left in shm_dir"
+    finally:
+        proc.kill()
+        proc.wait()

@@ -1,0 +1,114 @@
+"""Large calls and replies through the pool, end to end through ActorSystem."""
+
+from __future__ import annotations
+
+import gc
+import os
+
+import psutil
+import pytest
+import torch
+
+from runtime import ActorSystem
+from tests.integration.actors_lib import Echo, Untrusted
+
+MiB = 1 << 20
+BIG = 16 * MiB  # bytes: above the 10 MiB default threshold
+
+
+def pool_of(system) -> dict:
+    (ch,) = system.stats()["channels"]
+    return ch["pool"]
+
+
+def test_results_stay_valid_while_later_large_calls_run():
+    with ActorSystem() as system:
+        e = system.spawn(Echo)
+        zero = torch.zeros(BIG // 4)
+        kept = [e.add(zero, float(i)) for i in range(3)]  # three results held
+        for i in range(10):
+            out = e.add(zero, 100.0 + i)
+            assert torch.all(out == 100.0 + i)
+            del out
+        for i, k in enumerate(kept):
+            assert torch.all(k == float(i)), "a held result was overwritten"
+        pool = pool_of(system)
+        # the actor made a slot per held result plus one it reuses
+        assert pool["peer_slots"] == 4 and pool["received"] == 13
+        del kept, k
+        gc.collect()
+        for _ in range(5):
+            assert torch.all(e.add(zero, -1.0) == -1.0)
+        assert pool_of(system)["peer_slots"] == 4  # freed slots are reused, none made
+
+
+def test_an_echo_needs_at_most_two_slots_each_way(route, threshold):
+    """The actor frees a call's slot right after its reply is sent; the next call
+    may come before that (then the caller takes a second slot): never more."""
+    with ActorSystem(shm_threshold=threshold) as system:
+        e = system.spawn(Echo)
+        for i in range(20):
+            x = torch.full((BIG // 4,), float(i))
+            assert torch.equal(e.echo(x), x)
+        pool = pool_of(system)
+        assert pool["created"] <= 2 and pool["peer_slots"] <= 2
+        assert pool["fallbacks"] == 0 and pool["received"] == 20
+        assert system.stats()["routes"]["zmq"]["messages"] == 40
+
+
+def test_an_untrusted_actors_results_are_copied_out():
+    with ActorSystem() as system:
+        u = system.spawn(Untrusted)
+        kept = [u.tensor(BIG // 8) for _ in range(4)]  # int64: 16 MiB each
+        assert all(torch.equal(k, torch.arange(BIG // 8)) for k in kept)
+        pool = pool_of(system)
+        assert pool["received"] == 4 and pool["peer_slots"] == 1  # freed at once
+
+
+def test_large_messages_on_a_tiny_shm_dir(tiny_tmpfs):
+    with ActorSystem(shm_dir=tiny_tmpfs, shm_threshold=MiB) as system:
+        e = system.spawn(Echo)
+        x = torch.randn(BIG // 4)
+        for _ in range(3):
+            assert torch.equal(e.echo(x), x)
+        assert system.stats()["routes"]["zmq"]["messages"] == 6
+        assert pool_of(system)["created"] == 0
+        assert os.listdir(tiny_tmpfs) == []
+
+
+def test_many_large_calls_leave_descriptors_and_mappings_flat():
+    me = psutil.Process()
+
+    def maps() -> int:
+        with open("/proc/self/maps") as f:
+            return sum(1 for line in f if "/dev/shm" in line)
+
+    with ActorSystem() as system:
+        e = system.spawn(Echo)
+        sizes = [BIG, 2 * BIG, BIG // 2 + MiB * 7, 3 * BIG]
+        for n in sizes * 2:
+            e.echo(torch.ones(n // 4))
+        fds, mapped = me.num_fds(), maps()
+        for n in sizes * 10:
+            out = e.echo(torch.ones(n // 4))
+            assert out.numel() == n // 4
+            del out
+        assert me.num_fds() == fds and maps() == mapped
+
+
+@pytest.mark.parametrize("direction", ["argument", "result"])
+def test_a_dead_actors_slots_go_with_it(shm_tmpfs, direction):
+    """A tensor received from an actor outlives it; its slot goes once the tensor does."""
+    from tests.conftest import tmpfs_used
+
+    with ActorSystem(shm_dir=shm_tmpfs) as system:
+        e = system.spawn(Echo)
+        kept = e.echo(torch.ones(BIG // 4))
+        e.kill()
+        assert torch.all(kept == 1.0)
+        used = tmpfs_used(shm_tmpfs)
+        assert used >= BIG  # the actor's slot, mapped here only
+        del kept
+        gc.collect()
+        assert tmpfs_used(shm_tmpfs) <= used - BIG
+    assert tmpfs_used(shm_tmpfs) == 0

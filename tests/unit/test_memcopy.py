@@ -1,0 +1,51 @@
+"""Large host copies on several threads where that was measured faster (``memcopy.py``)."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import numpy as np
+import pytest
+
+from runtime.transport import memcopy
+
+
+@pytest.mark.parametrize("n", [0, 1, 4095, memcopy.PARALLEL_MIN, 3 * memcopy.PARALLEL_MIN + 5])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_memcopy_copies_exactly(monkeypatch, n, threads):
+    monkeypatch.setattr(memcopy, "_threads", threads)
+    src = np.random.default_rng(n).integers(0, 256, n + 64, dtype=np.uint8)
+    dst = np.zeros(n + 64, np.uint8)
+    memcopy.copy_bytes(dst.ctypes.data + 32, src.ctypes.data + 32, n)
+    assert np.array_equal(dst[32:32 + n], src[32:32 + n])
+    assert not dst[:32].any() and not dst[32 + n:].any()
+
+
+def test_memcopy_decides_once_by_measuring(monkeypatch):
+    monkeypatch.setattr(memcopy, "_threads", None)
+    monkeypatch.setattr(memcopy, "_measured", {})
+    monkeypatch.delenv("RT_COPY_THREADS", raising=False)
+    k = memcopy.threads()
+    m = memcopy.measured()
+    assert k >= 1 and memcopy.threads() == k
+    if len(os.sched_getaffinity(0)) > 1:
+        assert m["one_thread_s"] > 0 and m["n_threads_s"] > 0
+        assert (k > 1) == (m["n_threads_s"] < 0.75 * m["one_thread_s"])
+    monkeypatch.setattr(memcopy, "_threads", None)
+    monkeypatch.setenv("RT_COPY_THREADS", "3")
+    assert memcopy.threads() == 3
+
+
+def test_memcopy_threads_are_shared_safely(monkeypatch):
+    monkeypatch.setattr(memcopy, "_threads", 2)
+    n = 2 * memcopy.PARALLEL_MIN
+    src = [np.full(n, i, np.uint8) for i in range(4)]
+    dst = [np.zeros(n, np.uint8) for _ in range(4)]
+    ths = [threading.Thread(target=lambda i=i: [memcopy.copy_bytes(
+        dst[i].ctypes.data, src[i].ctypes.data, n) for _ in range(5)]) for i in range(4)]
+    for th in ths:
+        th.start()
+    for th in ths:
+        th.join()
+    assert all(np.array_equal(d, s) for d, s in zip(dst, src, strict=True))

@@ -1,0 +1,460 @@
+"""The pool of shared-memory slots that carries large messages' buffers (``pool.py``)."""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import os
+import socket
+import struct
+import tempfile
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from runtime import codec
+from runtime.errors import ProtocolError
+from runtime.transport import pool
+from runtime.transport.channel import _PREFIX, KIND_POOL, POOL_MIN, Channel
+from runtime.transport.doorbell import Doorbell
+from tests.unit.test_transport import SHM, make_pair
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def private_dir():
+    d = tempfile.mkdtemp(prefix="rtp")
+    yield d
+    for f in os.listdir(d):
+        os.unlink(os.path.join(d, f))
+    os.rmdir(d)
+
+
+@pytest.fixture
+def big_pair(private_dir):
+    """Threshold 1 MiB: a 4 MiB tensor goes on ZeroMQ, its bytes through the pool."""
+    caller, callee, bell = make_pair(private_dir, MiB)
+    yield caller, callee
+    caller.close()
+    callee.close()
+    bell.close()
+
+
+def recv(ch):
+    return ch.recv(deadline=time.monotonic() + 10)
+
+
+def pool_stats(ch) -> dict:
+    return ch.stats()["pool"]
+
+
+def mapped_slot(ch, t: torch.Tensor) -> bool:
+    """True if ``t``'s bytes lie in one of ``ch``'s mappings of the peer's slots."""
+    p = t.data_ptr()
+    return any(s.address <= p < s.address + pool.HEADER_SIZE + s.capacity
+               for s in ch.pool_rx.slots.values() if s.state is not None)
+
+
+# -- layout and sizing ------------------------------------------------------------------
+
+
+def test_layout_aligns_every_buffer():
+    offsets, span = pool.layout([1, 0, 64, 65, 7])
+    assert offsets == [0, 64, 64, 128, 256] and span == 320
+    assert pool.layout([]) == ([], 0)
+
+
+def test_slot_sizes_come_from_a_small_set():
+    assert pool.slot_size(1) == MiB
+    assert pool.slot_size(MiB + 1) == 3 * MiB // 2
+    assert pool.slot_size(3 * MiB // 2 + 1) == 2 * MiB
+    assert pool.slot_size(128 * MiB) == 128 * MiB
+    assert pool.slot_size(64 * MiB + 64) == 96 * MiB
+    for need in (5, MiB - 1, 7 * MiB + 3, 100 * MiB):
+        size = pool.slot_size(need)
+        assert need <= size and (size <= MiB or size < 1.5 * need) and size % 4096 == 0
+
+
+# -- the route --------------------------------------------------------------------------
+
+
+def test_large_message_goes_through_a_slot_and_arrives_in_place(big_pair):
+    caller, callee = big_pair
+    t = torch.arange(MiB, dtype=torch.float32)  # 4 MiB
+    assert caller.send({"t": t, "small": torch.ones(3), "s": "x"}) == "zmq"
+    got = recv(callee)
+    assert torch.equal(got["t"], t) and torch.equal(got["small"], torch.ones(3))
+    assert got["s"] == "x"
+    assert mapped_slot(callee, got["t"]), "a trusted peer's message is read in place"
+    assert pool_stats(caller)["created"] == 1 and pool_stats(callee)["received"] == 1
+    assert caller.stats()["routes"]["zmq"]["sent_messages"] == 1
+
+
+def test_below_pool_min_goes_as_frames(big_pair):
+    caller, callee = big_pair
+    msg = [b"x" * MiB, torch.ones(POOL_MIN // 8)]  # large, but its buffers are small
+    assert caller.send(msg) == "zmq"
+    got = recv(callee)
+    assert got[0] == msg[0] and torch.equal(got[1], msg[1])
+    assert pool_stats(caller)["created"] == 0
+
+
+def test_slots_are_reused(big_pair):
+    caller, callee = big_pair
+    for i in range(40):
+        t = torch.full((MiB,), float(i))
+        caller.send(t)
+        got = recv(callee)
+        assert float(got[0]) == i and float(got[-1]) == i
+        del got  # the slot is free again
+        callee.send(torch.full((MiB // 2,), float(-i)))
+        back = recv(caller)
+        assert float(back[-1]) == -i
+        del back
+    assert pool_stats(caller)["created"] == 1, "one slot serves every message"
+    assert pool_stats(callee)["created"] == 1
+    assert pool_stats(caller)["fallbacks"] == 0
+
+
+def test_a_held_tensor_stays_valid_while_later_messages_arrive(big_pair):
+    caller, callee = big_pair
+    caller.send(torch.full((MiB,), 7.0))
+    kept = recv(callee)
+    for i in range(20):  # the sender must not reuse the slot `kept` lies in
+        caller.send(torch.full((MiB,), float(i)))
+        got = recv(callee)
+        assert torch.all(got == i)
+        del got
+    assert torch.all(kept == 7.0)
+    assert pool_stats(caller)["created"] == 2  # one held, one reused 20 times
+    view = kept[10:20]  # a view keeps the lease too
+    del kept
+    gc.collect()
+    caller.send(torch.full((MiB,), 1.0))
+    assert torch.all(recv(callee) == 1.0)
+    assert torch.all(view == 7.0)
+    del view
+    for _ in range(5):
+        caller.send(torch.full((MiB,), 2.0))
+        assert torch.all(recv(callee) == 2.0)
+    assert pool_stats(caller)["created"] == 2
+
+
+def test_received_tensor_outlives_the_channel(private_dir):
+    caller, callee, bell = make_pair(private_dir, MiB)
+    try:
+        caller.send(torch.full((MiB,), 3.0))
+        kept = recv(callee)
+    finally:
+        caller.close()
+        callee.close()
+        bell.close()
+    assert torch.all(kept == 3.0)  # the slot stays mapped for it
+    kept += 1
+    assert torch.all(kept == 4.0)
+
+
+def test_a_peer_that_never_frees_makes_the_sender_fall_back(private_dir):
+    caller, callee, bell = make_pair(private_dir, MiB, pool_bytes=4 * MiB)
+    kept = []
+    try:
+        for i in range(6):
+            caller.send(torch.full((MiB // 2 + 100,), float(i)))  # needs a 3 MiB slot
+            kept.append(recv(callee))
+        st = pool_stats(caller)
+        assert st["slot_bytes"] <= 4 * MiB and st["fallbacks"] >= 4
+        assert [float(k[0]) for k in kept] == list(range(6))
+        assert sum(mapped_slot(callee, k) for k in kept) == st["slots"]
+        del kept[:]
+        caller.send(torch.full((MiB // 2 + 100,), 9.0))
+        assert float(recv(callee)[0]) == 9.0
+        assert pool_stats(caller)["fallbacks"] == st["fallbacks"]  # a slot again
+    finally:
+        caller.close()
+        callee.close()
+        bell.close()
+
+
+def test_pool_off_sends_frames(private_dir):
+    caller, callee, bell = make_pair(private_dir, MiB, pool_bytes=0)
+    try:
+        assert not caller.spec().pool and "pool" not in caller.stats()
+        t = torch.randn(MiB)
+        caller.send(t)
+        assert torch.equal(recv(callee), t)
+    finally:
+        caller.close()
+        callee.close()
+        bell.close()
+
+
+def test_a_peer_that_cannot_map_slots_gets_frames(private_dir):
+    """A callee attached without ``shm_dir`` closes the pool's pair: the caller
+    learns it at its first slot announcement and sends frames from then on."""
+    caller = Channel.create(shm_dir=SHM, private_dir=private_dir, name="rt_nomap",
+                            threshold=MiB)
+    bell = Doorbell(os.path.join(private_dir, "nomap.bell"))
+    callee = Channel.attach(caller.spec(), fds=[os.dup(fd) for fd in caller.peer_fds()],
+                            own_bell=bell, safe=False, name="callee")  # no shm_dir
+    caller.attached(bell.path)
+    try:
+        assert callee.pool_tx is None and callee.pool_sock is None
+        for i in range(3):
+            t = torch.full((MiB,), float(i))
+            caller.send(t)
+            got = recv(callee)
+            assert torch.equal(got, t)
+            callee.send(got)
+            assert torch.equal(recv(caller), t)
+        st = pool_stats(caller)
+        assert st["created"] == 0 and st["fallbacks"] == 3 and caller.pool_tx.peer_gone
+    finally:
+        caller.close()
+        callee.close()
+        bell.close()
+
+
+def test_a_forked_child_dropping_a_tensor_does_not_free_the_slot(big_pair):
+    caller, callee = big_pair
+    caller.send(torch.full((MiB,), 5.0))
+    kept = recv(callee)
+    pid = os.fork()
+    if pid == 0:  # the child drops its copy of the tensor, then exits
+        try:
+            del kept
+            gc.collect()
+        finally:
+            os._exit(0)
+    assert os.waitpid(pid, 0)[1] == 0
+    assert not caller.pool_tx.slots[0].is_free()
+    caller.send(torch.full((MiB,), 6.0))  # must not land in kept's slot
+    assert torch.all(recv(callee) == 6.0)
+    assert torch.all(kept == 5.0)
+
+
+def test_an_untrusted_peers_slot_is_copied_out_and_freed_at_once(private_dir):
+    caller, callee, bell = make_pair(private_dir, MiB, safe=True)
+    try:
+        kept = []
+        for i in range(5):
+            caller.send(torch.full((MiB,), float(i)))
+            kept.append(recv(callee))
+            assert not mapped_slot(callee, kept[-1])
+        assert [float(k[0]) for k in kept] == list(range(5))
+        assert pool_stats(caller)["created"] == 1  # freed as soon as it was copied
+    finally:
+        caller.close()
+        callee.close()
+        bell.close()
+
+
+def test_both_directions_with_many_buffers(big_pair):
+    caller, callee = big_pair
+    msg = [torch.randn(n) for n in (0, 1, 3, 1000, MiB // 3, 17)] + [np.arange(MiB // 2)]
+    caller.send(msg)
+    got = recv(callee)
+    callee.send(got)
+    back = recv(caller)
+    for a, b in zip(msg[:-1], back[:-1], strict=True):
+        assert torch.equal(a, b)
+    assert np.array_equal(msg[-1], back[-1])
+
+
+def test_timeout_before_queueing_gives_the_slot_back(private_dir):
+    caller, callee, bell = make_pair(private_dir, 1024)  # a small ring (64 KiB)
+    try:
+        while True:  # fill the ring with small messages nobody reads
+            try:
+                caller.send(b"z" * 900, deadline=time.monotonic() + 0.05)
+            except TimeoutError:
+                break
+        with pytest.raises(TimeoutError):
+            caller.send(torch.ones(MiB), deadline=time.monotonic() + 0.2)
+        st = pool_stats(caller)
+        assert st["created"] == 1 and all(s.is_free() for s in caller.pool_tx.slots)
+    finally:
+        caller.close()
+        callee.close()
+        bell.close()
+
+
+def test_full_shm_dir_for_slots_falls_back(tiny_tmpfs, private_dir, caplog):
+    # 64 KiB rings fit a 1 MiB tmpfs; a slot (at least 1 MiB) does not.
+    caller, callee, bell = make_pair(private_dir, 64 * 1024, shm_dir=tiny_tmpfs)
+    try:
+        assert caller.mode == "shm"
+        for i in range(3):
+            t = torch.full((MiB // 4,), float(i))
+            assert caller.send(t) == "zmq"
+            assert torch.equal(recv(callee), t)
+        st = pool_stats(caller)
+        assert st["created"] == 0 and st["fallbacks"] == 3
+        assert os.listdir(tiny_tmpfs) == []
+    finally:
+        caller.close()
+        callee.close()
+        bell.close()
+
+
+def test_pool_without_rings(small_tmpfs, private_dir):
+    """Rings that do not fit (2 x 20 MiB) do not keep the pool from working."""
+    caller, callee, bell = make_pair(private_dir, 10 * MiB, shm_dir=small_tmpfs)
+    try:
+        assert caller.mode == "zmq-only" and callee.mode == "zmq-only"
+        for i in range(4):
+            t = torch.full((MiB,), float(i))
+            assert caller.send(t) == "zmq"
+            got = recv(callee)
+            assert torch.equal(got, t) and mapped_slot(callee, got)
+            del got
+            callee.send(torch.full((2 * MiB,), float(-i)))
+            assert torch.all(recv(caller) == -i)
+        assert pool_stats(caller)["created"] == 1 and pool_stats(callee)["created"] == 1
+        assert caller.send("small") == "zmq" and recv(callee) == "small"
+    finally:
+        caller.close()
+        callee.close()
+        bell.close()
+
+
+# -- a hostile peer ---------------------------------------------------------------------
+
+
+def _pool_message(ch, obj, slot_id, offset=0, zero=0, tag=5, sizes=None):
+    """A POOL message as a peer could write it, with any placement."""
+    enc = codec.encode(obj)
+    sizes = [b.nbytes for b in enc.buffers] if sizes is None else sizes
+    meta = (ch.secret + _PREFIX.pack(KIND_POOL, len(sizes), len(enc.header), tag)
+            + struct.pack(f"<{len(sizes)}Q", *sizes) + pool.PLACE.pack(slot_id, zero, offset)
+            + enc.header)
+    ch._send_bulk([meta], None, None, None, small=True)
+
+
+@pytest.mark.parametrize("case", ["unknown slot", "offset past the end", "size past the end",
+                                  "misaligned offset", "reserved field", "huge size"])
+def test_hostile_placements_are_protocol_errors(big_pair, case):
+    caller, callee = big_pair
+    caller.send(torch.ones(MiB))  # slot 1 exists, 4 MiB + rounding
+    del_ = recv(callee)
+    del del_
+    cap = caller.pool_tx.slots[0].capacity
+    t = torch.ones(1000)
+    kw = {"unknown slot": {"slot_id": 99},
+          "offset past the end": {"slot_id": 1, "offset": cap + 64},
+          "size past the end": {"slot_id": 1, "offset": cap - 64},
+          "misaligned offset": {"slot_id": 1, "offset": 3},
+          "reserved field": {"slot_id": 1, "zero": 1},
+          "huge size": {"slot_id": 1, "sizes": [2**64 - 1]}}[case]
+    _pool_message(caller, t, **kw)
+    caller.send("after")
+    with pytest.raises(ProtocolError) as info:
+        callee.try_recv(deadline=time.monotonic() + 5)
+    assert info.value.tag == 5
+    assert recv(callee) == "after"  # the channel goes on
+    caller.send(torch.full((MiB,), 2.0))
+    assert torch.all(recv(callee) == 2.0)
+
+
+def _send_control(ch, op, slot_id, capacity, fds=()):
+    socket.send_fds(ch.pool_sock, [struct.pack("<IIQ", op, slot_id, capacity)], list(fds))
+
+
+@pytest.mark.parametrize("case", ["pipe", "file elsewhere", "wrong size", "no magic",
+                                  "no descriptor", "twice", "garbage"])
+def test_hostile_slot_announcements_are_refused(big_pair, case, tmp_path):
+    caller, callee = big_pair
+    fds = []
+    cap = 2 * MiB
+    if case == "pipe":
+        r, w = os.pipe()
+        fds, closers = [r], [r, w]
+    elif case == "file elsewhere":  # a regular file, not on the receiver's shm_dir
+        fd = os.open(tmp_path / "f", os.O_CREAT | os.O_RDWR, 0o600)
+        os.ftruncate(fd, pool.HEADER_SIZE + cap)
+        fds, closers = [fd], [fd]
+    else:
+        seg = pool.Segment.create_anonymous(SHM, pool.HEADER_SIZE + cap)
+        if case != "no magic":
+            ctypes.memmove(seg.address, pool.MAGIC, len(pool.MAGIC))
+        fds, closers = [seg.fd], []
+    slot_id = 77
+    if case == "wrong size":
+        cap += 4096
+    if case == "no descriptor":
+        fds = []
+    if case == "garbage":
+        caller.pool_sock.send(b"\x01" * 5)
+    else:
+        _send_control(caller, pool.OP_ADD, slot_id, cap, fds)
+        if case == "twice":
+            _send_control(caller, pool.OP_ADD, slot_id, cap, fds)
+    for fd in closers:
+        os.close(fd)
+    if not closers:
+        seg.close()
+    _pool_message(caller, torch.ones(1000), slot_id)
+    if case == "twice":  # the first announcement was good: the slot's bytes are read
+        assert torch.equal(recv(callee), torch.zeros(1000))
+        assert "announced twice" in callee.pool_rx.refused
+    else:
+        with pytest.raises(ProtocolError, match="unknown pool slot") as info:
+            recv(callee)
+        assert info.value.tag == 5 and callee.pool_rx.refused
+    caller.send(torch.full((MiB,), 2.0))  # the real pool still works
+    assert torch.all(recv(callee) == 2.0)
+
+
+def test_a_peer_may_map_only_so_many_slots(big_pair, monkeypatch):
+    caller, callee = big_pair
+    monkeypatch.setattr(pool, "MAX_PEER_SLOTS", 2)
+    segs = []
+    for i in range(3):
+        seg = pool.Segment.create_anonymous(SHM, pool.HEADER_SIZE + MiB)
+        ctypes.memmove(seg.address, pool.MAGIC, len(pool.MAGIC))
+        _send_control(caller, pool.OP_ADD, 100 + i, MiB, [seg.fd])
+        segs.append(seg)
+    for seg in segs:
+        seg.close()
+    _pool_message(caller, torch.ones(1000), 102)
+    with pytest.raises(ProtocolError, match="unknown pool slot"):
+        recv(callee)
+    assert "more than 2 pool slots" in callee.pool_rx.refused
+    assert len(callee.pool_rx.slots) == 2
+
+
+# -- nothing leaks ----------------------------------------------------------------------
+
+
+def _maps() -> int:
+    with open("/proc/self/maps") as f:
+        return sum(1 for line in f if "/dev/shm" in line)
+
+
+def test_descriptors_and_mappings_stay_flat(private_dir):
+    def churn():
+        caller, callee, bell = make_pair(private_dir, MiB, pool_bytes=16 * MiB)
+        try:
+            for i in range(10):
+                n = (1 + i % 3) * MiB
+                caller.send(torch.ones(n))
+                got = recv(callee)
+                callee.send(got)
+                del got
+                back = recv(caller)
+                assert back.numel() == n
+                del back
+        finally:
+            caller.close()
+            callee.close()
+            bell.close()
+
+    churn()
+    fds, maps = len(os.listdir("/proc/self/fd")), _maps()
+    for _ in range(8):
+        churn()
+    gc.collect()
+    assert len(os.listdir("/proc/self/fd")) == fds
+    assert _maps() == maps
