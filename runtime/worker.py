@@ -99,6 +99,13 @@ class ActorServer:
             raise ProtocolError("malformed channel name")
         spec = ChannelSpec.from_dict(msg[1].get("spec"))
         safe = self.peer_is_untrusted(pid)
+        # The files a channel names must be the requester's own, in this session: a peer
+        # may not point this actor at another channel's ZeroMQ socket or doorbell.
+        own = os.path.join(self.ctx.session.private_dir, f"rt_{self.ctx.session.sid}_{pid}_")
+        if not (spec.endpoint.startswith(f"ipc://{own}") and ".." not in spec.endpoint
+                and (spec.caller_bell is None
+                     or (spec.caller_bell.startswith(own) and ".." not in spec.caller_bell))):
+            raise ProtocolError(f"channel files outside the requester's own ({own}*)")
         channel = Channel.attach(spec, fds=fds, own_bell=self.bell, safe=safe, name=name,
                                  shm_dir=self.ctx.session.shm_dir)
         self.inbound.append(_Inbound(channel, pid))

@@ -8,6 +8,8 @@ message in trusted mode.
 
 from __future__ import annotations
 
+import os
+
 import psutil
 import pytest
 import torch
@@ -96,3 +98,28 @@ def test_constructor_arguments_do_not_stay_in_the_supervisor():
         assert echo.echo(1) == 1
         grew = sup.memory_full_info().uss - before
         assert grew < 16 << 20, f"the supervisor grew by {grew >> 20} MiB"
+
+
+def test_an_open_request_may_name_only_the_requesters_own_files():
+    """A peer cannot point an actor at another channel's ZeroMQ socket or doorbell."""
+    from runtime import control
+    from runtime.calls import ctl_path
+
+    with ActorSystem() as system:
+        echo = system.spawn(Echo)
+        assert echo.echo(1) == 1  # the driver's channel: its files exist
+        s = system.session
+        theirs = [n for n in os.listdir(s.private_dir) if n.endswith(".zmq")]
+        assert theirs
+        from runtime.transport.channel import ChannelSpec
+
+        spec = ChannelSpec(rings=False, endpoint="", caller_bell=None, threshold=1,
+                           secret=bytes(16)).as_dict()
+        for endpoint in (f"ipc://{os.path.join(s.private_dir, 'elsewhere.zmq')}",
+                         f"ipc://{s.private_dir}/rt_{s.sid}_{os.getpid()}_/../x.zmq",
+                         "ipc:///tmp/x.zmq"):
+            spec["endpoint"] = endpoint
+            reply = control.request(ctl_path(s, echo._ref.index, 0),
+                                    ["open", {"name": "x", "spec": spec}], (), timeout=5)
+            assert reply[0] == "error" and "requester's own" in reply[1], reply
+        assert echo.echo(2) == 2
