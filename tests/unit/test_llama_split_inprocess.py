@@ -19,28 +19,10 @@ import torch
 from actors import GPUWorker, LlamaConfig, LlamaReference, TEEDriver
 from actors.llama import gpu_weight_names, load_weights, tee_weight_names
 from actors.tee_driver import OPS, WorkerResultError
+from tests.unit.conftest import ids_for
 
 TOL_F32 = 1e-4
 BF16_REL = 0.04
-
-
-@pytest.fixture(scope="module")
-def config() -> LlamaConfig:
-    return LlamaConfig.preset("tiny")
-
-
-@pytest.fixture(scope="module")
-def worker(config) -> GPUWorker:
-    return GPUWorker(config, seed=0, device="cpu")
-
-
-@pytest.fixture(scope="module")
-def reference(config) -> LlamaReference:
-    return LlamaReference(config, seed=0)
-
-
-def ids_for(config: LlamaConfig, t: int, seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, config.vocab_size, (t,), generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.mark.parametrize("attention", ["tee", "worker"])

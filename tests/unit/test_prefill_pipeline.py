@@ -14,33 +14,15 @@ import json
 import pytest
 import torch
 
-from actors import GPUWorker, LlamaConfig, LlamaReference, TEEDriver, VerificationError
+from actors import GPUWorker, LlamaReference, TEEDriver, VerificationError
 from actors.tee_driver import AUTO_MAX_CHUNKS, AUTO_MIN_ROWS, WORKER_OPS, auto_chunk_rows
 from actors.trace import split_tag
 from tests.tampering_workers import TamperingWorker
+from tests.unit.conftest import ids_for
 
 TOL_F32 = 1e-4
 BF16_REL = 0.04
 LINEAR = ("qkv", "o_proj", "gate_up", "down")
-
-
-@pytest.fixture(scope="module")
-def config() -> LlamaConfig:
-    return LlamaConfig.preset("tiny")
-
-
-@pytest.fixture(scope="module")
-def worker(config) -> GPUWorker:
-    return GPUWorker(config, seed=0, device="cpu")
-
-
-@pytest.fixture(scope="module")
-def reference(config) -> LlamaReference:
-    return LlamaReference(config, seed=0)
-
-
-def ids_for(config: LlamaConfig, t: int, seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, config.vocab_size, (t,), generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.mark.parametrize("attention", ["tee", "worker"])

@@ -1,0 +1,28 @@
+"""The tiny LLaMA that the split's unit tests share (a module may define its own)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from actors import GPUWorker, LlamaConfig, LlamaReference
+
+
+@pytest.fixture(scope="module")
+def config() -> LlamaConfig:
+    return LlamaConfig.preset("tiny")
+
+
+@pytest.fixture(scope="module")
+def worker(config) -> GPUWorker:
+    return GPUWorker(config, seed=0, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def reference(config) -> LlamaReference:
+    return LlamaReference(config, seed=0)
+
+
+def ids_for(config: LlamaConfig, t: int, seed: int = 0) -> torch.Tensor:
+    """``t`` random token ids of ``config``'s vocabulary, reproducible by ``seed``."""
+    return torch.randint(0, config.vocab_size, (t,), generator=torch.Generator().manual_seed(seed))
