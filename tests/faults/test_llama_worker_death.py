@@ -28,6 +28,12 @@ def config() -> LlamaConfig:
 def _prefill_until_it_fails(drv, ids: torch.Tensor, pid: int) -> tuple[BaseException, float]:
     """Run prefills back to back while a thread SIGKILLs ``pid``; return the error and how
     long after the kill it came."""
+    return _run_until_it_fails(lambda: drv.prefill(ids), pid, "prefill")
+
+
+def _run_until_it_fails(run, pid: int, what: str) -> tuple[BaseException, float]:
+    """Call ``run()`` back to back while a thread SIGKILLs ``pid``; return the error and
+    how long after the kill it came."""
     killed_at: list[float] = []
 
     def kill() -> None:
@@ -40,7 +46,7 @@ def _prefill_until_it_fails(drv, ids: torch.Tensor, pid: int) -> tuple[BaseExcep
     deadline = time.monotonic() + KILL_AFTER_S + 30
     try:
         while time.monotonic() < deadline:
-            drv.prefill(ids)
+            run()
     except Exception as e:  # what we are here for
         killer.join()
         if not killed_at:  # failed before the kill: not what this test is about
@@ -48,7 +54,7 @@ def _prefill_until_it_fails(drv, ids: torch.Tensor, pid: int) -> tuple[BaseExcep
         return e, time.monotonic() - killed_at[0]
     finally:
         killer.join()
-    pytest.fail("prefill kept succeeding after the GPU worker was killed")
+    pytest.fail(f"{what} kept succeeding after the GPU worker was killed")
 
 
 def _names_actor_died(e: BaseException) -> bool:
@@ -84,38 +90,14 @@ def test_worker_killed_under_in_process_driver(config):
         assert after < RAISE_WITHIN_S
 
 
-def _generate_until_it_fails(run, pid: int) -> tuple[BaseException, float]:
-    """Like :func:`_prefill_until_it_fails`, for a generation: ``run()`` generates."""
-    killed_at: list[float] = []
-
-    def kill() -> None:
-        time.sleep(KILL_AFTER_S)
-        killed_at.append(time.monotonic())
-        os.kill(pid, signal.SIGKILL)
-
-    killer = threading.Thread(target=kill, daemon=True)
-    killer.start()
-    deadline = time.monotonic() + KILL_AFTER_S + 30
-    try:
-        while time.monotonic() < deadline:
-            run()
-    except Exception as e:  # what we are here for
-        killer.join()
-        if not killed_at:
-            raise
-        return e, time.monotonic() - killed_at[0]
-    finally:
-        killer.join()
-    pytest.fail("generation kept succeeding after the GPU worker was killed")
-
-
 def test_worker_killed_mid_generation_under_driver_actor(config):
     ids = torch.randint(0, config.vocab_size, (16,), generator=torch.Generator().manual_seed(2))
     with ActorSystem() as system:
         gpu = system.spawn(GPUWorker, config, seed=0, device="cpu")
         drv = system.spawn(TEEDriver, config, gpu, seed=0)
         assert len(drv.generate(ids, 3)) == 3  # both up and talking
-        err, after = _generate_until_it_fails(lambda: drv.generate(ids, 2000), gpu.pid)
+        err, after = _run_until_it_fails(lambda: drv.generate(ids, 2000), gpu.pid,
+                                         "generation")
         print(f"after {after:.2f} s: {type(err).__mro__[:3]} {str(err).splitlines()[0]}")
         assert isinstance(err, (RemoteError, ActorDiedError)), repr(err)
         assert _names_actor_died(err), repr(err)
