@@ -18,8 +18,14 @@ group               rows of the fused weight         request
 Any other request (``("k", "v")``, ``("q",)``) is served by row slices of the fused weights
 (views: no second copy), one matmul per run of neighbours.
 
-On CUDA every call stages its inputs through pinned host buffers (PyTorch's caching host
-allocator, so they are reused), copies asynchronously, and synchronises once, on the way out.
+On CUDA no call stages anything through host memory of its own.  The worker is an
+``@actor(borrow_args=True)``: its inputs arrive as views of the ring record or pool slot that
+carried them, and are copied host-to-device straight from there; its results go back as device
+tensors, which the codec hands to the transport as ``DeviceBuffer``s, copied device-to-host
+straight into the reply record reserved for them.  Both copies run at DMA speed because every
+transport mapping of the worker's process is registered with CUDA once, when it is mapped
+(``runtime/transport/hostmem.py``).  One host copy per direction remains -- the TEE's own,
+into or out of shared memory -- where there were three.
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ from actors.llama import (
     load_weights,
 )
 from runtime import actor
+from runtime.transport import hostmem
 
 __all__ = ["FUSED_GROUPS", "GPUWorker", "resolve_dtype", "set_threads"]
 
@@ -98,7 +105,7 @@ def _resolve_device(device: str | torch.device) -> torch.device:
     return dev
 
 
-@actor(untrusted=True)
+@actor(untrusted=True, borrow_args=True)
 class GPUWorker:
     """Embedding, batched projections, attention matmuls and lm_head of one LLaMA model.
 
@@ -121,6 +128,12 @@ class GPUWorker:
         self.device = _resolve_device(device)
         self.dtype = resolve_dtype(dtype)
         self._cuda = self.device.type == "cuda"
+        self._registrar: hostmem.CudaRegistrar | None = None
+        if self._cuda:
+            # Every ring and pool slot this process maps, now and later, is page-locked
+            # for CUDA: arguments copy to the device and results back at DMA speed.
+            self._registrar = hostmem.CudaRegistrar()
+            hostmem.install(self._registrar)
         self._stats: dict[str, list[float]] = {}
         # (tag, start ns, end ns, rows) of each call, CLOCK_MONOTONIC (shared by the processes
         # of one host): ~0.3 us a call, bounded.
@@ -178,6 +191,7 @@ class GPUWorker:
                                 "threads": torch.get_num_threads()}
         if self._cuda:
             info["name"] = torch.cuda.get_device_name(self.device)
+            info["host_memory"] = self._registrar.stats()
         else:
             import platform
 
@@ -187,7 +201,8 @@ class GPUWorker:
     def compute_stats(self, reset: bool = False) -> dict[str, dict[str, float]]:
         """Per op ``{"calls", "seconds"}`` of this worker's own work.
 
-        Copies to and from the device count as work, transport does not; ``reset`` clears
+        Copies to the device count as work, transport does not -- and the copy back is the
+        transport's: it writes each result straight into the reply record; ``reset`` clears
         the counters after reading.  Ops are keyed by the caller's ``tag`` when given.
         """
         out = {k: {"calls": int(v[0]), "seconds": v[1]} for k, v in self._stats.items()}
@@ -230,26 +245,29 @@ class GPUWorker:
         entry[1] += (t1 - t0) * 1e-9
         self._spans.append((key, t0, t1, rows))
 
-    # -- staging --------------------------------------------------------------------------------
+    # -- device copies --------------------------------------------------------------------------
 
     def _in(self, t: Any, what: str) -> torch.Tensor:
+        """``t`` on the worker's device.
+
+        A borrowed view of the received record, copied host-to-device straight from it
+        (registered memory: DMA, no staging).
+        """
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{what} must be a tensor, got {type(t).__name__}")
         if not self._cuda:
             return t
-        staged = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-        staged.copy_(t)
-        return staged.to(self.device, non_blocking=True)
+        return t.to(self.device)
 
     def _out(self, ts: Sequence[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
-        if not self._cuda:
-            return [t.to(dtype) for t in ts]
-        outs = []
-        for t in ts:
-            host = torch.empty(t.shape, dtype=dtype, pin_memory=True)
-            host.copy_(t.to(dtype), non_blocking=True)
-            outs.append(host)
-        torch.cuda.current_stream(self.device).synchronize()  # the one sync of the call
+        """Results in ``dtype``, computed.
+
+        On CUDA they stay on the device; the transport copies them device-to-host straight
+        into the reply record (``codec.DeviceBuffer``).
+        """
+        outs = [t.to(dtype) for t in ts]
+        if self._cuda:
+            torch.cuda.current_stream(self.device).synchronize()  # the one sync of the call
         return outs
 
     # -- the offloaded ops ----------------------------------------------------------------------

@@ -29,13 +29,16 @@ class ActorOptions:
 
     max_restarts: int = 0
     untrusted: bool = False
+    borrow_args: bool = False
 
 
-def _check_options(max_restarts: Any, untrusted: Any) -> None:
+def _check_options(max_restarts: Any, untrusted: Any, borrow_args: Any = False) -> None:
     if isinstance(max_restarts, bool) or not isinstance(max_restarts, int) or max_restarts < 0:
         raise ValueError(f"max_restarts must be an int >= 0, got {max_restarts!r}")
     if not isinstance(untrusted, bool):
         raise ValueError(f"untrusted must be a bool, got {untrusted!r}")
+    if not isinstance(borrow_args, bool):
+        raise ValueError(f"borrow_args must be a bool, got {borrow_args!r}")
 
 
 def _mark(cls: Any, options: ActorOptions) -> Any:
@@ -55,13 +58,22 @@ def _mark(cls: Any, options: ActorOptions) -> Any:
 @overload
 def actor(cls: T) -> T: ...
 @overload
-def actor(*, max_restarts: int = 0, untrusted: bool = False) -> Callable[[T], T]: ...
+def actor(*, max_restarts: int = 0, untrusted: bool = False,
+          borrow_args: bool = False) -> Callable[[T], T]: ...
 
 
-def actor(cls: Any = None, *, max_restarts: int = 0, untrusted: bool = False) -> Any:
-    """Mark ``cls`` as an actor class; use bare or as ``@actor(max_restarts=2)``."""
-    _check_options(max_restarts, untrusted)
-    options = ActorOptions(max_restarts=max_restarts, untrusted=untrusted)
+def actor(cls: Any = None, *, max_restarts: int = 0, untrusted: bool = False,
+          borrow_args: bool = False) -> Any:
+    """Mark ``cls`` as an actor class; use bare or as ``@actor(max_restarts=2)``.
+
+    ``borrow_args=True``: tensor and array arguments from a trusted caller that arrive in
+    shared memory are views of the received message, not copies, and stay valid only
+    until the method returns -- a method that keeps one must copy it.  Saves a host copy
+    per call; a GPU worker copies its inputs host-to-device straight from the message.
+    """
+    _check_options(max_restarts, untrusted, borrow_args)
+    options = ActorOptions(max_restarts=max_restarts, untrusted=untrusted,
+                           borrow_args=borrow_args)
     if cls is None:
         return lambda c: _mark(c, options)
     return _mark(cls, options)

@@ -40,6 +40,7 @@ from runtime.errors import (
     TransportError,
     make_remote_exception,
 )
+from runtime.messages import MessageChannel
 from runtime.session import Session
 from runtime.spin import SpinPolicy
 from runtime.table import (
@@ -214,7 +215,7 @@ class CallerChannel:
     """
 
     def __init__(self, ctx: ProcessContext, ref: ActorRef, incarnation: int,
-                 channel: Channel) -> None:
+                 channel: MessageChannel) -> None:
         self.ctx = ctx
         self.ref = ref
         self.incarnation = incarnation
@@ -222,9 +223,6 @@ class CallerChannel:
         # The process this channel reaches: a death message names it, not a successor.
         self.pid = entry.pid if entry.incarnation == incarnation else 0
         self.channel = channel
-        # A call nests its values two containers deep, a reply one.
-        channel.send_envelope = 2
-        channel.recv_envelope = 1
         self.pending: dict[int, tuple[Any, float | None]] = {}
         self._ids = itertools.count(1)
         self._send_lock = threading.Lock()
@@ -396,15 +394,12 @@ class CallerChannel:
 
     def _recv(self) -> tuple[bool, Any]:
         """``try_recv``, noting on the reply's call the route and size it came by (``wire``)."""
-        routes = self.channel.routes
-        before = [r.bytes_in for r in routes.values()]
-        ok, msg = self.channel.try_recv(check=self.check)
+        ch = self.channel
+        ok, msg = ch.try_recv(check=self.check)
         if ok and type(msg) is tuple and len(msg) == 3 and type(msg[0]) is int:
             entry = self.pending.get(msg[0])
-            if entry is not None and entry[0].wire is not None:
-                for (name, r), b in zip(routes.items(), before, strict=False):
-                    if r.bytes_in != b:
-                        entry[0].wire[2:] = (name, r.bytes_in - b)
+            if entry is not None and entry[0].wire is not None and ch.last_in is not None:
+                entry[0].wire[2:] = ch.last_in
         return ok, msg
 
     def _dispatch(self, msg: Any) -> None:
@@ -707,7 +702,9 @@ class ProcessContext:
         safe = bool(self.table.read(ref.index).flags & FLAG_UNTRUSTED)
         channel = Channel.create(shm_dir=s.shm_dir, private_dir=s.private_dir, name=name,
                                  threshold=s.threshold, safe=safe)
-        cc = CallerChannel(self, ref, incarnation, channel)
+        # A call nests its values two containers deep, a reply one.
+        cc = CallerChannel(self, ref, incarnation,
+                           MessageChannel(channel, send_envelope=2, recv_envelope=1))
         try:
             reply = control.request(
                 ctl_path(s, ref.index, incarnation),

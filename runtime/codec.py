@@ -9,16 +9,18 @@ shape.  The codec knows objects, not transports: the channel layer moves the
 header and the buffers.
 
 Header layout (little-endian; the fixed part is :data:`HEADER_PREFIX`,
-``"<3sBBI"``, 9 bytes)::
+``"<3sBB"``, 5 bytes)::
 
     offset     size  field
     ------     ----  -----------------------------------------------
     0          3     magic b"RTC"
-    3          1     codec version (1)
+    3          1     codec version (2)
     4          1     payload format: 0 = plain, 1 = pickle
-    5          4     n, the number of out-of-band buffers (u32)
-    9          8*n   size in bytes of each buffer, in order (u64 each)
-    9 + 8*n    ...   payload, up to the end of the header
+    5          ...   payload, up to the end of the header
+
+The buffers' count and sizes are not in the header: the framing below carries them
+(``runtime/transport/framing.py``), once; :func:`decode` takes the buffers as delivered
+and checks each against the descriptor that names it.
 
 Payload formats.  :func:`encode` tries the *plain* format first and falls back
 to the *pickle* format when the message holds anything the plain format cannot
@@ -105,6 +107,7 @@ import torch
 from runtime.errors import ProtocolError, TransportError
 
 __all__ = [
+    "DEVICE_WRITTEN",
     "FORMAT_PICKLE",
     "FORMAT_PLAIN",
     "HEADER_PREFIX",
@@ -114,6 +117,7 @@ __all__ = [
     "NUMPY_DTYPE_IDS",
     "TORCH_DTYPE_IDS",
     "VERSION",
+    "DeviceBuffer",
     "Encoded",
     "decode",
     "encode",
@@ -122,7 +126,7 @@ __all__ = [
 ]
 
 MAGIC = b"RTC"
-VERSION = 1
+VERSION = 2
 FORMAT_PLAIN = 0
 FORMAT_PICKLE = 1
 MAX_DEPTH = 100
@@ -130,14 +134,11 @@ MAX_DEPTH = 100
 MAX_NDIM = 64
 """Most dimensions of a tensor or array descriptor."""
 
-HEADER_PREFIX = "<3sBBI"
-"""Struct format of the fixed part: magic, version, payload format, buffer count."""
-BUFFER_SIZE = "<Q"
-"""Struct format of one buffer size."""
+HEADER_PREFIX = "<3sBB"
+"""Struct format of the fixed part: magic, version, payload format."""
 
 _PREFIX = struct.Struct(HEADER_PREFIX)
-_PREFIX_LEN = _PREFIX.size  # 9
-_BUFSIZE_LEN = struct.calcsize(BUFFER_SIZE)  # 8
+_PREFIX_LEN = _PREFIX.size  # 5
 
 # Plain-format tags (ASCII letters, readable in a hex dump).
 _T_NONE = ord("N")
@@ -169,7 +170,6 @@ _unpack_d = struct.Struct("<d").unpack_from
 _unpack_dd = struct.Struct("<dd").unpack_from
 _unpack_desc = _DESC_BODY.unpack_from
 _DIMS = [struct.Struct(f"<{n}q") for n in range(MAX_NDIM + 1)]
-_SIZES = [struct.Struct(f"<{n}Q") for n in range(17)]
 
 _I64_MIN = -(2**63)
 _I64_MAX = 2**63 - 1
@@ -267,13 +267,44 @@ class Encoded(NamedTuple):
 
     ``header``: self-describing bytes; never holds tensor or array bytes.
     ``buffers``: one per out-of-band buffer, each a 1-D C-contiguous ``uint8``
-    numpy array that keeps its source alive.
+    numpy array that keeps its source alive, or -- for a tensor on a device in
+    :data:`DEVICE_WRITTEN` -- a :class:`DeviceBuffer`, which the transport has
+    copy itself straight into the memory reserved for it.
     ``nbytes``: ``len(header)`` plus the size of every buffer.
     """
 
     header: bytes
-    buffers: list[np.ndarray]
+    buffers: list[np.ndarray | DeviceBuffer]
     nbytes: int
+
+
+DEVICE_WRITTEN = frozenset({"cuda"})
+"""Device types whose tensors are not brought to the host at encoding (see DeviceBuffer)."""
+
+
+class DeviceBuffer:
+    """A device tensor's bytes, copied device-to-host only where they are going.
+
+    Encoding used to call ``.cpu()``: a host copy the transport then copied again into a
+    ring record or pool slot.  Instead the transport calls :meth:`write_into` with a
+    ``uint8`` array over the record it reserved, and the device copies straight there
+    (at DMA speed when that memory is registered with CUDA, see
+    ``runtime/transport/hostmem.py``).  :meth:`host` is for routes that need host memory
+    of their own (ZeroMQ frames).  Satisfies ``framing.BufferWriter``.
+    """
+
+    __slots__ = ("_u8", "nbytes")
+
+    def __init__(self, t: torch.Tensor) -> None:
+        self._u8 = t.reshape(-1).view(torch.uint8)  # t is contiguous: a view, no copy
+        self.nbytes = self._u8.numel()
+
+    def write_into(self, dst: np.ndarray) -> None:
+        """Copy the bytes into ``dst`` (1-D ``uint8``, ``nbytes`` long); returns when done."""
+        torch.from_numpy(dst).copy_(self._u8)
+
+    def host(self) -> np.ndarray:
+        return self._u8.cpu().numpy()
 
 
 _new_encoded = tuple.__new__  # Encoded(...) without NamedTuple's Python-level __new__
@@ -308,6 +339,9 @@ def _tensor_bytes(t: torch.Tensor) -> tuple[int, tuple[int, ...], np.ndarray] | 
         if t.requires_grad:
             t = t.detach()
         if not t.is_cpu:
+            if t.device.type in DEVICE_WRITTEN:
+                t = t.resolve_conj().resolve_neg().contiguous()
+                return code, shape, DeviceBuffer(t)
             t = t.cpu()
         t = t.contiguous()
         try:
@@ -500,11 +534,8 @@ def encode(obj: object, *, plain_only: bool = False, envelope: int = 0) -> Encod
         bufs = []
         out = _pickled(obj, bufs)  # type: ignore[assignment]
         fmt = FORMAT_PICKLE
-    n = len(bufs)
-    sizes = [b.nbytes for b in bufs]
-    sizes_struct = _SIZES[n] if n < len(_SIZES) else struct.Struct(f"<{n}Q")
-    header = b"".join((_PREFIX.pack(MAGIC, VERSION, fmt, n), sizes_struct.pack(*sizes), out))
-    return _new_encoded(Encoded, (header, bufs, len(header) + sum(sizes)))
+    header = _PREFIX.pack(MAGIC, VERSION, fmt) + out
+    return _new_encoded(Encoded, (header, bufs, len(header) + sum([b.nbytes for b in bufs])))
 
 
 # --------------------------------------------------------------------------- decode
@@ -774,7 +805,7 @@ def decode(
     end = len(data)
     if end < _PREFIX_LEN:
         raise ProtocolError(f"truncated header: {end} bytes, the fixed part needs {_PREFIX_LEN}")
-    magic, version, fmt, n = _PREFIX.unpack_from(data)
+    magic, version, fmt = _PREFIX.unpack_from(data)
     if magic != MAGIC:
         raise ProtocolError(f"bad magic {magic!r}, expected {MAGIC!r}")
     if version != VERSION:
@@ -787,23 +818,11 @@ def decode(
                 "pickled payload refused in safe mode: the peer sent values outside"
                 " the plain format"
             )
-    pos = _PREFIX_LEN + _BUFSIZE_LEN * n
-    if pos > end:
-        raise ProtocolError(
-            f"truncated header: {n} buffer sizes declared, they need {pos} bytes, header has {end}"
-        )
-    sizes = (_SIZES[n] if n < len(_SIZES) else struct.Struct(f"<{n}Q")).unpack_from(
-        data, _PREFIX_LEN
-    )
-    if len(buffers) != n:
-        raise ProtocolError(f"buffer count mismatch: header declares {n}, got {len(buffers)}")
+    pos = _PREFIX_LEN
+    n = len(buffers)
     if n:
         buffers = [_as_uint8_array(i, b) for i, b in enumerate(buffers)]
-    for i, b in enumerate(buffers):
-        if b.size != sizes[i]:
-            raise ProtocolError(
-                f"buffer {i} size mismatch: header declares {sizes[i]} bytes, got {b.size}"
-            )
+    sizes = [b.size for b in buffers]
     memo: dict[int, tuple] = {}
     ctx = (buffers, sizes, memo)
     if fmt == FORMAT_PLAIN:

@@ -8,13 +8,9 @@ memory (a 600 MiB argument used to stay resident there), the actor maps the
 buffers copy-on-write instead of reading them, and nobody -- the actor
 included -- can change what a restart will read.
 
-Layout::
-
-    offset  size  field
-    0       8     magic b"RTSPEC01"
-    8       8     header length H
-    16      H     codec header
-    ...           buffers, in order, each starting 64-byte aligned
+Layout: an 8-byte magic ``b"RTSPEC02"``, then one framing record (``transport/framing.py``:
+prefix, buffer sizes, codec header, buffers each 8-byte aligned) -- the same layout a ring
+record has, written and parsed by the same code.
 """
 
 from __future__ import annotations
@@ -22,42 +18,37 @@ from __future__ import annotations
 import fcntl
 import mmap
 import os
-import struct
 from typing import Any
 
 import numpy as np
 
 from runtime import codec
 from runtime.errors import ProtocolError
+from runtime.transport import framing
 
 __all__ = ["read_spec", "write_spec"]
 
-_HEAD = struct.Struct("<8sQ")
-_MAGIC = b"RTSPEC01"
+_MAGIC = b"RTSPEC02"
 _SEALS = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
-
-
-def _align(n: int) -> int:
-    return (n + 63) & ~63
 
 
 def write_spec(obj: Any) -> int:
     """Encode ``obj`` into a new sealed memfd; returns the descriptor (close-on-exec)."""
     enc = codec.encode(obj)
+    sizes = framing.sizes_of(enc.buffers)
     fd = os.memfd_create("rt_spec", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
-        pos = _align(_HEAD.size + len(enc.header))
-        offsets = []
+        start = len(_MAGIC)
+        os.ftruncate(fd, start + framing.record_size(len(enc.header), sizes))
+        head = framing.head_bytes(framing.KIND_INLINE, 0, enc.header, sizes)
+        os.pwrite(fd, _MAGIC + head, 0)
+        pos = start + framing.head_size(len(sizes), len(enc.header))
         for b in enc.buffers:
-            offsets.append(pos)
-            pos = _align(pos + b.nbytes)
-        os.ftruncate(fd, max(pos, 1))
-        os.pwrite(fd, _HEAD.pack(_MAGIC, len(enc.header)) + enc.header, 0)
-        for off, b in zip(offsets, enc.buffers, strict=True):
-            view = memoryview(b)
+            view = memoryview(framing.as_host(b))
             done = 0
             while done < b.nbytes:
-                done += os.pwrite(fd, view[done:], off + done)
+                done += os.pwrite(fd, view[done:], pos + done)
+            pos += (b.nbytes + 7) & ~7
         fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
     except BaseException:
         os.close(fd)
@@ -68,24 +59,16 @@ def write_spec(obj: Any) -> int:
 def read_spec(fd: int) -> Any:
     """Decode what :func:`write_spec` wrote; tensors map the memfd copy-on-write."""
     size = os.fstat(fd).st_size
-    if size < _HEAD.size:
+    start = len(_MAGIC)
+    if size < start + framing.PREFIX_LEN:
         raise ProtocolError(f"constructor spec of {size} bytes is truncated")
     mm = mmap.mmap(fd, size, mmap.MAP_PRIVATE, mmap.PROT_READ | mmap.PROT_WRITE)
-    magic, hlen = _HEAD.unpack_from(mm, 0)
-    if magic != _MAGIC or _HEAD.size + hlen > size:
-        raise ProtocolError("constructor spec has a bad magic or header length")
-    header = mm[_HEAD.size:_HEAD.size + hlen]
-    prefix = struct.calcsize(codec.HEADER_PREFIX)
-    if hlen < prefix:
-        raise ProtocolError("constructor spec header is truncated")
-    nbuf = struct.unpack_from(codec.HEADER_PREFIX, header)[3]
-    sizes = struct.unpack_from(f"<{nbuf}Q", header, prefix)
+    if mm[:start] != _MAGIC:
+        raise ProtocolError("constructor spec has a bad magic")
+    head = framing.parse_head(mm, start, size - start)
+    spans = framing.buffer_spans(head, start, size - start)
     whole = np.frombuffer(mm, np.uint8)
-    buffers = []
-    pos = _align(_HEAD.size + hlen)
-    for nb in sizes:
-        if pos + nb > size:
-            raise ProtocolError("constructor spec buffer overruns the file")
-        buffers.append(whole[pos:pos + nb])
-        pos = _align(pos + nb)
+    buffers = [whole[pos:pos + n] for pos, n in spans]
+    header = bytes(head.header)
+    head.header.release()
     return codec.decode(header, buffers, safe=False)

@@ -26,9 +26,11 @@ from typing import Any
 import zmq
 
 from runtime import codec, faults
+from runtime.actor import actor_options
 from runtime.calls import ProcessContext, bell_path, ctl_path, register_context
 from runtime.control import ControlServer
 from runtime.errors import ProtocolError, TransportError
+from runtime.messages import MessageChannel
 from runtime.session import Session
 from runtime.spec import read_spec
 from runtime.spin import SpinPolicy
@@ -50,13 +52,11 @@ CONTROL_EVERY_S = 0.01  # while busy, new channels are accepted this often
 class _Inbound:
     __slots__ = ("caller_pid", "channel", "check")
 
-    def __init__(self, channel: Channel, caller_pid: int) -> None:
-        self.channel = channel
+    def __init__(self, channel: Channel, caller_pid: int, *, borrow: bool) -> None:
+        # A call nests its values two containers deep, a reply one.
+        self.channel = MessageChannel(channel, recv_envelope=2, send_envelope=1, borrow=borrow)
         self.caller_pid = caller_pid
         self.check = _pid_check(caller_pid)
-        # A call nests its values two containers deep, a reply one.
-        channel.recv_envelope = 2
-        channel.send_envelope = 1
 
 
 class ActorServer:
@@ -73,6 +73,9 @@ class ActorServer:
         self.ctl = ControlServer(ctl_path(s, index, incarnation), self._open, name=name)
         self.inbound: list[_Inbound] = []
         self.instance: Any = None
+        # ``@actor(borrow_args=True)``: a trusted caller's arguments are decoded in place,
+        # as views of the received ring record, valid until the method returns.
+        self.borrow_args = False
         self._poller: zmq.Poller | None = None
 
     # -- control: channel opening ------------------------------------------------
@@ -108,7 +111,7 @@ class ActorServer:
             raise ProtocolError(f"channel files outside the requester's own ({own}*)")
         channel = Channel.attach(spec, fds=fds, own_bell=self.bell, safe=safe, name=name,
                                  shm_dir=self.ctx.session.shm_dir)
-        self.inbound.append(_Inbound(channel, pid))
+        self.inbound.append(_Inbound(channel, pid, borrow=self.borrow_args))
         self._poller = None
         return ["ok", {"bell": self.bell.path}]
 
@@ -219,6 +222,7 @@ class ActorServer:
                 if ok:
                     self._run_call(conn, msg)
                     msg = None  # its tensors may hold the caller's pool slot: let it go now
+                    ch.release()  # a borrowed record: the method (and its reply) are done
                     progressed = True
                 elif ch.peer_closed:
                     self._drop(conn)
@@ -318,6 +322,7 @@ def run(boot: dict[str, Any]) -> None:
         cls, args, kwargs = read_spec(boot["spec_fd"])
         os.close(boot["spec_fd"])
         faults.hit("init")
+        server.borrow_args = actor_options(cls).borrow_args
         server.instance = cls(*args, **kwargs)
     except BaseException as exc:  # noqa: BLE001 - reported as ActorStartError
         tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))

@@ -6,18 +6,17 @@ above ``threshold`` (or whose framing would not fit a ring record) leaves only
 a small BULK marker in the ring and travels on the ZeroMQ link, so the two
 routes can never reorder (the trick of vLLM's ``MessageQueue``).
 
-Record payload (inside a ring record, see ``ring.py``)::
+The channel moves *frames*: a header (the codec's bytes, opaque here) and out-of-band
+buffers.  It neither encodes nor decodes -- the codec sits above it (``runtime/messages.py``)
+-- and it neither writes nor parses a prefix or size table itself: ``framing.py`` does,
+for ring records, ZeroMQ frames and the constructor memfd alike.  Whoever made a buffer
+chooses how it is written (``framing.write_buffer``: a CPU copy, or a device-to-host copy
+straight into the record).
 
-    offset          size      field
-    0               1         kind: 0 INLINE, 1 BULK (body on ZeroMQ), 2 CLOSE
-    1               3         zero
-    4               4         nbuf: number of out-of-band buffers
-    8               4         header length H
-    12              4         tag: a number of the sender's (the call id), kept
-                              readable even when the message cannot be decoded
-    16              8*nbuf    buffer sizes
-    16+8*nbuf       H         codec header
-    align8(...)     ...       buffers, each starting 8-byte aligned
+A received ring record is *lent*: its header and buffers are views of the ring
+(:class:`Received`, ``borrowed=True``), valid until :meth:`Channel.release` or the next
+receive; the layer above copies them out, or -- an actor that asked for it -- uses them in
+place until its method returns.
 
 A BULK message on ZeroMQ is ``[secret+prefix+codec header, buffer 0, buffer 1, ...]``,
 where ``secret`` is the channel's 16 random bytes (see :class:`ChannelSpec`).
@@ -41,7 +40,7 @@ it, so back-to-back messages of mixed sizes stream.  A small threshold still
 gets a ring of ``MIN_CAPACITY`` (64 KiB) for the BULK markers.
 
 A send happens whole or not at all and waits (for ring space, for ZeroMQ's
-high-water mark) only until its deadline; see :meth:`Channel.send_encoded`.
+high-water mark) only until its deadline; see :meth:`Channel.send`.
 
 When ``shm_dir`` has no room, ring creation fails with ``TransportError``;
 the channel logs one warning per process and carries everything on ZeroMQ.
@@ -56,31 +55,31 @@ import os
 import secrets
 import signal
 import socket
-import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
-from runtime import codec, faults
+from runtime import faults
 from runtime.errors import ProtocolError, TransportError
+from runtime.transport import framing
 from runtime.transport.bulk import BulkLink
 from runtime.transport.doorbell import Doorbell, DoorbellWriter
 from runtime.transport.memcopy import copy_bytes
 from runtime.transport.pool import PLACE, RxPool, TxPool, layout
 from runtime.transport.ring import HEADER_SIZE, MIN_CAPACITY, ShmRing, align8, fence
 
-__all__ = ["POOL_MIN", "Channel", "ChannelSpec", "default_pool_bytes", "ring_capacity"]
+__all__ = ["POOL_MIN", "Channel", "ChannelSpec", "Outgoing", "Received", "copy_out",
+           "default_pool_bytes", "ring_capacity"]
 
 log = logging.getLogger(__name__)
 
-KIND_INLINE, KIND_BULK, KIND_CLOSE, KIND_POOL = 0, 1, 2, 3
-_PREFIX = struct.Struct("<B3xIII")  # kind, nbuf, header length, tag
-_SIZE = struct.Struct("<Q")
-_PREFIX_LEN = _PREFIX.size  # 16
+KIND_INLINE, KIND_BULK, KIND_CLOSE, KIND_POOL = (framing.KIND_INLINE, framing.KIND_BULK,
+                                                framing.KIND_CLOSE, framing.KIND_POOL)
+_PREFIX_LEN = framing.PREFIX_LEN  # 16
 _MEMMOVE_MIN = 64 * 1024
 SECRET_LEN = 16
 # Large messages whose buffers add up to less than this go as plain frames:
@@ -189,6 +188,35 @@ class ChannelSpec:
         return spec
 
 
+class Outgoing(Protocol):
+    """What :meth:`Channel.send` takes: the codec's ``Encoded`` is one.
+
+    ``header``: bytes the receiver gets back verbatim.  ``buffers``: 1-D ``uint8`` numpy
+    arrays or ``framing.BufferWriter`` objects.  ``nbytes``: header plus buffers, which
+    decides the route.
+    """
+
+    header: bytes
+    buffers: Sequence[Any]
+    nbytes: int
+
+
+class Received(NamedTuple):
+    """One message as :meth:`Channel.try_recv` hands it up.
+
+    ``borrowed``: ``header`` and ``buffers`` are views of a ring record the channel lends
+    until :meth:`Channel.release` or its next receive; otherwise they are the receiver's
+    (ZeroMQ frames, or a pool lease that frees its slot when the last view is gone).
+    """
+
+    tag: int
+    header: memoryview
+    buffers: list[np.ndarray]
+    borrowed: bool
+    route: str
+    nbytes: int
+
+
 class _Route:
     __slots__ = ("bytes_in", "bytes_out", "msgs_in", "msgs_out")
 
@@ -208,9 +236,6 @@ class Channel:
     ``send`` is for one thread at a time, and so is ``recv``.
     """
 
-    # Containers of the layer above wrapping the values of a message (a call
-    # tuple, say), each way: the codec's depth limit applies inside them.
-    send_envelope = recv_envelope = 0
     # Set when the ring's own framing is found corrupt: every later receive
     # raises it (the records behind a corrupt one cannot be found).
     failed: ProtocolError | None = None
@@ -237,6 +262,7 @@ class Channel:
             pool_sock.close()
             self.pool_sock = None
         self._queued = False  # set once a BULK message's frames are queued
+        self._lent = False  # a ring record is lent to the receiver (see release)
         self.own_bell, self._owns_bell, self.peer_bell = own_bell, owns_bell, peer_bell
         self.threshold = threshold
         self.safe = safe
@@ -245,7 +271,7 @@ class Channel:
         self.peer_closed = False
         self.woke_peer = False  # the last send had to wake a sleeping reader
         self.routes = {"shm": _Route(), "zmq": _Route()}
-        self.encode_ns = self.decode_ns = self.copy_ns = self.wait_ns = 0
+        self.copy_ns = self.wait_ns = 0
 
     # -- construction --------------------------------------------------------
     @classmethod
@@ -378,41 +404,18 @@ class Channel:
         return "shm" if self.tx is not None else "zmq-only"
 
     # -- sending -------------------------------------------------------------
-    def encode(self, obj: Any, *, plain_only: bool = False) -> codec.Encoded:
-        """Encode ``obj`` for :meth:`send_encoded`; nothing is sent.
-
-        With ``plain_only`` nothing is pickled: a message the plain format
-        cannot express is refused with ``TypeError`` (or ``ValueError`` for
-        nesting too deep), since a safe-mode peer would have
-        to unpickle it; see ``codec``.  Any other exception is the value's own
-        (a ``__reduce__`` that raises, say): nothing is sent either way.
-        """
-        t0 = time.perf_counter_ns()
-        enc = codec.encode(obj, plain_only=plain_only, envelope=self.send_envelope)
-        self.encode_ns += time.perf_counter_ns() - t0
-        return enc
-
-    def send(self, obj: Any, *, tag: int = 0, deadline: float | None = None,
+    def send(self, msg: Outgoing, *, tag: int = 0, deadline: float | None = None,
              check: Callable[[], None] | None = None,
-             on_full: Callable[[], None] | None = None, plain_only: bool = False) -> str:
-        """Encode and send ``obj``; returns the route taken ("shm" or "zmq").
+             on_full: Callable[[], None] | None = None) -> str:
+        """Send one message; returns the route taken ("shm" or "zmq").
 
-        See :meth:`encode` and :meth:`send_encoded`.
-        """
-        if self.closed:
-            raise TransportError(f"channel {self.name} is closed")
-        return self.send_encoded(self.encode(obj, plain_only=plain_only), tag=tag,
-                                 deadline=deadline, check=check, on_full=on_full)
-
-    def send_encoded(self, enc: codec.Encoded, *, tag: int = 0, deadline: float | None = None,
-                     check: Callable[[], None] | None = None,
-                     on_full: Callable[[], None] | None = None) -> str:
-        """Send an encoded message; returns the route taken ("shm" or "zmq").
-
+        ``msg`` is a header plus buffers (:class:`Outgoing`: the codec's ``Encoded``, say).
         The route follows the real record: a message below the threshold whose
         record fits the ring (any record up to the ring's capacity fits once
         the ring is drained, see ``ring.py``) goes through the ring, anything
-        else through ZeroMQ with a marker in the ring.
+        else through ZeroMQ with a marker in the ring.  Each buffer is written
+        as it chooses (``framing.write_buffer``): straight into the record or
+        pool slot reserved for it.
 
         Blocks while the ring (or the ZeroMQ link) is full, until ``deadline``
         (``time.monotonic()`` value; ``TimeoutError``), calling ``check``
@@ -426,37 +429,25 @@ class Channel:
             raise TransportError(f"channel {self.name} is closed")
         self.woke_peer = False
         t1 = time.perf_counter_ns()
-        header = enc.header
-        buffers = enc.buffers
+        header = msg.header
+        buffers = msg.buffers
         nbuf = len(buffers)
-        hlen = len(header)
         tx = self.tx
         route = "zmq"
-        if tx is not None and enc.nbytes < self.threshold:
-            head = _PREFIX_LEN + 8 * nbuf
-            size = (head + hlen + 7) & ~7
-            for b in buffers:
-                size += (b.nbytes + 7) & ~7
+        if tx is not None and msg.nbytes < self.threshold:
+            sizes = [b.nbytes for b in buffers]
+            size = framing.record_size(len(header), sizes)
             if size <= tx.max_payload:
                 addr = tx.reserve(size)
                 if addr is None:
                     addr = self._wait_space(size, deadline, check, on_full)
                 view = tx.view
                 base = tx.segment.address
-                off = addr - base
-                _PREFIX.pack_into(view, off, KIND_INLINE, nbuf, hlen, tag & 0xFFFFFFFF)
-                if nbuf:
-                    _sizes(nbuf).pack_into(view, off + _PREFIX_LEN, *[b.nbytes for b in buffers])
-                view[off + head:off + head + hlen] = header
-                pos = addr + ((head + hlen + 7) & ~7)
+                pos = framing.pack_head_into(view, addr - base, KIND_INLINE, tag, header=header,
+                                             sizes=sizes)
                 for b in buffers:
-                    nb = b.nbytes
-                    if nb >= _MEMMOVE_MIN:
-                        ctypes.memmove(pos, b.ctypes.data, nb)  # releases the GIL
-                    elif nb:
-                        o = pos - base
-                        view[o:o + nb] = b
-                    pos += (nb + 7) & ~7
+                    framing.write_buffer(view, base, pos, b)
+                    pos += (b.nbytes + 7) & ~7
                 faults.hit("ring_before_flag")
                 tx.commit()
                 fence()
@@ -464,31 +455,31 @@ class Channel:
                     self._ring_peer(check)
                 route = "shm"
         if route == "zmq" and not (nbuf and self.pool_tx is not None
-                                   and self._send_pooled(enc, tag, deadline, check, on_full)):
-            prefix = self.secret + _PREFIX.pack(KIND_INLINE, nbuf, hlen, tag & 0xFFFFFFFF)
-            if nbuf:
-                prefix += _sizes(nbuf).pack(*[b.nbytes for b in buffers])
-            parts = [prefix + header, *buffers]
+                                   and self._send_pooled(msg, tag, deadline, check, on_full)):
+            sizes = [b.nbytes for b in buffers]
+            parts = [self.secret + framing.head_bytes(KIND_INLINE, tag, header, sizes),
+                     *[framing.as_host(b) for b in buffers]]
             if tx is None:
                 self.bulk.send(parts, deadline=deadline, check=check)
             else:
                 self._send_bulk(parts, deadline, check, on_full)
         r = self.routes[route]
         r.msgs_out += 1
-        r.bytes_out += enc.nbytes
+        r.bytes_out += msg.nbytes
         self.copy_ns += time.perf_counter_ns() - t1
         return route
 
-    def _send_pooled(self, enc: codec.Encoded, tag: int, deadline: float | None,
+    def _send_pooled(self, msg: Outgoing, tag: int, deadline: float | None,
                      check: Callable[[], None] | None,
                      on_full: Callable[[], None] | None) -> bool:
         """Send a large message with its buffers in a pool slot; False: use frames.
 
-        The buffers are copied once into the slot (``memcopy``: on several
-        threads where that pays); ZeroMQ carries one small frame.  A send that
-        fails before the frame is queued gives the slot back.
+        The buffers are written once into the slot (a CPU copy through
+        ``memcopy``, on several threads where that pays; a ``BufferWriter``
+        writes itself); ZeroMQ carries one small frame.  A send that fails
+        before the frame is queued gives the slot back.
         """
-        buffers = enc.buffers
+        buffers = msg.buffers
         sizes = [b.nbytes for b in buffers]
         offsets, span = layout(sizes)
         if span < POOL_MIN:
@@ -500,13 +491,15 @@ class Channel:
         try:
             base = slot.data_address
             for b, off, n in zip(buffers, offsets, sizes, strict=True):
-                if n:
+                if not n:
+                    continue
+                if type(b) is np.ndarray:
                     copy_bytes(base + off, b.ctypes.data, n)
-            nbuf = len(buffers)
-            parts = [b"".join((self.secret,
-                               _PREFIX.pack(KIND_POOL, nbuf, len(enc.header), tag & 0xFFFFFFFF),
-                               _sizes(nbuf).pack(*sizes), PLACE.pack(slot.id, 0, 0),
-                               enc.header))]
+                else:
+                    b.write_into(np.frombuffer(slot.segment.view, np.uint8, n,
+                                               base + off - slot.segment.address))
+            parts = [self.secret + framing.head_bytes(KIND_POOL, tag, msg.header, sizes,
+                                                      extra=PLACE.pack(slot.id, 0, 0))]
             if self.tx is None:
                 self.bulk.send(parts, deadline=deadline, check=check, small=True)
                 self._queued = True
@@ -541,7 +534,7 @@ class Channel:
                 if tracker is not None:
                     self._queued = True
                     faults.hit("zmq_send")
-                    _PREFIX.pack_into(tx.view, addr - tx.segment.address, KIND_BULK, 0, 0, 0)
+                    framing.pack_head_into(tx.view, addr - tx.segment.address, KIND_BULK, 0)
                     tx.commit()
                     fence()
                     if tx.reader_sleeping() and self.peer_bell is not None:
@@ -560,7 +553,7 @@ class Channel:
             if kind == KIND_CLOSE:
                 return  # best effort: the peer also notices our death
             addr = self._wait_space(_PREFIX_LEN, deadline, check, on_full)
-        _PREFIX.pack_into(tx.view, addr - tx.segment.address, kind, 0, 0, 0)
+        framing.pack_head_into(tx.view, addr - tx.segment.address, kind, 0)
         tx.commit()
         fence()
         if tx.reader_sleeping() and self.peer_bell is not None:
@@ -612,19 +605,28 @@ class Channel:
             self.rx.set_sleeping(flag)
 
     def try_recv(self, *, deadline: float | None = None,
-                 check: Callable[[], None] | None = None) -> tuple[bool, Any]:
-        """Receive one message if one is waiting: ``(True, obj)`` or ``(False, None)``.
+                 check: Callable[[], None] | None = None) -> Received | None:
+        """Receive one message if one is waiting, else None.
 
-        A close record from the peer sets ``peer_closed`` and returns
-        ``(False, None)``.  A malformed message raises ``ProtocolError`` after it
-        has been consumed: the messages behind it are intact, and the
-        exception's ``tag`` attribute holds the sender's tag (None if unknown).
+        First gives back the ring record a previous receive lent (see
+        :meth:`release`).  A ring message comes back *borrowed*: its header and
+        buffers are views of the ring, valid until :meth:`release` or the next
+        receive (copy them out with :func:`copy_out` to keep them).  A ZeroMQ
+        message's buffers are its frames' memory, or views of a pool lease
+        that keeps its slot until they are gone: the receiver's to keep.
+
+        A close record from the peer sets ``peer_closed`` and returns None.  A
+        malformed message raises ``ProtocolError`` after it has been consumed:
+        the messages behind it are intact, and the exception's ``tag``
+        attribute holds the sender's tag (None if unknown).
         """
         rx = self.rx
         if rx is None:
             if not self.bulk.readable():
-                return False, None
-            return True, self._recv_bulk(deadline, check)
+                return None
+            return self._recv_bulk(deadline, check)
+        if self._lent:
+            self.release()
         if self.failed is not None:
             raise self.failed
         try:
@@ -636,71 +638,45 @@ class Channel:
             self.failed = exc
             raise
         if rec is None:
-            return False, None
+            return None
         addr, length = rec
-        t0 = time.perf_counter_ns()
-        base = rx.segment.address
         view = rx.view
-        off = addr - base
-        end = off + length
+        off = addr - rx.segment.address
         if length >= _PREFIX_LEN and view[off] == KIND_BULK:
             # Outside the handler below: a defect of the ZeroMQ message must
             # carry that message's tag, not the marker's.
             rx.advance()
-            return True, self._recv_marked_bulk(check)
-        tag = None
+            return self._recv_marked_bulk(check)
         try:
-            if length < _PREFIX_LEN:
-                raise ProtocolError(f"ring record of {length} bytes is shorter than a prefix")
-            kind, nbuf, hlen, tag = _PREFIX.unpack_from(view, off)
-            if kind != KIND_INLINE:
-                rx.advance()
-                if kind == KIND_CLOSE:
+            head = framing.parse_head(view, off, length)
+            if head.kind != KIND_INLINE:
+                if head.kind == KIND_CLOSE:
+                    rx.advance()
                     self.peer_closed = True
-                    return False, None
-                raise ProtocolError(f"unknown record kind {kind}")
-            pos = off + _PREFIX_LEN
-            if nbuf:
-                if nbuf > (length - _PREFIX_LEN) // 8:
-                    raise ProtocolError(f"{nbuf} buffers declared in a {length}-byte record")
-                sizes = _sizes(nbuf).unpack_from(view, pos)
-                pos += 8 * nbuf
-            if pos + hlen > end:
-                raise ProtocolError(f"header of {hlen} bytes overruns a {length}-byte record")
-            header = view[pos:pos + hlen].tobytes()
-            bufs = []
-            if nbuf:
-                pos = off + ((pos + hlen - off + 7) & ~7)
-                for nb in sizes:
-                    if pos + nb > end:
-                        raise ProtocolError(
-                            f"buffer of {nb} bytes overruns a {length}-byte record")
-                    if nb < _MEMMOVE_MIN:  # one numpy call: allocate and copy (~1 us)
-                        buf = np.frombuffer(view, np.uint8, nb, pos).copy()
-                    else:  # large: memmove releases the GIL
-                        buf = np.empty(nb, np.uint8)
-                        ctypes.memmove(buf.ctypes.data, base + pos, nb)
-                    bufs.append(buf)
-                    pos += (nb + 7) & ~7
-        except ProtocolError as exc:
+                    return None
+                exc = ProtocolError(f"unknown record kind {head.kind}")
+                exc.tag = head.tag
+                raise exc
+            spans = framing.buffer_spans(head, off, length)
+        except ProtocolError:
             rx.advance()
-            exc.tag = tag
             raise
-        rx.advance()
-        t1 = time.perf_counter_ns()
-        try:
-            obj = codec.decode(header, bufs, safe=self.safe, envelope=self.recv_envelope)
-        except ProtocolError as exc:
-            exc.tag = tag
-            raise
-        self.decode_ns += time.perf_counter_ns() - t1
-        self.copy_ns += t1 - t0
+        bufs = [np.frombuffer(view, np.uint8, n, pos) for pos, n in spans]
+        rx.hold()
+        self._lent = True
         route = self.routes["shm"]
         route.msgs_in += 1
-        route.bytes_in += hlen + (sum(sizes) if nbuf else 0)
-        return True, obj
+        nbytes = len(head.header) + sum(head.sizes)
+        route.bytes_in += nbytes
+        return Received(head.tag, head.header, bufs, True, "shm", nbytes)
 
-    def _recv_marked_bulk(self, check: Callable[[], None] | None) -> Any:
+    def release(self) -> None:
+        """Give the ring record the last receive lent back to the sender (idempotent)."""
+        if self._lent:
+            self._lent = False
+            self.rx.release()
+
+    def _recv_marked_bulk(self, check: Callable[[], None] | None) -> Received:
         """The frames a consumed BULK marker announces.
 
         They were queued before the marker was published, so they are waited
@@ -715,9 +691,8 @@ class Channel:
             self.failed.tag = None
             raise self.failed from None
 
-    def _recv_bulk(self, deadline: float | None, check: Callable[[], None] | None) -> Any:
+    def _recv_bulk(self, deadline: float | None, check: Callable[[], None] | None) -> Received:
         frames = self.bulk.recv(deadline=deadline, check=check)
-        t0 = time.perf_counter_ns()
         meta = frames[0].buffer
         if len(meta) < SECRET_LEN + _PREFIX_LEN:
             raise ProtocolError(f"ZeroMQ message with a {len(meta)}-byte prefix")
@@ -725,74 +700,49 @@ class Channel:
             raise ProtocolError(f"channel {self.name}: a ZeroMQ message without the channel's "
                                 f"secret (not from its peer) was refused")
         meta = meta[SECRET_LEN:]
-        kind, nbuf, hlen, tag = _PREFIX.unpack_from(meta, 0)
+        pooled = meta[0] == KIND_POOL
+        head = framing.parse_head(meta, 0, len(meta), extra=PLACE.size if pooled else 0)
         try:
-            obj = self._decode_bulk(frames, meta, kind, nbuf, hlen)
+            if head.end != len(meta):
+                raise ProtocolError(f"ZeroMQ header frame of {len(meta)} bytes, declared "
+                                    f"{head.end}")
+            if pooled:
+                bufs = self._pooled_buffers(frames, meta, head)
+            elif head.kind != KIND_INLINE:
+                raise ProtocolError(f"unknown ZeroMQ message kind {head.kind}")
+            else:
+                bufs = _frame_buffers(frames, head.sizes)
         except ProtocolError as exc:
-            exc.tag = tag
+            exc.tag = head.tag
             raise
-        self.decode_ns += time.perf_counter_ns() - t0
-        return obj
-
-    def _decode_bulk(self, frames: list, meta: Any, kind: int, nbuf: int, hlen: int) -> Any:
-        if kind == KIND_POOL:
-            return self._decode_pooled(frames, meta, nbuf, hlen)
-        if kind != KIND_INLINE:
-            raise ProtocolError(f"unknown ZeroMQ message kind {kind}")
-        sizes, pos = _parse_sizes(meta, 0, nbuf, len(meta))
-        if pos + hlen != len(meta):
-            raise ProtocolError(f"ZeroMQ header frame of {len(meta)} bytes, declared {pos + hlen}")
-        if len(frames) != nbuf + 1:
-            raise ProtocolError(f"ZeroMQ message has {len(frames) - 1} buffer frames, "
-                                f"header declares {nbuf}")
-        bufs = []
-        for frame, nb in zip(frames[1:], sizes, strict=True):
-            if len(frame.buffer) != nb:
-                raise ProtocolError(f"ZeroMQ frame of {len(frame.buffer)} bytes, declared {nb}")
-            bufs.append(np.frombuffer(frame, np.uint8))  # the frame's memory: no copy
-        obj = codec.decode(meta[pos:], bufs, safe=self.safe, envelope=self.recv_envelope)
         route = self.routes["zmq"]
         route.msgs_in += 1
-        route.bytes_in += hlen + sum(sizes)
-        return obj
+        nbytes = len(head.header) + sum(head.sizes)
+        route.bytes_in += nbytes
+        return Received(head.tag, head.header, bufs, False, "zmq", nbytes)
 
-    def _decode_pooled(self, frames: list, meta: Any, nbuf: int, hlen: int) -> Any:
-        """A message whose buffers lie in a slot of the peer's pool.
+    def _pooled_buffers(self, frames: list, meta: Any, head: framing.Head) -> list[np.ndarray]:
+        """The buffers of a message that lie in a slot of the peer's pool.
 
-        Read in place from a trusted peer (the decoded tensors keep the slot
-        BUSY until they are gone, see ``pool.py``); copied out, and the slot
-        freed at once, from an untrusted one, which could change the bytes
+        Read in place from a trusted peer (views of one lease: the slot stays
+        BUSY until they are all gone, see ``pool.py``); copied out, and the
+        slot freed at once, from an untrusted one, which could change the bytes
         after they were checked.
         """
         if self.pool_rx is None:
             raise ProtocolError("a pool message on a channel without a pool")
         if len(frames) != 1:
             raise ProtocolError(f"pool message with {len(frames) - 1} buffer frames")
-        sizes, pos = _parse_sizes(meta, 0, nbuf, len(meta))
-        if pos + PLACE.size + hlen != len(meta):
-            raise ProtocolError(f"ZeroMQ header frame of {len(meta)} bytes, declared "
-                                f"{pos + PLACE.size + hlen}")
-        slot_id, zero, offset = PLACE.unpack_from(meta, pos)
+        slot_id, zero, offset = PLACE.unpack_from(meta, head.end - len(head.header) - PLACE.size)
         if zero:
             raise ProtocolError("malformed pool placement")
         t0 = time.perf_counter_ns()
-        bufs, fin = self.pool_rx.buffers(slot_id, offset, sizes, copy=self.safe)
+        bufs, _ = self.pool_rx.buffers(slot_id, offset, head.sizes, copy=self.safe)
         self.copy_ns += time.perf_counter_ns() - t0
-        try:
-            obj = codec.decode(meta[pos + PLACE.size:], bufs, safe=self.safe,
-                               envelope=self.recv_envelope)
-        except BaseException:
-            del bufs
-            if fin is not None:
-                fin()  # free the slot now, not when the traceback goes
-            raise
-        route = self.routes["zmq"]
-        route.msgs_in += 1
-        route.bytes_in += hlen + sum(sizes)
-        return obj
+        return bufs
 
     def recv(self, *, deadline: float | None = None, check: Callable[[], None] | None = None,
-             spin_s: float = SPIN_S) -> Any:
+             spin_s: float = SPIN_S) -> Received:
         """Block until a message arrives (``TimeoutError`` at ``deadline``).
 
         Spins ``spin_s`` first, then sleeps on the doorbell (or the ZeroMQ
@@ -800,9 +750,9 @@ class Channel:
         ``check`` after each.  Raises ``TransportError`` if the peer closed.
         """
         while True:
-            ok, obj = self.try_recv(deadline=deadline, check=check)
-            if ok:
-                return obj
+            got = self.try_recv(deadline=deadline, check=check)
+            if got is not None:
+                return got
             if self.peer_closed:
                 raise TransportError(f"channel {self.name} was closed by the peer")
             self.wait(deadline=deadline, check=check, spin_s=spin_s)
@@ -842,7 +792,6 @@ class Channel:
         out = {
             "name": self.name, "mode": self.mode, "threshold": self.threshold,
             "routes": {k: r.as_dict() for k, r in self.routes.items()},
-            "encode_s": self.encode_ns / 1e9, "decode_s": self.decode_ns / 1e9,
             "copy_s": self.copy_ns / 1e9, "wait_s": self.wait_ns / 1e9,
         }
         if self.pool_tx is not None:
@@ -854,6 +803,7 @@ class Channel:
         if self.closed:
             return
         self.closed = True
+        self._lent = False  # unmapped below: whatever was lent is gone
         if notify and self.tx is not None:
             try:
                 self._send_marker(KIND_CLOSE, None, None, None)
@@ -877,14 +827,6 @@ class Channel:
         self.bulk.close()
 
 
-def _parse_sizes(buf: Any, off: int, nbuf: int, length: int) -> tuple[list[int], int]:
-    pos = off + _PREFIX_LEN
-    if nbuf > (length - _PREFIX_LEN) // 8:
-        raise ProtocolError(f"{nbuf} buffers declared in a {length}-byte record")
-    sizes = list(_sizes(nbuf).unpack_from(buf, pos)) if nbuf else []
-    return sizes, pos + 8 * nbuf
-
-
 def _pool_socket(fd: int) -> socket.socket:
     """The callee's end of the pool socket pair, from a received descriptor."""
     try:
@@ -899,15 +841,34 @@ def _pool_socket(fd: int) -> socket.socket:
     return sock
 
 
-_SIZES: dict[int, struct.Struct] = {}
+def _frame_buffers(frames: list, sizes: Sequence[int]) -> list[np.ndarray]:
+    """A plain large message's buffers: its frames' own memory, no copy."""
+    if len(frames) != len(sizes) + 1:
+        raise ProtocolError(f"ZeroMQ message has {len(frames) - 1} buffer frames, "
+                            f"header declares {len(sizes)}")
+    bufs = []
+    for frame, nb in zip(frames[1:], sizes, strict=True):
+        if len(frame.buffer) != nb:
+            raise ProtocolError(f"ZeroMQ frame of {len(frame.buffer)} bytes, declared {nb}")
+        bufs.append(np.frombuffer(frame, np.uint8))
+    return bufs
 
 
-def _sizes(n: int) -> struct.Struct:
-    """The (cached) struct of ``n`` little-endian u64 buffer sizes."""
-    st = _SIZES.get(n)
-    if st is None:
-        st = _SIZES[n] = struct.Struct(f"<{n}Q")
-    return st
+def copy_out(bufs: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Private copies of lent buffers.
+
+    One numpy call when small; ``memmove``, which releases the GIL, when large.
+    """
+    out = []
+    for b in bufs:
+        nb = b.nbytes
+        if nb < _MEMMOVE_MIN:
+            out.append(b.copy())
+        else:
+            c = np.empty(nb, np.uint8)
+            ctypes.memmove(c.ctypes.data, b.ctypes.data, nb)
+            out.append(c)
+    return out
 
 
 def _warn_fallback(exc: TransportError) -> None:

@@ -86,7 +86,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from runtime.errors import ProtocolError, TransportError
-from runtime.transport import memcopy
+from runtime.transport import hostmem, memcopy
 from runtime.transport.segment import Segment
 
 __all__ = ["BUSY", "FREE", "HEADER_SIZE", "PLACE", "RxPool", "TxPool", "layout", "slot_size"]
@@ -265,9 +265,12 @@ class _RxSlot:
         self._anchor = ctypes.c_char.from_buffer(mm)
         self.address = ctypes.addressof(self._anchor)
         self.state = ctypes.c_uint32.from_buffer(mm, _OFF_STATE)
+        hostmem.mapped(self.address, len(mm))
 
     def close(self) -> None:
         """Unmap now, or -- while leases hold it -- once the last lease is gone."""
+        if self._anchor is not None:
+            hostmem.unmapping(self.address)
         self._anchor = self.state = None
         try:
             self.mm.close()

@@ -116,6 +116,7 @@ class ShmRing:
         self._w = int(self._wpos.value)
         self._r = int(self._rpos.value)
         self._next_r = self._r
+        self._held = False
 
     # -- construction --------------------------------------------------------
     @classmethod
@@ -234,7 +235,8 @@ class ShmRing:
             off = 0
             if r == wpos:
                 self._r = self._next_r = r
-                self._rpos.value = r
+                if not self._held:
+                    self._rpos.value = r
                 return None
             (length,) = _U64.unpack_from(self.view, HEADER_SIZE)
         nxt = r + 8 + ((length + 7) & ~7)
@@ -248,6 +250,21 @@ class ShmRing:
     def advance(self) -> None:
         """Release the record returned by the last :meth:`peek`."""
         self._r = self._next_r
+        self._held = False
+        self._rpos.value = self._r
+
+    def hold(self) -> None:
+        """Consume the last :meth:`peek`'s record but keep its space: it stays valid.
+
+        The reader may go on peeking behind it; the writer cannot reuse it until
+        :meth:`release`.  One record is held at a time.
+        """
+        self._r = self._next_r
+        self._held = True
+
+    def release(self) -> None:
+        """Give back the space of the held record (and of everything read before it)."""
+        self._held = False
         self._rpos.value = self._r
 
     def set_sleeping(self, flag: bool) -> None:

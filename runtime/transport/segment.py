@@ -20,6 +20,7 @@ import os
 import secrets
 
 from runtime.errors import TransportError
+from runtime.transport import hostmem
 
 __all__ = ["Segment", "unlink_quietly"]
 
@@ -37,6 +38,7 @@ class Segment:
         self._anchor = ctypes.c_char.from_buffer(mm)
         self.address: int = ctypes.addressof(self._anchor)
         self.view = memoryview(mm)
+        hostmem.mapped(self.address, self.size)
         self._unlinked = False
         self.fd: int | None = None  # kept only by anonymous segments until handed over
 
@@ -147,7 +149,11 @@ class Segment:
         mm, self._mm = self._mm, None
         if mm is None:
             return
-        self.view.release()
+        hostmem.unmapping(self.address)
+        try:
+            self.view.release()
+        except BufferError:  # views lent to a receiver are still alive; let GC unmap
+            pass
         del self._anchor
         try:
             mm.close()

@@ -241,3 +241,24 @@ class Hostile:
         struct.pack_into("<Q", tx.view, addr - 8 - tx.segment.address, 10**12)
         tx.commit()
         return "never read"
+
+
+@actor(borrow_args=True)
+class Borrower:
+    """Takes its arguments in place: views of the message that carried them."""
+
+    def where(self, t):
+        """(whether ``t`` lies in a transport mapping, its sum)."""
+        from runtime.transport import hostmem
+
+        p = t.data_ptr()
+        mapped = any(a <= p < a + n for a, n in hostmem.live().items())
+        return mapped, float(t.double().sum())
+
+    def twice(self, t):
+        return t * 2
+
+
+@actor
+class Copier(Borrower):
+    """The same methods, without borrowing: ring arguments arrive as private copies."""

@@ -19,7 +19,8 @@ import sys
 import zmq
 
 from runtime import actor, codec
-from runtime.transport import channel as channel_mod
+from runtime import messages as messages_mod
+from runtime.transport import framing
 
 
 class Marker:
@@ -35,8 +36,7 @@ class Marker:
 def _pickled_message(marker: str) -> bytes:
     """A well-framed channel message whose codec payload is a pickle of a Marker."""
     enc = codec.encode(Marker(marker))
-    prefix = struct.pack("<B3xIII", 0, 0, len(enc.header), 1)
-    return prefix + enc.header
+    return framing.head_bytes(framing.KIND_INLINE, 1, enc.header, [])
 
 
 def _outcome(fn) -> str:
@@ -165,13 +165,13 @@ class Liar:
     """Replies in the codec's pickle format, which an honest untrusted actor cannot."""
 
     def pickled_reply(self, marker: str):
-        original = channel_mod.Channel.encode
+        original = messages_mod.MessageChannel.encode
 
         def encode(self, obj, **kw):
             kw["plain_only"] = False
             return original(self, obj, **kw)
 
-        channel_mod.Channel.encode = encode
+        messages_mod.MessageChannel.encode = encode
         return Marker(marker)
 
 

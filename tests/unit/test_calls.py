@@ -35,7 +35,7 @@ class _ScriptedChannel:
     woke_peer = False
     peer_closed = False
     failed = None
-    routes: dict = {}  # no per-route counters: calls record no wire sizes here
+    last_in = None  # no route or size of the last reply: calls record no wire sizes here
 
     def __init__(self):
         self.inbox = deque()

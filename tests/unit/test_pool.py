@@ -16,8 +16,9 @@ import torch
 
 from runtime import codec
 from runtime.errors import ProtocolError
-from runtime.transport import pool
-from runtime.transport.channel import _PREFIX, KIND_POOL, POOL_MIN, Channel
+from runtime.messages import MessageChannel
+from runtime.transport import framing, pool
+from runtime.transport.channel import KIND_POOL, POOL_MIN, Channel
 from runtime.transport.doorbell import Doorbell
 from tests.unit.test_transport import SHM, make_pair
 
@@ -200,6 +201,7 @@ def test_a_peer_that_cannot_map_slots_gets_frames(private_dir):
     callee = Channel.attach(caller.spec(), fds=[os.dup(fd) for fd in caller.peer_fds()],
                             own_bell=bell, safe=False, name="callee")  # no shm_dir
     caller.attached(bell.path)
+    caller, callee = MessageChannel(caller), MessageChannel(callee)
     try:
         assert callee.pool_tx is None and callee.pool_sock is None
         for i in range(3):
@@ -327,9 +329,8 @@ def _pool_message(ch, obj, slot_id, offset=0, zero=0, tag=5, sizes=None):
     """A POOL message as a peer could write it, with any placement."""
     enc = codec.encode(obj)
     sizes = [b.nbytes for b in enc.buffers] if sizes is None else sizes
-    meta = (ch.secret + _PREFIX.pack(KIND_POOL, len(sizes), len(enc.header), tag)
-            + struct.pack(f"<{len(sizes)}Q", *sizes) + pool.PLACE.pack(slot_id, zero, offset)
-            + enc.header)
+    meta = ch.secret + framing.head_bytes(KIND_POOL, tag, enc.header, sizes,
+                                          extra=pool.PLACE.pack(slot_id, zero, offset))
     ch._send_bulk([meta], None, None, None, small=True)
 
 

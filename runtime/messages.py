@@ -1,0 +1,143 @@
+"""Messages: the codec over a transport channel -- objects in, objects out.
+
+The layers, bottom up: ``transport/framing.py`` lays out a header and buffers;
+``transport/channel.py`` routes frames (ring, ZeroMQ, pool) and lends what it receives;
+``codec.py`` turns objects into a header and buffers and back; this module joins the two
+for the call layer (``calls.py``, ``worker.py``), so the channel never sees an object and
+the codec never sees a transport.
+
+What a receiver gets from a ring record is a loan (``Received.borrowed``): it is decoded
+over copies (:func:`~runtime.transport.channel.copy_out`), and the record is given back at
+once -- unless this end *borrows*: then the decoded tensors are views of the record itself
+(no copy at all; a GPU worker copies them host-to-device straight from it), valid until
+:meth:`MessageChannel.release`, which the actor's loop calls when the method returns.
+Borrowing is never done for an untrusted peer, who could change the bytes after they were
+checked.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from runtime import codec
+from runtime.errors import ProtocolError, TransportError
+from runtime.transport.channel import Channel, Received, copy_out
+
+__all__ = ["MessageChannel"]
+
+
+class MessageChannel:
+    """One end of a channel that speaks objects (see the module docstring).
+
+    ``send_envelope`` / ``recv_envelope``: containers of the call layer wrapping the values
+    of a message each way (a call tuple, say): the codec's depth limit applies inside them.
+    ``borrow``: decode ring messages in place (see the module docstring); ignored when the
+    peer is untrusted (``channel.safe``).  Anything else -- ``readable``, ``wait``, ``close``,
+    ``routes``, ``failed``... -- is the transport channel's own (attribute access falls
+    through to it).
+    """
+
+    def __init__(self, channel: Channel, *, send_envelope: int = 0, recv_envelope: int = 0,
+                 borrow: bool = False) -> None:
+        self.transport = channel
+        self.send_envelope = send_envelope
+        self.recv_envelope = recv_envelope
+        self.borrow = borrow and not channel.safe
+        self.encode_ns = self.decode_ns = self.copy_ns = 0
+        self.last_in: tuple[str, int] | None = None  # route and bytes of the last receive
+
+    _OWN = frozenset({"transport", "send_envelope", "recv_envelope", "borrow", "encode_ns",
+                      "decode_ns", "copy_ns", "last_in"})
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["transport"], name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # The transport's attributes (``own_bell``, say) stay the transport's.
+        if name in self._OWN:
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self.transport, name, value)
+
+    # -- sending -----------------------------------------------------------------------
+    def encode(self, obj: Any, *, plain_only: bool = False) -> codec.Encoded:
+        """Encode ``obj`` for :meth:`send_encoded`; nothing is sent.
+
+        With ``plain_only`` nothing is pickled: a message the plain format
+        cannot express is refused with ``TypeError`` (or ``ValueError`` for
+        nesting too deep), since a safe-mode peer would have to unpickle it;
+        see ``codec``.  Any other exception is the value's own (a
+        ``__reduce__`` that raises, say): nothing is sent either way.
+        """
+        t0 = time.perf_counter_ns()
+        enc = codec.encode(obj, plain_only=plain_only, envelope=self.send_envelope)
+        self.encode_ns += time.perf_counter_ns() - t0
+        return enc
+
+    def send_encoded(self, enc: codec.Encoded, *, tag: int = 0, deadline: float | None = None,
+                     check: Callable[[], None] | None = None,
+                     on_full: Callable[[], None] | None = None) -> str:
+        """Send an encoded message; the route taken ("shm" or "zmq"). See ``Channel.send``."""
+        return self.transport.send(enc, tag=tag, deadline=deadline, check=check,
+                                   on_full=on_full)
+
+    def send(self, obj: Any, *, tag: int = 0, deadline: float | None = None,
+             check: Callable[[], None] | None = None,
+             on_full: Callable[[], None] | None = None, plain_only: bool = False) -> str:
+        """Encode and send ``obj``; returns the route taken."""
+        if self.transport.closed:
+            raise TransportError(f"channel {self.transport.name} is closed")
+        return self.send_encoded(self.encode(obj, plain_only=plain_only), tag=tag,
+                                 deadline=deadline, check=check, on_full=on_full)
+
+    # -- receiving ---------------------------------------------------------------------
+    def try_recv(self, *, deadline: float | None = None,
+                 check: Callable[[], None] | None = None) -> tuple[bool, Any]:
+        """Receive and decode one message if one is waiting: ``(True, obj)`` or ``(False, None)``.
+
+        A malformed message raises ``ProtocolError`` with the sender's tag
+        (``exc.tag``) after it has been consumed; see ``Channel.try_recv``.
+        """
+        got = self.transport.try_recv(deadline=deadline, check=check)
+        if got is None:
+            return False, None
+        return True, self._decode(got)
+
+    def recv(self, *, deadline: float | None = None, check: Callable[[], None] | None = None,
+             **kw: Any) -> Any:
+        """Block until a message arrives and decode it; see ``Channel.recv``."""
+        return self._decode(self.transport.recv(deadline=deadline, check=check, **kw))
+
+    def _decode(self, got: Received) -> Any:
+        self.last_in = (got.route, got.nbytes)
+        bufs = got.buffers
+        t0 = time.perf_counter_ns()
+        lent = got.borrowed and not self.borrow
+        if lent and bufs:
+            bufs = copy_out(bufs)
+        t1 = time.perf_counter_ns()
+        try:
+            obj = codec.decode(got.header, bufs, safe=self.transport.safe,
+                               envelope=self.recv_envelope)
+        except ProtocolError as exc:
+            exc.tag = got.tag
+            raise
+        finally:
+            if lent:
+                self.transport.release()
+        self.copy_ns += t1 - t0
+        self.decode_ns += time.perf_counter_ns() - t1
+        return obj
+
+    def release(self) -> None:
+        """Give back the record a borrowing receive decoded in place (idempotent)."""
+        self.transport.release()
+
+    def stats(self) -> dict[str, Any]:
+        out = self.transport.stats()
+        out["encode_s"] = self.encode_ns / 1e9
+        out["decode_s"] = self.decode_ns / 1e9
+        out["copy_s"] += self.copy_ns / 1e9
+        return out

@@ -1,0 +1,281 @@
+"""Where buffers are written and read: registration with CUDA, device buffers written straight
+into the record reserved for them, and ring records lent to a borrowing receiver.
+
+All of it runs on the CPU: a stand-in for CUDA's runtime records what would be registered,
+and a CPU tensor wrapped as a ``DeviceBuffer`` takes the path a CUDA tensor's bytes take.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import tempfile
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from runtime import codec
+from runtime.messages import MessageChannel
+from runtime.transport import hostmem
+from tests.unit.test_transport import make_pair
+
+MiB = 1 << 20
+
+
+class FakeCudart:
+    """Records cudaHostRegister / cudaHostUnregister calls; ``fail`` makes registering fail."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.fail = fail
+        self.calls: list[tuple] = []
+
+    def cudaHostRegister(self, address: int, size: int, flags: int) -> int:
+        self.calls.append(("register", address, size, flags))
+        return 2 if self.fail else 0  # cudaErrorMemoryAllocation
+
+    def cudaHostUnregister(self, address: int) -> int:
+        self.calls.append(("unregister", address))
+        return 0
+
+
+@pytest.fixture
+def private_dir():
+    d = tempfile.mkdtemp(prefix="rtp")
+    yield d
+    for f in os.listdir(d):
+        os.unlink(os.path.join(d, f))
+    os.rmdir(d)
+
+
+@pytest.fixture
+def registrar():
+    r = hostmem.CudaRegistrar(FakeCudart())
+    hostmem.install(r)
+    yield r
+    hostmem.uninstall(r)
+
+
+def _inside(r: hostmem.CudaRegistrar, t: torch.Tensor) -> bool:
+    return r.covers(t.data_ptr(), t.numel() * t.element_size())
+
+
+# -- registration -------------------------------------------------------------------------
+
+
+def test_every_mapping_is_registered_once_and_unregistered_before_it_goes(private_dir,
+                                                                         registrar):
+    caller, callee, bell = make_pair(private_dir, MiB)
+    try:
+        rings = {caller.tx.segment.address, caller.rx.segment.address}
+        assert rings <= registrar.registered.keys()
+        assert registrar.registered[caller.tx.segment.address] == caller.tx.segment.size
+        caller.send(torch.ones(MiB))  # above the threshold: a pool slot each side
+        got = callee.recv(deadline=time.monotonic() + 10)
+        slot = caller.pool_tx.slots[0].segment
+        assert slot.address in registrar.registered
+        assert _inside(registrar, got)  # the receiver's mapping of the slot, too
+        del got
+        gc.collect()
+    finally:
+        caller.close()
+        callee.close()
+        bell.close()
+    gone = {c[1] for c in registrar.cudart.calls if c[0] == "unregister"}
+    assert rings | {slot.address} <= gone
+    assert not (rings & registrar.registered.keys())
+    registered = [c[1] for c in registrar.cudart.calls if c[0] == "register"]
+    assert len(registered) == len(set(registered))  # once each
+
+
+def test_mappings_made_before_install_are_registered_at_install(private_dir):
+    caller, callee, bell = make_pair(private_dir, MiB)
+    r = hostmem.CudaRegistrar(FakeCudart())
+    try:
+        hostmem.install(r)
+        assert {caller.tx.segment.address, callee.tx.segment.address} <= r.registered.keys()
+        hostmem.uninstall(r)
+        assert not r.registered
+    finally:
+        hostmem.uninstall(r)
+        caller.close()
+        callee.close()
+        bell.close()
+
+
+def test_a_refused_registration_is_logged_once_and_changes_nothing_else(private_dir, caplog):
+    r = hostmem.CudaRegistrar(FakeCudart(fail=True))
+    hostmem.install(r)
+    try:
+        with caplog.at_level(logging.WARNING, logger="runtime.transport.hostmem"):
+            caller, callee, bell = make_pair(private_dir, MiB)
+            try:
+                for t in (torch.arange(1000.0), torch.arange(float(MiB))):  # ring, pool slot
+                    caller.send(t)
+                    assert torch.equal(callee.recv(deadline=time.monotonic() + 10), t)
+            finally:
+                caller.close()
+                callee.close()
+                bell.close()
+        assert r.failures >= 5 and not r.registered
+        assert len([m for m in caplog.messages if "cudaHostRegister" in m]) == 1
+    finally:
+        hostmem.uninstall(r)
+
+
+# -- device buffers: written straight into the reply record --------------------------------
+
+
+class Spy(codec.DeviceBuffer):
+    """A DeviceBuffer over a CPU tensor that records where it was written."""
+
+    def __init__(self, t: torch.Tensor) -> None:
+        super().__init__(t)
+        self.into: list[int] = []
+        self.hosted = 0
+
+    def write_into(self, dst: np.ndarray) -> None:
+        self.into.append(dst.ctypes.data)
+        super().write_into(dst)
+
+    def host(self) -> np.ndarray:
+        self.hosted += 1
+        return super().host()
+
+
+def _device_message(t: torch.Tensor) -> tuple[codec.Encoded, Spy]:
+    """``t`` encoded as a device tensor's reply would be: a DeviceBuffer in place of bytes."""
+    enc = codec.encode(t)
+    spy = Spy(t)
+    return codec.Encoded(enc.header, [spy], enc.nbytes), spy
+
+
+@pytest.mark.parametrize(("n", "where"), [(1000, "ring"), (2 * MiB, "pool")])
+def test_a_device_buffer_is_written_once_straight_into_registered_memory(
+        private_dir, registrar, n, where):
+    caller, callee, bell = make_pair(private_dir, MiB)
+    try:
+        t = torch.randn(n)
+        enc, spy = _device_message(t)
+        route = callee.send_encoded(enc, tag=3)  # the reply direction
+        assert route == ("shm" if where == "ring" else "zmq")
+        assert len(spy.into) == 1 and spy.hosted == 0
+        assert registrar.covers(spy.into[0], t.numel() * 4)
+        seg = callee.tx.segment if where == "ring" else callee.pool_tx.slots[0].segment
+        assert seg.address <= spy.into[0] < seg.address + seg.size
+        assert torch.equal(caller.recv(deadline=time.monotonic() + 10), t)
+    finally:
+        caller.close()
+        callee.close()
+        bell.close()
+
+
+def test_a_device_buffer_comes_to_the_host_only_for_zeromq_frames(private_dir):
+    caller, callee, bell = make_pair(private_dir, MiB, pool_bytes=0)
+    try:
+        t = torch.randn(2 * MiB // 4 * 2)
+        enc, spy = _device_message(t)
+        assert callee.send_encoded(enc, tag=1) == "zmq"
+        assert spy.into == [] and spy.hosted == 1
+        assert torch.equal(caller.recv(deadline=time.monotonic() + 10), t)
+    finally:
+        caller.close()
+        callee.close()
+        bell.close()
+
+
+def test_the_codec_brings_no_cuda_tensor_to_the_host():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    t = torch.randn(1000, device="cuda")
+    enc = codec.encode({"t": t})
+    (buf,) = enc.buffers
+    assert isinstance(buf, codec.DeviceBuffer) and buf.nbytes == 4000
+    dst = np.empty(4000, np.uint8)
+    buf.write_into(dst)
+    got = codec.decode(enc.header, [dst], safe=True)
+    assert torch.equal(got["t"], t.cpu())
+
+
+# -- ring records lent to the receiver -----------------------------------------------------
+
+
+def _in_ring(ch, t: torch.Tensor) -> bool:
+    seg = ch.rx.segment
+    return seg.address <= t.data_ptr() < seg.address + seg.size
+
+
+def test_a_borrowing_receiver_decodes_in_place_until_it_releases(private_dir):
+    caller, raw, bell = make_pair(private_dir, MiB)
+    callee = MessageChannel(raw.transport, borrow=True)
+    try:
+        t = torch.arange(4096.0)
+        caller.send(t)
+        got = callee.recv(deadline=time.monotonic() + 10)
+        assert _in_ring(callee, got) and torch.equal(got, t)
+        # Lent: the record's space is not the writer's again until it is released.
+        used = caller.tx.capacity - _free(caller.tx)
+        assert used > t.numel() * 4
+        callee.release()
+        assert _free(caller.tx) == caller.tx.capacity
+        # A receive gives back the previous loan by itself.
+        caller.send(t + 1)
+        first = callee.recv(deadline=time.monotonic() + 10)
+        caller.send(t + 2)
+        second = callee.recv(deadline=time.monotonic() + 10)
+        assert torch.equal(second, t + 2) and _in_ring(callee, first)
+        callee.release()
+    finally:
+        caller.close()
+        callee.close()
+        bell.close()
+
+
+def _free(ring) -> int:
+    return ring.capacity - (ring._w - ring._rpos.value)
+
+
+def test_a_receiver_that_does_not_borrow_gets_private_copies_and_frees_the_record(private_dir):
+    caller, callee, bell = make_pair(private_dir, MiB)
+    try:
+        t = torch.arange(4096.0)
+        caller.send(t)
+        got = callee.recv(deadline=time.monotonic() + 10)
+        assert not _in_ring(callee, got) and torch.equal(got, t)
+        assert _free(caller.tx) == caller.tx.capacity  # given back at once
+    finally:
+        caller.close()
+        callee.close()
+        bell.close()
+
+
+def test_an_untrusted_peer_is_never_borrowed_from(private_dir):
+    """Its bytes could change after they were checked: always copied."""
+    caller, raw, bell = make_pair(private_dir, MiB, safe=True)
+    callee = MessageChannel(raw.transport, borrow=True)
+    try:
+        assert not callee.borrow
+        t = torch.arange(4096.0)
+        caller.send(t)
+        got = callee.recv(deadline=time.monotonic() + 10)
+        assert not _in_ring(callee, got) and torch.equal(got, t)
+    finally:
+        caller.close()
+        callee.close()
+        bell.close()
+
+
+def test_a_borrowed_record_survives_its_channel_closing(private_dir):
+    """Closing (the peer dying) while a method still holds borrowed views must not crash:
+    the mapping goes when the last view does."""
+    caller, raw, bell = make_pair(private_dir, MiB)
+    callee = MessageChannel(raw.transport, borrow=True)
+    t = torch.arange(4096.0)
+    caller.send(t)
+    got = callee.recv(deadline=time.monotonic() + 10)
+    caller.close()
+    callee.close()
+    bell.close()
+    assert torch.equal(got, t)
