@@ -161,7 +161,18 @@ class ActorServer:
                 raise
             enc = ch.encode((call_id, False, self._error_payload(exc)))
         try:
-            ch.send_encoded(enc, tag=call_id, check=conn.check)
+            self._send_or_drop(conn, enc, call_id)
+        except Exception as exc:  # noqa: BLE001 - a buffer that failed to write itself
+            # A result's bytes are written while the reply is sent (a device tensor copies
+            # itself device-to-host into the record): that copy can fail (a CUDA error).
+            # A send happens whole or not at all, so nothing went: the call fails instead
+            # (an error payload is plain strings and bytes: no buffer to write).
+            self._send_or_drop(conn, ch.encode((call_id, False, self._error_payload(exc))),
+                               call_id)
+
+    def _send_or_drop(self, conn: _Inbound, enc: Any, call_id: int) -> None:
+        try:
+            conn.channel.send_encoded(enc, tag=call_id, check=conn.check)
         except TransportError as exc:
             log.warning("actor %s: dropping the channel of pid %d: %s", self.name,
                         conn.caller_pid, exc)

@@ -1,0 +1,136 @@
+"""Regression tests for defects found reviewing the layered message path (framing, lent
+ring records, MessageChannel, borrowing actors)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+import uuid
+
+import numpy as np
+import pytest
+import torch
+
+from runtime import codec
+from runtime.messages import MessageChannel
+from runtime.transport.ring import MIN_CAPACITY, ShmRing
+from runtime.worker import ActorServer, _Inbound
+from tests.unit.test_transport import SHM, make_pair
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def private_dir():
+    d = tempfile.mkdtemp(prefix="rtp")
+    yield d
+    for f in os.listdir(d):
+        os.unlink(os.path.join(d, f))
+    os.rmdir(d)
+
+
+# -- 1. a buffer that fails to write itself must not end the actor -------------------------
+
+
+class _FailingWriter:
+    """A ``framing.BufferWriter`` whose device-to-host copy fails (a CUDA error, say)."""
+
+    def __init__(self, nbytes: int) -> None:
+        self.nbytes = nbytes
+
+    def write_into(self, dst: np.ndarray) -> None:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    def host(self) -> np.ndarray:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+
+def _server() -> ActorServer:
+    server = ActorServer.__new__(ActorServer)
+    server.untrusted = False
+    server.name = "reviewed"
+    server.inbound = []
+    server._poller = None
+    return server
+
+
+def test_a_reply_whose_device_buffer_fails_to_write_is_that_calls_error(private_dir,
+                                                                       monkeypatch):
+    """Results are now copied device-to-host while the reply is *sent*, outside the method:
+    a failing copy must become the call's error, not an exception out of the serve loop
+    (which ends the actor for every caller)."""
+    caller, callee, bell = make_pair(private_dir, MiB)
+    original = MessageChannel.encode
+
+    def encode(self, obj, **kw):
+        enc = original(self, obj, **kw)
+        if enc.buffers:  # the result's tensor: a device buffer that cannot be copied
+            enc = codec.Encoded(enc.header, [_FailingWriter(b.nbytes) for b in enc.buffers],
+                                enc.nbytes)
+        return enc
+
+    monkeypatch.setattr(MessageChannel, "encode", encode)
+    conn = _Inbound.__new__(_Inbound)
+    conn.channel, conn.caller_pid, conn.check = callee, os.getpid(), None
+    try:
+        _server()._reply(conn, (7, True, torch.arange(16.0)))  # raised RuntimeError
+        call_id, ok, payload = caller.recv(deadline=time.monotonic() + 10)
+        assert (call_id, ok) == (7, False) and "RuntimeError" in payload[0]
+        # The channel carries on.
+        callee.send((8, True, None))
+        assert caller.recv(deadline=time.monotonic() + 10) == (8, True, None)
+    finally:
+        caller.close()
+        callee.close()
+        bell.close()
+
+
+# -- 2. a held record stays held while the reader goes on behind it ------------------------
+
+
+def test_advancing_past_a_later_record_does_not_give_back_the_held_one():
+    """``ShmRing.hold`` promises the writer cannot reuse the held record until ``release``
+    and that the reader may go on peeking behind it; ``advance`` of the next record
+    published read_pos past the held one anyway."""
+    path_name = f"rt_test{uuid.uuid4().hex[:8]}"
+    w = ShmRing.create(SHM, path_name, MIN_CAPACITY)
+    r = ShmRing.attach(w.segment.path)
+    try:
+        for n in (1000, 1000):
+            w.reserve(n)
+            w.commit()
+        first, _ = r.peek()
+        start = r._rpos.value
+        r.hold()
+        r.peek()
+        r.advance()  # e.g. a record found malformed or a close record: consumed
+        assert r._rpos.value == start, "the held record was given back to the writer"
+        r.release()
+        assert r._rpos.value == w._w
+    finally:
+        r.close()
+        w.unlink()
+        w.close()
+
+
+# -- 3. borrowing from an untrusted peer ---------------------------------------------------
+
+
+def test_borrow_switched_on_later_still_never_borrows_from_an_untrusted_peer(private_dir):
+    """``MessageChannel.__init__`` drops ``borrow`` for a safe channel, but ``borrow`` is a
+    plain attribute: set afterwards, a safe-mode receiver decoded the untrusted peer's ring
+    record in place (bytes the peer can still change)."""
+    caller, callee, bell = make_pair(private_dir, MiB, safe=True)
+    try:
+        callee.borrow = True
+        t = torch.arange(4096.0)
+        caller.send(t)
+        got = callee.recv(deadline=time.monotonic() + 10)
+        seg = callee.rx.segment
+        assert not seg.address <= got.data_ptr() < seg.address + seg.size
+        assert torch.equal(got, t)
+    finally:
+        caller.close()
+        callee.close()
+        bell.close()
