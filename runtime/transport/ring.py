@@ -248,10 +248,14 @@ class ShmRing:
         return self.data_address + off + 8, length
 
     def advance(self) -> None:
-        """Release the record returned by the last :meth:`peek`."""
+        """Release the record returned by the last :meth:`peek`.
+
+        While an earlier record is held (:meth:`hold`) its space stays the reader's:
+        read_pos moves on at :meth:`release`.
+        """
         self._r = self._next_r
-        self._held = False
-        self._rpos.value = self._r
+        if not self._held:
+            self._rpos.value = self._r
 
     def hold(self) -> None:
         """Consume the last :meth:`peek`'s record but keep its space: it stays valid.
