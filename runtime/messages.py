@@ -114,7 +114,9 @@ class MessageChannel:
         self.last_in = (got.route, got.nbytes)
         bufs = got.buffers
         t0 = time.perf_counter_ns()
-        lent = got.borrowed and not self.borrow
+        # ``borrow`` is checked against the peer's trust here, not only at construction:
+        # an untrusted peer's record is never decoded in place, whatever was set since.
+        lent = got.borrowed and not (self.borrow and not self.transport.safe)
         if lent and bufs:
             bufs = copy_out(bufs)
         t1 = time.perf_counter_ns()
