@@ -662,8 +662,10 @@ class Channel:
             rx.advance()
             raise
         bufs = [np.frombuffer(view, np.uint8, n, pos) for pos, n in spans]
-        rx.hold()
+        # Noted before the ring holds it: an interrupt between the two must leave a loan
+        # the next receive gives back, never a held record nobody releases.
         self._lent = True
+        rx.hold()
         route = self.routes["shm"]
         route.msgs_in += 1
         nbytes = len(head.header) + sum(head.sizes)

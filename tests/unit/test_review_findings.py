@@ -134,3 +134,35 @@ def test_borrow_switched_on_later_still_never_borrows_from_an_untrusted_peer(pri
         caller.close()
         callee.close()
         bell.close()
+
+
+# -- 4. KeyboardInterrupt between lending a record and noting the loan ---------------------
+
+
+def test_an_interrupt_while_a_record_is_lent_does_not_keep_it_forever(private_dir, monkeypatch):
+    """``try_recv`` held the record (``rx.hold()``) and only then noted the loan
+    (``_lent = True``): a KeyboardInterrupt in between left the ring holding a record no
+    receive would give back -- and with ``_held`` stuck, ``peek`` never publishes the
+    read position past a WRAP either, so a writer waiting for that space waits forever."""
+    caller, callee, bell = make_pair(private_dir, MiB)
+    rx = callee.transport.rx
+    real_hold = rx.hold
+
+    def hold():
+        real_hold()
+        raise KeyboardInterrupt  # SIGINT lands just after the record was held
+
+    try:
+        monkeypatch.setattr(rx, "hold", hold)
+        caller.send(torch.arange(4096.0))
+        with pytest.raises(KeyboardInterrupt):
+            callee.transport.try_recv()
+        monkeypatch.undo()
+        assert callee.try_recv() == (False, None)  # nothing more to read ...
+        tx = caller.transport.tx
+        # ... and the record's space is the writer's again.
+        assert tx.capacity - (tx._w - tx._rpos.value) == tx.capacity
+    finally:
+        caller.close()
+        callee.close()
+        bell.close()
