@@ -540,6 +540,8 @@ class TEEDriver:
         if not isinstance(t, torch.Tensor):
             raise WorkerResultError(f"worker returned {type(t).__name__} for {what}, "
                                     f"expected a tensor")
+        if not t.is_cpu:  # an in-process CUDA worker's result (an actor's arrives on the CPU)
+            t = t.cpu()
         if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
             raise WorkerResultError(
                 f"worker returned {what} of shape {tuple(t.shape)} {t.dtype}, expected "

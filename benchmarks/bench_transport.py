@@ -3,8 +3,8 @@
 For each payload (empty message, then tensors of 4 KiB ... 128 MiB) it times
 an echo round trip through
 
-* ``channel``: ``runtime.transport.Channel`` (ring below the threshold,
-  ZeroMQ at or above it; framing and codec included);
+* ``channel``: ``runtime.transport.Channel`` under the codec (``MessageChannel``;
+  ring below the threshold, ZeroMQ at or above it; framing and codec included);
 * ``pyzmq``: raw pyzmq, ``ipc://`` PAIR, ``copy=False`` both ways, with the
   echo server sending back the frames it received;
 * ``memcpy``: four single-threaded copies in one process into preallocated
@@ -45,6 +45,7 @@ from benchmarks.common import (
     write_json,
 )
 from runtime import malloc
+from runtime.messages import MessageChannel
 from runtime.transport.channel import Channel
 from runtime.transport.doorbell import Doorbell
 
@@ -57,8 +58,8 @@ def channel_server(spec, conn, nfds, private_dir):
     # The rings have no name and the pool's socket pair is private: the
     # descriptors come over a Unix socket (SCM_RIGHTS), as in the runtime.
     fds = [recv_handle(conn) for _ in range(nfds)]
-    ch = Channel.attach(spec, fds=fds, own_bell=bell, safe=False, name="server",
-                        shm_dir="/dev/shm")
+    ch = MessageChannel(Channel.attach(spec, fds=fds, own_bell=bell, safe=False, name="server",
+                                       shm_dir="/dev/shm"))
     ch.send(bell.path)  # handshake: tells the client where to ring
     while True:
         msg = ch.recv(spin_s=300e-6)
@@ -75,8 +76,8 @@ def payload(nbytes):
 
 def bench_channel(sizes, private_dir):
     malloc.tune_current_process()  # as ActorSystem() does in the driver
-    client = Channel.create(shm_dir="/dev/shm", private_dir=private_dir,
-                            name=f"rt_bench{os.getpid()}", threshold=THRESHOLD)
+    client = MessageChannel(Channel.create(shm_dir="/dev/shm", private_dir=private_dir,
+                                           name=f"rt_bench{os.getpid()}", threshold=THRESHOLD))
     ours, theirs = mp.Pipe()
     fds = client.peer_fds()
     proc = mp.get_context("spawn").Process(target=channel_server,

@@ -52,7 +52,11 @@ class MessageChannel:
                       "decode_ns", "copy_ns", "last_in"})
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self.__dict__["transport"], name)
+        try:
+            transport = self.__dict__["transport"]
+        except KeyError:
+            raise AttributeError(name) from None
+        return getattr(transport, name)
 
     def __setattr__(self, name: str, value: Any) -> None:
         # The transport's attributes (``own_bell``, say) stay the transport's.

@@ -95,10 +95,15 @@ _SIZES: dict[int, struct.Struct] = {}
 
 
 def _sizes(n: int) -> struct.Struct:
-    """The (cached) struct of ``n`` little-endian u64 buffer sizes."""
+    """The struct of ``n`` little-endian u64 buffer sizes.
+
+    Cached for the usual counts only: a peer choosing counts must not grow the cache.
+    """
     st = _SIZES.get(n)
     if st is None:
-        st = _SIZES[n] = struct.Struct(f"<{n}Q")
+        st = struct.Struct(f"<{n}Q")
+        if n <= 64:
+            _SIZES[n] = st
     return st
 
 

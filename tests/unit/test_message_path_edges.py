@@ -100,7 +100,7 @@ def test_advancing_past_a_later_record_does_not_give_back_the_held_one():
         for n in (1000, 1000):
             w.reserve(n)
             w.commit()
-        first, _ = r.peek()
+        r.peek()
         start = r._rpos.value
         r.hold()
         r.peek()
