@@ -39,22 +39,25 @@ class MessageChannel:
     through to it).
     """
 
+    __slots__ = ("_last", "_ns", "borrow", "recv_envelope", "send_envelope", "transport")
+    _OWN = frozenset(__slots__)
+
     def __init__(self, channel: Channel, *, send_envelope: int = 0, recv_envelope: int = 0,
                  borrow: bool = False) -> None:
-        self.transport = channel
-        self.send_envelope = send_envelope
-        self.recv_envelope = recv_envelope
-        self.borrow = borrow and not channel.safe
-        self.encode_ns = self.decode_ns = self.copy_ns = 0
-        self.last_in: tuple[str, int] | None = None  # route and bytes of the last receive
-
-    _OWN = frozenset({"transport", "send_envelope", "recv_envelope", "borrow", "encode_ns",
-                      "decode_ns", "copy_ns", "last_in"})
+        own = object.__setattr__
+        own(self, "transport", channel)
+        own(self, "send_envelope", send_envelope)
+        own(self, "recv_envelope", recv_envelope)
+        own(self, "borrow", borrow and not channel.safe)
+        # Nanoseconds encoding, decoding, copying out (mutated in place: no attribute
+        # stores on the hot path), and the route and size of the last receive.
+        own(self, "_ns", [0, 0, 0])
+        own(self, "_last", [None])
 
     def __getattr__(self, name: str) -> Any:
         try:
-            transport = self.__dict__["transport"]
-        except KeyError:
+            transport = object.__getattribute__(self, "transport")
+        except AttributeError:
             raise AttributeError(name) from None
         return getattr(transport, name)
 
@@ -64,6 +67,11 @@ class MessageChannel:
             object.__setattr__(self, name, value)
         else:
             setattr(self.transport, name, value)
+
+    @property
+    def last_in(self) -> tuple[str, int] | None:
+        """``(route, bytes)`` of the last message received, or None."""
+        return self._last[0]
 
     # -- sending -----------------------------------------------------------------------
     def encode(self, obj: Any, *, plain_only: bool = False) -> codec.Encoded:
@@ -77,7 +85,7 @@ class MessageChannel:
         """
         t0 = time.perf_counter_ns()
         enc = codec.encode(obj, plain_only=plain_only, envelope=self.send_envelope)
-        self.encode_ns += time.perf_counter_ns() - t0
+        self._ns[0] += time.perf_counter_ns() - t0
         return enc
 
     def send_encoded(self, enc: codec.Encoded, *, tag: int = 0, deadline: float | None = None,
@@ -91,10 +99,13 @@ class MessageChannel:
              check: Callable[[], None] | None = None,
              on_full: Callable[[], None] | None = None, plain_only: bool = False) -> str:
         """Encode and send ``obj``; returns the route taken."""
-        if self.transport.closed:
-            raise TransportError(f"channel {self.transport.name} is closed")
-        return self.send_encoded(self.encode(obj, plain_only=plain_only), tag=tag,
-                                 deadline=deadline, check=check, on_full=on_full)
+        transport = self.transport
+        if transport.closed:
+            raise TransportError(f"channel {transport.name} is closed")
+        t0 = time.perf_counter_ns()
+        enc = codec.encode(obj, plain_only=plain_only, envelope=self.send_envelope)
+        self._ns[0] += time.perf_counter_ns() - t0
+        return transport.send(enc, tag=tag, deadline=deadline, check=check, on_full=on_full)
 
     # -- receiving ---------------------------------------------------------------------
     def try_recv(self, *, deadline: float | None = None,
@@ -115,26 +126,28 @@ class MessageChannel:
         return self._decode(self.transport.recv(deadline=deadline, check=check, **kw))
 
     def _decode(self, got: Received) -> Any:
-        self.last_in = (got.route, got.nbytes)
+        self._last[0] = (got.route, got.nbytes)
         bufs = got.buffers
-        t0 = time.perf_counter_ns()
+        transport = self.transport
+        ns = self._ns
         # ``borrow`` is checked against the peer's trust here, not only at construction:
         # an untrusted peer's record is never decoded in place, whatever was set since.
-        lent = got.borrowed and not (self.borrow and not self.transport.safe)
+        lent = got.borrowed and not (self.borrow and not transport.safe)
         if lent and bufs:
+            t0 = time.perf_counter_ns()
             bufs = copy_out(bufs)
+            ns[2] += time.perf_counter_ns() - t0
         t1 = time.perf_counter_ns()
         try:
-            obj = codec.decode(got.header, bufs, safe=self.transport.safe,
+            obj = codec.decode(got.header, bufs, safe=transport.safe,
                                envelope=self.recv_envelope)
         except ProtocolError as exc:
             exc.tag = got.tag
             raise
         finally:
             if lent:
-                self.transport.release()
-        self.copy_ns += t1 - t0
-        self.decode_ns += time.perf_counter_ns() - t1
+                transport.release()
+        ns[1] += time.perf_counter_ns() - t1
         return obj
 
     def release(self) -> None:
@@ -143,7 +156,7 @@ class MessageChannel:
 
     def stats(self) -> dict[str, Any]:
         out = self.transport.stats()
-        out["encode_s"] = self.encode_ns / 1e9
-        out["decode_s"] = self.decode_ns / 1e9
-        out["copy_s"] += self.copy_ns / 1e9
+        out["encode_s"] = self._ns[0] / 1e9
+        out["decode_s"] = self._ns[1] / 1e9
+        out["copy_s"] += self._ns[2] / 1e9
         return out

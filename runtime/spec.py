@@ -63,7 +63,6 @@ def read_spec(fd: int) -> Any:
     if size < start + framing.PREFIX_LEN:
         raise ProtocolError(f"constructor spec of {size} bytes is truncated")
     mm = mmap.mmap(fd, size, mmap.MAP_PRIVATE, mmap.PROT_READ | mmap.PROT_WRITE)
-    head = None
     try:
         if mm[:start] != _MAGIC:
             raise ProtocolError("constructor spec has a bad magic")
@@ -72,12 +71,8 @@ def read_spec(fd: int) -> Any:
             raise ProtocolError(f"constructor spec of kind {head.kind}")
         spans = framing.buffer_spans(head, start, size - start)
     except ProtocolError:
-        if head is not None:
-            head.header.release()
         mm.close()
         raise
     whole = np.frombuffer(mm, np.uint8)
     buffers = [whole[pos:pos + n] for pos, n in spans]
-    header = bytes(head.header)
-    head.header.release()
-    return codec.decode(header, buffers, safe=False)
+    return codec.decode(head.header, buffers, safe=False)  # bytes: a slice of the mmap

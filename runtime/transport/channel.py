@@ -217,6 +217,9 @@ class Received(NamedTuple):
     nbytes: int
 
 
+_new_received = tuple.__new__  # Received(...) without NamedTuple's Python-level __new__
+
+
 class _Route:
     __slots__ = ("bytes_in", "bytes_out", "msgs_in", "msgs_out")
 
@@ -441,13 +444,9 @@ class Channel:
                 addr = tx.reserve(size)
                 if addr is None:
                     addr = self._wait_space(size, deadline, check, on_full)
-                view = tx.view
                 base = tx.segment.address
-                pos = framing.pack_head_into(view, addr - base, KIND_INLINE, tag, header=header,
-                                             sizes=sizes)
-                for b in buffers:
-                    framing.write_buffer(view, base, pos, b)
-                    pos += (b.nbytes + 7) & ~7
+                framing.write_record(tx.view, base, addr - base, KIND_INLINE, tag, header,
+                                     buffers, sizes)
                 faults.hit("ring_before_flag")
                 tx.commit()
                 fence()
@@ -626,7 +625,8 @@ class Channel:
                 return None
             return self._recv_bulk(deadline, check)
         if self._lent:
-            self.release()
+            self._lent = False
+            rx.release()
         if self.failed is not None:
             raise self.failed
         try:
@@ -648,7 +648,7 @@ class Channel:
             rx.advance()
             return self._recv_marked_bulk(check)
         try:
-            head = framing.parse_head(view, off, length)
+            head, bufs = framing.parse_record(view, off, length)
             if head.kind != KIND_INLINE:
                 if head.kind == KIND_CLOSE:
                     rx.advance()
@@ -657,11 +657,9 @@ class Channel:
                 exc = ProtocolError(f"unknown record kind {head.kind}")
                 exc.tag = head.tag
                 raise exc
-            spans = framing.buffer_spans(head, off, length)
         except ProtocolError:
             rx.advance()
             raise
-        bufs = [np.frombuffer(view, np.uint8, n, pos) for pos, n in spans]
         # Noted before the ring holds it: an interrupt between the two must leave a loan
         # the next receive gives back, never a held record nobody releases.
         self._lent = True
@@ -670,7 +668,7 @@ class Channel:
         route.msgs_in += 1
         nbytes = len(head.header) + sum(head.sizes)
         route.bytes_in += nbytes
-        return Received(head.tag, head.header, bufs, True, "shm", nbytes)
+        return _new_received(Received, (head.tag, head.header, bufs, True, "shm", nbytes))
 
     def release(self) -> None:
         """Give the ring record the last receive lent back to the sender (idempotent)."""
@@ -721,7 +719,7 @@ class Channel:
         route.msgs_in += 1
         nbytes = len(head.header) + sum(head.sizes)
         route.bytes_in += nbytes
-        return Received(head.tag, head.header, bufs, False, "zmq", nbytes)
+        return _new_received(Received, (head.tag, head.header, bufs, False, "zmq", nbytes))
 
     def _pooled_buffers(self, frames: list, meta: Any, head: framing.Head) -> list[np.ndarray]:
         """The buffers of a message that lie in a slot of the peer's pool.

@@ -52,9 +52,11 @@ __all__ = [
     "head_size",
     "pack_head_into",
     "parse_head",
+    "parse_record",
     "record_size",
     "sizes_of",
     "write_buffer",
+    "write_record",
 ]
 
 KIND_INLINE, KIND_BULK, KIND_CLOSE, KIND_POOL = 0, 1, 2, 3
@@ -86,9 +88,12 @@ class Head(NamedTuple):
 
     kind: int
     tag: int
-    header: memoryview  # the codec's bytes, a view of the frame
+    header: memoryview  # the codec's bytes, a view of the frame (bytes if it is not a view)
     sizes: tuple[int, ...]
     end: int  # offset just past the header (before alignment)
+
+
+_new_head = tuple.__new__  # Head(...) without NamedTuple's Python-level __new__
 
 
 _SIZES: dict[int, struct.Struct] = {}
@@ -175,11 +180,11 @@ def parse_head(buf: Any, off: int, length: int, *, extra: int = 0) -> Head:
         pos += 8 * nbuf + extra
         if pos + hlen > off + length:
             raise ProtocolError(f"header of {hlen} bytes overruns a {length}-byte frame")
-        header = memoryview(buf)[pos:pos + hlen]
+        header = buf[pos:pos + hlen]  # a view when ``buf`` is a memoryview
     except ProtocolError as exc:
         exc.tag = tag
         raise
-    return Head(kind, tag, header, sizes, pos + hlen)
+    return _new_head(Head, (kind, tag, header, sizes, pos + hlen))
 
 
 def buffer_spans(head: Head, off: int, length: int) -> list[tuple[int, int]]:
@@ -198,6 +203,46 @@ def buffer_spans(head: Head, off: int, length: int) -> list[tuple[int, int]]:
         spans.append((pos, n))
         pos += (n + 7) & ~7
     return spans
+
+
+def write_record(view: Any, base: int, off: int, kind: int, tag: int, header: Any,
+                 buffers: Sequence[Any], sizes: Sequence[int]) -> None:
+    """A whole record at ``view[off:]``: head, then each buffer as it chooses to be written.
+
+    ``base`` is ``view``'s address; ``sizes`` are the buffers' (the caller has them already,
+    to size the record with :func:`record_size`).
+    """
+    pos = pack_head_into(view, off, kind, tag, header=header, sizes=sizes)
+    for b in buffers:
+        nb = b.nbytes
+        if nb:
+            if type(b) is _NDARRAY:
+                if nb >= _MEMMOVE_MIN:
+                    ctypes.memmove(base + pos, b.ctypes.data, nb)  # releases the GIL
+                else:
+                    view[pos:pos + nb] = b
+            else:
+                b.write_into(np.frombuffer(view, np.uint8, nb, pos))
+        pos += (nb + 7) & ~7
+
+
+def parse_record(view: Any, off: int, length: int) -> tuple[Head, list[np.ndarray]]:
+    """The head of the record at ``view[off:off + length]`` and its buffers.
+
+    The buffers are ``uint8`` arrays over ``view`` (no copy).  ``ProtocolError`` (with the
+    tag once known) when the head or a buffer does not fit the record.  The ring's hot path:
+    :func:`parse_head` and :func:`buffer_spans` in one call.
+    """
+    if length < PREFIX_LEN:
+        raise ProtocolError(f"frame of {length} bytes is shorter than a prefix")
+    kind, nbuf, hlen, tag = _PREFIX.unpack_from(view, off)
+    pos = off + PREFIX_LEN
+    end = off + length
+    if not nbuf and pos + hlen <= end:
+        return _new_head(Head, (kind, tag, view[pos:pos + hlen], (), pos + hlen)), []
+    head = parse_head(view, off, length)
+    return head, [np.frombuffer(view, np.uint8, n, p)
+                  for p, n in buffer_spans(head, off, length)]
 
 
 def write_buffer(view: Any, base: int, off: int, b: Any) -> None:

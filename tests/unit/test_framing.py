@@ -33,7 +33,6 @@ def test_a_record_parses_back_to_its_header_and_buffers():
     assert all(off % 8 == 0 for off, _ in spans)
     for (off, n), b in zip(spans, bufs, strict=True):
         assert bytes(rec[off:off + n]) == b.tobytes()
-    head.header.release()
 
 
 def test_the_layout_is_the_documented_one():
