@@ -445,8 +445,8 @@ class Channel:
                 if addr is None:
                     addr = self._wait_space(size, deadline, check, on_full)
                 base = tx.segment.address
-                framing.write_record(tx.view, base, addr - base, KIND_INLINE, tag, header,
-                                     buffers, sizes)
+                framing.write_record(tx.view, base, addr - base, KIND_INLINE, tag,
+                                     header=header, buffers=buffers, sizes=sizes)
                 faults.hit("ring_before_flag")
                 tx.commit()
                 fence()

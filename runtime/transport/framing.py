@@ -205,7 +205,7 @@ def buffer_spans(head: Head, off: int, length: int) -> list[tuple[int, int]]:
     return spans
 
 
-def write_record(view: Any, base: int, off: int, kind: int, tag: int, header: Any,
+def write_record(view: Any, base: int, off: int, kind: int, tag: int, *, header: Any,
                  buffers: Sequence[Any], sizes: Sequence[int]) -> None:
     """A whole record at ``view[off:]``: head, then each buffer as it chooses to be written.
 
