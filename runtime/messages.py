@@ -126,28 +126,40 @@ class MessageChannel:
         return self._decode(self.transport.recv(deadline=deadline, check=check, **kw))
 
     def _decode(self, got: Received) -> Any:
-        self._last[0] = (got.route, got.nbytes)
-        bufs = got.buffers
         transport = self.transport
+        tag, header, bufs, borrowed, route, nbytes = got
+        self._last[0] = (route, nbytes)
         ns = self._ns
+        t0 = time.perf_counter_ns()
+        if not bufs:  # the common small message: nothing to copy, nothing to borrow
+            try:
+                obj = codec.decode(header, bufs, safe=transport.safe,
+                                   envelope=self.recv_envelope)
+            except ProtocolError as exc:
+                exc.tag = tag
+                raise
+            finally:
+                if borrowed:
+                    transport.release()
+            ns[1] += time.perf_counter_ns() - t0
+            return obj
         # ``borrow`` is checked against the peer's trust here, not only at construction:
         # an untrusted peer's record is never decoded in place, whatever was set since.
-        lent = got.borrowed and not (self.borrow and not transport.safe)
-        if lent and bufs:
-            t0 = time.perf_counter_ns()
+        lent = borrowed and not (self.borrow and not transport.safe)
+        if lent:
             bufs = copy_out(bufs)
-            ns[2] += time.perf_counter_ns() - t0
-        t1 = time.perf_counter_ns()
+            t1 = time.perf_counter_ns()
+            ns[2] += t1 - t0
+            t0 = t1
         try:
-            obj = codec.decode(got.header, bufs, safe=transport.safe,
-                               envelope=self.recv_envelope)
+            obj = codec.decode(header, bufs, safe=transport.safe, envelope=self.recv_envelope)
         except ProtocolError as exc:
-            exc.tag = got.tag
+            exc.tag = tag
             raise
         finally:
             if lent:
                 transport.release()
-        ns[1] += time.perf_counter_ns() - t1
+        ns[1] += time.perf_counter_ns() - t0
         return obj
 
     def release(self) -> None:
