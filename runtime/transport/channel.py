@@ -440,11 +440,11 @@ class Channel:
         if tx is not None and msg.nbytes < self.threshold:
             sizes = [b.nbytes for b in buffers]
             size = framing.record_size(len(header), sizes)
-            if size <= tx.max_payload:
+            if size <= tx.capacity - 8:  # the ring's largest record
                 addr = tx.reserve(size)
                 if addr is None:
                     addr = self._wait_space(size, deadline, check, on_full)
-                base = tx.segment.address
+                base = tx.data_address - HEADER_SIZE
                 framing.write_record(tx.view, base, addr - base, KIND_INLINE, tag,
                                      header=header, buffers=buffers, sizes=sizes)
                 faults.hit("ring_before_flag")
@@ -641,7 +641,7 @@ class Channel:
             return None
         addr, length = rec
         view = rx.view
-        off = addr - rx.segment.address
+        off = addr - rx.data_address + HEADER_SIZE
         if length >= _PREFIX_LEN and view[off] == KIND_BULK:
             # Outside the handler below: a defect of the ZeroMQ message must
             # carry that message's tag, not the marker's.
@@ -660,12 +660,19 @@ class Channel:
         except ProtocolError:
             rx.advance()
             raise
+        route = self.routes["shm"]
+        route.msgs_in += 1
+        if not bufs:
+            # Header only (the common small message): copying it costs less than a loan,
+            # and the record goes back at once.
+            header = head.header.tobytes()
+            rx.advance()
+            route.bytes_in += len(header)
+            return _new_received(Received, (head.tag, header, bufs, False, "shm", len(header)))
         # Noted before the ring holds it: an interrupt between the two must leave a loan
         # the next receive gives back, never a held record nobody releases.
         self._lent = True
         rx.hold()
-        route = self.routes["shm"]
-        route.msgs_in += 1
         nbytes = len(head.header) + sum(head.sizes)
         route.bytes_in += nbytes
         return _new_received(Received, (head.tag, head.header, bufs, True, "shm", nbytes))
