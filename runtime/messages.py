@@ -131,18 +131,6 @@ class MessageChannel:
         self._last[0] = (route, nbytes)
         ns = self._ns
         t0 = time.perf_counter_ns()
-        if not bufs:  # the common small message: nothing to copy, nothing to borrow
-            try:
-                obj = codec.decode(header, bufs, safe=transport.safe,
-                                   envelope=self.recv_envelope)
-            except ProtocolError as exc:
-                exc.tag = tag
-                raise
-            finally:
-                if borrowed:
-                    transport.release()
-            ns[1] += time.perf_counter_ns() - t0
-            return obj
         # ``borrow`` is checked against the peer's trust here, not only at construction:
         # an untrusted peer's record is never decoded in place, whatever was set since.
         lent = borrowed and not (self.borrow and not transport.safe)

@@ -62,6 +62,25 @@ def test_actor_split_equals_reference(config, reference, attention):
         assert bf.last_prefill_stats()["wire_dtype"] == "bfloat16"
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("threshold", [None, MIB // 4], ids=["ring", "pool"])
+def test_a_cuda_worker_copies_straight_between_records_and_the_device(config, reference,
+                                                                     threshold):
+    """On CUDA the worker registers its transport mappings and stages nothing: inputs
+    borrowed from the record go host-to-device, results device-to-host into the reply."""
+    ids = ids_for(config, 512, seed=2)
+    want = reference.forward(ids, all_logits=True)
+    opts = {} if threshold is None else {"shm_threshold": threshold}
+    with ActorSystem(**opts) as system:
+        gpu = system.spawn(GPUWorker, config, seed=0, device="cuda")
+        drv = system.spawn(TEEDriver, config, gpu, seed=0, private_io=False)
+        got = drv.prefill(ids, all_logits=True)
+        assert (got - want).abs().max().item() < TOL_F32
+        info = gpu.device_info()
+        assert info["type"] == "cuda"
+        assert info["host_memory"]["registered"] >= 2 and info["host_memory"]["failures"] == 0
+
+
 @pytest.mark.parametrize(("attention", "threshold"), [("worker", 1 * MIB), ("tee", MIB // 4)])
 def test_both_routes_carry_traffic(config, reference, attention, threshold):
     # T=512 on tiny: the score matrices are [2, 1024, 512] float32 = 4 MiB, gate/up replies

@@ -1,11 +1,25 @@
-"""The tiny LLaMA that the split's unit tests share (a module may define its own)."""
+"""What the unit tests share: a private directory for channel files, and the tiny LLaMA of
+the split's tests (a module may define its own)."""
 
 from __future__ import annotations
+
+import os
+import tempfile
 
 import pytest
 import torch
 
 from actors import GPUWorker, LlamaConfig, LlamaReference
+
+
+@pytest.fixture
+def private_dir():
+    """A fresh directory for doorbells and ZeroMQ sockets, emptied and removed after."""
+    d = tempfile.mkdtemp(prefix="rtp")  # short: ipc:// paths are limited to 107 bytes
+    yield d
+    for f in os.listdir(d):
+        os.unlink(os.path.join(d, f))
+    os.rmdir(d)
 
 
 @pytest.fixture(scope="module")

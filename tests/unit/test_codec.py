@@ -24,6 +24,7 @@ from runtime.codec import (
     MAX_DEPTH,
     NUMPY_DTYPE_IDS,
     TORCH_DTYPE_IDS,
+    DeviceBuffer,
     Encoded,
     decode,
     encode,
@@ -34,11 +35,15 @@ from runtime.errors import ProtocolError, TransportError
 
 
 def transport(enc: Encoded) -> list[torch.Tensor]:
-    """Copy each buffer into a fresh uint8 tensor, as a channel would."""
+    """Copy each buffer into a fresh uint8 tensor, as a channel would (a device buffer
+    writes itself into it)."""
     out = []
     for b in enc.buffers:
         t = torch.empty(b.nbytes, dtype=torch.uint8)
-        t.numpy()[:] = b
+        if isinstance(b, np.ndarray):
+            t.numpy()[:] = b
+        else:
+            b.write_into(t.numpy())
         out.append(t)
     return out
 
@@ -194,6 +199,7 @@ def test_requires_grad_is_not_transported():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_tensor_arrives_on_cpu():
     t = torch.arange(6, device="cuda").reshape(2, 3)
+    assert all(isinstance(b, DeviceBuffer) for b in encode(t).buffers)  # no .cpu()
     got = roundtrip(t)
     assert got.device.type == "cpu"
     assert torch.equal(got, t.cpu())

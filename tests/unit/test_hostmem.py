@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import os
-import tempfile
 import time
 
 import numpy as np
@@ -39,15 +37,6 @@ class FakeCudart:
     def cudaHostUnregister(self, address: int) -> int:
         self.calls.append(("unregister", address))
         return 0
-
-
-@pytest.fixture
-def private_dir():
-    d = tempfile.mkdtemp(prefix="rtp")
-    yield d
-    for f in os.listdir(d):
-        os.unlink(os.path.join(d, f))
-    os.rmdir(d)
 
 
 @pytest.fixture

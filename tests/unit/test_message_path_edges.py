@@ -4,7 +4,6 @@ ring records, MessageChannel, borrowing actors)."""
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 import uuid
 
@@ -19,15 +18,6 @@ from runtime.worker import ActorServer, _Inbound
 from tests.unit.test_transport import SHM, make_pair
 
 MiB = 1 << 20
-
-
-@pytest.fixture
-def private_dir():
-    d = tempfile.mkdtemp(prefix="rtp")
-    yield d
-    for f in os.listdir(d):
-        os.unlink(os.path.join(d, f))
-    os.rmdir(d)
 
 
 # -- 1. a buffer that fails to write itself must not end the actor -------------------------

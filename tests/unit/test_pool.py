@@ -7,7 +7,6 @@ import gc
 import os
 import socket
 import struct
-import tempfile
 import time
 
 import numpy as np
@@ -23,15 +22,6 @@ from runtime.transport.doorbell import Doorbell
 from tests.unit.test_transport import SHM, make_pair
 
 MiB = 1 << 20
-
-
-@pytest.fixture
-def private_dir():
-    d = tempfile.mkdtemp(prefix="rtp")
-    yield d
-    for f in os.listdir(d):
-        os.unlink(os.path.join(d, f))
-    os.rmdir(d)
 
 
 @pytest.fixture

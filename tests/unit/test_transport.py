@@ -36,15 +36,6 @@ def name() -> str:
     return f"rt_test{uuid.uuid4().hex[:8]}"
 
 
-@pytest.fixture
-def private_dir():
-    d = tempfile.mkdtemp(prefix="rtp")  # short: ipc:// paths are limited to 107 bytes
-    yield d
-    for f in os.listdir(d):
-        os.unlink(os.path.join(d, f))
-    os.rmdir(d)
-
-
 def make_pair(private_dir: str, threshold: int, shm_dir: str = SHM, *, safe: bool = False,
               **options):
     caller = Channel.create(shm_dir=shm_dir, private_dir=private_dir, name=name(),
