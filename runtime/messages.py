@@ -39,7 +39,8 @@ class MessageChannel:
     through to it).
     """
 
-    __slots__ = ("_last", "_ns", "borrow", "recv_envelope", "send_envelope", "transport")
+    __slots__ = ("_last", "_ns", "borrow", "readable", "recv_envelope", "send_encoded",
+                 "send_envelope", "set_sleeping", "transport", "wait")
     _OWN = frozenset(__slots__)
 
     def __init__(self, channel: Channel, *, send_envelope: int = 0, recv_envelope: int = 0,
@@ -53,6 +54,14 @@ class MessageChannel:
         # stores on the hot path), and the route and size of the last receive.
         own(self, "_ns", [0, 0, 0])
         own(self, "_last", [None])
+        # The transport's methods a waiting loop calls every pass, bound once (a slot read
+        # instead of ``__getattr__`` each time).
+        own(self, "readable", channel.readable)
+        own(self, "wait", channel.wait)
+        own(self, "set_sleeping", channel.set_sleeping)
+        # Sending an encoded message is the transport's send itself: ``send_encoded(enc, *,
+        # tag, deadline, check, on_full)`` returns the route taken; see ``Channel.send``.
+        own(self, "send_encoded", channel.send)
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -67,6 +76,14 @@ class MessageChannel:
             object.__setattr__(self, name, value)
         else:
             setattr(self.transport, name, value)
+
+    # The transport's state the call layer reads on its hot path (properties: cheaper than
+    # ``__getattr__``).
+    peer_closed = property(lambda self: self.transport.peer_closed)
+    woke_peer = property(lambda self: self.transport.woke_peer)
+    failed = property(lambda self: self.transport.failed)
+    closed = property(lambda self: self.transport.closed)
+    safe = property(lambda self: self.transport.safe)
 
     @property
     def last_in(self) -> tuple[str, int] | None:
@@ -87,13 +104,6 @@ class MessageChannel:
         enc = codec.encode(obj, plain_only=plain_only, envelope=self.send_envelope)
         self._ns[0] += time.perf_counter_ns() - t0
         return enc
-
-    def send_encoded(self, enc: codec.Encoded, *, tag: int = 0, deadline: float | None = None,
-                     check: Callable[[], None] | None = None,
-                     on_full: Callable[[], None] | None = None) -> str:
-        """Send an encoded message; the route taken ("shm" or "zmq"). See ``Channel.send``."""
-        return self.transport.send(enc, tag=tag, deadline=deadline, check=check,
-                                   on_full=on_full)
 
     def send(self, obj: Any, *, tag: int = 0, deadline: float | None = None,
              check: Callable[[], None] | None = None,
