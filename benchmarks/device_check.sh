@@ -24,8 +24,9 @@ step() {  # step NAME SECONDS COMMAND...
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$OUT/gpu.txt" 2>&1
 # Tests that need CUDA (the rest run on CI): registration, device buffers, the GPU worker.
-step cuda_tests 90 python3 -m pytest -q -p no:cacheprovider tests/unit/test_hostmem.py \
-    tests/unit/test_llama_split_inprocess.py -k "cuda or device or register"
+step cuda_tests 90 python3 -m pytest -q -p no:cacheprovider tests/unit/test_codec.py \
+    tests/unit/test_hostmem.py tests/unit/test_llama_split_inprocess.py \
+    tests/integration/test_llama_actors.py -k "cuda or register or device_buffer"
 # Llama-3.2-1B at T=1024: float32 and bfloat16 wire, open placement and the defaults,
 # transformers (sdpa, both dtypes) and the split side by side, per-op table printed.
 step llama_f32 100 python3 benchmarks/bench_llama.py --presets llama-3.2-1b --tokens 1024 \
