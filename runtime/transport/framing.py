@@ -140,7 +140,7 @@ def pack_head_into(view: Any, off: int, kind: int, tag: int, *, header: Any = b"
         _sizes(nbuf).pack_into(view, pos, *sizes)
         pos += 8 * nbuf
     view[pos:pos + hlen] = header
-    return off + head_size(nbuf, hlen)
+    return off + ((PREFIX_LEN + 8 * nbuf + hlen + 7) & ~7)  # head_size, without the call
 
 
 def head_bytes(kind: int, tag: int, header: Any, sizes: Sequence[int], *,
