@@ -20,8 +20,9 @@ of a large message and the constructor memfd (``spec.py``)::
 Buffer sizes are written here once and parsed here once: the codec's header carries none.
 
 *Who writes a buffer chooses how.*  A buffer is a 1-D ``uint8`` numpy array (copied by the
-CPU: a ``memoryview`` assignment when small, ``ctypes.memmove`` -- which releases the GIL --
-when large), or any object with ``nbytes``, ``write_into(dst)`` and ``host()``
+CPU: a ``memoryview`` assignment when small, ``memcopy.copy_bytes`` when large -- a
+``ctypes.memmove``, which releases the GIL, on several threads from 4 MiB where this host
+was measured to gain from it), or any object with ``nbytes``, ``write_into(dst)`` and ``host()``
 (:class:`BufferWriter`): a CUDA tensor's bytes, say, which ``write_into`` copies
 device-to-host straight into the record or pool slot reserved for them, and ``host()`` brings
 to the host only where a message must leave as ZeroMQ frames.
@@ -29,7 +30,6 @@ to the host only where a message must leave as ZeroMQ frames.
 
 from __future__ import annotations
 
-import ctypes
 import struct
 from collections.abc import Sequence
 from typing import Any, NamedTuple, Protocol, runtime_checkable
@@ -37,6 +37,7 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 import numpy as np
 
 from runtime.errors import ProtocolError
+from runtime.transport.memcopy import copy_bytes
 
 __all__ = [
     "KIND_BULK",
@@ -217,8 +218,8 @@ def write_record(view: Any, base: int, off: int, kind: int, tag: int, *, header:
         nb = b.nbytes
         if nb:
             if type(b) is _NDARRAY:
-                if nb >= _MEMMOVE_MIN:
-                    ctypes.memmove(base + pos, b.ctypes.data, nb)  # releases the GIL
+                if nb >= _MEMMOVE_MIN:  # several threads where this host gains (memcopy)
+                    copy_bytes(base + pos, b.ctypes.data, nb)
                 else:
                     view[pos:pos + nb] = b
             else:
@@ -256,7 +257,7 @@ def write_buffer(view: Any, base: int, off: int, b: Any) -> None:
         return
     if type(b) is _NDARRAY:
         if nb >= _MEMMOVE_MIN:
-            ctypes.memmove(base + off, b.ctypes.data, nb)
+            copy_bytes(base + off, b.ctypes.data, nb)
         else:
             view[off:off + nb] = b
         return

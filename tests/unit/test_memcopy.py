@@ -49,3 +49,29 @@ def test_memcopy_threads_are_shared_safely(monkeypatch):
     for th in ths:
         th.join()
     assert all(np.array_equal(d, s) for d, s in zip(dst, src, strict=True))
+
+
+def test_large_ring_buffers_are_copied_as_measured_both_ways(monkeypatch, private_dir):
+    """Below the threshold too: a 6 MiB tensor written into the ring and copied out of it
+    goes through memcopy, on the threads this host was measured to gain from."""
+    import time
+
+    import torch
+
+    from tests.unit.test_transport import make_pair
+
+    monkeypatch.setattr(memcopy, "_threads", 3)
+    calls = []
+    real = memcopy._parallel
+    monkeypatch.setattr(memcopy, "_parallel", lambda d, s, n, k: (calls.append((n, k)),
+                                                                   real(d, s, n, k)))
+    caller, callee, bell = make_pair(private_dir, 10 << 20)
+    try:
+        t = torch.randn(6 << 18)  # 6 MiB
+        assert caller.send(t) == "shm"
+        assert torch.equal(callee.recv(deadline=time.monotonic() + 10), t)
+        assert calls == [(6 << 20, 3), (6 << 20, 3)]  # into the record, out of it
+    finally:
+        caller.close()
+        callee.close()
+        bell.close()
