@@ -10,7 +10,7 @@ The channel moves *frames*: a header (the codec's bytes, opaque here) and out-of
 buffers.  It neither encodes nor decodes -- the codec sits above it (``runtime/messages.py``)
 -- and it neither writes nor parses a prefix or size table itself: ``framing.py`` does,
 for ring records, ZeroMQ frames and the constructor memfd alike.  Whoever made a buffer
-chooses how it is written (``framing.write_buffer``: a CPU copy, or a device-to-host copy
+chooses how it is written (``framing.write_record``: a CPU copy, or a device-to-host copy
 straight into the record).
 
 A received ring record is *lent*: its header and buffers are views of the ring
@@ -416,7 +416,7 @@ class Channel:
         record fits the ring (any record up to the ring's capacity fits once
         the ring is drained, see ``ring.py``) goes through the ring, anything
         else through ZeroMQ with a marker in the ring.  Each buffer is written
-        as it chooses (``framing.write_buffer``): straight into the record or
+        as it chooses (``framing.write_record``): straight into the record or
         pool slot reserved for it.
 
         Blocks while the ring (or the ZeroMQ link) is full, until ``deadline``

@@ -56,7 +56,6 @@ __all__ = [
     "parse_record",
     "record_size",
     "sizes_of",
-    "write_buffer",
     "write_record",
 ]
 
@@ -244,24 +243,6 @@ def parse_record(view: Any, off: int, length: int) -> tuple[Head, list[np.ndarra
     head = parse_head(view, off, length)
     return head, [np.frombuffer(view, np.uint8, n, p)
                   for p, n in buffer_spans(head, off, length)]
-
-
-def write_buffer(view: Any, base: int, off: int, b: Any) -> None:
-    """Copy buffer ``b`` to ``view[off:]`` (``base``: ``view``'s address), as ``b`` chooses.
-
-    A numpy array is copied by the CPU on this thread (``memmove`` releases the GIL); a
-    :class:`BufferWriter` writes itself into a ``uint8`` array over the destination.
-    """
-    nb = b.nbytes
-    if not nb:
-        return
-    if type(b) is _NDARRAY:
-        if nb >= _MEMMOVE_MIN:
-            copy_bytes(base + off, b.ctypes.data, nb)
-        else:
-            view[off:off + nb] = b
-        return
-    b.write_into(np.frombuffer(view, np.uint8, nb, off))
 
 
 def as_host(b: Any) -> np.ndarray:

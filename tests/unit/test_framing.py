@@ -14,12 +14,9 @@ from runtime.transport import framing
 def _record(header: bytes, bufs: list, tag: int = 7) -> bytearray:
     sizes = framing.sizes_of(bufs)
     out = bytearray(framing.record_size(len(header), sizes))
-    view = memoryview(out)
     addr = np.frombuffer(out, np.uint8).ctypes.data
-    pos = framing.pack_head_into(view, 0, framing.KIND_INLINE, tag, header=header, sizes=sizes)
-    for b in bufs:
-        framing.write_buffer(view, addr, pos, b)
-        pos += (b.nbytes + 7) & ~7
+    framing.write_record(memoryview(out), addr, 0, framing.KIND_INLINE, tag, header=header,
+                         buffers=bufs, sizes=sizes)
     return out
 
 

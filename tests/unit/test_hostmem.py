@@ -268,3 +268,15 @@ def test_a_borrowed_record_survives_its_channel_closing(private_dir):
     callee.close()
     bell.close()
     assert torch.equal(got, t)
+
+
+def test_a_failed_unregistration_is_logged_and_forgotten(caplog):
+    cudart = FakeCudart()
+    cudart.cudaHostUnregister = lambda address: 1
+    r = hostmem.CudaRegistrar(cudart)
+    r.register(4096, 8192)
+    with caplog.at_level(logging.WARNING, logger="runtime.transport.hostmem"):
+        r.unregister(4096, 8192)
+        r.unregister(4096, 8192)  # once only: it is no longer registered
+    assert not r.registered and r.stats()["registered"] == 0
+    assert len([m for m in caplog.messages if "cudaHostUnregister" in m]) == 1
