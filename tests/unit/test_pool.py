@@ -447,5 +447,7 @@ def test_descriptors_and_mappings_stay_flat(private_dir):
     for _ in range(8):
         churn()
     gc.collect()
-    assert len(os.listdir("/proc/self/fd")) == fds
+    # No growth: another part of the process (a thread of an earlier test's actor system)
+    # may still close a descriptor of its own meanwhile, never open one for our channels.
+    assert len(os.listdir("/proc/self/fd")) <= fds
     assert _maps() == maps
