@@ -209,7 +209,7 @@ class Received(NamedTuple):
     """
 
     tag: int
-    header: memoryview
+    header: bytes | memoryview  # bytes when the record was given back at once
     buffers: list[np.ndarray]
     borrowed: bool
     route: str
@@ -487,15 +487,10 @@ class Channel:
             return False
         self._queued = False
         try:
-            base = slot.data_address
-            for b, off, n in zip(buffers, offsets, sizes, strict=True):
-                if not n:
-                    continue
-                if type(b) is np.ndarray:
-                    copy_bytes(base + off, b.ctypes.data, n)
-                else:
-                    b.write_into(np.frombuffer(slot.segment.view, np.uint8, n,
-                                               base + off - slot.segment.address))
+            view = slot.segment.view
+            start = slot.data_address - slot.segment.address
+            for b, off in zip(buffers, offsets, strict=True):
+                framing.write_buffer(view, slot.segment.address, start + off, b)
             parts = [self.secret + framing.head_bytes(KIND_POOL, tag, msg.header, sizes,
                                                       extra=PLACE.pack(slot.id, 0, 0))]
             if self.tx is None:

@@ -56,6 +56,7 @@ __all__ = [
     "parse_record",
     "record_size",
     "sizes_of",
+    "write_buffer",
     "write_record",
 ]
 
@@ -214,16 +215,28 @@ def write_record(view: Any, base: int, off: int, kind: int, tag: int, *, header:
     """
     pos = pack_head_into(view, off, kind, tag, header=header, sizes=sizes)
     for b in buffers:
-        nb = b.nbytes
-        if nb:
-            if type(b) is _NDARRAY:
-                if nb >= _MEMMOVE_MIN:  # several threads where this host gains (memcopy)
-                    copy_bytes(base + pos, b.ctypes.data, nb)
-                else:
-                    view[pos:pos + nb] = b
-            else:
-                b.write_into(np.frombuffer(view, np.uint8, nb, pos))
-        pos += (nb + 7) & ~7
+        write_buffer(view, base, pos, b)
+        pos += (b.nbytes + 7) & ~7
+
+
+def write_buffer(view: Any, base: int, off: int, b: Any) -> None:
+    """Buffer ``b`` at ``view[off:]`` (``base``: ``view``'s address), written as ``b`` chooses.
+
+    A numpy array is copied by the CPU: a slice assignment when small, ``memcopy`` when
+    large (several threads from 4 MiB where this host gains); a :class:`BufferWriter`
+    writes itself into a ``uint8`` array over the destination.  Ring records and pool
+    slots are written with this one function.
+    """
+    nb = b.nbytes
+    if not nb:
+        return
+    if type(b) is _NDARRAY:
+        if nb >= _MEMMOVE_MIN:
+            copy_bytes(base + off, b.ctypes.data, nb)
+        else:
+            view[off:off + nb] = b
+    else:
+        b.write_into(np.frombuffer(view, np.uint8, nb, off))
 
 
 def parse_record(view: Any, off: int, length: int) -> tuple[Head, list[np.ndarray]]:

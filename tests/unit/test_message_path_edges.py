@@ -156,3 +156,12 @@ def test_an_interrupt_while_a_record_is_lent_does_not_keep_it_forever(private_di
         caller.close()
         callee.close()
         bell.close()
+
+
+def test_a_message_channel_without_its_transport_has_no_attributes():
+    """``copy``/``pickle`` build one before ``__init__``: lookups must raise AttributeError
+    (not KeyError or infinite recursion), so ``hasattr`` works."""
+    from runtime.messages import MessageChannel
+
+    bare = MessageChannel.__new__(MessageChannel)
+    assert not hasattr(bare, "rx") and not hasattr(bare, "transport")
