@@ -6,9 +6,10 @@ The layers, bottom up: ``transport/framing.py`` lays out a header and buffers;
 for the call layer (``calls.py``, ``worker.py``), so the channel never sees an object and
 the codec never sees a transport.
 
-What a receiver gets from a ring record is a loan (``Received.borrowed``): it is decoded
-over copies (:func:`~runtime.transport.channel.copy_out`), and the record is given back at
-once -- unless this end *borrows*: then the decoded tensors are views of the record itself
+A ring record with buffers can be lent (``Channel.try_recv(lend=True)``).  This end asks
+for a loan only when it *borrows*; otherwise the channel copies the buffers out and gives
+the record back at once, and they are decoded over the copies.  Borrowing, the decoded
+tensors are views of the record itself
 (no copy at all; a GPU worker copies them host-to-device straight from it), valid until
 :meth:`MessageChannel.release`, which the actor's loop calls when the method returns.
 Borrowing is never done for an untrusted peer, who could change the bytes after they were
@@ -23,9 +24,13 @@ from typing import Any
 
 from runtime import codec
 from runtime.errors import ProtocolError, TransportError
-from runtime.transport.channel import Channel, Received, copy_out
+from runtime.transport.channel import Channel, Received
 
 __all__ = ["MessageChannel"]
+
+_clock = time.perf_counter_ns
+_encode = codec.encode
+_decode = codec.decode
 
 
 class MessageChannel:
@@ -39,7 +44,7 @@ class MessageChannel:
     through to it).
     """
 
-    __slots__ = ("_last", "_ns", "borrow", "readable", "recv_envelope", "send_encoded",
+    __slots__ = ("_last", "_ns", "_try_recv", "borrow", "readable", "recv_envelope", "send_encoded",
                  "send_envelope", "set_sleeping", "transport", "wait")
     _OWN = frozenset(__slots__)
 
@@ -50,12 +55,13 @@ class MessageChannel:
         own(self, "send_envelope", send_envelope)
         own(self, "recv_envelope", recv_envelope)
         own(self, "borrow", borrow and not channel.safe)
-        # Nanoseconds encoding, decoding, copying out (mutated in place: no attribute
-        # stores on the hot path), and the route and size of the last receive.
-        own(self, "_ns", [0, 0, 0])
-        own(self, "_last", [None])
+        # Nanoseconds encoding and decoding (mutated in place: no attribute stores on the
+        # hot path), and the route and size of the last receive.
+        own(self, "_ns", [0, 0])
+        own(self, "_last", [None, 0])
         # The transport's methods a waiting loop calls every pass, bound once (a slot read
         # instead of ``__getattr__`` each time).
+        own(self, "_try_recv", channel.try_recv)
         own(self, "readable", channel.readable)
         own(self, "wait", channel.wait)
         own(self, "set_sleeping", channel.set_sleeping)
@@ -88,7 +94,8 @@ class MessageChannel:
     @property
     def last_in(self) -> tuple[str, int] | None:
         """``(route, bytes)`` of the last message received, or None."""
-        return self._last[0]
+        route, nbytes = self._last
+        return None if route is None else (route, nbytes)
 
     # -- sending -----------------------------------------------------------------------
     def encode(self, obj: Any, *, plain_only: bool = False) -> codec.Encoded:
@@ -112,9 +119,9 @@ class MessageChannel:
         transport = self.transport
         if transport.closed:
             raise TransportError(f"channel {transport.name} is closed")
-        t0 = time.perf_counter_ns()
-        enc = codec.encode(obj, plain_only=plain_only, envelope=self.send_envelope)
-        self._ns[0] += time.perf_counter_ns() - t0
+        t0 = _clock()
+        enc = _encode(obj, plain_only=plain_only, envelope=self.send_envelope)
+        self._ns[0] += _clock() - t0
         return transport.send(enc, tag=tag, deadline=deadline, check=check, on_full=on_full)
 
     # -- receiving ---------------------------------------------------------------------
@@ -125,7 +132,11 @@ class MessageChannel:
         A malformed message raises ``ProtocolError`` with the sender's tag
         (``exc.tag``) after it has been consumed; see ``Channel.try_recv``.
         """
-        got = self.transport.try_recv(deadline=deadline, check=check)
+        # ``borrow`` is checked against the peer's trust on every receive, not only at
+        # construction: an untrusted peer's record is never decoded in place, whatever
+        # was set since.  Not borrowing, the channel copies the buffers out itself.
+        got = self._try_recv(deadline=deadline, check=check,
+                             lend=self.borrow and not self.transport.safe)
         if got is None:
             return False, None
         return True, self._decode(got)
@@ -133,31 +144,21 @@ class MessageChannel:
     def recv(self, *, deadline: float | None = None, check: Callable[[], None] | None = None,
              **kw: Any) -> Any:
         """Block until a message arrives and decode it; see ``Channel.recv``."""
-        return self._decode(self.transport.recv(deadline=deadline, check=check, **kw))
+        return self._decode(self.transport.recv(
+            deadline=deadline, check=check, lend=self.borrow and not self.transport.safe, **kw))
 
     def _decode(self, got: Received) -> Any:
-        transport = self.transport
-        tag, header, bufs, borrowed, route, nbytes = got
-        self._last[0] = (route, nbytes)
-        ns = self._ns
-        t0 = time.perf_counter_ns()
-        # ``borrow`` is checked against the peer's trust here, not only at construction:
-        # an untrusted peer's record is never decoded in place, whatever was set since.
-        lent = borrowed and not (self.borrow and not transport.safe)
-        if lent:
-            bufs = copy_out(bufs)
-            t1 = time.perf_counter_ns()
-            ns[2] += t1 - t0
-            t0 = t1
+        tag, header, bufs, _, route, nbytes = got
+        last = self._last
+        last[0] = route
+        last[1] = nbytes
+        t0 = _clock()
         try:
-            obj = codec.decode(header, bufs, safe=transport.safe, envelope=self.recv_envelope)
+            obj = _decode(header, bufs, safe=self.transport.safe, envelope=self.recv_envelope)
         except ProtocolError as exc:
             exc.tag = tag
             raise
-        finally:
-            if lent:
-                transport.release()
-        ns[1] += time.perf_counter_ns() - t0
+        self._ns[1] += _clock() - t0
         return obj
 
     def release(self) -> None:
@@ -168,5 +169,4 @@ class MessageChannel:
         out = self.transport.stats()
         out["encode_s"] = self._ns[0] / 1e9
         out["decode_s"] = self._ns[1] / 1e9
-        out["copy_s"] += self._ns[2] / 1e9
         return out

@@ -35,11 +35,11 @@ _SEALS = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_
 def write_spec(obj: Any) -> int:
     """Encode ``obj`` into a new sealed memfd; returns the descriptor (close-on-exec)."""
     enc = codec.encode(obj)
-    sizes = framing.sizes_of(enc.buffers)
+    sizes, size = framing.measure(enc.header, enc.buffers)
     fd = os.memfd_create("rt_spec", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
         start = len(_MAGIC)
-        os.ftruncate(fd, start + framing.record_size(len(enc.header), sizes))
+        os.ftruncate(fd, start + size)
         head = framing.head_bytes(framing.KIND_INLINE, 0, enc.header, sizes)
         os.pwrite(fd, _MAGIC + head, 0)
         pos = start + framing.head_size(len(sizes), len(enc.header))

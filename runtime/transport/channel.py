@@ -13,10 +13,10 @@ for ring records, ZeroMQ frames and the constructor memfd alike.  Whoever made a
 chooses how it is written (``framing.write_record``: a CPU copy, or a device-to-host copy
 straight into the record).
 
-A received ring record is *lent*: its header and buffers are views of the ring
-(:class:`Received`, ``borrowed=True``), valid until :meth:`Channel.release` or the next
-receive; the layer above copies them out, or -- an actor that asked for it -- uses them in
-place until its method returns.
+A received ring record is *lent*: its buffers are views of the ring (:class:`Received`,
+``borrowed=True``; the header is copied, as the codec would), valid until
+:meth:`Channel.release` or the next receive; the layer above copies them out, or -- an
+actor that asked for it -- uses them in place until its method returns.
 
 A BULK message on ZeroMQ is ``[secret+prefix+codec header, buffer 0, buffer 1, ...]``,
 where ``secret`` is the channel's 16 random bytes (see :class:`ChannelSpec`).
@@ -67,7 +67,7 @@ from runtime.errors import ProtocolError, TransportError
 from runtime.transport import framing
 from runtime.transport.bulk import BulkLink
 from runtime.transport.doorbell import Doorbell, DoorbellWriter
-from runtime.transport.memcopy import copy_bytes
+from runtime.transport.framing import copy_buffer
 from runtime.transport.pool import PLACE, RxPool, TxPool, layout
 from runtime.transport.ring import HEADER_SIZE, MIN_CAPACITY, ShmRing, align8, fence
 
@@ -79,7 +79,6 @@ log = logging.getLogger(__name__)
 KIND_INLINE, KIND_BULK, KIND_CLOSE, KIND_POOL = (framing.KIND_INLINE, framing.KIND_BULK,
                                                 framing.KIND_CLOSE, framing.KIND_POOL)
 _PREFIX_LEN = framing.PREFIX_LEN  # 16
-_MEMMOVE_MIN = 64 * 1024
 SECRET_LEN = 16
 # Large messages whose buffers add up to less than this go as plain frames:
 # a slot is at least 1 MiB, and below this ZeroMQ's copies cost microseconds.
@@ -203,13 +202,14 @@ class Outgoing(Protocol):
 class Received(NamedTuple):
     """One message as :meth:`Channel.try_recv` hands it up.
 
-    ``borrowed``: ``header`` and ``buffers`` are views of a ring record the channel lends
-    until :meth:`Channel.release` or its next receive; otherwise they are the receiver's
-    (ZeroMQ frames, or a pool lease that frees its slot when the last view is gone).
+    ``borrowed``: ``buffers`` are views of a ring record the channel lends until
+    :meth:`Channel.release` or its next receive; otherwise they are the receiver's (ZeroMQ
+    frames, or a pool lease that frees its slot when the last view is gone).  ``header`` is
+    always the receiver's: a copy from a ring record, a view of its own ZeroMQ frame.
     """
 
     tag: int
-    header: bytes | memoryview  # bytes when the record was given back at once
+    header: bytes | memoryview
     buffers: list[np.ndarray]
     borrowed: bool
     route: str
@@ -437,16 +437,22 @@ class Channel:
         tx = self.tx
         route = "zmq"
         if tx is not None and msg.nbytes < self.threshold:
-            sizes = [b.nbytes for b in buffers]
-            size = framing.record_size(len(header), sizes)
+            if nbuf:
+                sizes, size = framing.measure(header, buffers)
+            else:  # header only: the common small message, one write
+                size = (_PREFIX_LEN + len(header) + 7) & ~7
             if size <= tx.capacity - 8:  # the ring's largest record
                 addr = tx.reserve(size)
                 if addr is None:
                     addr = self._wait_space(size, deadline, check, on_full)
-                base = tx.data_address - HEADER_SIZE
-                framing.write_record(tx.view, base, addr - base, KIND_INLINE, tag,
-                                     header=header, buffers=buffers, sizes=sizes)
-                faults.hit("ring_before_flag")
+                base = tx.address
+                if nbuf:
+                    framing.write_record(tx.view, base, addr - base, KIND_INLINE, tag,
+                                         header=header, buffers=buffers, sizes=sizes)
+                else:
+                    framing.pack_bare_into(tx.view, addr - base, KIND_INLINE, tag, header)
+                if faults.armed:
+                    faults.hit("ring_before_flag")
                 tx.commit()
                 fence()
                 if tx.reader_sleeping() and self.peer_bell is not None:
@@ -527,7 +533,7 @@ class Channel:
                 if tracker is not None:
                     self._queued = True
                     faults.hit("zmq_send")
-                    framing.pack_head_into(tx.view, addr - tx.segment.address, KIND_BULK, 0)
+                    framing.pack_bare_into(tx.view, addr - tx.address, KIND_BULK, 0, b"")
                     tx.commit()
                     fence()
                     if tx.reader_sleeping() and self.peer_bell is not None:
@@ -546,7 +552,7 @@ class Channel:
             if kind == KIND_CLOSE:
                 return  # best effort: the peer also notices our death
             addr = self._wait_space(_PREFIX_LEN, deadline, check, on_full)
-        framing.pack_head_into(tx.view, addr - tx.segment.address, kind, 0)
+        framing.pack_bare_into(tx.view, addr - tx.address, kind, 0, b"")
         tx.commit()
         fence()
         if tx.reader_sleeping() and self.peer_bell is not None:
@@ -598,13 +604,17 @@ class Channel:
             self.rx.set_sleeping(flag)
 
     def try_recv(self, *, deadline: float | None = None,
-                 check: Callable[[], None] | None = None) -> Received | None:
+                 check: Callable[[], None] | None = None, lend: bool = True) -> Received | None:
         """Receive one message if one is waiting, else None.
 
         First gives back the ring record a previous receive lent (see
-        :meth:`release`).  A ring message comes back *borrowed*: its header and
+        :meth:`release`).  A ring message with buffers comes back *borrowed*: its
         buffers are views of the ring, valid until :meth:`release` or the next
-        receive (copy them out with :func:`copy_out` to keep them).  A ZeroMQ
+        receive (copy them out with :func:`copy_out` to keep them); its header is
+        a copy, and a header-only record is given back at once.  With
+        ``lend=False`` the buffers are copied out here and the record given back
+        at once too (``borrowed=False``): what a receiver that keeps nothing in
+        place wants, in one step.  A ZeroMQ
         message's buffers are its frames' memory, or views of a pool lease
         that keeps its slot until they are gone: the receiver's to keep.
 
@@ -634,42 +644,37 @@ class Channel:
         if rec is None:
             return None
         addr, length = rec
-        view = rx.view
-        off = addr - rx.data_address + HEADER_SIZE
-        if length >= _PREFIX_LEN and view[off] == KIND_BULK:
-            # Outside the handler below: a defect of the ZeroMQ message must
-            # carry that message's tag, not the marker's.
-            rx.advance()
-            return self._recv_marked_bulk(check)
         try:
-            head, bufs = framing.parse_record(view, off, length)
-            if head.kind != KIND_INLINE:
-                if head.kind == KIND_CLOSE:
-                    rx.advance()
-                    self.peer_closed = True
-                    return None
-                exc = ProtocolError(f"unknown record kind {head.kind}")
-                exc.tag = head.tag
-                raise exc
+            kind, tag, header, bufs, nbytes = framing.parse_record(
+                rx.view, addr - rx.address, length, copy=not lend)
         except ProtocolError:
             rx.advance()
             raise
-        route = self.routes["shm"]
-        route.msgs_in += 1
-        if not bufs:
-            # Header only (the common small message): copying it costs less than a loan,
-            # and the record goes back at once.
-            header = head.header.tobytes()
-            rx.advance()
-            route.bytes_in += len(header)
-            return _new_received(Received, (head.tag, header, bufs, False, "shm", len(header)))
-        # Noted before the ring holds it: an interrupt between the two must leave a loan
-        # the next receive gives back, never a held record nobody releases.
-        self._lent = True
-        rx.hold()
-        nbytes = len(head.header) + sum(head.sizes)
-        route.bytes_in += nbytes
-        return _new_received(Received, (head.tag, head.header, bufs, True, "shm", nbytes))
+        if kind == KIND_INLINE:
+            route = self.routes["shm"]
+            route.msgs_in += 1
+            route.bytes_in += nbytes
+            if not bufs or not lend:
+                # Header only (the common small message), or buffers copied out: nothing
+                # to lend, the record goes back at once.
+                rx.advance()
+                return _new_received(Received, (tag, header, bufs, False, "shm", nbytes))
+            # Noted before the ring holds it: an interrupt between the two must leave a
+            # loan the next receive gives back, never a held record nobody releases.
+            self._lent = True
+            rx.hold()
+            return _new_received(Received, (tag, header, bufs, True, "shm", nbytes))
+        rx.advance()
+        if kind == KIND_BULK:
+            # Outside any handler: a defect of the ZeroMQ message must carry that
+            # message's tag, not the marker's.
+            return self._recv_marked_bulk(check)
+        if kind == KIND_CLOSE:
+            self.peer_closed = True
+            return None
+        exc = ProtocolError(f"unknown record kind {kind}")
+        exc.tag = tag
+        raise exc
 
     def release(self) -> None:
         """Give the ring record the last receive lent back to the sender (idempotent)."""
@@ -743,7 +748,7 @@ class Channel:
         return bufs
 
     def recv(self, *, deadline: float | None = None, check: Callable[[], None] | None = None,
-             spin_s: float = SPIN_S) -> Received:
+             spin_s: float = SPIN_S, lend: bool = True) -> Received:
         """Block until a message arrives (``TimeoutError`` at ``deadline``).
 
         Spins ``spin_s`` first, then sleeps on the doorbell (or the ZeroMQ
@@ -751,7 +756,7 @@ class Channel:
         ``check`` after each.  Raises ``TransportError`` if the peer closed.
         """
         while True:
-            got = self.try_recv(deadline=deadline, check=check)
+            got = self.try_recv(deadline=deadline, check=check, lend=lend)
             if got is not None:
                 return got
             if self.peer_closed:
@@ -763,7 +768,7 @@ class Channel:
         """Return once something may be readable (spurious returns allowed)."""
         if spin_s > 0:
             end = time.perf_counter() + spin_s
-            readable = self.readable
+            readable = self.readable if self.rx is None else self.rx.readable
             while time.perf_counter() < end:
                 if readable():
                     return
@@ -856,21 +861,8 @@ def _frame_buffers(frames: list, sizes: Sequence[int]) -> list[np.ndarray]:
 
 
 def copy_out(bufs: Sequence[np.ndarray]) -> list[np.ndarray]:
-    """Private copies of lent buffers.
-
-    One numpy call when small; ``memcopy.copy_bytes`` when large (``memmove``, which releases
-    the GIL, on several threads from 4 MiB where this host gains from it).
-    """
-    out = []
-    for b in bufs:
-        nb = b.nbytes
-        if nb < _MEMMOVE_MIN:
-            out.append(b.copy())
-        else:
-            c = np.empty(nb, np.uint8)
-            copy_bytes(c.ctypes.data, b.ctypes.data, nb)
-            out.append(c)
-    return out
+    """Private copies of lent buffers (see ``framing.copy_buffer``)."""
+    return [copy_buffer(b) for b in bufs]
 
 
 def _warn_fallback(exc: TransportError) -> None:

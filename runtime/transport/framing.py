@@ -49,13 +49,14 @@ __all__ = [
     "Head",
     "as_host",
     "buffer_spans",
+    "copy_buffer",
     "head_bytes",
     "head_size",
+    "measure",
+    "pack_bare_into",
     "pack_head_into",
     "parse_head",
     "parse_record",
-    "record_size",
-    "sizes_of",
     "write_buffer",
     "write_record",
 ]
@@ -65,6 +66,8 @@ _PREFIX = struct.Struct("<B3xIII")  # kind, nbuf, header length, tag
 PREFIX_LEN = _PREFIX.size  # 16
 _MEMMOVE_MIN = 64 * 1024  # below this a memoryview assignment beats a ctypes call
 _NDARRAY = np.ndarray
+_U8 = np.uint8
+_frombuffer = np.frombuffer
 
 
 @runtime_checkable
@@ -113,8 +116,18 @@ def _sizes(n: int) -> struct.Struct:
     return st
 
 
-def sizes_of(buffers: Sequence[Any]) -> list[int]:
-    return [b.nbytes for b in buffers]
+_HEADS: dict[int, struct.Struct] = {}
+
+
+def _head_struct(n: int) -> struct.Struct:
+    """The struct of a prefix and ``n`` sizes: one ``pack_into`` writes both when sending.
+
+    Counts are the sender's own; cached up to 64 like :func:`_sizes`.
+    """
+    st = struct.Struct(f"{_PREFIX.format}{n}Q")
+    if n <= 64:
+        _HEADS[n] = st
+    return st
 
 
 def head_size(nbuf: int, hlen: int) -> int:
@@ -122,26 +135,41 @@ def head_size(nbuf: int, hlen: int) -> int:
     return (PREFIX_LEN + 8 * nbuf + hlen + 7) & ~7
 
 
-def record_size(hlen: int, sizes: Sequence[int]) -> int:
-    """Bytes of a whole record: head, then each buffer padded to 8."""
-    size = head_size(len(sizes), hlen)
-    for n in sizes:
+def measure(header: Any, buffers: Sequence[Any]) -> tuple[list[int], int]:
+    """``(sizes, record size)``: what a sender needs to reserve a record.
+
+    The record is the head, then each buffer padded to 8.
+    """
+    size = (PREFIX_LEN + 8 * len(buffers) + len(header) + 7) & ~7  # head_size, inline
+    sizes = []
+    for b in buffers:
+        n = b.nbytes
+        sizes.append(n)
         size += (n + 7) & ~7
-    return size
+    return sizes, size
 
 
-def pack_head_into(view: Any, off: int, kind: int, tag: int, *, header: Any = b"",
-                   sizes: Sequence[int] = ()) -> int:
+def pack_head_into(view: Any, off: int, kind: int, tag: int, *, header: Any,
+                   sizes: Sequence[int]) -> int:
     """Write prefix, sizes and header at ``view[off:]``; returns the first buffer's offset."""
     nbuf = len(sizes)
     hlen = len(header)
-    _PREFIX.pack_into(view, off, kind, nbuf, hlen, tag & 0xFFFFFFFF)
-    pos = off + PREFIX_LEN
-    if nbuf:
-        _sizes(nbuf).pack_into(view, pos, *sizes)
-        pos += 8 * nbuf
+    st = _HEADS.get(nbuf) or _head_struct(nbuf)
+    st.pack_into(view, off, kind, nbuf, hlen, tag & 0xFFFFFFFF, *sizes)
+    pos = off + st.size
     view[pos:pos + hlen] = header
-    return off + ((PREFIX_LEN + 8 * nbuf + hlen + 7) & ~7)  # head_size, without the call
+    return off + ((pos - off + hlen + 7) & ~7)  # head_size, without the call
+
+
+def pack_bare_into(view: Any, off: int, kind: int, tag: int, header: Any) -> None:
+    """A head without buffers at ``view[off:]``: the prefix, then the header.
+
+    :func:`pack_head_into` with no sizes, in one call: most messages (a call, a reply of a
+    few numbers) are header only, and this is their hot path.
+    """
+    hlen = len(header)
+    _PREFIX.pack_into(view, off, kind, 0, hlen, tag & 0xFFFFFFFF)
+    view[off + PREFIX_LEN:off + PREFIX_LEN + hlen] = header
 
 
 def head_bytes(kind: int, tag: int, header: Any, sizes: Sequence[int], *,
@@ -162,6 +190,45 @@ def head_bytes(kind: int, tag: int, header: Any, sizes: Sequence[int], *,
     return b"".join(parts)
 
 
+def _prefix(buf: Any, off: int, length: int, extra: int) -> tuple[int, int, tuple, int, int]:
+    """``(kind, tag, sizes, header offset, header length)`` of the frame at ``buf[off:]``.
+
+    Every parse goes through here: the prefix, size table and header are checked against
+    ``length`` once, in one place.
+    """
+    if length < PREFIX_LEN:
+        raise ProtocolError(f"frame of {length} bytes is shorter than a prefix")
+    kind, nbuf, hlen, tag = _PREFIX.unpack_from(buf, off)
+    pos = off + PREFIX_LEN
+    sizes = ()
+    try:
+        if nbuf:
+            if nbuf > (length - PREFIX_LEN) // 8:
+                raise ProtocolError(f"{nbuf} buffers declared in a {length}-byte frame")
+            sizes = _sizes(nbuf).unpack_from(buf, pos)
+            pos += 8 * nbuf
+        pos += extra
+        if pos + hlen > off + length:
+            raise ProtocolError(f"header of {hlen} bytes overruns a {length}-byte frame")
+    except ProtocolError as exc:
+        exc.tag = tag
+        raise
+    return kind, tag, sizes, pos, hlen
+
+
+def _spans(sizes: Sequence[int], pos: int, end: int, tag: int) -> list[tuple[int, int]]:
+    """(offset, size) of each buffer from ``pos`` (8-aligned, each padded to 8) to ``end``."""
+    spans = []
+    for n in sizes:
+        if pos + n > end:
+            exc = ProtocolError(f"buffer of {n} bytes overruns a {end - pos}-byte rest of a record")
+            exc.tag = tag
+            raise exc
+        spans.append((pos, n))
+        pos += (n + 7) & ~7
+    return spans
+
+
 def parse_head(buf: Any, off: int, length: int, *, extra: int = 0) -> Head:
     """Parse a prefix at ``buf[off:off + length]``; ``ProtocolError`` when it does not fit.
 
@@ -170,21 +237,8 @@ def parse_head(buf: Any, off: int, length: int, *, extra: int = 0) -> Head:
     error carries the tag once it is known (``exc.tag``), so a caller can still tell
     which message was lost.
     """
-    if length < PREFIX_LEN:
-        raise ProtocolError(f"frame of {length} bytes is shorter than a prefix")
-    kind, nbuf, hlen, tag = _PREFIX.unpack_from(buf, off)
-    try:
-        pos = off + PREFIX_LEN
-        if nbuf > (length - PREFIX_LEN) // 8:
-            raise ProtocolError(f"{nbuf} buffers declared in a {length}-byte frame")
-        sizes = _sizes(nbuf).unpack_from(buf, pos) if nbuf else ()
-        pos += 8 * nbuf + extra
-        if pos + hlen > off + length:
-            raise ProtocolError(f"header of {hlen} bytes overruns a {length}-byte frame")
-        header = buf[pos:pos + hlen]  # a view when ``buf`` is a memoryview
-    except ProtocolError as exc:
-        exc.tag = tag
-        raise
+    kind, tag, sizes, pos, hlen = _prefix(buf, off, length, extra)
+    header = buf[pos:pos + hlen]  # a view when ``buf`` is a memoryview
     return _new_head(Head, (kind, tag, header, sizes, pos + hlen))
 
 
@@ -193,17 +247,7 @@ def buffer_spans(head: Head, off: int, length: int) -> list[tuple[int, int]]:
 
     ``ProtocolError`` (with the tag) when a buffer overruns the record.
     """
-    spans = []
-    pos = off + ((head.end - off + 7) & ~7)
-    end = off + length
-    for n in head.sizes:
-        if pos + n > end:
-            exc = ProtocolError(f"buffer of {n} bytes overruns a {length}-byte record")
-            exc.tag = head.tag
-            raise exc
-        spans.append((pos, n))
-        pos += (n + 7) & ~7
-    return spans
+    return _spans(head.sizes, off + ((head.end - off + 7) & ~7), off + length, head.tag)
 
 
 def write_record(view: Any, base: int, off: int, kind: int, tag: int, *, header: Any,
@@ -211,12 +255,15 @@ def write_record(view: Any, base: int, off: int, kind: int, tag: int, *, header:
     """A whole record at ``view[off:]``: head, then each buffer as it chooses to be written.
 
     ``base`` is ``view``'s address; ``sizes`` are the buffers' (the caller has them already,
-    to size the record with :func:`record_size`).
+    to size the record with :func:`measure`).
     """
     pos = pack_head_into(view, off, kind, tag, header=header, sizes=sizes)
-    for b in buffers:
-        write_buffer(view, base, pos, b)
-        pos += (b.nbytes + 7) & ~7
+    for b, n in zip(buffers, sizes, strict=True):
+        if n < _MEMMOVE_MIN and type(b) is _NDARRAY:
+            view[pos:pos + n] = b  # the common small array, without a call
+        else:
+            write_buffer(view, base, pos, b)
+        pos += (n + 7) & ~7
 
 
 def write_buffer(view: Any, base: int, off: int, b: Any) -> None:
@@ -239,23 +286,48 @@ def write_buffer(view: Any, base: int, off: int, b: Any) -> None:
         b.write_into(np.frombuffer(view, np.uint8, nb, off))
 
 
-def parse_record(view: Any, off: int, length: int) -> tuple[Head, list[np.ndarray]]:
-    """The head of the record at ``view[off:off + length]`` and its buffers.
+def parse_record(view: Any, off: int, length: int, *,
+                 copy: bool = False) -> tuple[int, int, bytes, list[np.ndarray], int]:
+    """``(kind, tag, header, buffers, nbytes)`` of the record at ``view[off:off + length]``.
 
-    The buffers are ``uint8`` arrays over ``view`` (no copy).  ``ProtocolError`` (with the
-    tag once known) when the head or a buffer does not fit the record.  The ring's hot path:
-    :func:`parse_head` and :func:`buffer_spans` in one call.
+    The ring's hot path.  ``header`` is a copy (the codec would make one anyway); the
+    buffers are ``uint8`` arrays over ``view`` (no copy), or private copies with ``copy``
+    (see :func:`copy_buffer`).  ``nbytes``: header and buffers.  Only an INLINE record's
+    header and buffers are parsed: any other kind (BULK, CLOSE, ...) says all it has to
+    say in its kind and tag, and comes back with ``b""`` and no buffers.
+    ``ProtocolError`` (with the tag once known) when the head or a buffer does not fit.
     """
     if length < PREFIX_LEN:
         raise ProtocolError(f"frame of {length} bytes is shorter than a prefix")
     kind, nbuf, hlen, tag = _PREFIX.unpack_from(view, off)
-    pos = off + PREFIX_LEN
-    end = off + length
-    if not nbuf and pos + hlen <= end:
-        return _new_head(Head, (kind, tag, view[pos:pos + hlen], (), pos + hlen)), []
-    head = parse_head(view, off, length)
-    return head, [np.frombuffer(view, np.uint8, n, p)
-                  for p, n in buffer_spans(head, off, length)]
+    if kind != KIND_INLINE:
+        return kind, tag, b"", [], 0
+    if not nbuf and hlen <= length - PREFIX_LEN:  # header only: no table to check
+        pos = off + PREFIX_LEN
+        return kind, tag, view[pos:pos + hlen].tobytes(), [], hlen
+    _, _, sizes, pos, hlen = _prefix(view, off, length, 0)
+    header = view[pos:pos + hlen].tobytes()
+    bufs = []
+    for p, n in _spans(sizes, off + ((pos + hlen - off + 7) & ~7), off + length, tag):
+        b = _frombuffer(view, _U8, n, p)
+        if copy:
+            b = b.copy() if n < _MEMMOVE_MIN else copy_buffer(b)
+        bufs.append(b)
+    return kind, tag, header, bufs, hlen + sum(sizes)
+
+
+def copy_buffer(b: np.ndarray) -> np.ndarray:
+    """A private copy of buffer ``b`` (1-D ``uint8``).
+
+    One numpy call when small; ``memcopy.copy_bytes`` when large (``memmove``, which
+    releases the GIL, on several threads from 4 MiB where this host gains from it).
+    """
+    nb = b.nbytes
+    if nb < _MEMMOVE_MIN:
+        return b.copy()
+    c = np.empty(nb, np.uint8)
+    copy_bytes(c.ctypes.data, b.ctypes.data, nb)
+    return c
 
 
 def as_host(b: Any) -> np.ndarray:

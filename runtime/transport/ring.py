@@ -110,6 +110,7 @@ class ShmRing:
             if cap % 8 or cap + HEADER_SIZE > segment.size or cap < 64:
                 raise ProtocolError(f"ring {segment.path} declares a bad capacity {cap}")
         self.capacity = int(self._cap.value)
+        self.address = base  # of the segment, which ``view`` starts at
         self.data_address = base + HEADER_SIZE
         self.view = mm_view
         # Local copies of the positions: the writer owns write_pos, the reader read_pos.

@@ -12,8 +12,8 @@ from runtime.transport import framing
 
 
 def _record(header: bytes, bufs: list, tag: int = 7) -> bytearray:
-    sizes = framing.sizes_of(bufs)
-    out = bytearray(framing.record_size(len(header), sizes))
+    sizes, size = framing.measure(header, bufs)
+    out = bytearray(size)
     addr = np.frombuffer(out, np.uint8).ctypes.data
     framing.write_record(memoryview(out), addr, 0, framing.KIND_INLINE, tag, header=header,
                          buffers=bufs, sizes=sizes)
@@ -95,3 +95,30 @@ def test_a_buffer_writer_writes_itself_straight_into_the_record():
     assert w.dst == [np.frombuffer(rec, np.uint8).ctypes.data + off]
     assert bytes(rec[off:off + n]) == b"device bytes"
     assert framing.as_host(w) is w.data
+
+
+def test_parse_record_gives_views_or_copies_and_the_payload_size():
+    bufs = [np.arange(n, dtype=np.uint8) for n in (5, 70_000)]  # small and memcopy-sized
+    rec = _record(b"head", bufs, tag=9)
+    sizes, size = framing.measure(b"head", bufs)
+    assert (sizes, size) == ([5, 70_000], len(rec))
+    base = np.frombuffer(rec, np.uint8).ctypes.data
+    for copy in (False, True):
+        kind, tag, header, got, nbytes = framing.parse_record(memoryview(rec), 0, len(rec),
+                                                              copy=copy)
+        assert (kind, tag, header, nbytes) == (framing.KIND_INLINE, 9, b"head", 70_009)
+        assert type(header) is bytes
+        inside = [base <= g.ctypes.data < base + len(rec) for g in got]
+        assert inside == [not copy] * 2
+        assert all(np.array_equal(g, b) for g, b in zip(got, bufs, strict=True))
+
+
+def test_parse_record_of_a_marker_reads_only_its_kind_and_tag():
+    rec = bytearray(framing.PREFIX_LEN)
+    framing.pack_bare_into(rec, 0, framing.KIND_BULK, 4, b"")
+    assert framing.parse_record(rec, 0, len(rec)) == (framing.KIND_BULK, 4, b"", [], 0)
+    rec = memoryview(bytearray(framing.PREFIX_LEN + 8))  # parse_record reads memoryviews
+    framing.pack_bare_into(rec, 0, framing.KIND_INLINE, 6, b"abc")
+    assert framing.parse_record(rec, 0, len(rec)) == (framing.KIND_INLINE, 6, b"abc", [], 3)
+    with pytest.raises(ProtocolError):
+        framing.parse_record(rec, 0, framing.PREFIX_LEN + 2)  # the header overruns

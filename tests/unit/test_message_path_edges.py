@@ -165,3 +165,58 @@ def test_a_message_channel_without_its_transport_has_no_attributes():
 
     bare = MessageChannel.__new__(MessageChannel)
     assert not hasattr(bare, "rx") and not hasattr(bare, "transport")
+
+
+# -- 5. receiving without a loan (the common case, since the fast path of this PR) ---------
+
+
+def test_a_receive_without_a_loan_copies_out_and_gives_the_record_back_at_once(private_dir):
+    """``try_recv(lend=False)``, what every non-borrowing receiver asks for: the buffers are
+    the receiver's own copies, and the record goes back at once -- the writer refills the
+    whole ring behind it without waiting, and the copies do not change."""
+    caller, callee, bell = make_pair(private_dir, 32 * 1024)  # a ring of MIN_CAPACITY
+    ch_out, ch_in = caller.transport, callee.transport
+    try:
+        first = codec.encode(np.full(20_000, 7, np.uint8))
+        ch_out.send(first)
+        got = ch_in.try_recv(lend=False)
+        assert (got.route, got.borrowed, ch_in.rx._held) == ("shm", False, False)
+        seg = ch_in.rx.segment
+        assert not seg.address <= got.buffers[0].ctypes.data < seg.address + seg.size
+        # A ring of 64 KiB holds three such records: the received one must be free already.
+        for fill in (1, 2, 3):
+            ch_out.send(codec.encode(np.full(20_000, fill, np.uint8)),
+                        deadline=time.monotonic() + 0.5)
+        assert (got.buffers[0] == 7).all()
+        assert codec.decode(got.header, got.buffers, safe=False)[0] == 7
+        assert got.nbytes == first.nbytes
+        for fill in (1, 2, 3):
+            nxt = ch_in.try_recv(lend=False)
+            assert (nxt.buffers[0] == fill).all()
+    finally:
+        caller.close()
+        callee.close()
+        bell.close()
+
+
+def test_a_lent_record_keeps_the_writer_out_until_it_is_released(private_dir):
+    """The other side of the same coin: a lent record's space stays the reader's, so the
+    writer cannot overwrite the views (it times out) until ``release``."""
+    caller, callee, bell = make_pair(private_dir, 32 * 1024)
+    ch_out, ch_in = caller.transport, callee.transport
+    try:
+        ch_out.send(codec.encode(np.full(20_000, 7, np.uint8)))
+        got = ch_in.try_recv()  # lend=True: views of the record
+        assert (got.route, got.borrowed) == ("shm", True)
+        for fill in (1, 2):
+            ch_out.send(codec.encode(np.full(20_000, fill, np.uint8)))
+        with pytest.raises(TimeoutError):
+            ch_out.send(codec.encode(np.full(20_000, 3, np.uint8)),
+                        deadline=time.monotonic() + 0.2)
+        assert (got.buffers[0] == 7).all()
+        ch_in.release()
+        ch_out.send(codec.encode(np.full(20_000, 3, np.uint8)), deadline=time.monotonic() + 5)
+    finally:
+        caller.close()
+        callee.close()
+        bell.close()
