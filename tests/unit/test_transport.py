@@ -26,7 +26,7 @@ from runtime.messages import MessageChannel
 from runtime.transport import framing
 from runtime.transport.channel import Channel, ring_capacity
 from runtime.transport.doorbell import Doorbell
-from runtime.transport.ring import MIN_CAPACITY, ShmRing
+from runtime.transport.ring import HOT_BYTES, MIN_CAPACITY, ShmRing
 from runtime.transport.segment import Segment
 
 SHM = "/dev/shm"
@@ -126,6 +126,71 @@ def test_ring_wraps_around_and_keeps_records_intact():
             assert bytes(reader.view[roff:roff + length]) == payload
             reader.advance()
         assert ring._w > 10 * ring.capacity  # it wrapped many times
+    finally:
+        reader.close()
+        ring.close()
+        ring.unlink()
+
+
+def _put(ring: ShmRing, payload: bytes) -> bool:
+    addr = ring.reserve(len(payload))
+    if addr is None:
+        return False
+    off = addr - ring.segment.address
+    ring.view[off:off + len(payload)] = payload
+    ring.commit()
+    return True
+
+
+def _take(reader: ShmRing) -> bytes:
+    addr, length = reader.peek()
+    off = addr - reader.segment.address
+    out = bytes(reader.view[off:off + length])
+    reader.advance()
+    return out
+
+
+def test_a_drained_ring_keeps_small_records_in_its_warm_region():
+    """Past ``HOT_BYTES`` a drained ring starts over at 0: ping-pong traffic cycles through
+    the first ~256 KiB of a 4 MiB ring, never its far end, and every record reads back."""
+    ring = ShmRing.create(SHM, name(), 4 << 20)
+    reader = ShmRing.attach(ring.segment.path)
+    try:
+        offsets = []
+        for i in range(3000):
+            payload = bytes([i % 251]) * (1000 + i % 3000)
+            assert _put(ring, payload)
+            offsets.append(reader.peek()[0] - reader.data_address)
+            assert _take(reader) == payload
+        assert max(offsets) < HOT_BYTES + 8 * 1024
+        assert ring._w > 2 * ring.capacity // 8  # it went round the warm region many times
+        assert offsets.count(8) >= 10  # a record at 0 (its payload past the length)
+    finally:
+        reader.close()
+        ring.close()
+        ring.unlink()
+
+
+def test_a_ring_with_records_in_flight_or_a_big_record_does_not_wrap_early():
+    """Only a drained ring wraps early, and only for a record that fits before the writer:
+    otherwise the records behind the reader, or the big one, go on where the writer is."""
+    ring = ShmRing.create(SHM, name(), 4 << 20)
+    reader = ShmRing.attach(ring.segment.path)
+    try:
+        chunk = b"x" * (64 * 1024)
+        for _ in range(HOT_BYTES // len(chunk) + 2):  # in flight: the reader lags
+            assert _put(ring, chunk)
+        assert ring._w > HOT_BYTES
+        while reader.peek() is not None:
+            assert _take(reader) == chunk
+        big = b"y" * (3 * HOT_BYTES)  # drained, past HOT_BYTES, but longer than the offset
+        start = ring._w
+        assert _put(ring, big)
+        assert reader.peek()[0] - reader.data_address == start + 8  # not at 0
+        assert _take(reader) == big
+        assert _put(ring, b"z" * 100)  # drained, past HOT_BYTES, fits: to 0
+        assert reader.peek()[0] - reader.data_address == 8
+        assert _take(reader) == b"z" * 100
     finally:
         reader.close()
         ring.close()
