@@ -1,0 +1,190 @@
+"""Small messages: this tree against another revision, alternated in one run.
+
+The per-message cost of the call path is a few microseconds, and this VM's drift between
+runs (10-40 %) is larger than any change to it.  So both trees are measured in one run, in
+alternating rounds, each round in a fresh interpreter with that tree first on its path;
+the figures are medians of per-round p50s, and the ratio is taken round by round.
+
+Measured per tree (p50 of many round trips):
+
+* ``ping_none``: a channel round trip of ``None`` between two processes (header-only
+  messages: the codec, the message layer, framing, the ring, the spin wait);
+* ``ping_8KiB``: the same with an 8 KiB tensor each way (buffers: framing's size table,
+  the copy into the record and out of it);
+* ``actor_noop`` and ``actor_echo_8KiB``: the same through an actor (the call layer on top).
+
+Usage::
+
+    python benchmarks/bench_small.py --against 73bd7e6 --rounds 5 --json small.json
+
+Without ``--against`` only this tree is measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Run in a child interpreter whose first path entry is the tree under test.  It must work
+# against older trees too: before the message layer, the channel encoded objects itself.
+_CHILD = r'''
+import json, os, statistics, subprocess, sys, tempfile, time, uuid
+import torch
+from runtime.transport.channel import Channel
+from runtime.transport.doorbell import Doorbell
+try:
+    from runtime.messages import MessageChannel
+except ImportError:  # an older tree: the channel speaks objects itself
+    MessageChannel = lambda c: c
+
+PONG = """
+import json, sys
+from runtime.transport.channel import Channel, ChannelSpec
+from runtime.transport.doorbell import Doorbell
+try:
+    from runtime.messages import MessageChannel
+except ImportError:
+    MessageChannel = lambda c: c
+spec = ChannelSpec.from_dict(json.loads(sys.argv[1]))
+fds = [int(fd) for fd in sys.argv[3].split(",")]
+ch = MessageChannel(Channel.attach(spec, fds=fds, own_bell=Doorbell(sys.argv[2]), safe=False,
+                                   name="pong", shm_dir="/dev/shm"))
+print("ready", flush=True)
+while True:
+    x = ch.recv(spin_s=300e-6)
+    if isinstance(x, str):
+        break
+    ch.send(x)
+"""
+
+
+def p50(fn, n, warmup=200):
+    ts = []
+    for i in range(n + warmup):
+        t0 = time.perf_counter()
+        fn()
+        if i >= warmup:
+            ts.append(time.perf_counter() - t0)
+    return statistics.median(ts) * 1e6
+
+
+def pings(n):
+    d = tempfile.mkdtemp(prefix="rtsmall")
+    caller = Channel.create(shm_dir="/dev/shm", private_dir=d,
+                            name=f"rt_s{uuid.uuid4().hex[:8]}", threshold=10 << 20)
+    bell = os.path.join(d, "pong.bell")
+    fds = caller.peer_fds()
+    child = subprocess.Popen([sys.executable, "-c", PONG, json.dumps(caller.spec().as_dict()),
+                              bell, ",".join(map(str, fds))], pass_fds=fds,
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        caller.attached(bell)
+        ch = MessageChannel(caller)
+        out = {}
+        for label, msg in (("ping_none", None), ("ping_8KiB", torch.ones(2048))):
+            def once(msg=msg):
+                ch.send(msg)
+                ch.recv(spin_s=300e-6)
+            out[label] = p50(once, n)
+        ch.send("stop")
+        child.wait(10)
+        return out
+    finally:
+        if child.poll() is None:
+            child.kill()
+        caller.close()
+
+
+def actors(n):
+    from runtime import ActorSystem, actor
+
+    @actor
+    class Echo:
+        def noop(self):
+            return None
+
+        def echo(self, x):
+            return x
+
+    with ActorSystem() as system:
+        e = system.spawn(Echo)
+        x = torch.ones(2048)
+        return {"actor_noop": p50(e.noop, n), "actor_echo_8KiB": p50(lambda: e.echo(x), n // 2)}
+
+
+n = int(sys.argv[1])
+print(json.dumps({**pings(4 * n), **actors(n)}))
+'''
+
+
+def run_tree(tree: str, n: int) -> dict[str, float]:
+    """One round in a fresh interpreter whose first path entry is ``tree``."""
+    env = {**os.environ, "PYTHONPATH": tree}
+    out = subprocess.run([sys.executable, "-c", _CHILD, str(n)], cwd=tree, env=env,
+                         capture_output=True, text=True, timeout=600, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"round in {tree} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--against", help="a git revision to compare with (checked out to a "
+                                      "temporary worktree)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--n", type=int, default=5000, help="actor calls per measure (pings: 4x)")
+    ap.add_argument("--json", help="write results here")
+    args = ap.parse_args(argv)
+
+    trees = {"this": HERE}
+    tmp = None
+    if args.against:
+        tmp = tempfile.mkdtemp(prefix="rt_against")
+        subprocess.run(["git", "-C", HERE, "worktree", "add", "--detach", tmp, args.against],
+                       check=True, capture_output=True)
+        trees[args.against] = tmp
+    try:
+        rounds: dict[str, list[dict[str, float]]] = {k: [] for k in trees}
+        for r in range(args.rounds):
+            # Alternate which tree goes first, so neither always gets the warmer machine.
+            for label in (list(trees) if r % 2 == 0 else list(reversed(trees))):
+                got = run_tree(trees[label], args.n)
+                rounds[label].append(got)
+                print(f"round {r + 1} {label:>10}: " +
+                      "  ".join(f"{k} {v:6.1f} us" for k, v in got.items()), flush=True)
+    finally:
+        if tmp is not None:
+            subprocess.run(["git", "-C", HERE, "worktree", "remove", "--force", tmp],
+                           check=False, capture_output=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    result: dict = {"rounds": rounds, "median_us": {}, "ratio_this_over_against": {}}
+    keys = list(rounds["this"][0])
+    for label, rs in rounds.items():
+        result["median_us"][label] = {k: statistics.median(r[k] for r in rs) for k in keys}
+    print("\nmedian p50 (us)   " + "".join(f"{label:>14}" for label in trees)
+          + ("       ratio" if args.against else ""))
+    for k in keys:
+        row = f"{k:<18}" + "".join(f"{result['median_us'][label][k]:14.1f}" for label in trees)
+        if args.against:
+            ratio = statistics.median(a[k] / b[k] for a, b in
+                                      zip(rounds["this"], rounds[args.against], strict=True))
+            result["ratio_this_over_against"][k] = ratio
+            row += f"{ratio:12.3f}x"
+        print(row)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
