@@ -11,7 +11,9 @@ Measured per tree (p50 of many round trips):
   messages: the codec, the message layer, framing, the ring, the spin wait);
 * ``ping_8KiB``: the same with an 8 KiB tensor each way (buffers: framing's size table,
   the copy into the record and out of it);
-* ``actor_noop`` and ``actor_echo_8KiB``: the same through an actor (the call layer on top).
+* ``actor_noop`` and ``actor_echo_8KiB``: the same through an actor (the call layer on top);
+* ``ping_after_5ms`` and ``actor_noop_after_5ms``: a round trip after 5 ms of silence, when
+  the peer has stopped spinning and sleeps on its doorbell (the wake-up).
 
 Usage::
 
@@ -66,9 +68,11 @@ while True:
 """
 
 
-def p50(fn, n, warmup=200):
+def p50(fn, n, warmup=200, pause=0.0):
     ts = []
     for i in range(n + warmup):
+        if pause:
+            time.sleep(pause)  # the peer has gone to sleep: this times its wake-up
         t0 = time.perf_counter()
         fn()
         if i >= warmup:
@@ -90,11 +94,13 @@ def pings(n):
         caller.attached(bell)
         ch = MessageChannel(caller)
         out = {}
-        for label, msg in (("ping_none", None), ("ping_8KiB", torch.ones(2048))):
-            def once(msg=msg):
-                ch.send(msg)
-                ch.recv(spin_s=300e-6)
-            out[label] = p50(once, n)
+        def once(msg=None):
+            ch.send(msg)
+            ch.recv(spin_s=300e-6)
+        out["ping_none"] = p50(once, n)
+        x = torch.ones(2048)
+        out["ping_8KiB"] = p50(lambda: once(x), n)
+        out["ping_after_5ms"] = p50(once, 150, warmup=5, pause=0.005)
         ch.send("stop")
         child.wait(10)
         return out
@@ -118,7 +124,8 @@ def actors(n):
     with ActorSystem() as system:
         e = system.spawn(Echo)
         x = torch.ones(2048)
-        return {"actor_noop": p50(e.noop, n), "actor_echo_8KiB": p50(lambda: e.echo(x), n // 2)}
+        return {"actor_noop": p50(e.noop, n), "actor_echo_8KiB": p50(lambda: e.echo(x), n // 2),
+                "actor_noop_after_5ms": p50(e.noop, 150, warmup=5, pause=0.005)}
 
 
 n = int(sys.argv[1])

@@ -13,10 +13,11 @@ for ring records, ZeroMQ frames and the constructor memfd alike.  Whoever made a
 chooses how it is written (``framing.write_record``: a CPU copy, or a device-to-host copy
 straight into the record).
 
-A received ring record is *lent*: its buffers are views of the ring (:class:`Received`,
+A received ring record can be *lent*: its buffers are views of the ring (:class:`Received`,
 ``borrowed=True``; the header is copied, as the codec would), valid until
-:meth:`Channel.release` or the next receive; the layer above copies them out, or -- an
-actor that asked for it -- uses them in place until its method returns.
+:meth:`Channel.release` or the next receive -- what an actor that asked for it uses in
+place until its method returns.  Any other receiver asks for no loan (``lend=False``): the
+buffers are copied out as the record is parsed, and it goes back at once.
 
 A BULK message on ZeroMQ is ``[secret+prefix+codec header, buffer 0, buffer 1, ...]``,
 where ``secret`` is the channel's 16 random bytes (see :class:`ChannelSpec`).
@@ -614,9 +615,9 @@ class Channel:
         a copy, and a header-only record is given back at once.  With
         ``lend=False`` the buffers are copied out here and the record given back
         at once too (``borrowed=False``): what a receiver that keeps nothing in
-        place wants, in one step.  A ZeroMQ
-        message's buffers are its frames' memory, or views of a pool lease
-        that keeps its slot until they are gone: the receiver's to keep.
+        place wants, in one pass.  A ZeroMQ message's buffers are its frames'
+        memory, or views of a pool lease that keeps its slot until they are
+        gone: the receiver's to keep.
 
         A close record from the peer sets ``peer_closed`` and returns None.  A
         malformed message raises ``ProtocolError`` after it has been consumed:
