@@ -129,11 +129,20 @@ def bench_pyzmq(sizes: dict[str, int], private_dir: str) -> dict[str, Any]:
 def interleaved(methods: dict[str, Callable[[], Any]], repeats: int
                 ) -> dict[str, tuple[float, list[float], Any]]:
     """Median seconds per method over ``repeats`` rounds, methods interleaved within each
-    round (so a noisy neighbour slows them all alike), after one warm-up round."""
+    round (so a noisy neighbour slows them all alike), after one warm-up round.
+
+    The order rotates from round to round, so that no method always follows the same one:
+    in a fixed order, two identical configurations of the split measured 1.00x and 1.11x
+    of transformers on 2 cores, by their place in the round alone (what runs just before
+    -- a torch call whose OpenMP threads still spin, an actor that has gone to sleep --
+    taxes what comes next).
+    """
     last = {name: fn() for name, fn in methods.items()}
     times: dict[str, list[float]] = {name: [] for name in methods}
-    for _ in range(repeats):
-        for name, fn in methods.items():
+    order = list(methods.items())
+    for r in range(repeats):
+        shift = r % len(order)
+        for name, fn in order[shift:] + order[:shift]:
             t0 = time.perf_counter()
             last[name] = fn()
             times[name].append(time.perf_counter() - t0)
