@@ -134,8 +134,8 @@ def interleaved(methods: dict[str, Callable[[], Any]], repeats: int
     The order rotates from round to round, so that no method always follows the same one:
     in a fixed order, two identical configurations of the split measured 1.00x and 1.11x
     of transformers on 2 cores, by their place in the round alone (what runs just before
-    -- a torch call whose OpenMP threads still spin, an actor that has gone to sleep --
-    taxes what comes next).
+    taxes what comes next; likely causes, not measured apart: a torch call whose OpenMP
+    threads still spin, an actor process that has gone to sleep).
     """
     last = {name: fn() for name, fn in methods.items()}
     times: dict[str, list[float]] = {name: [] for name in methods}
