@@ -135,7 +135,8 @@ print(json.dumps({**pings(4 * n), **actors(n)}))
 
 def run_tree(tree: str, n: int) -> dict[str, float]:
     """One round in a fresh interpreter whose first path entry is ``tree``."""
-    env = {**os.environ, "PYTHONPATH": tree}
+    rest = os.environ.get("PYTHONPATH")  # e.g. where a device host's pyzmq was installed
+    env = {**os.environ, "PYTHONPATH": tree + (os.pathsep + rest if rest else "")}
     out = subprocess.run([sys.executable, "-c", _CHILD, str(n)], cwd=tree, env=env,
                          capture_output=True, text=True, timeout=600, check=False)
     if out.returncode != 0:
