@@ -259,10 +259,7 @@ def write_record(view: Any, base: int, off: int, kind: int, tag: int, *, header:
     """
     pos = pack_head_into(view, off, kind, tag, header=header, sizes=sizes)
     for b, n in zip(buffers, sizes, strict=True):
-        if n < _MEMMOVE_MIN and type(b) is _NDARRAY:
-            view[pos:pos + n] = b  # the common small array, without a call
-        else:
-            write_buffer(view, base, pos, b)
+        write_buffer(view, base, pos, b)
         pos += (n + 7) & ~7
 
 
