@@ -37,6 +37,7 @@ bench: $(STAMP)
 	mkdir -p benchmarks/results
 	$(BIN)/python benchmarks/bench_transport.py --json benchmarks/results/transport.json
 	$(BIN)/python benchmarks/bench_actors.py --json benchmarks/results/actors.json
+	$(BIN)/python benchmarks/bench_small.py --json benchmarks/results/small.json
 	$(BIN)/python benchmarks/bench_llama.py --json benchmarks/results/llama.json
 	$(BIN)/python benchmarks/bench_generate.py --json benchmarks/results/generate.json
 
