@@ -220,3 +220,21 @@ def test_a_lent_record_keeps_the_writer_out_until_it_is_released(private_dir):
         caller.close()
         callee.close()
         bell.close()
+
+
+def test_ring_receive_copy_time_is_still_in_copy_s(private_dir):
+    """A receiver that does not borrow copies ring buffers out inside ``Channel.try_recv``
+    (``lend=False``): that time is still reported as ``copy_s`` (a review found it had
+    dropped out of the stats when the copy moved down from the message layer)."""
+    caller, callee, bell = make_pair(private_dir, 16 * MiB)
+    try:
+        t = torch.zeros(MiB)  # 4 MiB, the ring route
+        for _ in range(20):
+            caller.send(t)
+            callee.recv(deadline=time.monotonic() + 10)
+        assert callee.last_in[0] == "shm"
+        assert callee.stats()["copy_s"] > 0
+    finally:
+        caller.close()
+        callee.close()
+        bell.close()
