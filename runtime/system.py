@@ -314,7 +314,8 @@ class ActorSystem:
 
         ``{"routes": {"shm"|"zmq": {"messages", "bytes"}}, "channels": [...]}``;
         each channel entry has ``actor``, ``mode``, ``routes`` (with sent and
-        received splits), ``encode_s``, ``decode_s``, ``copy_s``, ``wait_s`` and,
+        received splits), ``encode_s``, ``decode_s``, ``copy_s`` (copies into and out
+        of the transport; a ring record under 4 KiB is not timed), ``wait_s`` and,
         when the channel has a pool, ``pool``: this side's slots (``slots``,
         ``slot_bytes``, ``created``, ``dropped``, ``fallbacks`` to frames) and
         the peer's it maps (``peer_slots``, ``received``).
