@@ -26,7 +26,7 @@ import logging
 import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import numpy as np
 
@@ -100,7 +100,22 @@ def _parallel(dst: int, src: int, n: int, k: int) -> None:
     pool = _executor()
     futures = [pool.submit(_memmove, dst + off, src + off, min(step, n - off))
                for off in range(step, n, step)]
-    _memmove(dst, src, min(step, n))  # the first chunk on this thread
+    interrupted: BaseException | None = None
+    try:
+        _memmove(dst, src, min(step, n))  # the first chunk on this thread
+    except BaseException as exc:  # noqa: BLE001 - re-raised below, once the helpers are done
+        interrupted = exc
+    # Every chunk must be done before this returns *or raises*: the caller may free ``dst``
+    # or ``src`` as soon as it has control back, and a helper still copying would write
+    # into freed memory.  An interrupt (Ctrl-C) therefore waits for them, then goes on.
+    for f in futures:
+        while not f.done():
+            try:
+                wait([f])
+            except BaseException as exc:  # noqa: BLE001 - re-raised below
+                interrupted = interrupted or exc
+    if interrupted is not None:
+        raise interrupted
     for f in futures:
         f.result()
 

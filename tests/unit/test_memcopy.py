@@ -51,6 +51,32 @@ def test_memcopy_threads_are_shared_safely(monkeypatch):
     assert all(np.array_equal(d, s) for d, s in zip(dst, src, strict=True))
 
 
+def test_an_interrupted_copy_raises_only_once_every_helper_is_done(monkeypatch):
+    """Ctrl-C during the calling thread's chunk: the helpers' chunks are still being copied.
+    The interrupt must wait for them -- the caller frees the destination as soon as the
+    exception reaches it, and a helper writing on would write into freed memory."""
+    monkeypatch.setattr(memcopy, "_threads", 3)
+    main = threading.get_ident()
+    done: list[int] = []
+    real = memcopy._memmove
+
+    def slow_or_interrupted(dst: int, src: int, n: int) -> int:
+        if threading.get_ident() == main:
+            raise KeyboardInterrupt  # as if Ctrl-C arrived right after the first chunk
+        threading.Event().wait(0.2)  # the helpers are slow
+        out = real(dst, src, n)
+        done.append(n)
+        return out
+
+    monkeypatch.setattr(memcopy, "_memmove", slow_or_interrupted)
+    n = 3 * memcopy.PARALLEL_MIN
+    src, dst = np.ones(n, np.uint8), np.zeros(n, np.uint8)
+    with pytest.raises(KeyboardInterrupt):
+        memcopy.copy_bytes(dst.ctypes.data, src.ctypes.data, n)
+    assert len(done) == 2  # both helper chunks finished before the interrupt came out
+    assert dst[n // 3:].all()
+
+
 def test_large_ring_buffers_are_copied_as_measured_both_ways(monkeypatch, private_dir):
     """Below the threshold too: a 6 MiB tensor written into the ring and copied out of it
     goes through memcopy, on the threads this host was measured to gain from."""
