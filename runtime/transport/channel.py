@@ -68,11 +68,10 @@ from runtime.errors import ProtocolError, TransportError
 from runtime.transport import framing
 from runtime.transport.bulk import BulkLink
 from runtime.transport.doorbell import Doorbell, DoorbellWriter
-from runtime.transport.framing import copy_buffer
 from runtime.transport.pool import PLACE, RxPool, TxPool, layout
 from runtime.transport.ring import HEADER_SIZE, MIN_CAPACITY, ShmRing, align8, fence
 
-__all__ = ["POOL_MIN", "Channel", "ChannelSpec", "Outgoing", "Received", "copy_out",
+__all__ = ["POOL_MIN", "Channel", "ChannelSpec", "Outgoing", "Received",
            "default_pool_bytes", "ring_capacity"]
 
 log = logging.getLogger(__name__)
@@ -612,7 +611,7 @@ class Channel:
         First gives back the ring record a previous receive lent (see
         :meth:`release`).  A ring message with buffers comes back *borrowed*: its
         buffers are views of the ring, valid until :meth:`release` or the next
-        receive (copy them out with :func:`copy_out` to keep them); its header is
+        receive (``framing.copy_buffer`` copies one out to keep it); its header is
         a copy, and a header-only record is given back at once.  With
         ``lend=False`` the buffers are copied out here and the record given back
         at once too (``borrowed=False``): what a receiver that keeps nothing in
@@ -868,11 +867,6 @@ def _frame_buffers(frames: list, sizes: Sequence[int]) -> list[np.ndarray]:
             raise ProtocolError(f"ZeroMQ frame of {len(frame.buffer)} bytes, declared {nb}")
         bufs.append(np.frombuffer(frame, np.uint8))
     return bufs
-
-
-def copy_out(bufs: Sequence[np.ndarray]) -> list[np.ndarray]:
-    """Private copies of lent buffers (see ``framing.copy_buffer``)."""
-    return [copy_buffer(b) for b in bufs]
 
 
 def _warn_fallback(exc: TransportError) -> None:
