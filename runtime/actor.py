@@ -9,12 +9,13 @@ a future; unknown methods fail with ``AttributeError`` before anything is sent.
 from __future__ import annotations
 
 import inspect
+import threading
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, TypeVar, overload
 
-__all__ = ["ActorHandle", "ActorOptions", "actor", "actor_options"]
+__all__ = ["ActorHandle", "ActorOptions", "actor", "actor_options", "serving"]
 
 T = TypeVar("T", bound=type)
 
@@ -68,7 +69,8 @@ def actor(cls: Any = None, *, max_restarts: int = 0, untrusted: bool = False,
 
     ``borrow_args=True``: tensor and array arguments from a trusted caller that arrive in
     shared memory are views of the received message, not copies, and stay valid only
-    until the method returns -- a method that keeps one must copy it.  Saves a host copy
+    until the method's reply is sent (a ``codec.DeferredTensor`` result may still read them
+    while it is written) -- a method that keeps one must copy it.  Saves a host copy
     per call; a GPU worker copies its inputs host-to-device straight from the message.
     """
     _check_options(max_restarts, untrusted, borrow_args)
@@ -85,6 +87,30 @@ def actor_options(cls: Any) -> ActorOptions:
     if not isinstance(options, ActorOptions):
         raise TypeError(f"{cls!r} is not an @actor class: decorate it with @actor")
     return options
+
+
+# (thread id, instance) of the actor this process serves; set by runtime.worker once the
+# instance is built.  A global, not a thread-local: read on every call, set once.
+_SERVED: tuple[int, object] | None = None
+
+
+def serving(instance: object) -> bool:
+    """True when the running code serves a remote caller's call on ``instance``.
+
+    That is: this process is an actor serving ``instance``, and this is the thread its
+    calls run on (and the instance is not an in-process object someone else holds).
+    Then a method's return value goes to the reply encoder and nowhere else, so it may
+    return a ``runtime.codec.DeferredTensor`` computed straight into the reply record;
+    in-process it must return real tensors.  A method called by another method of the
+    same instance in that thread sees True as well.
+    """
+    served = _SERVED
+    return served is not None and served[1] is instance and served[0] == threading.get_ident()
+
+
+def _set_served(instance: object) -> None:
+    global _SERVED  # one per process, set once by the serve loop
+    _SERVED = (threading.get_ident(), instance)
 
 
 # -- handles -------------------------------------------------------------------

@@ -97,7 +97,7 @@ import pickle
 import struct
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import cloudpickle
@@ -117,6 +117,7 @@ __all__ = [
     "NUMPY_DTYPE_IDS",
     "TORCH_DTYPE_IDS",
     "VERSION",
+    "DeferredTensor",
     "DeviceBuffer",
     "Encoded",
     "decode",
@@ -307,6 +308,52 @@ class DeviceBuffer:
         return self._u8.cpu().numpy()
 
 
+class DeferredTensor:
+    """A tensor computed straight into the memory the transport reserves for it.
+
+    A CPU worker's result was computed into fresh memory (page faults and all) and then
+    copied into the reply record: two writes of every byte where one would do.  Returned
+    instead of a tensor (by a method, see ``runtime.actor.serving``), a ``DeferredTensor``
+    encodes as a tensor of ``shape`` and ``dtype`` -- the receiver decodes a plain tensor,
+    in either payload format -- and ``fill(out)`` runs when the channel writes the reply:
+    ``out`` is a contiguous CPU tensor of that shape and dtype over the ring record or pool
+    slot itself (or, on the ZeroMQ-frames route, fresh memory), and ``fill`` must write every
+    element of it, e.g. ``torch.mm(x, w.t(), out=out)``.  ``out`` is the transport's
+    memory: ``fill`` must not keep it.  ``fill`` runs at most once (never for an empty
+    tensor); if it raises, nothing is sent and the exception reaches the sender (an actor
+    turns it into that call's error).  Satisfies ``framing.BufferWriter``.
+    """
+
+    __slots__ = ("dtype", "fill", "nbytes", "shape")
+
+    def __init__(self, shape: Sequence[int], dtype: torch.dtype,
+                 fill: Callable[[torch.Tensor], object]) -> None:
+        if dtype not in TORCH_DTYPE_IDS:
+            raise TypeError(f"a DeferredTensor's dtype must be one of the codec's tensor dtypes,"
+                            f" got {dtype!r}")
+        shape = tuple(shape)
+        if len(shape) > MAX_NDIM or any(type(n) is not int or n < 0 for n in shape):
+            raise ValueError(f"shape must be at most {MAX_NDIM} ints >= 0, got {shape!r}")
+        if not callable(fill):
+            raise TypeError(f"fill must be callable, got {type(fill).__name__}")
+        self.shape = torch.Size(shape)
+        self.dtype = dtype
+        self.fill = fill
+        self.nbytes = self.shape.numel() * dtype.itemsize
+
+    def write_into(self, dst: np.ndarray) -> None:
+        """Run ``fill`` over ``dst`` (1-D ``uint8``, ``nbytes`` long) seen as the tensor."""
+        self.fill(torch.from_numpy(dst).view(self.dtype).view(self.shape))
+
+    def host(self) -> np.ndarray:
+        out = torch.empty(self.shape, dtype=self.dtype)
+        self.fill(out)
+        return out.reshape(-1).view(torch.uint8).numpy()
+
+    def __repr__(self) -> str:
+        return f"DeferredTensor(shape={tuple(self.shape)}, dtype={self.dtype})"
+
+
 _new_encoded = tuple.__new__  # Encoded(...) without NamedTuple's Python-level __new__
 
 
@@ -369,8 +416,12 @@ def _descriptor(obj: object, bufs: list[np.ndarray], memo: dict[int, tuple]) -> 
     hit = memo.get(id(obj))
     if hit is not None:
         return hit[1]
-    is_tensor = isinstance(obj, _TENSOR)
-    parts = _tensor_bytes(obj) if is_tensor else _array_bytes(obj)  # type: ignore[arg-type]
+    if type(obj) is DeferredTensor:
+        is_tensor = True
+        parts = TORCH_DTYPE_IDS[obj.dtype], obj.shape, obj  # type: ignore[attr-defined]
+    else:
+        is_tensor = isinstance(obj, _TENSOR)
+        parts = _tensor_bytes(obj) if is_tensor else _array_bytes(obj)  # type: ignore[arg-type]
     if parts is None:
         raise _NotPlain(obj)
     code, shape, raw = parts
@@ -423,7 +474,7 @@ def _enc(obj: object, out: bytearray, bufs: list[np.ndarray],
                     stack.append(it)
                     it = _chain(x.items())
                     break
-            elif t is _TENSOR or t is _NDARRAY:
+            elif t is _TENSOR or t is _NDARRAY or t is DeferredTensor:
                 out += _descriptor(x, bufs, memo)
             elif x is None:
                 out.append(_T_NONE)
@@ -463,6 +514,8 @@ class _Pickler(cloudpickle.Pickler):
         self.last = obj
         if isinstance(obj, _TENSOR):
             kind, parts = "T", _tensor_bytes(obj)
+        elif type(obj) is DeferredTensor:
+            kind, parts = "T", (TORCH_DTYPE_IDS[obj.dtype], obj.shape, obj)
         elif type(obj) is _NDARRAY:
             kind, parts = "N", _array_bytes(obj)  # type: ignore[arg-type]
         else:

@@ -26,7 +26,7 @@ from typing import Any
 import zmq
 
 from runtime import codec, faults
-from runtime.actor import actor_options
+from runtime.actor import _set_served, actor_options
 from runtime.calls import ProcessContext, bell_path, ctl_path, register_context
 from runtime.control import ControlServer
 from runtime.errors import ProtocolError, TransportError
@@ -339,6 +339,7 @@ def run(boot: dict[str, Any]) -> None:
         tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
         write_frame(status_fd, ["init_failed", f"__init__ of actor {name!r} raised:\n{tb}"])
         os._exit(1)
+    _set_served(server.instance)  # its methods run on this thread: see runtime.actor.serving
     write_frame(status_fd, ["ready"])
     os.close(status_fd)
     try:
