@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -51,11 +52,14 @@ from actors.llama import (
     load_weights,
 )
 from runtime import actor
+from runtime.actor import serving
+from runtime.codec import DeferredTensor
 from runtime.transport import hostmem
 
 __all__ = ["FUSED_GROUPS", "GPUWorker", "resolve_dtype", "set_threads"]
 
 DECODE_ROWS = 4  # calls with at most this many input rows count as decode-sized
+DEFER_MIN_BYTES = 256 << 10  # a CPU worker computes results at least this big into the reply
 TRACE_CAPACITY = 65536  # per-call spans kept for trace_events (oldest dropped first)
 FUSED_GROUPS: tuple[tuple[str, ...], ...] = (("q", "k", "v"), ("o",), ("gate", "up"), ("down",))
 _GROUP_OF = {name: g for g in FUSED_GROUPS for name in g}
@@ -116,11 +120,14 @@ class GPUWorker:
     ``DECODE_ROWS`` rows (``None``: leave torch's setting alone); see :meth:`_threads_for`.
     ``threads``: torch's intra-op threads for this process (``None``: its default); meant for
     an actor, e.g. to give a CPU worker cores of its own beside the TEE's.
+    ``defer_min_bytes``: a CPU worker serving an actor call computes results of at least
+    this many bytes straight into the reply record (``None``: never; see :meth:`_defers`).
     """
 
     def __init__(self, config: LlamaConfig, checkpoint: str | Path | None = None, seed: int = 0,
                  device: str | torch.device = "auto", dtype: torch.dtype | str = torch.float32,
-                 *, decode_threads: int | None = 1, threads: int | None = None) -> None:
+                 *, decode_threads: int | None = 1, threads: int | None = None,
+                 defer_min_bytes: int | None = DEFER_MIN_BYTES) -> None:
         if not isinstance(config, LlamaConfig):
             raise TypeError(f"config must be a LlamaConfig, got {type(config).__name__}")
         set_threads(threads)
@@ -145,6 +152,12 @@ class GPUWorker:
             raise ValueError(f"decode_threads must be None or an int >= 1, "
                              f"got {decode_threads!r}")
         self._decode_threads = decode_threads
+        if defer_min_bytes is not None and (isinstance(defer_min_bytes, bool)
+                                            or not isinstance(defer_min_bytes, int)
+                                            or defer_min_bytes < 0):
+            raise ValueError(f"defer_min_bytes must be None or an int >= 0, "
+                             f"got {defer_min_bytes!r}")
+        self._defer_min = defer_min_bytes
         c = config
         if checkpoint is not None:
             checkpoint = CheckpointReader(checkpoint)  # the file map, read once
@@ -245,6 +258,45 @@ class GPUWorker:
         entry[1] += (t1 - t0) * 1e-9
         self._spans.append((key, t0, t1, rows))
 
+    def _account_fill(self, key: str, t0: int) -> None:
+        """Add a deferred result's compute (see :meth:`_deferred`) to its call's entry."""
+        t1 = time.monotonic_ns()
+        entry = self._stats.get(key)
+        if entry is not None:
+            entry[1] += (t1 - t0) * 1e-9
+        if self._spans and self._spans[-1][0] == key:
+            k, start, _, rows = self._spans[-1]
+            self._spans[-1] = (k, start, t1, rows)
+
+    # -- results written into the reply ---------------------------------------------------------
+
+    def _defers(self, dtype: torch.dtype, nbytes: int) -> bool:
+        """Whether to compute results straight into the reply record (``DeferredTensor``).
+
+        On the CPU a result was computed into fresh memory, then copied into the record; on
+        the 2-core machine that copy and the fresh pages cost 10 % of a seed-bench layer's
+        projections (35.4 -> 31.8 ms, ``benchmarks/bench_llama.py``).  Only for a remote
+        caller (in-process callers need real tensors), results in the compute dtype, and
+        big ones: a decode-sized result's copy costs less than the deferral.
+        """
+        return (not self._cuda and self._defer_min is not None and nbytes >= self._defer_min
+                and dtype == self.dtype and serving(self))
+
+    def _deferred(self, key: str, rows: int, shape: tuple[int, ...], dtype: torch.dtype,
+                  compute: Any) -> DeferredTensor:
+        """A result that ``compute(out)`` writes when the reply is sent.
+
+        Its time counts as ``key``'s work: the call's own entry and span
+        (see :meth:`_account_fill`).
+        """
+
+        def fill(out: torch.Tensor) -> None:
+            t0 = time.monotonic_ns()
+            with torch.no_grad(), self._threads_for(rows):
+                compute(out)
+            self._account_fill(key, t0)
+        return DeferredTensor(shape, dtype, fill)
+
     # -- device copies --------------------------------------------------------------------------
 
     def _in(self, t: Any, what: str) -> torch.Tensor:
@@ -282,10 +334,19 @@ class GPUWorker:
             raise TypeError("ids must be a 1-D integer tensor")
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size):
             raise ValueError(f"token ids must lie in [0, {self.config.vocab_size})")
-        with self._threads_for(ids.numel()):
+        key = tag or "embedding"
+        rows = ids.numel()
+        shape = (rows, self._embed.shape[1])
+        if self._defers(out_dtype, rows * self._embed.shape[1] * out_dtype.itemsize):
+            idx = ids.long()
+            out = self._deferred(key, rows, shape, out_dtype,
+                                 lambda o: torch.index_select(self._embed, 0, idx, out=o))
+            self._account(key, t0, rows)
+            return out  # type: ignore[return-value]  # decodes as a tensor at the caller
+        with self._threads_for(rows):
             y = F.embedding(self._in(ids.long(), "ids"), self._embed)
         (out,) = self._out([y], out_dtype)
-        self._account(tag or "embedding", t0, ids.numel())
+        self._account(key, t0, rows)
         return out
 
     @torch.no_grad()
@@ -315,8 +376,25 @@ class GPUWorker:
                 raise ValueError(f"projection {n!r} takes inputs of width "
                                  f"{fused[_GROUP_OF[n]].shape[1]}, x has {x.shape[-1]}")
         xd = self._in(x, "x").to(self.dtype)
+        key = tag or "batch_linear:" + "+".join(names)
+        rows = x.numel() // max(1, x.shape[-1])
+        widths = [self._rows[n][1] - self._rows[n][0] for n in names]
+        if self._defers(x.dtype, rows * sum(widths) * x.dtype.itemsize):
+            # One product per name, each straight into its place in the reply: the fused
+            # matmul's split results would need a copy each.
+            x2 = xd.reshape(rows, x.shape[-1])
+            lead = tuple(x.shape[:-1])
+            deferred = []
+            for n, width in zip(names, widths, strict=True):
+                lo, hi = self._rows[n]
+                w = fused[_GROUP_OF[n]][lo:hi]
+                deferred.append(self._deferred(
+                    key, rows, (*lead, width), x.dtype,
+                    lambda o, w=w: torch.mm(x2, w.t(), out=o.view(rows, o.shape[-1]))))
+            self._account(key, t0, rows)
+            return tuple(deferred)  # type: ignore[return-value]  # decode as tensors
         results: list[torch.Tensor] = []
-        with self._threads_for(x.numel() // max(1, x.shape[-1])):
+        with self._threads_for(rows):
             for run in _runs(names):
                 group = _GROUP_OF[run[0]]
                 w = fused[group]
@@ -331,8 +409,7 @@ class GPUWorker:
                     results.extend(p.contiguous() if self._cuda else p
                                    for p in y.split(sizes, dim=-1))
         out = tuple(self._out(results, x.dtype))
-        self._account(tag or "batch_linear:" + "+".join(names), t0,
-                      x.numel() // max(1, x.shape[-1]))
+        self._account(key, t0, rows)
         return out
 
     @torch.no_grad()
@@ -351,12 +428,26 @@ class GPUWorker:
         if a.shape[-1] != inner_b:
             raise ValueError(f"matmul shapes do not match: a {tuple(a.shape)}, "
                              f"b {tuple(b.shape)}{' transposed' if transpose_b else ''}")
-        with self._threads_for(a.numel() // max(1, a.shape[-1])):
+        key = tag or "matmul"
+        rows = a.numel() // max(1, a.shape[-1])
+        if a.dim() == 2 and b.dim() == 2:
+            shape = (a.shape[0], b.shape[0] if transpose_b else b.shape[1])
+        else:
+            shape = (*torch.broadcast_shapes(a.shape[:-2], b.shape[:-2]), a.shape[-2],
+                     b.shape[-2] if transpose_b else b.shape[-1])
+        if self._defers(a.dtype, math.prod(shape) * a.dtype.itemsize) \
+                and b.dtype == self.dtype:
+            bt = b.transpose(-1, -2) if transpose_b else b
+            out = self._deferred(key, rows, shape, a.dtype,
+                                 lambda o: torch.matmul(a, bt, out=o))
+            self._account(key, t0, rows)
+            return out  # type: ignore[return-value]  # decodes as a tensor at the caller
+        with self._threads_for(rows):
             ad = self._in(a, "a").to(self.dtype)
             bd = self._in(b, "b").to(self.dtype)
             y = torch.matmul(ad, bd.transpose(-1, -2) if transpose_b else bd)
         (out,) = self._out([y], a.dtype)
-        self._account(tag or "matmul", t0, a.numel() // max(1, a.shape[-1]))
+        self._account(key, t0, rows)
         return out
 
     @torch.no_grad()
@@ -372,10 +463,20 @@ class GPUWorker:
                 or x.dim() < 1 or x.shape[-1] != self.config.hidden_size:
             raise ValueError(f"x must be a floating tensor [..., hidden_size="
                              f"{self.config.hidden_size}]")
-        with self._threads_for(x.numel() // max(1, x.shape[-1])):
+        key = tag or "lm_head"
+        rows = x.numel() // max(1, x.shape[-1])
+        vocab = self._lm_head.shape[0]
+        if self._defers(out_dtype, rows * vocab * out_dtype.itemsize) and x.dtype == self.dtype:
+            x2 = x.reshape(rows, x.shape[-1])
+            out = self._deferred(key, rows, (*x.shape[:-1], vocab), out_dtype,
+                                 lambda o: torch.mm(x2, self._lm_head.t(),
+                                                    out=o.view(rows, vocab)))
+            self._account(key, t0, rows)
+            return out  # type: ignore[return-value]  # decodes as a tensor at the caller
+        with self._threads_for(rows):
             y = F.linear(self._in(x, "x").to(self.dtype), self._lm_head)
         (out,) = self._out([y], out_dtype)
-        self._account(tag or "lm_head", t0, x.numel() // max(1, x.shape[-1]))
+        self._account(key, t0, rows)
         return out
 
 
