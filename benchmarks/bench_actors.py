@@ -231,10 +231,14 @@ def bench_spawn(zygote: bool, rounds: int = 10, many: int = 32) -> dict:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--json", help="write results here")
-    ap.add_argument("--sizes", default=",".join(k for k in SIZES if k != "empty"))
+    ap.add_argument("--sizes", default=",".join(k for k in SIZES if k != "empty"),
+                    help=f"comma-separated, from {', '.join(SIZES)}")
     ap.add_argument("--spawn-only", action="store_true", help="only the spawn/restart figures")
     ap.add_argument("--no-spawn", action="store_true", help="skip the spawn/restart figures")
     args = ap.parse_args(argv)
+    unknown = [k for k in args.sizes.split(",") if k not in SIZES]
+    if unknown:
+        ap.error(f"unknown size(s) {', '.join(unknown)}; choose from {', '.join(SIZES)}")
     spawn = None
     if not args.no_spawn:
         print("spawn (targets: 0.3 s p50, restart 0.5 s, 32 actors 10 s, 60 MiB USS):")
