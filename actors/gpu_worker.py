@@ -94,6 +94,14 @@ def set_threads(threads: int | None) -> None:
     torch.set_num_threads(threads)
 
 
+def _optional_int(name: str, value: Any, least: int) -> int | None:
+    """``value`` if it is ``None`` or an int >= ``least``; ``ValueError`` naming ``name``."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                              or value < least):
+        raise ValueError(f"{name} must be None or an int >= {least}, got {value!r}")
+    return value
+
+
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -146,18 +154,8 @@ class GPUWorker:
         # of one host): ~0.3 us a call, bounded.
         self._spans: collections.deque[tuple[str, int, int, int]] = collections.deque(
             maxlen=TRACE_CAPACITY)
-        if decode_threads is not None and (isinstance(decode_threads, bool)
-                                           or not isinstance(decode_threads, int)
-                                           or decode_threads < 1):
-            raise ValueError(f"decode_threads must be None or an int >= 1, "
-                             f"got {decode_threads!r}")
-        self._decode_threads = decode_threads
-        if defer_min_bytes is not None and (isinstance(defer_min_bytes, bool)
-                                            or not isinstance(defer_min_bytes, int)
-                                            or defer_min_bytes < 0):
-            raise ValueError(f"defer_min_bytes must be None or an int >= 0, "
-                             f"got {defer_min_bytes!r}")
-        self._defer_min = defer_min_bytes
+        self._decode_threads = _optional_int("decode_threads", decode_threads, 1)
+        self._defer_min = _optional_int("defer_min_bytes", defer_min_bytes, 0)
         c = config
         if checkpoint is not None:
             checkpoint = CheckpointReader(checkpoint)  # the file map, read once
