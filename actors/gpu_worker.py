@@ -149,10 +149,10 @@ class GPUWorker:
             # for CUDA: arguments copy to the device and results back at DMA speed.
             self._registrar = hostmem.CudaRegistrar()
             hostmem.install(self._registrar)
-        self._stats: dict[str, list[float]] = {}
+        self._stats: dict[str, list] = {}  # key -> [calls, seconds, deferred results]
         # (tag, start ns, end ns, rows) of each call, CLOCK_MONOTONIC (shared by the processes
         # of one host): ~0.3 us a call, bounded.
-        self._spans: collections.deque[tuple[str, int, int, int]] = collections.deque(
+        self._spans: collections.deque[list] = collections.deque(
             maxlen=TRACE_CAPACITY)
         self._decode_threads = _optional_int("decode_threads", decode_threads, 1)
         self._defer_min = _optional_int("defer_min_bytes", defer_min_bytes, 0)
@@ -210,13 +210,16 @@ class GPUWorker:
         return info
 
     def compute_stats(self, reset: bool = False) -> dict[str, dict[str, float]]:
-        """Per op ``{"calls", "seconds"}`` of this worker's own work.
+        """Per op ``{"calls", "seconds", "deferred"}`` of this worker's own work.
 
         Copies to the device count as work, transport does not -- and the copy back is the
-        transport's: it writes each result straight into the reply record; ``reset`` clears
-        the counters after reading.  Ops are keyed by the caller's ``tag`` when given.
+        transport's: it writes each result straight into the reply record.  A CPU worker's
+        products computed straight into the reply (``deferred``: how many results were) count
+        as work too, though they run while the reply is written.  ``reset`` clears the
+        counters after reading.  Ops are keyed by the caller's ``tag`` when given.
         """
-        out = {k: {"calls": int(v[0]), "seconds": v[1]} for k, v in self._stats.items()}
+        out = {k: {"calls": int(v[0]), "seconds": v[1], "deferred": int(v[2])}
+               for k, v in self._stats.items()}
         if reset:
             self._stats.clear()
         return out
@@ -241,7 +244,9 @@ class GPUWorker:
         ``{"pid", "clock": "CLOCK_MONOTONIC", "events": [[tag, start_ns, end_ns, rows], ...]}``
         for the calls that ended at or after ``since_ns`` (``time.monotonic_ns()`` of any
         process on this host), oldest first; the last :data:`TRACE_CAPACITY` calls are kept.
-        A span is a method's own work, as :meth:`compute_stats` counts it.  ``reset``
+        A span is a method's own work, as :meth:`compute_stats` counts it; for a call whose
+        results were computed into the reply, from the first such product's start to the
+        last one's end (the reply's encoding before them is the transport's).  ``reset``
         forgets every span after reading.
         """
         events = [list(e) for e in self._spans if e[2] >= since_ns]
@@ -249,50 +254,47 @@ class GPUWorker:
             self._spans.clear()
         return {"pid": os.getpid(), "clock": "CLOCK_MONOTONIC", "events": events}
 
-    def _account(self, key: str, t0: int, rows: int) -> None:
-        t1 = time.monotonic_ns()
-        entry = self._stats.setdefault(key, [0, 0.0])
-        entry[0] += 1
-        entry[1] += (t1 - t0) * 1e-9
-        self._spans.append((key, t0, t1, rows))
+    def _account(self, key: str, t0: int, rows: int, fills: _Fills | None = None) -> None:
+        """Count one call of ``key``, from ``t0`` until now.
 
-    def _account_fill(self, key: str, t0: int) -> None:
-        """Add a deferred result's compute (see :meth:`_deferred`) to its call's entry."""
+        ``fills``: its results computed later, into the reply; they add their time to this
+        call's entry and span.
+        """
         t1 = time.monotonic_ns()
         entry = self._stats.get(key)
-        if entry is not None:
-            entry[1] += (t1 - t0) * 1e-9
-        if self._spans and self._spans[-1][0] == key:
-            k, start, _, rows = self._spans[-1]
-            self._spans[-1] = (k, start, t1, rows)
+        if entry is None:
+            entry = self._stats[key] = [0, 0.0, 0]
+        entry[0] += 1
+        entry[1] += (t1 - t0) * 1e-9
+        span = [key, t0, t1, rows]
+        self._spans.append(span)
+        if fills is not None:
+            fills.entry, fills.span = entry, span
 
     # -- results written into the reply ---------------------------------------------------------
 
-    def _defers(self, dtype: torch.dtype, nbytes: int) -> bool:
-        """Whether to compute results straight into the reply record (``DeferredTensor``).
+    def _defers(self, method: Any, dtype: torch.dtype, nbytes: int) -> bool:
+        """Whether ``method`` computes its results straight into the reply (``DeferredTensor``).
 
         On the CPU a result was computed into fresh memory, then copied into the record; on
         the 2-core machine that copy and the fresh pages cost 10 % of a seed-bench layer's
-        projections (35.4 -> 31.8 ms, ``benchmarks/bench_llama.py``).  Only for a remote
-        caller (in-process callers need real tensors), results in the compute dtype, and
-        big ones: a decode-sized result's copy costs less than the deferral.
+        projections (35.4 -> 31.8 ms, ``benchmarks/bench_llama.py``).  Only when ``method``
+        is what the runtime called for a remote caller (in-process callers, an override
+        calling it through ``super()``, need real tensors), for results in the compute
+        dtype, and big ones: a decode-sized result's copy costs less than the deferral.
         """
         return (not self._cuda and self._defer_min is not None and nbytes >= self._defer_min
-                and dtype == self.dtype and serving(self))
+                and dtype == self.dtype and serving(self, method))
 
-    def _deferred(self, key: str, rows: int, shape: tuple[int, ...], dtype: torch.dtype,
+    def _deferred(self, fills: _Fills, shape: tuple[int, ...], dtype: torch.dtype,
                   compute: Any) -> DeferredTensor:
-        """A result that ``compute(out)`` writes when the reply is sent.
-
-        Its time counts as ``key``'s work: the call's own entry and span
-        (see :meth:`_account_fill`).
-        """
+        """A result that ``compute(out)`` writes when the reply is sent, timed into ``fills``."""
 
         def fill(out: torch.Tensor) -> None:
             t0 = time.monotonic_ns()
-            with torch.no_grad(), self._threads_for(rows):
+            with torch.no_grad(), self._threads_for(fills.rows):
                 compute(out)
-            self._account_fill(key, t0)
+            fills.done(t0, time.monotonic_ns())
         return DeferredTensor(shape, dtype, fill)
 
     # -- device copies --------------------------------------------------------------------------
@@ -335,11 +337,13 @@ class GPUWorker:
         key = tag or "embedding"
         rows = ids.numel()
         shape = (rows, self._embed.shape[1])
-        if self._defers(out_dtype, rows * self._embed.shape[1] * out_dtype.itemsize):
+        if self._defers(GPUWorker.embedding, out_dtype,
+                        rows * self._embed.shape[1] * out_dtype.itemsize):
             idx = ids.long()
-            out = self._deferred(key, rows, shape, out_dtype,
+            fills = _Fills(rows)
+            out = self._deferred(fills, shape, out_dtype,
                                  lambda o: torch.index_select(self._embed, 0, idx, out=o))
-            self._account(key, t0, rows)
+            self._account(key, t0, rows, fills)
             return out  # type: ignore[return-value]  # decodes as a tensor at the caller
         with self._threads_for(rows):
             y = F.embedding(self._in(ids.long(), "ids"), self._embed)
@@ -377,19 +381,20 @@ class GPUWorker:
         key = tag or "batch_linear:" + "+".join(names)
         rows = x.numel() // max(1, x.shape[-1])
         widths = [self._rows[n][1] - self._rows[n][0] for n in names]
-        if self._defers(x.dtype, rows * sum(widths) * x.dtype.itemsize):
+        if self._defers(GPUWorker.batch_linear, x.dtype, rows * sum(widths) * x.dtype.itemsize):
             # One product per name, each straight into its place in the reply: the fused
             # matmul's split results would need a copy each.
             x2 = xd.reshape(rows, x.shape[-1])
             lead = tuple(x.shape[:-1])
             deferred = []
+            fills = _Fills(rows)
             for n, width in zip(names, widths, strict=True):
                 lo, hi = self._rows[n]
                 w = fused[_GROUP_OF[n]][lo:hi]
                 deferred.append(self._deferred(
-                    key, rows, (*lead, width), x.dtype,
+                    fills, (*lead, width), x.dtype,
                     lambda o, w=w: torch.mm(x2, w.t(), out=o.view(rows, o.shape[-1]))))
-            self._account(key, t0, rows)
+            self._account(key, t0, rows, fills)
             return tuple(deferred)  # type: ignore[return-value]  # decode as tensors
         results: list[torch.Tensor] = []
         with self._threads_for(rows):
@@ -433,12 +438,12 @@ class GPUWorker:
         else:
             shape = (*torch.broadcast_shapes(a.shape[:-2], b.shape[:-2]), a.shape[-2],
                      b.shape[-2] if transpose_b else b.shape[-1])
-        if self._defers(a.dtype, math.prod(shape) * a.dtype.itemsize) \
+        if self._defers(GPUWorker.matmul, a.dtype, math.prod(shape) * a.dtype.itemsize) \
                 and b.dtype == self.dtype:
             bt = b.transpose(-1, -2) if transpose_b else b
-            out = self._deferred(key, rows, shape, a.dtype,
-                                 lambda o: torch.matmul(a, bt, out=o))
-            self._account(key, t0, rows)
+            fills = _Fills(rows)
+            out = self._deferred(fills, shape, a.dtype, lambda o: torch.matmul(a, bt, out=o))
+            self._account(key, t0, rows, fills)
             return out  # type: ignore[return-value]  # decodes as a tensor at the caller
         with self._threads_for(rows):
             ad = self._in(a, "a").to(self.dtype)
@@ -464,18 +469,45 @@ class GPUWorker:
         key = tag or "lm_head"
         rows = x.numel() // max(1, x.shape[-1])
         vocab = self._lm_head.shape[0]
-        if self._defers(out_dtype, rows * vocab * out_dtype.itemsize) and x.dtype == self.dtype:
+        if self._defers(GPUWorker.lm_head, out_dtype, rows * vocab * out_dtype.itemsize) \
+                and x.dtype == self.dtype:
             x2 = x.reshape(rows, x.shape[-1])
-            out = self._deferred(key, rows, (*x.shape[:-1], vocab), out_dtype,
+            fills = _Fills(rows)
+            out = self._deferred(fills, (*x.shape[:-1], vocab), out_dtype,
                                  lambda o: torch.mm(x2, self._lm_head.t(),
                                                     out=o.view(rows, vocab)))
-            self._account(key, t0, rows)
+            self._account(key, t0, rows, fills)
             return out  # type: ignore[return-value]  # decodes as a tensor at the caller
         with self._threads_for(rows):
             y = F.linear(self._in(x, "x").to(self.dtype), self._lm_head)
         (out,) = self._out([y], out_dtype)
         self._account(key, t0, rows)
         return out
+
+
+class _Fills:
+    """The results of one call computed into its reply: their time is the call's work.
+
+    ``entry`` and ``span`` are the call's in ``compute_stats`` and ``trace_events``, set
+    when the method returns; each product adds its time to the entry, and the span runs
+    from the first product's start to the last one's end.
+    """
+
+    __slots__ = ("entry", "rows", "span", "started")
+
+    def __init__(self, rows: int) -> None:
+        self.rows = rows
+        self.entry: list = [0, 0.0, 0]
+        self.span: list = [None, 0, 0, rows]
+        self.started = False
+
+    def done(self, t0: int, t1: int) -> None:
+        self.entry[1] += (t1 - t0) * 1e-9
+        self.entry[2] += 1
+        if not self.started:
+            self.started = True
+            self.span[1] = t0
+        self.span[2] = t1
 
 
 class _Threads:

@@ -89,28 +89,38 @@ def actor_options(cls: Any) -> ActorOptions:
     return options
 
 
-# (thread id, instance) of the actor this process serves; set by runtime.worker once the
-# instance is built.  A global, not a thread-local: read on every call, set once.
+# (thread id, instance) of the actor this process serves, set by runtime.worker once the
+# instance is built, and the function of the method its current call runs (set per call).
+# Globals, not thread-locals: read on every call, one served instance per process.
 _SERVED: tuple[int, object] | None = None
+_CALLED: object = None
 
 
-def serving(instance: object) -> bool:
-    """True when the running code serves a remote caller's call on ``instance``.
+def serving(instance: object, method: Callable[..., Any]) -> bool:
+    """True when the running code is ``method``, called by the runtime for a remote caller.
 
-    That is: this process is an actor serving ``instance``, and this is the thread its
-    calls run on (and the instance is not an in-process object someone else holds).
-    Then a method's return value goes to the reply encoder and nowhere else, so it may
-    return a ``runtime.codec.DeferredTensor`` computed straight into the reply record;
-    in-process it must return real tensors.  A method called by another method of the
-    same instance in that thread sees True as well.
+    That is: this process is an actor serving ``instance``, this is the thread its calls
+    run on, and ``method`` (a function, e.g. ``GPUWorker.batch_linear``) is what the call
+    being served resolved to -- not an override that calls it through ``super()``, nor
+    another method that calls it.  Then the method's return value goes to the reply
+    encoder and nowhere else, so it may return a ``runtime.codec.DeferredTensor`` computed
+    straight into the reply record.  In-process, or called by other code, it must return
+    real tensors: there ``serving`` is False.
     """
     served = _SERVED
-    return served is not None and served[1] is instance and served[0] == threading.get_ident()
+    return (_CALLED is method and served is not None and served[1] is instance
+            and served[0] == threading.get_ident())
 
 
 def _set_served(instance: object) -> None:
     global _SERVED  # one per process, set once by the serve loop
     _SERVED = (threading.get_ident(), instance)
+
+
+def _set_called(fn: object) -> None:
+    """The bound method (or other callable) the serve loop is about to run, or None."""
+    global _CALLED  # set and cleared around each call by the serve loop
+    _CALLED = getattr(fn, "__func__", fn)
 
 
 # -- handles -------------------------------------------------------------------

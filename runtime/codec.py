@@ -313,7 +313,7 @@ class DeferredTensor:
 
     A CPU worker's result was computed into fresh memory (page faults and all) and then
     copied into the reply record: two writes of every byte where one would do.  Returned
-    instead of a tensor (by a method, see ``runtime.actor.serving``), a ``DeferredTensor``
+    instead of a tensor (by an actor's method, see ``runtime.actor.serving``), a ``DeferredTensor``
     encodes as a tensor of ``shape`` and ``dtype`` -- the receiver decodes a plain tensor,
     in either payload format -- and ``fill(out)`` runs when the channel writes the reply:
     ``out`` is a contiguous CPU tensor of that shape and dtype over the ring record or pool
@@ -347,7 +347,8 @@ class DeferredTensor:
 
     def host(self) -> np.ndarray:
         out = torch.empty(self.shape, dtype=self.dtype)
-        self.fill(out)
+        if self.nbytes:  # an empty tensor has nothing to compute
+            self.fill(out)
         return out.reshape(-1).view(torch.uint8).numpy()
 
     def __repr__(self) -> str:
@@ -416,7 +417,7 @@ def _descriptor(obj: object, bufs: list[np.ndarray], memo: dict[int, tuple]) -> 
     hit = memo.get(id(obj))
     if hit is not None:
         return hit[1]
-    if type(obj) is DeferredTensor:
+    if isinstance(obj, DeferredTensor):
         is_tensor = True
         parts = TORCH_DTYPE_IDS[obj.dtype], obj.shape, obj  # type: ignore[attr-defined]
     else:
@@ -490,7 +491,7 @@ def _enc(obj: object, out: bytearray, bufs: list[np.ndarray],
             elif t in _NUMPY_SCALARS:
                 out += _TAG_B.pack(_T_NPSCALAR, _NUMPY_SCALARS[t][0])
                 out += x.tobytes()
-            elif isinstance(x, _TENSOR):  # subclasses such as nn.Parameter arrive as tensors
+            elif isinstance(x, (_TENSOR, DeferredTensor)):  # subclasses (nn.Parameter, ...)
                 out += _descriptor(x, bufs, memo)
             else:
                 raise _NotPlain(x)
@@ -514,7 +515,7 @@ class _Pickler(cloudpickle.Pickler):
         self.last = obj
         if isinstance(obj, _TENSOR):
             kind, parts = "T", _tensor_bytes(obj)
-        elif type(obj) is DeferredTensor:
+        elif isinstance(obj, DeferredTensor):
             kind, parts = "T", (TORCH_DTYPE_IDS[obj.dtype], obj.shape, obj)
         elif type(obj) is _NDARRAY:
             kind, parts = "N", _array_bytes(obj)  # type: ignore[arg-type]

@@ -26,7 +26,7 @@ from typing import Any
 import zmq
 
 from runtime import codec, faults
-from runtime.actor import _set_served, actor_options
+from runtime.actor import _set_called, _set_served, actor_options
 from runtime.calls import ProcessContext, bell_path, ctl_path, register_context
 from runtime.control import ControlServer
 from runtime.errors import ProtocolError, TransportError
@@ -135,7 +135,11 @@ class ActorServer:
             if not isinstance(method, str) or method.startswith("__"):
                 raise AttributeError(f"{method!r} is not a callable method")
             fn = getattr(self.instance, method)
-            reply = (call_id, True, fn(*args, **kwargs))
+            _set_called(fn)  # see runtime.actor.serving
+            try:
+                reply = (call_id, True, fn(*args, **kwargs))
+            finally:
+                _set_called(None)
         except (SystemExit, KeyboardInterrupt):
             raise  # the method ends the actor (sys.exit): the caller gets ActorDiedError
         except BaseException as exc:  # noqa: BLE001 - every failure goes back to the caller
@@ -162,11 +166,14 @@ class ActorServer:
             enc = ch.encode((call_id, False, self._error_payload(exc)))
         try:
             self._send_or_drop(conn, enc, call_id)
-        except Exception as exc:  # noqa: BLE001 - a buffer that failed to write itself
+        except (SystemExit, KeyboardInterrupt):
+            raise  # as from the method itself: the actor ends
+        except BaseException as exc:  # noqa: BLE001 - a buffer that failed to write itself
             # A result's bytes are written while the reply is sent (a device tensor copies
-            # itself device-to-host into the record): that copy can fail (a CUDA error).
-            # A send happens whole or not at all, so nothing went: the call fails instead
-            # (an error payload is plain strings and bytes: no buffer to write).
+            # itself device-to-host into the record, a DeferredTensor computes itself
+            # there): that can fail in any way a method can.  A send happens whole or not
+            # at all, so nothing went: the call fails instead (an error payload is plain
+            # strings and bytes: no buffer to write).
             self._send_or_drop(conn, ch.encode((call_id, False, self._error_payload(exc))),
                                call_id)
 

@@ -8,6 +8,7 @@ pool slot itself (fresh memory only for ZeroMQ frames); a fill that raises sends
 from __future__ import annotations
 
 import importlib
+import os
 import threading
 import time
 
@@ -73,6 +74,17 @@ def test_a_deferred_tensor_decodes_as_the_tensor_its_fill_wrote(dtype, pickled):
     assert torch.equal(got["other"], torch.ones(3))
 
 
+def test_a_deferred_tensor_subclass_is_still_a_tensor_on_the_wire():
+    class Mine(DeferredTensor):
+        pass
+
+    for extra in (None, {1}):  # plain, then pickle format
+        enc = codec.encode([Mine((3,), torch.float32, lambda out: out.fill_(1.0)), extra])
+        got, _ = codec.decode(enc.header, [torch.from_numpy(b) for b in _written(enc)],
+                              safe=extra is None)
+        assert type(got) is torch.Tensor and torch.equal(got, torch.ones(3))
+
+
 def test_host_fills_fresh_memory_for_routes_without_a_record():
     d = DeferredTensor((), torch.float64, lambda out: out.fill_(2.5))  # 0-d
     raw = d.host()
@@ -128,13 +140,17 @@ def test_a_deferred_result_is_computed_once_where_the_transport_puts_it(
         bell.close()
 
 
-def test_an_empty_deferred_tensor_never_runs_its_fill(private_dir):
-    caller, callee, bell = make_pair(private_dir, MiB)
+@pytest.mark.parametrize("route", ["ring", "frames"])
+def test_an_empty_deferred_tensor_never_runs_its_fill(private_dir, route):
+    caller, callee, bell = make_pair(private_dir, MiB,
+                                     **({"pool_bytes": 0} if route == "frames" else {}))
     try:
         def fill(out):
             raise AssertionError("nothing to write")
-        callee.send(DeferredTensor((0, 7), torch.float32, fill))
-        got = caller.recv(deadline=time.monotonic() + 10)
+        big = torch.ones(MiB if route == "frames" else 10)  # frames: the message is large
+        assert callee.send((big, DeferredTensor((0, 7), torch.float32, fill))) == \
+            ("zmq" if route == "frames" else "shm")
+        _, got = caller.recv(deadline=time.monotonic() + 10)
         assert got.shape == (0, 7) and got.dtype == torch.float32
     finally:
         caller.close()
@@ -168,18 +184,93 @@ def test_a_fill_that_raises_sends_nothing_and_the_channel_goes_on(private_dir, n
 # -- serving -----------------------------------------------------------------------------------
 
 
-def test_serving_is_false_outside_an_actor_and_for_other_threads_and_objects(monkeypatch):
+class _Served:
+    def method(self):
+        return serving(self, _Served.method)
+
+    def other(self):
+        return serving(self, _Served.other)
+
+    def calls_other(self):
+        return self.other()
+
+
+def test_serving_is_true_only_in_the_method_the_serve_loop_called(monkeypatch):
     actor_module = importlib.import_module("runtime.actor")  # runtime.actor is the decorator
-    a, b = object(), object()
-    assert not serving(a)
+    a, b = _Served(), _Served()
+    assert not a.method()  # in-process
     monkeypatch.setattr(actor_module, "_SERVED", None)
+    monkeypatch.setattr(actor_module, "_CALLED", None)
     actor_module._set_served(a)
-    assert serving(a) and not serving(b)
+    assert not a.method()  # served instance, but no call running
+    actor_module._set_called(a.method)  # what the serve loop does around a call
+    assert a.method() and not b.method()  # another object is not served
+    assert not a.other()  # another method than the one called
+    actor_module._set_called(a.calls_other)
+    assert not a.calls_other()  # called by the called method, not by the serve loop
+    actor_module._set_called(a.method)
     seen = []
-    t = threading.Thread(target=lambda: seen.append(serving(a)))
+    t = threading.Thread(target=lambda: seen.append(a.method()))
     t.start()
     t.join()
     assert seen == [False]  # another thread of the actor is not where its calls run
+    actor_module._set_called(None)
+    assert not a.method()
+
+
+def test_a_served_call_releases_its_borrowed_record_only_after_the_fill(private_dir,
+                                                                        monkeypatch):
+    """A deferred result reads the borrowed arguments while the reply is written: the serve
+    loop must give the record back after the reply, not when the method returns."""
+    from runtime.worker import ActorServer, _Inbound
+
+    actor_module = importlib.import_module("runtime.actor")
+    caller, callee, bell = make_pair(private_dir, MiB)
+    seen = []
+
+    class Doubler:
+        def double(self, x):
+            assert serving(self, Doubler.double)
+
+            def fill(out):
+                seen.append((callee.transport.rx._rpos.value, float(x.sum())))
+                torch.mul(x, 2, out=out)
+            return DeferredTensor(x.shape, x.dtype, fill)
+
+    class Done(Exception):
+        pass
+
+    class NoControl:
+        def ready(self):
+            return False
+
+    def sleep():
+        raise Done  # the call was served and the loop went idle: stop it
+
+    server = ActorServer.__new__(ActorServer)
+    server.untrusted, server.name, server._poller = False, "doubler", None
+    server.ctl, server._sleep = NoControl(), sleep
+    server.instance = Doubler()
+    monkeypatch.setattr(actor_module, "_SERVED", None)
+    actor_module._set_served(server.instance)
+    conn = _Inbound.__new__(_Inbound)
+    callee.borrow = True
+    conn.channel, conn.caller_pid, conn.check = callee, os.getpid(), None
+    server.inbound = [conn]
+    try:
+        x = torch.arange(1000.0)
+        caller.send((1, "double", (x,), {}))
+        start = callee.transport.rx._rpos.value
+        with pytest.raises(Done):
+            server.serve()
+        call_id, ok, got = caller.recv(deadline=time.monotonic() + 10)
+        assert (call_id, ok) == (1, True) and torch.equal(got, x * 2)
+        assert seen == [(start, float(x.sum()))]  # the record was still held by the fill
+        assert callee.transport.rx._rpos.value != start  # and given back after
+    finally:
+        caller.close()
+        callee.close()
+        bell.close()
 
 
 # -- the CPU worker's use of it ----------------------------------------------------------------
@@ -191,20 +282,22 @@ def test_a_cpu_workers_deferred_compute_counts_as_its_calls_work(config, monkeyp
     w = gw.GPUWorker(config, seed=0, device="cpu", defer_min_bytes=1 << 10)
     x = torch.randn(64, config.hidden_size)
     assert type(w.batch_linear(0, ("q",), x)[0]) is torch.Tensor  # in-process: tensors
-    monkeypatch.setattr(gw, "serving", lambda obj: obj is w)  # as the actor's serve loop
+    monkeypatch.setattr(gw, "serving", lambda obj, method: obj is w)  # as when served
     small = w.batch_linear(0, ("k",), x[:2], tag="small")[0]
     assert type(small) is torch.Tensor  # 2 x 32 floats: below defer_min_bytes
     q, k = w.batch_linear(0, ("q", "k"), x, tag="t")
     assert type(q) is DeferredTensor and q.shape == (64, config.q_size)
-    before = w.compute_stats()["t"]["seconds"]
-    _, start, end, _ = w.trace_events(reset=False)["events"][-1]
+    before = w.compute_stats()["t"]
+    assert before["calls"] == 1 and before["deferred"] == 0
     t0 = time.monotonic_ns()
     got = [torch.from_numpy(d.host()).view(torch.float32).view(d.shape) for d in (q, k)]
     t1 = time.monotonic_ns()
-    monkeypatch.setattr(gw, "serving", lambda obj: False)
+    monkeypatch.setattr(gw, "serving", lambda obj, method: False)
     want = w.batch_linear(0, ("q", "k"), x, tag="ref")
     assert all(torch.allclose(g, r, atol=1e-6) for g, r in zip(got, want, strict=False))
-    delta = w.compute_stats()["t"]["seconds"] - before
-    assert 0 < delta <= (t1 - t0) * 1e-9
-    tag, start2, end2, rows = w.trace_events()["events"][-2]  # the span of "t", extended
-    assert (tag, start2, rows) == ("t", start, 64) and t0 <= end2 <= t1 and end2 > end
+    after = w.compute_stats()["t"]
+    assert after["calls"] == 1 and after["deferred"] == 2
+    assert 0 < after["seconds"] - before["seconds"] <= (t1 - t0) * 1e-9
+    # The call's span is its products': from the first one's start to the last one's end.
+    tag, start, end, rows = w.trace_events()["events"][-2]
+    assert (tag, rows) == ("t", 64) and t0 <= start < end <= t1
