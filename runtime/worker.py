@@ -43,8 +43,13 @@ from runtime.wire import write_frame
 log = logging.getLogger("runtime.worker")
 
 # Spin after a reply between these bounds (see runtime.spin), then sleep: a
-# caller's next call usually follows within tens of microseconds.
-IDLE_SPIN_MIN_S, IDLE_SPIN_MAX_S = 100e-6, 1e-3
+# caller's next call usually follows within tens of microseconds, or -- a split's decode
+# step -- after 0.3-1 ms of the caller's own compute.  Waking from sleep costs 100-200 us
+# on the 2-core VM (a halted vCPU), a third of such a gap: with a 1 ms cap decode gaps of
+# ~0.5 ms put twice their average just past it, and the worker slept through every one
+# (SmolLM2 split decode, 120 calls a token: transport 29-38 ms/token with 1 ms, 20 ms/token
+# with 3 ms; seed-bench prefill, whose gaps are 10 ms attentions, unchanged).
+IDLE_SPIN_MIN_S, IDLE_SPIN_MAX_S = 100e-6, 3e-3
 LIVENESS_EVERY_S = 1.0
 CONTROL_EVERY_S = 0.01  # while busy, new channels are accepted this often
 
