@@ -77,11 +77,10 @@ Matmul checks draw a fresh ``r`` each time.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import secrets
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -90,6 +89,7 @@ import numpy as np
 import torch
 
 from actors.errors import VerificationError
+from actors.gpu_worker import Threads
 from actors.llama import (
     EMBED,
     LM_HEAD,
@@ -114,6 +114,17 @@ def unit_roundoff(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).eps / 2
 
 
+_ROUNDOFF: dict[torch.dtype, float] = {}
+
+
+def _roundoff(dtype: torch.dtype) -> float:
+    """:func:`unit_roundoff`, cached: ``torch.finfo`` costs ~1 us, three times a check."""
+    u = _ROUNDOFF.get(dtype)
+    if u is None:
+        u = _ROUNDOFF[dtype] = unit_roundoff(dtype)
+    return u
+
+
 @dataclass
 class _Pool:
     """Secret vectors of one weight and what the TEE precomputed from them."""
@@ -125,6 +136,12 @@ class _Pool:
     limit: int            # uses before it is redrawn
     uses: int = 0
     stale: bool = False
+    v_np: np.ndarray | None = None  # v and u as numpy views (CPU): a decode step's checks
+    u_np: np.ndarray | None = None  # index them without a torch call each
+
+    def __post_init__(self) -> None:
+        if self.v.device.type == "cpu" and self.u.device.type == "cpu":
+            self.v_np, self.u_np = self.v.numpy(), self.u.numpy()
 
 
 @dataclass
@@ -141,6 +158,7 @@ class Begun:
     rhs: torch.Tensor    # x·(Wᵀv)
     xnorm: torch.Tensor  # |x_i|
     seconds: float
+    small: tuple[np.ndarray, np.ndarray] | None = None  # rhs, xnorm in numpy: the fast path
 
 
 class Verifier:
@@ -361,20 +379,22 @@ class Verifier:
         pool = self._pool((op, layer))
         j = secrets.randbelow(self.pool_size)
         xc = self._as_check(x)
-        if self._small(xc):  # a decode step: numpy's calls cost ~1 us where torch's cost ~5
-            xn = xc.reshape(-1, xc.shape[-1]).numpy()
-            rhs = torch.from_numpy(xn @ pool.u[j].numpy())
-            xnorm = torch.from_numpy(np.sqrt(np.einsum("ij,ij->i", xn, xn)))
-        else:
-            with self._threads():
-                rhs = xc @ pool.u[j]
-                xnorm = torch.linalg.vector_norm(xc, dim=-1)
+        if self._small(xc) and pool.u_np is not None:
+            # A decode step: numpy's calls cost ~1 us where torch's cost ~5.
+            xn = xc.numpy()  # 2-D and contiguous (see _small)
+            rhs_np = xn @ pool.u_np[j]
+            xnorm_np = np.sqrt(np.einsum("ij,ij->i", xn, xn))
+            return Begun(pool, j, xc, torch.from_numpy(rhs_np), torch.from_numpy(xnorm_np),
+                         time.perf_counter() - t0, (rhs_np, xnorm_np))
+        with self._threads():
+            rhs = xc @ pool.u[j]
+            xnorm = torch.linalg.vector_norm(xc, dim=-1)
         return Begun(pool, j, xc, rhs, xnorm, time.perf_counter() - t0)
 
     def _small(self, xc: torch.Tensor) -> bool:
         """A check of a few rows, done with numpy on the fast path (see ``_accept_small``)."""
-        return (xc.dim() == 2 and xc.shape[0] <= SMALL_ROWS and xc.is_contiguous()
-                and xc.device.type == "cpu" and not self.full_margins and self.observer is None)
+        return (xc.dim() == 2 and xc.shape[0] <= SMALL_ROWS and xc.is_cpu
+                and xc.is_contiguous() and not self.full_margins and self.observer is None)
 
     def _accept_small(self, begun: Begun, ycs: Sequence[torch.Tensor], *, a: float, b: float,
                       c: float, d: float, eager: bool) -> bool:
@@ -389,12 +409,13 @@ class Verifier:
 
     def _accept_small_quiet(self, begun: Begun, ycs: Sequence[torch.Tensor], *, a: float,
                             b: float, c: float, d: float, eager: bool) -> bool:
-        v = begun.pool.v[begun.j].numpy()
+        v = begun.pool.v_np[begun.j]
+        rhs, xnorm = begun.small
         lhs = None
         ysq = None
         off = 0
         for yc in ycs:
-            yn = yc.reshape(-1, yc.shape[-1]).numpy()
+            yn = (yc if yc.dim() == 2 else yc.reshape(-1, yc.shape[-1])).numpy()
             w = yn.shape[-1]
             part = yn @ v[off:off + w]
             lhs = part if lhs is None else lhs + part
@@ -402,11 +423,17 @@ class Verifier:
                 sq = np.einsum("ij,ij->i", yn, yn)
                 ysq = sq if ysq is None else ysq + sq
             off += w
-        rhs = begun.rhs.numpy()
-        cheap = begun.xnorm.numpy() * a + c * np.abs(lhs) + d * np.abs(rhs)
+        # An infinite ``cheap`` would let an infinite residual through: never accept one; a
+        # NaN fails every comparison, so it is never accepted either.
+        if lhs.shape[0] == 1:  # one row (batch-1 decode): Python floats, ~0.1 us an operation
+            left, right = float(lhs[0]), float(rhs[0])
+            tol = float(xnorm[0]) * a + c * abs(left) + d * abs(right)
+            if eager:
+                tol += b * math.sqrt(float(ysq[0]))
+            return math.isfinite(tol) and abs(left - right) <= tol
+        cheap = xnorm * a + c * np.abs(lhs) + d * np.abs(rhs)
         if eager:
             cheap = cheap + b * np.sqrt(ysq)
-        # An infinite ``cheap`` would let an infinite residual through: never accept one.
         return bool(np.isfinite(cheap).all() and (np.abs(lhs - rhs) <= cheap).all())
 
     def check_linear(self, op: str, layer: int | None, x: torch.Tensor,
@@ -448,16 +475,9 @@ class Verifier:
             self.seconds += dt
         return dt
 
-    @contextlib.contextmanager
-    def _threads(self) -> Iterator[None]:
-        threads = torch.get_num_threads()
-        if threads != self.threads:
-            torch.set_num_threads(self.threads)
-        try:
-            yield
-        finally:
-            if threads != self.threads:
-                torch.set_num_threads(threads)
+    def _threads(self) -> Threads:
+        """``with self._threads():`` runs the block on ``self.threads`` intra-op threads."""
+        return Threads(self.threads)
 
     def _check_linear(self, op: str, layer: int | None, begun: Begun,
                       ys: Sequence[torch.Tensor], out_dtype: torch.dtype | None) -> None:
@@ -469,8 +489,8 @@ class Verifier:
         if not ycs or m != v.numel():
             raise VerificationError(f"{what}: results of total width {m}, expected {v.numel()}")
         n = xc.shape[-1]
-        u_out = max(unit_roundoff(out_dtype or self.wire_dtype), unit_roundoff(ys[0].dtype),
-                    unit_roundoff(self.dtype))  # a worker computing in the TEE's dtype rounds
+        u_out = max(_roundoff(out_dtype or self.wire_dtype), _roundoff(ys[0].dtype),
+                    _roundoff(self.dtype))  # a worker computing in the TEE's dtype rounds
         (a1, a2), b, c, d = self._coefficients(n, m, u_out)
         a = a1 * pool.omega + a2 * pool.u_max[j]
         # With a 16-bit wire the rounding of y dominates: its norms are needed for every row,
@@ -478,8 +498,8 @@ class Verifier:
         # through the matrix-vector product, which then reads it hot (gate_up at T=1024, one
         # thread: 0.50 + 0.22 ms instead of 0.88 + 0.29 ms).
         eager = u_out > _EAGER_NORMS
-        if self._small(xc) and self._accept_small(begun, ycs, a=a, b=b, c=c, d=d,
-                                                          eager=eager):
+        if begun.small is not None and self._small(xc) \
+                and self._accept_small(begun, ycs, a=a, b=b, c=c, d=d, eager=eager):
             return
         ynorm = self._row_norms(ycs, None) if eager else None
         lhs = None

@@ -148,16 +148,19 @@ def test_one_element_off_is_always_caught(wire, rows):
     ver.check_linear("gate_up", 0, x, honest)  # redrawn pools still pass the truth
 
 
+@pytest.mark.parametrize("where", [(7,), (7, 9)], ids=["one", "two"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), 3e38])
-def test_a_decode_sized_result_with_nan_inf_or_overflow_is_caught(bad):
+def test_a_decode_sized_result_with_nan_inf_or_overflow_is_caught(bad, where):
+    """One Inf makes ``y·v`` and the tolerance infinite together: only the finiteness of the
+    tolerance rejects it (two may cancel into a NaN, which any comparison rejects)."""
     worker = GPUWorker(MID, seed=0, device="cpu")
     ver = Verifier(MID, [("down", 0)], seed=0)
     x = torch.randn(1, MID.intermediate_size, generator=torch.Generator().manual_seed(4))
     (y,) = worker.batch_linear(0, GROUPS["down"], x)
     ver.check_linear("down", 0, x, [y])
     y = y.clone()
-    y[0, 7] = bad
-    y[0, 9] = bad
+    for j in where:
+        y[0, j] = bad
     with pytest.raises(VerificationError):
         ver.check_linear("down", 0, x, [y])
 
