@@ -107,6 +107,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
 U_ACC = 2.0 ** -24  # the worker accumulates in float32 (or finer)
 _EAGER_NORMS = 2.0 ** -20  # rounding coarser than this (16-bit): row norms always needed
 SMALL_ROWS = 4  # checks of at most this many rows (decode steps) try numpy first
+_SHRINK = 1 - 2.0 ** -20  # the one-row fast path's tolerance, a hair under the torch path's
 
 
 def unit_roundoff(dtype: torch.dtype) -> float:
@@ -235,7 +236,8 @@ class Verifier:
             return self._cached[1]
         self._cached = None  # drop the last one before reading the next: one at a time
         w = load_weights(self.config, [name], self._source, self._seed, self.dtype)[name]
-        colnorm = torch.linalg.vector_norm(w, dim=0, dtype=torch.float32)
+        colnorm = torch.linalg.vector_norm(  # no narrowing: a float64 TEE keeps float64
+            w, dim=0, dtype=torch.float64 if w.dtype == torch.float64 else torch.float32)
         pair = (w.to(torch.float64), colnorm)
         self._cached = (name, pair)
         return pair
@@ -430,7 +432,9 @@ class Verifier:
             tol = float(xnorm[0]) * a + c * abs(left) + d * abs(right)
             if eager:
                 tol += b * math.sqrt(float(ysq[0]))
-            return math.isfinite(tol) and abs(left - right) <= tol
+            # In float64 this tolerance can come out an ulp of float32 above the check dtype's:
+            # shrink it by far more, so this path never accepts what the torch path would not.
+            return math.isfinite(tol) and abs(left - right) <= tol * _SHRINK
         cheap = xnorm * a + c * np.abs(lhs) + d * np.abs(rhs)
         if eager:
             cheap = cheap + b * np.sqrt(ysq)
@@ -485,6 +489,11 @@ class Verifier:
         pool, j, xc, rhs = begun.pool, begun.j, begun.x, begun.rhs
         v = pool.v[j]
         ycs = [self._as_check(y) for y in ys]
+        rows = xc.shape[:-1]
+        for y in ycs:  # one result row per input row: numpy would broadcast a single one
+            if y.dim() < 1 or y.shape[:-1] != rows:
+                self._fail(what, f"a result of shape {tuple(y.shape)} for an input of shape "
+                                 f"{tuple(xc.shape)}")
         m = sum(y.shape[-1] for y in ycs)
         if not ycs or m != v.numel():
             raise VerificationError(f"{what}: results of total width {m}, expected {v.numel()}")

@@ -165,6 +165,41 @@ def test_a_decode_sized_result_with_nan_inf_or_overflow_is_caught(bad, where):
         ver.check_linear("down", 0, x, [y])
 
 
+@pytest.mark.parametrize("rows", [1, 2, 4, 64])
+def test_a_result_with_other_rows_than_its_input_fails_its_check(config, rows):
+    """Found in review: the one-row fast path judged ``y[0]`` alone, so an honest first row
+    returned for a 2-4-row input passed (numpy had broadcast it before, and the torch path
+    raised IndexError instead of failing the check).  Every row count but the input's fails,
+    counted, whatever the shape."""
+    worker = GPUWorker(config, seed=0, device="cpu")
+    ver = Verifier(config, [("o_proj", 0)], seed=0)
+    x = torch.randn(rows, config.hidden_size, generator=torch.Generator().manual_seed(5))
+    (y,) = worker.batch_linear(0, ("o",), x)
+    ver.check_linear("o_proj", 0, x, [y])  # honest: passes
+    lies = [y[:1] if rows > 1 else y.expand(3, -1), y[0], y[:1, None, :], y[:0],
+            torch.cat([y, y[:1]]), y[0, 0]]
+    for failures, lie in enumerate(lies, start=1):
+        with pytest.raises(VerificationError, match="shape"):
+            ver.check_linear("o_proj", 0, x, [lie])
+        assert ver.failures == failures
+    ver.check_linear("o_proj", 0, x, [y])  # redrawn pools still pass the truth
+
+
+def test_a_float64_tee_builds_its_pools_and_checks(config):
+    """``Verifier(dtype=float64)`` failed at construction (a float32 norm of a float64
+    weight: torch refuses the narrowing)."""
+    worker = GPUWorker(config, seed=0, device="cpu", dtype=torch.float64)
+    ver = Verifier(config, [("o_proj", 0)], seed=0, dtype=torch.float64)
+    for rows in (1, 16):
+        x = torch.randn(rows, config.hidden_size, dtype=torch.float64)
+        (y,) = worker.batch_linear(0, ("o",), x)
+        ver.check_linear("o_proj", 0, x, [y])
+        y = y.clone()
+        y[0, 3] += 1e-3 * y[0].norm()
+        with pytest.raises(VerificationError):
+            ver.check_linear("o_proj", 0, x, [y])
+
+
 def test_no_false_alarm_over_1000_honest_ops():
     """Float32 and bfloat16 wires, T from 1 to 1024, both attention policies, every op
     offloaded (private_io=False), pools redrawn along the way: no check fails."""
