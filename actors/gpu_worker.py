@@ -254,12 +254,8 @@ class GPUWorker:
             self._spans.clear()
         return {"pid": os.getpid(), "clock": "CLOCK_MONOTONIC", "events": events}
 
-    def _account(self, key: str, t0: int, rows: int, fills: _Fills | None = None) -> None:
-        """Count one call of ``key``, from ``t0`` until now.
-
-        ``fills``: its results computed later, into the reply; they add their time to this
-        call's entry and span.
-        """
+    def _account(self, key: str, t0: int, rows: int) -> tuple[list, list]:
+        """Count one call of ``key``, from ``t0`` until now; its stats entry and trace span."""
         t1 = time.monotonic_ns()
         entry = self._stats.get(key)
         if entry is None:
@@ -268,8 +264,7 @@ class GPUWorker:
         entry[1] += (t1 - t0) * 1e-9
         span = [key, t0, t1, rows]
         self._spans.append(span)
-        if fills is not None:
-            fills.entry, fills.span = entry, span
+        return entry, span
 
     # -- results written into the reply ---------------------------------------------------------
 
@@ -286,16 +281,24 @@ class GPUWorker:
         return (not self._cuda and self._defer_min is not None and nbytes >= self._defer_min
                 and dtype == self.dtype and serving(self, method))
 
-    def _deferred(self, fills: _Fills, shape: tuple[int, ...], dtype: torch.dtype,
-                  compute: Any) -> DeferredTensor:
-        """A result that ``compute(out)`` writes when the reply is sent, timed into ``fills``."""
+    def _deferred(self, key: str, t0: int, rows: int, dtype: torch.dtype,
+                  parts: Sequence[tuple[tuple[int, ...], Any]]) -> list[DeferredTensor]:
+        """Results that each ``compute(out)`` of ``parts`` writes when the reply is sent.
 
-        def fill(out: torch.Tensor) -> None:
-            t0 = time.monotonic_ns()
-            with torch.no_grad(), self._threads_for(fills.rows):
-                compute(out)
-            fills.done(t0, time.monotonic_ns())
-        return DeferredTensor(shape, dtype, fill)
+        The call is accounted now; each product adds its time to the call's entry and span
+        when it runs (see :class:`_Fills`).
+        """
+        fills = _Fills(*self._account(key, t0, rows))
+
+        def deferred(shape: tuple[int, ...], compute: Any) -> DeferredTensor:
+            def fill(out: torch.Tensor) -> None:
+                start = time.monotonic_ns()
+                with torch.no_grad(), self._threads_for(rows):
+                    compute(out)
+                fills.done(start, time.monotonic_ns())
+            return DeferredTensor(shape, dtype, fill)
+
+        return [deferred(shape, compute) for shape, compute in parts]
 
     # -- device copies --------------------------------------------------------------------------
 
@@ -340,11 +343,9 @@ class GPUWorker:
         if self._defers(GPUWorker.embedding, out_dtype,
                         rows * self._embed.shape[1] * out_dtype.itemsize):
             idx = ids.long()
-            fills = _Fills(rows)
-            out = self._deferred(fills, shape, out_dtype,
-                                 lambda o: torch.index_select(self._embed, 0, idx, out=o))
-            self._account(key, t0, rows, fills)
-            return out  # type: ignore[return-value]  # decodes as a tensor at the caller
+            return self._deferred(  # type: ignore[return-value]  # a tensor at the caller
+                key, t0, rows, out_dtype,
+                [(shape, lambda o: torch.index_select(self._embed, 0, idx, out=o))])[0]
         with self._threads_for(rows):
             y = F.embedding(self._in(ids.long(), "ids"), self._embed)
         (out,) = self._out([y], out_dtype)
@@ -385,17 +386,13 @@ class GPUWorker:
             # One product per name, each straight into its place in the reply: the fused
             # matmul's split results would need a copy each.
             x2 = xd.reshape(rows, x.shape[-1])
-            lead = tuple(x.shape[:-1])
-            deferred = []
-            fills = _Fills(rows)
+            parts = []
             for n, width in zip(names, widths, strict=True):
                 lo, hi = self._rows[n]
                 w = fused[_GROUP_OF[n]][lo:hi]
-                deferred.append(self._deferred(
-                    fills, (*lead, width), x.dtype,
-                    lambda o, w=w: torch.mm(x2, w.t(), out=o.view(rows, o.shape[-1]))))
-            self._account(key, t0, rows, fills)
-            return tuple(deferred)  # type: ignore[return-value]  # decode as tensors
+                parts.append(((*x.shape[:-1], width),
+                              lambda o, w=w: torch.mm(x2, w.t(), out=o.view(rows, -1))))
+            return tuple(self._deferred(key, t0, rows, x.dtype, parts))  # type: ignore[return-value]
         results: list[torch.Tensor] = []
         with self._threads_for(rows):
             for run in _runs(names):
@@ -441,10 +438,8 @@ class GPUWorker:
         if self._defers(GPUWorker.matmul, a.dtype, math.prod(shape) * a.dtype.itemsize) \
                 and b.dtype == self.dtype:
             bt = b.transpose(-1, -2) if transpose_b else b
-            fills = _Fills(rows)
-            out = self._deferred(fills, shape, a.dtype, lambda o: torch.matmul(a, bt, out=o))
-            self._account(key, t0, rows, fills)
-            return out  # type: ignore[return-value]  # decodes as a tensor at the caller
+            return self._deferred(  # type: ignore[return-value]  # a tensor at the caller
+                key, t0, rows, a.dtype, [(shape, lambda o: torch.matmul(a, bt, out=o))])[0]
         with self._threads_for(rows):
             ad = self._in(a, "a").to(self.dtype)
             bd = self._in(b, "b").to(self.dtype)
@@ -472,12 +467,10 @@ class GPUWorker:
         if self._defers(GPUWorker.lm_head, out_dtype, rows * vocab * out_dtype.itemsize) \
                 and x.dtype == self.dtype:
             x2 = x.reshape(rows, x.shape[-1])
-            fills = _Fills(rows)
-            out = self._deferred(fills, (*x.shape[:-1], vocab), out_dtype,
-                                 lambda o: torch.mm(x2, self._lm_head.t(),
-                                                    out=o.view(rows, vocab)))
-            self._account(key, t0, rows, fills)
-            return out  # type: ignore[return-value]  # decodes as a tensor at the caller
+            return self._deferred(  # type: ignore[return-value]  # a tensor at the caller
+                key, t0, rows, out_dtype,
+                [((*x.shape[:-1], vocab),
+                  lambda o: torch.mm(x2, self._lm_head.t(), out=o.view(rows, vocab)))])[0]
         with self._threads_for(rows):
             y = F.linear(self._in(x, "x").to(self.dtype), self._lm_head)
         (out,) = self._out([y], out_dtype)
@@ -486,19 +479,18 @@ class GPUWorker:
 
 
 class _Fills:
-    """The results of one call computed into its reply: their time is the call's work.
+    """The products of one call computed into its reply: their time is the call's work.
 
-    ``entry`` and ``span`` are the call's in ``compute_stats`` and ``trace_events``, set
-    when the method returns; each product adds its time to the entry, and the span runs
-    from the first product's start to the last one's end.
+    ``entry`` and ``span`` are the call's in ``compute_stats`` and ``trace_events``; each
+    product adds its time to the entry, and the span runs from the first product's start
+    to the last one's end (until one runs, it is the method's own).
     """
 
-    __slots__ = ("entry", "rows", "span", "started")
+    __slots__ = ("entry", "span", "started")
 
-    def __init__(self, rows: int) -> None:
-        self.rows = rows
-        self.entry: list = [0, 0.0, 0]
-        self.span: list = [None, 0, 0, rows]
+    def __init__(self, entry: list, span: list) -> None:
+        self.entry = entry
+        self.span = span
         self.started = False
 
     def done(self, t0: int, t1: int) -> None:

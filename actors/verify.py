@@ -496,7 +496,7 @@ class Verifier:
                                  f"{tuple(xc.shape)}")
         m = sum(y.shape[-1] for y in ycs)
         if not ycs or m != v.numel():
-            raise VerificationError(f"{what}: results of total width {m}, expected {v.numel()}")
+            self._fail(what, f"results of total width {m}, expected {v.numel()}")
         n = xc.shape[-1]
         u_out = max(_roundoff(out_dtype or self.wire_dtype), _roundoff(ys[0].dtype),
                     _roundoff(self.dtype))  # a worker computing in the TEE's dtype rounds

@@ -404,6 +404,11 @@ def _tensor_bytes(t: torch.Tensor) -> tuple[int, tuple[int, ...], np.ndarray] | 
     return code, shape, raw  # shape: a torch.Size
 
 
+def _deferred_bytes(d: DeferredTensor) -> tuple[int, torch.Size, DeferredTensor]:
+    """Return (dtype id, shape, the buffer writer itself) for ``d``: no bytes exist yet."""
+    return TORCH_DTYPE_IDS[d.dtype], d.shape, d
+
+
 def _array_bytes(a: np.ndarray) -> tuple[int, tuple[int, ...], np.ndarray] | None:
     """Return (dtype code, shape, flat uint8 view) for ``a``, or None if unsupported."""
     code = NUMPY_DTYPE_IDS.get(a.dtype)
@@ -419,7 +424,7 @@ def _descriptor(obj: object, bufs: list[np.ndarray], memo: dict[int, tuple]) -> 
         return hit[1]
     if isinstance(obj, DeferredTensor):
         is_tensor = True
-        parts = TORCH_DTYPE_IDS[obj.dtype], obj.shape, obj  # type: ignore[attr-defined]
+        parts = _deferred_bytes(obj)
     else:
         is_tensor = isinstance(obj, _TENSOR)
         parts = _tensor_bytes(obj) if is_tensor else _array_bytes(obj)  # type: ignore[arg-type]
@@ -516,7 +521,7 @@ class _Pickler(cloudpickle.Pickler):
         if isinstance(obj, _TENSOR):
             kind, parts = "T", _tensor_bytes(obj)
         elif isinstance(obj, DeferredTensor):
-            kind, parts = "T", (TORCH_DTYPE_IDS[obj.dtype], obj.shape, obj)
+            kind, parts = "T", _deferred_bytes(obj)
         elif type(obj) is _NDARRAY:
             kind, parts = "N", _array_bytes(obj)  # type: ignore[arg-type]
         else:

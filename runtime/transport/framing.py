@@ -308,7 +308,7 @@ def parse_record(view: Any, off: int, length: int, *,
     for p, n in _spans(sizes, off + ((pos + hlen - off + 7) & ~7), off + length, tag):
         b = _frombuffer(view, _U8, n, p)
         if copy:
-            b = b.copy() if n < _MEMMOVE_MIN else copy_buffer(b)
+            b = copy_buffer(b)
         bufs.append(b)
     return kind, tag, header, bufs, hlen + sum(sizes)
 

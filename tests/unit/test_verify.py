@@ -170,16 +170,16 @@ def test_a_result_with_other_rows_than_its_input_fails_its_check(config, rows):
     """Found in review: the one-row fast path judged ``y[0]`` alone, so an honest first row
     returned for a 2-4-row input passed (numpy had broadcast it before, and the torch path
     raised IndexError instead of failing the check).  Every row count but the input's fails,
-    counted, whatever the shape."""
+    counted, whatever the shape; so does a result of the wrong width."""
     worker = GPUWorker(config, seed=0, device="cpu")
     ver = Verifier(config, [("o_proj", 0)], seed=0)
     x = torch.randn(rows, config.hidden_size, generator=torch.Generator().manual_seed(5))
     (y,) = worker.batch_linear(0, ("o",), x)
     ver.check_linear("o_proj", 0, x, [y])  # honest: passes
     lies = [y[:1] if rows > 1 else y.expand(3, -1), y[0], y[:1, None, :], y[:0],
-            torch.cat([y, y[:1]]), y[0, 0]]
+            torch.cat([y, y[:1]]), y[0, 0], y[:, :-1]]
     for failures, lie in enumerate(lies, start=1):
-        with pytest.raises(VerificationError, match="shape"):
+        with pytest.raises(VerificationError, match=r"shape|width"):
             ver.check_linear("o_proj", 0, x, [lie])
         assert ver.failures == failures
     ver.check_linear("o_proj", 0, x, [y])  # redrawn pools still pass the truth
