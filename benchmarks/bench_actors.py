@@ -12,7 +12,15 @@ One run, side by side on the same machine:
 
 Every call sends a freshly made tensor (made outside the timed region): the
 shared-memory baselines cache a storage they have shared once, so resending
-one tensor would time nothing.
+one tensor would time nothing.  ``actor np`` echoes a fresh numpy array
+instead, from 8 MiB: Ray's figures (7.3 ms at 32 MiB, 20.4 ms at 128 MiB,
+issue 8) are for its zero-copy numpy path, and a fresh torch tensor costs a
+large echo more than the transport does -- filling it wakes torch's OpenMP
+threads, which then spin on the other core through the caller's copy (22.6-
+24.6 ms against 14.9-21.2 ms at 128 MiB in alternating runs here).  Sizes
+from 4 MiB are warmed up with :data:`LARGE_WARMUP` calls: each process
+times its first copies of a size to choose how to copy it
+(``runtime/transport/memcopy.py``), and what is reported is the steady state.
 
 Plus: a no-op call after 5 ms of silence; the CPU an idle actor and a driver
 waiting on a long call burn; and a ~200 ms all-core matmul called through an
@@ -30,6 +38,7 @@ import sys
 import tempfile
 import time
 
+import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -45,6 +54,7 @@ from benchmarks.common import (
     write_json,
 )
 from runtime import ActorSystem, actor
+from runtime.transport import memcopy
 
 
 @actor
@@ -87,6 +97,18 @@ def tensor(n):
     return torch.ones(n // 4) if n else None
 
 
+def array(n):
+    return np.ones(n // 4, np.float32)
+
+
+LARGE_WARMUP = 3 + 2 * memcopy.EXPLORE + 1  # past each side's measurement of its copies
+NUMPY_MIN = 8 << 20
+
+
+def warmup(n: int) -> int:
+    return LARGE_WARMUP if n >= memcopy.PARALLEL_MIN else 3
+
+
 def bench_actor(sizes):
     out = {}
     with ActorSystem() as system:
@@ -101,8 +123,15 @@ def bench_actor(sizes):
             samples.append(time.perf_counter() - t0)
         out["noop_after_5ms_silence"] = summary(samples)
         for label, n in sizes.items():
-            out[label] = summary(timed(b.echo, iterations(n), setup=lambda n=n: tensor(n)), n)
+            out[label] = summary(timed(b.echo, iterations(n), warmup=warmup(n),
+                                       setup=lambda n=n: tensor(n)), n)
             print(f"  actor {label:>7}: {out[label]['p50_us']:10.1f} us p50", flush=True)
+        for label, n in sizes.items():
+            if n >= NUMPY_MIN:
+                out[f"{label}_numpy"] = summary(timed(b.echo, iterations(n), warmup=warmup(n),
+                                                      setup=lambda n=n: array(n)), n)
+                print(f"  actor {label:>7} numpy: {out[f'{label}_numpy']['p50_us']:10.1f} us p50",
+                      flush=True)
         time.sleep(0.2)
         c0 = cpu_seconds(b.pid)
         time.sleep(2.0)
@@ -260,13 +289,15 @@ def main(argv=None):
             os.unlink(os.path.join(private_dir, f))
         os.rmdir(private_dir)
     rows = ["noop", *sizes]
-    print(f"\n{'payload':>8} | {'actor p50':>10} {'p99':>9} | {'pyzmq':>9} | {'Pipe':>9} | "
-          f"{'tmp Queue':>9} | best baseline / actor")
+    print(f"\n{'payload':>8} | {'actor p50':>10} {'p99':>9} | {'actor np':>10} | {'pyzmq':>9} | "
+          f"{'Pipe':>9} | {'tmp Queue':>9} | best baseline / actor")
     for r in rows:
         base = {k: v[r]["p50_us"] for k, v in (("pyzmq", raw), ("pipe", pipe), ("tmq", tmq))
                 if r in v}
         best = min(base.values())
-        print(f"{r:>8} | {ours[r]['p50_us']:8.1f}us {ours[r]['p99_us']:7.0f}us | "
+        np_us = ours.get(f"{r}_numpy", {}).get("p50_us")
+        np_cell = f"{np_us:8.1f}us" if np_us is not None else f"{'-':>10}"
+        print(f"{r:>8} | {ours[r]['p50_us']:8.1f}us {ours[r]['p99_us']:7.0f}us | {np_cell} | "
               + " | ".join(f"{base.get(k, float('nan')):7.1f}us" for k in ("pyzmq", "pipe", "tmq"))
               + f" | {best / ours[r]['p50_us']:.2f}x")
     print(f"no-op after 5 ms silence: {ours['noop_after_5ms_silence']['p50_us']:.0f} us p50")

@@ -1,22 +1,43 @@
 """Large host copies, on several threads where this host gains from it.
 
-The copies a large message still pays -- the sender's copy into a pool slot,
-the receiver's copy out of one when it may not read in place -- are memory
-bound.  Whether a second thread helps depends on the host: on a 16-core H200
-host one thread copies at 5.1 GB/s and torch's multi-threaded ``copy_`` at
-64 GB/s (issue 8); on the shared 2-core CI machine 1 and 2 threads of
-``memmove`` both copy 16 MiB in 0.8 ms (21 GB/s), while torch's ``copy_``
-took 8 ms (its pool threads had to be woken while the peer spun).  So the
-choice is measured, once per process and lazily (the first copy of at least
-:data:`PARALLEL_MIN` bytes): a 16 MiB copy on one thread against the same
-copy cut into page-aligned chunks over ``N`` threads (``N`` = usable cores,
-at most :data:`MAX_THREADS`), best of three each, interleaved; ``N`` threads
-are used when they are at least 25 % faster.  ``RT_COPY_THREADS`` fixes the
-count instead (``1`` turns threads off), read once at that first copy.
+The copies a large message still pays -- the sender's copy into a pool slot
+or ring record, the receiver's copy out of one when it may not read in place
+-- are memory bound.  How best to make one depends on the host, on the size
+and on what the process just did:
 
-Each chunk is a ``ctypes.memmove``, which releases the GIL; helper threads
-start at the first parallel copy, never before a fork (the zygote copies
-nothing), and a forked child starts its own.
+* on a 16-core H200 host one thread copies at 5.1 GB/s and torch's
+  multi-threaded ``copy_`` at 64 GB/s (issue 8);
+* on the shared 2-core CI machine (32 MiB of L3) a 16 MiB copy takes 0.75 ms
+  on one thread and 0.64 ms on two -- it stays in the cache -- while a
+  128 MiB copy takes 12.1 ms on one and 8.5 ms on two;
+* right after a torch operation torch's OpenMP threads spin for a while on
+  the other cores, and two threads of ours then copy 128 MiB in 13 ms.
+
+A one-off probe of one size therefore decides wrongly for the others (a
+16 MiB probe kept one thread here and cost a 128 MiB echo 4-6 ms), and it
+sees neither the peer nor torch's threads.  So the way is measured on the
+copies themselves, per size class (a power of two: 4-8 MiB, 8-16 MiB, ...)
+and process.  The ways (:data:`WAYS`): ``one`` (one ``memmove`` on the
+calling thread) and ``threads`` (page-aligned chunks of ``memmove`` over the
+calling thread and helper threads, ``N`` in all: usable cores, at most
+:data:`MAX_THREADS`).  The first copy of a class is not timed (a fresh slot
+pays page faults); the next ones alternate until each way has been timed
+:data:`EXPLORE` times; the class then takes ``threads`` if its median beat
+``one``'s by the factor :data:`GAIN`, and measures again after
+:data:`REVISIT` copies, because the load on the host changes.
+``RT_COPY_THREADS`` fixes ``N`` threads instead (``1``: one ``memmove``),
+read once at the first large copy.
+
+Torch's own ``copy_`` (on its OpenMP threads) is not a way, though it wins
+where it is measured -- 8.0 ms for 128 MiB right after a torch operation,
+its threads being awake.  It leaves them spinning, on the cores the peer
+copies on next: 128 MiB echoes with it on the caller's side took 22.5-25.5 ms,
+against 20.4-22.4 ms with ``one`` there and ``threads`` on the actor's
+(``docs/benchmarks.md``, "Copies measured per size class").
+
+``memmove`` releases the GIL.  Helper threads start at the first copy that
+uses them, never before a fork (the zygote copies nothing), and a forked
+child starts its own.
 """
 
 from __future__ import annotations
@@ -24,27 +45,32 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import statistics
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
 
-import numpy as np
-
-__all__ = ["PARALLEL_MIN", "copy_bytes", "measured", "threads"]
+__all__ = ["EXPLORE", "GAIN", "PARALLEL_MIN", "REVISIT", "WAYS", "SizeClass", "copy_bytes",
+           "measured", "threads"]
 
 log = logging.getLogger(__name__)
 
 PARALLEL_MIN = 4 << 20  # below this a thread hand-off (~20-50 us) is not worth it
 MAX_THREADS = 8
-_PROBE = 16 << 20
+WAYS = ("one", "threads")
+EXPLORE = 3  # timed copies of each way before a size class chooses
+GAIN = 0.9  # another way must take under this fraction of one memmove's time
+REVISIT = 256  # copies of a size class between two measurements
 _CHUNK_ALIGN = 4096
 _memmove = ctypes.memmove
 
-_lock = threading.Lock()  # the decision
+_lock = threading.Lock()  # the configuration and the size classes
 _pool_lock = threading.Lock()  # the helper threads
-_threads: int | None = None  # decided at the first large copy
+_configured = False
+_threads: int | None = None  # a fixed count (RT_COPY_THREADS); None: measured per size class
+_width = 1  # threads of a ``threads`` copy: usable cores, at most MAX_THREADS
+_classes: dict[int, SizeClass] = {}
 _pool: ThreadPoolExecutor | None = None
-_measured: dict[str, float] = {}
 
 
 def _after_fork_in_child() -> None:
@@ -55,32 +81,118 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+class SizeClass:
+    """How copies of one size class are made, measured on those copies.
+
+    Not thread-safe on its own: the module calls it under its lock.
+    """
+
+    __slots__ = ("_left", "_samples", "_untimed", "last", "way", "ways")
+
+    def __init__(self, ways: tuple[str, ...]) -> None:
+        self.ways = ways  # "one" first
+        self.way = "one"  # until measured
+        self.last: dict[str, float] = {}  # median seconds per way, at the last measurement
+        self._untimed = True
+        self._samples: dict[str, list[float]] = {w: [] for w in ways}
+        self._left = 0  # copies before measuring again
+
+    @property
+    def measuring(self) -> bool:
+        return self._untimed or self._left <= 0
+
+    def pick(self) -> tuple[str, bool]:
+        """The way of the next copy, and whether to time it for :meth:`record`.
+
+        While measuring: the least timed way, timed.  Otherwise the chosen way.
+        """
+        if self._untimed:
+            return "one", True
+        if self._left > 0:
+            self._left -= 1
+            return self.way, False
+        return min(self.ways, key=lambda w: len(self._samples[w])), True
+
+    def record(self, way: str, seconds: float) -> None:
+        """The time of a copy that :meth:`pick` said to time."""
+        if self._untimed:
+            self._untimed = False
+            return
+        if self._left > 0 or way not in self._samples:
+            return
+        self._samples[way].append(seconds)
+        if all(len(s) >= EXPLORE for s in self._samples.values()):
+            med = {w: statistics.median(s) for w, s in self._samples.items()}
+            best = min(self.ways, key=med.__getitem__)
+            self.way = best if med[best] < GAIN * med["one"] else "one"
+            self.last = med
+            self._left = REVISIT
+            self._samples = {w: [] for w in self.ways}
+
+
 def copy_bytes(dst: int, src: int, n: int) -> None:
     """Copy ``n`` bytes from address ``src`` to address ``dst`` (no overlap)."""
     if n < PARALLEL_MIN:
         _memmove(dst, src, n)
         return
-    k = _threads if _threads is not None else threads()
-    if k <= 1:
+    if not _configured:
+        _configure()
+    k = _threads
+    if k is None:
+        _measured_copy(dst, src, n)
+    elif k <= 1:
         _memmove(dst, src, n)
-        return
-    _parallel(dst, src, n, k)
+    else:
+        _parallel(dst, src, n, k)
 
 
-def threads() -> int:
-    """Threads a large copy uses in this process (measured at the first call)."""
-    global _threads
-    if _threads is None:
+def _measured_copy(dst: int, src: int, n: int) -> None:
+    key = n.bit_length()
+    with _lock:
+        c = _classes.get(key)
+        if c is None:
+            c = _classes[key] = SizeClass(WAYS)
+        way, timing = c.pick()
+    t0 = time.perf_counter() if timing else 0.0
+    if way == "threads":
+        _parallel(dst, src, n, _width)
+    else:
+        _memmove(dst, src, n)
+    if timing:
+        seconds = time.perf_counter() - t0
         with _lock:
-            if _threads is None:
-                _threads = _decide()
-    return _threads
+            c.record(way, seconds)
+            decided = not c.measuring and c.last
+        if decided and log.isEnabledFor(logging.DEBUG):
+            log.debug("copies of %d+ MiB: %s: using %s", 1 << (key - 21),
+                      ", ".join(f"{w} {s * 1e3:.2f} ms" for w, s in c.last.items()), c.way)
 
 
-def measured() -> dict[str, float]:
-    """What the decision was based on (seconds per 16 MiB copy), for stats and logs."""
-    threads()
-    return dict(_measured)
+def threads(n: int = PARALLEL_MIN) -> int:
+    """Threads this process's next copy of ``n`` bytes would use (1 until measured)."""
+    if n < PARALLEL_MIN:
+        return 1
+    if not _configured:
+        _configure()
+    if _threads is not None:
+        return _threads
+    c = _classes.get(n.bit_length())
+    return _width if c is not None and c.way == "threads" else 1
+
+
+def measured() -> dict[str, object]:
+    """What the choices rest on, for stats and logs.
+
+    ``width``: threads of a ``threads`` copy; ``fixed``: ``RT_COPY_THREADS`` (or None);
+    ``classes``: per size class, keyed by its lower bound in bytes, the way it uses and
+    the median seconds per way at its last measurement (none yet: ``{}``).
+    """
+    if not _configured:
+        _configure()
+    with _lock:
+        classes = {1 << (key - 1): {"way": c.way, "seconds": dict(c.last)}
+                   for key, c in sorted(_classes.items())}
+    return {"width": _width, "fixed": _threads, "classes": classes}
 
 
 def _executor() -> ThreadPoolExecutor:
@@ -120,36 +232,23 @@ def _parallel(dst: int, src: int, n: int, k: int) -> None:
         f.result()
 
 
-def _decide() -> int:
-    env = os.environ.get("RT_COPY_THREADS", "").strip()
-    if env:
+def _configure() -> None:
+    """Read ``RT_COPY_THREADS`` and the usable cores, once."""
+    global _configured, _threads, _width
+    with _lock:
+        if _configured:
+            return
         try:
-            return max(1, min(MAX_THREADS, int(env)))
-        except ValueError:
-            log.warning("RT_COPY_THREADS=%r is not a number: measuring instead", env)
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cores = os.cpu_count() or 1
-    k = min(cores, MAX_THREADS)
-    if k <= 1:
-        _measured["one_thread_s"] = _measured["n_threads_s"] = 0.0
-        return 1
-    src = np.ones(_PROBE, np.uint8)  # touched: no page fault is timed
-    dst = np.ones(_PROBE, np.uint8)
-    s, d = src.ctypes.data, dst.ctypes.data
-    one, many = [], []
-    _parallel(d, s, _PROBE, k)  # start the helper threads outside the timing
-    for _ in range(3):
-        t0 = time.perf_counter()
-        _memmove(d, s, _PROBE)
-        one.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        _parallel(d, s, _PROBE, k)
-        many.append(time.perf_counter() - t0)
-    t1, tk = min(one), min(many)
-    _measured.update(one_thread_s=t1, n_threads_s=tk, n=k)
-    chosen = k if tk < 0.75 * t1 else 1
-    log.debug("copy of 16 MiB: 1 thread %.2f ms, %d threads %.2f ms: using %d", t1 * 1e3, k,
-              tk * 1e3, chosen)
-    return chosen
+            cores = len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            cores = os.cpu_count() or 1
+        _width = max(1, min(cores, MAX_THREADS))
+        env = os.environ.get("RT_COPY_THREADS", "").strip()
+        if env:
+            try:
+                _threads = max(1, min(MAX_THREADS, int(env)))
+            except ValueError:
+                log.warning("RT_COPY_THREADS=%r is not a number: measuring instead", env)
+        if _threads is None and _width <= 1:
+            _threads = 1  # one core: nothing to measure
+        _configured = True

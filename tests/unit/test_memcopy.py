@@ -11,34 +11,111 @@ import pytest
 from runtime.transport import memcopy
 
 
+@pytest.fixture
+def fixed(monkeypatch):
+    """Fix the thread count as ``RT_COPY_THREADS`` would."""
+    def fix(k: int | None, width: int = 2) -> None:
+        monkeypatch.setattr(memcopy, "_configured", True)
+        monkeypatch.setattr(memcopy, "_threads", k)
+        monkeypatch.setattr(memcopy, "_width", width)
+        monkeypatch.setattr(memcopy, "_classes", {})
+    return fix
+
+
 @pytest.mark.parametrize("n", [0, 1, 4095, memcopy.PARALLEL_MIN, 3 * memcopy.PARALLEL_MIN + 5])
-@pytest.mark.parametrize("threads", [1, 3])
-def test_memcopy_copies_exactly(monkeypatch, n, threads):
-    monkeypatch.setattr(memcopy, "_threads", threads)
+@pytest.mark.parametrize("threads", [1, 3, None])
+def test_memcopy_copies_exactly(fixed, n, threads):
+    fixed(threads)
     src = np.random.default_rng(n).integers(0, 256, n + 64, dtype=np.uint8)
     dst = np.zeros(n + 64, np.uint8)
-    memcopy.copy_bytes(dst.ctypes.data + 32, src.ctypes.data + 32, n)
-    assert np.array_equal(dst[32:32 + n], src[32:32 + n])
-    assert not dst[:32].any() and not dst[32 + n:].any()
+    for _ in range(1 + 2 * memcopy.EXPLORE + 1 if threads is None else 1):  # both ways
+        dst[:] = 0
+        memcopy.copy_bytes(dst.ctypes.data + 32, src.ctypes.data + 32, n)
+        assert np.array_equal(dst[32:32 + n], src[32:32 + n])
+        assert not dst[:32].any() and not dst[32 + n:].any()
 
 
-def test_memcopy_decides_once_by_measuring(monkeypatch):
-    monkeypatch.setattr(memcopy, "_threads", None)
-    monkeypatch.setattr(memcopy, "_measured", {})
-    monkeypatch.delenv("RT_COPY_THREADS", raising=False)
-    k = memcopy.threads()
+def _feed(c: memcopy.SizeClass, seconds: dict[str, float]) -> list[str]:
+    """Run ``c`` through one measurement with the given time per way; the ways it picked."""
+    picked = []
+    while True:
+        way, timed = c.pick()
+        assert timed
+        picked.append(way)
+        c.record(way, seconds[way])
+        if not c.measuring:
+            return picked
+
+
+def test_a_size_class_times_each_way_then_keeps_the_faster():
+    c = memcopy.SizeClass(memcopy.WAYS)
+    assert c.way == "one" and c.measuring
+    picked = _feed(c, {"one": 10.0, "threads": 7.0})
+    # the first copy is not timed (a fresh slot's page faults); then the ways alternate
+    assert picked[0] == "one"
+    assert picked[1:].count("one") == picked[1:].count("threads") == memcopy.EXPLORE
+    assert c.way == "threads" and c.last == {"one": 10.0, "threads": 7.0}
+    assert not c.measuring
+    # it keeps that way for REVISIT copies, ignoring what they would say...
+    for _ in range(memcopy.REVISIT):
+        assert c.pick() == ("threads", False)
+    assert c.way == "threads" and c.measuring
+    # ...and then measures again: the host's load changed, one thread wins now
+    picked = _feed(c, {"one": 10.0, "threads": 9.5})  # within GAIN: not worth threads
+    assert picked.count("one") == picked.count("threads") == memcopy.EXPLORE
+    assert c.way == "one"
+
+
+def test_a_size_class_judges_by_the_median():
+    c = memcopy.SizeClass(memcopy.WAYS)
+    c.record(c.pick()[0], 99.0)  # untimed
+    times = {"one": iter([10.0, 10.0, 10.0]), "threads": iter([1000.0, 5.0, 5.0])}
+    while c.measuring:
+        way, _ = c.pick()
+        c.record(way, next(times[way]))
+    assert c.way == "threads"  # one preempted copy does not decide
+
+
+def test_copies_of_each_size_class_are_measured_on_themselves(fixed, monkeypatch):
+    fixed(None, width=3)
+    parallel = []
+    real = memcopy._parallel
+    monkeypatch.setattr(memcopy, "_parallel",
+                        lambda d, s, n, k: (parallel.append((n, k)), real(d, s, n, k)))
+    small, large = memcopy.PARALLEL_MIN, 4 * memcopy.PARALLEL_MIN
+    src, dst = np.ones(large, np.uint8), np.zeros(large, np.uint8)
+    for _ in range(1 + 2 * memcopy.EXPLORE):
+        memcopy.copy_bytes(dst.ctypes.data, src.ctypes.data, small)
     m = memcopy.measured()
-    assert k >= 1 and memcopy.threads() == k
-    if len(os.sched_getaffinity(0)) > 1:
-        assert m["one_thread_s"] > 0 and m["n_threads_s"] > 0
-        assert (k > 1) == (m["n_threads_s"] < 0.75 * m["one_thread_s"])
+    assert m["width"] == 3 and m["fixed"] is None
+    assert list(m["classes"]) == [small]  # one class; the large one is not measured yet
+    assert set(m["classes"][small]["seconds"]) == {"one", "threads"}
+    assert parallel == [(small, 3)] * memcopy.EXPLORE
+    assert memcopy.threads(small) == (3 if m["classes"][small]["way"] == "threads" else 1)
+    assert memcopy.threads(large) == 1  # unmeasured
+    # the class's choice is what its next copies use
+    memcopy._classes[small.bit_length()].way = "threads"
+    parallel.clear()
+    memcopy.copy_bytes(dst.ctypes.data, src.ctypes.data, small + 5)
+    memcopy.copy_bytes(dst.ctypes.data, src.ctypes.data, small - 1)  # below: one memmove
+    assert parallel == [(small + 5, 3)]
+    assert dst[:small + 5].all()
+
+
+def test_rt_copy_threads_fixes_the_count(monkeypatch):
+    monkeypatch.setattr(memcopy, "_configured", False)
     monkeypatch.setattr(memcopy, "_threads", None)
+    monkeypatch.setattr(memcopy, "_classes", {})
     monkeypatch.setenv("RT_COPY_THREADS", "3")
-    assert memcopy.threads() == 3
+    assert memcopy.threads(1 << 30) == 3 and memcopy.measured()["fixed"] == 3
+    monkeypatch.setattr(memcopy, "_configured", False)
+    monkeypatch.setattr(memcopy, "_threads", None)
+    monkeypatch.setenv("RT_COPY_THREADS", "lots")
+    assert memcopy.measured()["fixed"] is None or len(os.sched_getaffinity(0)) == 1
 
 
-def test_memcopy_threads_are_shared_safely(monkeypatch):
-    monkeypatch.setattr(memcopy, "_threads", 2)
+def test_memcopy_threads_are_shared_safely(fixed):
+    fixed(2)
     n = 2 * memcopy.PARALLEL_MIN
     src = [np.full(n, i, np.uint8) for i in range(4)]
     dst = [np.zeros(n, np.uint8) for _ in range(4)]
@@ -51,11 +128,11 @@ def test_memcopy_threads_are_shared_safely(monkeypatch):
     assert all(np.array_equal(d, s) for d, s in zip(dst, src, strict=True))
 
 
-def test_an_interrupted_copy_raises_only_once_every_helper_is_done(monkeypatch):
+def test_an_interrupted_copy_raises_only_once_every_helper_is_done(monkeypatch, fixed):
     """Ctrl-C during the calling thread's chunk: the helpers' chunks are still being copied.
     The interrupt must wait for them -- the caller frees the destination as soon as the
     exception reaches it, and a helper writing on would write into freed memory."""
-    monkeypatch.setattr(memcopy, "_threads", 3)
+    fixed(3)
     main = threading.get_ident()
     done: list[int] = []
     real = memcopy._memmove
@@ -77,7 +154,7 @@ def test_an_interrupted_copy_raises_only_once_every_helper_is_done(monkeypatch):
     assert dst[n // 3:].all()
 
 
-def test_large_ring_buffers_are_copied_as_measured_both_ways(monkeypatch, private_dir):
+def test_large_ring_buffers_are_copied_as_measured_both_ways(monkeypatch, fixed, private_dir):
     """Below the threshold too: a 6 MiB tensor written into the ring and copied out of it
     goes through memcopy, on the threads this host was measured to gain from."""
     import time
@@ -86,7 +163,7 @@ def test_large_ring_buffers_are_copied_as_measured_both_ways(monkeypatch, privat
 
     from tests.unit.test_transport import make_pair
 
-    monkeypatch.setattr(memcopy, "_threads", 3)
+    fixed(3)
     calls = []
     real = memcopy._parallel
     monkeypatch.setattr(memcopy, "_parallel", lambda d, s, n, k: (calls.append((n, k)),
