@@ -105,6 +105,7 @@ from actors.llama import (
 from actors.trace import TID_CALLS, TID_TEE, Recorder, chrome_trace
 from actors.verify import GROUPS, Begun, Verifier
 from runtime import actor
+from runtime.transport import memcopy
 
 __all__ = ["OPS", "POLICIES", "TEEDriver", "VerificationError", "WorkerResultError",
            "auto_chunk_rows"]
@@ -1161,6 +1162,7 @@ class TEEDriver:
             "routes": routes if routes_known else None,
             "private_io": self.private_io,
             "verify": self._verify_stats(rows),
+            "copies": memcopy.measured(),
             "ops": rows,
         }
 
@@ -1186,7 +1188,9 @@ class TEEDriver:
         bytes, per call as the channel counts them; ``None`` for an in-process worker),
         ``private_io``, ``verify`` (``None`` with ``verify=False``, else ``checks`` and
         ``seconds`` of this prefill and ``lifetime``: the verifier's counters since start-up
-        — checks, failures, refreshes, worst residual/tolerance...) and ``ops``: per op
+        — checks, failures, refreshes, worst residual/tolerance...), ``copies`` (how this
+        process makes its large host copies, per size class: ``memcopy.measured()``) and
+        ``ops``: per op
         ``where``, ``calls``, ``bytes_out``, ``bytes_in``, ``routes``, ``wait_s``,
         ``in_flight_s`` (summed over its calls), ``tee_s``, ``worker_s``, ``checks``,
         ``verify_s`` (part of ``tee_s``).

@@ -256,8 +256,20 @@ def bench_preset(name: str, tokens: int, args: argparse.Namespace) -> dict[str, 
         "tee_s": stats["tee_s"], "worker_s": stats["worker_s"], "wait_s": stats["wait_s"],
         "in_flight_s": stats["in_flight_s"], "hidden_s": stats["hidden_s"],
         "chunks": stats["chunks"], "chunk_rows": stats["chunk_rows"],
-        "total_s": stats["total_s"], "policy": stats["policy"]}
+        "total_s": stats["total_s"], "policy": stats["policy"],
+        "tee_copies": stats.get("copies")}  # how the TEE's process copies, per size
     return result
+
+
+def copies_line(measured: dict[str, Any]) -> str:
+    """``memcopy.measured()`` in one line: each size class's way and its timings."""
+    if measured.get("fixed") is not None:
+        return f"RT_COPY_THREADS={measured['fixed']}"
+    parts = []
+    for low, c in measured["classes"].items():
+        timed = ", ".join(f"{w} {1e3 * t:.2f}" for w, t in c["seconds"].items())
+        parts.append(f"{low / MIB:g} MiB+ {c['way']}" + (f" ({timed} ms)" if timed else ""))
+    return "; ".join(parts) or "no copy of 4 MiB or more"
 
 
 def print_table(results: list[dict[str, Any]]) -> None:
@@ -284,6 +296,9 @@ def print_table(results: list[dict[str, Any]]) -> None:
                   f"{1e3 * tr['floor_s']:.1f} ms (2 copies at "
                   f"{tr['memcpy_bandwidth_Bps'] / 1e9:.1f} GB/s) = "
                   f"{transport / tr['floor_s'] if tr['floor_s'] else float('nan'):.1f}x floor")
+            if tr.get("tee_copies"):
+                print(f"{'':<19} TEE copies ({tr['tee_copies']['width']} threads at most): "
+                      f"{copies_line(tr['tee_copies'])}")
             print(f"{'':<19} split prefill {1e3 * tr['total_s']:.1f} ms in {tr['chunks']} "
                   f"chunk(s) of {tr['chunk_rows']} rows: TEE compute {1e3 * tr['tee_s']:.1f}, "
                   f"waiting {1e3 * tr['wait_s']:.1f}; offloads in flight "

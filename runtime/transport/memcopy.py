@@ -10,33 +10,42 @@ and on what the process just did:
 * on the shared 2-core CI machine (32 MiB of L3) a 16 MiB copy takes 0.75 ms
   on one thread and 0.64 ms on two -- it stays in the cache -- while a
   128 MiB copy takes 12.1 ms on one and 8.5 ms on two;
-* right after a torch operation torch's OpenMP threads spin for a while on
-  the other cores, and two threads of ours then copy 128 MiB in 13 ms.
+* right after a torch operation torch's OpenMP threads spin for a few
+  milliseconds on the other cores, and two threads of ours then copy 128 MiB
+  in 13 ms.
 
 A one-off probe of one size therefore decides wrongly for the others (a
 16 MiB probe kept one thread here and cost a 128 MiB echo 4-6 ms), and it
 sees neither the peer nor torch's threads.  So the way is measured on the
 copies themselves, per size class (a power of two: 4-8 MiB, 8-16 MiB, ...)
 and process.  The ways (:data:`WAYS`): ``one`` (one ``memmove`` on the
-calling thread) and ``threads`` (page-aligned chunks of ``memmove`` over the
+calling thread), ``threads`` (page-aligned chunks of ``memmove`` over the
 calling thread and helper threads, ``N`` in all: usable cores, at most
-:data:`MAX_THREADS`).  The first copy of a class is not timed (a fresh slot
-pays page faults); the next ones alternate until each way has been timed
-:data:`EXPLORE` times; the class then takes ``threads`` if its median beat
-``one``'s by the factor :data:`GAIN`, and measures again after
-:data:`REVISIT` copies, because the load on the host changes.
-``RT_COPY_THREADS`` fixes ``N`` threads instead (``1``: one ``memmove``),
-read once at the first large copy.
+:data:`MAX_THREADS`) and ``torch`` (below).  The first copy of a class is
+not timed (a fresh slot pays page faults); the next ones go round the ways
+until each has been timed :data:`EXPLORE` times; the class then takes the
+way of the lowest median -- ``one`` unless another beat it by the factor
+:data:`GAIN` -- and measures again after :data:`REVISIT` copies, because the
+load on the host changes.  ``RT_COPY_THREADS`` fixes ``N`` threads instead
+(``1``: one ``memmove``), read once at the first large copy.
 
-Torch's own ``copy_`` (on its OpenMP threads) is not a way, though it wins
-where it is measured -- 8.0 ms for 128 MiB right after a torch operation,
-its threads being awake.  It leaves them spinning, on the cores the peer
-copies on next: 128 MiB echoes with it on the caller's side took 22.5-25.5 ms,
-against 20.4-22.4 ms with ``one`` there and ``threads`` on the actor's
-(``docs/benchmarks.md``, "Copies measured per size class").
+``torch``: ``copy_`` between two byte tensors over the addresses, on torch's
+OpenMP threads -- in a process that has imported torch, lets it use several
+threads, and has at least :data:`TORCH_MIN_CORES` usable cores.  It wins
+where it is measured: right after a torch operation its threads are awake
+(128 MiB in 8.0 ms here, against 12.1 on one thread and 13 on two of ours,
+which fight the spinners), and a TEE sends right after computing.  But it
+leaves them spinning for a few more milliseconds, and on two cores they spin
+on the core the peer copies or computes on next: 128 MiB echoes with it on
+the caller's side took 22.5-25.5 ms, against 20.4-22.4 ms with ``one`` there
+and ``threads`` on the actor's (``docs/benchmarks.md``, "Copies measured per
+size class").  A process cannot time that cost to its peer, so on two or
+three cores ``torch`` is not a way; with more, the peer has cores of its own
+(the H200 host's GPU worker barely uses the CPU) while one thread copies at
+5.1 GB/s and torch's ``copy_`` at 64 GB/s (issue 8).
 
-``memmove`` releases the GIL.  Helper threads start at the first copy that
-uses them, never before a fork (the zygote copies nothing), and a forked
+``memmove`` and torch's ``copy_`` release the GIL.  Helper threads start at
+the first copy that uses them, never before a fork (the zygote copies nothing), and a forked
 child starts its own.
 """
 
@@ -46,18 +55,20 @@ import ctypes
 import logging
 import os
 import statistics
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
 
-__all__ = ["EXPLORE", "GAIN", "PARALLEL_MIN", "REVISIT", "WAYS", "SizeClass", "copy_bytes",
-           "measured", "threads"]
+__all__ = ["EXPLORE", "GAIN", "PARALLEL_MIN", "REVISIT", "TORCH_MIN_CORES", "WAYS", "SizeClass",
+           "copy_bytes", "measured", "threads"]
 
 log = logging.getLogger(__name__)
 
 PARALLEL_MIN = 4 << 20  # below this a thread hand-off (~20-50 us) is not worth it
 MAX_THREADS = 8
-WAYS = ("one", "threads")
+WAYS = ("one", "threads", "torch")
+TORCH_MIN_CORES = 4  # below this torch's spinning threads cost the peer (module docstring)
 EXPLORE = 3  # timed copies of each way before a size class chooses
 GAIN = 0.9  # another way must take under this fraction of one memmove's time
 REVISIT = 256  # copies of a size class between two measurements
@@ -151,11 +162,13 @@ def _measured_copy(dst: int, src: int, n: int) -> None:
     with _lock:
         c = _classes.get(key)
         if c is None:
-            c = _classes[key] = SizeClass(WAYS)
+            c = _classes[key] = SizeClass(_ways())
         way, timing = c.pick()
     t0 = time.perf_counter() if timing else 0.0
     if way == "threads":
         _parallel(dst, src, n, _width)
+    elif way == "torch":
+        _torch_copy(dst, src, n)
     else:
         _memmove(dst, src, n)
     if timing:
@@ -168,6 +181,21 @@ def _measured_copy(dst: int, src: int, n: int) -> None:
                       ", ".join(f"{w} {s * 1e3:.2f} ms" for w, s in c.last.items()), c.way)
 
 
+def _ways() -> tuple[str, ...]:
+    torch = sys.modules.get("torch")
+    if torch is not None and _width >= TORCH_MIN_CORES and torch.get_num_threads() > 1:
+        return WAYS
+    return WAYS[:2]
+
+
+def _torch_copy(dst: int, src: int, n: int) -> None:
+    """``copy_`` between byte tensors over the two addresses: torch's own threads."""
+    torch = sys.modules["torch"]
+    d = torch.frombuffer((ctypes.c_char * n).from_address(dst), dtype=torch.uint8)
+    s = torch.frombuffer((ctypes.c_char * n).from_address(src), dtype=torch.uint8)
+    d.copy_(s)
+
+
 def threads(n: int = PARALLEL_MIN) -> int:
     """Threads this process's next copy of ``n`` bytes would use (1 until measured)."""
     if n < PARALLEL_MIN:
@@ -177,7 +205,9 @@ def threads(n: int = PARALLEL_MIN) -> int:
     if _threads is not None:
         return _threads
     c = _classes.get(n.bit_length())
-    return _width if c is not None and c.way == "threads" else 1
+    if c is None or c.way == "one":
+        return 1
+    return _width if c.way == "threads" else sys.modules["torch"].get_num_threads()
 
 
 def measured() -> dict[str, object]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import threading
 
 import numpy as np
@@ -48,7 +49,7 @@ def _feed(c: memcopy.SizeClass, seconds: dict[str, float]) -> list[str]:
 
 
 def test_a_size_class_times_each_way_then_keeps_the_faster():
-    c = memcopy.SizeClass(memcopy.WAYS)
+    c = memcopy.SizeClass(("one", "threads"))
     assert c.way == "one" and c.measuring
     picked = _feed(c, {"one": 10.0, "threads": 7.0})
     # the first copy is not timed (a fresh slot's page faults); then the ways alternate
@@ -67,13 +68,56 @@ def test_a_size_class_times_each_way_then_keeps_the_faster():
 
 
 def test_a_size_class_judges_by_the_median():
-    c = memcopy.SizeClass(memcopy.WAYS)
+    c = memcopy.SizeClass(("one", "threads"))
     c.record(c.pick()[0], 99.0)  # untimed
     times = {"one": iter([10.0, 10.0, 10.0]), "threads": iter([1000.0, 5.0, 5.0])}
     while c.measuring:
         way, _ = c.pick()
         c.record(way, next(times[way]))
     assert c.way == "threads"  # one preempted copy does not decide
+
+
+@pytest.mark.parametrize("seconds,way", [
+    ({"one": 10.0, "threads": 8.0, "torch": 5.0}, "torch"),
+    ({"one": 10.0, "threads": 6.0, "torch": 8.0}, "threads"),
+    ({"one": 10.0, "threads": 9.5, "torch": 9.2}, "one"),  # neither beats one by GAIN
+])
+def test_a_size_class_of_three_ways_takes_the_fastest(seconds, way):
+    c = memcopy.SizeClass(memcopy.WAYS)
+    picked = _feed(c, seconds)
+    assert all(picked[1:].count(w) == memcopy.EXPLORE for w in memcopy.WAYS)
+    assert c.way == way and c.last == seconds
+
+
+def test_torch_copies_only_where_the_peer_has_cores_of_its_own(fixed, monkeypatch):
+    import torch
+
+    fixed(None, width=2)
+    assert memcopy._ways() == ("one", "threads")  # two cores: its spinners cost the peer
+    fixed(None, width=memcopy.TORCH_MIN_CORES)
+    assert memcopy._ways() == memcopy.WAYS
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert memcopy._ways() == ("one", "threads")
+    monkeypatch.delitem(sys.modules, "torch")  # a process without torch
+    assert memcopy._ways() == ("one", "threads")
+
+
+def test_each_way_copies_exactly(fixed, monkeypatch):
+    import torch
+
+    fixed(None, width=memcopy.TORCH_MIN_CORES)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # the gate, on any runner
+    n = memcopy.PARALLEL_MIN + 4097
+    src = np.random.default_rng(7).integers(0, 256, n + 64, dtype=np.uint8)
+    dst = np.zeros(n + 64, np.uint8)
+    for _ in range(1 + len(memcopy.WAYS) * memcopy.EXPLORE + 2):
+        dst[:] = 0
+        memcopy.copy_bytes(dst.ctypes.data + 32, src.ctypes.data + 32, n)
+        assert np.array_equal(dst[32:32 + n], src[32:32 + n])
+        assert not dst[:32].any() and not dst[32 + n:].any()
+    c = memcopy.measured()["classes"][1 << (n.bit_length() - 1)]
+    assert set(c["seconds"]) == set(memcopy.WAYS)  # every way was timed on these copies
+    assert memcopy.threads(n) >= 1
 
 
 def test_copies_of_each_size_class_are_measured_on_themselves(fixed, monkeypatch):
