@@ -101,7 +101,7 @@ def array(n):
     return np.ones(n // 4, np.float32)
 
 
-LARGE_WARMUP = 3 + 2 * memcopy.EXPLORE + 1  # past each side's measurement of its copies
+LARGE_WARMUP = 3 + 1 + len(memcopy.WAYS) * memcopy.EXPLORE  # past each side's measurement
 NUMPY_MIN = 8 << 20
 
 

@@ -268,7 +268,8 @@ def copies_line(measured: dict[str, Any]) -> str:
     parts = []
     for low, c in measured["classes"].items():
         timed = ", ".join(f"{w} {1e3 * t:.2f}" for w, t in c["seconds"].items())
-        parts.append(f"{low / MIB:g} MiB+ {c['way']}" + (f" ({timed} ms)" if timed else ""))
+        parts.append(f"{int(low) / MIB:g} MiB+ {c['way']}"  # int(): keys read back from JSON
+                     + (f" ({timed} ms)" if timed else ""))
     return "; ".join(parts) or "no copy of 4 MiB or more"
 
 

@@ -44,6 +44,11 @@ three cores ``torch`` is not a way; with more, the peer has cores of its own
 (the H200 host's GPU worker barely uses the CPU) while one thread copies at
 5.1 GB/s and torch's ``copy_`` at 64 GB/s (issue 8).
 
+A way that raises (no new threads once the interpreter shuts down, say) is
+dropped from its size class and the copy made with one ``memmove``.  A forked
+child of a process that used torch's way drops it: OpenMP's threads do not
+survive a fork, and a parallel torch operation in the child would hang.
+
 ``memmove`` and torch's ``copy_`` release the GIL.  Helper threads start at
 the first copy that uses them, never before a fork (the zygote copies nothing), and a forked
 child starts its own.
@@ -58,7 +63,7 @@ import statistics
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 
 __all__ = ["EXPLORE", "GAIN", "PARALLEL_MIN", "REVISIT", "TORCH_MIN_CORES", "WAYS", "SizeClass",
            "copy_bytes", "measured", "threads"]
@@ -82,11 +87,19 @@ _threads: int | None = None  # a fixed count (RT_COPY_THREADS); None: measured p
 _width = 1  # threads of a ``threads`` copy: usable cores, at most MAX_THREADS
 _classes: dict[int, SizeClass] = {}
 _pool: ThreadPoolExecutor | None = None
+_torch_used = False  # this process has run the torch way (its OpenMP team exists)
+_no_torch = False  # a forked child of such a process: libgomp's team is gone, copy_ would hang
 
 
 def _after_fork_in_child() -> None:
-    global _pool
+    global _pool, _lock, _pool_lock, _no_torch
     _pool = None  # the parent's threads do not exist here
+    _lock = threading.Lock()  # another thread of the parent may have held them
+    _pool_lock = threading.Lock()
+    if _torch_used:
+        _no_torch = True
+        for c in _classes.values():
+            c.drop("torch")
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -111,6 +124,16 @@ class SizeClass:
     @property
     def measuring(self) -> bool:
         return self._untimed or self._left <= 0
+
+    def drop(self, way: str) -> None:
+        """Stop using ``way`` (it failed, or cannot work in this process)."""
+        if way == "one" or way not in self.ways:
+            return
+        self.ways = tuple(w for w in self.ways if w != way)
+        self._samples.pop(way, None)
+        self.last.pop(way, None)
+        if self.way == way:
+            self.way, self._left = "one", 0
 
     def pick(self) -> tuple[str, bool]:
         """The way of the next copy, and whether to time it for :meth:`record`.
@@ -165,12 +188,21 @@ def _measured_copy(dst: int, src: int, n: int) -> None:
             c = _classes[key] = SizeClass(_ways())
         way, timing = c.pick()
     t0 = time.perf_counter() if timing else 0.0
-    if way == "threads":
-        _parallel(dst, src, n, _width)
-    elif way == "torch":
-        _torch_copy(dst, src, n)
-    else:
+    try:
+        if way == "threads":
+            _parallel(dst, src, n, _width)
+        elif way == "torch":
+            _torch_copy(dst, src, n)
+        else:
+            _memmove(dst, src, n)
+    except Exception as exc:  # e.g. no new futures at interpreter shutdown
+        if way == "one":
+            raise
+        log.debug("copy way %s failed (%s): one memmove instead", way, exc)
+        with _lock:
+            c.drop(way)
         _memmove(dst, src, n)
+        return
     if timing:
         seconds = time.perf_counter() - t0
         with _lock:
@@ -183,14 +215,21 @@ def _measured_copy(dst: int, src: int, n: int) -> None:
 
 def _ways() -> tuple[str, ...]:
     torch = sys.modules.get("torch")
-    if torch is not None and _width >= TORCH_MIN_CORES and torch.get_num_threads() > 1:
-        return WAYS
-    return WAYS[:2]
+    if torch is None or _no_torch or _width < TORCH_MIN_CORES:
+        return WAYS[:2]
+    if getattr(getattr(torch, "__spec__", None), "_initializing", False):
+        return WAYS[:2]  # another thread is still importing it
+    try:
+        return WAYS if torch.get_num_threads() > 1 else WAYS[:2]
+    except Exception:  # noqa: BLE001 - no usable torch: not a way
+        return WAYS[:2]
 
 
 def _torch_copy(dst: int, src: int, n: int) -> None:
     """``copy_`` between byte tensors over the two addresses: torch's own threads."""
+    global _torch_used
     torch = sys.modules["torch"]
+    _torch_used = True
     d = torch.frombuffer((ctypes.c_char * n).from_address(dst), dtype=torch.uint8)
     s = torch.frombuffer((ctypes.c_char * n).from_address(src), dtype=torch.uint8)
     d.copy_(s)
@@ -237,34 +276,93 @@ def _executor() -> ThreadPoolExecutor:
     return pool
 
 
+class _Job:
+    """The chunks of one parallel copy, taken one at a time by the caller and helpers.
+
+    Every chunk is taken under the lock, and a helper counts the chunk it copies,
+    so the caller can always stop the job: :meth:`settle` lets no helper start
+    another chunk and waits for those being copied.  That holds wherever an
+    interrupt lands in the caller -- even inside ``submit``, where a future may
+    be lost after its work was queued.
+    """
+
+    __slots__ = ("chunks", "cond", "error", "running", "stopped")
+
+    def __init__(self, chunks: list[tuple[int, int, int]]) -> None:
+        self.chunks = chunks
+        self.cond = threading.Condition(threading.Lock())
+        self.running = 0  # chunks a helper is copying now
+        self.stopped = False
+        self.error: BaseException | None = None
+
+    def take(self) -> tuple[int, int, int] | None:
+        with self.cond:
+            if self.stopped or not self.chunks:
+                return None
+            return self.chunks.pop()
+
+    def help(self) -> None:
+        """A helper thread's part: copy chunks until none is left."""
+        while True:
+            with self.cond:
+                if self.stopped or not self.chunks:
+                    return
+                d, s, n = self.chunks.pop()
+                self.running += 1
+            try:
+                _memmove(d, s, n)
+            except BaseException as exc:  # noqa: BLE001 - the caller raises it
+                self.error = self.error or exc
+            finally:
+                with self.cond:
+                    self.running -= 1
+                    self.cond.notify_all()
+
+    def settle(self) -> BaseException | None:
+        """Stop the job and wait until no helper copies; an interrupt meanwhile is returned."""
+        interrupted: BaseException | None = None
+        while True:
+            try:
+                with self.cond:
+                    self.stopped = True
+                    while self.running:
+                        self.cond.wait()
+                return interrupted
+            except BaseException as exc:  # noqa: BLE001 - returned to be re-raised
+                interrupted = interrupted or exc
+
+
 def _parallel(dst: int, src: int, n: int, k: int) -> None:
     step = (n // k + _CHUNK_ALIGN - 1) & ~(_CHUNK_ALIGN - 1)
-    pool = _executor()
-    futures = [pool.submit(_memmove, dst + off, src + off, min(step, n - off))
-               for off in range(step, n, step)]
+    job = _Job([(dst + off, src + off, min(step, n - off)) for off in range(0, n, step)])
+    # Every chunk must be done, or never started, before this returns *or raises*: the
+    # caller may free ``dst`` or ``src`` as soon as it has control back, and a helper
+    # still copying would write into freed memory.  So an interrupt (Ctrl-C) anywhere
+    # here first settles the job.
     interrupted: BaseException | None = None
     try:
-        _memmove(dst, src, min(step, n))  # the first chunk on this thread
-    except BaseException as exc:  # noqa: BLE001 - re-raised below, once the helpers are done
-        interrupted = exc
-    # Every chunk must be done before this returns *or raises*: the caller may free ``dst``
-    # or ``src`` as soon as it has control back, and a helper still copying would write
-    # into freed memory.  An interrupt (Ctrl-C) therefore waits for them, then goes on.
-    for f in futures:
-        while not f.done():
+        pool = _executor()
+        for _ in range(min(k, len(job.chunks)) - 1):
             try:
-                wait([f])
-            except BaseException as exc:  # noqa: BLE001 - re-raised below
-                interrupted = interrupted or exc
+                pool.submit(job.help)
+            except RuntimeError:  # no new threads at interpreter shutdown: copy alone
+                break
+        while (chunk := job.take()) is not None:
+            _memmove(*chunk)
+    except BaseException as exc:  # noqa: BLE001 - re-raised below, once the job is settled
+        interrupted = exc
+    settled = job.settle()
+    interrupted = interrupted or settled
     if interrupted is not None:
         raise interrupted
-    for f in futures:
-        f.result()
+    if job.error is not None:
+        raise job.error
 
 
 def _configure() -> None:
     """Read ``RT_COPY_THREADS`` and the usable cores, once."""
     global _configured, _threads, _width
+    bad = None
     with _lock:
         if _configured:
             return
@@ -278,7 +376,9 @@ def _configure() -> None:
             try:
                 _threads = max(1, min(MAX_THREADS, int(env)))
             except ValueError:
-                log.warning("RT_COPY_THREADS=%r is not a number: measuring instead", env)
+                bad = env
         if _threads is None and _width <= 1:
             _threads = 1  # one core: nothing to measure
         _configured = True
+    if bad is not None:  # logged outside the lock: a handler may copy too
+        log.warning("RT_COPY_THREADS=%r is not a number: measuring instead", bad)

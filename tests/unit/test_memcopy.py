@@ -172,30 +172,86 @@ def test_memcopy_threads_are_shared_safely(fixed):
     assert all(np.array_equal(d, s) for d, s in zip(dst, src, strict=True))
 
 
-def test_an_interrupted_copy_raises_only_once_every_helper_is_done(monkeypatch, fixed):
-    """Ctrl-C during the calling thread's chunk: the helpers' chunks are still being copied.
-    The interrupt must wait for them -- the caller frees the destination as soon as the
-    exception reaches it, and a helper writing on would write into freed memory."""
-    fixed(3)
-    main = threading.get_ident()
-    done: list[int] = []
+def _slow_helpers(monkeypatch, main: int, *, caller_raises: bool = False) -> dict[str, list]:
+    """Helpers whose chunks take 0.2 s; records which chunks started and finished."""
+    log: dict[str, list] = {"started": [], "done": []}
     real = memcopy._memmove
 
-    def slow_or_interrupted(dst: int, src: int, n: int) -> int:
+    def memmove(dst: int, src: int, n: int) -> int:
         if threading.get_ident() == main:
-            raise KeyboardInterrupt  # as if Ctrl-C arrived right after the first chunk
-        threading.Event().wait(0.2)  # the helpers are slow
+            if caller_raises:
+                raise KeyboardInterrupt  # as if Ctrl-C arrived during the caller's chunk
+            return real(dst, src, n)
+        log["started"].append(n)
+        threading.Event().wait(0.2)
         out = real(dst, src, n)
-        done.append(n)
+        log["done"].append(n)
         return out
 
-    monkeypatch.setattr(memcopy, "_memmove", slow_or_interrupted)
+    monkeypatch.setattr(memcopy, "_memmove", memmove)
+    return log
+
+
+def test_an_interrupted_copy_raises_only_once_no_helper_writes(monkeypatch, fixed):
+    """Ctrl-C during the calling thread's chunk while helpers copy theirs: the interrupt
+    must wait for every chunk a helper started -- the caller frees the destination as soon
+    as the exception reaches it, and a helper writing on would write into freed memory --
+    and no helper may start one after."""
+    fixed(3)
+    log = _slow_helpers(monkeypatch, threading.get_ident(), caller_raises=True)
     n = 3 * memcopy.PARALLEL_MIN
+    src, dst = np.ones(n, np.uint8), np.zeros(n, np.uint8)
+    threading.Event().wait(0.05)
+    with pytest.raises(KeyboardInterrupt):
+        memcopy.copy_bytes(dst.ctypes.data, src.ctypes.data, n)
+    assert log["done"] == log["started"]  # every started chunk finished before the raise
+    seen = list(log["done"])
+    threading.Event().wait(0.5)
+    assert log["started"] == seen  # and none started after it
+
+
+@pytest.mark.parametrize("at", [1, 2])
+def test_an_interrupt_inside_submit_loses_no_running_helper(monkeypatch, fixed, at):
+    """Ctrl-C while the chunks are being handed out (inside ``submit``, after the work was
+    queued: its future is lost): the caller still waits for every chunk being copied."""
+    fixed(4)
+    log = _slow_helpers(monkeypatch, threading.get_ident())
+    pool = memcopy._executor()
+    real_submit, calls = pool.submit, []
+
+    def submit(*a, **k):
+        calls.append(1)
+        f = real_submit(*a, **k)  # queued...
+        if len(calls) == at:
+            raise KeyboardInterrupt  # ...and the interrupt lands before the future is returned
+        return f
+
+    monkeypatch.setattr(pool, "submit", submit)
+    n = 4 * memcopy.PARALLEL_MIN
     src, dst = np.ones(n, np.uint8), np.zeros(n, np.uint8)
     with pytest.raises(KeyboardInterrupt):
         memcopy.copy_bytes(dst.ctypes.data, src.ctypes.data, n)
-    assert len(done) == 2  # both helper chunks finished before the interrupt came out
-    assert dst[n // 3:].all()
+    assert log["done"] == log["started"]
+    seen = list(log["started"])
+    threading.Event().wait(0.5)
+    assert log["started"] == seen
+
+
+def test_a_copy_without_helper_threads_is_made_alone(monkeypatch, fixed):
+    """After the interpreter began to shut down no thread can be started: the caller copies
+    every chunk itself, exactly, instead of failing."""
+    fixed(3)
+    pool = memcopy._executor()
+
+    def refuse(*a, **k):
+        raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+
+    monkeypatch.setattr(pool, "submit", refuse)
+    n = 3 * memcopy.PARALLEL_MIN + 12345
+    src = np.random.default_rng(3).integers(0, 256, n, dtype=np.uint8)
+    dst = np.zeros(n, np.uint8)
+    memcopy.copy_bytes(dst.ctypes.data, src.ctypes.data, n)
+    assert np.array_equal(dst, src)
 
 
 def test_large_ring_buffers_are_copied_as_measured_both_ways(monkeypatch, fixed, private_dir):
@@ -222,3 +278,103 @@ def test_large_ring_buffers_are_copied_as_measured_both_ways(monkeypatch, fixed,
         caller.close()
         callee.close()
         bell.close()
+
+
+def test_a_way_that_fails_is_dropped_and_the_copy_still_made(fixed, monkeypatch):
+    import torch
+
+    fixed(None, width=memcopy.TORCH_MIN_CORES)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+
+    def broken(dst: int, src: int, n: int) -> None:
+        raise RuntimeError("no torch threads here")
+
+    monkeypatch.setattr(memcopy, "_torch_copy", broken)
+    n = memcopy.PARALLEL_MIN + 99
+    src = np.random.default_rng(5).integers(0, 256, n, dtype=np.uint8)
+    for _ in range(1 + len(memcopy.WAYS) * memcopy.EXPLORE + 3):
+        dst = np.zeros(n, np.uint8)
+        memcopy.copy_bytes(dst.ctypes.data, src.ctypes.data, n)
+        assert np.array_equal(dst, src)
+    c = memcopy._classes[n.bit_length()]
+    assert c.ways == ("one", "threads") and not c.measuring  # decided without it
+    assert set(memcopy.measured()["classes"][1 << (n.bit_length() - 1)]["seconds"]) == {
+        "one", "threads"}
+
+
+def test_torch_is_not_a_way_while_it_is_being_imported_or_unusable(fixed, monkeypatch):
+    import types
+
+    fixed(None, width=memcopy.TORCH_MIN_CORES)
+    half = types.ModuleType("torch")  # another thread is importing it: nothing defined yet
+    half.__spec__ = types.SimpleNamespace(_initializing=True)
+    monkeypatch.setitem(sys.modules, "torch", half)
+    assert memcopy._ways() == ("one", "threads")
+    half.__spec__ = None  # imported, but without get_num_threads
+    assert memcopy._ways() == ("one", "threads")
+
+
+def test_threads_reports_torchs_count_for_the_torch_way(fixed):
+    import torch
+
+    fixed(None, width=memcopy.TORCH_MIN_CORES)
+    c = memcopy._classes[memcopy.PARALLEL_MIN.bit_length()] = memcopy.SizeClass(memcopy.WAYS)
+    c.way = "torch"
+    assert memcopy.threads(memcopy.PARALLEL_MIN) == torch.get_num_threads()
+    c.way = "threads"
+    assert memcopy.threads(memcopy.PARALLEL_MIN) == memcopy.TORCH_MIN_CORES
+    c.way = "one"
+    assert memcopy.threads(memcopy.PARALLEL_MIN) == 1
+
+
+_FORK_SCRIPT = r"""
+import os, signal, sys, threading
+import numpy as np
+import torch
+from runtime.transport import memcopy as m
+
+m._configure()
+m._threads, m._width = None, m.TORCH_MIN_CORES
+n = m.PARALLEL_MIN
+src, dst = np.ones(n, np.uint8), np.zeros(n, np.uint8)
+key = n.bit_length()
+c = m._classes[key] = m.SizeClass(m.WAYS)
+c._untimed, c.way, c._left = False, "torch", 10 ** 9
+m.copy_bytes(dst.ctypes.data, src.ctypes.data, n)   # torch's threads now exist here
+m._parallel(dst.ctypes.data, src.ctypes.data, n, 2)  # and ours
+# A thread holds memcopy's lock at the moment of the fork.
+inside, release = threading.Event(), threading.Event()
+def hold():
+    with m._lock:
+        inside.set()
+        release.wait()
+t = threading.Thread(target=hold)
+t.start()
+inside.wait()
+pid = os.fork()
+if pid == 0:
+    signal.alarm(20)  # a hang ends the child with SIGALRM
+    ok = "torch" not in m._classes[key].ways and "torch" not in m._ways()
+    for copy in (m.copy_bytes, lambda d, s, n: m._parallel(d, s, n, 2)):
+        dst[:] = 0
+        copy(dst.ctypes.data, src.ctypes.data, n)
+        ok = ok and bool(dst.all())
+    os._exit(0 if ok else 3)
+release.set()
+t.join()
+_, status = os.waitpid(pid, 0)
+sys.exit(0 if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0 else
+         f"child status {status}")
+"""
+
+
+def test_a_forked_child_copies_without_the_parents_locks_threads_or_torch_way():
+    """A fork while another thread holds memcopy's lock, after the parent started helper
+    threads and used torch's (which do not survive a fork): the child copies, and no
+    longer picks torch's way."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    r = subprocess.run([sys.executable, "-c", _FORK_SCRIPT], cwd=root, timeout=120,
+                       env={**os.environ, "PYTHONPATH": root}, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
