@@ -700,8 +700,12 @@ class ProcessContext:
         # Trust comes from the supervisor's record (the read-only table), not
         # from the handle, which is plain data anyone could have built.
         safe = bool(self.table.read(ref.index).flags & FLAG_UNTRUSTED)
+        # Segments neither side can resize (SIGBUS under the other's mapping) whenever one
+        # side is untrusted: the callee, or this process -- whose callee then insists.
+        me_untrusted = (self.self_index >= 0
+                        and bool(self.table.read(self.self_index).flags & FLAG_UNTRUSTED))
         channel = Channel.create(shm_dir=s.shm_dir, private_dir=s.private_dir, name=name,
-                                 threshold=s.threshold, safe=safe)
+                                 threshold=s.threshold, safe=safe, sealed=safe or me_untrusted)
         # A call nests its values two containers deep, a reply one.
         cc = CallerChannel(self, ref, incarnation,
                            MessageChannel(channel, send_envelope=2, recv_envelope=1))

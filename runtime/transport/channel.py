@@ -154,6 +154,8 @@ class ChannelSpec:
     is a file another process of the session could connect to, and a message
     without the secret is refused before it is decoded.  ``pool``: a socket
     pair for pool slots comes along; ``pool_bytes`` caps each side's pool.
+    ``sealed``: every segment of the channel, both sides' pool slots included,
+    is a memfd sealed against resizing (one side does not trust the other).
     """
 
     rings: bool
@@ -163,18 +165,19 @@ class ChannelSpec:
     secret: bytes
     pool: bool = False
     pool_bytes: int = 0
+    sealed: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return {"rings": self.rings, "endpoint": self.endpoint, "caller_bell": self.caller_bell,
                 "threshold": self.threshold, "secret": self.secret.hex(), "pool": self.pool,
-                "pool_bytes": self.pool_bytes}
+                "pool_bytes": self.pool_bytes, "sealed": self.sealed}
 
     @classmethod
     def from_dict(cls, d: Any) -> ChannelSpec:
         """Validate a spec received from a peer (``ProtocolError`` when malformed)."""
         try:
             spec = cls(d["rings"], d["endpoint"], d["caller_bell"], d["threshold"],
-                       bytes.fromhex(d["secret"]), d["pool"], d["pool_bytes"])
+                       bytes.fromhex(d["secret"]), d["pool"], d["pool_bytes"], d["sealed"])
         except (KeyError, TypeError, ValueError):
             raise ProtocolError("malformed channel spec") from None
         if not (type(spec.rings) is bool and type(spec.endpoint) is str
@@ -182,7 +185,8 @@ class ChannelSpec:
                 and (spec.caller_bell is None or type(spec.caller_bell) is str)
                 and type(spec.threshold) is int and spec.threshold >= 1
                 and len(spec.secret) == SECRET_LEN and type(spec.pool) is bool
-                and type(spec.pool_bytes) is int and 0 <= spec.pool_bytes < 1 << 48):
+                and type(spec.pool_bytes) is int and 0 <= spec.pool_bytes < 1 << 48
+                and type(spec.sealed) is bool):
             raise ProtocolError("malformed channel spec")
         return spec
 
@@ -247,7 +251,8 @@ class Channel:
                  own_bell: Doorbell | None, owns_bell: bool, peer_bell: DoorbellWriter | None,
                  threshold: int, safe: bool, name: str, secret: bytes,
                  pool_sock: socket.socket | None = None, shm_dir: str | None = None,
-                 pool_bytes: int = 0, peer_sock: socket.socket | None = None) -> None:
+                 pool_bytes: int = 0, peer_sock: socket.socket | None = None,
+                 sealed: bool = False) -> None:
         self.tx, self.rx, self.bulk = tx, rx, bulk
         self.secret = secret
         # The pool: slots for our large messages, mappings of the peer's.
@@ -255,10 +260,11 @@ class Channel:
         self._peer_sock = peer_sock  # caller side, until attached(): the callee's end
         self.pool_bytes = pool_bytes
         self.pool_tx = self.pool_rx = None
+        self.sealed = sealed
         if pool_sock is not None and shm_dir is not None and pool_bytes > 0:
             self.pool_tx = TxPool(pool_sock, shm_dir, max_bytes=pool_bytes,
-                                  max_slots=POOL_MAX_SLOTS)
-            self.pool_rx = RxPool(pool_sock, shm_dir)
+                                  max_slots=POOL_MAX_SLOTS, sealed=sealed)
+            self.pool_rx = RxPool(pool_sock, shm_dir, sealed=sealed)
         elif pool_sock is not None:
             # This end cannot map slots: closing the pair tells the peer's pool
             # (its next slot announcement fails), so it sends plain frames.
@@ -279,7 +285,8 @@ class Channel:
     # -- construction --------------------------------------------------------
     @classmethod
     def create(cls, *, shm_dir: str, private_dir: str, name: str, threshold: int,
-               safe: bool = False, pool_bytes: int | None = None) -> Channel:
+               safe: bool = False, pool_bytes: int | None = None,
+               sealed: bool | None = None) -> Channel:
         """The caller's end: makes both rings, its doorbell and binds the ZeroMQ link.
 
         The rings are nameless segments (``ShmRing.create_anonymous``), and the
@@ -287,18 +294,31 @@ class Channel:
         to the callee, then call :meth:`attached`.  ``pool_bytes`` caps each
         direction's pool (default :func:`default_pool_bytes`; 0: no pool, large
         messages always go as ZeroMQ frames).
+
+        ``sealed`` (default: ``safe``): every segment, rings and both sides' pool
+        slots, is a memfd sealed against resizing (``Segment.create_sealed``),
+        so neither side can truncate one under the other's mapping (SIGBUS).
+        Needed whenever one side does not trust the other: the callee when the
+        caller is untrusted (it refuses unsealed rings then), the caller when
+        the callee is.  Sealed segments count against memory, not ``shm_dir``.
         """
         if threshold < 1:
             raise ValueError(f"threshold must be >= 1 byte, got {threshold}")
         if pool_bytes is None:
             pool_bytes = default_pool_bytes(threshold)
+        if sealed is None:
+            sealed = safe
         tx = rx = None
         bell = None
         socks: tuple[socket.socket, socket.socket] | tuple[None, None] = (None, None)
         try:
             cap = ring_capacity(threshold)
-            tx = ShmRing.create_anonymous(shm_dir, cap)
-            rx = ShmRing.create_anonymous(shm_dir, cap)
+            if sealed:
+                tx = ShmRing.create_sealed(cap)
+                rx = ShmRing.create_sealed(cap)
+            else:
+                tx = ShmRing.create_anonymous(shm_dir, cap)
+                rx = ShmRing.create_anonymous(shm_dir, cap)
         except TransportError as exc:
             for ring in (tx, rx):
                 if ring is not None:
@@ -325,13 +345,14 @@ class Channel:
         return cls(tx=tx, rx=rx, bulk=bulk, own_bell=bell, owns_bell=True, peer_bell=None,
                    threshold=threshold, safe=safe, name=name,
                    secret=secrets.token_bytes(SECRET_LEN), pool_sock=socks[0],
-                   shm_dir=shm_dir, pool_bytes=pool_bytes, peer_sock=socks[1])
+                   shm_dir=shm_dir, pool_bytes=pool_bytes, peer_sock=socks[1], sealed=sealed)
 
     def spec(self) -> ChannelSpec:
         return ChannelSpec(rings=self.tx is not None, endpoint=self.bulk.endpoint,
                            caller_bell=self.own_bell.path if self.own_bell else None,
                            threshold=self.threshold, secret=self.secret,
-                           pool=self._peer_sock is not None, pool_bytes=self.pool_bytes)
+                           pool=self._peer_sock is not None, pool_bytes=self.pool_bytes,
+                           sealed=self.sealed)
 
     def peer_fds(self) -> tuple[int, ...]:
         """Caller side, until :meth:`attached`: the descriptors the callee needs.
@@ -370,7 +391,9 @@ class Channel:
         ``shm_dir`` is this process's own idea of the session's ``shm_dir``:
         the peer's pool slots must be files there.  Without it the callee uses
         no pool (its large messages go as frames, and it refuses the peer's
-        slots).
+        slots).  With ``safe`` (the caller is untrusted) the rings must be
+        sealed (``ProtocolError`` otherwise) and the channel is sealed whatever
+        the spec says; a sealed channel's pool slots are sealed memfds both ways.
         """
         tx = rx = bulk = sock = None
         fds = list(fds)
@@ -378,9 +401,10 @@ class Channel:
         try:
             if len(fds) != want:
                 raise ProtocolError(f"channel spec needs {want} descriptors, {len(fds)} came")
+            sealed = spec.sealed or safe
             if spec.rings:
-                rx = ShmRing.from_fd(fds.pop(0))
-                tx = ShmRing.from_fd(fds.pop(0))
+                rx = ShmRing.from_fd(fds.pop(0), sealed=safe)
+                tx = ShmRing.from_fd(fds.pop(0), sealed=safe)
             if spec.pool:
                 sock = _pool_socket(fds.pop(0))
             bulk = BulkLink(spec.endpoint, bind=False)
@@ -400,7 +424,7 @@ class Channel:
         return cls(tx=tx, rx=rx, bulk=bulk, own_bell=own_bell if rx is not None else None,
                    owns_bell=False, peer_bell=peer, threshold=spec.threshold, safe=safe,
                    name=name, secret=spec.secret, pool_sock=sock, shm_dir=shm_dir,
-                   pool_bytes=spec.pool_bytes)
+                   pool_bytes=spec.pool_bytes, sealed=sealed)
 
     @property
     def mode(self) -> str:
@@ -806,6 +830,7 @@ class Channel:
     def stats(self) -> dict[str, Any]:
         out = {
             "name": self.name, "mode": self.mode, "threshold": self.threshold,
+            "sealed": self.sealed,
             "routes": {k: r.as_dict() for k, r in self.routes.items()},
             "copy_s": self.copy_ns / 1e9, "wait_s": self.wait_ns / 1e9,
         }

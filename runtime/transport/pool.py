@@ -56,9 +56,12 @@ Untrusted senders.  A receiver in safe mode (its peer is not trusted) never
 reads in place: the peer could change the bytes after they were checked.  It
 copies the slot out into private memory and frees it at once.  Everything the
 sender says is checked: a slot's descriptor must be a regular file on the
-receiver's own ``shm_dir`` filesystem, of the announced size, with the magic;
-a slot id must be known, and offset and sizes must lie inside the mapping
-(``ProtocolError`` otherwise, for that message only).  A receiver maps at most
+receiver's own ``shm_dir`` filesystem -- or, on a *sealed* channel (one whose
+peer is untrusted, see ``Channel.create``), a memfd sealed against resizing,
+since a peer that truncated a slot under the receiver's mapping would kill it
+with SIGBUS -- of the announced size, with the magic; a slot id must be
+known, and offset and sizes must lie inside the mapping (``ProtocolError``
+otherwise, for that message only).  A receiver maps at most
 :data:`MAX_PEER_SLOTS` slots of a peer.
 
 Control messages on the socket pair (``SOCK_SEQPACKET``, 16 bytes each):
@@ -87,7 +90,7 @@ import numpy as np
 
 from runtime.errors import ProtocolError, TransportError
 from runtime.transport import hostmem, memcopy
-from runtime.transport.segment import Segment
+from runtime.transport.segment import Segment, is_sealed
 
 __all__ = ["BUSY", "FREE", "HEADER_SIZE", "PLACE", "RxPool", "TxPool", "layout", "slot_size"]
 
@@ -161,9 +164,10 @@ class TxPool:
     """The sender's slots for one direction of a channel."""
 
     def __init__(self, sock: socket.socket, shm_dir: str, *, max_bytes: int,
-                 max_slots: int) -> None:
+                 max_slots: int, sealed: bool = False) -> None:
         self.sock = sock
         self.shm_dir = shm_dir
+        self.sealed = sealed  # slots are sealed memfds (a channel with an untrusted peer)
         self.max_bytes = max_bytes
         self.max_slots = max_slots
         self.slots: list[TxSlot] = []
@@ -200,7 +204,8 @@ class TxPool:
                 return None  # the receiver still holds every slot
             self._drop(min(free, key=lambda s: s.capacity))
         try:
-            seg = Segment.create_anonymous(self.shm_dir, HEADER_SIZE + size)
+            seg = (Segment.create_sealed(HEADER_SIZE + size) if self.sealed
+                   else Segment.create_anonymous(self.shm_dir, HEADER_SIZE + size))
         except TransportError as exc:
             self._retry_at = time.monotonic() + RETRY_S
             _warn_full(exc)
@@ -288,9 +293,10 @@ def _set_free(state: ctypes.c_uint32, pid: int) -> None:
 class RxPool:
     """The receiver's mappings of the peer's slots for one direction of a channel."""
 
-    def __init__(self, sock: socket.socket, shm_dir: str) -> None:
+    def __init__(self, sock: socket.socket, shm_dir: str, *, sealed: bool = False) -> None:
         self.sock = sock
         self.dev = os.stat(shm_dir).st_dev
+        self.sealed = sealed  # the peer's slots must be sealed memfds, not shm_dir files
         self.slots: dict[int, _RxSlot] = {}
         self.refused: str | None = None
         self.received = 0
@@ -378,7 +384,11 @@ class RxPool:
         fd = fds.pop()
         try:
             st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode) or st.st_dev != self.dev:
+            if not stat.S_ISREG(st.st_mode):
+                raise ProtocolError("a pool slot that is not a regular file")
+            if self.sealed and not is_sealed(fd):
+                raise ProtocolError("a pool slot not sealed against resizing")
+            if not self.sealed and st.st_dev != self.dev:
                 raise ProtocolError("a pool slot that is not a file in this shm_dir")
             if capacity <= 0 or st.st_size != HEADER_SIZE + capacity:
                 raise ProtocolError(f"pool slot of {st.st_size} bytes announced as "

@@ -139,9 +139,15 @@ class ShmRing:
         return cls._over(Segment.create_anonymous(shm_dir, HEADER_SIZE + capacity), capacity)
 
     @classmethod
-    def from_fd(cls, fd: int) -> ShmRing:
-        """The ring behind a received descriptor (which this closes)."""
-        return cls._over(Segment.from_fd(fd))
+    def create_sealed(cls, capacity: int) -> ShmRing:
+        """Like :meth:`create_anonymous`, on a sealed memfd (see ``Segment.create_sealed``)."""
+        capacity = max(MIN_CAPACITY, align8(capacity))
+        return cls._over(Segment.create_sealed(HEADER_SIZE + capacity), capacity)
+
+    @classmethod
+    def from_fd(cls, fd: int, *, sealed: bool = False) -> ShmRing:
+        """The ring behind a received descriptor (which this closes); ``sealed``: required."""
+        return cls._over(Segment.from_fd(fd, sealed=sealed))
 
     @classmethod
     def attach(cls, path: str) -> ShmRing:

@@ -9,22 +9,34 @@ Space is reserved with ``posix_fallocate`` at creation, so a full ``/dev/shm``
 (Docker's default is 64 MiB) fails here with a :class:`TransportError` that
 names the directory, the bytes asked for and the bytes free -- never with a
 SIGBUS on first touch of an unbacked page later.
+
+Sealed segments (:meth:`Segment.create_sealed`), for channels with an
+untrusted peer.  Whoever holds a segment's descriptor can ``ftruncate`` it, and
+the other side's next access to a page past the new end raises SIGBUS, which
+ends the process.  A memfd sealed with ``F_SEAL_SHRINK | F_SEAL_GROW`` cannot
+change size, through any descriptor, its creator's included; a receiver checks
+the seals (:func:`is_sealed`) before it maps a segment from a peer it does not
+trust.  Seals exist only on memfds, so a sealed segment lives in the kernel's
+internal tmpfs: it counts against memory, not against ``shm_dir``.
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import mmap
 import os
 import secrets
 
-from runtime.errors import TransportError
+from runtime.errors import ProtocolError, TransportError
 from runtime.transport import hostmem
 
-__all__ = ["Segment", "unlink_quietly"]
+__all__ = ["SEALS", "Segment", "is_sealed", "unlink_quietly"]
 
 PREFIX = "rt_"
+SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
+"""The seals a sealed segment carries (with ``F_SEAL_SEAL``) and a receiver requires."""
 
 
 class Segment:
@@ -80,9 +92,46 @@ class Segment:
         return seg
 
     @classmethod
-    def from_fd(cls, fd: int) -> Segment:
-        """Map the segment behind ``fd`` (received from its creator); closes ``fd``."""
+    def create_sealed(cls, size: int) -> Segment:
+        """A nameless segment no process can resize: a memfd sealed with :data:`SEALS`.
+
+        Like :meth:`create_anonymous` (hand :attr:`fd` to the peer, then
+        :meth:`release_fd`), but in memory rather than ``shm_dir``, and safe to
+        share with a peer that would truncate it (module docstring).
+        """
+        if size <= 0:
+            raise ValueError(f"segment size must be positive, got {size}")
         try:
+            fd = os.memfd_create("rt_sealed", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        except (AttributeError, OSError) as exc:
+            raise TransportError(f"cannot create a sealed segment: {exc}") from exc
+        try:
+            _reserve(fd, size, "memory", "a sealed segment")
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS | fcntl.F_SEAL_SEAL)
+            mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except OSError as exc:
+            os.close(fd)
+            raise TransportError(f"cannot make a sealed segment of {size} bytes: {exc}") from exc
+        except BaseException:
+            os.close(fd)
+            raise
+        seg = cls("<sealed>", mm, owner=False)
+        seg.fd = fd
+        seg._unlinked = True  # there is no name to remove
+        return seg
+
+    @classmethod
+    def from_fd(cls, fd: int, *, sealed: bool = False) -> Segment:
+        """Map the segment behind ``fd`` (received from its creator); closes ``fd``.
+
+        ``sealed``: the creator is not trusted, so the segment must carry
+        :data:`SEALS` (``ProtocolError`` otherwise): it could truncate it under
+        the mapping.
+        """
+        try:
+            if sealed and not is_sealed(fd):
+                raise ProtocolError("an untrusted peer's segment is not sealed against "
+                                    "resizing (F_SEAL_SHRINK | F_SEAL_GROW)")
             size = os.fstat(fd).st_size
             if size <= 0:
                 raise TransportError("a received segment is empty")
@@ -169,6 +218,14 @@ class Segment:
     def __repr__(self) -> str:
         state = "closed" if self.closed else "open"
         return f"<Segment {self.path} {self.size} bytes {state}>"
+
+
+def is_sealed(fd: int) -> bool:
+    """True when the file behind ``fd`` can never change size (it carries :data:`SEALS`)."""
+    try:
+        return fcntl.fcntl(fd, fcntl.F_GET_SEALS) & SEALS == SEALS
+    except OSError:  # not a memfd: no seals at all
+        return False
 
 
 def unlink_quietly(path: str) -> None:

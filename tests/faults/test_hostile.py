@@ -29,7 +29,7 @@ from runtime import (
     faults,
 )
 from runtime.table import DEAD, ActorTable
-from tests.integration.actors_lib import Echo, Hostile, Restartable, Tricky, nest
+from tests.integration.actors_lib import Echo, Hostile, Restartable, Tricky, Truncator, nest
 
 
 def _cpu_seconds(pid: int, over: float) -> float:
@@ -462,3 +462,18 @@ def test_untrusted_replies_nest_up_to_the_limit():
         e = system.spawn(Echo)  # calls carry their values as deep
         assert e.echo(nest(100)) == nest(100)
         assert h.ping() == "pong"
+
+
+def test_an_untrusted_worker_cannot_truncate_shared_memory_under_the_driver():
+    """Truncating a segment under another process's mapping kills that process with SIGBUS
+    at its next access.  Every segment an untrusted actor is handed -- both rings, the
+    driver's pool slots -- is sealed against it, and the calls go on."""
+    with ActorSystem() as system:
+        t = system.spawn(Truncator)
+        x = torch.randn(4 << 20)  # 16 MiB: through a pool slot each way
+        for _ in range(3):
+            assert torch.equal(t.echo(x), x)
+            assert t.echo(7) == 7
+        tried = t.shrunk()
+        assert len(tried) >= 3  # two rings and at least one slot
+        assert not any(tried), "an untrusted actor could resize a shared segment"

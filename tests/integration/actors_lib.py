@@ -87,6 +87,10 @@ class Caller:
         futs = [self.other.add.remote(i, 1) for i in range(n)]
         return [f.result(timeout=30) for f in futs]
 
+    def channel_sealed(self):
+        """Whether this process's channel to the other actor is sealed."""
+        return [ch["sealed"] for ch in self.other.stats()["channels"]]
+
 
 @actor
 class FailingInit:
@@ -262,3 +266,47 @@ class Borrower:
 @actor
 class Copier(Borrower):
     """The same methods, without borrowing: ring arguments arrive as private copies."""
+
+
+def _shrink(fd: int) -> bool:
+    """Truncate the file behind ``fd`` under its other mappings, as a hostile worker would;
+    True if it worked (the size is put back at once, so a failing test fails in its
+    assertion, not by SIGBUS in the driver)."""
+    size = os.fstat(fd).st_size
+    try:
+        os.ftruncate(fd, 0)
+    except OSError:
+        return False
+    os.ftruncate(fd, size)
+    return True
+
+
+@actor(untrusted=True)
+class Truncator:
+    """An untrusted worker that tries to truncate every segment it is handed: the rings
+    when its driver opens a channel, the pool slots as they are announced."""
+
+    def __init__(self):
+        from runtime.transport import pool, segment
+
+        self.tried: list[bool] = []
+        tried = self.tried
+        from_fd = segment.Segment.from_fd.__func__
+        control = pool.RxPool._control
+
+        def hostile_from_fd(cls, fd, *, sealed=False):
+            tried.append(_shrink(fd))
+            return from_fd(cls, fd, sealed=sealed)
+
+        def hostile_control(rx, data, fds, flags):
+            tried.extend(_shrink(fd) for fd in fds)
+            return control(rx, data, fds, flags)
+
+        segment.Segment.from_fd = classmethod(hostile_from_fd)
+        pool.RxPool._control = hostile_control
+
+    def echo(self, x):
+        return x
+
+    def shrunk(self):
+        return list(self.tried)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from runtime import ActorSystem
-from tests.integration.actors_lib import Borrower, Copier, Echo, Untrusted
+from tests.integration.actors_lib import Borrower, Caller, Copier, Echo, Untrusted
 
 MiB = 1 << 20
 BIG = 16 * MiB  # bytes: above the 10 MiB default threshold
@@ -127,3 +127,19 @@ def test_a_borrowing_actor_reads_its_arguments_in_place(n):
         assert c.where(t) == (n != 1000, float(t.double().sum()))
         for i in range(200 if n == 1000 else 20):
             assert torch.equal(b.twice(t + i), (t + i) * 2)
+
+
+def test_channels_with_an_untrusted_side_are_sealed_both_ways():
+    """The driver's channel to an untrusted actor, and that actor's own channel to a trusted
+    one (whose end insists: it refuses rings an untrusted caller could truncate), are
+    sealed; the driver's channel to a trusted actor is not.  Large and small calls work."""
+    with ActorSystem() as system:
+        e = system.spawn(Echo)
+        u = system.spawn(Caller, e, untrusted=True)
+        x = torch.randn(BIG // 4)
+        assert torch.equal(u.relay(x), x)  # through the pool, both hops, both ways
+        assert u.relay(3) == 3
+        assert u.channel_sealed() == [True]
+        assert torch.equal(e.echo(x), x)
+        sealed = {ch["actor"]: ch["sealed"] for ch in system.stats()["channels"]}
+        assert sealed == {u.name: True, e.name: False}

@@ -38,6 +38,7 @@ def name() -> str:
 
 def make_pair(private_dir: str, threshold: int, shm_dir: str = SHM, *, safe: bool = False,
               **options):
+    options.setdefault("sealed", safe)  # an untrusted caller's rings must be sealed
     caller = Channel.create(shm_dir=shm_dir, private_dir=private_dir, name=name(),
                             threshold=threshold, **options)
     bell = Doorbell(os.path.join(private_dir, "callee.bell"))
