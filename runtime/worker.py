@@ -114,7 +114,12 @@ class ActorServer:
                 and (spec.caller_bell is None
                      or (spec.caller_bell.startswith(own) and ".." not in spec.caller_bell))):
             raise ProtocolError(f"channel files outside the requester's own ({own}*)")
-        channel = Channel.attach(spec, fds=fds, own_bell=self.bell, safe=safe, name=name,
+        # Channel.attach owns the descriptors from here on (it closes them all when it
+        # fails): empty the server's list, which the server closes after a refusal -- a
+        # second close would hit whatever another thread opened under the same numbers.
+        owned = list(fds)
+        fds.clear()
+        channel = Channel.attach(spec, fds=owned, own_bell=self.bell, safe=safe, name=name,
                                  shm_dir=self.ctx.session.shm_dir)
         self.inbound.append(_Inbound(channel, pid, borrow=self.borrow_args))
         self._poller = None

@@ -264,7 +264,8 @@ class Channel:
         if pool_sock is not None and shm_dir is not None and pool_bytes > 0:
             self.pool_tx = TxPool(pool_sock, shm_dir, max_bytes=pool_bytes,
                                   max_slots=POOL_MAX_SLOTS, sealed=sealed)
-            self.pool_rx = RxPool(pool_sock, shm_dir, sealed=sealed)
+            self.pool_rx = RxPool(pool_sock, shm_dir, sealed=sealed,
+                                  max_bytes=pool_bytes if sealed else None)
         elif pool_sock is not None:
             # This end cannot map slots: closing the pair tells the peer's pool
             # (its next slot announcement fails), so it sends plain frames.

@@ -62,7 +62,7 @@ since a peer that truncated a slot under the receiver's mapping would kill it
 with SIGBUS -- of the announced size, with the magic; a slot id must be
 known, and offset and sizes must lie inside the mapping (``ProtocolError``
 otherwise, for that message only).  A receiver maps at most
-:data:`MAX_PEER_SLOTS` slots of a peer.
+:data:`MAX_PEER_SLOTS` slots of a peer, of at most the channel's ``pool_bytes`` in all.
 
 Control messages on the socket pair (``SOCK_SEQPACKET``, 16 bytes each):
 ``ADD slot capacity`` with the slot's descriptor, ``DROP slot`` when the
@@ -293,10 +293,15 @@ def _set_free(state: ctypes.c_uint32, pid: int) -> None:
 class RxPool:
     """The receiver's mappings of the peer's slots for one direction of a channel."""
 
-    def __init__(self, sock: socket.socket, shm_dir: str, *, sealed: bool = False) -> None:
+    def __init__(self, sock: socket.socket, shm_dir: str, *, sealed: bool = False,
+                 max_bytes: int | None = None) -> None:
         self.sock = sock
         self.dev = os.stat(shm_dir).st_dev
         self.sealed = sealed  # the peer's slots must be sealed memfds, not shm_dir files
+        # The peer's cap (the channel's pool_bytes), which an honest sender keeps to: the
+        # slots it has announced and not dropped never add up to more.  A hostile one could
+        # announce sparse slots of any size and have our copies fill them on our account.
+        self.max_bytes = max_bytes
         self.slots: dict[int, _RxSlot] = {}
         self.refused: str | None = None
         self.received = 0
@@ -381,13 +386,17 @@ class RxPool:
             raise ProtocolError(f"pool slot {slot_id} announced twice")
         if len(self.slots) >= MAX_PEER_SLOTS:
             raise ProtocolError(f"more than {MAX_PEER_SLOTS} pool slots")
+        if self.max_bytes is not None and (
+                capacity + sum(s.capacity for s in self.slots.values()) > self.max_bytes):
+            raise ProtocolError(f"pool slots over the channel's cap of {self.max_bytes} bytes")
         fd = fds.pop()
         try:
+            # Seals first: a size read before them could change before they were added.
+            if self.sealed and not is_sealed(fd):
+                raise ProtocolError("a pool slot not sealed against resizing")
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 raise ProtocolError("a pool slot that is not a regular file")
-            if self.sealed and not is_sealed(fd):
-                raise ProtocolError("a pool slot not sealed against resizing")
             if not self.sealed and st.st_dev != self.dev:
                 raise ProtocolError("a pool slot that is not a file in this shm_dir")
             if capacity <= 0 or st.st_size != HEADER_SIZE + capacity:

@@ -221,11 +221,40 @@ class Segment:
 
 
 def is_sealed(fd: int) -> bool:
-    """True when the file behind ``fd`` can never change size (it carries :data:`SEALS`)."""
+    """True when the file behind ``fd`` is a plain memfd that can never change size.
+
+    It must carry :data:`SEALS` and live on the kernel's internal shmem mount.
+
+    A ``MFD_HUGETLB`` memfd takes the same seals but is refused: the seals do not stop
+    ``fallocate(FALLOC_FL_PUNCH_HOLE)``, which on hugetlbfs frees the huge page *and its
+    reservation*, so the other side's next fault can find no huge page and get SIGBUS.
+    On shmem a punched page just comes back as zeros.
+    """
     try:
-        return fcntl.fcntl(fd, fcntl.F_GET_SEALS) & SEALS == SEALS
+        if fcntl.fcntl(fd, fcntl.F_GET_SEALS) & SEALS != SEALS:
+            return False
+        dev = os.fstat(fd).st_dev
     except OSError:  # not a memfd: no seals at all
         return False
+    return dev == _memfd_dev()
+
+
+_memfd_st_dev: int | None = None
+
+
+def _memfd_dev() -> int | None:
+    """``st_dev`` of a plain memfd (every one lives on the kernel's one internal shmem mount)."""
+    global _memfd_st_dev
+    if _memfd_st_dev is None:
+        try:
+            fd = os.memfd_create("rt_probe", os.MFD_CLOEXEC)
+        except (AttributeError, OSError):
+            return None  # refuse for now; try again next time
+        try:
+            _memfd_st_dev = os.fstat(fd).st_dev
+        finally:
+            os.close(fd)
+    return _memfd_st_dev
 
 
 def unlink_quietly(path: str) -> None:

@@ -10,6 +10,8 @@ memfds sealed against resizing for its rings and both sides' pool slots
 from __future__ import annotations
 
 import array
+import dataclasses
+import fcntl
 import os
 import socket
 import time
@@ -179,3 +181,124 @@ def test_a_sealed_channel_does_not_need_room_in_shm_dir(private_dir, tiny_tmpfs)
         caller.close()
         callee.close()
         bell.close()
+
+
+def _memfd(size: int, seals: int, *, flags: int = 0) -> int:
+    fd = os.memfd_create("peer", os.MFD_CLOEXEC | flags)
+    os.ftruncate(fd, size)
+    os.pwrite(fd, pool.MAGIC + (size - pool.HEADER_SIZE).to_bytes(8, "little"), 0)
+    if seals:
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
+    return fd
+
+
+@pytest.mark.parametrize("case", ["not sealable", "grow only", "shrink only", "hugetlb"])
+def test_a_segment_that_is_not_a_sealed_plain_memfd_is_refused(case):
+    """Only both size seals on a plain memfd will do.  A hugetlbfs memfd takes the seals
+    too, but a hole punched in it (which no size seal stops) frees the huge page and its
+    reservation: the receiver's next fault may find none and get SIGBUS."""
+    size = 2 * MiB
+    both = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
+    try:
+        fd = {"not sealable": lambda: _memfd(size, 0),
+              "grow only": lambda: _memfd(size, fcntl.F_SEAL_GROW, flags=os.MFD_ALLOW_SEALING),
+              "shrink only": lambda: _memfd(size, fcntl.F_SEAL_SHRINK,
+                                            flags=os.MFD_ALLOW_SEALING),
+              "hugetlb": lambda: _huge_memfd(size, both)}[case]()
+    except OSError as exc:
+        pytest.skip(f"cannot make that memfd here: {exc}")
+    try:
+        assert not is_sealed(fd)
+        with pytest.raises(ProtocolError, match="not sealed"):
+            Segment.from_fd(os.dup(fd), sealed=True)
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        rx = pool.RxPool(b, SHM, sealed=True)
+        try:
+            socket.send_fds(a, [pool._OP.pack(pool.OP_ADD, 1, size - pool.HEADER_SIZE)], [fd])
+            rx.poll()
+            assert rx.slots == {} and "not sealed" in rx.refused
+        finally:
+            rx.close()
+            a.close()
+            b.close()
+    finally:
+        os.close(fd)
+
+
+def _huge_memfd(size: int, seals: int) -> int:
+    # Made without mapping it: creating, sizing and sealing need no huge page.
+    fd = os.memfd_create("peer", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING | os.MFD_HUGETLB)
+    try:
+        os.ftruncate(fd, size)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def test_a_callee_seals_a_channel_with_an_untrusted_caller_whatever_its_spec_says(private_dir):
+    """An untrusted caller that seals its rings but calls the channel unsealed still gets a
+    sealed channel: the callee's pool refuses its unsealed (truncatable) slots."""
+    caller = Channel.create(shm_dir=SHM, private_dir=private_dir, name=name(), threshold=MiB,
+                            sealed=True)
+    spec = dataclasses.replace(caller.spec(), sealed=False)
+    bell = Doorbell(os.path.join(private_dir, "callee.bell"))
+    callee = Channel.attach(spec, fds=[os.dup(fd) for fd in caller.peer_fds()], own_bell=bell,
+                            safe=True, name="callee", shm_dir=SHM)
+    try:
+        assert callee.sealed and callee.pool_rx.sealed and callee.pool_tx.sealed
+    finally:
+        callee.close()
+        caller.close()
+        bell.close()
+
+
+def test_a_refused_open_closes_each_descriptor_once(private_dir):
+    """Channel.attach owns the request's descriptors (it closes them when it refuses); the
+    control server must not close the same numbers again -- by then they may be another
+    thread's."""
+    from types import SimpleNamespace
+
+    from runtime import worker
+
+    sid = "s"
+    server = object.__new__(worker.ActorServer)  # just what _open uses
+    server.ctx = SimpleNamespace(session=SimpleNamespace(private_dir=private_dir, sid=sid,
+                                                         shm_dir=SHM))
+    server.peer_is_untrusted = lambda pid: True
+    server.bell = Doorbell(os.path.join(private_dir, "callee.bell"))
+    server.inbound, server.borrow_args = [], False
+    caller = Channel.create(shm_dir=SHM, private_dir=private_dir,
+                            name=f"rt_{sid}_{os.getpid()}_c", threshold=MiB, sealed=False)
+    fds = [os.dup(fd) for fd in caller.peer_fds()]
+    try:
+        with pytest.raises(ProtocolError, match="not sealed"):
+            server._open(["open", {"name": "x", "spec": caller.spec().as_dict()}], fds,
+                         os.getpid())
+        assert fds == []  # nothing left for the server to close a second time
+    finally:
+        for fd in fds:
+            os.close(fd)
+        caller.close()
+        server.bell.close()
+
+
+def test_a_sealed_pool_refuses_peer_slots_past_the_channels_cap():
+    """A hostile peer could announce sparse slots of any size and have the receiver's
+    copies fill them on its account: the slots it maps never add up past ``pool_bytes``."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    rx = pool.RxPool(b, SHM, sealed=True, max_bytes=5 * MiB)
+    segs = [Segment.create_sealed(pool.HEADER_SIZE + 2 * MiB) for _ in range(3)]
+    try:
+        for i, seg in enumerate(segs, 1):
+            seg.view[:len(pool.MAGIC)] = pool.MAGIC
+            socket.send_fds(a, [pool._OP.pack(pool.OP_ADD, i, 2 * MiB)], [seg.fd])
+        rx.poll()
+        assert sorted(rx.slots) == [1, 2] and "cap" in rx.refused
+    finally:
+        rx.close()
+        for seg in segs:
+            seg.close()
+        a.close()
+        b.close()
