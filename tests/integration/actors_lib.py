@@ -268,7 +268,7 @@ class Copier(Borrower):
     """The same methods, without borrowing: ring arguments arrive as private copies."""
 
 
-def _shrink(fd: int) -> bool:
+def shrink(fd: int) -> bool:
     """Truncate the file behind ``fd`` under its other mappings, as a hostile worker would;
     True if it worked (the size is put back at once, so a failing test fails in its
     assertion, not by SIGBUS in the driver)."""
@@ -295,11 +295,11 @@ class Truncator:
         control = pool.RxPool._control
 
         def hostile_from_fd(cls, fd, *, sealed=False):
-            tried.append(_shrink(fd))
+            tried.append(shrink(fd))
             return from_fd(cls, fd, sealed=sealed)
 
         def hostile_control(rx, data, fds, flags):
-            tried.extend(_shrink(fd) for fd in fds)
+            tried.extend(shrink(fd) for fd in fds)
             return control(rx, data, fds, flags)
 
         segment.Segment.from_fd = classmethod(hostile_from_fd)

@@ -24,20 +24,10 @@ from runtime.transport import pool
 from runtime.transport.channel import Channel
 from runtime.transport.doorbell import Doorbell
 from runtime.transport.segment import Segment, is_sealed
+from tests.integration.actors_lib import shrink as shrinkable
 from tests.unit.test_transport import SHM, make_pair, name
 
 MiB = 1 << 20
-
-
-def shrinkable(fd: int) -> bool:
-    """What a hostile peer would try: truncate the file under the other's mapping."""
-    size = os.fstat(fd).st_size
-    try:
-        os.ftruncate(fd, 0)
-    except PermissionError:
-        return False
-    os.ftruncate(fd, size)
-    return True
 
 
 def growable(fd: int) -> bool:
@@ -67,7 +57,7 @@ def test_an_unsealed_segment_from_an_untrusted_peer_is_refused():
     seg = Segment.create_anonymous(SHM, MiB)  # what a trusted channel uses: resizable
     try:
         fd = os.dup(seg.fd)
-        assert not is_sealed(fd) and shrinkable(os.dup(fd))
+        assert not is_sealed(fd) and shrinkable(fd)
         with pytest.raises(ProtocolError, match="not sealed"):
             Segment.from_fd(fd, sealed=True)
         with pytest.raises(OSError):
