@@ -50,8 +50,8 @@ child of a process that used torch's way drops it: OpenMP's threads do not
 survive a fork, and a parallel torch operation in the child would hang.
 
 ``memmove`` and torch's ``copy_`` release the GIL.  Helper threads start at
-the first copy that uses them, never before a fork (the zygote copies nothing), and a forked
-child starts its own.
+the first copy that uses them, never before a fork (the zygote copies
+nothing), and a forked child starts its own.
 """
 
 from __future__ import annotations
