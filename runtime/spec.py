@@ -25,6 +25,7 @@ import numpy as np
 from runtime import codec
 from runtime.errors import ProtocolError
 from runtime.transport import framing
+from runtime.transport.segment import memfd
 
 __all__ = ["read_spec", "write_spec"]
 
@@ -36,7 +37,7 @@ def write_spec(obj: Any) -> int:
     """Encode ``obj`` into a new sealed memfd; returns the descriptor (close-on-exec)."""
     enc = codec.encode(obj)
     sizes, size = framing.measure(enc.header, enc.buffers)
-    fd = os.memfd_create("rt_spec", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    fd = memfd("rt_spec")
     try:
         start = len(_MAGIC)
         os.ftruncate(fd, start + size)

@@ -37,6 +37,7 @@ import signal
 from typing import NamedTuple
 
 from runtime.errors import ActorRuntimeError
+from runtime.transport.segment import memfd
 
 __all__ = ["ActorTable", "Entry", "describe_exit"]
 
@@ -77,7 +78,7 @@ class ActorTable:
     @classmethod
     def create(cls) -> int:
         """A new, unmapped, sealable table memfd for the supervisor to map and seal."""
-        fd = os.memfd_create("rt_actor_table", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        fd = memfd("rt_actor_table")
         os.ftruncate(fd, CAPACITY * ENTRY)
         return fd
 

@@ -32,11 +32,28 @@ import secrets
 from runtime.errors import ProtocolError, TransportError
 from runtime.transport import hostmem
 
-__all__ = ["SEALS", "Segment", "is_sealed", "unlink_quietly"]
+__all__ = ["SEALS", "Segment", "is_sealed", "memfd", "unlink_quietly"]
 
 PREFIX = "rt_"
 SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
 """The seals a sealed segment carries (with ``F_SEAL_SEAL``) and a receiver requires."""
+MFD_NOEXEC_SEAL = getattr(os, "MFD_NOEXEC_SEAL", 0x0008)  # Linux 6.3; Python 3.12 names it
+
+
+def memfd(name: str) -> int:
+    """A new sealable memfd (close-on-exec) that can never be made executable.
+
+    With ``MFD_NOEXEC_SEAL`` where the kernel knows it: since Linux 6.3 a
+    ``memfd_create`` without it (or ``MFD_EXEC``) logs a warning, and is
+    refused outright under ``vm.memfd_noexec=2``.  An older kernel rejects the
+    flag with ``EINVAL``; then a plain sealable memfd.
+    """
+    try:
+        return os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING | MFD_NOEXEC_SEAL)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+    return os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
 
 
 class Segment:
@@ -102,7 +119,7 @@ class Segment:
         if size <= 0:
             raise ValueError(f"segment size must be positive, got {size}")
         try:
-            fd = os.memfd_create("rt_sealed", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+            fd = memfd("rt_sealed")
         except (AttributeError, OSError) as exc:
             raise TransportError(f"cannot create a sealed segment: {exc}") from exc
         try:
@@ -247,7 +264,7 @@ def _memfd_dev() -> int | None:
     global _memfd_st_dev
     if _memfd_st_dev is None:
         try:
-            fd = os.memfd_create("rt_probe", os.MFD_CLOEXEC)
+            fd = memfd("rt_probe")
         except (AttributeError, OSError):
             return None  # refuse for now; try again next time
         try:

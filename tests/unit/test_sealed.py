@@ -23,7 +23,7 @@ from runtime.errors import ProtocolError
 from runtime.transport import pool
 from runtime.transport.channel import Channel
 from runtime.transport.doorbell import Doorbell
-from runtime.transport.segment import Segment, is_sealed
+from runtime.transport.segment import SEALS, Segment, is_sealed
 from tests.integration.actors_lib import shrink as shrinkable
 from tests.unit.test_transport import SHM, make_pair, name
 
@@ -292,3 +292,51 @@ def test_a_sealed_pool_refuses_peer_slots_past_the_channels_cap():
             seg.close()
         a.close()
         b.close()
+
+
+F_SEAL_EXEC = getattr(fcntl, "F_SEAL_EXEC", 0x0020)
+
+
+def test_memfds_can_never_be_made_executable():
+    """Since Linux 6.3 a memfd made without MFD_NOEXEC_SEAL logs a kernel warning, and is
+    refused under vm.memfd_noexec=2; every memfd of the runtime is made with it."""
+    from runtime.transport.segment import MFD_NOEXEC_SEAL, memfd
+
+    try:
+        os.close(os.memfd_create("rt_probe", os.MFD_CLOEXEC | MFD_NOEXEC_SEAL))
+    except OSError:
+        pytest.skip("this kernel has no MFD_NOEXEC_SEAL (before 6.3)")
+    fd = memfd("rt_test")
+    try:
+        assert fcntl.fcntl(fd, fcntl.F_GET_SEALS) & F_SEAL_EXEC
+        assert os.fstat(fd).st_mode & 0o111 == 0
+        with pytest.raises(PermissionError):
+            os.fchmod(fd, 0o755)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)  # still sealable
+        assert is_sealed(fd)
+    finally:
+        os.close(fd)
+
+
+def test_memfd_without_noexec_support_falls_back(monkeypatch):
+    """A kernel before 6.3 rejects the flag with EINVAL: a plain sealable memfd then."""
+    import errno
+
+    from runtime.transport import segment
+
+    real = os.memfd_create
+    flags_seen = []
+
+    def old_kernel(name, flags):
+        flags_seen.append(flags)
+        if flags & segment.MFD_NOEXEC_SEAL:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(name, flags)
+
+    monkeypatch.setattr(os, "memfd_create", old_kernel)
+    fd = segment.memfd("rt_test")
+    try:
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)
+        assert is_sealed(fd) and len(flags_seen) == 2
+    finally:
+        os.close(fd)
