@@ -43,6 +43,10 @@ log = logging.getLogger(__name__)
 MAX_REQUEST = 64 * 1024
 MAX_PENDING = 32
 REQUEST_DEADLINE_S = 2.0
+# A refused connection to an actor's socket usually means the actor just died and the
+# supervisor has not recorded it yet (it does within ~1 s): ``check`` is polled this long
+# for that verdict before the refusal itself is the error.
+REFUSED_WAIT_S = 2.0
 _CRED = struct.Struct("3i")
 
 # handler(message, descriptors, peer pid) -> reply; raising refuses the request.
@@ -195,18 +199,16 @@ def request(path: str, msg: list, fds: tuple[int, ...], *, timeout: float,
     """Send one request to the server at ``path``; return its reply.
 
     Waits in 50 ms slices, calling ``check`` (which raises if the server's
-    actor died) after each; ``TransportError`` when ``timeout`` passes.
+    actor died) after each; ``TransportError`` when ``timeout`` passes.  A
+    refused or missing socket is retried for up to :data:`REFUSED_WAIT_S`
+    while ``check`` is polled: an actor killed a moment ago refuses before the
+    supervisor has recorded its death, and its caller should get that death
+    (``check``'s error), not a ``TransportError``.
     """
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     deadline = time.monotonic() + timeout
+    sock = _connect(path, deadline, check)
     try:
         sock.settimeout(timeout)
-        try:
-            sock.connect(path)
-        except OSError as exc:
-            if check is not None:
-                check()
-            raise TransportError(f"cannot reach {path}: {exc}") from exc
         write_frame(sock, msg, fds)
         sock.setblocking(False)
         reader = FrameReader(sock, max_frame=MAX_REQUEST)
@@ -225,6 +227,32 @@ def request(path: str, msg: list, fds: tuple[int, ...], *, timeout: float,
                 raise TransportError(f"no reply from {path} within {timeout} s")
     finally:
         sock.close()
+
+
+def _connect(path: str, deadline: float, check: Callable[[], None] | None) -> socket.socket:
+    """A socket connected to ``path`` (see :func:`request` on refusals)."""
+    refused_until = min(deadline, time.monotonic() + REFUSED_WAIT_S)
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.settimeout(max(0.001, deadline - time.monotonic()))
+            sock.connect(path)
+            return sock
+        except (ConnectionRefusedError, FileNotFoundError) as exc:
+            sock.close()
+            if check is not None:
+                check()
+            if check is None or time.monotonic() >= refused_until:
+                raise TransportError(f"cannot reach {path}: {exc}") from exc
+        except OSError as exc:
+            sock.close()
+            if check is not None:
+                check()
+            raise TransportError(f"cannot reach {path}: {exc}") from exc
+        except BaseException:
+            sock.close()
+            raise
+        time.sleep(0.02)  # a fresh socket each try: a failed connect leaves one unspecified
 
 
 def reply_fields(reply: Any, what: str) -> dict:

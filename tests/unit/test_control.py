@@ -159,6 +159,45 @@ def test_request_to_a_missing_server_is_a_transport_error(tmp_path):
         control.request(str(tmp_path / "nobody.ctl"), ["x"], (), timeout=1)
 
 
+def _refusing(path) -> None:
+    """A socket file nobody listens on: what a killed actor leaves behind."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(str(path))
+    s.close()
+
+
+class Died(Exception):
+    pass
+
+
+def test_a_refused_request_waits_for_the_verdict_on_the_actor(tmp_path):
+    """An actor killed a moment ago refuses connections before the supervisor has recorded
+    its death: the caller gets that death (``check``'s error), not a TransportError."""
+    path = tmp_path / "killed.ctl"
+    _refusing(path)
+    recorded_at = time.monotonic() + 0.3  # the supervisor notices 0.3 s later
+    checks = []
+
+    def check():
+        checks.append(1)
+        if time.monotonic() >= recorded_at:
+            raise Died("actor died")
+
+    with pytest.raises(Died):
+        control.request(str(path), ["x"], (), timeout=5, check=check)
+    assert len(checks) > 2
+
+
+def test_a_refusal_without_a_death_is_a_transport_error_after_the_wait(tmp_path, monkeypatch):
+    monkeypatch.setattr(control, "REFUSED_WAIT_S", 0.2)
+    path = tmp_path / "closed.ctl"
+    _refusing(path)
+    t0 = time.monotonic()
+    with pytest.raises(TransportError, match="cannot reach"):
+        control.request(str(path), ["x"], (), timeout=5, check=lambda: None)
+    assert 0.2 <= time.monotonic() - t0 < 2
+
+
 def test_reply_fields():
     assert control.reply_fields(["ok", {"a": 1}], "x") == {"a": 1}
     with pytest.raises(TransportError, match="x refused: no"):
