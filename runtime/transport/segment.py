@@ -288,9 +288,10 @@ def _reserve(fd: int, size: int, shm_dir: str, what: str) -> None:
         os.posix_fallocate(fd, 0, size)
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.ENOMEM):
+            free = _free_bytes(shm_dir)  # -1 for "memory" (a sealed segment) or an error
             raise TransportError(
-                f"no room in {shm_dir} for a {size}-byte segment: "
-                f"{_free_bytes(shm_dir)} bytes free") from exc
+                f"no room in {shm_dir} for a {size}-byte segment"
+                + (f": {free} bytes free" if free >= 0 else "")) from exc
         if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
             raise TransportError(f"cannot reserve {size} bytes in {what}: "
                                  f"{exc.strerror}") from exc

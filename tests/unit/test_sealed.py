@@ -340,3 +340,19 @@ def test_memfd_without_noexec_support_falls_back(monkeypatch):
         assert is_sealed(fd) and len(flags_seen) == 2
     finally:
         os.close(fd)
+
+
+def test_no_memory_for_a_sealed_segment_is_a_clear_transport_error(monkeypatch):
+    """The channel falls back on a TransportError; its text must not invent a free size."""
+    import errno
+
+    from runtime.errors import TransportError
+
+    def full(fd, offset, size):
+        raise OSError(errno.ENOMEM, "Cannot allocate memory")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    before = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(TransportError, match=r"no room in memory for a \d+-byte segment$"):
+        Segment.create_sealed(MiB)
+    assert len(os.listdir("/proc/self/fd")) == before  # the memfd is closed
