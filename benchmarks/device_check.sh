@@ -23,6 +23,12 @@ step() {  # step NAME SECONDS COMMAND...
     echo "   rc=$? $(tail -n 3 "$OUT/$name.log" | tr '\n' ' ' | cut -c1-300)"
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$OUT/gpu.txt" 2>&1
+# The host's facts that set a call's floor: clock source (a clock read costs ~50 ns on tsc,
+# microseconds on hpet), a clock read and a sched_yield as Python pays them, the cores.
+{ cat /sys/devices/system/clocksource/clocksource0/current_clocksource; nproc
+  lscpu | grep -E "Model name|Socket|NUMA node\(s\)|Thread\(s\) per core"
+  python3 -m timeit -s "import time" "time.perf_counter_ns()"
+  python3 -m timeit -s "import os" "os.sched_yield()"; } >"$OUT/host.txt" 2>&1
 # Tests that need CUDA (the rest run on CI): registration, device buffers, the GPU worker.
 step cuda_tests 70 python3 -m pytest -q -p no:cacheprovider tests/unit/test_codec.py \
     tests/unit/test_hostmem.py tests/unit/test_llama_split_inprocess.py \
