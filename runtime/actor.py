@@ -31,15 +31,17 @@ class ActorOptions:
     max_restarts: int = 0
     untrusted: bool = False
     borrow_args: bool = False
+    untrusted_callers: bool = False
 
 
-def _check_options(max_restarts: Any, untrusted: Any, borrow_args: Any = False) -> None:
+def _check_options(max_restarts: Any, untrusted: Any, borrow_args: Any = False,
+                   untrusted_callers: Any = False) -> None:
     if isinstance(max_restarts, bool) or not isinstance(max_restarts, int) or max_restarts < 0:
         raise ValueError(f"max_restarts must be an int >= 0, got {max_restarts!r}")
-    if not isinstance(untrusted, bool):
-        raise ValueError(f"untrusted must be a bool, got {untrusted!r}")
-    if not isinstance(borrow_args, bool):
-        raise ValueError(f"borrow_args must be a bool, got {borrow_args!r}")
+    for name, value in (("untrusted", untrusted), ("borrow_args", borrow_args),
+                        ("untrusted_callers", untrusted_callers)):
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be a bool, got {value!r}")
 
 
 def _mark(cls: Any, options: ActorOptions) -> Any:
@@ -59,13 +61,19 @@ def _mark(cls: Any, options: ActorOptions) -> Any:
 @overload
 def actor(cls: T) -> T: ...
 @overload
-def actor(*, max_restarts: int = 0, untrusted: bool = False,
-          borrow_args: bool = False) -> Callable[[T], T]: ...
+def actor(*, max_restarts: int = 0, untrusted: bool = False, borrow_args: bool = False,
+          untrusted_callers: bool = False) -> Callable[[T], T]: ...
 
 
 def actor(cls: Any = None, *, max_restarts: int = 0, untrusted: bool = False,
-          borrow_args: bool = False) -> Any:
+          borrow_args: bool = False, untrusted_callers: bool = False) -> Any:
     """Mark ``cls`` as an actor class; use bare or as ``@actor(max_restarts=2)``.
+
+    ``untrusted_callers=True``: a trusted actor of this class also serves actors spawned
+    ``untrusted`` (their calls decoded in safe mode).  Off by default: an untrusted actor
+    can build a handle to any actor of its session from the table it maps, and a TEE
+    driver that served it would hand it tokens, logits and its control flow.  An
+    untrusted actor serves untrusted callers whatever this says (nothing to protect).
 
     ``borrow_args=True``: tensor and array arguments from a trusted caller that arrive in
     shared memory are views of the received message, not copies, and stay valid only
@@ -73,9 +81,9 @@ def actor(cls: Any = None, *, max_restarts: int = 0, untrusted: bool = False,
     while it is written) -- a method that keeps one must copy it.  Saves a host copy
     per call; a GPU worker copies its inputs host-to-device straight from the message.
     """
-    _check_options(max_restarts, untrusted, borrow_args)
+    _check_options(max_restarts, untrusted, borrow_args, untrusted_callers)
     options = ActorOptions(max_restarts=max_restarts, untrusted=untrusted,
-                           borrow_args=borrow_args)
+                           borrow_args=borrow_args, untrusted_callers=untrusted_callers)
     if cls is None:
         return lambda c: _mark(c, options)
     return _mark(cls, options)

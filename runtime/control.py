@@ -47,6 +47,9 @@ REQUEST_DEADLINE_S = 2.0
 # supervisor has not recorded it yet (it does within ~1 s): ``check`` is polled this long
 # for that verdict before the refusal itself is the error.
 REFUSED_WAIT_S = 2.0
+# Connecting and writing a request without a deadline: the frame is small, a server's
+# socket buffer takes it at once, unless the server is wedged.
+WRITE_TIMEOUT_S = 30.0
 _CRED = struct.Struct("3i")
 
 # handler(message, descriptors, peer pid) -> reply; raising refuses the request.
@@ -136,8 +139,9 @@ class ControlServer:
     def _read(self, p: _Pending) -> None:
         try:
             msgs = p.reader.feed()
-        except (ProtocolError, OSError) as exc:
-            self._refuse(p, str(exc))
+        except Exception as exc:  # noqa: BLE001 - whatever a peer sends, the actor serves on
+            self._refuse(p, str(exc) if isinstance(exc, (ProtocolError, OSError))
+                         else f"{type(exc).__name__}: {exc}")
             return
         if not msgs:
             if p.reader.eof:
@@ -194,48 +198,59 @@ def _close_fd(fd: int) -> None:
         pass
 
 
-def request(path: str, msg: list, fds: tuple[int, ...], *, timeout: float,
+def request(path: str, msg: list, fds: tuple[int, ...], *, timeout: float | None,
             check: Callable[[], None] | None = None) -> list:
     """Send one request to the server at ``path``; return its reply.
 
     Waits in 50 ms slices, calling ``check`` (which raises if the server's
-    actor died) after each; ``TransportError`` when ``timeout`` passes.  A
-    refused or missing socket is retried for up to :data:`REFUSED_WAIT_S`
-    while ``check`` is polled: an actor killed a moment ago refuses before the
-    supervisor has recorded its death, and its caller should get that death
-    (``check``'s error), not a ``TransportError``.
+    actor died) after each; ``TransportError`` when ``timeout`` passes (``None``:
+    as long as ``check`` lets it -- an actor busy in a long call answers after
+    it).  A refused or missing socket is retried for up to
+    :data:`REFUSED_WAIT_S` while ``check`` is polled: an actor killed a moment
+    ago refuses before the supervisor has recorded its death, and its caller
+    should get that death (``check``'s error), not a ``TransportError``.  A
+    reply never carries descriptors: one that does is a ``ProtocolError``, and
+    they are closed.
     """
-    deadline = time.monotonic() + timeout
+    deadline = None if timeout is None else time.monotonic() + timeout
     sock = _connect(path, deadline, check)
+    reader = FrameReader(sock, max_frame=MAX_REQUEST)
     try:
-        sock.settimeout(timeout)
+        sock.settimeout(WRITE_TIMEOUT_S if timeout is None else timeout)
         write_frame(sock, msg, fds)
         sock.setblocking(False)
-        reader = FrameReader(sock, max_frame=MAX_REQUEST)
         poller = select.poll()
         poller.register(sock, select.POLLIN)
         while True:
             if poller.poll(50):
                 msgs = reader.feed()
+                if reader.fds:  # a reply never carries any: the server is hostile or broken
+                    raise ProtocolError(f"{path} sent {len(reader.fds)} descriptors with "
+                                        f"its reply")
                 if msgs:
                     return msgs[0]
                 if reader.eof:
                     raise TransportError(f"{path} closed the connection without a reply")
             if check is not None:
                 check()
-            if time.monotonic() > deadline:
+            if deadline is not None and time.monotonic() > deadline:
                 raise TransportError(f"no reply from {path} within {timeout} s")
     finally:
+        reader.close_fds()
         sock.close()
 
 
-def _connect(path: str, deadline: float, check: Callable[[], None] | None) -> socket.socket:
+def _connect(path: str, deadline: float | None,
+             check: Callable[[], None] | None) -> socket.socket:
     """A socket connected to ``path`` (see :func:`request` on refusals)."""
-    refused_until = min(deadline, time.monotonic() + REFUSED_WAIT_S)
+    refused_until = time.monotonic() + REFUSED_WAIT_S
+    if deadline is not None:
+        refused_until = min(deadline, refused_until)
     while True:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
-            sock.settimeout(max(0.001, deadline - time.monotonic()))
+            sock.settimeout(WRITE_TIMEOUT_S if deadline is None
+                            else max(0.001, deadline - time.monotonic()))
             sock.connect(path)
             return sock
         except (ConnectionRefusedError, FileNotFoundError) as exc:

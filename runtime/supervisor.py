@@ -239,7 +239,7 @@ class Supervisor:
         reader = actor.status
         try:
             msgs = reader.feed()
-        except ProtocolError as exc:
+        except Exception as exc:  # noqa: BLE001 - a status pipe is the actor's: never our end
             log.warning("actor %s wrote a malformed status (%s); killing it", actor.name, exc)
             self._close_status(actor)
             _signal(actor.proc, signal.SIGKILL)

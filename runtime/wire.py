@@ -119,6 +119,8 @@ class FrameReader:
                 msg = json.loads(bytes(self._buf[4:4 + n]))
             except ValueError as exc:
                 raise ProtocolError(f"frame is not JSON: {exc}") from None
+            except RecursionError:  # '[' * 32000: small, well framed, and would kill the reader
+                raise ProtocolError("frame nests deeper than JSON decoding can follow") from None
             if not isinstance(msg, list) or not msg or not isinstance(msg[0], str):
                 raise ProtocolError("frame is not a list starting with a name")
             out.append(msg)

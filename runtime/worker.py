@@ -81,6 +81,8 @@ class ActorServer:
         # ``@actor(borrow_args=True)``: a trusted caller's arguments are decoded in place,
         # as views of the received ring record, valid until the method returns.
         self.borrow_args = False
+        # ``@actor(untrusted_callers=True)``: a trusted actor that also serves untrusted ones.
+        self.untrusted_callers = False
         self._poller: zmq.Poller | None = None
 
     # -- control: channel opening ------------------------------------------------
@@ -107,6 +109,9 @@ class ActorServer:
             raise ProtocolError("malformed channel name")
         spec = ChannelSpec.from_dict(msg[1].get("spec"))
         safe = self.peer_is_untrusted(pid)
+        if safe and not (self.untrusted or self.untrusted_callers):
+            raise ProtocolError(f"actor {self.name!r} does not serve untrusted actors (pid "
+                                f"{pid}); @actor(untrusted_callers=True) lets it")
         # The files a channel names must be the requester's own, in this session: a peer
         # may not point this actor at another channel's ZeroMQ socket or doorbell.
         own = os.path.join(self.ctx.session.private_dir, f"rt_{self.ctx.session.sid}_{pid}_")
@@ -350,7 +355,9 @@ def run(boot: dict[str, Any]) -> None:
         cls, args, kwargs = read_spec(boot["spec_fd"])
         os.close(boot["spec_fd"])
         faults.hit("init")
-        server.borrow_args = actor_options(cls).borrow_args
+        options = actor_options(cls)
+        server.borrow_args = options.borrow_args
+        server.untrusted_callers = options.untrusted_callers
         server.instance = cls(*args, **kwargs)
     except BaseException as exc:  # noqa: BLE001 - reported as ActorStartError
         tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))

@@ -63,6 +63,11 @@ class Echo:
         return {1, 2, 3}
 
 
+@actor(untrusted_callers=True)
+class OpenEcho(Echo):
+    """An Echo that also serves untrusted actors (trusted actors refuse them by default)."""
+
+
 class CustomError(Exception):
     """A user exception type that must keep its identity across the boundary."""
 

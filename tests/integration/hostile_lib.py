@@ -197,3 +197,100 @@ class BadStatus:
     def __init__(self):
         fd = json.loads(sys.argv[1])["status_fd"]
         os.write(fd, struct.pack("<I", 5) + b"{bad}")
+
+
+def _every_other_actor(ctx, methods):
+    """Handles to every other live actor, built from the table this process maps.
+
+    Handles are plain data: an untrusted actor needs nobody's to make its own.
+    """
+    from runtime.actor import ActorHandle
+    from runtime.calls import ActorRef
+    from runtime.table import ALIVE
+
+    out = []
+    for index in range(64):
+        if index != ctx.self_index and ctx.table.read(index).state == ALIVE:
+            ref = ActorRef(ctx.session.sid, index, f"actor{index}", "?", frozenset(methods),
+                           False)
+            out.append(ActorHandle(ref, ctx))
+    return out
+
+
+def _context():
+    from runtime.calls import _contexts
+
+    return next(iter(_contexts.values()))
+
+
+@actor(untrusted=True)
+class Hijacker:
+    """Calls every other actor of its session, the TEE driver included, with handles of
+    its own making: ``generate_step`` would return the user's next tokens, ``_logits`` the
+    private lm_head (``_logits(I) = W``)."""
+
+    def hijack(self, method: str, *args) -> list[str]:
+        got = []
+        for h in _every_other_actor(_context(), {method}):
+            try:
+                r = getattr(h, method)(*args)
+                got.append(f"served: {type(r).__name__}")
+            except Exception as exc:  # noqa: BLE001 - the refusal is the expected outcome
+                got.append(f"{type(exc).__name__}: {exc}")
+        return got
+
+
+# 64,000 bytes of '[' and ']': well under every frame limit, and deeper than JSON decoding
+# can follow (RecursionError, which was not a ProtocolError).
+JSON_BOMB = b"[" * 32000 + b"]" * 32000
+
+
+@actor(untrusted=True)
+class JsonBomber:
+    """Sends a nesting bomb to an actor's control socket, or as its own start-up status."""
+
+    def __init__(self, at_start: bool = False):
+        if at_start:
+            fd = json.loads(sys.argv[1])["status_fd"]
+            os.write(fd, struct.pack("<I", len(JSON_BOMB)) + JSON_BOMB)
+
+    def bomb(self, ctl_path: str) -> bytes:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:
+            c.settimeout(5)
+            c.connect(ctl_path)
+            c.sendall(struct.pack("<I", len(JSON_BOMB)) + JSON_BOMB)
+            try:
+                return c.recv(4096)[:200]
+            except OSError as exc:
+                return str(exc).encode()
+
+
+@actor(untrusted=True)
+class FdStuffer:
+    """Answers every channel-open request in pieces, each carrying 8 descriptors of a memfd
+    named ``rt_fd_stuffer`` (SCM_RIGHTS), then the real reply."""
+
+    def __init__(self):
+        from runtime import control
+        from runtime.wire import encode_frame
+
+        leak = os.memfd_create("rt_fd_stuffer")
+
+        def _finish(server, p, reply):
+            server._pending.pop(p.sock.fileno(), None)
+            try:
+                server._poll.unregister(p.sock)
+            except (KeyError, ValueError):
+                pass
+            data = encode_frame(reply)
+            p.sock.setblocking(True)
+            for i in range(10):
+                socket.send_fds(p.sock, [data[i:i + 1]], [leak] * 8)
+            p.sock.sendall(data[10:])
+            p.reader.close_fds()
+            p.sock.close()
+
+        control.ControlServer._finish = _finish
+
+    def ping(self) -> str:
+        return "pong"

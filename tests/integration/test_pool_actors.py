@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from runtime import ActorSystem
-from tests.integration.actors_lib import Borrower, Caller, Copier, Echo, Untrusted
+from tests.integration.actors_lib import Borrower, Caller, Copier, Echo, OpenEcho, Untrusted
 
 MiB = 1 << 20
 BIG = 16 * MiB  # bytes: above the 10 MiB default threshold
@@ -134,7 +134,7 @@ def test_channels_with_an_untrusted_side_are_sealed_both_ways():
     one (whose end insists: it refuses rings an untrusted caller could truncate), are
     sealed; the driver's channel to a trusted actor is not.  Large and small calls work."""
     with ActorSystem() as system:
-        e = system.spawn(Echo)
+        e = system.spawn(OpenEcho)
         u = system.spawn(Caller, e, untrusted=True)
         x = torch.randn(BIG // 4)
         assert torch.equal(u.relay(x), x)  # through the pool, both hops, both ways

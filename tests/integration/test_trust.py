@@ -18,8 +18,10 @@ from actors import GPUWorker, LlamaConfig, TEEDriver
 from runtime import ActorStartError, ActorSystem, ProtocolError
 from runtime.errors import ActorRuntimeError
 from runtime.table import FLAG_UNTRUSTED
-from tests.integration.actors_lib import Echo
-from tests.integration.hostile_lib import BadStatus, Intruder, Liar, Relay
+from tests.integration.actors_lib import Echo, OpenEcho
+from tests.integration.hostile_lib import (
+    BadStatus, FdStuffer, Hijacker, Intruder, JsonBomber, Liar, Relay,
+)
 
 REFUSED = {"EPERM", "EACCES"}
 
@@ -65,12 +67,78 @@ def test_trusted_actor_refuses_a_pickled_argument_from_an_untrusted_caller(tmp_p
                                                                            threshold):
     marker = tmp_path / "pwned"
     with ActorSystem(shm_threshold=threshold) as system:
-        echo = system.spawn(Echo)
+        echo = system.spawn(OpenEcho)  # one that serves untrusted callers at all
         relay = system.spawn(Relay, echo)
         answer = relay.send_pickle(str(marker))
         assert "safe mode" in answer, answer
         assert not marker.exists()
         assert echo.echo(5) == 5
+
+
+def test_a_trusted_actor_refuses_untrusted_callers_unless_it_opts_in():
+    with ActorSystem() as system:
+        echo, open_echo = system.spawn(Echo), system.spawn(OpenEcho)
+        answer = system.spawn(Relay, echo).send_pickle("/nonexistent/marker")
+        assert "does not serve untrusted actors" in answer, answer
+        assert "safe mode" in system.spawn(Relay, open_echo).send_pickle("/nonexistent/m")
+        assert echo.echo(1) == 1
+
+
+def test_an_untrusted_worker_cannot_call_the_tee_driver():
+    """Handles are plain data: the worker makes one to the driver from the table it maps.
+    Served, ``generate_step`` would hand it the user's next tokens (and a
+    ``generate_start`` of its own would replace the user's prompt), ``_logits`` the
+    private lm_head.  The driver refuses the channel; the user's generation is untouched."""
+    config = LlamaConfig.preset("tiny")
+    ids = (torch.arange(3, 27) * 7 % config.vocab_size).tolist()
+    with ActorSystem() as system:
+        gpu = system.spawn(GPUWorker, config, seed=0, device="cpu")
+        drv = system.spawn(TEEDriver, config, gpu, seed=0)
+        want = drv.generate(ids, 6).tolist()
+        drv.generate_start(ids, 6)
+        thief = system.spawn(Hijacker)
+        for method, args in (("generate_step", (6,)), ("_logits", (torch.eye(64),)),
+                             ("generate_start", (ids[::-1], 6))):
+            got = thief.hijack(method, *args)
+            assert len(got) == 2 and not any(g.startswith("served") for g in got), got
+            # The driver refuses; the (untrusted) GPU worker serves, but has no such method.
+            assert sum("TEEDriver-0' does not serve untrusted actors" in g for g in got) == 1
+        assert drv.generate_step(6) == want
+
+
+def test_a_json_nesting_bomb_kills_neither_the_supervisor_nor_an_actor():
+    """64 KB of '[' ... ']' raised RecursionError (not a ProtocolError) in the JSON reader:
+    on a control socket it ended the trusted actor, as a start-up status the supervisor."""
+    from runtime.calls import ctl_path
+
+    with ActorSystem() as system:
+        echo = system.spawn(Echo)
+        sup = psutil.Process(system._link.proc.pid)
+        bomber = system.spawn(JsonBomber)
+        answer = bomber.bomb(ctl_path(system.session, echo._ref.index, 0))
+        assert b"nests deeper" in answer, answer
+        assert echo.echo(1) == 1
+        with pytest.raises(ActorStartError):
+            system.spawn(JsonBomber, True)
+        assert sup.is_running() and sup.status() != psutil.STATUS_ZOMBIE
+        assert echo.echo(2) == 2 and system.spawn(Echo).echo(3) == 3
+
+
+def test_descriptors_sent_with_a_control_reply_are_refused_and_closed():
+    def stuffed() -> int:
+        n = 0
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                n += "rt_fd_stuffer" in os.readlink(f"/proc/self/fd/{fd}")
+            except OSError:
+                pass
+        return n
+
+    with ActorSystem() as system:
+        h = system.spawn(FdStuffer)
+        with pytest.raises(ProtocolError, match="descriptors with its reply"):
+            h.ping()
+        assert stuffed() == 0
 
 
 def test_the_table_is_read_only_outside_the_supervisor():
