@@ -20,7 +20,13 @@ from runtime.errors import ActorRuntimeError
 from runtime.table import FLAG_UNTRUSTED
 from tests.integration.actors_lib import Echo, OpenEcho
 from tests.integration.hostile_lib import (
-    BadStatus, FdStuffer, Hijacker, Intruder, JsonBomber, Liar, Relay,
+    BadStatus,
+    FdStuffer,
+    Hijacker,
+    Intruder,
+    JsonBomber,
+    Liar,
+    Relay,
 )
 
 REFUSED = {"EPERM", "EACCES"}
