@@ -27,7 +27,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,7 +78,6 @@ REPLY_SPIN_MIN_S, REPLY_SPIN_MAX_S = 100e-6, 2e-3
 # on this VM) on top of the call: spin through it rather than sleep and need
 # a second wake-up for the reply.
 WOKE_SPIN_S = 600e-6
-OPEN_TIMEOUT_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -192,6 +191,21 @@ class _Failed:
         self.tag, self.exc = tag, exc
 
 
+def _complete(waiter: Any, ok: bool, value: Any) -> None:
+    """Complete ``waiter``, which has left the pending set: nothing else will now.
+
+    A Ctrl-C landing as ``complete`` begins would leave it waiting for ever: it is
+    completed before the interrupt goes on (an error from a done-callback comes after the
+    waiter is done, and is not retried).
+    """
+    try:
+        waiter.complete(ok, value)
+    except BaseException:
+        if not waiter.is_done():
+            waiter.complete(ok, value)
+        raise
+
+
 def _again(exc: BaseException) -> BaseException:
     """A fresh exception like ``exc``.
 
@@ -299,6 +313,9 @@ class CallerChannel:
                 raise _again(self.dead)
             call_id = next(self._ids) & 0xFFFFFFFF
             self.pending[call_id] = (waiter, deadline)
+            if self.dead is not None:  # failed (close, kill) since the check above: the
+                self.pending.pop(call_id, None)  # failure may have missed this call
+                raise _again(self.dead)
             try:
                 enc = self.channel.encode((call_id, method, args, kwargs))
                 route = self.channel.send_encoded(enc, tag=call_id, deadline=deadline,
@@ -330,6 +347,8 @@ class CallerChannel:
                     self._role.release()
                     if self.pending:
                         self._kick_pump()
+                if self.dead is not None and not waiter.is_done():
+                    self._abandon(waiter)  # nothing will ever read its reply
             else:
                 wait = 0.05 if deadline is None else min(0.05, deadline - time.monotonic())
                 if wait > 0:
@@ -358,7 +377,10 @@ class CallerChannel:
                     continue
                 ok, msg = self._recv()
                 if ok:
+                    # Acknowledged once dispatched: a Ctrl-C before leaves the reply to
+                    # the next reader (dispatching twice is harmless: see _dispatch).
                     self._dispatch(msg)
+                    ch.ack()
                     spin = self.spin.window
                     continue
                 if ch.peer_closed:
@@ -403,8 +425,10 @@ class CallerChannel:
         return ok, msg
 
     def _dispatch(self, msg: Any) -> None:
-        """Complete the call ``msg`` answers; never raises.
+        """Complete the call ``msg`` answers; never raises for what the actor sent.
 
+        Idempotent: a reply dispatched again (redelivered after a Ctrl-C) finds its call
+        gone from the pending set and is dropped.
         The reply is validated before its call leaves the pending set.  A
         malformed reply that names a pending call fails that call with
         ``ProtocolError``; one that names no call fails the channel.
@@ -412,7 +436,7 @@ class CallerChannel:
         if type(msg) is _Failed:
             entry = self.pending.pop(msg.tag, None)
             if entry is not None:
-                entry[0].complete(False, msg.exc)
+                _complete(entry[0], False, msg.exc)
             return
         if type(msg) is not tuple or len(msg) != 3 or type(msg[0]) is not int:
             what = type(msg).__name__
@@ -435,7 +459,7 @@ class CallerChannel:
         else:
             value = _rebuild_error(payload, safe=self.channel.safe)
         if self.pending.pop(call_id, None) is not None:
-            entry[0].complete(ok, value)
+            _complete(entry[0], ok, value)
 
     def _expire(self, deadline: float | None) -> float | None:
         """Fail calls past their call_timeout; return the next deadline to wake at."""
@@ -481,13 +505,26 @@ class CallerChannel:
                     if not ok:
                         break
                     self._deferred.append(msg)
+                    ch.ack()
             finally:
                 self._role.release()
 
     def _dispatch_deferred(self) -> None:
         """Complete the replies ``_drain_nowait`` queued (holding the reader role)."""
         while self._deferred:
-            self._dispatch(self._deferred.pop(0))
+            self._dispatch(self._deferred[0])  # then dropped: a Ctrl-C between loses none
+            self._deferred.pop(0)
+
+    def _abandon(self, waiter: Any) -> None:
+        """Fail ``waiter`` on a finished channel: no reader will ever complete it."""
+        for call_id, entry in list(self.pending.items()):
+            if entry[0] is waiter:
+                self.pending.pop(call_id, None)
+        if not waiter.is_done():
+            try:
+                waiter.complete(False, _again(self.dead))
+            except InvalidStateError:  # completed meanwhile
+                pass
 
     def _fail_all(self, exc: BaseException) -> None:
         if self.dead is None:
@@ -580,6 +617,7 @@ class ProcessContext:
         self.self_index = self_index
         self._owner_check = owner_check
         self._channels: dict[int, CallerChannel] = {}
+        self._opening: dict[int, threading.Event] = {}  # index -> set once its open ended
         self._lock = threading.Lock()
         self._names = itertools.count()
         self.closed = False
@@ -650,29 +688,59 @@ class ProcessContext:
                 f"actor {ref.name!r} called itself through its own handle: an actor runs "
                 f"one call at a time, so that call could never be served; call the method "
                 f"directly (self.method(...))")
-        stale = []
-        try:
+        # Opening waits as long as the call would: an actor busy in a long call answers
+        # the request after it.  So it is bounded by the call's own deadline, and it runs
+        # outside the lock -- calls to other actors, kill() and shutdown() go on meanwhile.
+        limit = self.session.call_timeout
+        deadline = None if limit is None else time.monotonic() + limit
+        while True:
+            self._close_stale()
+            entry = self._settled(ref, deadline)
+            if entry.state != ALIVE:
+                raise ActorDiedError(self.death_text(ref, entry))
             with self._lock:
                 if self.closed:
                     raise ActorRuntimeError("the actor system is shut down")
-                # Channels to incarnations that are gone (this one included)
-                # are released now: each holds descriptors and two mappings.
-                for index, old in list(self._channels.items()):
-                    if old.dead is not None or not self.table.alive(index, old.incarnation):
-                        del self._channels[index]
-                        stale.append(old)
-                entry = self._settled(ref)
-                if entry.state != ALIVE:
-                    raise ActorDiedError(self.death_text(ref, entry))
                 cc = self._channels.get(ref.index)
-                if cc is not None:
+                if cc is not None and cc.dead is None and self.table.alive(ref.index,
+                                                                           cc.incarnation):
                     return cc
-                cc = self._open(ref, entry.incarnation)
-                self._channels[ref.index] = cc
-                return cc
-        finally:
-            for old in stale:
-                old.close(ActorDiedError(old.death_text()) if old.dead is None else None)
+                opening = self._opening.get(ref.index)
+                mine = opening is None
+                if mine:
+                    opening = self._opening[ref.index] = threading.Event()
+            if not mine:  # another thread opens this channel: wait for it, then look again
+                while not opening.wait(0.05):
+                    if self.closed:
+                        raise ActorRuntimeError("the actor system is shut down")
+                    if deadline is not None and time.monotonic() >= deadline:
+                        raise CallTimeoutError(f"no channel to actor {ref.name!r} within "
+                                               f"{limit} s: it is busy (an actor serves one "
+                                               f"call at a time)")
+                continue
+            try:
+                cc = self._open(ref, entry.incarnation, deadline)
+                with self._lock:
+                    if not self.closed:
+                        self._channels[ref.index] = cc
+                        return cc
+                cc.close(ActorRuntimeError("the actor system was shut down"))
+                raise ActorRuntimeError("the actor system is shut down")
+            finally:
+                with self._lock:
+                    del self._opening[ref.index]
+                opening.set()
+
+    def _close_stale(self) -> None:
+        """Release channels to incarnations that are gone (descriptors, two mappings each)."""
+        stale = []
+        with self._lock:
+            for index, old in list(self._channels.items()):
+                if old.dead is not None or not self.table.alive(index, old.incarnation):
+                    del self._channels[index]
+                    stale.append(old)
+        for old in stale:
+            old.close(ActorDiedError(old.death_text()) if old.dead is None else None)
 
     def retire(self, cc: CallerChannel) -> None:
         """Close ``cc``, whose actor incarnation is gone, and forget it."""
@@ -681,20 +749,21 @@ class ProcessContext:
                 del self._channels[cc.ref.index]
         cc.close()
 
-    def _settled(self, ref: ActorRef) -> Any:
+    def _settled(self, ref: ActorRef, deadline: float | None) -> Any:
         """The actor's entry once it is ALIVE or DEAD (waits out a restart)."""
-        limit = self.session.call_timeout
-        deadline = None if limit is None else time.monotonic() + limit
         while True:
             entry = self.table.read(ref.index)
             if entry.state in (ALIVE, DEAD):
                 return entry
             self.check_owner()
+            if self.closed:
+                raise ActorRuntimeError("the actor system is shut down")
             if deadline is not None and time.monotonic() > deadline:
-                raise CallTimeoutError(f"actor {ref.name!r} did not come back within {limit} s")
+                raise CallTimeoutError(f"actor {ref.name!r} did not come back within "
+                                       f"{self.session.call_timeout} s")
             time.sleep(0.005)
 
-    def _open(self, ref: ActorRef, incarnation: int) -> CallerChannel:
+    def _open(self, ref: ActorRef, incarnation: int, deadline: float | None) -> CallerChannel:
         s = self.session
         name = s.segment_name(f"c{next(self._names)}")
         # Trust comes from the supervisor's record (the read-only table), not
@@ -706,21 +775,42 @@ class ProcessContext:
                         and bool(self.table.read(self.self_index).flags & FLAG_UNTRUSTED))
         channel = Channel.create(shm_dir=s.shm_dir, private_dir=s.private_dir, name=name,
                                  threshold=s.threshold, safe=safe, sealed=safe or me_untrusted)
+        if safe and s.call_timeout is not None:
+            # An honest actor's frames are queued before their BULK marker; an untrusted
+            # one could publish the marker alone and hold this reader BULK_FRAMES_S.
+            channel.frames_wait_s = min(channel.frames_wait_s, s.call_timeout)
         # A call nests its values two containers deep, a reply one.
         cc = CallerChannel(self, ref, incarnation,
-                           MessageChannel(channel, send_envelope=2, recv_envelope=1))
+                           MessageChannel(channel, send_envelope=2, recv_envelope=1,
+                                          redeliver=True))
+
+        def check() -> None:
+            if self.closed:
+                raise ActorRuntimeError("the actor system is shut down")
+            cc.check()
+
         try:
             reply = control.request(
                 ctl_path(s, ref.index, incarnation),
                 ["open", {"name": name, "spec": channel.spec().as_dict()}],
-                channel.peer_fds(), timeout=OPEN_TIMEOUT_S, check=cc.check)
+                channel.peer_fds(),
+                timeout=None if deadline is None else max(0.001, deadline - time.monotonic()),
+                check=check)
             fields = control.reply_fields(reply, f"opening a channel to actor {ref.name!r}")
             bell = fields.get("bell")
-            if not isinstance(bell, str) or not bell.startswith(s.private_dir + os.sep):
+            if (not isinstance(bell, str) or not bell.startswith(s.private_dir + os.sep)
+                    or ".." in bell):
                 raise ProtocolError(f"actor {ref.name!r} answered with a bad doorbell path")
             channel.attached(bell)
-        except BaseException:
-            channel.close(notify=False)
+        except BaseException as exc:
+            # The request may sit unread in the actor's socket: if the actor attaches the
+            # channel after all, the CLOSE marker in it makes it drop the channel at once.
+            channel.close(notify=True)
+            if (isinstance(exc, TransportError) and deadline is not None
+                    and time.monotonic() >= deadline):
+                raise CallTimeoutError(
+                    f"no channel to actor {ref.name!r} within {s.call_timeout} s: it is "
+                    f"busy (an actor serves one call at a time)") from exc
             raise
         return cc
 

@@ -223,7 +223,12 @@ def request(path: str, msg: list, fds: tuple[int, ...], *, timeout: float | None
         poller.register(sock, select.POLLIN)
         while True:
             if poller.poll(50):
-                msgs = reader.feed()
+                try:
+                    msgs = reader.feed()
+                except OSError as exc:  # reset: the server's process is likely gone
+                    if check is not None:
+                        check()  # its death explains it best
+                    raise TransportError(f"{path} failed the connection: {exc}") from exc
                 if reader.fds:  # a reply never carries any: the server is hostile or broken
                     raise ProtocolError(f"{path} sent {len(reader.fds)} descriptors with "
                                         f"its reply")

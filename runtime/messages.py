@@ -29,6 +29,7 @@ from runtime.transport.channel import Channel, Received
 __all__ = ["MessageChannel"]
 
 _clock = time.perf_counter_ns
+_NOTHING = object()  # no message held
 _encode = codec.encode
 _decode = codec.decode
 
@@ -39,19 +40,28 @@ class MessageChannel:
     ``send_envelope`` / ``recv_envelope``: containers of the call layer wrapping the values
     of a message each way (a call tuple, say): the codec's depth limit applies inside them.
     ``borrow``: decode ring messages in place (see the module docstring); ignored when the
-    peer is untrusted (``channel.safe``).  Anything else -- ``readable``, ``wait``, ``close``,
+    peer is untrusted (``channel.safe``).  ``redeliver``: a received message stays this
+    end's until :meth:`ack` -- an exception that is not the message's fault (a Ctrl-C
+    while it is decoded or handed on) leaves it to the next :meth:`try_recv`, since the
+    transport cannot take it back (the caller's end: a reply lost so would leave its call
+    waiting for ever).  Anything else -- ``readable``, ``wait``, ``close``,
     ``routes``, ``failed``... -- is the transport channel's own (attribute access falls
     through to it).
     """
 
-    __slots__ = ("_last", "_ns", "_try_recv", "borrow", "readable", "recv_envelope", "send_encoded",
-                 "send_envelope", "set_sleeping", "transport", "wait")
+    __slots__ = ("_held", "_last", "_ns", "_try_recv", "borrow", "readable", "recv_envelope",
+                 "redeliver", "send_encoded", "send_envelope", "set_sleeping", "transport",
+                 "wait")
     _OWN = frozenset(__slots__)
 
     def __init__(self, channel: Channel, *, send_envelope: int = 0, recv_envelope: int = 0,
-                 borrow: bool = False) -> None:
+                 borrow: bool = False, redeliver: bool = False) -> None:
         own = object.__setattr__
         own(self, "transport", channel)
+        own(self, "redeliver", redeliver)
+        # With ``redeliver``: [received, not yet decoded; decoded, not yet acknowledged],
+        # mutated in place (no attribute stores on the hot path).
+        own(self, "_held", [None, _NOTHING])
         own(self, "send_envelope", send_envelope)
         own(self, "recv_envelope", recv_envelope)
         own(self, "borrow", borrow and not channel.safe)
@@ -135,15 +145,39 @@ class MessageChannel:
         # ``borrow`` is checked against the peer's trust on every receive, not only at
         # construction: an untrusted peer's record is never decoded in place, whatever
         # was set since.  Not borrowing, the channel copies the buffers out itself.
-        got = self._try_recv(deadline=deadline, check=check,
-                             lend=self.borrow and not self.transport.safe)
+        if not self.redeliver:
+            got = self._try_recv(deadline=deadline, check=check,
+                                 lend=self.borrow and not self.transport.safe)
+            if got is None:
+                return False, None
+            return True, self._decode(got)
+        held = self._held
+        if held[1] is not _NOTHING:
+            return True, held[1]  # not acknowledged: handed on again
+        got = held[0]
         if got is None:
-            return False, None
-        return True, self._decode(got)
+            got = self._try_recv(deadline=deadline, check=check,
+                                 lend=self.borrow and not self.transport.safe)
+            if got is None:
+                return False, None
+            held[0] = got
+        try:
+            held[1] = self._decode(got)
+        except Exception:  # the message's own fault (ProtocolError): it is done with
+            held[0] = None
+            raise
+        held[0] = None
+        return True, held[1]
+
+    def ack(self) -> None:
+        """The message :meth:`try_recv` returned last has been handled (``redeliver``)."""
+        self._held[1] = _NOTHING
 
     def recv(self, *, deadline: float | None = None, check: Callable[[], None] | None = None,
              **kw: Any) -> Any:
         """Block until a message arrives and decode it; see ``Channel.recv``."""
+        if self.redeliver:
+            raise TypeError("a redelivering end receives with try_recv (and acknowledges)")
         return self._decode(self.transport.recv(
             deadline=deadline, check=check, lend=self.borrow and not self.transport.safe, **kw))
 

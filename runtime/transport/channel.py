@@ -246,6 +246,8 @@ class Channel:
     # Set when the ring's own framing is found corrupt: every later receive
     # raises it (the records behind a corrupt one cannot be found).
     failed: ProtocolError | None = None
+    # How long the frames a BULK marker announces may take (see _recv_marked_bulk).
+    frames_wait_s: float = BULK_FRAMES_S
 
     def __init__(self, *, tx: ShmRing | None, rx: ShmRing | None, bulk: BulkLink,
                  own_bell: Doorbell | None, owns_bell: bool, peer_bell: DoorbellWriter | None,
@@ -721,13 +723,17 @@ class Channel:
 
         They were queued before the marker was published, so they are waited
         for whatever the caller's deadline: left behind, they would be taken
-        for the next marker's.  Frames that never come mean a broken peer.
+        for the next marker's.  Frames that never come mean a broken peer, or
+        a hostile one: ``frames_wait_s`` (default :data:`BULK_FRAMES_S`) is how
+        long that takes to tell, and the caller of an untrusted actor cuts it to
+        its ``call_timeout``.
         """
+        wait = self.frames_wait_s
         try:
-            return self._recv_bulk(time.monotonic() + BULK_FRAMES_S, check)
+            return self._recv_bulk(time.monotonic() + wait, check)
         except TimeoutError:
             self.failed = ProtocolError(f"channel {self.name}: a BULK marker without its "
-                                        f"ZeroMQ frames within {BULK_FRAMES_S:.0f} s")
+                                        f"ZeroMQ frames within {wait:g} s")
             self.failed.tag = None
             raise self.failed from None
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from runtime import codec
+from runtime.errors import ProtocolError
 from runtime.messages import MessageChannel
 from runtime.transport.ring import MIN_CAPACITY, ShmRing
 from runtime.worker import ActorServer, _Inbound
@@ -234,6 +235,49 @@ def test_ring_receive_copy_time_is_still_in_copy_s(private_dir):
             callee.recv(deadline=time.monotonic() + 10)
         assert callee.last_in[0] == "shm"
         assert callee.stats()["copy_s"] > 0
+    finally:
+        caller.close()
+        callee.close()
+        bell.close()
+
+
+def test_a_redelivering_end_keeps_a_message_until_acknowledged(tmp_path, monkeypatch):
+    """An interrupt while a message is decoded, or before it is acknowledged, leaves it to
+    the next try_recv; the message's own fault (ProtocolError) does not."""
+    import runtime.messages as messages_mod
+
+    caller, callee, bell = make_pair(str(tmp_path), 1 << 20)
+    redo = MessageChannel(callee.transport, redeliver=True)
+    try:
+        real = messages_mod._decode
+        calls = []
+
+        def interrupted_once(*a, **kw):
+            calls.append(1)
+            if len(calls) == 1:
+                raise KeyboardInterrupt
+            return real(*a, **kw)
+
+        monkeypatch.setattr(messages_mod, "_decode", interrupted_once)
+        caller.send(("first", torch.arange(4)))
+        caller.send("second")
+        with pytest.raises(KeyboardInterrupt):
+            redo.try_recv()
+        ok, got = redo.try_recv()  # decoded again, from the bytes it kept
+        assert ok and got[0] == "first" and torch.equal(got[1], torch.arange(4))
+        assert redo.try_recv()[1][0] == "first"  # not acknowledged: handed on again
+        redo.ack()
+        assert redo.try_recv() == (True, "second")
+        redo.ack()
+        assert redo.try_recv() == (False, None)
+        monkeypatch.setattr(messages_mod, "_decode", real)
+        caller.transport.send(codec.Encoded(b"RTC\x02\x00\xff", [], 6), tag=9)  # bad tag
+        with pytest.raises(ProtocolError):
+            redo.try_recv()
+        caller.send("third")
+        assert redo.try_recv() == (True, "third")  # the bad one is gone, not redelivered
+        with pytest.raises(TypeError, match="try_recv"):
+            redo.recv()
     finally:
         caller.close()
         callee.close()

@@ -1,0 +1,215 @@
+"""A busy actor, a closing channel, a Ctrl-C: calls that must neither hang nor fail wrongly.
+
+An actor serves one call at a time and answers a channel-open request between calls.
+The first call to an actor that is busy with another process's call must therefore
+wait as a call would -- bounded by ``call_timeout`` (``CallTimeoutError``), unbounded
+without it -- and must not hold up anything else meanwhile: calls to other actors,
+``kill()``, ``shutdown()``.  And a call that registers itself while ``kill()`` or
+``shutdown()`` fails the pending ones must fail too, not spin for ever.  A Ctrl-C in
+the thread that reads replies must not lose another call's reply.
+(Found by an adversarial review; each test failed on the tree before.)
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from runtime import ActorRuntimeError, ActorSystem, CallTimeoutError, actor
+from tests.integration.actors_lib import Echo
+
+
+@actor
+class Proxy:
+    """Starts a call on another actor from its own process and does not wait."""
+
+    def __init__(self, other):
+        self.other = other
+        self.futs = []
+
+    def start(self, method, *args):
+        self.futs.append(getattr(self.other, method).remote(*args))
+        return True
+
+
+def _busy(system, seconds):
+    """An Echo busy for ``seconds`` in a call from another process (a Proxy)."""
+    target = system.spawn(Echo)
+    proxy = system.spawn(Proxy, target)
+    assert proxy.start("sleep", seconds)
+    time.sleep(0.5)  # the target is inside sleep() now
+    return target
+
+
+def test_first_call_to_a_busy_actor_honours_call_timeout():
+    """It waited 30 s for the open request's reply, then failed with TransportError."""
+    with ActorSystem(call_timeout=1.0) as system:
+        target = _busy(system, 40)
+        t0 = time.monotonic()
+        with pytest.raises(CallTimeoutError, match="busy"):
+            target.add(1, 2)
+        assert time.monotonic() - t0 < 5
+        target.kill()
+
+
+def test_first_call_to_a_busy_actor_waits_for_it():
+    with ActorSystem() as system:
+        target = _busy(system, 3)
+        assert target.add(1, 2) == 3
+
+
+@pytest.mark.slow
+def test_first_call_to_a_busy_actor_waits_past_the_old_open_limit():
+    """No call_timeout, no limit: it failed after 30 s with TransportError."""
+    with ActorSystem() as system:
+        target = _busy(system, 35)
+        assert target.add(1, 2) == 3
+
+
+def test_opening_a_channel_to_a_busy_actor_holds_up_nothing_else():
+    """The context lock was held through the open: a first call to an idle actor, and
+    shutdown(), waited for the busy actor's call to end."""
+    system = ActorSystem()
+    try:
+        target = _busy(system, 20)
+        idle = system.spawn(Echo)
+        got = []
+
+        def first_call():
+            try:
+                got.append(target.add(1, 2))
+            except ActorRuntimeError as exc:  # the system shut down under it
+                errors.append(exc)
+
+        errors = []
+        blocked = threading.Thread(target=first_call, daemon=True)
+        blocked.start()
+        time.sleep(0.5)  # that thread now waits for the busy actor's open reply
+        t0 = time.monotonic()
+        assert idle.add(2, 2) == 4
+        assert time.monotonic() - t0 < 2
+        t0 = time.monotonic()
+        system.shutdown()
+        assert time.monotonic() - t0 < 5
+        blocked.join(5)
+        assert not blocked.is_alive() and not got  # the open was abandoned, with an error
+        assert len(errors) == 1, errors
+    finally:
+        system.shutdown()
+
+
+def test_two_threads_opening_one_channel_share_it():
+    with ActorSystem() as system:
+        target = _busy(system, 2)
+        got = []
+        threads = [threading.Thread(target=lambda i=i: got.append(target.add(i, 1)))
+                   for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert sorted(got) == [1, 2, 3, 4]
+        assert len([c for c in system.stats()["channels"] if c["actor"] == target.name]) == 1
+
+
+class _SlowIds:
+    """``CallerChannel._ids`` whose next id comes late: widens the window between the
+    send path's ``dead`` check and its ``pending`` registration (a thread switch can land
+    at any bytecode there)."""
+
+    def __init__(self, pause):
+        self.pause, self.n = pause, 100
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        time.sleep(self.pause)
+        self.n += 1
+        return self.n
+
+
+@pytest.mark.parametrize("how", ["kill", "shutdown"])
+def test_a_call_registered_while_the_channel_closes_fails(how):
+    """Registered after close() had failed the pending calls, the call was never failed,
+    and ``drive`` looped for ever on the dead channel (100 % CPU, no return)."""
+    system = ActorSystem()
+    cc = None
+    try:
+        e = system.spawn(Echo)
+        assert e.add(1, 1) == 2
+        cc = system._ctx.channel_for(e._ref)
+        cc._ids = _SlowIds(0.5)
+        got = []
+
+        def call():
+            try:
+                got.append(e.add(2, 2))
+            except Exception as exc:
+                got.append(exc)
+
+        caller = threading.Thread(target=call, daemon=True)
+        caller.start()
+        time.sleep(0.2)  # the caller passed the dead check and waits in next(_ids)
+        if how == "kill":
+            e.kill()
+        else:
+            threading.Thread(target=system.shutdown, daemon=True).start()
+        caller.join(5)
+        assert not caller.is_alive(), "the call never returned"
+        assert isinstance(got[0], ActorRuntimeError), got
+    finally:
+        if cc is not None:
+            cc._fail_all(ActorRuntimeError("test cleanup"))  # frees a spinning caller
+        system.shutdown()
+
+
+def _slow_load(v):
+    time.sleep(1.0)  # runs where the reply is decoded: a Ctrl-C can land inside
+    return v
+
+
+class SlowToLoad:
+    def __init__(self, v):
+        self.v = v
+
+    def __reduce__(self):
+        return (_slow_load, (self.v,))
+
+
+@actor
+class SlowReply:
+    def add(self, a, b=0):
+        return a + b
+
+    def slow_obj(self, v, delay=0.2):
+        time.sleep(delay)
+        return SlowToLoad(v)
+
+
+def test_a_ctrl_c_while_reading_another_calls_reply_loses_nothing(monkeypatch):
+    """The blocked thread reads every reply of the channel.  A KeyboardInterrupt while it
+    decoded a *future's* reply lost that reply (consumed from the ring, never delivered):
+    the future never completed.  The pump thread is kept from starting, so that this
+    thread is the one that reads (which one does is otherwise a race)."""
+    from runtime.calls import CallerChannel
+
+    monkeypatch.setattr(CallerChannel, "_kick_pump", lambda self: self._pump_event.set())
+    with ActorSystem() as system:
+        a = system.spawn(SlowReply)
+        assert a.add(1, 1) == 2
+        fut = a.slow_obj.remote(6)  # without an interrupt: read by this thread, delivered
+        assert a.add(1, 2) == 3
+        assert fut.result(timeout=3) == 6
+        fut = a.slow_obj.remote(7)
+        timer = threading.Timer(0.6, os.kill, (os.getpid(), signal.SIGINT))
+        timer.start()
+        with pytest.raises(KeyboardInterrupt):
+            a.add(1, 2)  # reads fut's reply first: decoding it takes 1 s
+        timer.join()
+        assert a.add(2, 2) == 4
+        assert fut.result(timeout=5) == 7
