@@ -133,6 +133,11 @@ FORMAT_PICKLE = 1
 MAX_DEPTH = 100
 """Most containers nested in one another in the plain format."""
 MAX_NDIM = 64
+# Dict keys whose hash is not randomised (ints, floats, tuples, ...: not str or bytes) that
+# one safe-mode message may hold.  An untrusted peer can pick n int keys of one hash value
+# (k * (2**61 - 1) + c); building their dict costs n**2 / 2 comparisons in one C call that
+# holds the GIL (20,000 keys: 2.5 s; 60,000: 26 s of a frozen TEE).  1024 cost ~6 ms.
+SAFE_HASHED_KEYS = 1024
 """Most dimensions of a tensor or array descriptor."""
 
 HEADER_PREFIX = "<3sBB"
@@ -695,12 +700,13 @@ _DESC_TAGS = frozenset((_T_TENSOR, _T_ARRAY))
 
 
 def _dec(data: bytes, pos: int, end: int, ctx: _Ctx,
-         envelope: int = 0) -> tuple[object, int]:
+         envelope: int = 0, *, hashed_keys: int | None = None) -> tuple[object, int]:
     """Read one plain-format value at ``pos``; return it and the offset after it.
 
     Iterative, not recursive: the open container is ``(items, want, kind)``
     (``items`` None at the top level) and ``stack`` holds the enclosing ones,
-    so ``len(stack)`` is the number of open containers.
+    so ``len(stack)`` is the number of open containers.  ``hashed_keys``: how many
+    dict keys other than str and bytes the value may hold (None: any number).
     """
     stack: list[tuple] = []
     items: list | None = None
@@ -813,8 +819,16 @@ def _dec(data: bytes, pos: int, end: int, ctx: _Ctx,
             elif kind == _T_TUPLE:
                 v = tuple(items)
             else:
+                keys = items[::2]
+                if hashed_keys is not None:
+                    hashed_keys -= sum(1 for k in keys if type(k) is not str
+                                       and type(k) is not bytes)
+                    if hashed_keys < 0:
+                        raise ProtocolError(f"more than {SAFE_HASHED_KEYS} dict keys other "
+                                            f"than str and bytes in one message from an "
+                                            f"untrusted peer")
                 try:
-                    v = dict(zip(items[::2], items[1::2], strict=True))
+                    v = dict(zip(keys, items[1::2], strict=True))
                 except TypeError:
                     raise ProtocolError("unhashable dict key") from None
             items, want, kind = stack.pop()
@@ -886,7 +900,8 @@ def decode(
     ctx = (buffers, sizes, memo)
     if fmt == FORMAT_PLAIN:
         try:
-            obj, pos = _dec(data, pos, end, ctx, envelope)
+            obj, pos = _dec(data, pos, end, ctx, envelope,
+                            hashed_keys=SAFE_HASHED_KEYS if safe else None)
         except ProtocolError:
             raise
         except Exception as exc:  # a safety net: every defect should be named above

@@ -285,7 +285,11 @@ class ActorSystem:
             if name in self._names:
                 raise ValueError(f"an actor named {name!r} already exists in this system")
             if self._next_index >= CAPACITY:
-                raise ActorRuntimeError(f"an actor system holds at most {CAPACITY} actors")
+                # An index is never reused: a handle to a killed actor must not reach a
+                # newcomer in its place (it names the index, nothing more).
+                raise ActorRuntimeError(
+                    f"an actor system spawns at most {CAPACITY} actors in its lifetime, "
+                    f"killed and dead ones included; start another ActorSystem for more")
             self._names.add(name)
             index = self._next_index
             self._next_index += 1

@@ -294,3 +294,23 @@ class FdStuffer:
 
     def ping(self) -> str:
         return "pong"
+
+
+def _serving_channel():
+    """The transport Channel of the call this actor is serving (found up the stack)."""
+    frame = sys._getframe(1)
+    while frame.f_code.co_name != "_run_call":
+        frame = frame.f_back
+    return frame.f_locals["conn"].channel.transport
+
+
+@actor(untrusted=True)
+class MarkerOnly:
+    """Publishes a BULK marker in its reply ring and never sends the ZeroMQ frames."""
+
+    def ping(self) -> str:
+        return "pong"
+
+    def marker_without_frames(self) -> str:
+        _serving_channel()._send_marker(framing.KIND_BULK, None, None, None)
+        return "the real reply, behind the marker"

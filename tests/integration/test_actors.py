@@ -340,3 +340,17 @@ def test_callbacks_may_call_again_while_the_ring_is_full():
         while len(seconds) < 200 and time.monotonic() < deadline:
             time.sleep(0.01)
         assert [s.result(timeout=10) for s in seconds] == [2] * 200
+
+
+def test_the_lifetime_limit_on_spawns_says_what_it_is(monkeypatch):
+    """Table indices are never reused (a killed actor's handle names its index), so the
+    limit counts killed actors too, and the error says so."""
+    import runtime.system
+
+    monkeypatch.setattr(runtime.system, "CAPACITY", 2)
+    with ActorSystem() as system:
+        system.spawn(Echo).kill()
+        e = system.spawn(Echo)
+        with pytest.raises(ActorRuntimeError, match="at most 2 actors in its lifetime"):
+            system.spawn(Echo)
+        assert e.echo(1) == 1

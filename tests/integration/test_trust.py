@@ -9,6 +9,7 @@ message in trusted mode.
 from __future__ import annotations
 
 import os
+import time
 
 import psutil
 import pytest
@@ -26,6 +27,7 @@ from tests.integration.hostile_lib import (
     Intruder,
     JsonBomber,
     Liar,
+    MarkerOnly,
     Relay,
 )
 
@@ -145,6 +147,17 @@ def test_descriptors_sent_with_a_control_reply_are_refused_and_closed():
         with pytest.raises(ProtocolError, match="descriptors with its reply"):
             h.ping()
         assert stuffed() == 0
+
+
+def test_a_bulk_marker_without_frames_is_cut_by_call_timeout():
+    """The wait for a marker's frames was 60 s whatever the call's deadline."""
+    with ActorSystem(call_timeout=2) as system:
+        h = system.spawn(MarkerOnly)
+        assert h.ping() == "pong"
+        t0 = time.monotonic()
+        with pytest.raises(ProtocolError, match="BULK marker without"):
+            h.marker_without_frames()
+        assert time.monotonic() - t0 < 2 + 3
 
 
 def test_the_table_is_read_only_outside_the_supervisor():
