@@ -112,6 +112,8 @@ class _Slot:
         self.wire: list[Any] | None = None
 
     def complete(self, ok: bool, value: Any) -> None:
+        if self.done:  # the first completion wins (see _complete)
+            return
         self.ok, self.value = ok, value
         self.done = True
         ev = self.event
@@ -192,18 +194,19 @@ class _Failed:
 
 
 def _complete(waiter: Any, ok: bool, value: Any) -> None:
-    """Complete ``waiter``, which has left the pending set: nothing else will now.
+    """Complete ``waiter`` unless it is done: the first of the paths that race to wins.
 
-    A Ctrl-C landing as ``complete`` begins would leave it waiting for ever: it is
-    completed before the interrupt goes on (an error from a done-callback comes after the
-    waiter is done, and is not retried).
+    A reply, a timeout and the channel's end may all reach one call.  Each path completes
+    the call *before* it removes it from the pending set: a Ctrl-C between the two leaves a
+    done call in the set (removed by the next path that meets it), where the other order
+    could leave a call that nothing will ever complete.
     """
+    if waiter.is_done():
+        return
     try:
         waiter.complete(ok, value)
-    except BaseException:
-        if not waiter.is_done():
-            waiter.complete(ok, value)
-        raise
+    except InvalidStateError:  # a Future completed meanwhile by another thread
+        pass
 
 
 def _again(exc: BaseException) -> BaseException:
@@ -396,11 +399,12 @@ class CallerChannel:
                 continue  # a deadline passed: the loop re-evaluates
             except ProtocolError as exc:
                 tag = getattr(exc, "tag", None)
-                entry = None if ch.failed is not None else self.pending.pop(tag, None)
+                entry = None if ch.failed is not None else self.pending.get(tag)
                 if entry is None:
                     self._fail_all(exc)
                     return
-                entry[0].complete(False, exc)
+                _complete(entry[0], False, exc)
+                self.pending.pop(tag, None)
             except ActorDiedError as exc:
                 self._fail_all(exc)
                 self.ctx.retire(self)  # its descriptors go now, not at shutdown
@@ -428,15 +432,16 @@ class CallerChannel:
         """Complete the call ``msg`` answers; never raises for what the actor sent.
 
         Idempotent: a reply dispatched again (redelivered after a Ctrl-C) finds its call
-        gone from the pending set and is dropped.
+        done, or gone from the pending set, and is dropped.
         The reply is validated before its call leaves the pending set.  A
         malformed reply that names a pending call fails that call with
         ``ProtocolError``; one that names no call fails the channel.
         """
         if type(msg) is _Failed:
-            entry = self.pending.pop(msg.tag, None)
+            entry = self.pending.get(msg.tag)
             if entry is not None:
                 _complete(entry[0], False, msg.exc)
+                self.pending.pop(msg.tag, None)
             return
         if type(msg) is not tuple or len(msg) != 3 or type(msg[0]) is not int:
             what = type(msg).__name__
@@ -458,8 +463,8 @@ class CallerChannel:
             value = payload
         else:
             value = _rebuild_error(payload, safe=self.channel.safe)
-        if self.pending.pop(call_id, None) is not None:
-            _complete(entry[0], ok, value)
+        _complete(entry[0], ok, value)
+        self.pending.pop(call_id, None)
 
     def _expire(self, deadline: float | None) -> float | None:
         """Fail calls past their call_timeout; return the next deadline to wake at."""
@@ -471,10 +476,10 @@ class CallerChannel:
             if due is None:
                 continue
             if due <= now:
-                if self.pending.pop(call_id, None) is not None:
-                    fut.complete(False, CallTimeoutError(
-                        f"call to actor {self.ref.name!r} got no reply within "
-                        f"{self.ctx.session.call_timeout} s"))
+                _complete(fut, False, CallTimeoutError(
+                    f"call to actor {self.ref.name!r} got no reply within "
+                    f"{self.ctx.session.call_timeout} s"))
+                self.pending.pop(call_id, None)
             elif soonest is None or due < soonest:
                 soonest = due
         return soonest
@@ -517,24 +522,18 @@ class CallerChannel:
 
     def _abandon(self, waiter: Any) -> None:
         """Fail ``waiter`` on a finished channel: no reader will ever complete it."""
+        _complete(waiter, False, _again(self.dead))
         for call_id, entry in list(self.pending.items()):
             if entry[0] is waiter:
                 self.pending.pop(call_id, None)
-        if not waiter.is_done():
-            try:
-                waiter.complete(False, _again(self.dead))
-            except InvalidStateError:  # completed meanwhile
-                pass
 
     def _fail_all(self, exc: BaseException) -> None:
         if self.dead is None:
             self.dead = exc
-        while self.pending:
-            try:
-                _, (fut, _) = self.pending.popitem()
-            except KeyError:
-                break
-            fut.complete(False, _again(exc))
+        while self.pending:  # a call registered meanwhile sees ``dead`` and leaves itself
+            for call_id, (fut, _) in list(self.pending.items()):
+                _complete(fut, False, _again(exc))
+                self.pending.pop(call_id, None)
 
     # -- pump --------------------------------------------------------------------
     def _kick_pump(self) -> None:
@@ -706,11 +705,14 @@ class ProcessContext:
                                                                            cc.incarnation):
                     return cc
                 opening = self._opening.get(ref.index)
+                if opening is not None and opening.is_set():
+                    opening = None  # its opener was interrupted before it could remove it
                 mine = opening is None
                 if mine:
                     opening = self._opening[ref.index] = threading.Event()
             if not mine:  # another thread opens this channel: wait for it, then look again
                 while not opening.wait(0.05):
+                    self.check_owner()
                     if self.closed:
                         raise ActorRuntimeError("the actor system is shut down")
                     if deadline is not None and time.monotonic() >= deadline:
@@ -727,9 +729,10 @@ class ProcessContext:
                 cc.close(ActorRuntimeError("the actor system was shut down"))
                 raise ActorRuntimeError("the actor system is shut down")
             finally:
+                opening.set()  # first: a waiter must never outlive an interrupted opener
                 with self._lock:
-                    del self._opening[ref.index]
-                opening.set()
+                    if self._opening.get(ref.index) is opening:
+                        del self._opening[ref.index]
 
     def _close_stale(self) -> None:
         """Release channels to incarnations that are gone (descriptors, two mappings each)."""

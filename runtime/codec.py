@@ -133,11 +133,13 @@ FORMAT_PICKLE = 1
 MAX_DEPTH = 100
 """Most containers nested in one another in the plain format."""
 MAX_NDIM = 64
-# Dict keys whose hash is not randomised (ints, floats, tuples, ...: not str or bytes) that
-# one safe-mode message may hold.  An untrusted peer can pick n int keys of one hash value
-# (k * (2**61 - 1) + c); building their dict costs n**2 / 2 comparisons in one C call that
-# holds the GIL (20,000 keys: 2.5 s; 60,000: 26 s of a frozen TEE).  1024 cost ~6 ms.
+# Dict keys whose hash is not randomised (anything but str and bytes) that one safe-mode
+# message may hold, and their size in 64-bit words.  An untrusted peer can pick n int keys
+# of one hash value (k * (2**61 - 1) + c); building their dict costs n**2 / 2 comparisons,
+# each walking the keys, in one C call that holds the GIL (20,000 small keys: 2.5 s;
+# 60,000: 26 s of a frozen TEE; 1024 keys of 30 KB: 2.6 s).  At the caps: ~10 ms.
 SAFE_HASHED_KEYS = 1024
+SAFE_KEY_WORDS = 16384
 """Most dimensions of a tensor or array descriptor."""
 
 HEADER_PREFIX = "<3sBB"
@@ -699,14 +701,48 @@ _LENGTH_TAGS = frozenset((_T_STR, _T_BYTES, _T_BIGINT))
 _DESC_TAGS = frozenset((_T_TENSOR, _T_ARRAY))
 
 
+def _key_cost(k: object) -> int:
+    """What comparing key ``k`` with an equal-hash one may cost, in 64-bit words."""
+    t = type(k)
+    if t is int:
+        return 1 + k.bit_length() // 64  # type: ignore[attr-defined]
+    if t is tuple:
+        return 1 + sum(_key_cost(e) for e in k)  # type: ignore[attr-defined]
+    if t is str or t is bytes:
+        return 1 + len(k) // 8  # type: ignore[arg-type]
+    return 1
+
+
+def _charge_keys(keys: list, budget: list[int]) -> None:
+    """Charge an untrusted peer's dict ``keys`` to ``budget`` ([keys, words] left).
+
+    Keys other than str and bytes hash without randomisation, so a peer can make any
+    number collide, and every colliding pair is compared when the dict is built: their
+    number and their size (a comparison walks a big int or a tuple whole) are both capped.
+    """
+    n = cost = 0
+    for k in keys:
+        t = type(k)
+        if t is not str and t is not bytes:
+            n += 1
+            cost += _key_cost(k)
+    if n:
+        budget[0] -= n
+        budget[1] -= cost
+        if budget[0] < 0 or budget[1] < 0:
+            raise ProtocolError(
+                f"dict keys other than str and bytes past the budget of a message from an "
+                f"untrusted peer ({SAFE_HASHED_KEYS} keys, {SAFE_KEY_WORDS} 64-bit words)")
+
+
 def _dec(data: bytes, pos: int, end: int, ctx: _Ctx,
-         envelope: int = 0, *, hashed_keys: int | None = None) -> tuple[object, int]:
+         envelope: int = 0, *, key_budget: list[int] | None = None) -> tuple[object, int]:
     """Read one plain-format value at ``pos``; return it and the offset after it.
 
     Iterative, not recursive: the open container is ``(items, want, kind)``
     (``items`` None at the top level) and ``stack`` holds the enclosing ones,
-    so ``len(stack)`` is the number of open containers.  ``hashed_keys``: how many
-    dict keys other than str and bytes the value may hold (None: any number).
+    so ``len(stack)`` is the number of open containers.  ``key_budget``: what the dict
+    keys other than str and bytes may amount to (see :func:`_charge_keys`; None: any).
     """
     stack: list[tuple] = []
     items: list | None = None
@@ -820,13 +856,8 @@ def _dec(data: bytes, pos: int, end: int, ctx: _Ctx,
                 v = tuple(items)
             else:
                 keys = items[::2]
-                if hashed_keys is not None:
-                    hashed_keys -= sum(1 for k in keys if type(k) is not str
-                                       and type(k) is not bytes)
-                    if hashed_keys < 0:
-                        raise ProtocolError(f"more than {SAFE_HASHED_KEYS} dict keys other "
-                                            f"than str and bytes in one message from an "
-                                            f"untrusted peer")
+                if key_budget is not None:
+                    _charge_keys(keys, key_budget)
                 try:
                     v = dict(zip(keys, items[1::2], strict=True))
                 except TypeError:
@@ -901,7 +932,7 @@ def decode(
     if fmt == FORMAT_PLAIN:
         try:
             obj, pos = _dec(data, pos, end, ctx, envelope,
-                            hashed_keys=SAFE_HASHED_KEYS if safe else None)
+                            key_budget=[SAFE_HASHED_KEYS, SAFE_KEY_WORDS] if safe else None)
         except ProtocolError:
             raise
         except Exception as exc:  # a safety net: every defect should be named above

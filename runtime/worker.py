@@ -42,6 +42,9 @@ from runtime.wire import write_frame
 
 log = logging.getLogger("runtime.worker")
 
+# How long the frames of an untrusted caller's BULK marker may take: an honest sender
+# queues them before the marker, and a hostile one would hold this actor (everyone's calls).
+UNTRUSTED_FRAMES_S = 5.0
 # Spin after a reply between these bounds (see runtime.spin), then sleep: a
 # caller's next call usually follows within tens of microseconds, or -- a split's decode
 # step -- after 0.3-1 ms of the caller's own compute.  Waking from sleep costs 100-200 us
@@ -126,6 +129,8 @@ class ActorServer:
         fds.clear()
         channel = Channel.attach(spec, fds=owned, own_bell=self.bell, safe=safe, name=name,
                                  shm_dir=self.ctx.session.shm_dir)
+        if safe:  # a BULK marker without its frames would stall every caller of this actor
+            channel.frames_wait_s = min(channel.frames_wait_s, UNTRUSTED_FRAMES_S)
         self.inbound.append(_Inbound(channel, pid, borrow=self.borrow_args))
         self._poller = None
         return ["ok", {"bell": self.bell.path}]

@@ -213,3 +213,63 @@ def test_a_ctrl_c_while_reading_another_calls_reply_loses_nothing(monkeypatch):
         timer.join()
         assert a.add(2, 2) == 4
         assert fut.result(timeout=5) == 7
+
+
+def test_a_ctrl_c_as_a_reply_is_dispatched_loses_nothing(monkeypatch):
+    """A SIGINT handled right after the reply's call left the pending set (an eval-breaker
+    check follows every C call): the call was gone, the reply dropped when redelivered,
+    the future never completed.  Calls are now completed before they leave the set."""
+    from runtime.calls import CallerChannel
+
+    monkeypatch.setattr(CallerChannel, "_kick_pump", lambda self: self._pump_event.set())
+    with ActorSystem() as system:
+        a = system.spawn(SlowReply)
+        assert a.add(1, 1) == 2
+        cc = system._ctx.channel_for(a._ref)
+        target = []
+
+        class Trap(dict):
+            fired = False
+
+            def pop(self, key, *default):
+                v = super().pop(key, *default)
+                if v is not None and target and v[0] is target[0] and not Trap.fired:
+                    Trap.fired = True
+                    os.kill(os.getpid(), signal.SIGINT)  # handled at the next check
+                return v
+
+        cc.pending = Trap(cc.pending)
+        fut = a.slow_obj.remote(7, 0.3)
+        target.append(fut)
+        with pytest.raises(KeyboardInterrupt):
+            a.add(1, 2)  # this thread reads fut's reply first
+        assert Trap.fired
+        assert a.add(2, 2) == 4
+        assert fut.result(timeout=5) == 7
+
+
+def test_an_interrupted_opener_leaves_no_wedge():
+    """A Ctrl-C in channel_for's cleanup (simulated: ``del _opening[i]`` raises) left an
+    Event nobody would set, and every later call to the actor waited on it for ever."""
+    with ActorSystem() as system:
+        a = system.spawn(Echo)
+        ctx = system._ctx
+
+        class Trap(dict):
+            armed = True
+
+            def __delitem__(self, key):
+                if Trap.armed:
+                    Trap.armed = False
+                    raise KeyboardInterrupt
+                super().__delitem__(key)
+
+        ctx._opening = Trap()
+        with pytest.raises(KeyboardInterrupt):
+            a.add(1, 1)
+        ctx._channels.clear()  # as if the interrupt had come before the channel was kept
+        got = []
+        t = threading.Thread(target=lambda: got.append(a.add(2, 2)), daemon=True)
+        t.start()
+        t.join(10)
+        assert got == [4]

@@ -314,3 +314,18 @@ class MarkerOnly:
     def marker_without_frames(self) -> str:
         _serving_channel()._send_marker(framing.KIND_BULK, None, None, None)
         return "the real reply, behind the marker"
+
+
+@actor(untrusted=True)
+class Staller:
+    """An untrusted caller that publishes a BULK marker on its channel to a trusted actor
+    (one that serves untrusted callers) and never sends the frames."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def stall(self) -> str:
+        assert self.target.echo(1) == 1  # opens the channel
+        cc = _context()._channels[self.target._ref.index]
+        cc.channel.transport._send_marker(framing.KIND_BULK, None, None, None)
+        return "sent"

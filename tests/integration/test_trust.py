@@ -29,6 +29,7 @@ from tests.integration.hostile_lib import (
     Liar,
     MarkerOnly,
     Relay,
+    Staller,
 )
 
 REFUSED = {"EPERM", "EACCES"}
@@ -158,6 +159,17 @@ def test_a_bulk_marker_without_frames_is_cut_by_call_timeout():
         with pytest.raises(ProtocolError, match="BULK marker without"):
             h.marker_without_frames()
         assert time.monotonic() - t0 < 2 + 3
+
+
+def test_an_untrusted_callers_bulk_marker_without_frames_stalls_its_callee_briefly():
+    """A trusted actor that serves untrusted callers waited 60 s for the frames, serving
+    nobody meanwhile; it gives an untrusted caller 5 s (UNTRUSTED_FRAMES_S)."""
+    with ActorSystem() as system:
+        t = system.spawn(OpenEcho)
+        assert system.spawn(Staller, t).stall() == "sent"
+        t0 = time.monotonic()
+        assert t.echo(2) == 2
+        assert time.monotonic() - t0 < 5 + 3
 
 
 def test_the_table_is_read_only_outside_the_supervisor():

@@ -550,21 +550,36 @@ def test_safe_mode_refuses_a_pickle_even_with_a_plain_looking_payload(tmp_path):
 
 def test_safe_mode_caps_dict_keys_whose_hash_an_attacker_can_collide():
     """n int keys of one hash value (Python's int hash is k mod 2**61 - 1, not
-    randomised) cost n**2 / 2 comparisons in one C call: 60,000 froze a TEE for 26 s."""
+    randomised) cost n**2 / 2 comparisons in one C call: 60,000 froze a TEE for 26 s, and
+    1024 keys of 30 KB each 2.6 s.  Safe mode caps the keys other than str and bytes in a
+    message, in number and in size."""
+    import time
+
     p = 2**61 - 1
     colliding = {i * p + 7: None for i in range(1, SAFE_HASHED_KEYS + 2)}
     enc = encode(colliding)
-    assert decode(enc.header, enc.buffers, safe=False) == colliding  # trusted: any number
-    with pytest.raises(ProtocolError, match="dict keys other than str and bytes"):
+    assert decode(enc.header, enc.buffers, safe=False) == colliding  # trusted: anything
+    with pytest.raises(ProtocolError, match="past the budget"):
         decode(enc.header, enc.buffers, safe=True)
-    # The cap counts over the whole message, not per dict.
-    split = encode([{k: 1} for k in colliding])
-    with pytest.raises(ProtocolError, match="dict keys other than str and bytes"):
-        decode(split.header, split.buffers, safe=True)
-    # str and bytes keys (randomised hashes) and a message at the cap pass.
+    big = (1 << (8000 * 30)) + 7  # 30 KB ints, 1024 of them: 2.6 s to build
+    wide = encode({big + i * p: 0 for i in range(SAFE_HASHED_KEYS)})
+    t0 = time.perf_counter()
+    with pytest.raises(ProtocolError, match="past the budget"):
+        decode(wide.header, wide.buffers, safe=True)
+    assert time.perf_counter() - t0 < 0.5
+    long_tuples = encode({tuple(range(i, i + 100)): 0 for i in range(200)})
+    with pytest.raises(ProtocolError, match="past the budget"):
+        decode(long_tuples.header, long_tuples.buffers, safe=True)
+    # The budget spans the whole message, not one dict.
+    many = encode([{k: 1} for k in range(SAFE_HASHED_KEYS + 1)])
+    with pytest.raises(ProtocolError, match="past the budget"):
+        decode(many.header, many.buffers, safe=True)
+    # str and bytes keys (randomised hashes), and a message within the budget, pass.
     fine = encode([{f"k{i}": i for i in range(3 * SAFE_HASHED_KEYS)},
-                   {i: i for i in range(SAFE_HASHED_KEYS)}])
-    assert decode(fine.header, fine.buffers, safe=True)[1][5] == 5
+                   {i - 512: i for i in range(SAFE_HASHED_KEYS - 4)},
+                   {(1, "a"): 0, 1 << 100: 1, 1.5: 2, None: 3}, {b"x": 1}])
+    got = decode(fine.header, fine.buffers, safe=True)
+    assert got[1][-507] == 5 and got[2][None] == 3 and got[3] == {b"x": 1}
 
 
 def test_corrupted_pickle_is_a_protocol_error():

@@ -703,7 +703,7 @@ def test_a_bulk_marker_waits_for_its_frames_whatever_the_deadline(private_dir, m
         assert caller.send(big) == "zmq"
         assert callee.recv(deadline=time.monotonic() + 5) == big  # still in step
 
-        monkeypatch.setattr(channel_mod, "BULK_FRAMES_S", 0.5)
+        callee.frames_wait_s = 0.5  # a broken peer's frames are waited for this long
         marker_then_frames("never sent", None)
         caller.send("after")
         t0 = time.monotonic()
