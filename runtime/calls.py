@@ -201,11 +201,9 @@ def _complete(waiter: Any, ok: bool, value: Any) -> None:
     done call in the set (removed by the next path that meets it), where the other order
     could leave a call that nothing will ever complete.
     """
-    if waiter.is_done():
-        return
     try:
-        waiter.complete(ok, value)
-    except InvalidStateError:  # a Future completed meanwhile by another thread
+        waiter.complete(ok, value)  # a _Slot ignores a second completion
+    except InvalidStateError:  # a Future refuses one
         pass
 
 
