@@ -49,10 +49,22 @@ def test_first_call_to_a_busy_actor_honours_call_timeout():
     """It waited 30 s for the open request's reply, then failed with TransportError."""
     with ActorSystem(call_timeout=1.0) as system:
         target = _busy(system, 40)
+        errors = []
+
+        def second():  # waits for the first thread's open, and times out with it
+            try:
+                target.add(2, 2)
+            except CallTimeoutError as exc:
+                errors.append(exc)
+
         t0 = time.monotonic()
+        other = threading.Thread(target=second)
+        other.start()
         with pytest.raises(CallTimeoutError, match="busy"):
             target.add(1, 2)
+        other.join(5)
         assert time.monotonic() - t0 < 5
+        assert len(errors) == 1 and "busy" in str(errors[0])
         target.kill()
 
 

@@ -96,3 +96,32 @@ def test_a_malformed_reply_fails_only_its_call_and_keeps_order():
     exc = futures[1].exception(timeout=0)
     assert type(exc).__name__ == "ProtocolError" and "ok flag" in str(exc)
     assert cc.dead is None
+
+
+def test_a_waiter_left_on_a_finished_channel_is_failed_not_spun_on():
+    """A call that slipped into the pending set after the channel failed them all: no
+    reader will ever complete it, so ``drive`` fails it (it spun for ever)."""
+    from runtime.calls import _Slot
+    from runtime.errors import ActorDiedError
+
+    cc, _ = _caller()
+    cc._fail_all(ActorDiedError("gone"))
+    slot = _Slot()
+    cc.pending[99] = (slot, None)  # as if registered just after _fail_all ran
+    cc.drive(slot, 5)
+    assert slot.done and isinstance(slot.value, ActorDiedError) and not cc.pending
+
+
+def test_every_completer_lets_the_first_completion_win():
+    """A reply, a timeout and the channel's end may race to one call: the first wins, and
+    a call is completed before it leaves the pending set."""
+    from runtime.calls import _complete, _Slot
+
+    fut = _caller()[0].submit("m", (1,), {})
+    _complete(fut, True, "reply")
+    _complete(fut, False, RuntimeError("late"))  # a Future would raise: ignored
+    assert fut.result(timeout=0) == "reply"
+    slot = _Slot()
+    _complete(slot, True, 1)
+    _complete(slot, False, RuntimeError("late"))
+    assert slot.ok and slot.value == 1

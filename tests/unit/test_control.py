@@ -86,7 +86,7 @@ def test_request_reply_and_peer_pid(server):
 
 
 @pytest.mark.parametrize("payload", [
-    "pickle", "garbage", "oversized", "not-a-list", "two-requests"])
+    "pickle", "garbage", "oversized", "not-a-list", "two-requests", "json-bomb"])
 def test_hostile_requests_are_refused_and_serving_goes_on(server, payload, tmp_path, caplog):
     srv, seen = server
     marker = str(tmp_path / "pwned")
@@ -100,6 +100,9 @@ def test_hostile_requests_are_refused_and_serving_goes_on(server, payload, tmp_p
         c.sendall(struct.pack("<I", MAX_FRAME))
     elif payload == "not-a-list":
         c.sendall(encode_frame({"op": "open"}))
+    elif payload == "json-bomb":  # RecursionError in json.loads: it ended the actor
+        body = b"[" * 32000 + b"]" * 32000
+        c.sendall(struct.pack("<I", len(body)) + body)
     else:
         c.sendall(encode_frame(["a"]) + encode_frame(["b"]))
     with caplog.at_level(logging.WARNING, logger="runtime.control"):
@@ -117,6 +120,91 @@ def test_hostile_requests_are_refused_and_serving_goes_on(server, payload, tmp_p
     pump(srv, lambda: seen)
     assert read_reply(c) == ["ok", {"echo": ["fine"]}]
     c.close()
+
+
+def test_any_error_reading_a_request_refuses_it_and_serving_goes_on(server, monkeypatch):
+    srv, seen = server
+
+    def broken(self):
+        raise MemoryError("what a hostile frame might provoke")
+
+    monkeypatch.setattr(FrameReader, "feed", broken)
+    c = raw_client(srv.path)
+    c.sendall(encode_frame(["x"]))
+    pump(srv, lambda: srv.refused)
+    monkeypatch.undo()
+    assert srv.refused == 1 and read_reply(c) == ["error", "MemoryError: what a hostile frame "
+                                                           "might provoke"]
+    c.close()
+    c = raw_client(srv.path)
+    c.sendall(encode_frame(["fine"]))
+    pump(srv, lambda: seen)
+    assert read_reply(c) == ["ok", {"echo": ["fine"]}]
+    c.close()
+
+
+def test_a_connection_reset_is_a_transport_error_after_the_check(tmp_path):
+    """A server that goes away with the request unread resets the connection
+    (ECONNRESET on the read): that is ``check``'s verdict if it has one, else a
+    TransportError -- never a bare OSError."""
+    import threading
+
+    path = os.path.join(tempfile.mkdtemp(prefix="rtc"), "r.ctl")
+    lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    lsock.bind(path)
+    lsock.listen(4)
+
+    def accept_and_drop():
+        for _ in range(2):
+            conn, _ = lsock.accept()
+            time.sleep(0.2)  # the request is in conn's buffer, unread
+            conn.close()
+
+    t = threading.Thread(target=accept_and_drop, daemon=True)
+    t.start()
+    try:
+        with pytest.raises(TransportError, match=r"failed the connection: .*reset"):
+            control.request(path, ["x"], (), timeout=5)
+
+        def dead():
+            raise ProtocolError("the actor died")
+
+        with pytest.raises(ProtocolError, match="the actor died"):
+            control.request(path, ["x"], (), timeout=5, check=dead)
+    finally:
+        t.join(5)
+        lsock.close()
+
+
+def test_a_reply_carrying_descriptors_is_refused_and_they_are_closed(tmp_path):
+    import threading
+
+    path = os.path.join(tempfile.mkdtemp(prefix="rtc"), "f.ctl")
+    lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    lsock.bind(path)
+    lsock.listen(1)
+    r, w = os.pipe()
+
+    def answer_with_fds():
+        conn, _ = lsock.accept()
+        FrameReader(conn).feed()
+        data = encode_frame(["ok", {}])
+        socket.send_fds(conn, [data[:1]], [r, w])
+        conn.sendall(data[1:])
+        conn.close()
+
+    t = threading.Thread(target=answer_with_fds, daemon=True)
+    t.start()
+    before = len(os.listdir("/proc/self/fd"))
+    try:
+        with pytest.raises(ProtocolError, match="2 descriptors with its reply"):
+            control.request(path, ["x"], (), timeout=5)
+        t.join(5)
+        assert len(os.listdir("/proc/self/fd")) == before
+    finally:
+        os.close(r)
+        os.close(w)
+        lsock.close()
 
 
 def test_a_silent_connection_is_dropped_at_its_deadline(server, monkeypatch):
