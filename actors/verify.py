@@ -8,18 +8,26 @@ of two operands the TEE knows (the attention matmuls ``q kᵀ`` and ``p v``), ``
 with ``A (B r)`` for a fresh random ``r``.  An embedding lookup ``y = E[ids]`` is checked as
 ``y v`` against ``(E v)[ids]``.
 
-Vectors: Rademacher (each entry ±1, equally likely).  A wrong result ``y + e`` shifts row
-``i``'s residual by exactly ``e_i · v``; for an error in one element that is ``±e_ij``, its full
-size, whatever ``v`` is.  So "one element off by 1 % of its row's norm" is caught with
-certainty (not just with probability 0.99) as long as the row's tolerance plus its honest
-residual stays below 1 % of the row norm: in float32 the tolerance is ~1e-4 of it (below).
-A Gaussian ``v`` would shift the residual by ``|e_ij · v_j|``, below 1 % of ``e_ij`` with
-probability 0.008: catching the same error with probability 0.99 would need a tolerance ~80 times
-tighter than the error.  For an error spread over several elements the shift ``e_i · v`` is zero
-with probability at most 1/2 (Freivalds); for a spread error much larger than the tolerance
-(noise, a stale or swapped result, zeros) it is about ``N(0, |e_i|²)``, and the check misses
-it with probability about ``0.8 · tolerance / |e_i|`` per row and check, ~1e-4 in float32,
-~3 % in bfloat16 for an error as large as the row — and every layer is checked anew.
+Vectors: each entry a random sign times a magnitude uniform in ``[3/4, 1)`` (on a grid of
+2^-22, exact in float32).  A wrong result ``y + e`` shifts row ``i``'s residual by exactly
+``e_i · v``.  For an error in one element that is at least 3/4 of the element's error,
+whatever ``v`` is: so "one element off by 1 % of its row's norm" is caught with certainty (not
+just with probability 0.99) as long as the row's tolerance plus its honest residual stays
+below 0.75 % of the row norm; in float32 the tolerance is ~1e-4 of it (below).  For any
+error, condition on every entry of ``v`` but the one facing ``e_i``'s largest element: the
+shift is then that element times a magnitude spread evenly over a quarter, so it comes
+within ``t`` of zero with probability at most ``8·t / |e_i|_∞``, where ``t`` is the tolerance
+plus the honest residual: a check misses an error whose largest element is 100 times the
+tolerance with probability at most 8 %, 1000 times at most 0.8 %.  Why not plain ±1
+(Rademacher) vectors, which catch one element at its full size: an error spread over two
+elements, ``+d`` in both, shifts by ``d·(v_a + v_b)``, zero for every ±1 vector with
+``v_a = -v_b``: half of them, whatever ``d`` is.  Vectors come from a pool that lasts hundreds
+of checks, so a liar repeating such an error passed half of the checks of its weight, for
+ever (an adversarial review measured 52 % of 40 prefills undetected with a pool of 16; now
+0.3 %, ``d`` a fifth of the row's norm).  Why not Gaussian vectors, which never vanish on a
+spread error either: a Gaussian entry is below 1 % in size with probability 0.008, so one
+element's error would be caught only with some probability; magnitudes of at least 3/4 keep
+the certainty, and at most 1 keeps every tolerance term below, derived for ``|v_j| <= 1``.
 NaN and Inf always fail: they make the residual non-finite, and a check also fails when its
 tolerance is not finite (a huge finite element would otherwise overflow the row norm to Inf).
 
@@ -61,12 +69,13 @@ Pool and refresh policy.  Per offloaded weight (a fused group such as q|k|v coun
 vector over the concatenated outputs, so swapping gate and up is an error like any other) the
 TEE keeps ``pool_size`` (16) secret vectors with their ``Wᵀ v``, built at start-up by reading
 each weight once, one at a time (from the checkpoint or the seed), and picks one uniformly at
-random per check.  Sixteen, not four: a liar who repeats one spread error passes the fraction of
-the pool its error is blind to, for as long as the pool lasts -- with four vectors all of it one
-time in 16 (never caught), and 72 % of 40 prefills on average (a two-element lie, eight runs);
-with sixteen, 52 %, near Freivalds' 1/2 (docs/design.md).  Cost: ~40 % more build and refresh
-arithmetic (a memory-bound product over each weight: 10 -> 14 ms for 8192 x 2048 in float64),
-small beside reading the weight, and 16 x (m + n) floats a weight.  The randomness comes
+random per check.  Sixteen, not four: with ±1 vectors a liar repeating one two-element error
+passed the half of a pool its error was blind to, and with four vectors sometimes all of it
+(72 % of 40 prefills undetected, against 52 % with sixteen); the continuous magnitudes above
+removed that blind half, and sixteen vectors still make a pool that happens to be weak for
+one error rarer.  Cost: ~40 % more build and refresh arithmetic than four (a memory-bound
+product over each weight: 10 -> 14 ms for 8192 x 2048 in float64), small beside reading the
+weight, and 16 x (m + n) floats a weight.  The randomness comes
 from ``secrets`` / a torch generator seeded from it, never from the model seed.  A pool is
 redrawn (its weights read again, one at a time):
 
@@ -114,6 +123,7 @@ U_ACC = 2.0 ** -24  # the worker accumulates in float32 (or finer)
 _EAGER_NORMS = 2.0 ** -20  # rounding coarser than this (16-bit): row norms always needed
 SMALL_ROWS = 4  # checks of at most this many rows (decode steps) try numpy first
 _SHRINK = 1 - 2.0 ** -20  # the one-row fast path's tolerance, a hair under the torch path's
+_MAG_MIN, _MAG_SPAN, _MAG_STEPS = 0.75, 0.25, 2 ** 20  # vector entries' magnitudes (_vectors)
 
 
 def unit_roundoff(dtype: torch.dtype) -> float:
@@ -136,7 +146,7 @@ def _roundoff(dtype: torch.dtype) -> float:
 class _Pool:
     """Secret vectors of one weight and what the TEE precomputed from them."""
 
-    v: torch.Tensor       # [P, m] ±1, in the check dtype
+    v: torch.Tensor       # [P, m] entries ±[3/4, 1), in the check dtype
     u: torch.Tensor       # [P, n] Wᵀv (linear) or [P, vocab] E v (lookup), in the check dtype
     u_max: list[float]    # |u|_∞ per vector (linear)
     omega: float          # largest column norm of W (linear)
@@ -228,8 +238,15 @@ class Verifier:
     def _reseed(self) -> None:
         self._gen.manual_seed(secrets.randbits(63))
 
-    def _signs(self, *shape: int) -> torch.Tensor:
-        return torch.randint(0, 2, shape, generator=self._gen, dtype=torch.float64).mul_(2).sub_(1)
+    def _vectors(self, *shape: int) -> torch.Tensor:
+        """Secret check vectors: a random sign times a magnitude uniform in ``[3/4, 1)``.
+
+        The magnitudes lie on a grid of 2^-22, so every entry is exact in float32 and ``Wᵀv``
+        computed in float64 is for the very vector the check multiplies ``y`` by.
+        """
+        signs = torch.randint(0, 2, shape, generator=self._gen, dtype=torch.float64)
+        steps = torch.randint(0, _MAG_STEPS, shape, generator=self._gen, dtype=torch.float64)
+        return steps.mul_(_MAG_SPAN / _MAG_STEPS).add_(_MAG_MIN).mul_(signs.mul_(2).sub_(1))
 
     def _weight(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """One weight in float64, and its column norms.
@@ -253,7 +270,7 @@ class Verifier:
         p = self.pool_size
         if op == "embedding":
             e, _ = self._weight(EMBED)  # [vocab, hidden]
-            v = self._signs(p, e.shape[1])
+            v = self._vectors(p, e.shape[1])
             u = v @ e.T  # [P, vocab]: E v for every token
             u_max, omega = [float(a) for a in u.abs().amax(-1)], 0.0
         else:
@@ -266,7 +283,7 @@ class Verifier:
             parts, u, colsq = [], None, None
             for name in names:
                 w, colnorm = self._weight(name)  # [m_part, n]
-                vp = self._signs(p, w.shape[0])
+                vp = self._vectors(p, w.shape[0])
                 up = vp @ w  # [P, n]: (Wᵀ v)ᵀ
                 cs = colnorm.square()
                 u = up if u is None else u + up
@@ -555,7 +572,7 @@ class Verifier:
                       transpose_b: bool, out_dtype: torch.dtype | None) -> None:
         ac, oc = self._as_check(a), self._as_check(out)
         cols = oc.shape[-1]
-        r = self._signs(cols)
+        r = self._vectors(cols)
         bd = b.to(torch.float64)
         if transpose_b:  # b [..., C, n]: B r = bᵀ r, and W (out = a Wᵀ) is b itself
             w = (r @ bd) if bd.dim() == 2 else torch.einsum("c,...cn->...n", r, bd)

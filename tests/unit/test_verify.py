@@ -2,8 +2,9 @@
 
 Tampering workers (``tests/tampering_workers.py``) lie about one method's results; every lie
 must end the prefill with ``VerificationError`` before any logit is returned.  Single-element
-errors are caught with certainty (Rademacher vectors, see ``actors/verify.py``): 1 % of the
-row's norm with a float32 wire, 10 % with bfloat16.  Honest workers never trip a check.
+errors are caught with certainty (vector entries of magnitude at least 3/4, see
+``actors/verify.py``): 1 % of the row's norm with a float32 wire, 10 % with bfloat16.  Honest
+workers never trip a check.
 """
 
 from __future__ import annotations
@@ -146,6 +147,37 @@ def test_one_element_off_is_always_caught(wire, rows):
     assert caught == trials
     assert ver.failures == trials
     ver.check_linear("gate_up", 0, x, honest)  # redrawn pools still pass the truth
+
+
+@pytest.mark.parametrize("rows", [64, 1])
+def test_a_repeated_two_element_lie_is_caught_by_nearly_every_vector(rows):
+    """Found in review: with ±1 vectors a lie of ``+d`` in two elements of one row shifts the
+    residual by ``d·(v_a + v_b)``, zero for every vector with ``v_a = -v_b``: half of any
+    pool, for as long as the pool lasts (only a failure redraws it), so the same lie passed
+    about half the checks.  With magnitudes uniform in ``[3/4, 1)`` the shift vanishes only
+    when two magnitudes nearly agree: ``P(miss) <= 8·tol/d``, ~0.4 % here.  The pools are
+    kept across failures, as a liar that is never caught would keep them."""
+    worker = GPUWorker(MID, seed=0, device="cpu")
+    ver = Verifier(MID, [("down", 0)], seed=0)
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(rows, MID.intermediate_size, generator=gen)
+    (honest,) = worker.batch_linear(0, GROUPS["down"], x)
+    caught, trials = 0, 200
+    for _ in range(trials):
+        i = int(torch.randint(rows, (1,), generator=gen))
+        a, b = (int(j) for j in torch.randperm(MID.hidden_size, generator=gen)[:2])
+        y = honest.clone()
+        d = 0.2 * y[i].norm()
+        y[i, a] += d
+        y[i, b] += d
+        try:
+            ver.check_linear("down", 0, x, [y])
+        except VerificationError:
+            caught += 1
+        for p in ver._pools.values():
+            p.stale = False
+    assert caught >= trials - 10, f"{trials - caught} of {trials} lies passed"
+    ver.check_linear("down", 0, x, [honest])
 
 
 @pytest.mark.parametrize("where", [(7,), (7, 9)], ids=["one", "two"])
