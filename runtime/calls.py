@@ -264,28 +264,38 @@ class CallerChannel:
                                    incarnation=self.incarnation, pid=self.pid)
 
     # -- calls -----------------------------------------------------------------
-    def call(self, method: str, args: tuple, kwargs: dict) -> Any:
-        """A blocking call: send, read replies until ours, return or raise."""
+    def call(self, method: str, args: tuple, kwargs: dict, *,
+             deadline: float | None = None) -> Any:
+        """A blocking call: send, read replies until ours, return or raise.
+
+        ``deadline`` (monotonic): when the call began, if earlier than now -- a first call
+        spent part of its ``call_timeout`` opening the channel.  Default: now + call_timeout.
+        """
         slot = _Slot()
         t0 = time.perf_counter()
-        self._send(method, args, kwargs, slot)
+        self._send(method, args, kwargs, slot, deadline)
         self.drive(slot, None)
         self.spin.observe(time.perf_counter() - t0)
         if slot.ok:
             return slot.value
         raise slot.value
 
-    def submit(self, method: str, args: tuple, kwargs: dict) -> CallFuture:
-        """Send the call; its reply completes the returned future."""
+    def submit(self, method: str, args: tuple, kwargs: dict, *,
+               deadline: float | None = None) -> CallFuture:
+        """Send the call; its reply completes the returned future.
+
+        ``deadline``: as for :meth:`call`.
+        """
         fut = CallFuture(self)
         fut.set_running_or_notify_cancel()  # a sent call cannot be taken back
-        self._send(method, args, kwargs, fut)
+        self._send(method, args, kwargs, fut, deadline)
         self._kick_pump()
         return fut
 
-    def _send(self, method: str, args: tuple, kwargs: dict, waiter: Any) -> None:
+    def _send(self, method: str, args: tuple, kwargs: dict, waiter: Any,
+              deadline: float | None) -> None:
         try:
-            self._send_locked(method, args, kwargs, waiter)
+            self._send_locked(method, args, kwargs, waiter, deadline)
         except ActorDiedError:
             self.ctx.retire(self)  # its descriptors go now, not at shutdown
             raise
@@ -295,11 +305,18 @@ class CallerChannel:
             with self._role:
                 self._dispatch_deferred()
 
-    def _send_locked(self, method: str, args: tuple, kwargs: dict, waiter: Any) -> None:
+    def _send_locked(self, method: str, args: tuple, kwargs: dict, waiter: Any,
+                     deadline: float | None) -> None:
         if self.dead is not None:
             raise _again(self.dead)
         timeout = self.ctx.session.call_timeout
-        deadline = None if timeout is None else time.monotonic() + timeout
+        if timeout is None:
+            deadline = None
+        elif deadline is None:
+            deadline = time.monotonic() + timeout
+        elif time.monotonic() >= deadline:  # not sent: it would time out unread
+            raise CallTimeoutError(f"call to actor {self.ref.name!r} not sent: opening its "
+                                   f"channel took all of call_timeout ({timeout} s)")
         # Waiting for the send lock, keep reading replies when we may: the
         # holder may be stuck on a full ring that only drains once the actor
         # can write its replies -- and the reader may be us, in a callback.
@@ -669,12 +686,26 @@ class ProcessContext:
 
     # -- calls -----------------------------------------------------------------
     def call(self, ref: ActorRef, method: str, args: tuple, kwargs: dict) -> Any:
-        return self.channel_for(ref).call(method, args, kwargs)
+        deadline = self._call_deadline()
+        return self.channel_for(ref, deadline).call(method, args, kwargs, deadline=deadline)
 
     def call_async(self, ref: ActorRef, method: str, args: tuple, kwargs: dict) -> Future:
-        return self.channel_for(ref).submit(method, args, kwargs)
+        deadline = self._call_deadline()
+        return self.channel_for(ref, deadline).submit(method, args, kwargs, deadline=deadline)
 
-    def channel_for(self, ref: ActorRef) -> CallerChannel:
+    def _call_deadline(self) -> float | None:
+        """When a call that starts now must end.
+
+        ``call_timeout`` covers the whole call, opening its channel included.
+        """
+        limit = self.session.call_timeout
+        return None if limit is None else time.monotonic() + limit
+
+    def channel_for(self, ref: ActorRef, deadline: float | None = None) -> CallerChannel:
+        """The open channel to ``ref``, opened now if need be.
+
+        ``deadline`` (monotonic) bounds the open; default: now + call_timeout.
+        """
         if self.pid != _pid:
             self.check_process()
         cc = self._channels.get(ref.index)
@@ -689,7 +720,10 @@ class ProcessContext:
         # the request after it.  So it is bounded by the call's own deadline, and it runs
         # outside the lock -- calls to other actors, kill() and shutdown() go on meanwhile.
         limit = self.session.call_timeout
-        deadline = None if limit is None else time.monotonic() + limit
+        if limit is None:
+            deadline = None
+        elif deadline is None:
+            deadline = time.monotonic() + limit
         while True:
             self._close_stale()
             entry = self._settled(ref, deadline)

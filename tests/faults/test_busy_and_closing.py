@@ -68,6 +68,20 @@ def test_first_call_to_a_busy_actor_honours_call_timeout():
         target.kill()
 
 
+def test_call_timeout_covers_the_open_and_the_call_together():
+    """Found in review: the open had its own call_timeout and the call another, so a first
+    call to a busy actor could take twice call_timeout.  Here the open waits ~1 s for the
+    actor and the call itself takes 1.8 s: 2.8 s in all, past the 2 s limit."""
+    with ActorSystem(call_timeout=2.0) as system:
+        target = _busy(system, 1.5)
+        t0 = time.monotonic()
+        with pytest.raises(CallTimeoutError):
+            target.sleep(1.8)
+        took = time.monotonic() - t0
+        assert took < 2.6, f"the call failed after {took:.2f} s, not at call_timeout"
+        assert target.add(1, 2) == 3  # the actor is fine: the late reply is dropped
+
+
 def test_first_call_to_a_busy_actor_waits_for_it():
     with ActorSystem() as system:
         target = _busy(system, 3)
