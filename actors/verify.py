@@ -38,15 +38,41 @@ stay within those two sizes.  The four sources:
 
 * the worker's product, accumulated in float32 (``u_acc = 2^-24``; also for 16-bit inputs,
   as every BLAS and cuBLAS by default does), summed over the row with random signs:
-  ``u_acc·√n·(ω·|x_i| + |y_i|)``, where ``ω`` is the largest column norm of ``W``
-  (precomputed) so that ``ω·|x_i|`` bounds ``(Σ_j |x_i ⊙ W_j|²)^½``;
+  ``u_acc·√n·(ω·|x_i| + |y_i|)`` (``|y_i|``: see "Trusted norms"), where ``ω`` is the
+  largest column norm of ``W`` (precomputed) so that ``ω·|x_i|`` bounds ``(Σ_j |x_i ⊙ W_j|²)^½``;
 * rounding ``y`` to the dtype it crosses in and to the TEE's dtype: ``u_out·|y_i|`` with
   ``u_out`` the coarser of the two (2^-24 float32, 2^-8 bfloat16);
 * the TEE's two dot products, in float32 (``u_t = 2^-24``; float64 for a float64 TEE):
   ``u_t·(√m·(|y_i| + |y_i·v|) + √n·|x_i·Wᵀv| + (√n + 1)·|Wᵀv|_∞·|x_i|)``, the last ``+1``
   for ``Wᵀv`` itself being rounded to float32 once.
 
-``tol_i = S · (sum of those)``, all ``|·|`` Euclidean.  The check uses exactly the tensors that
+``tol_i = S · (sum of those)``, all ``|·|`` Euclidean.
+
+Trusted norms.  The first two sources bound errors of the *true* result, but ``|y_i|`` is
+the received one: a liar that puts junk ``H`` where the TEE drops it (masked scores, gate
+entries SiLU zeroes, logits never sampled) raised its own tolerance with it, and with a
+16-bit wire (``S·u_out`` ~0.031) two such elements passed ~16 % of checks whatever ``H`` --
+carrying any payload below ~4 % of ``H`` (an adversarial review).  Those two terms therefore
+take ``min(|y_i|, trusted_i)`` (the TEE's own product over the received ``y`` keeps
+``|y_i|``), ``trusted_i`` a bound on the true norm the worker cannot move:
+
+* a linear op: ``KAPPA`` (3) times the root mean square of ``x_i·(Wᵀg)`` over ``SKETCH``
+  (16) secret Gaussian vectors ``g``.  ``y_i·g`` is ``N(0, |y_i|²)`` for any ``y_i`` (a
+  Gaussian is rotation-invariant: no row's shape can fool it, where ±m vectors see two
+  equal elements with opposite signs as at most a quarter of them), so the estimate is
+  ``|y_i|·√(χ²₁₆/16)``; an honest row needs it below 0.1 ``|y_i|`` to fail (its residual
+  stays below 0.3 of the tolerance), probability 4e-14.  ``Wᵀg`` is built with the pool;
+  it costs ``16·T·n`` per check, paid for every row with a 16-bit wire and otherwise only
+  for rows that need it (no honest one);
+* an embedding lookup: ``|E_t|``, exact, precomputed;
+* an attention matmul ``a @ B``: ``sigma_max(B)·|a_i|``, exact, from the Gram matrix of ``B``'s
+  shorter side (a head's width).
+
+A liar then gains at most the slack between the true norm and the bound (the tolerance at
+most ~3 times the honest one): junk of twice the row's norm in two elements passes 13 % of
+bfloat16 checks, 1000 times it 0 of 400 (``tests/unit/test_verify.py``; docs/design.md).
+
+The check uses exactly the tensors that
 crossed (the wire-rounded ``x``) and the result exactly as the TEE then uses it.  Measured on
 random-weight models, T = 1 … 1024 (``benchmarks/bench_verify.py``; the table is in
 docs/design.md): the tolerance is ~1e-4 of the row norm in float32 and 3.13 % in bfloat16,
@@ -124,6 +150,13 @@ _EAGER_NORMS = 2.0 ** -20  # rounding coarser than this (16-bit): row norms alwa
 SMALL_ROWS = 4  # checks of at most this many rows (decode steps) try numpy first
 _SHRINK = 1 - 2.0 ** -20  # the one-row fast path's tolerance, a hair under the torch path's
 _MAG_MIN, _MAG_SPAN, _MAG_STEPS = 0.75, 0.25, 2 ** 20  # vector entries' magnitudes (_vectors)
+# A result's row norm |y_i| sets part of its own tolerance; a liar could inflate it with junk
+# the TEE then drops (masked scores, gate entries SiLU zeroes, logits never sampled).  So those
+# terms use min(|y_i|, a bound the TEE trusts): for a linear op KAPPA times a sketch estimate of
+# the true norm from SKETCH Gaussian vectors (module docstring, "Trusted norms").
+SKETCH = 16
+KAPPA = 3.0
+_CAP_SLACK = 1 + 2.0 ** -10  # exact bounds (lookups, matmuls): room for rounding the bound
 
 
 def unit_roundoff(dtype: torch.dtype) -> float:
@@ -150,15 +183,20 @@ class _Pool:
     u: torch.Tensor       # [P, n] Wᵀv (linear) or [P, vocab] E v (lookup), in the check dtype
     u_max: list[float]    # |u|_∞ per vector (linear)
     omega: float          # largest column norm of W (linear)
+    gu: torch.Tensor | None  # [SKETCH, n] Wᵀg for Gaussian g (linear): y·g estimates |y|
+    rownorm: torch.Tensor | None  # [vocab] |E_t| per token (lookup): the true |y| exactly
     limit: int            # uses before it is redrawn
     uses: int = 0
     stale: bool = False
     v_np: np.ndarray | None = None  # v and u as numpy views (CPU): a decode step's checks
     u_np: np.ndarray | None = None  # index them without a torch call each
+    gu_np: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.v.device.type == "cpu" and self.u.device.type == "cpu":
             self.v_np, self.u_np = self.v.numpy(), self.u.numpy()
+            if self.gu is not None:
+                self.gu_np = self.gu.numpy()
 
 
 @dataclass
@@ -176,6 +214,8 @@ class Begun:
     xnorm: torch.Tensor  # |x_i|
     seconds: float
     small: tuple[np.ndarray, np.ndarray] | None = None  # rhs, xnorm in numpy: the fast path
+    trusted: torch.Tensor | None = None  # KAPPA x the sketch estimate of |y_i| (16-bit wire)
+    trusted_np: np.ndarray | None = None
 
 
 class Verifier:
@@ -273,6 +313,7 @@ class Verifier:
             v = self._vectors(p, e.shape[1])
             u = v @ e.T  # [P, vocab]: E v for every token
             u_max, omega = [float(a) for a in u.abs().amax(-1)], 0.0
+            gu, rownorm = None, torch.linalg.vector_norm(e, dim=1).to(self.check_dtype)
         else:
             if op == "lm_head":
                 names = [LM_HEAD]
@@ -280,11 +321,12 @@ class Verifier:
                 names = [linear_name(layer, s) for s in GROUPS[op]]
             else:
                 raise ValueError(f"no pool for {key!r}")
-            parts, u, colsq = [], None, None
+            parts, u, colsq, gu, rownorm = [], None, None, None, None
             for name in names:
                 w, colnorm = self._weight(name)  # [m_part, n]
                 vp = self._vectors(p, w.shape[0])
-                up = vp @ w  # [P, n]: (Wᵀ v)ᵀ
+                gp = torch.randn(SKETCH, w.shape[0], generator=self._gen, dtype=torch.float64)
+                up = torch.cat([vp, gp]) @ w  # [P + SKETCH, n]: (Wᵀ v)ᵀ, then (Wᵀ g)ᵀ
                 cs = colnorm.square()
                 u = up if u is None else u + up
                 colsq = cs if colsq is None else colsq + cs
@@ -293,12 +335,13 @@ class Verifier:
             if op != "lm_head":
                 self._cached = None
             v = torch.cat(parts, dim=1)
+            u, gu = u[:p], u[p:].to(self.check_dtype)
             u_max = [float(a) for a in u.abs().amax(-1)]
             omega = float(colsq.max().sqrt())
         lo = max(1, self.refresh_checks // 2)
         limit = lo + secrets.randbelow(self.refresh_checks - lo + 1)
         return _Pool(v=v.to(self.check_dtype), u=u.to(self.check_dtype), u_max=u_max,
-                     omega=omega, limit=limit)
+                     omega=omega, gu=gu, rownorm=rownorm, limit=limit)
 
     def _pool(self, key: tuple[str, int | None]) -> _Pool:
         pool = self._pools.get(key)
@@ -315,17 +358,26 @@ class Verifier:
 
     # -- judging -----------------------------------------------------------------------------------
 
-    def _coefficients(self, n: int, m: int, u_out: float) -> tuple[Any, float, float, float]:
-        """``((a1, a2), b, c, d)``, the safety factor included, of the per-row tolerance.
+    def _coefficients(self, n: int, m: int, u_out: float) -> tuple[Any, Any, float, float]:
+        """``((a1, a2), (b1, b2), c, d)``, the safety factor included, of the row tolerance.
 
-        ``tol_i = (a1·ω + a2·|Wᵀv|_∞)·|x_i| + b·|y_i| + c·|y_i·v| + d·|x_i·Wᵀv|`` (the module
-        docstring derives each term) for ``n`` inputs and ``m`` outputs.
+        ``tol_i = (a1·ω + a2·|Wᵀv|_∞)·|x_i| + b1·min(|y_i|, trusted_i) + b2·|y_i|
+        + c·|y_i·v| + d·|x_i·Wᵀv|`` (the module docstring derives each term) for ``n``
+        inputs and ``m`` outputs.  ``b1`` covers errors of the true result (the worker's sum,
+        rounding it), so it takes a bound on the true ``|y_i|`` the TEE trusts; ``b2``, the
+        TEE's own product over the ``y`` it received.
         """
         sn, sm, ut, s = math.sqrt(n), math.sqrt(m), self.u_check, self.safety
         return ((U_ACC * sn * s, ut * (sn + 1) * s),  # worker's sum; TEE's x·u, u rounded
-                (U_ACC * sn + u_out + ut * sm) * s,   # worker's sum, rounding y, TEE's y·v
+                ((U_ACC * sn + u_out) * s,            # worker's sum, rounding y
+                 ut * sm * s),                        # TEE's y·v
                 ut * sm * s,                          # TEE's y·v
                 ut * sn * s)                          # TEE's x·u
+
+    @staticmethod
+    def _capped(b1: float, b2: float, yn: torch.Tensor, trusted: torch.Tensor) -> torch.Tensor:
+        """``b1·min(|y_i|, trusted_i) + b2·|y_i|``: the tolerance's ``|y_i|`` terms."""
+        return torch.minimum(yn, trusted).mul_(b1).add_(yn, alpha=b2)
 
     def _decide(self, what: str, lhs: torch.Tensor, rhs: torch.Tensor, cheap: torch.Tensor, *,
                 rest: Any, ynorm: Any) -> None:
@@ -404,36 +456,63 @@ class Verifier:
         pool = self._pool((op, layer))
         j = secrets.randbelow(self.pool_size)
         xc = self._as_check(x)
+        # A 16-bit wire needs every row's trusted norm (the |y_i| terms dominate): done here,
+        # with x in the cache.  Otherwise only rows a check cannot pass at once need it.
+        eager = self.u_out > _EAGER_NORMS
         if self._small(xc) and pool.u_np is not None:
             # A decode step: numpy's calls cost ~1 us where torch's cost ~5.
             xn = xc.numpy()  # 2-D and contiguous (see _small)
             rhs_np = xn @ pool.u_np[j]
             xnorm_np = np.sqrt(np.einsum("ij,ij->i", xn, xn))
+            trusted_np = self._trusted_np(pool, xn) if eager else None
             return Begun(pool, j, xc, torch.from_numpy(rhs_np), torch.from_numpy(xnorm_np),
-                         time.perf_counter() - t0, (rhs_np, xnorm_np))
+                         time.perf_counter() - t0, (rhs_np, xnorm_np), None, trusted_np)
         with self._threads():
             rhs = xc @ pool.u[j]
             xnorm = torch.linalg.vector_norm(xc, dim=-1)
-        return Begun(pool, j, xc, rhs, xnorm, time.perf_counter() - t0)
+            trusted = self._trusted(pool, xc) if eager else None
+        return Begun(pool, j, xc, rhs, xnorm, time.perf_counter() - t0, None, trusted)
+
+    @staticmethod
+    def _trusted(pool: _Pool, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """``KAPPA`` times the sketch estimate of the true ``|y_i|`` (flat), from ``x`` alone.
+
+        ``x_i·(Wᵀg) = y_i·g`` for a Gaussian ``g`` is ``N(0, |y_i|²)`` whatever ``y_i`` is,
+        so the mean square over ``SKETCH`` vectors estimates ``|y_i|²`` (module docstring).
+        """
+        flat = x.reshape(-1, x.shape[-1])
+        if rows is not None:
+            flat = flat.index_select(0, rows)
+        return torch.linalg.vector_norm(flat @ pool.gu.T, dim=-1).mul_(
+            KAPPA / math.sqrt(pool.gu.shape[0]))
+
+    @staticmethod
+    def _trusted_np(pool: _Pool, xn: np.ndarray) -> np.ndarray:
+        """:meth:`_trusted` for a few rows, in numpy."""
+        sk = xn @ pool.gu_np.T
+        return np.sqrt(np.einsum("ij,ij->i", sk, sk)) * (KAPPA / math.sqrt(sk.shape[1]))
 
     def _small(self, xc: torch.Tensor) -> bool:
         """A check of a few rows, done with numpy on the fast path (see ``_accept_small``)."""
         return (xc.dim() == 2 and xc.shape[0] <= SMALL_ROWS and xc.is_cpu
                 and xc.is_contiguous() and not self.full_margins and self.observer is None)
 
-    def _accept_small(self, begun: Begun, ycs: Sequence[torch.Tensor], *, a: float, b: float,
-                      c: float, d: float, eager: bool) -> bool:
+    def _accept_small(self, begun: Begun, ycs: Sequence[torch.Tensor], *, a: float,
+                      b: tuple[float, float], c: float, d: float, eager: bool) -> bool:
         """True when every row's residual is within the tolerance terms at hand.
 
         The same acceptance as :meth:`_decide`'s fast path, in numpy: a decode step's check
         costs ~15 torch calls of ~5 us each at T=1, the same maths in numpy ~1 us a call.
         False means "not shown here": the torch path then decides, rejections included.
         """
+        if eager and begun.trusted_np is None:
+            return False  # 16-bit results the begin did not expect: the torch path judges
         with np.errstate(all="ignore"):  # NaN, Inf and overflow are judged below, not warned
             return self._accept_small_quiet(begun, ycs, a=a, b=b, c=c, d=d, eager=eager)
 
     def _accept_small_quiet(self, begun: Begun, ycs: Sequence[torch.Tensor], *, a: float,
-                            b: float, c: float, d: float, eager: bool) -> bool:
+                            b: tuple[float, float], c: float, d: float, eager: bool) -> bool:
+        b1, b2 = b
         v = begun.pool.v_np[begun.j]
         rhs, xnorm = begun.small
         lhs = None
@@ -454,13 +533,15 @@ class Verifier:
             left, right = float(lhs[0]), float(rhs[0])
             tol = float(xnorm[0]) * a + c * abs(left) + d * abs(right)
             if eager:
-                tol += b * math.sqrt(float(ysq[0]))
+                yn = math.sqrt(float(ysq[0]))
+                tol += b1 * min(yn, float(begun.trusted_np[0])) + b2 * yn
             # In float64 this tolerance can come out an ulp of float32 above the check dtype's:
             # shrink it by far more, so this path never accepts what the torch path would not.
             return math.isfinite(tol) and abs(left - right) <= tol * _SHRINK
         cheap = xnorm * a + c * np.abs(lhs) + d * np.abs(rhs)
         if eager:
-            cheap = cheap + b * np.sqrt(ysq)
+            yn = np.sqrt(ysq)
+            cheap = cheap + b1 * np.minimum(yn, begun.trusted_np) + b2 * yn
         return bool(np.isfinite(cheap).all() and (np.abs(lhs - rhs) <= cheap).all())
 
     def check_linear(self, op: str, layer: int | None, x: torch.Tensor,
@@ -523,7 +604,7 @@ class Verifier:
         n = xc.shape[-1]
         u_out = max(_roundoff(out_dtype or self.wire_dtype), _roundoff(ys[0].dtype),
                     _roundoff(self.dtype))  # a worker computing in the TEE's dtype rounds
-        (a1, a2), b, c, d = self._coefficients(n, m, u_out)
+        (a1, a2), (b1, b2), c, d = self._coefficients(n, m, u_out)
         a = a1 * pool.omega + a2 * pool.u_max[j]
         # With a 16-bit wire the rounding of y dominates: its norms are needed for every row,
         # and first, since a cold tensor streams into the cache faster through the norm than
@@ -531,7 +612,7 @@ class Verifier:
         # thread: 0.50 + 0.22 ms instead of 0.88 + 0.29 ms).
         eager = u_out > _EAGER_NORMS
         if begun.small is not None and self._small(xc) \
-                and self._accept_small(begun, ycs, a=a, b=b, c=c, d=d, eager=eager):
+                and self._accept_small(begun, ycs, a=a, b=(b1, b2), c=c, d=d, eager=eager):
             return
         ynorm = self._row_norms(ycs, None) if eager else None
         lhs = None
@@ -544,14 +625,17 @@ class Verifier:
         cheap = begun.xnorm * a
         cheap.add_(lhs.abs(), alpha=c).add_(rhs.abs(), alpha=d)
         if ynorm is not None:
-            cheap.add_(ynorm, alpha=b)
+            trusted = begun.trusted if begun.trusted is not None else self._trusted(pool, xc)
+            cheap.add_(self._capped(b1, b2, ynorm, trusted))
 
         def norms(rows: torch.Tensor) -> torch.Tensor:
             return ynorm.index_select(0, rows) if ynorm is not None \
                 else self._row_norms(ycs, rows)
 
         def rest(rows: torch.Tensor, yn: torch.Tensor) -> torch.Tensor:
-            return torch.zeros_like(yn) if eager else yn * b
+            if eager:
+                return torch.zeros_like(yn)
+            return self._capped(b1, b2, yn, self._trusted(pool, xc, rows))
 
         self._decide(what, lhs, rhs, cheap, rest=rest, ynorm=norms)
 
@@ -562,10 +646,16 @@ class Verifier:
         lhs = yc @ pool.v[j]
         rhs = pool.u[j][ids]
         # No product on the worker: the rounding of y, the TEE's y·v, and E v rounded once.
+        # The true |y_i| is |E_t|, known exactly: the rounding term takes it when smaller.
         sm, ut, sf = math.sqrt(yc.shape[-1]), self.u_check, self.safety
         cheap = lhs.abs().mul_(ut * sm * sf).add_(rhs.abs(), alpha=ut * sf)
-        b = (self.u_out + ut * sm) * sf
-        self._decide(op, lhs, rhs, cheap, rest=lambda rows, yn: yn * b,
+        b1, b2 = self.u_out * sf, ut * sm * sf
+        true = pool.rownorm[ids].reshape(-1)
+
+        def rest(rows: torch.Tensor, yn: torch.Tensor) -> torch.Tensor:
+            return self._capped(b1, b2, yn, true.index_select(0, rows) * _CAP_SLACK)
+
+        self._decide(op, lhs, rhs, cheap, rest=rest,
                      ynorm=lambda rows: self._row_norms([yc], rows))
 
     def _check_matmul(self, what: str, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *,
@@ -584,7 +674,7 @@ class Verifier:
         n = ac.shape[-1]
         u_out = max(unit_roundoff(out_dtype or self.wire_dtype), unit_roundoff(out.dtype),
                     unit_roundoff(self.dtype))
-        (a1, a2), b_y, c, d = self._coefficients(n, cols, u_out)
+        (a1, a2), (b1, b2), c, d = self._coefficients(n, cols, u_out)
         # Per batch: ω and |B r|_∞, spread over that batch's rows.
         a_row = (colsq.amax(-1).sqrt().to(self.check_dtype) * a1
                  + wc.abs().amax(-1) * a2)[..., None].expand(ac.shape[:-1]).reshape(-1)
@@ -593,18 +683,46 @@ class Verifier:
         lhs = (oc @ r.to(self.check_dtype)).reshape(-1)
         rhs = (ac @ wc[..., None]).reshape(-1)
         cheap = lhs.abs().mul_(c).add_(rhs.abs(), alpha=d)
+        sigma: list[torch.Tensor] = []
+
+        def bound(anorm: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+            """The true |out_i| <= sigma_max(B)·|a_i|: exact, from the operands the TEE sent."""
+            if not sigma:
+                sigma.append(self._spectral(bd, transpose_b)[..., None]
+                             .expand(ac.shape[:-1]).reshape(-1))
+            s_rows = sigma[0] if rows is None else sigma[0].index_select(0, rows)
+            return anorm * s_rows
+
+        anorm_all = None
         if ynorm is not None:
-            cheap.add_(ynorm, alpha=b_y)
+            anorm_all = self._row_norms([ac], None)
+            cheap.add_(self._capped(b1, b2, ynorm, bound(anorm_all, None)))
 
         def norms(rows: torch.Tensor) -> torch.Tensor:
             return ynorm.index_select(0, rows) if ynorm is not None \
                 else self._row_norms([oc], rows)
 
         def rest(rows: torch.Tensor, yn: torch.Tensor) -> torch.Tensor:
-            more = self._row_norms([ac], rows).mul_(a_row.index_select(0, rows))
-            return more if eager else more.add_(yn, alpha=b_y)
+            anorm = (anorm_all.index_select(0, rows) if anorm_all is not None
+                     else self._row_norms([ac], rows))
+            more = anorm * a_row.index_select(0, rows)
+            return more if eager else more.add_(self._capped(b1, b2, yn, bound(anorm, rows)))
 
         self._decide(what, lhs, rhs, cheap, rest=rest, ynorm=norms)
+
+    def _spectral(self, bd: torch.Tensor, transpose_b: bool) -> torch.Tensor:
+        """An upper bound on sigma_max of each ``B`` (``out = a @ B``), per batch, check dtype.
+
+        From the Gram matrix of ``B``'s shorter side (``d x d`` for attention: a head's
+        width), in float64; the slack covers its rounding and that of ``|a_i|``.
+        """
+        rows_side, cols_side = (-1, -2) if transpose_b else (-2, -1)  # B = bᵀ when transposed
+        if bd.shape[cols_side] <= bd.shape[rows_side]:  # BᵀB over B's columns
+            gram = bd.transpose(-1, -2) @ bd if not transpose_b else bd @ bd.transpose(-1, -2)
+        else:  # B Bᵀ over B's rows
+            gram = bd @ bd.transpose(-1, -2) if not transpose_b else bd.transpose(-1, -2) @ bd
+        top = torch.linalg.eigvalsh(gram)[..., -1].clamp_min(0)
+        return top.sqrt_().mul_(_CAP_SLACK).to(self.check_dtype)
 
     # -- reporting ----------------------------------------------------------------------------
 

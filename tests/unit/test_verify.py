@@ -22,7 +22,7 @@ from actors import (
     VerificationError,
     WorkerResultError,
 )
-from actors.llama import causal_softmax
+from actors.llama import causal_softmax, linear_name, load_weights
 from actors.verify import GROUPS, Verifier
 from tests.tampering_workers import LIES, SpyWorker, TamperingWorker
 
@@ -178,6 +178,155 @@ def test_a_repeated_two_element_lie_is_caught_by_nearly_every_vector(rows):
             p.stale = False
     assert caught >= trials - 10, f"{trials - caught} of {trials} lies passed"
     ver.check_linear("down", 0, x, [honest])
+
+
+# -- a liar must not set its own tolerance (adversarial review) -----------------------------------
+
+JUNK = 2.0 ** 20  # exact in bfloat16
+
+
+@pytest.mark.parametrize("rows", [64, 1])  # 1: the decode fast path (_accept_small)
+def test_a_16bit_liar_cannot_raise_its_own_tolerance(rows):
+    """Found in review: the tolerance's rounding term ``b·|y_i|`` (``b`` ~0.031 with a
+    bfloat16 wire) took ``|y_i|`` from the result itself, so junk of any size ``H`` in two
+    elements raised the tolerance with the lie, and 15-16 % of such checks passed whatever
+    ``H`` (75-86 of 400 at 1x the row's norm, 61-64 of 400 at 1000x).  The term now takes
+    ``min(|y_i|, trusted_i)``, a bound from ``x`` the worker cannot move: at 1000x, 0 of 400."""
+    worker = GPUWorker(MID, seed=0, device="cpu")
+    ver = Verifier(MID, [("down", 0)], seed=0, wire_dtype=torch.bfloat16)
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(rows, MID.intermediate_size, generator=gen).to(torch.bfloat16)
+    (honest,) = worker.batch_linear(0, GROUPS["down"], x)
+    ver.check_linear("down", 0, x, [honest])
+    passed, trials = 0, 200
+    for _ in range(trials):
+        i = int(torch.randint(rows, (1,), generator=gen))
+        a, b = (int(j) for j in torch.randperm(MID.hidden_size, generator=gen)[:2])
+        y = honest.float()
+        d = 1000.0 * float(y[i].norm())
+        y[i, a] += d
+        y[i, b] += d
+        try:
+            ver.check_linear("down", 0, x, [y.to(torch.bfloat16)])
+            passed += 1
+        except VerificationError:
+            pass
+        for p in ver._pools.values():
+            p.stale = False
+    assert passed <= 4, f"{passed} of {trials} lies 1000x the row's norm passed"
+
+
+class _GateKiller(GPUWorker):
+    """Last layer's gate_up, last row: two gate entries -JUNK (SiLU makes them 0) and the
+    whole ``up`` row an arbitrary payload."""
+
+    def __init__(self, config, **kw):
+        super().__init__(config, **kw)
+        self.cfg, self.g = config, torch.Generator().manual_seed(5)
+
+    def batch_linear(self, layer, names, x, tag=None):
+        out = super().batch_linear(layer, names, x, tag=tag)
+        if layer != self.cfg.num_hidden_layers - 1 or tuple(names) != ("gate", "up"):
+            return out
+        gate, up = (o.clone() for o in out)
+        a, b = (int(j) for j in torch.randperm(gate.shape[1], generator=self.g)[:2])
+        gate[-1, a] = -JUNK
+        gate[-1, b] = -JUNK
+        up[-1] = 300.0 * torch.sign(torch.randn(up.shape[1], generator=self.g))
+        return (gate, up)
+
+
+class _MaskedJunk(GPUWorker):
+    """attention="worker": layer 0's scores, kv head 0, row T-3: the two masked (future)
+    entries +JUNK, the visible ones a payload putting all attention on key 0."""
+
+    def __init__(self, config, **kw):
+        super().__init__(config, **kw)
+        self.layers, self.n = config.num_hidden_layers, 0
+
+    def matmul(self, a, b, transpose_b=False, tag=None):
+        out = super().matmul(a, b, transpose_b=transpose_b, tag=tag)
+        if not transpose_b or not str(tag).startswith("scores"):
+            return out
+        self.n += 1
+        if self.n % self.layers != 1:
+            return out
+        s = out.clone()
+        t = s.shape[-1]
+        s[0, t - 3, :] = 0.0
+        s[0, t - 3, 0] = 1000.0
+        s[0, t - 3, t - 2:] = JUNK
+        return s
+
+
+class _TokenForger(GPUWorker):
+    """lm_head (private_io=False): logits electing token 7, two tokens' logits -JUNK."""
+
+    def lm_head(self, x, dtype=None, tag=None):
+        y = super().lm_head(x, dtype=dtype, tag=tag).clone()
+        y[-1] = 0.0
+        y[-1, 7] = 50.0
+        y[-1, 200:202] = -JUNK
+        return y
+
+
+class _LookupJunk(GPUWorker):
+    """embedding (private_io=False): row 0 an arbitrary payload, two elements JUNK."""
+
+    def embedding(self, ids, dtype=None, tag=None):
+        y = super().embedding(ids, dtype=dtype, tag=tag).clone()
+        y[0] = 0.5
+        y[0, :2] = JUNK
+        return y
+
+
+@pytest.mark.parametrize(("worker", "kwargs"), [
+    (_GateKiller, {"wire_dtype": torch.bfloat16}),  # a linear op: the sketch bound
+    (_MaskedJunk, {"wire_dtype": torch.bfloat16, "attention": "worker"}),  # sigma_max(B)|a_i|
+    (_TokenForger, {"dtype": torch.bfloat16, "private_io": False}),  # lm_head, a bf16 TEE
+    (_LookupJunk, {"wire_dtype": torch.bfloat16, "private_io": False}),  # |E_t|, exact
+], ids=["gate_up", "scores", "lm_head", "embedding"])
+def test_junk_the_tee_drops_does_not_carry_a_payload_through(config, worker, kwargs):
+    """Found in review: junk where the TEE drops it (gate entries SiLU zeroes, masked scores,
+    logits never sampled) raised the tolerance enough to carry an arbitrary payload in
+    ~16 % of prefills (42, 31, 34 and 30 of 200).  Now none of 60."""
+    dtype = kwargs.get("dtype", torch.float32)
+    drv = TEEDriver(config, worker(config, seed=0, device="cpu", dtype=dtype), seed=0, **kwargs)
+    used = 0
+    for s in range(60):
+        try:
+            drv.prefill(ids_for(config, 12, seed=s))
+            used += 1
+        except VerificationError:
+            pass
+    assert used == 0, f"{used} of 60 prefills used the payload unnoticed"
+
+
+@pytest.mark.parametrize("wire", sorted(WIRES))
+def test_no_false_alarm_when_two_outputs_dominate(wire):
+    """The trusted bound must not undercut an honest row.  A sketch by ±m vectors would
+    (two equal elements: every vector with opposite signs there sees at most a quarter of
+    them); Gaussian sketch vectors see any row alike.  Rows whose two outputs are 20x or more
+    the norm of the rest, pools redrawn every check."""
+    dtype, _ = WIRES[wire]
+    worker = GPUWorker(MID, seed=0, device="cpu")
+    ver = Verifier(MID, [("down", 0)], seed=0, wire_dtype=dtype)
+    name = linear_name(0, "down")
+    w = load_weights(MID, [name], None, 0, torch.float32)[name].double()  # [hidden, inter]
+    gen = torch.Generator().manual_seed(2)
+    want = 0.01 * torch.randn(64, MID.hidden_size, generator=gen, dtype=torch.float64)
+    want[:, 3] += 10.0
+    want[:, 5] += 10.0
+    x = (want @ torch.linalg.solve(w @ w.T, w)).to(dtype)  # x Wᵀ = want: W has full row rank
+    (y,) = worker.batch_linear(0, GROUPS["down"], x)
+    top = y.float().abs().topk(2, dim=-1).values.min(-1).values
+    rest = y.float().abs().sort(dim=-1).values[:, :-2].norm(dim=-1)
+    assert bool((top > 20 * rest).all())  # two outputs dominate every row
+    for _ in range(50):
+        ver.check_linear("down", 0, x, [y])
+        for p in ver._pools.values():
+            p.stale = True
+    assert ver.failures == 0
 
 
 @pytest.mark.parametrize("where", [(7,), (7, 9)], ids=["one", "two"])
