@@ -140,6 +140,11 @@ MAX_NDIM = 64
 # 60,000: 26 s of a frozen TEE; 1024 keys of 30 KB: 2.6 s).  At the caps: ~10 ms.
 SAFE_HASHED_KEYS = 1024
 SAFE_KEY_WORDS = 16384
+# Values one message from an untrusted peer may decode to (containers and leaves): each is a
+# Python object of 30-100 bytes from as little as 1-3 bytes of header (an empty list, a
+# numpy int8), so without a cap a ring record of 20 MiB became hundreds of MiB.  An honest
+# worker's reply holds a few dozen; a trace of a long prefill, some thousands.
+SAFE_MAX_VALUES = 1 << 18
 """Most dimensions of a tensor or array descriptor."""
 
 HEADER_PREFIX = "<3sBB"
@@ -736,13 +741,15 @@ def _charge_keys(keys: list, budget: list[int]) -> None:
 
 
 def _dec(data: bytes, pos: int, end: int, ctx: _Ctx,
-         envelope: int = 0, *, key_budget: list[int] | None = None) -> tuple[object, int]:
+         envelope: int = 0, *, key_budget: list[int] | None = None,
+         values: int | None = None) -> tuple[object, int]:
     """Read one plain-format value at ``pos``; return it and the offset after it.
 
     Iterative, not recursive: the open container is ``(items, want, kind)``
     (``items`` None at the top level) and ``stack`` holds the enclosing ones,
     so ``len(stack)`` is the number of open containers.  ``key_budget``: what the dict
     keys other than str and bytes may amount to (see :func:`_charge_keys`; None: any).
+    ``values``: how many values (containers included) the message may hold (None: any).
     """
     stack: list[tuple] = []
     items: list | None = None
@@ -753,6 +760,11 @@ def _dec(data: bytes, pos: int, end: int, ctx: _Ctx,
             raise ProtocolError(f"truncated header: value expected at offset {pos}")
         tag = data[pos]
         pos += 1
+        if values is not None:  # every value, containers included, starts with its tag
+            values -= 1
+            if values < 0:
+                raise ProtocolError(f"more than {SAFE_MAX_VALUES} values in a message from an "
+                                    f"untrusted peer")
         if tag == _T_INT:
             if end - pos < 8:
                 raise _truncated("int", pos, 8, end)
@@ -932,7 +944,8 @@ def decode(
     if fmt == FORMAT_PLAIN:
         try:
             obj, pos = _dec(data, pos, end, ctx, envelope,
-                            key_budget=[SAFE_HASHED_KEYS, SAFE_KEY_WORDS] if safe else None)
+                            key_budget=[SAFE_HASHED_KEYS, SAFE_KEY_WORDS] if safe else None,
+                            values=SAFE_MAX_VALUES if safe else None)
         except ProtocolError:
             raise
         except Exception as exc:  # a safety net: every defect should be named above

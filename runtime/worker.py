@@ -128,7 +128,8 @@ class ActorServer:
         owned = list(fds)
         fds.clear()
         channel = Channel.attach(spec, fds=owned, own_bell=self.bell, safe=safe, name=name,
-                                 shm_dir=self.ctx.session.shm_dir)
+                                 shm_dir=self.ctx.session.shm_dir,
+                                 limit=self.ctx.session.threshold)
         if safe:  # a BULK marker without its frames would stall every caller of this actor
             channel.frames_wait_s = min(channel.frames_wait_s, UNTRUSTED_FRAMES_S)
         self.inbound.append(_Inbound(channel, pid, borrow=self.borrow_args))
@@ -255,6 +256,16 @@ class ActorServer:
                     # from this channel.  The caller is told; others are served.
                     log.warning("actor %s: dropping the channel of pid %d: %s", self.name,
                                 conn.caller_pid, exc)
+                    self._drop(conn, notify=_pid_alive(conn.caller_pid))
+                    continue
+                except Exception as exc:
+                    if not (ch.safe or isinstance(exc, MemoryError)):
+                        raise
+                    # An untrusted caller's message this side cannot take (or any caller's
+                    # it has no memory for): that channel goes, the actor serves on.
+                    progressed = True
+                    log.warning("actor %s: dropping the channel of pid %d: %s: %s", self.name,
+                                conn.caller_pid, type(exc).__name__, exc)
                     self._drop(conn, notify=_pid_alive(conn.caller_pid))
                     continue
                 if ok:

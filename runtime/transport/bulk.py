@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 
 import zmq
 
-from runtime.errors import TransportError
+from runtime.errors import ProtocolError, TransportError
 
 __all__ = ["BulkLink"]
 
@@ -91,12 +91,19 @@ class BulkLink:
                 self.pause(deadline, check, "send", 0)
 
     def recv(self, *, deadline: float | None, check: Callable[[], None] | None,
-             slice_s: float = 0.05) -> list[zmq.Frame]:
-        """Receive one multipart message as frames (no copy)."""
+             slice_s: float = 0.05, max_parts: int | None = None) -> list[zmq.Frame]:
+        """Receive one multipart message as frames (no copy).
+
+        ``max_parts``: refuse (``ProtocolError``) a message of more parts, as soon as the
+        next one shows, leaving the rest in the socket -- the link is then out of step and
+        must be given up.  ZeroMQ has the whole message once the first part is readable.
+        """
         sock = self.socket
         while True:
             try:
-                return sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+                if max_parts is None:
+                    return sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+                return self._recv_at_most(max_parts)
             except zmq.Again:
                 pass
             except zmq.ZMQError as exc:
@@ -105,6 +112,16 @@ class BulkLink:
             timeout = slice_s if deadline is None else min(slice_s, deadline - time.monotonic())
             if timeout <= 0 or not sock.poll(int(timeout * 1000) or 1, zmq.POLLIN):
                 self.pause(deadline, check, "receive", 0)
+
+    def _recv_at_most(self, max_parts: int) -> list[zmq.Frame]:
+        sock = self.socket
+        parts = [sock.recv(flags=zmq.NOBLOCK, copy=False)]
+        while parts[-1].more:
+            if len(parts) >= max_parts:
+                raise ProtocolError(f"a ZeroMQ message of more than {max_parts} parts on "
+                                    f"{self.endpoint}")
+            parts.append(sock.recv(copy=False))  # there: ZeroMQ delivers messages whole
+        return parts
 
     def readable(self) -> bool:
         return bool(self.socket.getsockopt(zmq.EVENTS) & zmq.POLLIN)

@@ -92,6 +92,11 @@ POOL_MAX_SLOTS = 8
 SPIN_S = 100e-6
 SLICE_S = 0.1  # longest single block; liveness is re-checked after each
 BULK_FRAMES_S = 60.0  # a BULK marker's frames are already queued: this is for broken peers
+# Buffers one message from an untrusted peer may carry (ring record or ZeroMQ frames): each
+# becomes an array and a tensor on this side (~0.7 KB for an empty one, 23 bytes sent), and
+# ZeroMQ's high-water mark counts messages, not their parts.  An honest worker's reply
+# carries a few.
+SAFE_MAX_BUFFERS = 4096
 
 _warned_fallback = False
 # Spinning politely: if the peer shares our core (an oversubscribed machine),
@@ -388,7 +393,7 @@ class Channel:
     @classmethod
     def attach(cls, spec: ChannelSpec, *, fds: tuple[int, ...] | list[int] = (),
                own_bell: Doorbell | None, safe: bool, name: str,
-               shm_dir: str | None = None) -> Channel:
+               shm_dir: str | None = None, limit: int | None = None) -> Channel:
         """The callee's end of a channel described by ``spec``; takes ownership of ``fds``.
 
         ``shm_dir`` is this process's own idea of the session's ``shm_dir``:
@@ -397,17 +402,34 @@ class Channel:
         slots).  With ``safe`` (the caller is untrusted) the rings must be
         sealed (``ProtocolError`` otherwise) and the channel is sealed whatever
         the spec says; a sealed channel's pool slots are sealed memfds both ways.
+
+        Sizes an untrusted caller states are not its to choose: with ``safe`` its threshold
+        may not exceed ``limit`` (this process's own; default: the spec's), its rings may
+        not exceed that threshold's capacity, and its pool slots are capped at that
+        threshold's default pool size, whatever ``spec.pool_bytes`` says.  (A sparse sealed
+        memfd costs the peer nothing: a 96 GiB ring or slot made the copy-out raise
+        ``MemoryError`` and end the trusted actor.)
         """
         tx = rx = bulk = sock = None
         fds = list(fds)
         want = 2 * spec.rings + spec.pool
+        pool_bytes = spec.pool_bytes
         try:
             if len(fds) != want:
                 raise ProtocolError(f"channel spec needs {want} descriptors, {len(fds)} came")
             sealed = spec.sealed or safe
+            bound = spec.threshold if limit is None else limit
+            if safe and spec.threshold > bound:
+                raise ProtocolError(f"threshold {spec.threshold} above this side's {bound}")
+            if safe:
+                pool_bytes = min(pool_bytes, default_pool_bytes(bound))
             if spec.rings:
                 rx = ShmRing.from_fd(fds.pop(0), sealed=safe)
                 tx = ShmRing.from_fd(fds.pop(0), sealed=safe)
+                cap = ring_capacity(bound)
+                if safe and max(rx.capacity, tx.capacity) > cap:
+                    raise ProtocolError(f"rings of {max(rx.capacity, tx.capacity)} bytes for "
+                                        f"threshold {bound} (at most {cap})")
             if spec.pool:
                 sock = _pool_socket(fds.pop(0))
             bulk = BulkLink(spec.endpoint, bind=False)
@@ -427,7 +449,7 @@ class Channel:
         return cls(tx=tx, rx=rx, bulk=bulk, own_bell=own_bell if rx is not None else None,
                    owns_bell=False, peer_bell=peer, threshold=spec.threshold, safe=safe,
                    name=name, secret=spec.secret, pool_sock=sock, shm_dir=shm_dir,
-                   pool_bytes=spec.pool_bytes, sealed=sealed)
+                   pool_bytes=pool_bytes, sealed=sealed)
 
     @property
     def mode(self) -> str:
@@ -680,7 +702,8 @@ class Channel:
             t0 = time.perf_counter_ns()
         try:
             kind, tag, header, bufs, nbytes = framing.parse_record(
-                rx.view, addr - rx.address, length, copy=not lend)
+                rx.view, addr - rx.address, length, copy=not lend,
+                max_nbuf=SAFE_MAX_BUFFERS if self.safe else None)
         except ProtocolError:
             rx.advance()
             raise
@@ -738,7 +761,13 @@ class Channel:
             raise self.failed from None
 
     def _recv_bulk(self, deadline: float | None, check: Callable[[], None] | None) -> Received:
-        frames = self.bulk.recv(deadline=deadline, check=check)
+        try:
+            frames = self.bulk.recv(deadline=deadline, check=check,
+                                    max_parts=1 + SAFE_MAX_BUFFERS if self.safe else None)
+        except ProtocolError as exc:  # the rest of that message is still in the socket
+            self.failed = exc
+            exc.tag = None
+            raise
         meta = frames[0].buffer
         if len(meta) < SECRET_LEN + _PREFIX_LEN:
             raise ProtocolError(f"ZeroMQ message with a {len(meta)}-byte prefix")
@@ -747,7 +776,8 @@ class Channel:
                                 f"secret (not from its peer) was refused")
         meta = meta[SECRET_LEN:]
         pooled = meta[0] == KIND_POOL
-        head = framing.parse_head(meta, 0, len(meta), extra=PLACE.size if pooled else 0)
+        head = framing.parse_head(meta, 0, len(meta), extra=PLACE.size if pooled else 0,
+                                  max_nbuf=SAFE_MAX_BUFFERS if self.safe else None)
         try:
             if head.end != len(meta):
                 raise ProtocolError(f"ZeroMQ header frame of {len(meta)} bytes, declared "

@@ -190,11 +190,13 @@ def head_bytes(kind: int, tag: int, header: Any, sizes: Sequence[int], *,
     return b"".join(parts)
 
 
-def _prefix(buf: Any, off: int, length: int, extra: int) -> tuple[int, int, tuple, int, int]:
+def _prefix(buf: Any, off: int, length: int, extra: int,
+            max_nbuf: int | None = None) -> tuple[int, int, tuple, int, int]:
     """``(kind, tag, sizes, header offset, header length)`` of the frame at ``buf[off:]``.
 
     Every parse goes through here: the prefix, size table and header are checked against
-    ``length`` once, in one place.
+    ``length`` once, in one place; ``max_nbuf``: the most buffers a message may have (None:
+    any that fit), checked before the size table is read.
     """
     if length < PREFIX_LEN:
         raise ProtocolError(f"frame of {length} bytes is shorter than a prefix")
@@ -202,6 +204,9 @@ def _prefix(buf: Any, off: int, length: int, extra: int) -> tuple[int, int, tupl
     pos = off + PREFIX_LEN
     sizes = ()
     try:
+        if max_nbuf is not None and nbuf > max_nbuf:
+            raise ProtocolError(f"{nbuf} buffers in one message (at most {max_nbuf} from "
+                                f"this peer)")
         if nbuf:
             if nbuf > (length - PREFIX_LEN) // 8:
                 raise ProtocolError(f"{nbuf} buffers declared in a {length}-byte frame")
@@ -229,15 +234,16 @@ def _spans(sizes: Sequence[int], pos: int, end: int, tag: int) -> list[tuple[int
     return spans
 
 
-def parse_head(buf: Any, off: int, length: int, *, extra: int = 0) -> Head:
+def parse_head(buf: Any, off: int, length: int, *, extra: int = 0,
+               max_nbuf: int | None = None) -> Head:
     """Parse a prefix at ``buf[off:off + length]``; ``ProtocolError`` when it does not fit.
 
     ``extra``: bytes between the size table and the header (a pool placement, see
     :func:`head_bytes`); they start at ``Head.header``'s offset minus ``extra``.  The
     error carries the tag once it is known (``exc.tag``), so a caller can still tell
-    which message was lost.
+    which message was lost.  ``max_nbuf``: see :func:`_prefix`.
     """
-    kind, tag, sizes, pos, hlen = _prefix(buf, off, length, extra)
+    kind, tag, sizes, pos, hlen = _prefix(buf, off, length, extra, max_nbuf)
     header = buf[pos:pos + hlen]  # a view when ``buf`` is a memoryview
     return _new_head(Head, (kind, tag, header, sizes, pos + hlen))
 
@@ -283,8 +289,8 @@ def write_buffer(view: Any, base: int, off: int, b: Any) -> None:
         b.write_into(np.frombuffer(view, np.uint8, nb, off))
 
 
-def parse_record(view: Any, off: int, length: int, *,
-                 copy: bool = False) -> tuple[int, int, bytes, list[np.ndarray], int]:
+def parse_record(view: Any, off: int, length: int, *, copy: bool = False,
+                 max_nbuf: int | None = None) -> tuple[int, int, bytes, list[np.ndarray], int]:
     """``(kind, tag, header, buffers, nbytes)`` of the record at ``view[off:off + length]``.
 
     The ring's hot path.  ``header`` is a copy (the codec would make one anyway); the
@@ -292,7 +298,8 @@ def parse_record(view: Any, off: int, length: int, *,
     (see :func:`copy_buffer`).  ``nbytes``: header and buffers.  Only an INLINE record's
     header and buffers are parsed: any other kind (BULK, CLOSE, ...) says all it has to
     say in its kind and tag, and comes back with ``b""`` and no buffers.
-    ``ProtocolError`` (with the tag once known) when the head or a buffer does not fit.
+    ``ProtocolError`` (with the tag once known) when the head or a buffer does not fit, or
+    when there are more than ``max_nbuf`` buffers.
     """
     if length < PREFIX_LEN:
         raise ProtocolError(f"frame of {length} bytes is shorter than a prefix")
@@ -302,7 +309,7 @@ def parse_record(view: Any, off: int, length: int, *,
     if not nbuf and hlen <= length - PREFIX_LEN:  # header only: no table to check
         pos = off + PREFIX_LEN
         return kind, tag, view[pos:pos + hlen].tobytes(), [], hlen
-    _, _, sizes, pos, hlen = _prefix(view, off, length, 0)
+    _, _, sizes, pos, hlen = _prefix(view, off, length, 0, max_nbuf)
     header = view[pos:pos + hlen].tobytes()
     bufs = []
     for p, n in _spans(sizes, off + ((pos + hlen - off + 7) & ~7), off + length, tag):

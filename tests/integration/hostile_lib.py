@@ -329,3 +329,25 @@ class Staller:
         cc = _context()._channels[self.target._ref.index]
         cc.channel.transport._send_marker(framing.KIND_BULK, None, None, None)
         return "sent"
+
+
+@actor(untrusted=True)
+class BigRinger:
+    """Opens its channel to a trusted actor with rings larger than the session's threshold
+    sizes (sparse sealed memfds cost it nothing), to make the callee's copies huge."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def call_with_big_rings(self) -> str:
+        from runtime.transport import channel as channel_mod
+
+        normal = channel_mod.ring_capacity
+        channel_mod.ring_capacity = lambda threshold: 64 * normal(threshold)
+        try:
+            self.target.echo(1)
+        except Exception as exc:
+            return f"{type(exc).__name__}: {exc}"
+        finally:
+            channel_mod.ring_capacity = normal
+        return "accepted"

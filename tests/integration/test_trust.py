@@ -22,6 +22,7 @@ from runtime.table import FLAG_UNTRUSTED
 from tests.integration.actors_lib import Echo, OpenEcho
 from tests.integration.hostile_lib import (
     BadStatus,
+    BigRinger,
     FdStuffer,
     Hijacker,
     Intruder,
@@ -91,6 +92,18 @@ def test_a_trusted_actor_refuses_untrusted_callers_unless_it_opts_in():
         assert "does not serve untrusted actors" in answer, answer
         assert "safe mode" in system.spawn(Relay, open_echo).send_pickle("/nonexistent/m")
         assert echo.echo(1) == 1
+
+
+def test_an_untrusted_caller_does_not_size_a_trusted_actors_rings():
+    """Found in review: a trusted actor serving untrusted callers took their rings at any
+    size (only the seals were checked), and a sparse ring of 96 GiB made its copy-out raise
+    MemoryError, which ended it.  Rings beyond the session's threshold are refused when the
+    channel opens; the actor serves on."""
+    with ActorSystem(shm_threshold=1 << 20) as system:
+        echo = system.spawn(OpenEcho)
+        answer = system.spawn(BigRinger, echo).call_with_big_rings()
+        assert "rings of" in answer, answer
+        assert echo.echo(7) == 7
 
 
 def test_an_untrusted_worker_cannot_call_the_tee_driver():

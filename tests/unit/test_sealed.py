@@ -255,7 +255,7 @@ def test_a_refused_open_closes_each_descriptor_once(private_dir):
     sid = "s"
     server = object.__new__(worker.ActorServer)  # just what _open uses
     server.ctx = SimpleNamespace(session=SimpleNamespace(private_dir=private_dir, sid=sid,
-                                                         shm_dir=SHM))
+                                                         shm_dir=SHM, threshold=MiB))
     server.peer_is_untrusted = lambda pid: True
     server.bell = Doorbell(os.path.join(private_dir, "callee.bell"))
     server.inbound, server.borrow_args = [], False
