@@ -383,6 +383,10 @@ class TEEDriver:
         self.worker_device = {k: v for k, v in info.items()
                               if isinstance(v, (str, int, float, bool))} \
             if isinstance(info, dict) else {}
+        threads = self.worker_device.get("threads")  # sizes chunks: a count, or nothing
+        if threads is not None and not (type(threads) is int and 0 < threads <= 1 << 16):
+            logger.warning("the worker reports threads=%r: ignored", threads)
+            del self.worker_device["threads"]
         self._probe: dict[str, Any] = {}
         if attention == "auto":
             if self.worker_device.get("type") == "cuda":
@@ -687,7 +691,14 @@ class TEEDriver:
                 "wire_dtype": str(self.wire_dtype).removeprefix("torch."),
                 "total_ms": round(1e3 * st.get("total_s", 0.0), 3),
                 "worker_device": str(self.worker_device.get("device", ""))}
-        return chrome_trace(rec, end_ns, worker, self._id, meta)
+        try:
+            return chrome_trace(rec, end_ns, worker, self._id, meta)
+        except (AttributeError, TypeError, ValueError, OverflowError) as exc:
+            # The worker's own account of its compute: a malformed one costs the timeline
+            # its worker track, not the prefill (whose results were checked).
+            logger.warning("the worker's trace_events reply is malformed (%s: %s): the trace "
+                           "shows the TEE only", type(exc).__name__, exc)
+            return chrome_trace(rec, end_ns, None, self._id, meta)
 
     def _check_ids(self, input_ids: torch.Tensor | Sequence[int]) -> torch.Tensor:
         ids = torch.as_tensor(input_ids, dtype=torch.long)
@@ -1129,7 +1140,7 @@ class TEEDriver:
                 try:
                     rows_in[op].worker_s = max(
                         0.0, float(after.get("seconds", 0.0)) - float(before.get("seconds", 0.0)))
-                except (AttributeError, TypeError, ValueError):
+                except (AttributeError, TypeError, ValueError, OverflowError):
                     worker_known = False
         rows = {op: r.as_dict() for op, r in rows_in.items()}
         routes_known = callable(getattr(self.gpu, "stats", None))

@@ -111,9 +111,15 @@ redrawn (its weights read again, one at a time):
   ``[refresh_checks/2, refresh_checks]`` so the redraws of different weights spread over
   many prefills instead of landing in one.
 
-The worker sees nothing that depends on the vectors: a passing check is silent, and a failing
-one ends the prefill with :class:`~actors.errors.VerificationError` and retires every vector.
-Matmul checks draw a fresh ``r`` each time.
+A passing check says nothing, and a failing one ends the prefill with
+:class:`~actors.errors.VerificationError` and retires every vector.  Its *time* does depend on
+the vectors: a row whose residual is past the first stage costs the rest of its tolerance
+(float32, one row: ~13 us against ~130 us), which a worker can see in when the next call
+comes (an adversarial review).  That reveals, for a probe that can never fail, whether
+``|e·v|`` is above the first stage: a sign relation of some entries per check, far from the
+16 x m secret entries a pool holds for 512-1024 checks.  Not closed (computing every row's
+whole tolerance would cost every float32 check a second pass over ``y``).  Matmul checks draw
+a fresh ``r`` each time.
 """
 
 from __future__ import annotations

@@ -1,0 +1,88 @@
+"""The worker's bookkeeping replies are the adversary's too (found by an adversarial review).
+
+``compute_stats``, ``device_info`` and ``trace_events`` are not results: nothing checks
+them, and the TEE only uses them for its own accounting, chunk plan and timeline.  A
+hostile value there crashed a prefill after every check had passed (``OverflowError``
+from a 400-digit int, ``ValueError`` from ``int(nan)`` on every prefill, ``ValueError``
+from a malformed trace).  Now such a value is ignored, with a warning where it matters.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+
+import pytest
+import torch
+
+from actors import GPUWorker, LlamaConfig, LlamaReference, TEEDriver
+
+
+@pytest.fixture(scope="module")
+def config() -> LlamaConfig:
+    return LlamaConfig.preset("tiny")
+
+
+def _ids(config: LlamaConfig) -> torch.Tensor:
+    return torch.randint(0, config.vocab_size, (8,), generator=torch.Generator().manual_seed(0))
+
+
+class _BigStats(GPUWorker):
+    def compute_stats(self, reset=False):
+        return {k: {**v, "seconds": 10 ** 400} for k, v in super().compute_stats(reset).items()}
+
+
+class _BadTrace(GPUWorker):
+    def trace_events(self, reset=True, since_ns=0):
+        return {"pid": "x", "events": [["a", "b", "c", 1]]}
+
+
+class _HandleLike:
+    """A worker answering ``.remote`` like an actor handle, with ``threads`` of our choice in
+    its device_info (an actor worker's chunk plan reads it on every prefill)."""
+
+    def __init__(self, worker, threads):
+        self._worker, self._threads = worker, threads
+
+    def device_info(self):
+        return {**self._worker.device_info(), "threads": self._threads}
+
+    def __getattr__(self, name):
+        fn = getattr(self._worker, name)
+
+        class _Method:
+            def __call__(self, *a, **kw):
+                return fn(*a, **kw)
+
+            def remote(self, *a, **kw):
+                fut = Future()
+                fut.set_result(fn(*a, **kw))
+                fut.wire = ["shm", 0, "shm", 0]
+                return fut
+
+        return _Method()
+
+
+def test_a_huge_compute_stats_value_does_not_crash_a_prefill(config):
+    drv = TEEDriver(config, _BigStats(config, seed=0, device="cpu"), seed=0)
+    got = drv.prefill(_ids(config))
+    want = LlamaReference(config, seed=0).forward(_ids(config))
+    assert (got - want).abs().max().item() < 1e-4
+    assert drv.last_prefill_stats()["worker_s"] is None  # unknown, not made up
+
+
+def test_a_malformed_trace_costs_the_worker_track_only(config, caplog):
+    drv = TEEDriver(config, _BadTrace(config, seed=0, device="cpu"), seed=0)
+    drv.prefill(_ids(config), trace=True)
+    trace = drv.last_trace()
+    assert any(e.get("cat") == "tee" for e in trace["traceEvents"])
+    assert not any(e.get("cat") == "worker" for e in trace["traceEvents"])
+    assert "malformed" in caplog.text
+
+
+@pytest.mark.parametrize("threads", [float("nan"), float("inf"), True, -3, 10 ** 30, "8"])
+def test_a_bad_thread_count_in_device_info_is_ignored(config, threads, caplog):
+    drv = TEEDriver(config, _HandleLike(GPUWorker(config, seed=0, device="cpu"), threads),
+                    seed=0)
+    assert "threads" not in drv.worker_device
+    drv.prefill(_ids(config))
+    drv.prefill(_ids(config))
