@@ -73,6 +73,7 @@ import collections
 import contextlib
 import itertools
 import logging
+import math
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -102,9 +103,10 @@ from actors.llama import (
     silu_mul,
     tee_weight_names,
 )
-from actors.trace import TID_CALLS, TID_TEE, Recorder, chrome_trace
+from actors.trace import TID_CALLS, TID_TEE, Recorder, chrome_trace, worker_spans
 from actors.verify import GROUPS, Begun, Verifier
 from runtime import actor
+from runtime.errors import ProtocolError
 from runtime.transport import memcopy
 
 __all__ = ["OPS", "POLICIES", "TEEDriver", "VerificationError", "WorkerResultError",
@@ -268,6 +270,25 @@ def auto_chunk_rows(tokens: int, *, worker_device: str, cores: int, tee_threads:
     return -(-tokens // n)
 
 
+def _plain_info(info: Any) -> dict[str, Any]:
+    """The worker's ``device_info`` reduced to values safe to keep, print and compare.
+
+    Its word, an untrusted worker's too: short strings, bools, finite floats and ints
+    within 64 bits (a 5000-digit int cannot even be printed).
+    """
+    if not isinstance(info, dict):
+        return {}
+    out: dict[str, Any] = {}
+    for k, v in info.items():
+        if type(k) is not str or len(k) > 64:
+            continue
+        if (type(v) is bool or (type(v) is str and len(v) <= 200)
+                or (type(v) is int and -(1 << 63) <= v < 1 << 63)
+                or (type(v) is float and math.isfinite(v))):
+            out[k] = v
+    return out
+
+
 def _cores() -> int:
     """CPUs this process may run on."""
     try:
@@ -380,9 +401,7 @@ class TEEDriver:
         self._inv_freq = rope_inv_freq(config)
         self._cos = self._sin = torch.empty(0)
         info = self.gpu.device_info()
-        self.worker_device = {k: v for k, v in info.items()
-                              if isinstance(v, (str, int, float, bool))} \
-            if isinstance(info, dict) else {}
+        self.worker_device = _plain_info(info)
         threads = self.worker_device.get("threads")  # sizes chunks: a count, or nothing
         if threads is not None and not (type(threads) is int and 0 < threads <= 1 << 16):
             logger.warning("the worker reports threads=%r: ignored", threads)
@@ -682,8 +701,16 @@ class TEEDriver:
         fn = getattr(self.gpu, "trace_events", None)
         worker = None
         if callable(fn):
-            got = fn(reset=False, since_ns=rec.start_ns)
+            try:
+                got = fn(reset=False, since_ns=rec.start_ns)
+            except ProtocolError as exc:  # that reply alone was refused: the channel is fine
+                logger.warning("the worker's trace_events reply was refused (%s): the trace "
+                               "shows the TEE only", exc)
+                got = None
             worker = got if isinstance(got, dict) else None
+            if worker is not None and worker_spans(worker) is None:
+                logger.warning("the worker's trace_events reply is malformed: the trace "
+                               "shows the TEE only")
         st = self._last or {}
         meta = {"tokens": st.get("tokens"), "chunks": st.get("chunks"),
                 "chunk_rows": st.get("chunk_rows"), "policy": self.attention,
@@ -691,14 +718,9 @@ class TEEDriver:
                 "wire_dtype": str(self.wire_dtype).removeprefix("torch."),
                 "total_ms": round(1e3 * st.get("total_s", 0.0), 3),
                 "worker_device": str(self.worker_device.get("device", ""))}
-        try:
-            return chrome_trace(rec, end_ns, worker, self._id, meta)
-        except (AttributeError, TypeError, ValueError, OverflowError) as exc:
-            # The worker's own account of its compute: a malformed one costs the timeline
-            # its worker track, not the prefill (whose results were checked).
-            logger.warning("the worker's trace_events reply is malformed (%s: %s): the trace "
-                           "shows the TEE only", type(exc).__name__, exc)
-            return chrome_trace(rec, end_ns, None, self._id, meta)
+        # The worker's own account of its compute: a malformed one (trace.worker_spans)
+        # costs the timeline its worker track, not the prefill (whose results were checked).
+        return chrome_trace(rec, end_ns, worker, self._id, meta)
 
     def _check_ids(self, input_ids: torch.Tensor | Sequence[int]) -> torch.Tensor:
         ids = torch.as_tensor(input_ids, dtype=torch.long)

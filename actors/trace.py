@@ -62,12 +62,36 @@ class Recorder:
         self.flights.append((op, start_ns, end_ns, args))
 
 
+def worker_spans(got: Any) -> tuple[int, list[tuple[str, int, int, int]]] | None:
+    """``(pid, spans)`` from a ``trace_events`` reply, or None when it is malformed.
+
+    The reply is the worker's word (an untrusted one's too): only plain ints and short
+    strings are kept, so the trace can neither fail to build nor fail to be written.
+    """
+    if not isinstance(got, dict):
+        return None
+    pid, events = got.get("pid", 0), got.get("events", [])
+    if type(pid) is not int or not 0 <= pid < 1 << 31 or type(events) is not list:
+        return None
+    spans = []
+    for ev in events:
+        if type(ev) not in (list, tuple) or len(ev) != 4:
+            return None
+        tag, s, e, rows = ev
+        if not (type(tag) is str and len(tag) <= 200 and all(type(v) is int and 0 <= v < 1 << 63
+                                                             for v in (s, e, rows))):
+            return None
+        spans.append((tag, s, e, rows))
+    return pid, spans
+
+
 def chrome_trace(rec: Recorder, end_ns: int, worker: dict[str, Any] | None, caller: str,
                  meta: dict[str, Any]) -> dict[str, Any]:
     """The Chrome trace of one prefill: the driver's spans, and the worker's from ``worker``.
 
-    ``worker`` is what ``GPUWorker.trace_events`` returned (``None``: no worker track);
-    its spans outside the prefill are left out, and those of other drivers than ``caller``
+    ``worker`` is what ``GPUWorker.trace_events`` returned (``None``, or a malformed reply
+    -- see :func:`worker_spans` --: no worker track); its spans outside the prefill are left
+    out, and those of other drivers than ``caller``
     are kept, marked (they share the worker).  ``meta`` goes to ``otherData``.
     """
     pid = os.getpid()
@@ -93,17 +117,18 @@ def chrome_trace(rec: Recorder, end_ns: int, worker: dict[str, Any] | None, call
         common = {"name": op, "cat": "offload", "id": n, "pid": pid, "tid": TID_CALLS}
         events.append({**common, "ph": "b", "ts": us(s), "args": args})
         events.append({**common, "ph": "e", "ts": us(e)})
-    if worker:
-        wpid = int(worker.get("pid", 0))
+    parsed = worker_spans(worker) if worker else None
+    if parsed is not None:
+        wpid, spans = parsed
         tid = TID_WORKER
         if wpid != pid:
             events += [_meta("process_name", wpid, None, f"GPU worker (pid {wpid})"),
                        _meta("process_sort_index", wpid, None, 1)]
         events.append(_meta("thread_name", wpid, tid, "worker compute"))
-        for tag, s, e, rows in worker.get("events", []):
+        for tag, s, e, rows in spans:
             if e < t0 or s > end_ns:
                 continue
-            op, who = split_tag(str(tag))
+            op, who = split_tag(tag)
             args: dict[str, Any] = {"rows": rows}
             if who != caller:
                 args["caller"] = who or "unknown"

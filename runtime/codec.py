@@ -143,8 +143,8 @@ SAFE_KEY_WORDS = 16384
 # Values one message from an untrusted peer may decode to (containers and leaves): each is a
 # Python object of 30-100 bytes from as little as 1-3 bytes of header (an empty list, a
 # numpy int8), so without a cap a ring record of 20 MiB became hundreds of MiB.  An honest
-# worker's reply holds a few dozen; a trace of a long prefill, some thousands.
-SAFE_MAX_VALUES = 1 << 18
+# worker's reply holds a few dozen; its fullest trace reply (65,536 spans of 5 values) 327,681.
+SAFE_MAX_VALUES = 1 << 20
 """Most dimensions of a tensor or array descriptor."""
 
 HEADER_PREFIX = "<3sBB"

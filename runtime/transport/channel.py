@@ -675,6 +675,8 @@ class Channel:
         """
         rx = self.rx
         if rx is None:
+            if self.failed is not None:  # the link is out of step (see _recv_bulk)
+                raise self.failed
             if not self.bulk.readable():
                 return None
             return self._recv_bulk(deadline, check)

@@ -163,6 +163,33 @@ def test_a_zeromq_message_of_many_empty_frames_is_refused_cheaply(private_dir):
         bell.close()
 
 
+def test_a_ringless_channel_stays_failed_after_the_parts_cap(private_dir):
+    """Found in a second review: after the parts cap the rest of the refused message is
+    still in the socket.  The ring path honoured ``failed``; the ring-less one (no room in
+    shm_dir: everything over ZeroMQ) handed the tail -- parts the peer chose -- up as a
+    fresh message."""
+    caller, callee, bell = make_pair(private_dir, 64, shm_dir="/nonexistent_shm_dir",
+                                     safe=True, sealed=False, pool_bytes=0)
+    try:
+        c = caller.transport
+        assert c.rx is None and callee.transport.rx is None
+        enc = codec.encode((3, True, "smuggled"), envelope=1)
+        parts = ([c.secret + framing.head_bytes(0, 3, b"RTC\x02\x00N", [])]
+                 + [b""] * SAFE_MAX_BUFFERS + [c.secret + framing.head_bytes(0, 9, enc.header, [])])
+        c.bulk.send(parts, deadline=None, check=None, small=True)
+        deadline = time.monotonic() + 5
+        while not callee.transport.bulk.readable() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with pytest.raises(ProtocolError, match="parts"):
+            callee.try_recv(deadline=time.monotonic() + 1)
+        with pytest.raises(ProtocolError):
+            callee.try_recv(deadline=time.monotonic() + 1)
+    finally:
+        caller.close()
+        callee.close()
+        bell.close()
+
+
 # -- an untrusted caller does not set the trusted callee's limits --------------------------
 
 
