@@ -686,12 +686,27 @@ class ProcessContext:
 
     # -- calls -----------------------------------------------------------------
     def call(self, ref: ActorRef, method: str, args: tuple, kwargs: dict) -> Any:
+        cc = self._open_channel(ref)
+        if cc is not None:  # the hot path: the call's deadline starts at its send
+            return cc.call(method, args, kwargs)
         deadline = self._call_deadline()
         return self.channel_for(ref, deadline).call(method, args, kwargs, deadline=deadline)
 
     def call_async(self, ref: ActorRef, method: str, args: tuple, kwargs: dict) -> Future:
+        cc = self._open_channel(ref)
+        if cc is not None:
+            return cc.submit(method, args, kwargs)
         deadline = self._call_deadline()
         return self.channel_for(ref, deadline).submit(method, args, kwargs, deadline=deadline)
+
+    def _open_channel(self, ref: ActorRef) -> CallerChannel | None:
+        """The channel to ``ref`` if it is open and its actor incarnation alive, else None."""
+        if self.pid != _pid:
+            self.check_process()
+        cc = self._channels.get(ref.index)
+        if cc is not None and cc.dead is None and self.table.alive(ref.index, cc.incarnation):
+            return cc
+        return None
 
     def _call_deadline(self) -> float | None:
         """When a call that starts now must end.
@@ -706,10 +721,8 @@ class ProcessContext:
 
         ``deadline`` (monotonic) bounds the open; default: now + call_timeout.
         """
-        if self.pid != _pid:
-            self.check_process()
-        cc = self._channels.get(ref.index)
-        if cc is not None and cc.dead is None and self.table.alive(ref.index, cc.incarnation):
+        cc = self._open_channel(ref)
+        if cc is not None:
             return cc
         if ref.index == self.self_index:
             raise ActorRuntimeError(
