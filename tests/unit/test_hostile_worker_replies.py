@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import time
-from concurrent.futures import Future
 
 import pytest
 import torch
@@ -19,6 +18,7 @@ import torch
 from actors import GPUWorker, LlamaConfig, LlamaReference, TEEDriver
 from actors.gpu_worker import TRACE_CAPACITY
 from runtime import codec
+from tests.unit.test_prefill_pipeline import _HandleLike as _PipelineHandle
 
 
 @pytest.fixture(scope="module")
@@ -40,30 +40,16 @@ class _BadTrace(GPUWorker):
         return {"pid": "x", "events": [["a", "b", "c", 1]]}
 
 
-class _HandleLike:
+class _HandleLike(_PipelineHandle):
     """A worker answering ``.remote`` like an actor handle, with ``threads`` of our choice in
     its device_info (an actor worker's chunk plan reads it on every prefill)."""
 
     def __init__(self, worker, threads):
-        self._worker, self._threads = worker, threads
+        super().__init__(worker, "cpu")
+        self._threads = threads
 
     def device_info(self):
         return {**self._worker.device_info(), "threads": self._threads}
-
-    def __getattr__(self, name):
-        fn = getattr(self._worker, name)
-
-        class _Method:
-            def __call__(self, *a, **kw):
-                return fn(*a, **kw)
-
-            def remote(self, *a, **kw):
-                fut = Future()
-                fut.set_result(fn(*a, **kw))
-                fut.wire = ["shm", 0, "shm", 0]
-                return fut
-
-        return _Method()
 
 
 def test_a_huge_compute_stats_value_does_not_crash_a_prefill(config):
