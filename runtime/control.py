@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import os
 import select
+import signal
 import socket
 import struct
 import time
@@ -51,6 +52,9 @@ REFUSED_WAIT_S = 2.0
 # socket buffer takes it at once, unless the server is wedged.
 WRITE_TIMEOUT_S = 30.0
 _CRED = struct.Struct("3i")
+# A descriptor of the very process that connected (Linux >= 6.5); the constant is missing
+# from Python 3.11's socket module.
+SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)
 
 # handler(message, descriptors, peer pid) -> reply; raising refuses the request.
 Handler = Callable[[list, list[int], int], list]
@@ -62,14 +66,47 @@ def peer_pid(sock: socket.socket) -> int:
     return pid
 
 
-class _Pending:
-    __slots__ = ("deadline", "pid", "reader", "sock")
+def peer_pidfd(sock: socket.socket) -> int | None:
+    """A pidfd of the process that connected ``sock``, or None where the kernel has none."""
+    try:
+        return sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD)
+    except OSError:
+        return None
 
-    def __init__(self, sock: socket.socket, pid: int) -> None:
+
+def _alive(pidfd: int) -> bool:
+    try:
+        signal.pidfd_send_signal(pidfd, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        pass  # not ours to signal: alive, as far as this can tell
+    return True
+
+
+class _Pending:
+    """A connection whose request has not arrived whole yet.
+
+    ``pid`` is the connector's at ``connect``; ``pidfd`` pins that very process, so that
+    a request whose sender has exited meanwhile -- its pid free for another process,
+    maybe one the session trusts -- is refused, not judged by the pid's new owner.
+    """
+
+    __slots__ = ("deadline", "pid", "pidfd", "reader", "sock")
+
+    def __init__(self, sock: socket.socket, pid: int, pidfd: int | None = None) -> None:
         self.sock = sock
         self.pid = pid
+        self.pidfd = pidfd
         self.reader = FrameReader(sock, max_frame=MAX_REQUEST)
         self.deadline = time.monotonic() + REQUEST_DEADLINE_S
+
+    def close(self) -> None:
+        self.reader.close_fds()
+        self.sock.close()
+        if self.pidfd is not None:
+            _close_fd(self.pidfd)
+            self.pidfd = None
 
 
 class ControlServer:
@@ -125,7 +162,7 @@ class ControlServer:
             if len(self._pending) >= MAX_PENDING:
                 oldest = min(self._pending.values(), key=lambda p: p.deadline)
                 self._refuse(oldest, "too many connections waiting")
-            self._pending[conn.fileno()] = _Pending(conn, pid)
+            self._pending[conn.fileno()] = _Pending(conn, pid, peer_pidfd(conn))
             self._poll.register(conn, select.POLLIN)
         now = time.monotonic()
         for fd, revents in self._poll.poll(0):
@@ -149,6 +186,12 @@ class ControlServer:
             return
         if len(msgs) > 1:
             self._refuse(p, "more than one request on a connection")
+            return
+        if p.pidfd is not None and not _alive(p.pidfd):
+            # The handler judges the sender by its pid: once the sender is gone, the pid
+            # may be another process's.  (Checked just before: reusing a pid means
+            # cycling through the whole pid space, not done in the handler's microseconds.)
+            self._refuse(p, "the process that sent it has exited (its pid may be reused)")
             return
         fds, p.reader.fds = p.reader.fds, []
         try:
@@ -176,13 +219,11 @@ class ControlServer:
             p.sock.send(encode_frame(reply), socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
         except OSError:
             pass  # the peer is gone or does not read: nothing more to tell it
-        p.reader.close_fds()
-        p.sock.close()
+        p.close()
 
     def close(self) -> None:
         for p in list(self._pending.values()):
-            p.reader.close_fds()
-            p.sock.close()
+            p.close()
         self._pending.clear()
         self._sock.close()
         try:
