@@ -24,6 +24,7 @@ with one logged line; the actor keeps serving.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import select
@@ -67,11 +68,15 @@ def peer_pid(sock: socket.socket) -> int:
 
 
 def peer_pidfd(sock: socket.socket) -> int | None:
-    """A pidfd of the process that connected ``sock``, or None where the kernel has none."""
+    """A pidfd of the process that connected ``sock``.
+
+    -1 when it has exited (kernels that cannot pin a reaped process say so), None where
+    the kernel has no such option.
+    """
     try:
         return sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD)
-    except OSError:
-        return None
+    except OSError as exc:
+        return -1 if exc.errno == errno.ESRCH else None
 
 
 def _alive(pidfd: int) -> bool:
@@ -104,9 +109,9 @@ class _Pending:
     def close(self) -> None:
         self.reader.close_fds()
         self.sock.close()
-        if self.pidfd is not None:
+        if self.pidfd is not None and self.pidfd >= 0:
             _close_fd(self.pidfd)
-            self.pidfd = None
+        self.pidfd = None
 
 
 class ControlServer:
@@ -187,7 +192,7 @@ class ControlServer:
         if len(msgs) > 1:
             self._refuse(p, "more than one request on a connection")
             return
-        if p.pidfd is not None and not _alive(p.pidfd):
+        if p.pidfd is not None and (p.pidfd < 0 or not _alive(p.pidfd)):
             # The handler judges the sender by its pid: once the sender is gone, the pid
             # may be another process's.  (Checked just before: reusing a pid means
             # cycling through the whole pid space, not done in the handler's microseconds.)
