@@ -69,8 +69,20 @@ take ``min(|y_i|, trusted_i)`` (the TEE's own product over the received ``y`` ke
   shorter side (a head's width).
 
 A liar then gains at most the slack between the true norm and the bound (the tolerance at
-most ~3 times the honest one): junk of twice the row's norm in two elements passes 13 % of
-bfloat16 checks, 1000 times it 0 of 400 (``tests/unit/test_verify.py``; docs/design.md).
+most ~3 times the honest one): junk of twice the row's norm in two elements passed 13 % of
+bfloat16 checks, 1000 times it 0 of 400.
+
+Gaussian columns (16-bit results of linear ops).  A bfloat16 tolerance is ~3 % of the row,
+so ``+d`` in two elements about the row's size still passed one vector whenever
+``|v_a ± v_b|`` was below ~5 %: 17-28 % of checks.  The first ``GAUSS_COLUMNS`` (4) sketch
+vectors, scaled to ``|g|_inf = 1`` so that every tolerance term above holds as it is, check
+the same result beside the vector (``y·g`` against ``x·(Wᵀg)``, which the sketch computes
+anyway); the result passes only if every column does.  For such a lie a column passes about
+as often as ``|g_a ± g_b|`` is below the tolerance over ``d``: the four together let 0 of 400
+through from half the row's norm up, 2 of 400 at a fifth (``bench_liar.py --junk``).  A
+Gaussian column alone would not do: one wrong element facing a small ``g_j`` passes it,
+where the vector catches it with certainty.  Cost: ``4·T·m`` more multiply-adds per check,
+with a 16-bit wire only.
 
 The check uses exactly the tensors that
 crossed (the wire-rounded ``x``) and the result exactly as the TEE then uses it.  Measured on
@@ -162,6 +174,10 @@ _MAG_MIN, _MAG_SPAN, _MAG_STEPS = 0.75, 0.25, 2 ** 20  # vector entries' magnitu
 # the true norm from SKETCH Gaussian vectors (module docstring, "Trusted norms").
 SKETCH = 16
 KAPPA = 3.0
+# With a 16-bit wire the tolerance is coarse (~3 % of the row): a lie spread over two elements
+# about the row's size passed ~20 % of checks by one vector.  The first GAUSS_COLUMNS sketch
+# vectors (scaled to |g|_inf = 1) check such results as well, each like the vector: ~0.2 %.
+GAUSS_COLUMNS = 4
 _CAP_SLACK = 1 + 2.0 ** -10  # exact bounds (lookups, matmuls): room for rounding the bound
 
 
@@ -189,20 +205,26 @@ class _Pool:
     u: torch.Tensor       # [P, n] Wᵀv (linear) or [P, vocab] E v (lookup), in the check dtype
     u_max: list[float]    # |u|_∞ per vector (linear)
     omega: float          # largest column norm of W (linear)
-    gu: torch.Tensor | None  # [SKETCH, n] Wᵀg for Gaussian g (linear): y·g estimates |y|
+    gu: torch.Tensor | None  # [SKETCH, n] Wᵀg for Gaussian g/|g|_inf (linear)
     rownorm: torch.Tensor | None  # [vocab] |E_t| per token (lookup): the true |y| exactly
     limit: int            # uses before it is redrawn
+    gv: torch.Tensor | None = None  # [SKETCH, m] those g/|g|_inf, in the check dtype
+    gscale: torch.Tensor | None = None  # [SKETCH] |g|_inf: y·g = gscale·(x·gu)
+    gu_max: list[float] | None = None  # |gu|_inf per vector
     uses: int = 0
     stale: bool = False
     v_np: np.ndarray | None = None  # v and u as numpy views (CPU): a decode step's checks
     u_np: np.ndarray | None = None  # index them without a torch call each
     gu_np: np.ndarray | None = None
+    gv_np: np.ndarray | None = None
+    gscale_np: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.v.device.type == "cpu" and self.u.device.type == "cpu":
             self.v_np, self.u_np = self.v.numpy(), self.u.numpy()
             if self.gu is not None:
-                self.gu_np = self.gu.numpy()
+                self.gu_np, self.gv_np = self.gu.numpy(), self.gv.numpy()
+                self.gscale_np = self.gscale.numpy()
 
 
 @dataclass
@@ -220,8 +242,8 @@ class Begun:
     xnorm: torch.Tensor  # |x_i|
     seconds: float
     small: tuple[np.ndarray, np.ndarray] | None = None  # rhs, xnorm in numpy: the fast path
-    trusted: torch.Tensor | None = None  # KAPPA x the sketch estimate of |y_i| (16-bit wire)
-    trusted_np: np.ndarray | None = None
+    sketch: torch.Tensor | None = None  # [rows, SKETCH] x·(Wᵀg) (16-bit wire)
+    sketch_np: np.ndarray | None = None
 
 
 class Verifier:
@@ -327,7 +349,7 @@ class Verifier:
                 names = [linear_name(layer, s) for s in GROUPS[op]]
             else:
                 raise ValueError(f"no pool for {key!r}")
-            parts, u, colsq, gu, rownorm = [], None, None, None, None
+            parts, gparts, u, colsq, gu, rownorm = [], [], None, None, None, None
             for name in names:
                 w, colnorm = self._weight(name)  # [m_part, n]
                 vp = self._vectors(p, w.shape[0])
@@ -337,17 +359,25 @@ class Verifier:
                 u = up if u is None else u + up
                 colsq = cs if colsq is None else colsq + cs
                 parts.append(vp)
+                gparts.append(gp)
                 del w
             if op != "lm_head":
                 self._cached = None
             v = torch.cat(parts, dim=1)
-            u, gu = u[:p], u[p:].to(self.check_dtype)
+            g = torch.cat(gparts, dim=1)
+            gscale = g.abs().amax(-1)  # entries of g / |g|_inf lie in [-1, 1], like v's
+            u, gu = u[:p], u[p:] / gscale[:, None]
             u_max = [float(a) for a in u.abs().amax(-1)]
             omega = float(colsq.max().sqrt())
+            extra = {"gv": (g / gscale[:, None]).to(self.check_dtype),
+                     "gscale": gscale.to(self.check_dtype),
+                     "gu_max": [float(a) for a in gu.abs().amax(-1)]}
+            gu = gu.to(self.check_dtype)
         lo = max(1, self.refresh_checks // 2)
         limit = lo + secrets.randbelow(self.refresh_checks - lo + 1)
         return _Pool(v=v.to(self.check_dtype), u=u.to(self.check_dtype), u_max=u_max,
-                     omega=omega, gu=gu, rownorm=rownorm, limit=limit)
+                     omega=omega, gu=gu, rownorm=rownorm, limit=limit,
+                     **(extra if op not in ("embedding",) else {}))
 
     def _pool(self, key: tuple[str, int | None]) -> _Pool:
         pool = self._pools.get(key)
@@ -386,7 +416,7 @@ class Verifier:
         return torch.minimum(yn, trusted).mul_(b1).add_(yn, alpha=b2)
 
     def _decide(self, what: str, lhs: torch.Tensor, rhs: torch.Tensor, cheap: torch.Tensor, *,
-                rest: Any, ynorm: Any) -> None:
+                rest: Any, ynorm: Any, cols: int = 1) -> None:
         """Accept, or raise :class:`VerificationError`.
 
         ``lhs``, ``rhs``: ``y·v`` and ``x·(Wᵀv)`` per row, flat.  ``cheap``: the terms of the
@@ -398,7 +428,8 @@ class Verifier:
         one sync.  NaN or Inf in a residual, or a tolerance that is not finite (one huge
         element overflows a norm), fail the check.
         ``worst_ratio`` follows the rows whose whole tolerance was computed: every row with
-        ``full_margins`` (for measurements; the decisions are the same).
+        ``full_margins`` (for measurements; the decisions are the same).  ``cols``: check
+        vectors per row, side by side in the flat vectors (``ynorm`` and ``rest`` get rows).
         """
         r = (lhs - rhs).abs_()
         # ``cheap`` holds |y·v| (and, computed eagerly, |y_i|): it is not finite only when
@@ -412,8 +443,9 @@ class Verifier:
             rows = (~(r <= cheap)).nonzero().flatten()
             if not rows.numel():
                 return
-        yn = ynorm(rows)
-        tol = cheap.index_select(0, rows).add_(rest(rows, yn))
+        rows_y = rows if cols == 1 else torch.div(rows, cols, rounding_mode="floor")
+        yn = ynorm(rows_y)
+        tol = cheap.index_select(0, rows).add_(rest(rows_y, yn))
         res = r.index_select(0, rows)
         if self.observer is not None:
             self.observer(what, res, tol, yn)
@@ -425,9 +457,11 @@ class Verifier:
                 self.worst_ratio = max(self.worst_ratio, ratio)
             return
         i = int((res - tol).argmax())
-        self._fail(what, f"row {int(rows[i])}: residual {float(res[i]):.3g} > tolerance "
+        where = f"row {int(rows[i])}" if cols == 1 else \
+            f"row {int(rows[i]) // cols}, vector {int(rows[i]) % cols}"
+        self._fail(what, f"{where}: residual {float(res[i]):.3g} > tolerance "
                          f"{float(tol[i]):.3g}; {int((res > tol).sum())} of {r.numel()} "
-                         f"rows fail")
+                         f"checks fail")
 
     def _fail(self, what: str, detail: str) -> NoReturn:
         """Count the failure, retire every vector, and raise."""
@@ -470,57 +504,65 @@ class Verifier:
             xn = xc.numpy()  # 2-D and contiguous (see _small)
             rhs_np = xn @ pool.u_np[j]
             xnorm_np = np.sqrt(np.einsum("ij,ij->i", xn, xn))
-            trusted_np = self._trusted_np(pool, xn) if eager else None
+            sketch_np = xn @ pool.gu_np.T if eager else None
             return Begun(pool, j, xc, torch.from_numpy(rhs_np), torch.from_numpy(xnorm_np),
-                         time.perf_counter() - t0, (rhs_np, xnorm_np), None, trusted_np)
+                         time.perf_counter() - t0, (rhs_np, xnorm_np), None, sketch_np)
         with self._threads():
             rhs = xc @ pool.u[j]
             xnorm = torch.linalg.vector_norm(xc, dim=-1)
-            trusted = self._trusted(pool, xc) if eager else None
-        return Begun(pool, j, xc, rhs, xnorm, time.perf_counter() - t0, None, trusted)
+            sketch = xc.reshape(-1, xc.shape[-1]) @ pool.gu.T if eager else None
+        return Begun(pool, j, xc, rhs, xnorm, time.perf_counter() - t0, None, sketch)
 
     @staticmethod
-    def _trusted(pool: _Pool, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """``KAPPA`` times the sketch estimate of the true ``|y_i|`` (flat), from ``x`` alone.
+    def _sketch(pool: _Pool, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """``x_i·(Wᵀg)`` for the pool's sketch vectors ``g`` (scaled), ``[rows, SKETCH]``."""
+        flat = x.reshape(-1, x.shape[-1])
+        if rows is not None:
+            flat = flat.index_select(0, rows)
+        return flat @ pool.gu.T
+
+    @staticmethod
+    def _trusted(pool: _Pool, sketch: torch.Tensor) -> torch.Tensor:
+        """``KAPPA`` times the sketch estimate of the true ``|y_i|``, from ``x`` alone.
 
         ``x_i·(Wᵀg) = y_i·g`` for a Gaussian ``g`` is ``N(0, |y_i|²)`` whatever ``y_i`` is,
         so the mean square over ``SKETCH`` vectors estimates ``|y_i|²`` (module docstring).
         """
-        flat = x.reshape(-1, x.shape[-1])
-        if rows is not None:
-            flat = flat.index_select(0, rows)
-        return torch.linalg.vector_norm(flat @ pool.gu.T, dim=-1).mul_(
-            KAPPA / math.sqrt(pool.gu.shape[0]))
-
-    @staticmethod
-    def _trusted_np(pool: _Pool, xn: np.ndarray) -> np.ndarray:
-        """:meth:`_trusted` for a few rows, in numpy."""
-        sk = xn @ pool.gu_np.T
-        return np.sqrt(np.einsum("ij,ij->i", sk, sk)) * (KAPPA / math.sqrt(sk.shape[1]))
+        return torch.linalg.vector_norm(sketch * pool.gscale, dim=-1).mul_(
+            KAPPA / math.sqrt(sketch.shape[-1]))
 
     def _small(self, xc: torch.Tensor) -> bool:
         """A check of a few rows, done with numpy on the fast path (see ``_accept_small``)."""
         return (xc.dim() == 2 and xc.shape[0] <= SMALL_ROWS and xc.is_cpu
                 and xc.is_contiguous() and not self.full_margins and self.observer is None)
 
-    def _accept_small(self, begun: Begun, ycs: Sequence[torch.Tensor], *, a: float,
+    def _accept_small(self, begun: Begun, ycs: Sequence[torch.Tensor], *, a: list[float],
                       b: tuple[float, float], c: float, d: float, eager: bool) -> bool:
         """True when every row's residual is within the tolerance terms at hand.
 
         The same acceptance as :meth:`_decide`'s fast path, in numpy: a decode step's check
         costs ~15 torch calls of ~5 us each at T=1, the same maths in numpy ~1 us a call.
         False means "not shown here": the torch path then decides, rejections included.
+        ``a``: the ``|x_i|`` coefficient per check vector (the vector's, then with ``eager``
+        the Gaussian columns').
         """
-        if eager and begun.trusted_np is None:
+        if eager and begun.sketch_np is None:
             return False  # 16-bit results the begin did not expect: the torch path judges
         with np.errstate(all="ignore"):  # NaN, Inf and overflow are judged below, not warned
             return self._accept_small_quiet(begun, ycs, a=a, b=b, c=c, d=d, eager=eager)
 
-    def _accept_small_quiet(self, begun: Begun, ycs: Sequence[torch.Tensor], *, a: float,
-                            b: tuple[float, float], c: float, d: float, eager: bool) -> bool:
+    def _accept_small_quiet(self, begun: Begun, ycs: Sequence[torch.Tensor], *,
+                            a: list[float], b: tuple[float, float], c: float, d: float,
+                            eager: bool) -> bool:
         b1, b2 = b
-        v = begun.pool.v_np[begun.j]
+        pool = begun.pool
+        v = pool.v_np[begun.j]
         rhs, xnorm = begun.small
+        if eager:  # the vector and the Gaussian columns: lhs, rhs [rows, len(a)]
+            k = len(a) - 1
+            v = np.concatenate([v[:, None], pool.gv_np[:k].T], axis=1)
+            rhs = np.concatenate([rhs[:, None], begun.sketch_np[:, :k]], axis=1)
+            a_col = np.array(a, dtype=rhs.dtype)
         lhs = None
         ysq = None
         off = 0
@@ -535,19 +577,21 @@ class Verifier:
             off += w
         # An infinite ``cheap`` would let an infinite residual through: never accept one; a
         # NaN fails every comparison, so it is never accepted either.
-        if lhs.shape[0] == 1:  # one row (batch-1 decode): Python floats, ~0.1 us an operation
+        if not eager and lhs.shape[0] == 1:  # one row (batch-1 decode): Python floats
             left, right = float(lhs[0]), float(rhs[0])
-            tol = float(xnorm[0]) * a + c * abs(left) + d * abs(right)
-            if eager:
-                yn = math.sqrt(float(ysq[0]))
-                tol += b1 * min(yn, float(begun.trusted_np[0])) + b2 * yn
+            tol = float(xnorm[0]) * a[0] + c * abs(left) + d * abs(right)
             # In float64 this tolerance can come out an ulp of float32 above the check dtype's:
             # shrink it by far more, so this path never accepts what the torch path would not.
             return math.isfinite(tol) and abs(left - right) <= tol * _SHRINK
-        cheap = xnorm * a + c * np.abs(lhs) + d * np.abs(rhs)
         if eager:
+            sk = begun.sketch_np * pool.gscale_np
+            trusted = np.sqrt(np.einsum("ij,ij->i", sk, sk)) * (KAPPA / math.sqrt(sk.shape[1]))
             yn = np.sqrt(ysq)
-            cheap = cheap + b1 * np.minimum(yn, begun.trusted_np) + b2 * yn
+            cheap = (xnorm[:, None] * a_col + c * np.abs(lhs) + d * np.abs(rhs)
+                     + (b1 * np.minimum(yn, trusted) + b2 * yn)[:, None])
+            return bool(np.isfinite(cheap).all()
+                        and (np.abs(lhs - rhs) <= cheap * _SHRINK).all())
+        cheap = xnorm * a[0] + c * np.abs(lhs) + d * np.abs(rhs)
         return bool(np.isfinite(cheap).all() and (np.abs(lhs - rhs) <= cheap).all())
 
     def check_linear(self, op: str, layer: int | None, x: torch.Tensor,
@@ -611,28 +655,45 @@ class Verifier:
         u_out = max(_roundoff(out_dtype or self.wire_dtype), _roundoff(ys[0].dtype),
                     _roundoff(self.dtype))  # a worker computing in the TEE's dtype rounds
         (a1, a2), (b1, b2), c, d = self._coefficients(n, m, u_out)
-        a = a1 * pool.omega + a2 * pool.u_max[j]
         # With a 16-bit wire the rounding of y dominates: its norms are needed for every row,
         # and first, since a cold tensor streams into the cache faster through the norm than
         # through the matrix-vector product, which then reads it hot (gate_up at T=1024, one
-        # thread: 0.50 + 0.22 ms instead of 0.88 + 0.29 ms).
+        # thread: 0.50 + 0.22 ms instead of 0.88 + 0.29 ms).  Its tolerance is coarse, so
+        # GAUSS_COLUMNS Gaussian columns check it besides the vector (module docstring).
         eager = u_out > _EAGER_NORMS
+        k = min(GAUSS_COLUMNS, pool.gv.shape[0]) if eager else 0
+        a = [a1 * pool.omega + a2 * pool.u_max[j]]
+        a += [a1 * pool.omega + a2 * g for g in pool.gu_max[:k]]
         if begun.small is not None and self._small(xc) \
                 and self._accept_small(begun, ycs, a=a, b=(b1, b2), c=c, d=d, eager=eager):
             return
         ynorm = self._row_norms(ycs, None) if eager else None
+        sketch = None
+        if eager:
+            sketch = (begun.sketch if begun.sketch is not None
+                      else torch.from_numpy(begun.sketch_np) if begun.sketch_np is not None
+                      else self._sketch(pool, xc))
+            vecs = torch.cat([v[:, None], pool.gv[:k].T], dim=1)  # [m, 1 + k]
+            rhs = torch.cat([rhs.reshape(-1, 1), sketch[:, :k]], dim=1)
+        else:
+            vecs = v
         lhs = None
         off = 0
         for yc in ycs:
             w = yc.shape[-1]
-            part = yc @ v[off:off + w]
+            part = yc @ vecs[off:off + w]
             lhs = part if lhs is None else lhs.add_(part)
             off += w
-        cheap = begun.xnorm * a
-        cheap.add_(lhs.abs(), alpha=c).add_(rhs.abs(), alpha=d)
-        if ynorm is not None:
-            trusted = begun.trusted if begun.trusted is not None else self._trusted(pool, xc)
-            cheap.add_(self._capped(b1, b2, ynorm, trusted))
+        cols = 1 + k
+        if eager:
+            lhs = lhs.reshape(-1, cols)
+            cheap = begun.xnorm.reshape(-1, 1) * torch.tensor(a, dtype=lhs.dtype)
+            cheap.add_(lhs.abs(), alpha=c).add_(rhs.abs(), alpha=d)
+            cheap.add_(self._capped(b1, b2, ynorm, self._trusted(pool, sketch))[:, None])
+            lhs, rhs, cheap = lhs.reshape(-1), rhs.reshape(-1), cheap.reshape(-1)
+        else:
+            cheap = begun.xnorm * a[0]
+            cheap.add_(lhs.abs(), alpha=c).add_(rhs.abs(), alpha=d)
 
         def norms(rows: torch.Tensor) -> torch.Tensor:
             return ynorm.index_select(0, rows) if ynorm is not None \
@@ -641,9 +702,9 @@ class Verifier:
         def rest(rows: torch.Tensor, yn: torch.Tensor) -> torch.Tensor:
             if eager:
                 return torch.zeros_like(yn)
-            return self._capped(b1, b2, yn, self._trusted(pool, xc, rows))
+            return self._capped(b1, b2, yn, self._trusted(pool, self._sketch(pool, xc, rows)))
 
-        self._decide(what, lhs, rhs, cheap, rest=rest, ynorm=norms)
+        self._decide(what, lhs, rhs, cheap, rest=rest, ynorm=norms, cols=cols)
 
     def _check_lookup(self, op: str, ids: torch.Tensor, y: torch.Tensor) -> None:
         pool = self._pool((op, None))

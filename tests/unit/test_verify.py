@@ -198,6 +198,15 @@ def test_a_16bit_liar_cannot_raise_its_own_tolerance(rows):
     assert passed <= 4, f"{passed} of 200 lies 1000x the row's norm passed"
 
 
+@pytest.mark.parametrize("rows", [64, 1])
+def test_16bit_results_are_checked_by_gaussian_columns_too(rows):
+    """With the trusted bound, junk about the row's size in two elements still passed ~20 %
+    of bf16 checks (78 of 400 at 1x: the vector's |v_a ± v_b| under bf16's ~3 % tolerance).
+    Four Gaussian columns check the same result: 0 of 400 from half the row up."""
+    passed = junk_passes(1.0, 200, rows=rows)
+    assert passed <= 2, f"{passed} of 200 lies of the row's size passed"
+
+
 class _GateKiller(GPUWorker):
     """Last layer's gate_up, last row: two gate entries -JUNK (SiLU makes them 0) and the
     whole ``up`` row an arbitrary payload."""
