@@ -396,6 +396,13 @@ class TEEDriver:
                 (op, i) for i in range(config.num_hidden_layers) for op in GROUPS]
             if not private_io:
                 ops += [("embedding", None), ("lm_head", None)]
+                if self.dtype.itemsize < 4:
+                    logger.warning(
+                        "TEE dtype %s with private_io=False: the worker's logits are rounded "
+                        "to it, so they are checked only to ~3 %% of a row's norm, and one "
+                        "logit changed by less is never caught -- enough to choose the next "
+                        "token. Use a float32 TEE dtype or private_io=True (docs/design.md).",
+                        str(self.dtype).removeprefix("torch."))
             self._verifier = Verifier(config, ops, checkpoint, seed, dtype=self.dtype,
                                       wire_dtype=self.wire_dtype)
         self._inv_freq = rope_inv_freq(config)

@@ -24,7 +24,6 @@ with one logged line; the actor keeps serving.
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import select
@@ -67,16 +66,35 @@ def peer_pid(sock: socket.socket) -> int:
     return pid
 
 
+def _pidfd_supported() -> bool:
+    """Whether this kernel gives SO_PEERPIDFD (asked once, of a socket pair of our own)."""
+    a, b = socket.socketpair()
+    try:
+        os.close(a.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD))
+        return True
+    except OSError:
+        return False
+    finally:
+        a.close()
+        b.close()
+
+
+_PIDFD = _pidfd_supported()
+
+
 def peer_pidfd(sock: socket.socket) -> int | None:
     """A pidfd of the process that connected ``sock``.
 
-    -1 when it has exited (kernels that cannot pin a reaped process say so), None where
-    the kernel has no such option.
+    None where the kernel has no such option; -1 when it has one but cannot give it for
+    this peer, which means the peer has exited (ESRCH on recent kernels, EINVAL on 6.5 to
+    ~6.14 once it is reaped).
     """
+    if not _PIDFD:
+        return None
     try:
         return sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD)
-    except OSError as exc:
-        return -1 if exc.errno == errno.ESRCH else None
+    except OSError:
+        return -1
 
 
 def _alive(pidfd: int) -> bool:

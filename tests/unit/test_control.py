@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import pickle
@@ -358,3 +359,19 @@ def test_a_request_whose_sender_has_exited_is_refused(server):
         assert seen == [(["hello"], 0, os.getpid())]
     finally:
         alive.close()
+
+
+class _ReapedPeerSocket:
+    """SO_PEERPIDFD failing as Linux 6.5 to ~6.14 fail it for a reaped peer (EINVAL)."""
+
+    def getsockopt(self, level, opt, *args):
+        assert (level, opt) == (socket.SOL_SOCKET, control.SO_PEERPIDFD)
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+
+@pytest.mark.skipif(not control._PIDFD, reason="the kernel gives no SO_PEERPIDFD")
+def test_a_sender_the_kernel_cannot_pin_is_refused_whatever_the_error():
+    """Found in a second review: only ESRCH meant "gone", and any other error "the kernel has
+    no such option", so on 6.5 to ~6.14 (EINVAL for a reaped peer) exactly the reused-pid
+    case went through unchecked.  Support is now probed once; then any failure refuses."""
+    assert control.peer_pidfd(_ReapedPeerSocket()) == -1

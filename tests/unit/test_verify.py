@@ -320,6 +320,66 @@ def test_no_false_alarm_when_two_outputs_dominate(wire):
     assert ver.failures == 0
 
 
+def _passes(ver, x, ys, begun, torch_path):
+    """Whether a gate_up check passes; ``torch_path`` forces _decide (same decisions)."""
+    ver.full_margins = torch_path
+    try:
+        ver.check_linear("gate_up", 0, x, ys, begun=begun)
+        return True
+    except VerificationError:
+        for p in ver._pools.values():
+            p.stale = False
+        return False
+    finally:
+        ver.full_margins = False
+
+
+def test_the_numpy_fast_path_never_accepts_what_the_torch_path_rejects():
+    """Found in a second review: numpy sums y·v in another order than torch, and over several
+    rows or columns (bf16: the Gaussian columns) the residuals differed by ~1e-5 of the
+    tolerance, 16x the numpy path's margin: 5 of 12 lies just past the torch path's boundary
+    were accepted.  Its margin is now 2^-10 of the tolerance."""
+    worker = GPUWorker(MID, seed=0, device="cpu")
+    ver = Verifier(MID, [("gate_up", 0)], seed=0, wire_dtype=torch.bfloat16)
+    gen = torch.Generator().manual_seed(1)
+    bad = 0
+    for trial in range(12):
+        rows = 1 + trial % 4
+        x = torch.randn(rows, MID.hidden_size, generator=gen).to(torch.bfloat16)
+        honest = [y.float() for y in worker.batch_linear(0, GROUPS["gate_up"], x)]
+        begun = ver.begin_linear("gate_up", 0, x)
+        assert begun.small is not None
+        j = int(torch.randint(MID.intermediate_size, (1,), generator=gen))
+
+        def lie(d, honest=honest, j=j):
+            ys = [y.clone() for y in honest]
+            ys[0][0, j] += d
+            return ys
+
+        lo, hi = 0.0, float(honest[0][0].norm())
+        for _ in range(50):  # bisect the torch path's boundary
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if _passes(ver, x, lie(mid), begun, True) else (lo, mid)
+        assert not _passes(ver, x, lie(hi), begun, True)
+        bad += _passes(ver, x, lie(hi), begun, False)
+    assert bad == 0, f"numpy accepted {bad} of 12 lies the torch path rejects"
+
+
+def test_a_batched_input_is_judged_row_by_row():
+    """A float32 check of an x with two batch dimensions raised IndexError on a lie (the
+    residuals' 2-D nonzero() was flattened into pairs), not VerificationError."""
+    worker = GPUWorker(MID, seed=0, device="cpu")
+    ver = Verifier(MID, [("down", 0)], seed=0)
+    x = torch.randn(2, 3, MID.intermediate_size, generator=torch.Generator().manual_seed(6))
+    (y,) = worker.batch_linear(0, GROUPS["down"], x.reshape(6, -1))
+    y = y.reshape(2, 3, -1)
+    ver.check_linear("down", 0, x, [y])
+    y = y.clone()
+    y[1, 2, 5] += 0.05 * y[1, 2].norm()
+    with pytest.raises(VerificationError, match="row 5"):
+        ver.check_linear("down", 0, x, [y])
+
+
 @pytest.mark.parametrize("where", [(7,), (7, 9)], ids=["one", "two"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), 3e38])
 def test_a_decode_sized_result_with_nan_inf_or_overflow_is_caught(bad, where):
@@ -462,3 +522,18 @@ def test_fused_attention_equals_the_materialised_one(config, tq, tk):
     p = causal_softmax(q @ kk.transpose(1, 2), c.head_dim ** -0.5)
     want = (p @ vv).transpose(0, 1).reshape(tq, -1)
     assert (got - want).abs().max().item() < 1e-5
+
+
+def test_a_16bit_tee_that_lets_the_worker_compute_logits_is_warned(config, caplog):
+    """One logit bumped by less than bf16's tolerance (~3 % of the row's norm) passes every
+    check (a review: the worker chose the greedy token in 25 of 30 prefills).  Not closable
+    by more vectors; the configuration is warned about, the defaults are not."""
+    bf16 = torch.bfloat16
+    TEEDriver(config, GPUWorker(config, seed=0, device="cpu", dtype=bf16), seed=0,
+              dtype=bf16, private_io=False)
+    assert "choose the next token" in caplog.text
+    caplog.clear()
+    TEEDriver(config, GPUWorker(config, seed=0, device="cpu"), seed=0, wire_dtype=bf16,
+              private_io=False)
+    TEEDriver(config, GPUWorker(config, seed=0, device="cpu", dtype=bf16), seed=0, dtype=bf16)
+    assert "choose the next token" not in caplog.text
