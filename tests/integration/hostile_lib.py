@@ -351,3 +351,28 @@ class BigRinger:
         finally:
             channel_mod.ring_capacity = normal
         return "accepted"
+
+
+@actor(untrusted_callers=True)
+class ReceiveFails:
+    """Serves anyone; its channels' receives raise ``exc`` -- on untrusted callers' (safe)
+    channels, or on trusted ones once -- as an untrusted peer's message the receive cannot
+    take would (a bug in the decoder, memory it cannot get)."""
+
+    def __init__(self, exc: str, on_safe: bool):
+        from runtime.transport.channel import Channel
+
+        original = Channel.try_recv
+        armed = [True]
+
+        def try_recv(channel, *args, **kwargs):
+            if channel.safe == on_safe and armed[0] and channel.readable():
+                if not on_safe:
+                    armed[0] = False
+                raise {"RuntimeError": RuntimeError, "MemoryError": MemoryError}[exc]("injected")
+            return original(channel, *args, **kwargs)
+
+        Channel.try_recv = try_recv
+
+    def echo(self, x):
+        return x

@@ -17,7 +17,7 @@ import torch
 
 from actors import GPUWorker, LlamaConfig, TEEDriver
 from runtime import ActorStartError, ActorSystem, ProtocolError
-from runtime.errors import ActorRuntimeError
+from runtime.errors import ActorRuntimeError, TransportError
 from runtime.table import FLAG_UNTRUSTED
 from tests.integration.actors_lib import Echo, OpenEcho
 from tests.integration.hostile_lib import (
@@ -29,6 +29,7 @@ from tests.integration.hostile_lib import (
     JsonBomber,
     Liar,
     MarkerOnly,
+    ReceiveFails,
     Relay,
     Staller,
 )
@@ -104,6 +105,22 @@ def test_an_untrusted_caller_does_not_size_a_trusted_actors_rings():
         answer = system.spawn(BigRinger, echo).call_with_big_rings()
         assert "rings of" in answer, answer
         assert echo.echo(7) == 7
+
+
+def test_a_receive_that_fails_otherwise_drops_the_channel_not_the_actor():
+    """The serve loop caught TransportError only: anything else a receive raised -- on an
+    untrusted caller's channel, or MemoryError on any -- ended the actor and every caller's
+    calls with it.  Now that channel is dropped (its caller told) and the actor serves on."""
+    with ActorSystem() as system:
+        target = system.spawn(ReceiveFails, "RuntimeError", True)
+        answer = system.spawn(Relay, target).send_pickle("/nonexistent/marker")
+        assert answer != "accepted" and "safe mode" not in answer, answer
+        assert target.echo(5) == 5  # alive, serving its trusted caller
+    with ActorSystem() as system:
+        target = system.spawn(ReceiveFails, "MemoryError", False)
+        with pytest.raises(TransportError):
+            target.echo(1)  # that channel was dropped ...
+        assert target.echo(2) == 2  # ... and the next call opens another
 
 
 def test_an_untrusted_worker_cannot_call_the_tee_driver():

@@ -207,6 +207,25 @@ def test_16bit_results_are_checked_by_gaussian_columns_too(rows):
     assert passed <= 2, f"{passed} of 200 lies of the row's size passed"
 
 
+@pytest.mark.parametrize("rows", [64, 1])
+def test_16bit_results_a_float32_begin_did_not_expect_are_judged_in_full(rows):
+    """A float32 wire's begin computes no sketch; results that come back in bfloat16 are
+    judged by the bfloat16 rules all the same: the numpy path steps aside, the torch path
+    computes the sketch it needs.  Honest results pass; junk 5x the row's norm fails."""
+    worker = GPUWorker(MID, seed=0, device="cpu")
+    ver = Verifier(MID, [("down", 0)], seed=0)  # float32 wire
+    x = torch.randn(rows, MID.intermediate_size, generator=torch.Generator().manual_seed(8))
+    (y,) = worker.batch_linear(0, GROUPS["down"], x)
+    honest = y.to(torch.bfloat16)
+    begun = ver.begin_linear("down", 0, x)
+    assert begun.sketch is None and begun.sketch_np is None
+    ver.check_linear("down", 0, x, [honest], begun=begun)
+    lie = y.clone()
+    lie[0, :2] += 5 * y[0].norm()
+    with pytest.raises(VerificationError):
+        ver.check_linear("down", 0, x, [lie.to(torch.bfloat16)])
+
+
 class _GateKiller(GPUWorker):
     """Last layer's gate_up, last row: two gate entries -JUNK (SiLU makes them 0) and the
     whole ``up`` row an arbitrary payload."""
