@@ -106,7 +106,6 @@ from actors.llama import (
 from actors.trace import TID_CALLS, TID_TEE, Recorder, chrome_trace, worker_spans
 from actors.verify import GROUPS, Begun, Verifier
 from runtime import actor
-from runtime.errors import ProtocolError
 from runtime.transport import memcopy
 
 __all__ = ["OPS", "POLICIES", "TEEDriver", "VerificationError", "WorkerResultError",
@@ -557,10 +556,21 @@ class TEEDriver:
         return self._collect(self._issue(op, method, *args, **kwargs))
 
     def _worker_compute(self) -> dict[str, Any] | None:
+        """The worker's own compute counters, or None when they cannot be had.
+
+        Bookkeeping only: a call that fails (a timeout, a refused reply, a dead worker)
+        makes the worker's time unknown; it must not fail a prefill or a generation whose
+        results were all checked.  A worker that is really gone fails the next offload.
+        """
         fn = getattr(self.gpu, "compute_stats", None)
         if fn is None:
             return None
-        stats = fn()
+        try:
+            stats = fn()
+        except Exception as exc:  # noqa: BLE001 - see the docstring
+            logger.warning("the worker's compute_stats failed (%s: %s): its compute time is "
+                           "unknown", type(exc).__name__, exc)
+            return None
         return stats if isinstance(stats, dict) else None
 
     # -- validation of what the worker returns ------------------------------------------------
@@ -710,9 +720,10 @@ class TEEDriver:
         if callable(fn):
             try:
                 got = fn(reset=False, since_ns=rec.start_ns)
-            except ProtocolError as exc:  # that reply alone was refused: the channel is fine
-                logger.warning("the worker's trace_events reply was refused (%s): the trace "
-                               "shows the TEE only", exc)
+            except Exception as exc:  # noqa: BLE001 - a refused reply, a timeout, ...: the
+                # prefill's results were checked; the timeline loses its worker track only
+                logger.warning("the worker's trace_events call failed (%s: %s): the trace "
+                               "shows the TEE only", type(exc).__name__, exc)
                 got = None
             worker = got if isinstance(got, dict) else None
             if worker is not None and worker_spans(worker) is None:
@@ -808,40 +819,73 @@ class TEEDriver:
         self._gen = state
 
     @torch.no_grad()
-    def generate_step(self, n: int = 1) -> list[int]:
+    def generate_step(self, n: int = 1, *, start: int | None = None) -> list[int]:
         """Up to ``n`` more tokens of the current generation, as a list of ints.
 
         ``[]`` once it has finished (eos handed out, or ``max_new_tokens`` reached).  Each
         token is returned as soon as it is made: with ``n=1`` a caller in another process
         receives the tokens one by one (that is how ``make demo`` streams).
+
+        ``start``: the index, among this generation's new tokens, of the first one wanted
+        (default: the first not handed out yet).  Tokens already made are handed out again,
+        so a caller whose pull was lost -- it timed out while this driver went on and made
+        the token into a reply nobody read -- asks again from what it has and loses nothing.
+
+        A step that fails (a worker call that raised, timed out or was caught lying) commits
+        nothing: its KV rows are dropped, and the next call makes it again.  When earlier
+        steps of the same call succeeded, their tokens are returned and the error is left
+        to that next call.
         """
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be an int >= 1, got {n!r}")
         state = self._gen
         if state is None:
             raise RuntimeError("no generation in progress: call generate_start first")
-        out: list[int] = []
+        if start is None:
+            out: list[int] = []
+        else:
+            if isinstance(start, bool) or not isinstance(start, int) \
+                    or not 0 <= start <= len(state.tokens):
+                raise ValueError(f"start must be an int in [0, {len(state.tokens)}] (the new "
+                                 f"tokens handed out so far), got {start!r}")
+            out = state.tokens[start:start + n]
         while len(out) < n and not state.done:
             if state.pending is None:
-                self._decode_step(state)
+                try:
+                    self._decode_step(state)
+                except Exception:
+                    if not out:
+                        raise
+                    break  # hand out what was made; the next call makes this step again
             out.append(state.emit())
         if state.done and state.summary is None:
             state.summary = self._generate_summary(state)
         return out
 
     def _decode_step(self, state: GenerationState) -> None:
-        """Feed the last token through the model at the next position; sample the next."""
+        """Feed the last token through the model at the next position; sample the next.
+
+        All or nothing: the KV rows a step wrote are committed by ``cache.advance`` before
+        its logits are computed (on the worker with ``private_io=False``); a failure after
+        that must not leave the cache a position ahead, or the retry would feed the token
+        again at the next position and go on from a wrong cache, unnoticed.
+        """
         self._rows = state.rows
         t0 = time.perf_counter()
-        with one_thread():
-            ids = torch.tensor(state.tokens[-1:], dtype=torch.long)
-            h = self._embed(ids)
-            h = self._layers(h, state.cache.length, state.cache)
-            x = self._norm(h, FINAL_NORM)
-            logits = self._logits(x)[0]
-            with self._tee("sample"):
-                self._rows["sample"].calls += 1
-                state.pending = state.sampler(logits)
+        length = state.cache.length
+        try:
+            with one_thread():
+                ids = torch.tensor(state.tokens[-1:], dtype=torch.long)
+                h = self._embed(ids)
+                h = self._layers(h, length, state.cache)
+                x = self._norm(h, FINAL_NORM)
+                logits = self._logits(x)[0]
+                with self._tee("sample"):
+                    self._rows["sample"].calls += 1
+                    state.pending = state.sampler(logits)
+        except BaseException:
+            state.cache.length = length
+            raise
         state.decode_s += time.perf_counter() - t0
         state.steps += 1
 

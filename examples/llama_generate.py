@@ -223,7 +223,7 @@ def generate(run: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
         tokens: list[int] = []
         print(f"\n{'answer' if run['decoder'] else 'new token ids'}: ", end="", flush=True)
         t0 = time.perf_counter()
-        while step := drv.generate_step(1):
+        while step := drv.generate_step(1, start=len(tokens)):  # a lost pull loses no token
             tokens.extend(step)
             if run["decoder"] is not None:
                 print(run["decoder"].push(step[0]), end="", flush=True)

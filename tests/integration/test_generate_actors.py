@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ import torch
 
 from actors import GPUWorker, LlamaConfig, TEEDriver
 from runtime import ActorSystem
+from runtime.errors import CallTimeoutError
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -110,3 +112,46 @@ def test_example_says_so_in_one_line_when_the_download_fails(tmp_path, capsys, m
     assert "'tiny' preset" in notes[0]
     assert "Traceback" not in captured.out + captured.err
     assert any(ln.startswith("new token ids:") for ln in lines)
+
+
+class SlowDecoder(GPUWorker):
+    """Honest; every one-row ``batch_linear`` (a decode step's) takes ``delay`` seconds."""
+
+    def __init__(self, config, delay, **kw):
+        super().__init__(config, **kw)
+        self.delay = delay
+
+    def batch_linear(self, layer, names, x, tag=None):
+        if x.shape[0] == 1:
+            time.sleep(self.delay)
+        return super().batch_linear(layer, names, x, tag=tag)
+
+
+def test_a_streaming_caller_whose_pulls_time_out_loses_no_token(config):
+    """Found by a review: each worker call stays within ``call_timeout`` but a decode step
+    makes 4 per layer, so the caller's ``generate_step(1)`` times out while the driver goes
+    on and makes the token into a reply nobody reads; the retry got the token after it, and
+    the stream ended "finished" with tokens missing.  ``start=`` asks from what the caller
+    has: every pull that comes back in time carries the next token."""
+    ids = ids_for(config, 9, seed=1)
+    n = 4
+    want = TEEDriver(config, GPUWorker(config, seed=0, device="cpu"), seed=0).generate(ids, n)
+    delay = 0.12  # a step: 4 * layers calls, ~1 s against a 0.5 s limit
+    with ActorSystem(call_timeout=0.5) as system:
+        gpu = system.spawn(SlowDecoder, config, delay, seed=0, device="cpu")
+        drv = system.spawn(TEEDriver, config, gpu, seed=0)
+        drv.generate_start(ids, n)
+        got: list[int] = []
+        timeouts = 0
+        while True:
+            try:
+                step = drv.generate_step(1, start=len(got))
+            except CallTimeoutError:
+                timeouts += 1
+                assert timeouts < 50
+                continue
+            if not step:
+                break
+            got += step
+        assert timeouts
+        assert got == want.tolist()
