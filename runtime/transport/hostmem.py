@@ -18,15 +18,19 @@ transport itself never touches CUDA.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import threading
+from collections.abc import Callable
 from typing import Any, Protocol
 
-__all__ = ["CudaRegistrar", "Registrar", "install", "live", "mapped", "uninstall", "unmapping"]
+__all__ = ["CudaRegistrar", "Registrar", "cuda_registrar", "install", "live", "mapped",
+           "uninstall", "unmapping"]
 
 log = logging.getLogger(__name__)
 
 CUDA_HOST_REGISTER_PORTABLE = 1  # registered for every CUDA context, not just the current
+CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED = 712
 
 _lock = threading.Lock()
 _live: dict[int, int] = {}  # address -> size of every transport mapping of this process
@@ -89,12 +93,19 @@ class CudaRegistrar:
     """Page-locks every transport mapping of this process with ``cudaHostRegister``.
 
     ``cudart``: the CUDA runtime bindings (``torch.cuda.cudart()`` by default; tests pass a
-    stand-in).  A registration that fails (locked-memory limits, a driver that refuses)
-    is logged once and skipped: copies from that mapping go at pageable speed, nothing
-    else changes.
+    stand-in).  A registration that fails (locked-memory limits, a sandbox or a driver that
+    refuses) is logged once and skipped: copies from that mapping go at pageable speed.
+
+    A failed runtime call also leaves its error as the calling thread's *last error*, which
+    stays until ``cudaGetLastError`` reads it -- and PyTorch reads it after every kernel
+    launch, so the worker's next, unrelated kernel would raise it.  Each failure is
+    therefore cleared at once (:meth:`_clear_error`).  Registration is per process: use
+    :func:`cuda_registrar`, not a registrar per worker (a second one's every registration
+    fails with ``cudaErrorHostMemoryAlreadyRegistered``, which is not counted as a failure).
     """
 
-    def __init__(self, cudart: Any = None, *, flags: int = CUDA_HOST_REGISTER_PORTABLE) -> None:
+    def __init__(self, cudart: Any = None, *, flags: int = CUDA_HOST_REGISTER_PORTABLE,
+                 clear_error: Callable[[], object] | None = None) -> None:
         if cudart is None:
             import torch  # only a process that uses CUDA gets here
 
@@ -104,6 +115,7 @@ class CudaRegistrar:
         self.registered: dict[int, int] = {}
         self.failures = 0
         self._lock = threading.Lock()
+        self._clear_error = clear_error or _error_clearer(cudart)
 
     def register(self, address: int, size: int) -> None:
         with self._lock:
@@ -111,6 +123,10 @@ class CudaRegistrar:
                 return
             err = int(self.cudart.cudaHostRegister(address, size, self.flags))
             if err:
+                self._clear_error()
+                if err == CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED:
+                    log.debug("a %d-byte transport mapping is registered already", size)
+                    return  # by someone else, who owns it: copies from it go at DMA speed
                 self.failures += 1
                 if self.failures == 1:
                     log.warning("cudaHostRegister of a %d-byte transport mapping failed (CUDA "
@@ -125,6 +141,7 @@ class CudaRegistrar:
                 return
             err = int(self.cudart.cudaHostUnregister(address))
             if err:
+                self._clear_error()
                 log.warning("cudaHostUnregister of a %d-byte mapping failed (CUDA error %d)",
                             size, err)
 
@@ -139,3 +156,52 @@ class CudaRegistrar:
             return {"registered": len(self.registered),
                     "registered_bytes": sum(self.registered.values()),
                     "failures": self.failures}
+
+
+def _error_clearer(cudart: Any) -> Callable[[], object]:
+    """A function that reads (so clears) this thread's CUDA last error.
+
+    ``torch.cuda.cudart()`` has no ``cudaGetLastError``; the CUDA runtime library torch
+    loaded has (the same copy: each copy of the runtime keeps its own error state), found
+    among the process's mappings.  Failing that, a one-element kernel: PyTorch's launch
+    check reads the error, and raises it, here, where it is expected.
+    """
+    get = getattr(cudart, "cudaGetLastError", None)
+    if callable(get):
+        return get
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {line.split()[-1] for line in f if "libcudart.so" in line}
+        for path in sorted(paths):
+            fn = ctypes.CDLL(path).cudaGetLastError
+            fn.restype = ctypes.c_int
+            return fn
+    except (OSError, AttributeError):
+        pass
+
+    def launch() -> None:
+        import torch
+
+        try:
+            torch.empty(1, device="cuda").zero_()
+        except Exception:  # noqa: BLE001 - the error being cleared, or no CUDA at all
+            pass
+    return launch
+
+
+_process_registrar: CudaRegistrar | None = None
+_registrar_lock = threading.Lock()  # not _lock: install() takes that one
+
+
+def cuda_registrar(cudart: Any = None) -> CudaRegistrar:
+    """The process's one :class:`CudaRegistrar`, made and installed on first use.
+
+    ``cudart``: the bindings the first call's registrar uses (tests pass a stand-in).
+    """
+    global _process_registrar
+    with _registrar_lock:
+        if _process_registrar is None:
+            r = CudaRegistrar(cudart)
+            install(r)
+            _process_registrar = r
+        return _process_registrar

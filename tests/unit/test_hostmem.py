@@ -8,7 +8,9 @@ and a CPU tensor wrapped as a ``DeviceBuffer`` takes the path a CUDA tensor's by
 from __future__ import annotations
 
 import gc
+import io
 import logging
+import threading
 import time
 
 import numpy as np
@@ -18,25 +20,53 @@ import torch
 from runtime import codec
 from runtime.messages import MessageChannel
 from runtime.transport import hostmem
+from runtime.transport.segment import Segment
 from tests.unit.test_transport import make_pair
 
 MiB = 1 << 20
 
 
 class FakeCudart:
-    """Records cudaHostRegister / cudaHostUnregister calls; ``fail`` makes registering fail."""
+    """Records cudaHostRegister / cudaHostUnregister calls; ``fail`` makes registering fail.
+
+    Keeps two of CUDA's rules: registration is per process (a range registered already
+    fails with 712), and a failed call leaves its error as the thread's last error, which
+    the next kernel launch would raise (PyTorch's launch check reads ``cudaGetLastError``).
+    """
 
     def __init__(self, fail: bool = False) -> None:
         self.fail = fail
         self.calls: list[tuple] = []
+        self.ranges: dict[int, int] = {}
+        self._last = threading.local()
+
+    def _ret(self, err: int) -> int:
+        if err:
+            self._last.err = err
+        return err
 
     def cudaHostRegister(self, address: int, size: int, flags: int) -> int:
         self.calls.append(("register", address, size, flags))
-        return 2 if self.fail else 0  # cudaErrorMemoryAllocation
+        if self.fail:
+            return self._ret(2)  # cudaErrorMemoryAllocation
+        if any(a < address + size and address < a + n for a, n in self.ranges.items()):
+            return self._ret(hostmem.CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED)
+        self.ranges[address] = size
+        return 0
 
     def cudaHostUnregister(self, address: int) -> int:
         self.calls.append(("unregister", address))
+        if self.ranges.pop(address, None) is None:
+            return self._ret(713)  # cudaErrorHostMemoryNotRegistered
         return 0
+
+    def cudaGetLastError(self) -> int:
+        err, self._last.err = self.pending(), 0
+        return err
+
+    def pending(self) -> int:
+        """What the next kernel launch would raise (0: nothing)."""
+        return getattr(self._last, "err", 0)
 
 
 @pytest.fixture
@@ -110,8 +140,54 @@ def test_a_refused_registration_is_logged_once_and_changes_nothing_else(private_
                 bell.close()
         assert r.failures >= 5 and not r.registered
         assert len([m for m in caplog.messages if "cudaHostRegister" in m]) == 1
+        # Found by a review: the failed call's error stayed pending, and PyTorch's check
+        # after the worker's next kernel launch (any op) would have raised it.
+        assert r.cudart.pending() == 0
     finally:
         hostmem.uninstall(r)
+
+
+def test_registration_is_one_per_process(monkeypatch):
+    """Two CUDA workers in one process share the process's registrar.  Two registrars would
+    register every mapping twice: the second fails with 712 (registered already), which is
+    not a failure and leaves no error pending."""
+    cudart = FakeCudart()
+    first, second = hostmem.CudaRegistrar(cudart), hostmem.CudaRegistrar(cudart)
+    hostmem.install(first)
+    hostmem.install(second)
+    seg = Segment.create_anonymous("/dev/shm", MiB)
+    try:
+        assert seg.address in first.registered and seg.address not in second.registered
+        assert (first.failures, second.failures) == (0, 0) and cudart.pending() == 0
+    finally:
+        seg.close()
+        hostmem.uninstall(second)
+        hostmem.uninstall(first)
+    monkeypatch.setattr(hostmem, "_process_registrar", None)
+    r = hostmem.cuda_registrar(FakeCudart())
+    try:
+        assert hostmem.cuda_registrar() is r and hostmem.cuda_registrar(FakeCudart()) is r
+        seg = Segment.create_anonymous("/dev/shm", MiB)
+        assert seg.address in r.registered
+        seg.close()
+        assert seg.address not in r.registered
+    finally:
+        hostmem.uninstall(r)
+
+
+def test_without_cudagetlasterror_a_launch_clears_the_error(monkeypatch):
+    """``torch.cuda.cudart()`` has no ``cudaGetLastError``: the registrar takes the CUDA
+    runtime library the process loaded, or else launches a kernel and swallows its error."""
+    class Bare:  # the bindings torch exposes: no cudaGetLastError
+        def cudaHostRegister(self, address, size, flags):
+            return 1
+
+    monkeypatch.setattr(hostmem, "open", lambda *a, **k: io.StringIO(""), raising=False)
+    launched = []
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: launched.append(k) or torch.zeros(1))
+    r = hostmem.CudaRegistrar(Bare())
+    r.register(4096, 8192)
+    assert r.failures == 1 and launched == [{"device": "cuda"}]
 
 
 # -- device buffers: written straight into the reply record --------------------------------
