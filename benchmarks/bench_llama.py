@@ -11,9 +11,11 @@ alike):
 
 * ``reference``  — :class:`actors.LlamaReference`, the same maths in this process;
 * ``hf-eager``, ``hf-sdpa`` — transformers ``LlamaForCausalLM`` (``attn_implementation``
-  ``"eager"`` and ``"sdpa"``) holding the very same weight tensors (no copy), computing the
-  last position's logits only (``logits_to_keep=1``), as the split does: a full
-  ``[T, vocab]`` lm_head would flatter the split;
+  ``"eager"`` and ``"sdpa"``) holding the very same weight tensors (no copy on the CPU),
+  computing the last position's logits only (``logits_to_keep=1``), as the split does: a
+  full ``[T, vocab]`` lm_head would flatter the split.  They run on ``--hf-device`` (default:
+  the worker's device), so a GPU split is compared with transformers on that GPU, where
+  ``hf-sdpa-bf16`` (the same model in bfloat16) is timed too (``--hf-bf16``);
 * ``split-local`` — ``TEEDriver`` with a plain in-process ``GPUWorker``: the split's own cost
   without transport (skipped when a second copy of the weights would not fit);
 * ``split``      — ``TEEDriver`` and ``GPUWorker`` as two actor processes (timed from here),
@@ -38,6 +40,11 @@ it, so floor = 2 x bytes / memcpy bandwidth, the bandwidth measured here with nu
 of the mean message size.  Ratios against transformers are medians of the per-round ratios
 (the methods run back to back in each round).
 
+Start-up: every actor that needs weights draws them from the seed, ~10 s per process for
+llama-3.2-1b on one core, and ``spawn`` waits for each.  For models of ``--share-gb`` or more
+the weights are drawn once here, written to a safetensors folder (``/dev/shm`` when it has
+room) and every actor reads that checkpoint instead: the same tensors, the page cache shared.
+
 Memory: llama-3.2-1b is 1.24 B parameters, ~4.9 GB in float32.  This process holds one copy
 (shared by the reference and HF) and the worker actor another, ~10 GB together; ``split-local``
 would need a third, so it is skipped for models above ``--local-max-gb``.  On a 24 GiB machine
@@ -59,8 +66,10 @@ import contextlib
 import functools
 import json
 import os
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -114,6 +123,76 @@ def hf_model(config: LlamaConfig, weights: dict[str, torch.Tensor],
     return model.eval()
 
 
+def hf_methods(config: LlamaConfig, weights: dict[str, torch.Tensor], ids: torch.Tensor,
+               device: torch.device, bf16: bool) -> dict[str, Callable[[], torch.Tensor]]:
+    """transformers' eager and sdpa forwards (and sdpa in bfloat16 with ``bf16``) on ``device``.
+
+    Each returns the last position's logits as float32 on the CPU: on a GPU that waits for
+    the forward, so the time is the forward's.
+    """
+    ids_dev = ids[None].to(device)
+    on_device = weights if device.type == "cpu" else {
+        n: t.to(device) for n, t in weights.items()}  # one copy; tied weights stay tied
+    models = {f"hf-{attn}": hf_model(config, on_device, attn) for attn in ("eager", "sdpa")}
+    if bf16:
+        models["hf-sdpa-bf16"] = hf_model(config, on_device, "sdpa").to(torch.bfloat16)
+    out = {}
+    for name, model in models.items():
+        @torch.no_grad()
+        def forward(model: torch.nn.Module = model) -> torch.Tensor:
+            # The last position's logits only, as the split computes them.
+            return model(ids_dev, logits_to_keep=1).logits[0, -1].float().cpu()
+
+        out[name] = forward
+    return out
+
+
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+
+
+def write_safetensors(path: str, tensors: dict[str, torch.Tensor]) -> None:
+    """Write ``tensors`` in the safetensors format, each straight from its memory.
+
+    ``safetensors.torch.save_file`` builds the whole file in memory first: 12 s for
+    llama-3.2-1b's 4.9 GB here, against a few seconds for the copies themselves.
+    """
+    header: dict[str, Any] = {}
+    pos = 0
+    for name, t in tensors.items():
+        n = t.numel() * t.element_size()
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [pos, pos + n]}
+        pos += n
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(len(head).to_bytes(8, "little") + head)
+        for t in tensors.values():
+            f.write(memoryview(t.detach().contiguous().view(torch.uint8).numpy()))
+
+
+@contextlib.contextmanager
+def shared_checkpoint(weights: dict[str, torch.Tensor], config: LlamaConfig,
+                      nbytes: int) -> Any:
+    """A safetensors folder of ``weights`` (tied ones once), removed on exit.
+
+    In ``/dev/shm`` when it has room for it twice over (a container's may be 64 MiB), else
+    in the temporary directory.
+    """
+    base = "/dev/shm" if os.path.isdir("/dev/shm") and \
+        shutil.disk_usage("/dev/shm").free > 2 * nbytes else None
+    folder = tempfile.mkdtemp(prefix="rt_bench_weights_", dir=base)
+    try:
+        own = {n: t for n, t in weights.items() if n in weight_shapes(config)}
+        t0 = time.perf_counter()
+        write_safetensors(os.path.join(folder, "model.safetensors"), own)
+        print(f"   weights written to {folder} in {time.perf_counter() - t0:.1f} s: every "
+              f"actor reads them there", flush=True)
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def available_gb() -> float:
     try:
         import psutil
@@ -142,25 +221,26 @@ def bench_preset(name: str, tokens: int, args: argparse.Namespace) -> dict[str, 
 
     ref = LlamaReference(config, weights=weights)
     methods: dict[str, Callable[[], torch.Tensor]] = {"reference": lambda: ref.forward(ids)}
+    worker_device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
+                                 else "cpu" if args.device == "auto" else args.device)
+    hf_device = worker_device if args.hf_device is None else torch.device(args.hf_device)
     if not args.no_hf:
-        for attn in ("eager", "sdpa"):
-            model = hf_model(config, weights, attn)
-
-            @torch.no_grad()
-            def hf_forward(model: torch.nn.Module = model) -> torch.Tensor:
-                # The last position's logits only, as the split computes them.
-                return model(ids[None], logits_to_keep=1).logits[0, -1].float()
-
-            methods[f"hf-{attn}"] = hf_forward
-    if not args.no_local and model_gb <= args.local_max_gb:
-        local_drv = TEEDriver(config, GPUWorker(config, seed=args.seed, device=args.device),
-                              seed=args.seed, wire_dtype=wire, attention=args.attention)
-        methods["split-local"] = lambda: local_drv.prefill(ids)
-
+        bf16 = hf_device.type == "cuda" if args.hf_bf16 is None else args.hf_bf16
+        methods.update(hf_methods(config, weights, ids, hf_device, bf16))
     result: dict[str, Any] = {"preset": name, "tokens": tokens, "config": config.to_hf_dict(),
                               "wire_dtype": str(wire).removeprefix("torch."),
-                              "repeats": args.repeats}
+                              "repeats": args.repeats, "hf_device": str(hf_device),
+                              "worker_device": str(worker_device)}
     with contextlib.ExitStack() as stack:
+        # Where the actors' weights come from: the seed (each draws them), or one checkpoint.
+        source: dict[str, Any] = {"seed": args.seed}
+        if model_gb >= args.share_gb:
+            source["checkpoint"] = stack.enter_context(
+                shared_checkpoint(weights, config, int(model_gb * 1e9)))
+        if not args.no_local and model_gb <= args.local_max_gb:
+            local_drv = TEEDriver(config, GPUWorker(config, device=args.device, **source),
+                                  wire_dtype=wire, attention=args.attention, **source)
+            methods["split-local"] = lambda: local_drv.prefill(ids)
         try:
             from runtime import ActorSystem
         except ImportError:
@@ -170,9 +250,10 @@ def bench_preset(name: str, tokens: int, args: argparse.Namespace) -> dict[str, 
             system = stack.enter_context(ActorSystem(**options))
             t0 = time.perf_counter()
             threads = {"threads": args.split_threads}
-            gpu = system.spawn(GPUWorker, config, seed=args.seed, device=args.device, **threads)
-            drv = system.spawn(TEEDriver, config, gpu, seed=args.seed, wire_dtype=wire,
-                               attention=args.attention, chunk_rows=args.chunk_rows, **threads)
+            gpu = system.spawn(GPUWorker, config, device=args.device, **source, **threads)
+            drv = system.spawn(TEEDriver, config, gpu, wire_dtype=wire,
+                               attention=args.attention, chunk_rows=args.chunk_rows,
+                               **source, **threads)
             result["spawn_s"] = time.perf_counter() - t0
             methods["split"] = lambda: drv.prefill(ids)
             others: dict[str, Any] = {}
@@ -187,13 +268,20 @@ def bench_preset(name: str, tokens: int, args: argparse.Namespace) -> dict[str, 
                 if args.no_unchunked and options.get("chunk_rows") == 0:
                     continue
                 options = {"chunk_rows": args.chunk_rows, **threads, **options}
-                others[method] = system.spawn(TEEDriver, config, gpu, seed=args.seed,
-                                              wire_dtype=wire, attention=args.attention,
-                                              **options)
+                others[method] = system.spawn(TEEDriver, config, gpu, wire_dtype=wire,
+                                              attention=args.attention, **source, **options)
                 methods[method] = functools.partial(others[method].prefill, ids)
+        if "spawn_s" in result:
+            print(f"   actors started in {result['spawn_s']:.1f} s", flush=True)
         print(f"   timing {', '.join(methods)}: {args.repeats} interleaved rounds after a "
               f"warm-up", flush=True)
-        timings = interleaved(methods, args.repeats)
+
+        def progress(r: int, times: dict[str, float]) -> None:
+            print(f"   round {r + 1}: " + ", ".join(f"{m} {1e3 * t:.1f}"
+                                                   for m, t in times.items()) + " ms",
+                  flush=True)
+
+        timings = interleaved(methods, args.repeats, progress)
         if "split" in methods:
             stats = drv.last_prefill_stats()
             trust_stats = {m: d.last_prefill_stats() for m, d in others.items()}
@@ -218,7 +306,7 @@ def bench_preset(name: str, tokens: int, args: argparse.Namespace) -> dict[str, 
         rows[method]["stats"] = st
     paired = {}
     for method in ("split", "split-unchunked", "split-open", "split-open-unchunked"):
-        for hf in ("hf-eager", "hf-sdpa"):
+        for hf in ("hf-eager", "hf-sdpa", "hf-sdpa-bf16"):
             if method in rows and hf in rows:
                 paired[f"{method}/{hf}"] = statistics.median(
                     a / b for a, b in zip(rows[method]["times_s"], rows[hf]["times_s"],
@@ -331,6 +419,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto", help="worker device")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-hf", action="store_true", help="skip transformers")
+    p.add_argument("--hf-device", default=None,
+                   help="where transformers runs (default: the worker's device)")
+    p.add_argument("--hf-bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="also time transformers sdpa in bfloat16 (default: on a GPU)")
+    p.add_argument("--share-gb", type=float, default=1.0,
+                   help="models of this many GB (float32) or more: actors read one "
+                        "checkpoint written here instead of each drawing the weights")
     p.add_argument("--no-local", action="store_true", help="skip the in-process split")
     p.add_argument("--no-trust", action="store_true",
                    help="skip split-open* and split-checked (the trust boundary's cost)")
@@ -354,11 +449,16 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown preset(s) {unknown}; choose from {', '.join(PRESETS)}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{os.cpu_count()} cores, CUDA {'yes' if torch.cuda.is_available() else 'no'}")
-    results = [bench_preset(name, args.tokens or DEFAULT_TOKENS.get(name, 1024), args)
-               for name in presets]
-    print_table(results)
+    results = []
+    for name in presets:
+        results.append(bench_preset(name, args.tokens or DEFAULT_TOKENS.get(name, 1024), args))
+        print_table(results[-1:])
+        if args.json:  # after each preset: a run cut short keeps what it finished
+            args.json.write_text(json.dumps({"argv": sys.argv[1:], "results": results},
+                                            indent=2))
+    if len(results) > 1:
+        print_table(results)
     if args.json:
-        args.json.write_text(json.dumps({"argv": sys.argv[1:], "results": results}, indent=2))
         print(f"\nwrote {args.json}")
     return 0
 

@@ -126,7 +126,8 @@ def bench_pyzmq(sizes: dict[str, int], private_dir: str) -> dict[str, Any]:
     return out
 
 
-def interleaved(methods: dict[str, Callable[[], Any]], repeats: int
+def interleaved(methods: dict[str, Callable[[], Any]], repeats: int,
+                progress: Callable[[int, dict[str, float]], Any] | None = None,
                 ) -> dict[str, tuple[float, list[float], Any]]:
     """Median seconds per method over ``repeats`` rounds, methods interleaved within each
     round (so a noisy neighbour slows them all alike), after one warm-up round.
@@ -136,6 +137,9 @@ def interleaved(methods: dict[str, Callable[[], Any]], repeats: int
     of transformers on 2 cores, by their place in the round alone (what runs just before
     taxes what comes next; likely causes, not measured apart: a torch call whose OpenMP
     threads still spin, an actor process that has gone to sleep).
+
+    ``progress(round, {method: seconds})`` after each timed round: a run cut short (a time
+    box on a lent machine) still shows what it measured.
     """
     last = {name: fn() for name, fn in methods.items()}
     times: dict[str, list[float]] = {name: [] for name in methods}
@@ -146,4 +150,6 @@ def interleaved(methods: dict[str, Callable[[], Any]], repeats: int
             t0 = time.perf_counter()
             last[name] = fn()
             times[name].append(time.perf_counter() - t0)
+        if progress is not None:
+            progress(r, {name: ts[-1] for name, ts in times.items()})
     return {name: (statistics.median(ts), ts, last[name]) for name, ts in times.items()}
