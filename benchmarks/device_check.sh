@@ -11,8 +11,11 @@
 # Each step is time-boxed; a step that fails or runs out leaves its log and moves on.
 # The device tool brings back at most 8 files: every log goes into one steps.log, beside
 # the benchmarks' JSON files (5 files in all).
+# A dry run anywhere else: DEV=cpu TOKENS=16 OUT=/tmp/dry bash benchmarks/device_check.sh
 set -u
 OUT=${OUT:-/tmp/device_out}
+DEV=${DEV:-cuda}
+TOKENS=${TOKENS:-1024}
 mkdir -p "$OUT"
 LOG=$OUT/steps.log
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -42,20 +45,20 @@ step() {  # step NAME SECONDS COMMAND...
   python3 -m timeit -s "import time" "time.perf_counter_ns()"
   python3 -m timeit -s "import os" "os.sched_yield()"; } >>"$LOG" 2>&1
 # Tests that need CUDA (the rest run on CI): registration, device buffers, the GPU worker.
-step cuda_tests 60 python3 -m pytest -q -p no:cacheprovider tests/unit/test_codec.py \
+step cuda_tests 45 python3 -m pytest -q -p no:cacheprovider tests/unit/test_codec.py \
     tests/unit/test_hostmem.py tests/unit/test_llama_split_inprocess.py \
     tests/integration/test_llama_actors.py -k "cuda or register or device_buffer"
 # Llama-3.2-1B at T=1024, float32 wire: the split with the defaults and with
 # private_io=False, verify=False (the issue's targets), chunked and not; transformers on the
 # GPU (eager, sdpa, sdpa in bf16) and the all-in-TEE reference beside it; per-op table in
 # the JSON. The actors read one checkpoint written by the benchmark (no per-process draw).
-step llama_f32 120 python3 benchmarks/bench_llama.py --presets llama-3.2-1b --tokens 1024 \
-    --repeats 3 --device cuda --no-local --json "$OUT/llama_f32.json"
+step llama_f32 120 python3 benchmarks/bench_llama.py --presets llama-3.2-1b --tokens "$TOKENS" \
+    --repeats 3 --device "$DEV" --no-local --json "$OUT/llama_f32.json"
 # bfloat16 wire: the targets' configuration and the defaults, transformers already above.
-step llama_bf16 70 python3 benchmarks/bench_llama.py --presets llama-3.2-1b --tokens 1024 \
-    --repeats 3 --device cuda --wire-dtype bfloat16 --no-local --no-hf --no-unchunked \
+step llama_bf16 70 python3 benchmarks/bench_llama.py --presets llama-3.2-1b --tokens "$TOKENS" \
+    --repeats 3 --device "$DEV" --wire-dtype bfloat16 --no-local --no-hf --no-unchunked \
     --json "$OUT/llama_bf16.json"
-step echo 25 python3 benchmarks/bench_transport.py --sizes 32MiB,128MiB --json "$OUT/echo.json"
+step echo 35 python3 benchmarks/bench_transport.py --sizes 32MiB,128MiB --json "$OUT/echo.json"
 # Small messages and wake-ups on many cores (the issue: a no-op call 49-78 us p50 there).
-step small 20 python3 benchmarks/bench_small.py --rounds 1 --n 2000 --json "$OUT/small.json"
+step small 25 python3 benchmarks/bench_small.py --rounds 1 --n 2000 --json "$OUT/small.json"
 echo "done: $(ls "$OUT" | tr '\n' ' ')"

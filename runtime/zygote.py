@@ -36,6 +36,7 @@ import struct
 import sys
 import time
 import traceback
+import warnings
 
 from runtime.wire import FrameReader, write_frame
 
@@ -124,6 +125,10 @@ def main() -> None:
         os._exit(70)
     sock = socket.socket(fileno=cfg["sock_fd"])
     _warm_up()
+    # Python 3.12 warns at every fork of a process with several threads; this one's are
+    # OpenBLAS's idle pool, which OpenBLAS's own atfork handlers re-create (docstring).
+    warnings.filterwarnings("ignore", r"This process .* is multi-threaded",
+                            DeprecationWarning)
     gc.freeze()
     reader = FrameReader(sock)
     write_frame(sock, ["ready", os.getpid()])
