@@ -78,6 +78,9 @@ REPLY_SPIN_MIN_S, REPLY_SPIN_MAX_S = 100e-6, 2e-3
 # on this VM) on top of the call: spin through it rather than sleep and need
 # a second wake-up for the reply.
 WOKE_SPIN_S = 600e-6
+# Timed-out calls whose late replies a channel still expects (and drops); past this many,
+# more are not tracked (an actor that never answers them costs the caller nothing more).
+MAX_LATE = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -249,6 +252,10 @@ class CallerChannel:
         self.closed = False
         self.spin = SpinPolicy(REPLY_SPIN_MIN_S, REPLY_SPIN_MAX_S)
         self._deferred: list[Any] = []  # replies read while a send held the lock
+        # Calls that timed out and whose replies have not come yet: they are still read
+        # (and dropped) as they come, or they would fill the channel -- ring, pool slots,
+        # ZeroMQ -- and leave the actor stuck in a send only this caller could unblock.
+        self._late: set[int] = set()
 
     # -- liveness --------------------------------------------------------------
     def check(self) -> None:
@@ -363,7 +370,7 @@ class CallerChannel:
                     self._read_until(waiter.is_done, deadline)
                 finally:
                     self._role.release()
-                    if self.pending:
+                    if self.pending or self._late:
                         self._kick_pump()
                 if self.dead is not None and not waiter.is_done():
                     self._abandon(waiter)  # nothing will ever read its reply
@@ -416,6 +423,9 @@ class CallerChannel:
                 tag = getattr(exc, "tag", None)
                 entry = None if ch.failed is not None else self.pending.get(tag)
                 if entry is None:
+                    if ch.failed is None and tag in self._late:
+                        self._late.discard(tag)  # a timed-out call's reply: it failed already
+                        continue
                     self._fail_all(exc)
                     return
                 _complete(entry[0], False, exc)
@@ -457,6 +467,7 @@ class CallerChannel:
             if entry is not None:
                 _complete(entry[0], False, msg.exc)
                 self.pending.pop(msg.tag, None)
+            self._late.discard(msg.tag)
             return
         if type(msg) is not tuple or len(msg) != 3 or type(msg[0]) is not int:
             what = type(msg).__name__
@@ -469,6 +480,7 @@ class CallerChannel:
         call_id, ok, payload = msg
         entry = self.pending.get(call_id)
         if entry is None:
+            self._late.discard(call_id)
             return  # the call timed out earlier: drop its late reply
         if type(ok) is not bool:
             ok, value = False, ProtocolError(
@@ -495,6 +507,8 @@ class CallerChannel:
                     f"call to actor {self.ref.name!r} got no reply within "
                     f"{self.ctx.session.call_timeout} s"))
                 self.pending.pop(call_id, None)
+                if len(self._late) < MAX_LATE:
+                    self._late.add(call_id)
             elif soonest is None or due < soonest:
                 soonest = due
         return soonest
@@ -545,6 +559,7 @@ class CallerChannel:
     def _fail_all(self, exc: BaseException) -> None:
         if self.dead is None:
             self.dead = exc
+        self._late.clear()
         while self.pending:  # a call registered meanwhile sees ``dead`` and leaves itself
             for call_id, (fut, _) in list(self.pending.items()):
                 _complete(fut, False, _again(exc))
@@ -562,11 +577,12 @@ class CallerChannel:
         while not self.closed:
             self._pump_event.wait(1.0)
             self._pump_event.clear()
-            while self.pending and not self.closed and self.dead is None:
+            while (self.pending or self._late) and not self.closed and self.dead is None:
                 if self._role.acquire(timeout=0.05):
                     try:
-                        self._read_until(lambda: not self.pending or self.closed,
-                                         time.monotonic() + 0.5)
+                        self._read_until(
+                            lambda: not (self.pending or self._late) or self.closed,
+                            time.monotonic() + 0.5)
                     except BaseException as exc:  # the pump never dies
                         log.exception("pump of actor %r", self.ref.name)
                         self._fail_all(TransportError(f"channel to actor {self.ref.name!r} "
