@@ -31,7 +31,7 @@ from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
 from typing import Any
 
-from runtime import codec, control
+from runtime import codec, control, limits
 from runtime.errors import (
     ActorDiedError,
     ActorRuntimeError,
@@ -837,6 +837,7 @@ class ProcessContext:
         # side is untrusted: the callee, or this process -- whose callee then insists.
         me_untrusted = (self.self_index >= 0
                         and bool(self.table.read(self.self_index).flags & FLAG_UNTRUSTED))
+        limits.check_fd_headroom(f"a channel to actor {ref.name!r}")
         channel = Channel.create(shm_dir=s.shm_dir, private_dir=s.private_dir, name=name,
                                  threshold=s.threshold, safe=safe, sealed=safe or me_untrusted)
         if safe and s.call_timeout is not None:

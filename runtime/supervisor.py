@@ -397,7 +397,9 @@ class _Zygote:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise OSError("the zygote did not answer a fork request in time")
-            select.select([self.sock], [], [], left)
+            poller = select.poll()  # not select(): descriptors past 1023 are fine
+            poller.register(self.sock, select.POLLIN)
+            poller.poll(max(1, int(left * 1000)))
             for msg in self.reader.feed():
                 if msg[0] == "forked" and len(msg) == 2 and isinstance(msg[1], int):
                     return msg[1]

@@ -29,7 +29,7 @@ import cloudpickle
 import psutil
 
 import runtime
-from runtime import malloc
+from runtime import limits, malloc
 from runtime.actor import ActorHandle, actor_options
 from runtime.calls import ActorRef, ProcessContext, register_context, summarize, unregister_context
 from runtime.errors import ActorDiedError, ActorRuntimeError, ActorStartError, ProtocolError
@@ -211,6 +211,7 @@ class ActorSystem:
                                            call_timeout=call_timeout)
         collect([self.options.shm_dir])
         malloc.tune_current_process()
+        limits.raise_fd_limit()  # actors inherit it through the supervisor
         self.session = Session.new(shm_dir=self.options.shm_dir,
                                    threshold=self.options.shm_threshold,
                                    call_timeout=self.options.call_timeout)

@@ -62,7 +62,9 @@ def write_frame(target: int | socket.socket, obj: Any, fds: tuple[int, ...] = ()
                 n = sock.send(buf)
         except BlockingIOError:
             fd = target if sock is None else sock.fileno()
-            select.select([], [fd], [], 1.0)
+            poller = select.poll()  # not select(): descriptors past 1023 are fine
+            poller.register(fd, select.POLLOUT)
+            poller.poll(1000)
             continue
         buf = buf[n:]
 
