@@ -10,6 +10,7 @@ and one whose driver is killed is cleaned up by its supervisor.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import itertools
 import json
@@ -297,16 +298,31 @@ class ActorSystem:
         methods = frozenset(n for n in dir(cls)
                             if not n.startswith("__") and callable(getattr(cls, n, None)))
         ref = ActorRef(self.session.sid, index, name, cls.__qualname__, methods, bool(untrusted))
-        spec_fd = _spec_memfd(cls, args, kwargs)
         flags = FLAG_UNTRUSTED if untrusted else 0
         boot = {"sys_path": list(sys.path), "cwd": os.getcwd(), "flags": flags}
+        fut = None
         try:
-            fut = self._link.request("spawn", index, name, max_restarts, flags, boot,
-                                     fds=(spec_fd,))
-        finally:
-            os.close(spec_fd)  # the supervisor holds its own descriptor now
-        status, detail = fut.result()
+            spec_fd = _spec_memfd(cls, args, kwargs)
+            try:
+                fut = self._link.request("spawn", index, name, max_restarts, flags, boot,
+                                         fds=(spec_fd,))
+            finally:
+                os.close(spec_fd)  # the supervisor holds its own descriptor now
+            status, detail = fut.result()
+        except BaseException:
+            # Arguments that cannot be sent, or an interrupt (Ctrl-C) while __init__ ran: no
+            # handle will ever reach the caller, so the actor must not live on, holding its
+            # memory and its name, until shutdown.  The kill is not waited for: the
+            # interrupt goes on at once.
+            if fut is not None:
+                with contextlib.suppress(Exception):
+                    self._link.request("kill", index)
+            with self._lock:
+                self._names.discard(name)
+            raise
         if status != "spawned":
+            with self._lock:
+                self._names.discard(name)  # nothing runs under it: free for a new spawn
             raise ActorStartError(detail)
         return ActorHandle(ref, self._ctx)
 

@@ -315,3 +315,14 @@ class Truncator:
 
     def shrunk(self):
         return list(self.tried)
+
+
+@actor
+class SlowStart:
+    """``__init__`` takes ``seconds``: a spawn to interrupt."""
+
+    def __init__(self, seconds=1.0):
+        time.sleep(seconds)
+
+    def own_pid(self):
+        return os.getpid()
