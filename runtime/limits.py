@@ -54,5 +54,5 @@ def check_fd_headroom(what: str, need: int = HEADROOM) -> None:
     if soft - used < need:
         raise TransportError(
             f"cannot open {what}: {used} of {soft} file descriptors in use, fewer than {need} "
-            f"left (raise the limit: ulimit -n; or close channels: fewer actors, "
-            f"ActorSystem.kill)")
+            f"left (raise the limit, ulimit -n, or talk to fewer actors: handle.kill() "
+            f"closes a channel)")

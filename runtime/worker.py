@@ -34,7 +34,7 @@ from runtime.messages import MessageChannel
 from runtime.session import Session
 from runtime.spec import read_spec
 from runtime.spin import SpinPolicy
-from runtime.table import FLAG_UNTRUSTED, ActorTable
+from runtime.table import ALIVE, DEAD, FLAG_UNTRUSTED, STARTING, ActorTable
 from runtime.transport.channel import Channel, ChannelSpec
 from runtime.transport.doorbell import Doorbell
 from runtime.transport.ring import fence
@@ -55,6 +55,7 @@ UNTRUSTED_FRAMES_S = 5.0
 IDLE_SPIN_MIN_S, IDLE_SPIN_MAX_S = 100e-6, 3e-3
 LIVENESS_EVERY_S = 1.0
 CONTROL_EVERY_S = 0.01  # while busy, new channels are accepted this often
+NAMED_WAIT_S = 30.0  # an actor waits this long for the supervisor's table to name it
 
 
 class _Inbound:
@@ -341,6 +342,33 @@ def _pid_check(pid: int):
     return check
 
 
+def named_by_table(table: ActorTable, index: int, incarnation: int,
+                   wait_s: float = NAMED_WAIT_S) -> bool:
+    """Wait until the supervisor's table names this process for ``(index, incarnation)``.
+
+    False when it names another process, or not within ``wait_s``.  The supervisor records
+    a pid once the process is its child; a process it does not know must not serve.  One
+    such is a *twin*: when the zygote dies after forking the intermediate process, the
+    intermediate still forks the actor, re-parented to the supervisor like any, while the
+    supervisor starts the actor again as a fresh interpreter -- and the first to bind the
+    control socket served calls the supervisor could neither see nor kill (found by a
+    fault-injection review).
+    """
+    me = os.getpid()
+    deadline = time.monotonic() + wait_s
+    while True:
+        # The supervisor stores the state last and ``read`` loads it first, so a STARTING
+        # seen here comes with the pid and incarnation stored before it.
+        entry = table.read(index)
+        if entry.incarnation == incarnation and entry.state in (STARTING, ALIVE):
+            return entry.pid == me
+        if entry.incarnation == incarnation and entry.state == DEAD:
+            return False
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.0005)
+
+
 def main() -> None:
     boot = json.loads(sys.argv[1])
     if os.getppid() != boot["supervisor_pid"]:
@@ -361,6 +389,8 @@ def run(boot: dict[str, Any]) -> None:
     session = Session(**boot["session"])
     table = ActorTable(boot["table_fd"])  # read-only: only the supervisor writes it
     index = boot["index"]
+    if not named_by_table(table, index, boot["incarnation"]):
+        os._exit(70)  # a process the supervisor does not know: see named_by_table
     untrusted = bool(boot.get("flags", 0) & FLAG_UNTRUSTED)
     ctx = ProcessContext(session, table, self_index=index)
     register_context(ctx)

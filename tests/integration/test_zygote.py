@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import signal
+import textwrap
 import time
 
 import psutil
+import pytest
 import torch
 
 from runtime import ActorDiedError, ActorSystem
@@ -92,3 +94,38 @@ def test_many_spawns_and_kills_leave_no_process():
         while [p for p in sup.children() if p.pid in pids] and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not [p for p in sup.children() if p.pid in pids], "dead actors were not reaped"
+
+
+KILL_ZYGOTE_AT_FORK = textwrap.dedent("""
+    import os, signal, sys
+    if os.environ.get("RT_TEST_KILL_ZYGOTE_AT_FORK") and "runtime.zygote" in sys.orig_argv:
+        # The zygote dies (as by kill -9) right after forking the intermediate process:
+        # the intermediate still forks the actor, which is re-parented to the supervisor.
+        os.register_at_fork(after_in_parent=lambda: os.kill(os.getpid(), signal.SIGKILL))
+""")
+
+
+@pytest.mark.timeout(60)
+def test_a_zygote_killed_mid_fork_leaves_no_twin_serving(tmp_path, monkeypatch):
+    """Found by a fault-injection review: the twin the dead zygote's intermediate forked and
+    the fresh interpreter the supervisor started in its place both ran; the twin bound the
+    control socket first and served every call, unseen and unkillable by the supervisor.
+    An actor now serves only once the supervisor's table names its pid."""
+    (tmp_path / "sitecustomize.py").write_text(KILL_ZYGOTE_AT_FORK)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+        [str(tmp_path), os.getcwd(), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("RT_TEST_KILL_ZYGOTE_AT_FORK", "1")
+    with ActorSystem() as system:
+        e = system.spawn(Echo)
+        assert e.pid_() == e.pid  # the process the supervisor knows serves the calls
+        sup = psutil.Process(system._link.proc.pid)
+        deadline = time.monotonic() + 10
+        while [p.pid for p in sup.children() if p.status() != psutil.STATUS_ZOMBIE] \
+                != [e.pid] and time.monotonic() < deadline:
+            time.sleep(0.05)  # the twin exits (70) as soon as the table names another pid
+        assert [p.pid for p in sup.children()] == [e.pid]
+        f = e.sleep.remote(30)
+        time.sleep(0.3)
+        os.kill(e.pid, signal.SIGKILL)
+        with pytest.raises(ActorDiedError):
+            f.result(timeout=5)
