@@ -36,6 +36,7 @@ from runtime.errors import (
     ActorDiedError,
     ActorRuntimeError,
     CallTimeoutError,
+    DeadlineError,
     ProtocolError,
     TransportError,
     make_remote_exception,
@@ -244,6 +245,7 @@ class CallerChannel:
         self.pending: dict[int, tuple[Any, float | None]] = {}
         self._ids = itertools.count(1)
         self._send_lock = threading.Lock()
+        self._sender: int | None = None  # the thread holding _send_lock (close() asks)
         # Re-entrant: a done-callback run while reading may itself wait on a call.
         self._role = threading.RLock()
         self._pump: threading.Thread | None = None
@@ -333,6 +335,7 @@ class CallerChannel:
                 raise _again(self.dead)
             if deadline is not None and time.monotonic() >= deadline:
                 raise self._send_timeout(timeout)
+        self._sender = threading.get_ident()
         try:
             if self.dead is not None:  # closed while we waited for the lock
                 raise _again(self.dead)
@@ -350,10 +353,11 @@ class CallerChannel:
                 self.pending.pop(call_id, None)
                 if isinstance(exc, ActorDiedError):
                     self._fail_all(exc)
-                elif isinstance(exc, TimeoutError) and not isinstance(exc, ActorRuntimeError):
+                elif isinstance(exc, DeadlineError):
                     raise self._send_timeout(timeout) from exc
                 raise
         finally:
+            self._sender = None
             self._send_lock.release()
 
     def _send_timeout(self, timeout: float | None) -> CallTimeoutError:
@@ -417,7 +421,7 @@ class CallerChannel:
                     return
                 ch.wait(deadline=wait_until, check=self.check, spin_s=spin)
                 spin = 0.0
-            except TimeoutError:
+            except DeadlineError:
                 continue  # a deadline passed: the loop re-evaluates
             except ProtocolError as exc:
                 tag = getattr(exc, "tag", None)
@@ -438,6 +442,11 @@ class CallerChannel:
                 self._fail_all(exc)
                 return
             except Exception as exc:  # the reader must survive anything
+                if threading.current_thread() is threading.main_thread():
+                    # Where signal handlers run: an alarm-based timeout's exception is the
+                    # caller's, as Ctrl-C is, and the channel is in step (a received reply
+                    # stays held until dispatched: ``redeliver``).
+                    raise
                 log.exception("channel to actor %r failed", self.ref.name)
                 self._fail_all(TransportError(f"channel to actor {self.ref.name!r} failed: "
                                               f"{type(exc).__name__}: {exc}"))
@@ -599,9 +608,12 @@ class CallerChannel:
         self._fail_all(reason or ActorDiedError(f"channel to actor {self.ref.name!r} closed"))
         self._pump_event.set()
         # A reader finishes its current wait slice (<= 100 ms) and sees `dead`;
-        # a sender waiting for ring space sees it in `check`.
-        got_send = self._send_lock.acquire(timeout=5)
-        got_role = got_send and self._role.acquire(timeout=5)
+        # a sender waiting for ring space sees it in `check`.  This very thread may be
+        # that sender or reader, interrupted (a signal handler that shuts the system
+        # down, a done-callback): then the channel is closed once it has left.
+        me = threading.get_ident()
+        got_send = self._sender != me and self._send_lock.acquire(timeout=5)
+        got_role = got_send and not self._role._is_owned() and self._role.acquire(timeout=5)
         try:
             if got_role:
                 self.channel.close(notify=notify)

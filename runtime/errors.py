@@ -13,6 +13,7 @@ __all__ = [
     "ActorRuntimeError",
     "ActorStartError",
     "CallTimeoutError",
+    "DeadlineError",
     "ProtocolError",
     "RemoteError",
     "TransportError",
@@ -33,6 +34,14 @@ class ActorDiedError(ActorRuntimeError):
 
 class CallTimeoutError(ActorRuntimeError, TimeoutError):
     """No reply arrived within the system's ``call_timeout``."""
+
+
+class DeadlineError(ActorRuntimeError, TimeoutError):
+    """A transport wait reached its deadline.
+
+    The runtime catches this, never the built-in ``TimeoutError``: one raised by a signal
+    handler during a wait (an alarm-based timeout) reaches the caller, as Ctrl-C does.
+    """
 
 
 class TransportError(ActorRuntimeError):

@@ -163,7 +163,7 @@ class MessageChannel:
             held[0] = got
         try:
             held[1] = self._decode(got)
-        except Exception:  # the message's own fault (ProtocolError): it is done with
+        except (TransportError, MemoryError):  # the message's own fault: it is done with
             held[0] = None
             raise
         held[0] = None

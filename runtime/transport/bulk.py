@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 
 import zmq
 
-from runtime.errors import ProtocolError, TransportError
+from runtime.errors import DeadlineError, ProtocolError, TransportError
 
 __all__ = ["BulkLink"]
 
@@ -133,7 +133,7 @@ class BulkLink:
         if check is not None:
             check()
         if deadline is not None and time.monotonic() >= deadline:
-            raise TimeoutError(f"ZeroMQ {what} timed out")
+            raise DeadlineError(f"ZeroMQ {what} timed out")
         if sleep_s:
             time.sleep(min(sleep_s, 0.001))
 

@@ -64,7 +64,7 @@ from typing import Any, NamedTuple, Protocol
 import numpy as np
 
 from runtime import faults
-from runtime.errors import ProtocolError, TransportError
+from runtime.errors import DeadlineError, ProtocolError, TransportError
 from runtime.transport import framing
 from runtime.transport.bulk import BulkLink
 from runtime.transport.doorbell import Doorbell, DoorbellWriter
@@ -470,7 +470,7 @@ class Channel:
         pool slot reserved for it.
 
         Blocks while the ring (or the ZeroMQ link) is full, until ``deadline``
-        (``time.monotonic()`` value; ``TimeoutError``), calling ``check``
+        (``time.monotonic()`` value; ``DeadlineError``, a ``TimeoutError``), calling ``check``
         (which raises if the peer is gone) and ``on_full`` (e.g. drain
         replies) while it waits.  A send happens whole or not at all: an
         exception (a timeout, the peer's death, ``KeyboardInterrupt``) leaves
@@ -638,7 +638,7 @@ class Channel:
             if check is not None:
                 check()
             if deadline is not None and time.monotonic() >= deadline:
-                raise TimeoutError(f"channel {self.name}: ring full until the deadline")
+                raise DeadlineError(f"channel {self.name}: ring full until the deadline")
             time.sleep(pause)
             pause = min(pause * 2, 2e-3)
 
@@ -756,7 +756,7 @@ class Channel:
         wait = self.frames_wait_s
         try:
             return self._recv_bulk(time.monotonic() + wait, check)
-        except TimeoutError:
+        except DeadlineError:
             self.failed = ProtocolError(f"channel {self.name}: a BULK marker without its "
                                         f"ZeroMQ frames within {wait:g} s")
             self.failed.tag = None
@@ -821,7 +821,7 @@ class Channel:
 
     def recv(self, *, deadline: float | None = None, check: Callable[[], None] | None = None,
              spin_s: float = SPIN_S, lend: bool = True) -> Received:
-        """Block until a message arrives (``TimeoutError`` at ``deadline``).
+        """Block until a message arrives (``DeadlineError``, a ``TimeoutError``, at ``deadline``).
 
         Spins ``spin_s`` first, then sleeps on the doorbell (or the ZeroMQ
         socket in ZeroMQ-only mode) in slices of at most 100 ms, calling
@@ -850,7 +850,7 @@ class Channel:
         if deadline is not None:
             timeout = min(timeout, deadline - time.monotonic())
             if timeout <= 0:
-                raise TimeoutError(f"channel {self.name}: nothing received before the deadline")
+                raise DeadlineError(f"channel {self.name}: nothing received before the deadline")
         if self.rx is not None and self.own_bell is not None:
             self.rx.set_sleeping(True)
             fence()

@@ -1,0 +1,104 @@
+"""Signal handlers during calls: their exceptions reach the caller; shutting down in one is
+prompt and safe.
+
+Found by a fault-injection review: an alarm-based timeout (``signal.setitimer`` plus a
+handler that raises, as timeout decorators do) raising ``TimeoutError`` during a blocking
+call was swallowed (the transport's own deadlines were caught as ``TimeoutError``) and the
+call ran to its end; any other exception failed the whole channel, other threads' calls
+included.  A handler that shut the system down while its thread was blocked in a send sat
+out the send lock its own thread held (5 s), and during a read it unmapped the ring under
+the interrupted reader.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+
+import pytest
+import torch
+
+from runtime import ActorSystem
+from tests.integration.actors_lib import Echo
+
+
+class UserAlarm(Exception):
+    pass
+
+
+@pytest.fixture
+def alarm():
+    """``alarm(seconds, handler)``: SIGALRM once; the old handler is back afterwards."""
+    old = signal.getsignal(signal.SIGALRM)
+
+    def arm(seconds, handler):
+        signal.signal(signal.SIGALRM, handler)
+        signal.setitimer(signal.ITIMER_REAL, seconds)
+
+    yield arm
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    signal.signal(signal.SIGALRM, old)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("exc_type", [TimeoutError, UserAlarm])
+def test_an_exception_from_a_signal_handler_reaches_the_blocked_caller(alarm, exc_type,
+                                                                       caplog):
+    def handler(*_):
+        raise exc_type("user alarm")
+
+    with ActorSystem() as system:
+        e = system.spawn(Echo)
+        assert e.add(1, 1) == 2
+        alarm(0.5, handler)
+        t0 = time.monotonic()
+        with caplog.at_level(logging.ERROR), pytest.raises(exc_type, match="user alarm"):
+            e.sleep(3)
+        assert time.monotonic() - t0 < 2.0
+        # The channel is in step and was not failed (bd777ad logged "channel to actor ...
+        # failed" and failed every call on it): the sleep's late reply is dropped.
+        assert not [r for r in caplog.records if "failed" in r.getMessage()], caplog.text
+        assert e.add(2, 2) == 4
+
+
+@pytest.mark.timeout(60)
+def test_shutdown_from_a_signal_handler_during_a_blocked_send_is_prompt(alarm):
+    system = ActorSystem(shm_threshold=1 << 20)
+    took: list[float] = []
+
+    def handler(*_):
+        t0 = time.monotonic()
+        system.shutdown()
+        took.append(time.monotonic() - t0)
+
+    try:
+        e = system.spawn(Echo)
+        e.sleep.remote(10)
+        x = torch.ones(200_000)  # 800 KB records: the 2 MiB ring fills at once
+        alarm(0.5, handler)
+        with pytest.raises(Exception):
+            for _ in range(100):
+                e.echo.remote(x)
+    finally:
+        system.shutdown()
+    assert took and took[0] < 2.0, f"shutdown in the handler took {took} s"
+
+
+@pytest.mark.timeout(60)
+def test_shutdown_from_a_signal_handler_during_a_blocked_read_unmaps_nothing_in_use(
+        alarm, caplog):
+    system = ActorSystem()
+
+    def handler(*_):
+        system.shutdown()
+
+    try:
+        e = system.spawn(Echo)
+        assert e.add(1, 1) == 2
+        alarm(0.5, handler)
+        with caplog.at_level(logging.ERROR), pytest.raises(Exception):
+            e.sleep(3)
+    finally:
+        system.shutdown()
+    assert not [r for r in caplog.records if r.exc_info], caplog.text  # e.g. a torn ring
