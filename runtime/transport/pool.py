@@ -43,6 +43,8 @@ unchanged, and a receiver that never frees a slot only makes its sender fall
 back.  The finalizer holds its own export of the mapping, so closing the
 channel unmaps the slot only once the last lease is gone; it frees the slot
 only in the process that took the lease (a forked child's copies do not).
+A fork pins every live lease (``_pin_leases``): the slot, shared memory, is no
+snapshot, so it stays BUSY for good rather than be reused under the child's copy.
 A receiver that cannot map slots closes its end of the socket pair: the
 sender's next announcement fails and it sends frames from then on.
 
@@ -76,6 +78,7 @@ from __future__ import annotations
 import array
 import ctypes
 import errno
+import itertools
 import logging
 import mmap
 import os
@@ -283,11 +286,32 @@ class _RxSlot:
             pass  # exported by live leases: unmapped when they are collected
 
 
-def _set_free(state: ctypes.c_uint32, pid: int) -> None:
+_leases: dict[int, weakref.finalize] = {}  # the live in-place leases of this process
+_lease_ids = itertools.count()
+
+
+def _set_free(state: ctypes.c_uint32, pid: int, key: int) -> None:
     # Only in the process that took the lease: a forked child holds copies of
     # the parent's tensors, and its dropping them must not free the parent's slot.
     if os.getpid() == pid:
+        _leases.pop(key, None)
         state.value = FREE
+
+
+def _pin_leases() -> None:
+    """Before a fork: every live lease keeps its slot BUSY for good.
+
+    A slot is ``MAP_SHARED``, so a forked child's copy of a tensor read in place is no
+    snapshot: once the parent let go, the slot was FREE, the peer's next message reused it
+    and the child's tensor changed under it (a fault-injection review).  Pinned, the slot
+    stays the child's until the channel closes; the sender takes other slots, or frames.
+    """
+    for fin in list(_leases.values()):
+        fin.detach()
+    _leases.clear()
+
+
+os.register_at_fork(before=_pin_leases)
 
 
 class RxPool:
@@ -337,8 +361,10 @@ class RxPool:
             fin = None
         else:
             data = np.frombuffer(slot.mm, np.uint8, span, start)
-            fin = weakref.finalize(data, _set_free, slot.state, os.getpid())
+            key = next(_lease_ids)
+            fin = weakref.finalize(data, _set_free, slot.state, os.getpid(), key)
             fin.atexit = False
+            _leases[key] = fin
         return [data[o:o + n] for o, n in zip(offsets, sizes, strict=True)], fin
 
     def poll(self) -> None:

@@ -143,3 +143,35 @@ def test_channels_with_an_untrusted_side_are_sealed_both_ways():
         assert torch.equal(e.echo(x), x)
         sealed = {ch["actor"]: ch["sealed"] for ch in system.stats()["channels"]}
         assert sealed == {u.name: True, e.name: False}
+
+
+@pytest.mark.timeout(60)
+def test_a_forked_childs_copy_of_a_received_pool_tensor_does_not_change():
+    """Found by a fault-injection review: a child's memory is a snapshot after fork, except a
+    tensor read in place from a pool slot -- shared memory.  Once the parent let go, the
+    slot was FREE, the actor's next reply reused it and the child's tensor changed.  A fork
+    now pins the slots of live leases."""
+    with ActorSystem(shm_threshold=1 << 20) as system:
+        e = system.spawn(Echo)
+        n = 1 << 20
+        x = e.ones(n)  # 4 MiB: lies in a slot of the actor's pool
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: wait until the parent has moved on, then look
+            code = 2
+            try:
+                os.close(w)
+                os.read(r, 1)
+                # numpy, not torch: torch's OpenMP threads do not survive a fork
+                code = 0 if float(x.numpy().sum(dtype="float64")) == n else 1
+            finally:
+                os._exit(code)
+        os.close(r)
+        del x
+        gc.collect()  # the parent lets go
+        for _ in range(3):  # the replies take other slots (or frames), never the pinned one
+            assert float(e.echo(torch.zeros(n)).sum()) == 0.0
+        os.write(w, b"x")
+        os.close(w)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, "the child's tensor changed under it"
