@@ -2,7 +2,8 @@
 
 One :class:`ProcessContext` per process and session holds that process's
 channels to actors (one per target actor, shared by every handle and thread
-of the process).  A call is ``(call_id, method, args, kwargs)``; a reply is
+of the process).  A call is ``(call_id, method, args, kwargs[, chain])`` (``chain``: the
+actors whose calls led to it, see ``ProcessContext.serving``; none from a driver); a reply is
 ``(call_id, ok, result_or_error)``.
 
 Who reads replies.  The thread that waits for a result reads the channel
@@ -79,6 +80,9 @@ REPLY_SPIN_MIN_S, REPLY_SPIN_MAX_S = 100e-6, 2e-3
 # on this VM) on top of the call: spin through it rather than sleep and need
 # a second wake-up for the reply.
 WOKE_SPIN_S = 600e-6
+# Actors a call chain names at most: the callers whose calls are being served, innermost
+# last (``ProcessContext.serving``); a longer chain keeps its innermost actors.
+MAX_CHAIN = 64
 # Timed-out calls whose late replies a channel still expects (and drops); past this many,
 # more are not tracked (an actor that never answers them costs the caller nothing more).
 MAX_LATE = 1 << 16
@@ -303,8 +307,16 @@ class CallerChannel:
 
     def _send(self, method: str, args: tuple, kwargs: dict, waiter: Any,
               deadline: float | None) -> None:
+        ctx = self.ctx
+        chain = ctx.serving if ctx.serving_thread is not None \
+            and threading.get_ident() == ctx.serving_thread else ()
+        if chain and self.ref.index in chain:
+            raise ActorRuntimeError(
+                f"call cycle: actor {self.ref.name!r} is busy serving the call that led to "
+                f"this one, and an actor runs one call at a time, so this call could never "
+                f"be served")
         try:
-            self._send_locked(method, args, kwargs, waiter, deadline)
+            self._send_locked(method, args, kwargs, waiter, deadline, chain=chain)
         except ActorDiedError:
             self.ctx.retire(self)  # its descriptors go now, not at shutdown
             raise
@@ -315,7 +327,7 @@ class CallerChannel:
                 self._dispatch_deferred()
 
     def _send_locked(self, method: str, args: tuple, kwargs: dict, waiter: Any,
-                     deadline: float | None) -> None:
+                     deadline: float | None, *, chain: tuple[int, ...] = ()) -> None:
         if self.dead is not None:
             raise _again(self.dead)
         timeout = self.ctx.session.call_timeout
@@ -345,7 +357,9 @@ class CallerChannel:
                 self.pending.pop(call_id, None)  # failure may have missed this call
                 raise _again(self.dead)
             try:
-                enc = self.channel.encode((call_id, method, args, kwargs))
+                # No chain (the driver's calls, most of all): the four fields alone.
+                enc = self.channel.encode((call_id, method, args, kwargs, chain) if chain
+                                          else (call_id, method, args, kwargs))
                 route = self.channel.send_encoded(enc, tag=call_id, deadline=deadline,
                                                   check=self.check, on_full=self._drain_nowait)
                 waiter.wire = [route, enc.nbytes]
@@ -666,6 +680,11 @@ class ProcessContext:
         self.killer: Callable[[int], None] | None = None
         self.owner: object = None  # the driver's ActorSystem: kept alive by its handles
         self.pid = os.getpid()
+        # In an actor: the actors whose calls led to the one its serving thread runs, this
+        # one last.  Each call carries them, so a call back into any of them -- busy, one
+        # call at a time -- fails at once instead of waiting for ever (a call cycle).
+        self.serving: tuple[int, ...] = ()
+        self.serving_thread: int | None = None
 
     @property
     def forked(self) -> bool:

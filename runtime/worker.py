@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
 import traceback
 from typing import Any
@@ -27,7 +28,7 @@ import zmq
 
 from runtime import codec, faults
 from runtime.actor import _set_called, _set_served, actor_options
-from runtime.calls import ProcessContext, bell_path, ctl_path, register_context
+from runtime.calls import MAX_CHAIN, ProcessContext, bell_path, ctl_path, register_context
 from runtime.control import ControlServer
 from runtime.errors import ProtocolError, TransportError
 from runtime.messages import MessageChannel
@@ -74,6 +75,8 @@ class ActorServer:
     def __init__(self, ctx: ProcessContext, index: int, incarnation: int, name: str,
                  untrusted: bool, *, driver_pid: int) -> None:
         self.ctx = ctx
+        self.index = index
+        self._alone = (index,)  # what a call from no actor's call leaves serving
         self.name = name
         self.untrusted = untrusted
         self.driver_pid = driver_pid
@@ -153,15 +156,27 @@ class ActorServer:
     # -- calls -----------------------------------------------------------------------
     def _run_call(self, conn: _Inbound, msg: Any) -> None:
         try:
-            call_id, method, args, kwargs = msg
+            if len(msg) == 4:
+                call_id, method, args, kwargs = msg
+                serving = self._alone
+            else:
+                call_id, method, args, kwargs, chain = msg
+                serving = self._alone
+                # Whatever a caller sends here bears only on its own call's calls.
+                if type(chain) is tuple and chain:
+                    chain = chain[-(MAX_CHAIN - 1):]
+                    if all(type(i) is int for i in chain):
+                        serving = (*chain, self.index)
             if not isinstance(method, str) or method.startswith("__"):
                 raise AttributeError(f"{method!r} is not a callable method")
             fn = getattr(self.instance, method)
             _set_called(fn)  # see runtime.actor.serving
+            self.ctx.serving = serving  # see ProcessContext.serving
             try:
                 reply = (call_id, True, fn(*args, **kwargs))
             finally:
                 _set_called(None)
+                self.ctx.serving = ()
         except (SystemExit, KeyboardInterrupt):
             raise  # the method ends the actor (sys.exit): the caller gets ActorDiedError
         except BaseException as exc:  # noqa: BLE001 - every failure goes back to the caller
@@ -230,6 +245,7 @@ class ActorServer:
 
     # -- the loop ----------------------------------------------------------------------
     def serve(self) -> None:
+        self.ctx.serving_thread = threading.get_ident()  # calls run on this thread
         rr = 0
         spin_until = 0.0
         spin = SpinPolicy(IDLE_SPIN_MIN_S, IDLE_SPIN_MAX_S)

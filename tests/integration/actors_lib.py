@@ -326,3 +326,27 @@ class SlowStart:
 
     def own_pid(self):
         return os.getpid()
+
+
+@actor
+class Peer:
+    """Calls another actor it is given; two of them make a call cycle."""
+
+    def __init__(self, other=None):
+        self.other = other
+
+    def set_other(self, other):
+        self.other = other
+        return True
+
+    def own_pid(self):
+        return os.getpid()
+
+    def ask_other(self):
+        return self.other.own_pid()
+
+    def ask_other_to_ask_back(self):
+        return self.other.ask_other()
+
+    def ask_other_to_ask_back_in_turn(self):
+        return self.other.ask_other_to_ask_back()

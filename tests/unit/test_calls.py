@@ -20,6 +20,8 @@ class _Table:
 class _Context:
     table = _Table()
     session = SimpleNamespace(call_timeout=None)
+    serving: tuple = ()  # a driver's: no call is being served
+    serving_thread = None
 
     def check_owner(self):
         pass
