@@ -264,7 +264,12 @@ def test_chunked_prefill_accounting_is_exact(config, reference):
         assert b["checks"] == b["calls"]
         assert b["worker_s"] > 0
     for op in ("embedding", "lm_head"):  # blocking calls, once per prefill either way
-        assert whole["ops"][op]["routes"] == chunked["ops"][op]["routes"]
+        w, c = whole["ops"][op]["routes"], chunked["ops"][op]["routes"]
+        assert {r: v["messages"] for r, v in w.items()} == \
+            {r: v["messages"] for r, v in c.items()}
+        # The same bytes but for the call's tag, which names its driver ("pid.n"): one more
+        # digit when the process's driver count passes 10, 100... (the full suite: 2068/2069).
+        assert all(abs(w[r]["bytes"] - c[r]["bytes"]) <= 2 for r in w), (w, c)
     assert chunked["in_flight_s"] > 0
     assert chunked["wait_s"] <= chunked["total_s"]
 

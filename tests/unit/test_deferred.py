@@ -11,6 +11,7 @@ import importlib
 import os
 import threading
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -249,6 +250,7 @@ def test_a_served_call_releases_its_borrowed_record_only_after_the_fill(private_
 
     server = ActorServer.__new__(ActorServer)
     server.untrusted, server.name, server._poller = False, "doubler", None
+    server.ctx, server.index, server._alone = SimpleNamespace(serving=()), 0, (0,)
     server.ctl, server._sleep = NoControl(), sleep
     server.instance = Doubler()
     monkeypatch.setattr(actor_module, "_SERVED", None)
