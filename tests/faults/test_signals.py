@@ -51,11 +51,11 @@ def test_an_exception_from_a_signal_handler_reaches_the_blocked_caller(alarm, ex
     with ActorSystem() as system:
         e = system.spawn(Echo)
         assert e.add(1, 1) == 2
-        alarm(0.5, handler)
+        alarm(0.3, handler)
         t0 = time.monotonic()
         with caplog.at_level(logging.ERROR), pytest.raises(exc_type, match="user alarm"):
-            e.sleep(3)
-        assert time.monotonic() - t0 < 2.0
+            e.sleep(1.5)
+        assert time.monotonic() - t0 < 1.2
         # The channel is in step and was not failed (bd777ad logged "channel to actor ...
         # failed" and failed every call on it): the sleep's late reply is dropped.
         assert not [r for r in caplog.records if "failed" in r.getMessage()], caplog.text
