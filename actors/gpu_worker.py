@@ -145,10 +145,6 @@ class GPUWorker:
         self._cuda = self.device.type == "cuda"
         self._registrar: hostmem.CudaRegistrar | None = None
         if self._cuda:
-            if self.device.index is not None:
-                # The registrar's CUDA calls (and any op without a device) go to this one,
-                # instead of making a context on device 0.
-                torch.cuda.set_device(self.device)
             # Every ring and pool slot this process maps, now and later, is page-locked
             # for CUDA: arguments copy to the device and results back at DMA speed.
             self._registrar = hostmem.cuda_registrar()  # one per process, shared

@@ -278,15 +278,16 @@ class CallerChannel:
 
     # -- calls -----------------------------------------------------------------
     def call(self, method: str, args: tuple, kwargs: dict, *,
-             deadline: float | None = None) -> Any:
+             deadline: float | None = None, chain: tuple[int, ...] = ()) -> Any:
         """A blocking call: send, read replies until ours, return or raise.
 
         ``deadline`` (monotonic): when the call began, if earlier than now -- a first call
         spent part of its ``call_timeout`` opening the channel.  Default: now + call_timeout.
+        ``chain``: the actors waiting on this call (``ProcessContext.serving``).
         """
         slot = _Slot()
         t0 = time.perf_counter()
-        self._send(method, args, kwargs, slot, deadline)
+        self._send(method, args, kwargs, slot, deadline, chain=chain)
         self.drive(slot, None)
         self.spin.observe(time.perf_counter() - t0)
         if slot.ok:
@@ -306,15 +307,7 @@ class CallerChannel:
         return fut
 
     def _send(self, method: str, args: tuple, kwargs: dict, waiter: Any,
-              deadline: float | None) -> None:
-        ctx = self.ctx
-        chain = ctx.serving if ctx.serving_thread is not None \
-            and threading.get_ident() == ctx.serving_thread else ()
-        if chain and self.ref.index in chain:
-            raise ActorRuntimeError(
-                f"call cycle: actor {self.ref.name!r} is busy serving the call that led to "
-                f"this one, and an actor runs one call at a time, so this call could never "
-                f"be served")
+              deadline: float | None, *, chain: tuple[int, ...] = ()) -> None:
         try:
             self._send_locked(method, args, kwargs, waiter, deadline, chain=chain)
         except ActorDiedError:
@@ -456,6 +449,12 @@ class CallerChannel:
                 self._fail_all(exc)
                 return
             except Exception as exc:  # the reader must survive anything
+                tag = getattr(exc, "tag", None)
+                if type(tag) is int and ch.failed is None:
+                    # A reply consumed but not decoded (out of memory, a signal handler's
+                    # exception inside the decode): its call fails with it, nothing else.
+                    self._fail_call(tag, exc)
+                    continue
                 if threading.current_thread() is threading.main_thread():
                     # Where signal handlers run: an alarm-based timeout's exception is the
                     # caller's, as Ctrl-C is, and the channel is in step (a received reply
@@ -516,6 +515,14 @@ class CallerChannel:
         _complete(entry[0], ok, value)
         self.pending.pop(call_id, None)
 
+    def _fail_call(self, tag: int, exc: BaseException) -> None:
+        """Fail the call ``tag`` names (a late one's reply is simply done with)."""
+        entry = self.pending.get(tag)
+        if entry is not None:
+            _complete(entry[0], False, exc)
+            self.pending.pop(tag, None)
+        self._late.discard(tag)
+
     def _expire(self, deadline: float | None) -> float | None:
         """Fail calls past their call_timeout; return the next deadline to wake at."""
         soonest = deadline
@@ -558,6 +565,11 @@ class CallerChannel:
                             self._fail_all(exc)
                             raise
                         self._deferred.append(_Failed(tag, exc))
+                        continue
+                    except Exception as exc:
+                        if type(getattr(exc, "tag", None)) is not int:
+                            raise  # not a message's (a signal handler's): the sender's
+                        self._deferred.append(_Failed(exc.tag, exc))  # see _read_until
                         continue
                     if not ok:
                         break
@@ -680,9 +692,9 @@ class ProcessContext:
         self.killer: Callable[[int], None] | None = None
         self.owner: object = None  # the driver's ActorSystem: kept alive by its handles
         self.pid = os.getpid()
-        # In an actor: the actors whose calls led to the one its serving thread runs, this
-        # one last.  Each call carries them, so a call back into any of them -- busy, one
-        # call at a time -- fails at once instead of waiting for ever (a call cycle).
+        # In an actor: the actors whose blocking calls led to the one its serving thread
+        # runs, this one last.  Each blocking call carries them, so a call back into any of
+        # them -- busy, one call at a time -- fails at once instead of waiting for ever.
         self.serving: tuple[int, ...] = ()
         self.serving_thread: int | None = None
 
@@ -733,11 +745,22 @@ class ProcessContext:
 
     # -- calls -----------------------------------------------------------------
     def call(self, ref: ActorRef, method: str, args: tuple, kwargs: dict) -> Any:
+        # A blocking call from the thread serving a call carries the actors whose calls
+        # wait on it (``serving``); one back into any of them could never be served.  Not
+        # ``.remote()``: its caller may not wait (a notification, fire and forget).
+        chain = self.serving if self.serving_thread is not None \
+            and threading.get_ident() == self.serving_thread else ()
+        if chain and ref.index in chain and ref.index != self.self_index:  # self: see below
+            raise ActorRuntimeError(
+                f"call cycle: actor {ref.name!r} is busy serving the call that led to this "
+                f"one, and an actor runs one call at a time, so this call could never be "
+                f"served")
         cc = self._open_channel(ref)
         if cc is not None:  # the hot path: the call's deadline starts at its send
-            return cc.call(method, args, kwargs)
+            return cc.call(method, args, kwargs, chain=chain)
         deadline = self._call_deadline()
-        return self.channel_for(ref, deadline).call(method, args, kwargs, deadline=deadline)
+        return self.channel_for(ref, deadline).call(method, args, kwargs, deadline=deadline,
+                                                    chain=chain)
 
     def call_async(self, ref: ActorRef, method: str, args: tuple, kwargs: dict) -> Future:
         cc = self._open_channel(ref)

@@ -163,8 +163,10 @@ class MessageChannel:
             held[0] = got
         try:
             held[1] = self._decode(got)
-        except (TransportError, MemoryError):  # the message's own fault: it is done with
+        except Exception as exc:  # the message is done with: its call hears why (``tag``)
             held[0] = None
+            if getattr(exc, "tag", None) is None:
+                exc.tag = got.tag  # MemoryError, a signal handler's exception...
             raise
         held[0] = None
         return True, held[1]

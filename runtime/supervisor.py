@@ -305,6 +305,9 @@ class Supervisor:
             for rid in actor.pending:
                 write_frame(self.rep_fd, ["start_failed", rid, text])
             actor.pending.clear()
+            for rid in actor.kill_requests:  # killed while starting (an interrupted spawn)
+                write_frame(self.rep_fd, ["killed", rid, None])
+            actor.kill_requests.clear()
             self._forget_spec(actor)
             return
         if not self._will_restart(actor):

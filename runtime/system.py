@@ -300,10 +300,11 @@ class ActorSystem:
         ref = ActorRef(self.session.sid, index, name, cls.__qualname__, methods, bool(untrusted))
         flags = FLAG_UNTRUSTED if untrusted else 0
         boot = {"sys_path": list(sys.path), "cwd": os.getcwd(), "flags": flags}
-        fut = None
+        requested = False
         try:
             spec_fd = _spec_memfd(cls, args, kwargs)
             try:
+                requested = True  # from here an interrupt may leave the request sent
                 fut = self._link.request("spawn", index, name, max_restarts, flags, boot,
                                          fds=(spec_fd,))
             finally:
@@ -314,7 +315,7 @@ class ActorSystem:
             # handle will ever reach the caller, so the actor must not live on, holding its
             # memory and its name, until shutdown.  The kill is not waited for: the
             # interrupt goes on at once.
-            if fut is not None:
+            if requested:  # a kill of an index the supervisor never heard of is answered
                 with contextlib.suppress(Exception):
                     self._link.request("kill", index)
             with self._lock:

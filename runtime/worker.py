@@ -136,7 +136,8 @@ class ActorServer:
                                  limit=self.ctx.session.threshold)
         if safe:  # a BULK marker without its frames would stall every caller of this actor
             channel.frames_wait_s = min(channel.frames_wait_s, UNTRUSTED_FRAMES_S)
-        self.inbound.append(_Inbound(channel, pid, borrow=self.borrow_args))
+        # Replaced, never changed in place: the serve loop walks the list it read.
+        self.inbound = [*self.inbound, _Inbound(channel, pid, borrow=self.borrow_args)]
         self._poller = None
         return ["ok", {"bell": self.bell.path}]
 
@@ -149,7 +150,9 @@ class ActorServer:
     def _drop(self, conn: _Inbound, *, notify: bool = False) -> None:
         """Forget a channel; with ``notify``, tell its (living) caller first."""
         if conn in self.inbound:
-            self.inbound.remove(conn)
+            # A new list: the serve loop may be walking the old one by index (a drop in
+            # mid-walk made it read past the end, IndexError, and the actor died).
+            self.inbound = [c for c in self.inbound if c is not conn]
             self._poller = None
         conn.channel.close(notify=notify)
 

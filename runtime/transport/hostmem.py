@@ -172,7 +172,9 @@ def _error_clearer(cudart: Any) -> Callable[[], object]:
     try:
         with open("/proc/self/maps") as f:
             paths = {line.split()[-1] for line in f if "libcudart.so" in line}
-        for path in sorted(paths):
+        # torch's own copy (each copy keeps its own error state): the pip wheel's, under
+        # site-packages, before a system CUDA's.
+        for path in sorted(paths, key=lambda p: ("site-packages" not in p, p)):
             fn = ctypes.CDLL(path).cudaGetLastError
             fn.restype = ctypes.c_int
             return fn

@@ -43,8 +43,9 @@ unchanged, and a receiver that never frees a slot only makes its sender fall
 back.  The finalizer holds its own export of the mapping, so closing the
 channel unmaps the slot only once the last lease is gone; it frees the slot
 only in the process that took the lease (a forked child's copies do not).
-A fork pins every live lease (``_pin_leases``): the slot, shared memory, is no
-snapshot, so it stays BUSY for good rather than be reused under the child's copy.
+In a forked child every live lease's pages become private copies
+(``_snapshot_leases``): a slot is shared memory, no snapshot, and the parent
+reuses it once it lets go.
 A receiver that cannot map slots closes its end of the socket pair: the
 sender's next announcement fails and it sends frames from then on.
 
@@ -286,8 +287,16 @@ class _RxSlot:
             pass  # exported by live leases: unmapped when they are collected
 
 
-_leases: dict[int, weakref.finalize] = {}  # the live in-place leases of this process
+# The live in-place leases of this process: key -> (address, bytes) of the lease's data.
+_leases: dict[int, tuple[int, int]] = {}
 _lease_ids = itertools.count()
+_PAGE = mmap.PAGESIZE
+_PROT_RW = mmap.PROT_READ | mmap.PROT_WRITE
+_MAP_FIXED = 0x10  # Linux, every architecture
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                       ctypes.c_int, ctypes.c_long]
 
 
 def _set_free(state: ctypes.c_uint32, pid: int, key: int) -> None:
@@ -298,20 +307,31 @@ def _set_free(state: ctypes.c_uint32, pid: int, key: int) -> None:
         state.value = FREE
 
 
-def _pin_leases() -> None:
-    """Before a fork: every live lease keeps its slot BUSY for good.
+def _snapshot_leases() -> None:
+    """In a forked child: the pages of every live lease become private copies.
 
-    A slot is ``MAP_SHARED``, so a forked child's copy of a tensor read in place is no
-    snapshot: once the parent let go, the slot was FREE, the peer's next message reused it
-    and the child's tensor changed under it (a fault-injection review).  Pinned, the slot
-    stays the child's until the channel closes; the sender takes other slots, or frames.
+    A slot is ``MAP_SHARED``, so a child's copy of a tensor read in place was no snapshot:
+    once the parent let go, the slot was FREE, the peer's next message reused it and the
+    child's tensor changed under it (a fault-injection review).  Each lease's pages are
+    copied out, replaced by private anonymous memory at the same address, and copied back:
+    the child's views stay valid and keep what they held at the fork; the parent frees and
+    reuses its slots as ever.  (Pinning them in the parent instead left a slot BUSY for good
+    per fork: eight forks and every large reply went by frames.)
     """
-    for fin in list(_leases.values()):
-        fin.detach()
-    _leases.clear()
+    spans = sorted({(a & ~(_PAGE - 1), (a + n + _PAGE - 1) & ~(_PAGE - 1))
+                    for a, n in _leases.values() if n})
+    _leases.clear()  # the child's finalizers never free (see _set_free)
+    for lo, hi in spans:
+        size = hi - lo
+        saved = ctypes.create_string_buffer(size)
+        ctypes.memmove(saved, lo, size)
+        got = _libc.mmap(lo, size, _PROT_RW, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_FIXED,
+                         -1, 0)
+        if got == lo:
+            ctypes.memmove(lo, saved, size)
 
 
-os.register_at_fork(before=_pin_leases)
+os.register_at_fork(after_in_child=_snapshot_leases)
 
 
 class RxPool:
@@ -364,7 +384,7 @@ class RxPool:
             key = next(_lease_ids)
             fin = weakref.finalize(data, _set_free, slot.state, os.getpid(), key)
             fin.atexit = False
-            _leases[key] = fin
+            _leases[key] = (slot.address + start, span)
         return [data[o:o + n] for o, n in zip(offsets, sizes, strict=True)], fin
 
     def poll(self) -> None:

@@ -3,7 +3,9 @@
 Found by a fault-injection review: A calls B, B calls back A; A serves one call at a time,
 so the inner call could never be served and, without ``call_timeout``, the outer one never
 completed.  An actor calling itself directly already failed at once; every call now carries
-the actors whose calls led to it.
+the actors whose blocking calls led to it.  Not caught: a ``.remote()`` future waited on
+by the busy actor, and a ``.remote()`` on first contact with it (the channel's open waits
+for the busy actor).
 """
 
 from __future__ import annotations
@@ -28,3 +30,36 @@ def test_a_call_cycle_between_actors_fails_instead_of_hanging():
             c.ask_other_to_ask_back_in_turn()  # c -> b -> a -> b
         assert c.ask_other() == b.own_pid()  # nothing stuck after the refusals
         assert a.ask_other() == b.own_pid()
+
+
+@pytest.mark.timeout(60)
+def test_a_call_cycle_on_first_contact_fails_instead_of_hanging():
+    """b has no channel to a yet: opening one waits for a, busy in the very call that led
+    here, so the check must come before the open (a review of the first version)."""
+    with ActorSystem() as system:
+        a = system.spawn(Peer, name="a")
+        b = system.spawn(Peer, a, name="b")
+        a.set_other(b)
+        with pytest.raises(RemoteError, match="call cycle: actor 'a' is busy"):
+            a.ask_other_to_ask_back.remote().result(timeout=15)
+
+
+@pytest.mark.timeout(60)
+def test_remote_calls_back_are_no_cycle():
+    """``.remote()`` does not wait: a fire-and-forget call whose callee calls back, or a
+    notification to a busy caller, is served once the actor is free (the first version
+    refused both)."""
+    import time
+
+    with ActorSystem() as system:
+        a = system.spawn(Peer, name="a")
+        b = system.spawn(Peer, a, name="b")
+        a.set_other(b)
+        assert b.ask_other() == a.own_pid()  # b's channel to a is open
+        assert a.kick()  # a -> b.remote(); b calls a once a is free
+        assert b.get_last() == a.own_pid()
+        assert a.call_other_to_notify_back() == "sent"  # a -> b -> a.notified.remote()
+        deadline = time.monotonic() + 10
+        while a.get_last() != "hello" and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert a.get_last() == "hello"

@@ -102,3 +102,36 @@ def test_shutdown_from_a_signal_handler_during_a_blocked_read_unmaps_nothing_in_
     finally:
         system.shutdown()
     assert not [r for r in caplog.records if r.exc_info], caplog.text  # e.g. a torn ring
+
+
+@pytest.mark.timeout(60)
+def test_a_reply_that_cannot_be_decoded_in_the_main_thread_fails_its_call(monkeypatch):
+    """Found by a review of the first version: a reply consumed but not decoded (here
+    MemoryError) reached the main-thread caller raw while the call it answered stayed
+    pending for ever.  Its call now fails with it; the channel goes on."""
+    import threading
+
+    from runtime import calls, messages
+
+    with ActorSystem() as system:
+        e = system.spawn(Echo)
+        e.echo(1)  # the channel is open
+        monkeypatch.setattr(calls.CallerChannel, "_kick_pump", lambda self: None)  # main reads
+        orig = messages._decode
+        hit = []
+
+        def out_of_memory(*args, **kwargs):
+            obj = orig(*args, **kwargs)
+            if not hit and threading.current_thread() is threading.main_thread() \
+                    and type(obj) is tuple and obj[2] == "the reply":
+                hit.append(1)
+                raise MemoryError
+            return obj
+
+        monkeypatch.setattr(messages, "_decode", out_of_memory)
+        fut = e.echo.remote("the reply")
+        with pytest.raises(MemoryError):
+            fut.result(timeout=5)
+        assert hit
+        assert isinstance(fut.exception(timeout=3), MemoryError)  # f00d571: never completed
+        assert e.echo(2) == 2

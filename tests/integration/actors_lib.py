@@ -350,3 +350,30 @@ class Peer:
 
     def ask_other_to_ask_back_in_turn(self):
         return self.other.ask_other_to_ask_back()
+
+    def kick(self):
+        """Fire and forget: the other's call back finds this actor free again."""
+        self.fut = self.other.ask_other_store.remote()
+        return True
+
+    def ask_other_store(self):
+        try:
+            self.last = self.other.own_pid()
+        except Exception as exc:
+            self.last = f"{type(exc).__name__}: {exc}"
+        return self.last
+
+    def get_last(self):
+        return getattr(self, "last", None)
+
+    def notified(self, value):
+        self.last = value
+        return True
+
+    def call_other_to_notify_back(self):
+        return self.other.notify_other()
+
+    def notify_other(self):
+        """Tells the other something without waiting: served once it is free."""
+        self.other.notified.remote("hello")
+        return "sent"

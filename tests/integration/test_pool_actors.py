@@ -149,8 +149,8 @@ def test_channels_with_an_untrusted_side_are_sealed_both_ways():
 def test_a_forked_childs_copy_of_a_received_pool_tensor_does_not_change():
     """Found by a fault-injection review: a child's memory is a snapshot after fork, except a
     tensor read in place from a pool slot -- shared memory.  Once the parent let go, the
-    slot was FREE, the actor's next reply reused it and the child's tensor changed.  A fork
-    now pins the slots of live leases."""
+    slot was FREE, the actor's next reply reused it and the child's tensor changed.  The
+    child now gets private copies of the pages of live leases."""
     with ActorSystem(shm_threshold=1 << 20) as system:
         e = system.spawn(Echo)
         n = 1 << 20
@@ -169,9 +169,37 @@ def test_a_forked_childs_copy_of_a_received_pool_tensor_does_not_change():
         os.close(r)
         del x
         gc.collect()  # the parent lets go
-        for _ in range(3):  # the replies take other slots (or frames), never the pinned one
+        for _ in range(3):  # the replies reuse the parent's slots
             assert float(e.echo(torch.zeros(n)).sum()) == 0.0
         os.write(w, b"x")
         os.close(w)
         _, status = os.waitpid(pid, 0)
         assert os.waitstatus_to_exitcode(status) == 0, "the child's tensor changed under it"
+
+
+@pytest.mark.timeout(120)
+def test_forks_do_not_cost_the_parent_its_slots():
+    """A driver that forks now and then (a fork-based multiprocessing pool, DataLoader
+    workers) while it holds received tensors keeps reusing its slots: the first fix pinned
+    a slot per fork for good, and after eight every large reply went by frames."""
+    with ActorSystem(shm_threshold=1 << 20) as system:
+        e = system.spawn(Echo)
+        n = 1 << 20
+        for _ in range(16):
+            x = e.ones(n)  # lies in a pool slot of the actor
+            pid = os.fork()
+            if pid == 0:
+                os._exit(0 if float(x.numpy().sum(dtype="float64")) == n else 1)
+            _, status = os.waitpid(pid, 0)
+            assert os.waitstatus_to_exitcode(status) == 0
+            del x
+            gc.collect()
+
+        def received():
+            ch = next(c for c in system.stats()["channels"] if c["actor"] == e.name)
+            return ch["pool"]["received"]
+
+        before = received()
+        for _ in range(4):
+            assert float(e.echo(torch.zeros(n)).sum()) == 0.0
+        assert received() - before == 4, "the actor's replies no longer find a free slot"

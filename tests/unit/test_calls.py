@@ -6,6 +6,7 @@ from collections import deque
 from types import SimpleNamespace
 
 from runtime.calls import ActorRef, CallerChannel
+from runtime.errors import DeadlineError
 from runtime.table import ALIVE, Entry
 
 
@@ -59,7 +60,7 @@ class _ScriptedChannel:
         return False, None
 
     def wait(self, *, deadline, check, spin_s=0.0):
-        raise TimeoutError
+        raise DeadlineError("scripted: nothing before the deadline")
 
     def ack(self):  # a reply is popped from the inbox as it is read: nothing to keep
         pass

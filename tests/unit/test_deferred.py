@@ -303,3 +303,47 @@ def test_a_cpu_workers_deferred_compute_counts_as_its_calls_work(config, monkeyp
     # The call's span is its products': from the first one's start to the last one's end.
     tag, start, end, rows = w.trace_events()["events"][-2]
     assert (tag, rows) == ("t", 64) and t0 <= start < end <= t1
+
+
+def test_a_channel_dropped_in_mid_walk_does_not_end_the_serve_loop():
+    """Found by a review: the serve loop walks its inbound channels by index, and a drop
+    removed one from that very list, so the walk read past its end (IndexError) and the
+    actor died -- every other caller's channel with it."""
+    from runtime.worker import ActorServer, _Inbound
+
+    class Done(Exception):
+        pass
+
+    class Fake:
+        safe, failed = False, None
+
+        def __init__(self, closed):
+            self.peer_closed = closed
+            self.closed_with = None
+
+        def try_recv(self, check=None):
+            return False, None
+
+        def close(self, notify=False):
+            self.closed_with = notify
+
+    class NoControl:
+        def ready(self):
+            return False
+
+    def sleep():
+        raise Done  # one walk done, nothing to serve: stop
+
+    server = ActorServer.__new__(ActorServer)
+    server.untrusted, server.name, server._poller = False, "walker", None
+    server.ctx, server.index, server._alone = SimpleNamespace(serving=()), 0, (0,)
+    server.ctl, server._sleep = NoControl(), sleep
+    conns = []
+    for closed in (True, False):  # the first caller is gone; the second stays
+        conn = _Inbound.__new__(_Inbound)
+        conn.channel, conn.caller_pid, conn.check = Fake(closed), os.getpid(), None
+        conns.append(conn)
+    server.inbound = list(conns)
+    with pytest.raises(Done):
+        server.serve()
+    assert server.inbound == [conns[1]] and conns[0].channel.closed_with is False
