@@ -449,12 +449,6 @@ class CallerChannel:
                 self._fail_all(exc)
                 return
             except Exception as exc:  # the reader must survive anything
-                tag = getattr(exc, "tag", None)
-                if type(tag) is int and ch.failed is None:
-                    # A reply consumed but not decoded (out of memory, a signal handler's
-                    # exception inside the decode): its call fails with it, nothing else.
-                    self._fail_call(tag, exc)
-                    continue
                 if threading.current_thread() is threading.main_thread():
                     # Where signal handlers run: an alarm-based timeout's exception is the
                     # caller's, as Ctrl-C is, and the channel is in step (a received reply
@@ -515,14 +509,6 @@ class CallerChannel:
         _complete(entry[0], ok, value)
         self.pending.pop(call_id, None)
 
-    def _fail_call(self, tag: int, exc: BaseException) -> None:
-        """Fail the call ``tag`` names (a late one's reply is simply done with)."""
-        entry = self.pending.get(tag)
-        if entry is not None:
-            _complete(entry[0], False, exc)
-            self.pending.pop(tag, None)
-        self._late.discard(tag)
-
     def _expire(self, deadline: float | None) -> float | None:
         """Fail calls past their call_timeout; return the next deadline to wake at."""
         soonest = deadline
@@ -566,11 +552,7 @@ class CallerChannel:
                             raise
                         self._deferred.append(_Failed(tag, exc))
                         continue
-                    except Exception as exc:
-                        if type(getattr(exc, "tag", None)) is not int:
-                            raise  # not a message's (a signal handler's): the sender's
-                        self._deferred.append(_Failed(exc.tag, exc))  # see _read_until
-                        continue
+
                     if not ok:
                         break
                     self._deferred.append(msg)

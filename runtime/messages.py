@@ -161,13 +161,19 @@ class MessageChannel:
             if got is None:
                 return False, None
             held[0] = got
+        # An exception that is not the message's (a signal handler's, say) leaves it held, to
+        # be decoded again by the next reader, and goes on untouched.
         try:
             held[1] = self._decode(got)
-        except Exception as exc:  # the message is done with: its call hears why (``tag``)
+        except ProtocolError:  # the message's own fault (tagged): it is done with
             held[0] = None
-            if getattr(exc, "tag", None) is None:
-                exc.tag = got.tag  # MemoryError, a signal handler's exception...
             raise
+        except MemoryError as exc:  # no room to decode it: done with, and its call hears why
+            held[0] = None
+            err = ProtocolError(f"a message of {got.nbytes} bytes could not be decoded: out "
+                                f"of memory")
+            err.tag = got.tag  # a fresh error: a foreign exception is never marked
+            raise err from exc
         held[0] = None
         return True, held[1]
 

@@ -43,9 +43,9 @@ unchanged, and a receiver that never frees a slot only makes its sender fall
 back.  The finalizer holds its own export of the mapping, so closing the
 channel unmaps the slot only once the last lease is gone; it frees the slot
 only in the process that took the lease (a forked child's copies do not).
-In a forked child every live lease's pages become private copies
-(``_snapshot_leases``): a slot is shared memory, no snapshot, and the parent
-reuses it once it lets go.
+A fork pins the slots of the leases live then until the child is gone
+(``_pin_before_fork``): a slot is shared memory, no snapshot, and the parent
+would reuse it once it let go.
 A receiver that cannot map slots closes its end of the socket pair: the
 sender's next announcement fails and it sends frames from then on.
 
@@ -287,51 +287,105 @@ class _RxSlot:
             pass  # exported by live leases: unmapped when they are collected
 
 
-# The live in-place leases of this process: key -> (address, bytes) of the lease's data.
-_leases: dict[int, tuple[int, int]] = {}
+class _Lease:
+    """One in-place lease of this process: its slot's state word and who still needs it."""
+
+    __slots__ = ("done", "pins", "state")
+
+    def __init__(self, state: ctypes.c_uint32) -> None:
+        self.state = state
+        self.done = False  # this process let go of it
+        self.pins = 0  # forked children (groups) that may still read it
+
+
+_leases: dict[int, _Lease] = {}  # this process's in-place leases, live or pinned
 _lease_ids = itertools.count()
-_PAGE = mmap.PAGESIZE
-_PROT_RW = mmap.PROT_READ | mmap.PROT_WRITE
-_MAP_FIXED = 0x10  # Linux, every architecture
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                       ctypes.c_int, ctypes.c_long]
+_groups: list[tuple[int, list[int]]] = []  # (read end of a fork's pipe, the leases it pins)
+_forking: list[tuple[int, int, list[int]]] = []  # the pipe and leases of a fork under way
 
 
 def _set_free(state: ctypes.c_uint32, pid: int, key: int) -> None:
     # Only in the process that took the lease: a forked child holds copies of
     # the parent's tensors, and its dropping them must not free the parent's slot.
-    if os.getpid() == pid:
-        _leases.pop(key, None)
-        state.value = FREE
+    if os.getpid() != pid:
+        return
+    lease = _leases.get(key)
+    if lease is not None and lease.pins:
+        lease.done = True  # a forked child may still read it: freed once none can
+        return
+    _leases.pop(key, None)
+    state.value = FREE
 
 
-def _snapshot_leases() -> None:
-    """In a forked child: the pages of every live lease become private copies.
+def _pin_before_fork() -> None:
+    """A forked child's tensors read in place stay what they were: their slots are pinned.
 
-    A slot is ``MAP_SHARED``, so a child's copy of a tensor read in place was no snapshot:
+    A slot is ``MAP_SHARED``, so a child's copy of a tensor read in place is no snapshot:
     once the parent let go, the slot was FREE, the peer's next message reused it and the
-    child's tensor changed under it (a fault-injection review).  Each lease's pages are
-    copied out, replaced by private anonymous memory at the same address, and copied back:
-    the child's views stay valid and keep what they held at the fork; the parent frees and
-    reuses its slots as ever.  (Pinning them in the parent instead left a slot BUSY for good
-    per fork: eight forks and every large reply went by frames.)
+    child's tensor changed under it (a fault-injection review).  So a fork pins the slots
+    of the leases live at that moment until the parent has let go of each *and* the child
+    is gone -- the child and whatever it forked in turn hold the write end of a pipe
+    (close-on-exec: a child that ``exec``s lets go at once), and its end of file is the
+    release (:func:`_release_pinned`, checked at each pooled receive).  Costs nothing at the
+    fork; meanwhile the sender uses other slots, or frames.  Two alternatives were tried and
+    rejected by reviews: pinned for good (after eight forks every large reply went by
+    frames), and a copy made in the child (it raced the parent's reuse of the slot, and every
+    child committed the leased bytes again).  Never raises.
     """
-    spans = sorted({(a & ~(_PAGE - 1), (a + n + _PAGE - 1) & ~(_PAGE - 1))
-                    for a, n in _leases.values() if n})
+    try:
+        keys = [k for k, lease in _leases.items() if not lease.done]
+        if not keys:
+            return
+        r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        for k in keys:
+            _leases[k].pins += 1
+        _forking.append((r, w, keys))
+    except Exception:  # noqa: BLE001 - a fork hook must not raise; the lease stays shared
+        pass
+
+
+def _pinned_after_fork_in_parent() -> None:
+    while _forking:
+        r, w, keys = _forking.pop()
+        os.close(w)
+        _groups.append((r, keys))
+
+
+def _pinned_after_fork_in_child() -> None:
+    for r, _w, _keys in _forking:
+        os.close(r)  # the write end stays open: this process's life pins the leases
+    _forking.clear()
+    for r, _keys in _groups:
+        os.close(r)
+    _groups.clear()
     _leases.clear()  # the child's finalizers never free (see _set_free)
-    for lo, hi in spans:
-        size = hi - lo
-        saved = ctypes.create_string_buffer(size)
-        ctypes.memmove(saved, lo, size)
-        got = _libc.mmap(lo, size, _PROT_RW, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_FIXED,
-                         -1, 0)
-        if got == lo:
-            ctypes.memmove(lo, saved, size)
 
 
-os.register_at_fork(after_in_child=_snapshot_leases)
+def _release_pinned() -> None:
+    """Free the slots whose forked children are all gone and whose lease this process let go."""
+    for group in list(_groups):
+        r, keys = group
+        try:
+            if os.read(r, 1):
+                continue  # nobody writes to it; a byte would be odd, not an end of file
+        except BlockingIOError:
+            continue  # a child still holds the write end
+        except OSError:
+            pass
+        os.close(r)
+        _groups.remove(group)
+        for k in keys:
+            lease = _leases.get(k)
+            if lease is None:
+                continue
+            lease.pins -= 1
+            if not lease.pins and lease.done:
+                _leases.pop(k, None)
+                lease.state.value = FREE
+
+
+os.register_at_fork(before=_pin_before_fork, after_in_parent=_pinned_after_fork_in_parent,
+                    after_in_child=_pinned_after_fork_in_child)
 
 
 class RxPool:
@@ -358,6 +412,8 @@ class RxPool:
         finalizer (call it to free the slot at once, e.g. when decoding fails).
         With ``copy=True``: views of a private copy; the slot is already FREE.
         """
+        if _groups:
+            _release_pinned()  # slots a fork pinned whose children are gone
         slot = self.slots.get(slot_id)
         if slot is None:
             self.poll()
@@ -384,7 +440,7 @@ class RxPool:
             key = next(_lease_ids)
             fin = weakref.finalize(data, _set_free, slot.state, os.getpid(), key)
             fin.atexit = False
-            _leases[key] = (slot.address + start, span)
+            _leases[key] = _Lease(slot.state)
         return [data[o:o + n] for o, n in zip(offsets, sizes, strict=True)], fin
 
     def poll(self) -> None:

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from runtime import ActorSystem
+from runtime.errors import ProtocolError
 from tests.integration.actors_lib import Echo
 
 
@@ -108,7 +109,8 @@ def test_shutdown_from_a_signal_handler_during_a_blocked_read_unmaps_nothing_in_
 def test_a_reply_that_cannot_be_decoded_in_the_main_thread_fails_its_call(monkeypatch):
     """Found by a review of the first version: a reply consumed but not decoded (here
     MemoryError) reached the main-thread caller raw while the call it answered stayed
-    pending for ever.  Its call now fails with it; the channel goes on."""
+    pending for ever.  Its call now fails (ProtocolError, from the MemoryError); the channel
+    goes on."""
     import threading
 
     from runtime import calls, messages
@@ -130,8 +132,73 @@ def test_a_reply_that_cannot_be_decoded_in_the_main_thread_fails_its_call(monkey
 
         monkeypatch.setattr(messages, "_decode", out_of_memory)
         fut = e.echo.remote("the reply")
-        with pytest.raises(MemoryError):
+        with pytest.raises(ProtocolError, match="out of memory"):
             fut.result(timeout=5)
         assert hit
-        assert isinstance(fut.exception(timeout=3), MemoryError)  # f00d571: never completed
+        assert isinstance(fut.exception(timeout=3), ProtocolError)  # f00d571: never completed
         assert e.echo(2) == 2
+
+
+@pytest.fixture
+def alarm_in_decode(monkeypatch):
+    """``arm(handler, *replies)``: SIGUSR1 strikes inside the decode of each marked reply."""
+    from runtime import calls, messages
+
+    old = signal.getsignal(signal.SIGUSR1)
+    orig = messages._decode
+    marks = set()
+
+    def decode(*args, **kwargs):
+        obj = orig(*args, **kwargs)
+        if type(obj) is tuple and len(obj) == 3 and obj[2] in marks:
+            marks.discard(obj[2])  # once per mark (a reply kept is decoded again)
+            signal.raise_signal(signal.SIGUSR1)
+        return obj
+
+    def arm(handler, *mark):
+        signal.signal(signal.SIGUSR1, handler)
+        marks.update(mark)
+        monkeypatch.setattr(messages, "_decode", decode)
+        monkeypatch.setattr(calls.CallerChannel, "_kick_pump", lambda self: None)  # main reads
+
+    yield arm
+    signal.signal(signal.SIGUSR1, old)
+
+
+@pytest.mark.timeout(60)
+def test_an_alarm_inside_another_calls_decode_reaches_the_interrupted_caller(alarm_in_decode):
+    """A review of the second version: the handler's exception, raised while another call's
+    reply was decoded, failed that call (its reply thrown away) and the call it was meant to
+    interrupt ran to its end.  The reply is now kept for the next reader."""
+    def handler(signum, frame):
+        raise TimeoutError("alarm")
+
+    with ActorSystem() as system:
+        e = system.spawn(Echo)
+        e.echo(1)
+        alarm_in_decode(handler, "other")
+        fut = e.echo.remote("other")
+        with pytest.raises(TimeoutError, match="alarm"):
+            e.sleep(0.5)
+        assert fut.result(timeout=5) == "other"
+
+
+@pytest.mark.timeout(60)
+def test_a_handler_raising_one_prepared_exception_twice(alarm_in_decode):
+    """The second version marked a foreign exception with its reply's call id; one instance
+    raised twice kept its first mark, so the second reply and the exception were both lost
+    and the call waited out call_timeout."""
+    prepared = TimeoutError("alarm")
+
+    def handler(signum, frame):
+        raise prepared
+
+    with ActorSystem(call_timeout=3) as system:
+        e = system.spawn(Echo)
+        e.echo(1)
+        alarm_in_decode(handler, "x0", "x1")
+        for i in range(2):
+            with pytest.raises(TimeoutError) as got:
+                e.echo(f"x{i}")
+            assert got.value is prepared, repr(got.value)
+        assert e.echo(3) == 3

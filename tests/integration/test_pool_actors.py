@@ -149,8 +149,8 @@ def test_channels_with_an_untrusted_side_are_sealed_both_ways():
 def test_a_forked_childs_copy_of_a_received_pool_tensor_does_not_change():
     """Found by a fault-injection review: a child's memory is a snapshot after fork, except a
     tensor read in place from a pool slot -- shared memory.  Once the parent let go, the
-    slot was FREE, the actor's next reply reused it and the child's tensor changed.  The
-    child now gets private copies of the pages of live leases."""
+    slot was FREE, the actor's next reply reused it and the child's tensor changed.  A fork
+    now pins the slots of live leases until the child is gone."""
     with ActorSystem(shm_threshold=1 << 20) as system:
         e = system.spawn(Echo)
         n = 1 << 20
@@ -169,7 +169,7 @@ def test_a_forked_childs_copy_of_a_received_pool_tensor_does_not_change():
         os.close(r)
         del x
         gc.collect()  # the parent lets go
-        for _ in range(3):  # the replies reuse the parent's slots
+        for _ in range(3):  # the replies take other slots, or frames, while the child lives
             assert float(e.echo(torch.zeros(n)).sum()) == 0.0
         os.write(w, b"x")
         os.close(w)
@@ -180,8 +180,9 @@ def test_a_forked_childs_copy_of_a_received_pool_tensor_does_not_change():
 @pytest.mark.timeout(120)
 def test_forks_do_not_cost_the_parent_its_slots():
     """A driver that forks now and then (a fork-based multiprocessing pool, DataLoader
-    workers) while it holds received tensors keeps reusing its slots: the first fix pinned
-    a slot per fork for good, and after eight every large reply went by frames."""
+    workers) while it holds received tensors gets its slots back once the children are gone:
+    the first fix pinned a slot per fork for good, and after eight every large reply went by
+    frames."""
     with ActorSystem(shm_threshold=1 << 20) as system:
         e = system.spawn(Echo)
         n = 1 << 20
@@ -203,3 +204,25 @@ def test_forks_do_not_cost_the_parent_its_slots():
         for _ in range(4):
             assert float(e.echo(torch.zeros(n)).sum()) == 0.0
         assert received() - before == 4, "the actor's replies no longer find a free slot"
+
+
+def _anonymous_kib() -> int:
+    with open("/proc/self/smaps_rollup") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("Anonymous:"))
+
+
+@pytest.mark.timeout(60)
+def test_a_forked_child_does_not_pay_for_the_tensors_it_inherits():
+    """A review of the second fix: a copy made in every child (subprocess with preexec_fn,
+    fork-based pools) committed the leased bytes again in each, read or not."""
+    with ActorSystem(shm_threshold=1 << 20) as system:
+        e = system.spawn(Echo)
+        x = e.ones(16 << 20)  # 64 MiB in a slot of the actor's pool
+        before = _anonymous_kib()
+        pid = os.fork()
+        if pid == 0:
+            os._exit(min((_anonymous_kib() - before) >> 10, 250))  # MiB
+        _, status = os.waitpid(pid, 0)
+        grew_mib = os.waitstatus_to_exitcode(status)
+        assert grew_mib < 16, f"the child's anonymous memory grew by {grew_mib} MiB at fork"
+        del x
