@@ -68,7 +68,7 @@ from runtime.errors import DeadlineError, ProtocolError, TransportError
 from runtime.transport import framing
 from runtime.transport.bulk import BulkLink
 from runtime.transport.doorbell import Doorbell, DoorbellWriter
-from runtime.transport.pool import PLACE, RxPool, TxPool, layout
+from runtime.transport.pool import PLACE, RxPool, TxPool, layout, release_pinned
 from runtime.transport.ring import HEADER_SIZE, MIN_CAPACITY, ShmRing, align8, fence
 
 __all__ = ["POOL_MIN", "Channel", "ChannelSpec", "Outgoing", "Received",
@@ -763,6 +763,9 @@ class Channel:
             raise self.failed from None
 
     def _recv_bulk(self, deadline: float | None, check: Callable[[], None] | None) -> Received:
+        # Large messages come as frames while every slot is pinned by a fork (pool.py):
+        # they too let slots go whose children are gone.
+        release_pinned()
         try:
             frames = self.bulk.recv(deadline=deadline, check=check,
                                     max_parts=1 + SAFE_MAX_BUFFERS if self.safe else None)

@@ -86,6 +86,7 @@ import os
 import socket
 import stat
 import struct
+import threading
 import time
 import weakref
 from collections.abc import Sequence
@@ -96,7 +97,8 @@ from runtime.errors import ProtocolError, TransportError
 from runtime.transport import hostmem, memcopy
 from runtime.transport.segment import Segment, is_sealed
 
-__all__ = ["BUSY", "FREE", "HEADER_SIZE", "PLACE", "RxPool", "TxPool", "layout", "slot_size"]
+__all__ = ["BUSY", "FREE", "HEADER_SIZE", "PLACE", "RxPool", "TxPool", "layout", "release_pinned",
+           "slot_size"]
 
 log = logging.getLogger(__name__)
 
@@ -301,7 +303,11 @@ class _Lease:
 _leases: dict[int, _Lease] = {}  # this process's in-place leases, live or pinned
 _lease_ids = itertools.count()
 _groups: list[tuple[int, list[int]]] = []  # (read end of a fork's pipe, the leases it pins)
-_forking: list[tuple[int, int, list[int]]] = []  # the pipe and leases of a fork under way
+_forking: list[tuple[int, int, list[int]]] = []  # the fork under way: its pipe and leases
+# Guards the four above and every lease's ``pins``/``done``: finalizers run on any thread,
+# readers release pins on theirs.  Re-entrant: a finalizer may run inside a holder.  Held
+# from just before a fork to just after it, so forks (and their pipes) never interleave.
+_pin_lock = threading.RLock()
 
 
 def _set_free(state: ctypes.c_uint32, pid: int, key: int) -> None:
@@ -309,12 +315,14 @@ def _set_free(state: ctypes.c_uint32, pid: int, key: int) -> None:
     # the parent's tensors, and its dropping them must not free the parent's slot.
     if os.getpid() != pid:
         return
-    lease = _leases.get(key)
-    if lease is not None and lease.pins:
-        lease.done = True  # a forked child may still read it: freed once none can
-        return
-    _leases.pop(key, None)
-    state.value = FREE
+    with _pin_lock:
+        lease = _leases.get(key)
+        if lease is not None and lease.pins:
+            lease.done = True  # a forked child may still read it: freed once none can
+            _release_pinned_locked()  # unless they are all gone already
+            return
+        _leases.pop(key, None)
+        state.value = FREE
 
 
 def _pin_before_fork() -> None:
@@ -324,34 +332,40 @@ def _pin_before_fork() -> None:
     once the parent let go, the slot was FREE, the peer's next message reused it and the
     child's tensor changed under it (a fault-injection review).  So a fork pins the slots
     of the leases live at that moment until the parent has let go of each *and* the child
-    is gone -- the child and whatever it forked in turn hold the write end of a pipe
+    is gone -- the child and whatever it forks in turn hold the write end of a pipe
     (close-on-exec: a child that ``exec``s lets go at once), and its end of file is the
-    release (:func:`_release_pinned`, checked at each pooled receive).  Costs nothing at the
-    fork; meanwhile the sender uses other slots, or frames.  Two alternatives were tried and
-    rejected by reviews: pinned for good (after eight forks every large reply went by
-    frames), and a copy made in the child (it raced the parent's reuse of the slot, and every
-    child committed the leased bytes again).  Never raises.
+    release (:func:`release_pinned`: at each fork, each lease let go, each receive from
+    ZeroMQ or a pool slot, each pool closed).  Costs nothing at the fork; meanwhile the
+    sender uses other slots, or frames.  Reviews rejected two alternatives: pinned for good
+    (after eight forks every large reply went by frames), and a copy made in the child (it
+    raced the parent's reuse of the slot, and every child committed the leased bytes
+    again).  Never raises; takes ``_pin_lock`` until the after-fork hook.
     """
+    _pin_lock.acquire()
     try:
-        keys = [k for k, lease in _leases.items() if not lease.done]
-        if not keys:
-            return
-        r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-        for k in keys:
-            _leases[k].pins += 1
-        _forking.append((r, w, keys))
+        _release_pinned_locked()  # children gone: their pipes go before a new one is made
+        keys = [k for k, lease in list(_leases.items()) if not lease.done]
+        if keys:
+            r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+            for k in keys:
+                _leases[k].pins += 1
+            _forking.append((r, w, keys))
     except Exception:  # noqa: BLE001 - a fork hook must not raise; the lease stays shared
         pass
 
 
 def _pinned_after_fork_in_parent() -> None:
-    while _forking:
-        r, w, keys = _forking.pop()
-        os.close(w)
-        _groups.append((r, keys))
+    try:
+        while _forking:
+            r, w, keys = _forking.pop()
+            os.close(w)
+            _groups.append((r, keys))
+    finally:
+        _pin_lock.release()
 
 
 def _pinned_after_fork_in_child() -> None:
+    global _pin_lock
     for r, _w, _keys in _forking:
         os.close(r)  # the write end stays open: this process's life pins the leases
     _forking.clear()
@@ -359,10 +373,17 @@ def _pinned_after_fork_in_child() -> None:
         os.close(r)
     _groups.clear()
     _leases.clear()  # the child's finalizers never free (see _set_free)
+    _pin_lock = threading.RLock()  # the parent's is held, by a thread that is not here
 
 
-def _release_pinned() -> None:
-    """Free the slots whose forked children are all gone and whose lease this process let go."""
+def release_pinned() -> None:
+    """Free the slots whose forked children are all gone and whose lease was let go."""
+    if _groups:
+        with _pin_lock:
+            _release_pinned_locked()
+
+
+def _release_pinned_locked() -> None:
     for group in list(_groups):
         r, keys = group
         try:
@@ -412,8 +433,7 @@ class RxPool:
         finalizer (call it to free the slot at once, e.g. when decoding fails).
         With ``copy=True``: views of a private copy; the slot is already FREE.
         """
-        if _groups:
-            _release_pinned()  # slots a fork pinned whose children are gone
+        release_pinned()  # slots a fork pinned whose children are gone
         slot = self.slots.get(slot_id)
         if slot is None:
             self.poll()
@@ -520,6 +540,7 @@ class RxPool:
         return {"peer_slots": len(self.slots), "received": self.received}
 
     def close(self) -> None:
+        release_pinned()  # a slot a fork pinned keeps its mapping until then
         for slot in self.slots.values():
             slot.close()
         self.slots = {}

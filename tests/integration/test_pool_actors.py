@@ -226,3 +226,64 @@ def test_a_forked_child_does_not_pay_for_the_tensors_it_inherits():
         grew_mib = os.waitstatus_to_exitcode(status)
         assert grew_mib < 16, f"the child's anonymous memory grew by {grew_mib} MiB at fork"
         del x
+
+
+@pytest.mark.timeout(120)
+def test_pinned_slots_come_back_when_every_reply_goes_by_frames():
+    """The release of pinned slots runs only inside ``RxPool.buffers`` -- a pooled receive.
+    A driver that holds as many in-place replies as the actor has slots (8) when it forks
+    gets them pinned; once the child is gone and the driver let go, every slot is still
+    BUSY, so the actor sends every large reply by frames, so no pooled receive ever runs
+    the release: the pool is lost for good after one fork (the first fix's regression,
+    needing one fork instead of eight)."""
+    import gc
+
+    import torch
+
+    with ActorSystem(shm_threshold=1 << 20) as system:
+        e = system.spawn(Echo)
+        n = 1 << 20
+        held = [e.ones(n) for _ in range(8)]  # one pool slot of the actor each
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0)
+        os.waitpid(pid, 0)
+        del held
+        gc.collect()  # the child is gone and the driver let go
+
+        def received():
+            ch = next(c for c in system.stats()["channels"] if c["actor"] == e.name)
+            return ch["pool"]["received"]
+
+        before = received()
+        for _ in range(4):
+            assert float(e.echo(torch.zeros(n)).sum()) == 0.0
+        assert received() - before == 4, "the actor's replies never find a free slot again"
+
+
+@pytest.mark.timeout(120)
+def test_a_closed_channels_pinned_slot_is_unmapped():
+    """A pinned lease keeps its slot's state word (an export of the mapping) in ``_leases``
+    until a pooled receive releases it; the channel closed, none comes (on this channel
+    ever), so the slot -- here 4 MiB, up to the 1 GiB pool cap -- stays mapped for good."""
+    import gc
+
+    from runtime.transport import pool
+
+    def maps():
+        with open("/proc/self/maps") as f:
+            return sum(1 for line in f if "(deleted)" in line or "memfd:" in line)
+
+    base = maps()
+    with ActorSystem(shm_threshold=1 << 20) as system:
+        e = system.spawn(Echo)
+        x = e.ones(1 << 20)
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0)
+        os.waitpid(pid, 0)
+        del x
+        gc.collect()
+    gc.collect()
+    assert not pool._leases and not pool._groups, (len(pool._leases), len(pool._groups))
+    assert maps() <= base, "a slot of the closed channel is still mapped"

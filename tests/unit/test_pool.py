@@ -7,6 +7,9 @@ import gc
 import os
 import socket
 import struct
+import subprocess
+import sys
+import textwrap
 import time
 
 import numpy as np
@@ -451,3 +454,115 @@ def test_descriptors_and_mappings_stay_flat(private_dir):
     # may still close a descriptor of its own meanwhile, never open one for our channels.
     assert len(os.listdir("/proc/self/fd")) <= fds
     assert _maps() == maps
+
+
+# -- fork pins (pool._pin_before_fork): found by reviews of the first fixes ------------
+
+
+def _run(src: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(src)], capture_output=True,
+                          text=True, timeout=60, cwd=os.getcwd(), env=dict(os.environ))
+
+
+@pytest.mark.timeout(90)
+def test_two_threads_forking_at_once_pin_both_children():
+    """Thread A's after_in_parent pops *every* entry of ``_forking`` -- also thread B's,
+    whose fork has not happened yet: B's write end is closed before B forks, so child B
+    holds no pipe, and A's child holds B's write end.  Once A's child is gone the slot is
+    FREE while child B still reads it.  (A slow before-hook of another library -- here a
+    sleep, logging's takes a lock -- is the window.)"""
+    out = _run("""
+        import os, threading, time, ctypes
+        def slow():  # registered first: runs after the pool's before-hook
+            if threading.current_thread().name == "A":
+                time.sleep(0.5)
+        os.register_at_fork(before=slow)
+        from runtime.transport import pool
+        state = ctypes.c_uint32(1)  # BUSY: an in-place lease of this process
+        pool._leases[0] = pool._Lease(state)
+        pids = {}
+        def fork(name, life):
+            pid = os.fork()
+            if pid == 0:
+                time.sleep(life); os._exit(0)
+            pids[name] = pid
+        a = threading.Thread(target=fork, args=("A", 0.0), name="A")
+        b = threading.Thread(target=fork, args=("B", 3.0), name="B")
+        a.start(); time.sleep(0.1); b.start(); a.join(); b.join()
+        pool._set_free(state, os.getpid(), 0)  # the parent lets go of its lease
+        os.waitpid(pids["A"], 0)
+        pool.release_pinned()  # the next pooled receive
+        alive = os.waitpid(pids["B"], os.WNOHANG) == (0, 0)
+        print("child B alive:", alive, "slot state:", state.value)
+        os.waitpid(pids["B"], 0)
+    """)
+    assert "child B alive: True" in out.stdout, out.stdout + out.stderr
+    assert "slot state: 1" in out.stdout, out.stdout  # b3fbf37: 0 (FREE under child B)
+
+
+@pytest.mark.timeout(90)
+def test_forks_whose_children_are_gone_keep_no_descriptor():
+    """Every fork while a lease is live keeps a pipe's read end until the next pooled
+    receive, though its child is long gone: a process forking workers while it holds a
+    tensor read in place runs out of descriptors (then ``pipe2`` fails silently and later
+    children are not pinned at all)."""
+    out = _run("""
+        import os, ctypes, resource
+        from runtime.transport import pool
+        resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128))
+        state = ctypes.c_uint32(1)
+        pool._leases[0] = pool._Lease(state)
+        before = len(os.listdir("/proc/self/fd"))
+        for _ in range(200):
+            pid = os.fork()
+            if pid == 0:
+                os._exit(0)
+            os.waitpid(pid, 0)
+        after = len(os.listdir("/proc/self/fd"))
+        print("fds:", before, after, "groups:", len(pool._groups),
+              "pins:", pool._leases[0].pins)
+    """)
+    assert "fds:" in out.stdout, out.stdout + out.stderr
+    fds = out.stdout.split("fds:")[1].split()
+    assert int(fds[1]) - int(fds[0]) < 10, out.stdout  # b3fbf37: ~120, up to the limit
+
+
+@pytest.mark.timeout(90)
+def test_two_readers_releasing_pins_at_once_take_each_pin_off_once():
+    """``_release_pinned`` runs at every pooled receive, on each channel's reader thread, and
+    is not locked: two readers read the same end of file (``os.read`` drops the GIL), both
+    close the descriptor (EBADF out of ``RxPool.buffers`` -- a consumed message lost -- or,
+    had a third thread opened something meanwhile, another file's descriptor closed) and
+    both take the group's pin off, so a slot another, live child still pins goes FREE."""
+    out = _run("""
+        import os, sys, threading, ctypes
+        from runtime.transport import pool
+        sys.setswitchinterval(1e-6)
+        errs, early = [], 0
+        for it in range(300):
+            state = ctypes.c_uint32(1)
+            pool._leases[it] = lease = pool._Lease(state)
+            r, live_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)  # a child still alive
+            pool._groups.append((r, [it])); lease.pins += 1
+            live = (r, live_w)
+            for _ in range(4):  # children gone
+                r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK); os.close(w)
+                pool._groups.append((r, [it])); lease.pins += 1
+            lease.done = True
+            bar = threading.Barrier(2)
+            def go():
+                bar.wait()
+                try:
+                    pool.release_pinned()
+                except Exception as e:
+                    errs.append(repr(e))
+            ts = [threading.Thread(target=go) for _ in range(2)]
+            [t.start() for t in ts]; [t.join() for t in ts]
+            early += state.value == 0  # FREE though a live child pins it
+            pool._groups.clear(); pool._leases.clear()
+            os.close(live_w)
+            try: os.close(live[0])
+            except OSError: pass
+        print("errors:", len(errs), errs[:1], "freed under a live child:", early)
+    """)
+    assert "errors: 0 " in out.stdout and "live child: 0" in out.stdout, out.stdout + out.stderr
