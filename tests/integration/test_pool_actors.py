@@ -196,14 +196,19 @@ def test_forks_do_not_cost_the_parent_its_slots():
             del x
             gc.collect()
 
-        def received():
-            ch = next(c for c in system.stats()["channels"] if c["actor"] == e.name)
-            return ch["pool"]["received"]
+        _assert_replies_find_free_slots(system, e, n)
 
-        before = received()
-        for _ in range(4):
-            assert float(e.echo(torch.zeros(n)).sum()) == 0.0
-        assert received() - before == 4, "the actor's replies no longer find a free slot"
+
+def _assert_replies_find_free_slots(system, e, n: int) -> None:
+    """Four large echoes all arrive in the actor's pool slots, none as frames."""
+    def received():
+        ch = next(c for c in system.stats()["channels"] if c["actor"] == e.name)
+        return ch["pool"]["received"]
+
+    before = received()
+    for _ in range(4):
+        assert float(e.echo(torch.zeros(n)).sum()) == 0.0
+    assert received() - before == 4, "the actor's replies no longer find a free slot"
 
 
 def _anonymous_kib() -> int:
@@ -230,16 +235,11 @@ def test_a_forked_child_does_not_pay_for_the_tensors_it_inherits():
 
 @pytest.mark.timeout(120)
 def test_pinned_slots_come_back_when_every_reply_goes_by_frames():
-    """The release of pinned slots runs only inside ``RxPool.buffers`` -- a pooled receive.
-    A driver that holds as many in-place replies as the actor has slots (8) when it forks
-    gets them pinned; once the child is gone and the driver let go, every slot is still
-    BUSY, so the actor sends every large reply by frames, so no pooled receive ever runs
-    the release: the pool is lost for good after one fork (the first fix's regression,
-    needing one fork instead of eight)."""
-    import gc
-
-    import torch
-
+    """Found by a review of b3fbf37, whose release of pinned slots ran only inside a pooled
+    receive: a driver holding as many in-place replies as the actor has slots (8) when it
+    forked got them all pinned; once the child was gone and the driver let go, every slot
+    was still BUSY, so the actor sent every large reply by frames, so no pooled receive ever
+    ran the release -- the pool was lost for good after one fork."""
     with ActorSystem(shm_threshold=1 << 20) as system:
         e = system.spawn(Echo)
         n = 1 << 20
@@ -251,23 +251,14 @@ def test_pinned_slots_come_back_when_every_reply_goes_by_frames():
         del held
         gc.collect()  # the child is gone and the driver let go
 
-        def received():
-            ch = next(c for c in system.stats()["channels"] if c["actor"] == e.name)
-            return ch["pool"]["received"]
-
-        before = received()
-        for _ in range(4):
-            assert float(e.echo(torch.zeros(n)).sum()) == 0.0
-        assert received() - before == 4, "the actor's replies never find a free slot again"
+        _assert_replies_find_free_slots(system, e, n)
 
 
 @pytest.mark.timeout(120)
 def test_a_closed_channels_pinned_slot_is_unmapped():
-    """A pinned lease keeps its slot's state word (an export of the mapping) in ``_leases``
-    until a pooled receive releases it; the channel closed, none comes (on this channel
-    ever), so the slot -- here 4 MiB, up to the 1 GiB pool cap -- stays mapped for good."""
-    import gc
-
+    """Found by a review of b3fbf37: a pinned lease keeps its slot's state word (an export of
+    the mapping) until released, and b3fbf37 released only at a pooled receive -- after the
+    channel closed none came, so the slot (up to the pool's cap) stayed mapped for good."""
     from runtime.transport import pool
 
     def maps():
