@@ -303,10 +303,12 @@ class _Lease:
 _leases: dict[int, _Lease] = {}  # this process's in-place leases, live or pinned
 _lease_ids = itertools.count()
 _groups: list[tuple[int, list[int]]] = []  # (read end of a fork's pipe, the leases it pins)
-_forking: list[tuple[int, int, list[int]]] = []  # the fork under way: its pipe and leases
-# Guards the four above and every lease's ``pins``/``done``: finalizers run on any thread,
-# readers release pins on theirs.  Re-entrant: a finalizer may run inside a holder.  Held
-# from just before a fork to just after it, so forks (and their pipes) never interleave.
+_forking: dict[int, tuple[int, int, list[int]]] = {}  # thread -> its fork under way
+_let_go: list[tuple[ctypes.c_uint32, int]] = []  # leases let go, not yet settled
+# Guards the four above and every lease's ``pins``/``done``.  Never waited for by a
+# finalizer (GC runs them on any thread, inside any lock: logging's, the import lock --
+# a finalizer that waited deadlocked against a fork holding this lock, a review found),
+# and never held across a fork.
 _pin_lock = threading.RLock()
 
 
@@ -315,14 +317,30 @@ def _set_free(state: ctypes.c_uint32, pid: int, key: int) -> None:
     # the parent's tensors, and its dropping them must not free the parent's slot.
     if os.getpid() != pid:
         return
-    with _pin_lock:
-        lease = _leases.get(key)
-        if lease is not None and lease.pins:
-            lease.done = True  # a forked child may still read it: freed once none can
-            _release_pinned_locked()  # unless they are all gone already
+    _let_go.append((state, key))
+    if _pin_lock.acquire(blocking=False):
+        _unlock()
+    # else: the holder settles it before it lets go (_unlock)
+
+
+def _unlock() -> None:
+    """Settle the leases let go meanwhile, then release ``_pin_lock`` (held once)."""
+    while True:
+        pinned = False
+        while _let_go:
+            state, key = _let_go.pop()
+            lease = _leases.get(key)
+            if lease is not None and lease.pins:
+                lease.done = True  # a forked child may still read it: freed once none can
+                pinned = True
+            else:
+                _leases.pop(key, None)
+                state.value = FREE
+        if pinned:
+            _release_pinned_locked()  # unless its children are all gone already
+        _pin_lock.release()
+        if not _let_go or not _pin_lock.acquire(blocking=False):
             return
-        _leases.pop(key, None)
-        state.value = FREE
 
 
 def _pin_before_fork() -> None:
@@ -336,51 +354,72 @@ def _pin_before_fork() -> None:
     (close-on-exec: a child that ``exec``s lets go at once), and its end of file is the
     release (:func:`release_pinned`: at each fork, each lease let go, each receive from
     ZeroMQ or a pool slot, each pool closed).  Costs nothing at the fork; meanwhile the
-    sender uses other slots, or frames.  Reviews rejected two alternatives: pinned for good
-    (after eight forks every large reply went by frames), and a copy made in the child (it
-    raced the parent's reuse of the slot, and every child committed the leased bytes
-    again).  Never raises; takes ``_pin_lock`` until the after-fork hook.
+    sender uses other slots, or frames.  Each forking thread has its own pipe; a child
+    forked by another thread meanwhile inherits it too, which only pins longer.  Reviews
+    rejected two alternatives -- pinned for good (after eight forks every large reply went
+    by frames), a copy made in the child (it raced the parent's reuse of the slot, and
+    every child committed the leased bytes again) -- and then holes in this one (see
+    docs/design.md).  Never raises.
     """
-    _pin_lock.acquire()
     try:
-        _release_pinned_locked()  # children gone: their pipes go before a new one is made
-        keys = [k for k, lease in list(_leases.items()) if not lease.done]
-        if keys:
-            r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-            for k in keys:
-                _leases[k].pins += 1
-            _forking.append((r, w, keys))
+        _pin_lock.acquire()  # held only by code that waits for nothing
+        try:
+            _release_pinned_locked()  # children gone: their pipes go before a new one
+            keys = [k for k, lease in list(_leases.items()) if not lease.done]
+            if keys:
+                r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+                for k in keys:
+                    _leases[k].pins += 1
+                _forking[threading.get_ident()] = (r, w, keys)
+        finally:
+            _unlock()
     except Exception:  # noqa: BLE001 - a fork hook must not raise; the lease stays shared
         pass
 
 
 def _pinned_after_fork_in_parent() -> None:
-    try:
-        while _forking:
-            r, w, keys = _forking.pop()
-            os.close(w)
+    entry = _forking.pop(threading.get_ident(), None)
+    if entry is not None:
+        r, w, keys = entry
+        _close(w)
+        _pin_lock.acquire()
+        try:
             _groups.append((r, keys))
-    finally:
-        _pin_lock.release()
+        finally:
+            _unlock()
 
 
 def _pinned_after_fork_in_child() -> None:
     global _pin_lock
-    for r, _w, _keys in _forking:
-        os.close(r)  # the write end stays open: this process's life pins the leases
-    _forking.clear()
+    _pin_lock = threading.RLock()  # the parent's may be held, by a thread that is not here
+    me = threading.get_ident()
+    for tid, (r, w, _keys) in list(_forking.items()):
+        _close(r)
+        if tid != me:
+            _close(w)  # another thread's fork under way: not this child's to hold
+    _forking.clear()  # this thread's write end stays open: this process's life pins them
     for r, _keys in _groups:
-        os.close(r)
+        _close(r)
     _groups.clear()
     _leases.clear()  # the child's finalizers never free (see _set_free)
-    _pin_lock = threading.RLock()  # the parent's is held, by a thread that is not here
+    _let_go.clear()
+
+
+def _close(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
 
 
 def release_pinned() -> None:
     """Free the slots whose forked children are all gone and whose lease was let go."""
-    if _groups:
-        with _pin_lock:
+    if _groups or _let_go:
+        _pin_lock.acquire()  # its holders wait for nothing
+        try:
             _release_pinned_locked()
+        finally:
+            _unlock()
 
 
 def _release_pinned_locked() -> None:
@@ -393,8 +432,8 @@ def _release_pinned_locked() -> None:
             continue  # a child still holds the write end
         except OSError:
             pass
-        os.close(r)
         _groups.remove(group)
+        _close(r)
         for k in keys:
             lease = _leases.get(k)
             if lease is None:

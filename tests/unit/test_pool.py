@@ -566,3 +566,101 @@ def test_two_readers_releasing_pins_at_once_take_each_pin_off_once():
         print("errors:", len(errs), errs[:1], "freed under a live child:", early)
     """)
     assert "errors: 0 " in out.stdout and "live child: 0" in out.stdout, out.stdout + out.stderr
+
+
+# A review of the lock held across a fork (a58500e): a finalizer that waited for it, inside
+# logging's lock or the import lock, deadlocked against the fork waiting for those.
+PRELUDE = """
+    import ctypes, faulthandler, gc, logging, os, sys, threading, time, weakref
+    import numpy as np
+    from runtime.transport import pool
+    faulthandler.dump_traceback_later(TIMEOUT, exit=True)
+
+    def lease(k):  # an in-place lease, as RxPool.buffers makes one
+        state = ctypes.c_uint32(1)
+        pool._leases[k] = pool._Lease(state)
+        data = np.empty(8, np.uint8)
+        weakref.finalize(data, pool._set_free, state, os.getpid(), k)
+        return data
+"""
+
+
+def _run_with_leases(src: str, timeout: int) -> subprocess.CompletedProcess:
+    code = textwrap.dedent(PRELUDE).replace("TIMEOUT", str(timeout)) + textwrap.dedent(src)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=timeout + 30, cwd=os.getcwd(), env=dict(os.environ))
+
+
+@pytest.mark.timeout(60)
+def test_a_lease_let_go_under_loggings_lock_during_a_fork_does_not_deadlock():
+    out = _run_with_leases("""
+        data = lease(0)
+        held = threading.Event()
+        def other():  # holds logging's module lock (getLogger, setLevel, a handler made...)
+            logging._acquireLock()
+            held.set()
+            time.sleep(0.5)  # the main thread forks meanwhile
+            global data
+            del data  # what a GC pass inside that logging call does to cyclic garbage
+            logging._releaseLock()
+        threading.Thread(target=other, daemon=True).start()
+        held.wait()
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0)
+        os.waitpid(pid, 0)
+        print("no deadlock")
+    """, timeout=8)
+    assert "no deadlock" in out.stdout, out.stdout + out.stderr[-3000:]
+
+
+@pytest.mark.timeout(90)
+def test_gc_inside_an_import_during_a_fork_does_not_deadlock():
+    out = _run_with_leases("""
+        stop = False
+        def other():  # lazy imports: _find_spec runs finders under the import lock
+            k = 0
+            while not stop:
+                k += 1
+                c = [lease(k)]; c.append(c); del c  # a cycle (a traceback, a frame...)
+                try:
+                    __import__(f"no_such_module_{k}")
+                except ImportError:
+                    pass
+        gc.set_threshold(50)
+        t = threading.Thread(target=other, daemon=True); t.start()
+        t0 = time.time()
+        while time.time() - t0 < 6:
+            pid = os.fork()
+            if pid == 0:
+                os._exit(0)
+            os.waitpid(pid, 0)
+        stop = True; t.join()
+        print("no deadlock")
+    """, timeout=20)
+    assert "no deadlock" in out.stdout, out.stdout + out.stderr[-3000:]
+
+
+def test_a_pin_pipe_closed_by_someone_else_breaks_no_receive():
+    """A review of a58500e: one read end closed behind the pool's back made every later
+    release raise EBADF into receives, and every later fork pin nothing."""
+    out = _run("""
+        import ctypes, os
+        from runtime.transport import pool
+        state = ctypes.c_uint32(1)
+        pool._leases[0] = lease = pool._Lease(state)
+        r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        pool._groups.append((r, [0])); lease.pins += 1
+        os.close(r); os.close(w)  # someone else's doing
+        lease.done = True
+        pool.release_pinned()  # no exception
+        print("groups", len(pool._groups), "state", state.value)
+        pool._leases[1] = pool._Lease(ctypes.c_uint32(1))
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0)
+        print("pins after a fork", pool._leases[1].pins)
+        os.waitpid(pid, 0)
+    """)
+    assert "groups 0 state 0" in out.stdout, out.stdout + out.stderr
+    assert "pins after a fork 1" in out.stdout, out.stdout + out.stderr
