@@ -305,10 +305,10 @@ _lease_ids = itertools.count()
 _groups: list[tuple[int, list[int]]] = []  # (read end of a fork's pipe, the leases it pins)
 _forking: dict[int, tuple[int, int, list[int]]] = {}  # thread -> its fork under way
 _let_go: list[tuple[ctypes.c_uint32, int]] = []  # leases let go, not yet settled
-# Guards the four above and every lease's ``pins``/``done``.  Never waited for by a
-# finalizer (GC runs them on any thread, inside any lock: logging's, the import lock --
-# a finalizer that waited deadlocked against a fork holding this lock, a review found),
-# and never held across a fork.
+# Guards the four above (``_groups`` takes atomic appends without it) and every lease's
+# ``pins``/``done``.  Never waited for by a finalizer (GC runs them on any thread, inside
+# any lock: logging's, the import lock -- a finalizer that waited deadlocked against a fork
+# holding this lock, a review found), nor by a receive, and never held across a fork.
 _pin_lock = threading.RLock()
 
 
@@ -362,7 +362,10 @@ def _pin_before_fork() -> None:
     docs/design.md).  Never raises.
     """
     try:
-        _pin_lock.acquire()  # held only by code that waits for nothing
+        # Held only briefly; but a GC pass in its holder may run any finalizer, which may
+        # wait for a lock this forking thread holds: past a second, this fork pins nothing.
+        if not _pin_lock.acquire(timeout=1.0):
+            return
         try:
             _release_pinned_locked()  # children gone: their pipes go before a new one
             keys = [k for k, lease in list(_leases.items()) if not lease.done]
@@ -382,11 +385,7 @@ def _pinned_after_fork_in_parent() -> None:
     if entry is not None:
         r, w, keys = entry
         _close(w)
-        _pin_lock.acquire()
-        try:
-            _groups.append((r, keys))
-        finally:
-            _unlock()
+        _groups.append((r, keys))  # one atomic append: no lock to wait for after a fork
 
 
 def _pinned_after_fork_in_child() -> None:
@@ -414,8 +413,7 @@ def _close(fd: int) -> None:
 
 def release_pinned() -> None:
     """Free the slots whose forked children are all gone and whose lease was let go."""
-    if _groups or _let_go:
-        _pin_lock.acquire()  # its holders wait for nothing
+    if (_groups or _let_go) and _pin_lock.acquire(blocking=False):  # busy: its holder does
         try:
             _release_pinned_locked()
         finally:
