@@ -487,7 +487,7 @@ def test_two_threads_forking_at_once_pin_both_children():
                 time.sleep(life); os._exit(0)
             pids[name] = pid
         a = threading.Thread(target=fork, args=("A", 0.0), name="A")
-        b = threading.Thread(target=fork, args=("B", 3.0), name="B")
+        b = threading.Thread(target=fork, args=("B", 1.5), name="B")
         a.start(); time.sleep(0.1); b.start(); a.join(); b.join()
         pool._set_free(state, os.getpid(), 0)  # the parent lets go of its lease
         os.waitpid(pids["A"], 0)
@@ -630,7 +630,7 @@ def test_gc_inside_an_import_during_a_fork_does_not_deadlock():
         gc.set_threshold(50)
         t = threading.Thread(target=other, daemon=True); t.start()
         t0 = time.time()
-        while time.time() - t0 < 6:
+        while time.time() - t0 < 3:
             pid = os.fork()
             if pid == 0:
                 os._exit(0)
