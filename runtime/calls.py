@@ -340,8 +340,8 @@ class CallerChannel:
                 raise _again(self.dead)
             if deadline is not None and time.monotonic() >= deadline:
                 raise self._send_timeout(timeout)
-        self._sender = threading.get_ident()
         try:
+            self._sender = threading.get_ident()
             if self.dead is not None:  # closed while we waited for the lock
                 raise _again(self.dead)
             call_id = next(self._ids) & 0xFFFFFFFF
