@@ -441,6 +441,9 @@ def test_a_done_callback_raising_system_exit_does_not_kill_the_pump():
         def leave(f):
             raise SystemExit(1)
 
+        # Busy first: a future already done runs its callback at once, in this thread,
+        # and SystemExit would end the test (a race CI met once).
+        e.sleep.remote(0.3)
         for i in range(5):
             e.add.remote(i, 1).add_done_callback(leave)
         e.add.remote(5, 1).add_done_callback(lambda f: done.set())
