@@ -159,12 +159,11 @@ class ActorServer:
     # -- calls -----------------------------------------------------------------------
     def _run_call(self, conn: _Inbound, msg: Any) -> None:
         try:
+            serving = self._alone
             if len(msg) == 4:
                 call_id, method, args, kwargs = msg
-                serving = self._alone
             else:
                 call_id, method, args, kwargs, chain = msg
-                serving = self._alone
                 # Whatever a caller sends here bears only on its own call's calls.
                 if type(chain) is tuple and chain:
                     chain = chain[-(MAX_CHAIN - 1):]

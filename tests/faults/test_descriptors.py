@@ -80,3 +80,15 @@ def test_a_system_raises_the_soft_limit(monkeypatch):
             assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == want
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_a_limit_that_cannot_be_raised_is_left_as_it_is(monkeypatch):
+    def refuse(*_):
+        raise ValueError("not allowed here")
+
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    monkeypatch.setattr(resource, "getrlimit", lambda _: (256, 4096))
+    monkeypatch.setattr(resource, "setrlimit", refuse)
+    assert limits.raise_fd_limit() == 256
+    monkeypatch.undo()
+    assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == soft

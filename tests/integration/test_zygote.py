@@ -129,3 +129,26 @@ def test_a_zygote_killed_mid_fork_leaves_no_twin_serving(tmp_path, monkeypatch):
         os.kill(e.pid, signal.SIGKILL)
         with pytest.raises(ActorDiedError):
             f.result(timeout=5)
+
+
+def test_named_by_table_waits_for_its_own_entry():
+    """The gate's other ways out: the entry is DEAD for this incarnation (killed while
+    starting), or nothing names this process in time -- both mean: do not serve."""
+    from runtime.table import ALIVE, DEAD, STARTING, Entry
+    from runtime.worker import named_by_table
+
+    class Table:
+        def __init__(self, *entries):
+            self.entries = list(entries)
+
+        def read(self, index):
+            return self.entries.pop(0) if len(self.entries) > 1 else self.entries[0]
+
+    me = os.getpid()
+    old = Entry(ALIVE, 1, me + 1, 0, 0, 0)  # the previous incarnation, still in the table
+    assert named_by_table(Table(old, Entry(STARTING, 2, me, 0, 0, 0)), 0, 2)
+    assert not named_by_table(Table(old, Entry(STARTING, 2, me + 1, 0, 0, 0)), 0, 2)
+    assert not named_by_table(Table(old, Entry(DEAD, 2, 0, 0, 0, 0)), 0, 2)
+    t0 = time.monotonic()
+    assert not named_by_table(Table(old), 0, 2, wait_s=0.05)
+    assert time.monotonic() - t0 < 1
