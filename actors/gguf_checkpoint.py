@@ -146,23 +146,58 @@ def _f32(v: float) -> float:
     return float(str(np.float32(v)))
 
 
+def _short(v: Any) -> str:
+    r = repr(v)
+    return r if len(r) <= 60 else r[:57] + "..."
+
+
+def _meta_int(v: Any, key: str, where: str, lo: int = 1) -> int:
+    """``v`` (the value of metadata ``key``) as an int >= ``lo``, else ``ValueError``.
+
+    A hostile or damaged file can put any type under any key (an array, a string, a
+    float, zero heads); that must be a clear refusal, not a ``TypeError`` from ``int()`` or a
+    ``ZeroDivisionError`` further on.
+    """
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)) or v < lo:
+        raise ValueError(f"{where}: GGUF metadata {key} must be an integer >= {lo}, "
+                         f"got {_short(v)}")
+    return int(v)
+
+
+def _meta_float(v: Any, key: str, where: str) -> float:
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.number)) \
+            or not np.isfinite(v) or v <= 0:
+        raise ValueError(f"{where}: GGUF metadata {key} must be a number > 0, got {_short(v)}")
+    return _f32(v)
+
+
+def _block_indices(names: Any) -> set[int]:
+    return {int(m.group(1)) for n in names if (m := _LAYER.match(n))}
+
+
 def _config_from_reader(reader: Any, where: str) -> dict[str, Any]:
     arch = _field(reader, "general.architecture")
     if arch != "llama":
         raise ValueError(f"{where}: GGUF architecture {arch!r} is not supported (only 'llama')")
 
-    def need(key: str) -> Any:
-        v = _field(reader, f"llama.{key}")
+    def need(key: str, default: Any = None) -> Any:
+        v = _field(reader, f"llama.{key}", default)
         if v is None:
             raise ValueError(f"{where}: GGUF metadata lacks llama.{key}")
         return v
 
+    def need_int(key: str, default: Any = None) -> int:
+        return _meta_int(need(key, default), f"llama.{key}", where)
+
+    def need_float(key: str, default: float) -> float:
+        return _meta_float(need(key, default), f"llama.{key}", where)
+
     tensors = {t.name: t for t in reader.tensors}
-    hidden, heads = int(need("embedding_length")), int(need("attention.head_count"))
-    kv = int(_field(reader, "llama.attention.head_count_kv", heads))
-    head_dim = int(_field(reader, "llama.attention.key_length", hidden // heads))
+    hidden, heads = need_int("embedding_length"), need_int("attention.head_count")
+    kv = need_int("attention.head_count_kv", heads)
+    head_dim = need_int("attention.key_length", max(hidden // heads, 1))
     rot = _field(reader, "llama.rope.dimension_count")
-    if rot is not None and int(rot) != head_dim:
+    if rot is not None and _meta_int(rot, "llama.rope.dimension_count", where) != head_dim:
         raise ValueError(f"{where}: partial RoPE (rope.dimension_count {rot} of head_dim "
                          f"{head_dim}) is not supported")
     vocab = _field(reader, "llama.vocab_size")
@@ -171,21 +206,31 @@ def _config_from_reader(reader: Any, where: str) -> dict[str, Any]:
         if embd is None:
             raise ValueError(f"{where}: GGUF file has no token_embd.weight")
         vocab = int(embd.shape[-1])  # ggml shapes are [in, out]
+    blocks = need_int("block_count")
+    # The block count is checked against the tensors before anything is sized by it: a
+    # count of 2**31 over a file of two blocks would otherwise build 2**31 layers' names
+    # (memory exhausted), and a count below the blocks present would drop some silently.
+    held = _block_indices(tensors)
+    if len(held) != blocks or (held and max(held) >= blocks):  # held == range(blocks)
+        have = f"blocks 0..{max(held)} ({len(held)} of them)" if held else "no blocks"
+        raise ValueError(f"{where}: GGUF metadata says llama.block_count {blocks}, but the "
+                         f"file holds tensors of {have}")
     config: dict[str, Any] = {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
-        "hidden_size": hidden, "intermediate_size": int(need("feed_forward_length")),
-        "num_hidden_layers": int(need("block_count")), "num_attention_heads": heads,
-        "num_key_value_heads": kv, "head_dim": head_dim, "vocab_size": int(vocab),
-        "rms_norm_eps": _f32(_field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
-        "rope_theta": _f32(_field(reader, "llama.rope.freq_base", 10000.0)),
-        "max_position_embeddings": int(_field(reader, "llama.context_length", 2048)),
+        "hidden_size": hidden, "intermediate_size": need_int("feed_forward_length"),
+        "num_hidden_layers": blocks, "num_attention_heads": heads,
+        "num_key_value_heads": kv, "head_dim": head_dim,
+        "vocab_size": _meta_int(vocab, "llama.vocab_size", where),
+        "rms_norm_eps": need_float("attention.layer_norm_rms_epsilon", 1e-5),
+        "rope_theta": need_float("rope.freq_base", 10000.0),
+        "max_position_embeddings": need_int("context_length", 2048),
         "tie_word_embeddings": "output.weight" not in tensors,
         "attention_bias": False, "mlp_bias": False, "rope_scaling": None,
     }
     scaling = _field(reader, "llama.rope.scaling.type", "none")
     if scaling == "linear":
         config["rope_scaling"] = {"rope_type": "linear",
-                                  "factor": _f32(_field(reader, "llama.rope.scaling.factor"))}
+                                  "factor": need_float("rope.scaling.factor", None)}
     elif scaling not in ("none", None):
         raise ValueError(f"{where}: GGUF RoPE scaling {scaling!r} is not supported "
                          f"(none or linear)")
@@ -196,15 +241,20 @@ def _config_from_reader(reader: Any, where: str) -> dict[str, Any]:
                       ("eos_token_id", "tokenizer.ggml.eos_token_id")):
         v = _field(reader, key)
         if v is not None:
-            config[name] = int(v)
+            config[name] = _meta_int(v, key, where, lo=0)
     return config
 
 
 def _reader(path: Path) -> Any:
+    gguf = _gguf()
     try:
-        return _gguf().GGUFReader(str(path))
-    except (ValueError, OSError) as e:
-        raise ValueError(f"cannot read {str(path)!r} as GGUF: {e}") from e
+        return gguf.GGUFReader(str(path))
+    except Exception as e:  # any parse failure of foreign bytes is a refusal
+        # A damaged file makes the reader fail in many ways (IndexError when cut inside the
+        # metadata, KeyError for a key given twice, struct and numpy errors ...); callers
+        # (and the examples' "cannot use checkpoint" line) rely on one type.
+        raise ValueError(f"cannot read {str(path)!r} as GGUF: "
+                         f"{type(e).__name__}: {e}") from e
 
 
 def gguf_config_dict(path: str | Path) -> dict[str, Any]:
@@ -273,18 +323,51 @@ def _read_tensors(reader: Any, config: dict[str, Any], where: str,
             raise ValueError(f"{where!r}: unknown GGUF tensor {t.name!r}")
         if wanted is not None and hf not in wanted:
             continue
-        data = gguf.quants.dequantize(t.data, t.tensor_type)
+        data = _dequantize(gguf, reader, t, where)
         shape = tuple(int(s) for s in reversed(t.shape))  # ggml lists [in, out]
+        if data.size != int(np.prod(shape, dtype=np.int64)):
+            raise ValueError(f"{where!r}: GGUF tensor {t.name!r} holds {data.size} values "
+                             f"for shape {shape}")
         w = torch.from_numpy(np.array(data, dtype=np.float32)).reshape(shape)  # a copy
+        heads = None
         if hf.endswith("self_attn.q_proj.weight"):
-            w = unpermute_qk(w, config["num_attention_heads"])
+            heads = config["num_attention_heads"]
         elif hf.endswith("self_attn.k_proj.weight"):
-            w = unpermute_qk(w, config["num_key_value_heads"])
+            heads = config["num_key_value_heads"]
+        if heads is not None:
+            if w.dim() != 2 or w.shape[0] % (2 * heads):
+                raise ValueError(f"{where!r}: GGUF tensor {t.name!r} of shape {shape} is not "
+                                 f"{heads} heads of an even number of rows each")
+            w = unpermute_qk(w, heads)
         out[hf] = w.contiguous()
     if wanted is not None and wanted - set(out):
         missing = sorted(wanted - set(out))
         raise ValueError(f"{where!r} has no tensor {missing[0]!r}")
     return out
+
+
+def _dequantize(gguf: Any, reader: Any, t: Any, where: str) -> np.ndarray:
+    """``t``'s values as a flat-able float array, or ``ValueError`` for what cannot be read.
+
+    A big-endian file (llama.cpp's ``--bigendian``) hands float tensors out as byte-swapped
+    arrays that ``gguf.quants.dequantize`` would view as native: they are converted first,
+    and its quantised blocks (whose scales are swapped inside each block) are refused.
+    """
+    q = gguf.GGMLQuantizationType
+    data = t.data
+    if getattr(reader, "byte_order", "I") == "S":
+        if t.tensor_type not in (q.F32, q.F16):
+            raise ValueError(f"{where!r}: GGUF tensor {t.name!r} is {t.tensor_type.name} in "
+                             f"a big-endian file; only F32 and F16 are read from those")
+        data = np.asarray(data).astype(data.dtype.newbyteorder("="))
+    if t.tensor_type.name.startswith("I"):  # I8 ... I64: no float weights
+        raise ValueError(f"{where!r}: GGUF tensor {t.name!r} has integer type "
+                         f"{t.tensor_type.name}")
+    try:
+        return np.asarray(gguf.quants.dequantize(data, t.tensor_type))
+    except NotImplementedError as e:
+        raise ValueError(f"{where!r}: GGUF tensor {t.name!r} has type {t.tensor_type.name}, "
+                         f"which cannot be dequantised here: {e}") from e
 
 
 # -- conversion -------------------------------------------------------------------------------

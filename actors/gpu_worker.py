@@ -157,7 +157,7 @@ class GPUWorker:
         self._defer_min = _optional_int("defer_min_bytes", defer_min_bytes, 0)
         c = config
         if checkpoint is not None:
-            checkpoint = CheckpointReader(checkpoint)  # the file map, read once
+            checkpoint = CheckpointReader(checkpoint, c)  # the file map, read once
         self._embed, self._lm_head = self._load([EMBED, LM_HEAD], checkpoint, seed)
         # Per layer: fused weight of each group plus the row offsets of its members.
         self._fused: list[dict[tuple[str, ...], torch.Tensor]] = []

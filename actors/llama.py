@@ -28,6 +28,7 @@ import dataclasses
 import json
 import logging
 import math
+import re
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -155,8 +156,16 @@ class LlamaConfig:
         return self.num_key_value_heads * self.head_dim  # type: ignore[operator]
 
     def num_parameters(self) -> int:
-        """Parameter count of the whole model (a tied lm_head counted once)."""
-        return sum(math.prod(s) for s in weight_shapes(self).values())
+        """Parameter count of the whole model (a tied lm_head counted once).
+
+        Counted from one layer's shapes, not by listing every tensor: a config read from a
+        file may claim billions of layers, and this is what a CLI prints first.
+        """
+        layer = sum(math.prod(shape(self)) for _, shape in _LINEARS.values()) \
+            + len(norm_names(0)) * self.hidden_size
+        embed = self.vocab_size * self.hidden_size
+        return embed * (1 if self.tie_word_embeddings else 2) + self.hidden_size \
+            + self.num_hidden_layers * layer
 
     # -- constructors -----------------------------------------------------------------------
 
@@ -190,6 +199,12 @@ class LlamaConfig:
         for flag in ("attention_bias", "mlp_bias"):
             if data.get(flag):
                 raise ValueError(f"{flag}=true is not supported: LLaMA projections have no bias")
+        quant = data.get("quantization_config")
+        if quant:  # FP8, bitsandbytes, GPTQ, AWQ ...: same names and shapes, other meaning
+            method = quant.get("quant_method") if isinstance(quant, Mapping) else None
+            raise ValueError(f"quantised checkpoints are not supported (quantization_config, "
+                             f"quant_method {method!r}); use a float16, bfloat16 or float32 "
+                             f"one, or a GGUF file")
         missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
                                "num_attention_heads", "vocab_size") if k not in data]
         if missing:
@@ -420,6 +435,27 @@ def random_weight(config: LlamaConfig, name: str, seed: int = 0,
     return t.to(dtype)
 
 
+def _open_safetensors(path: Path) -> Any:
+    """``safe_open`` of ``path``, a damaged or missing file refused with ``ValueError``.
+
+    safetensors raises its own ``SafetensorError`` (not a ``ValueError``) for a truncated
+    or garbage header; callers, and the examples' one-line "cannot use checkpoint", rely on
+    ``ValueError``/``OSError``.
+    """
+    from safetensors import safe_open
+
+    try:
+        return safe_open(str(path), framework="pt")
+    except OSError:
+        raise
+    except Exception as e:
+        raise ValueError(f"cannot read {str(path)!r} as safetensors: {e}") from e
+
+
+_FLOAT_WEIGHTS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_LAYER_NAME = re.compile(r"^model\.layers\.(\d+)\.")
+
+
 class CheckpointReader:
     """Lazy reader of a checkpoint: ``*.safetensors`` files (one or shards), or GGUF.
 
@@ -428,10 +464,11 @@ class CheckpointReader:
     :func:`load_weights` to load a model in several steps without re-reading the map.  A GGUF
     checkpoint is read through its float32 conversion in the user's cache, made on first use
     (:func:`actors.gguf_checkpoint.cached_conversion`); ``source`` is what was asked for,
-    ``path`` the folder actually read.
+    ``path`` the folder actually read.  With ``config``, the checkpoint's layers are checked
+    against it at once (:meth:`check_layers`), before anything is sized by its layer count.
     """
 
-    def __init__(self, directory: str | Path) -> None:
+    def __init__(self, directory: str | Path, config: LlamaConfig | None = None) -> None:
         self.source = Path(directory)
         if not self.source.exists():
             raise FileNotFoundError(f"checkpoint {str(self.source)!r} does not exist")
@@ -445,25 +482,41 @@ class CheckpointReader:
         self.where: dict[str, Path] = {}
         index = self.path / "model.safetensors.index.json"
         if index.is_file():
-            weight_map = json.loads(index.read_text()).get("weight_map", {})
-            self.where = {k: self.path / v for k, v in weight_map.items()}
+            try:
+                weight_map = json.loads(index.read_text()).get("weight_map", {})
+                self.where = {str(k): self.path / v for k, v in weight_map.items()}
+            except (ValueError, AttributeError, TypeError) as e:
+                raise ValueError(f"cannot read {str(index)!r}: not a safetensors index "
+                                 f"({type(e).__name__}: {e})") from e
         else:
-            from safetensors import safe_open
-
             for f in sorted(self.path.glob("*.safetensors")):
-                with safe_open(str(f), framework="pt") as st:
+                with _open_safetensors(f) as st:
                     for k in st.keys():  # noqa: SIM118 - safe_open is not a Mapping
                         self.where[k] = f
         if not self.where:
             raise FileNotFoundError(f"checkpoint folder {str(self.path)!r} has no "
                                     f"*.safetensors files")
+        if config is not None:
+            self.check_layers(config)
 
     def __contains__(self, name: str) -> bool:
         return name in self.where
 
-    def read(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
-        from safetensors import safe_open
+    def check_layers(self, config: LlamaConfig) -> None:
+        """``ValueError`` unless the checkpoint holds exactly layers ``0 … n-1`` of ``config``.
 
+        Called before anything is sized by the config's layer count: a ``config.json`` that
+        claims 2**31 layers would otherwise build that many names, and one that claims fewer
+        layers than the checkpoint holds would load a truncated model without a word.
+        """
+        held = {int(m.group(1)) for n in self.where if (m := _LAYER_NAME.match(n))}
+        n = config.num_hidden_layers
+        if len(held) != n or (held and max(held) >= n):  # held == range(n)
+            have = f"layers 0..{max(held)} ({len(held)} of them)" if held else "no layers"
+            raise ValueError(f"checkpoint {str(self.path)!r} holds {have}; its config says "
+                             f"num_hidden_layers {n}")
+
+    def read(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
         by_file: dict[Path, list[str]] = {}
         for n in names:
             if n not in self.where:
@@ -471,9 +524,18 @@ class CheckpointReader:
             by_file.setdefault(self.where[n], []).append(n)
         out: dict[str, torch.Tensor] = {}
         for f, ns in by_file.items():
-            with safe_open(str(f), framework="pt") as st:
+            with _open_safetensors(f) as st:
                 for n in ns:
-                    out[n] = st.get_tensor(n)
+                    try:
+                        t = st.get_tensor(n)
+                    except Exception as e:  # safetensors' own error type: a damaged file
+                        raise ValueError(f"cannot read tensor {n!r} from {str(f)!r}: "
+                                         f"{e}") from e
+                    if t.dtype not in _FLOAT_WEIGHTS:  # codes of a quantised checkpoint
+                        raise ValueError(f"checkpoint tensor {n!r} is {t.dtype}; only "
+                                         f"float16, bfloat16, float32 and float64 weights "
+                                         f"are read (quantised checkpoints are not supported)")
+                    out[n] = t
         return out
 
 
@@ -486,6 +548,11 @@ def load_weights(config: LlamaConfig, names: Sequence[str],
     is the embedding (the same tensor object when both are asked for).  Shapes are checked
     against ``config``.
     """
+    ckpt = None
+    if checkpoint is not None:
+        ckpt = checkpoint if isinstance(checkpoint, CheckpointReader) \
+            else CheckpointReader(checkpoint)
+        ckpt.check_layers(config)
     shapes = weight_shapes(config)
     tied = config.tie_word_embeddings
     wanted = []
@@ -496,11 +563,9 @@ def load_weights(config: LlamaConfig, names: Sequence[str],
             raise ValueError(f"{n!r} is not a weight of this LLaMA config")
         if n not in wanted:
             wanted.append(n)
-    if checkpoint is None:
+    if ckpt is None:
         raw = {n: random_weight(config, n, seed, dtype) for n in wanted}
     else:
-        ckpt = checkpoint if isinstance(checkpoint, CheckpointReader) \
-            else CheckpointReader(checkpoint)
         raw = ckpt.read(wanted)
         for n, t in raw.items():
             if tuple(t.shape) != shapes[n]:
@@ -602,6 +667,9 @@ class LlamaReference:
                  weights: Mapping[str, torch.Tensor] | None = None) -> None:
         self.config = config
         self.dtype = dtype
+        if weights is None and checkpoint is not None \
+                and not isinstance(checkpoint, CheckpointReader):
+            checkpoint = CheckpointReader(checkpoint, config)  # layers checked before sizing
         names = [*weight_shapes(config), LM_HEAD] if config.tie_word_embeddings else \
             list(weight_shapes(config))
         if weights is None:

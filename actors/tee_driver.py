@@ -383,7 +383,7 @@ class TEEDriver:
         self.wire_dtype = resolve_dtype(wire_dtype, self.dtype)
         self.private_io = private_io
         if checkpoint is not None and not isinstance(checkpoint, CheckpointReader):
-            checkpoint = CheckpointReader(checkpoint)  # the file map, read once
+            checkpoint = CheckpointReader(checkpoint, config)  # the file map, read once
         self._norms = load_weights(config, tee_weight_names(config), checkpoint, seed,
                                    self.dtype)
         self._io: dict[str, torch.Tensor] = {}

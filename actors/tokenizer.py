@@ -13,6 +13,7 @@ never reaches the GPU worker, which sees token ids at most).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections.abc import Sequence
@@ -21,7 +22,7 @@ from typing import Any
 
 from actors.gguf_checkpoint import conversion_dir, find_gguf
 
-__all__ = ["StreamDecoder", "chat_ids", "eos_token_ids", "load_tokenizer"]
+__all__ = ["StreamDecoder", "chat_ids", "eos_token_ids", "generation_eos_ids", "load_tokenizer"]
 
 
 def _auto_tokenizer() -> Any:
@@ -104,6 +105,26 @@ def eos_token_ids(tokenizer: Any, extra: Sequence[int] = ()) -> list[int]:
         if i is not None and int(i) not in out:
             out.append(int(i))
     return out
+
+
+def generation_eos_ids(checkpoint: str | Path) -> list[int]:
+    """The ids a Hugging Face folder's ``generation_config.json`` says end an answer.
+
+    transformers' ``generate`` stops at any of them, and they may be more than the
+    tokenizer's eos: Llama-3 Instruct ends a chat turn with ``<|eot_id|>`` (128009) while its
+    tokenizer's eos is ``<|end_of_text|>`` (128001).  ``[]`` for a GGUF file or a folder
+    without the file; ``ValueError`` for one that is not JSON.
+    """
+    path = Path(checkpoint) / "generation_config.json"
+    if not path.is_file():
+        return []
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read {str(path)!r} as JSON: {e}") from e
+    eos = data.get("eos_token_id") if isinstance(data, dict) else None
+    ids = eos if isinstance(eos, list) else [eos]
+    return [i for i in ids if isinstance(i, int) and not isinstance(i, bool) and i >= 0]
 
 
 class StreamDecoder:

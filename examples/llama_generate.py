@@ -30,6 +30,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import subprocess
 import sys
 import time
@@ -87,6 +88,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--max-new-tokens must be >= 1")
     if args.tokens < 1:
         p.error("--tokens must be >= 1")
+    # What the driver would refuse only after both actors spawned, refused here in a line.
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        p.error("--temperature must be >= 0 (0: greedy)")
+    if args.top_k < 0:
+        p.error("--top-k must be >= 0 (0: off)")
+    if not 0 < args.top_p <= 1:
+        p.error("--top-p must be in (0, 1]")
+    for flag, value in (("--dtype", args.dtype), ("--wire-dtype", args.wire_dtype)):
+        try:
+            resolve_dtype(value)
+        except ValueError as e:
+            p.error(f"{flag}: {e}")
     return args
 
 
@@ -138,7 +151,13 @@ def prepare_real(args: argparse.Namespace) -> dict[str, Any]:
     """Config, checkpoint, tokenizer and prompt ids of the real model; :class:`Unavailable`
     when any of it cannot be had."""
     try:
-        from actors.tokenizer import StreamDecoder, chat_ids, eos_token_ids, load_tokenizer
+        from actors.tokenizer import (
+            StreamDecoder,
+            chat_ids,
+            eos_token_ids,
+            generation_eos_ids,
+            load_tokenizer,
+        )
     except ImportError as e:
         raise Unavailable(f"text needs transformers: {e}") from None
     if args.checkpoint is not None:
@@ -159,9 +178,15 @@ def prepare_real(args: argparse.Namespace) -> dict[str, Any]:
     except (OSError, ValueError) as e:
         raise Unavailable(f"no tokenizer for {checkpoint}: {e}") from None
     ids = chat_ids(tokenizer, args.prompt, args.system)
+    if not ids:
+        raise Unavailable("the prompt is empty once tokenized (and the tokenizer adds no "
+                          "chat markers or BOS)")
+    # A Hugging Face folder's generation_config.json may end a turn at more ids than the
+    # tokenizer's eos (Llama-3 Instruct: <|end_of_text|> and <|eot_id|>).
+    eos = eos_token_ids(tokenizer, generation_eos_ids(checkpoint))
     return {"config": config, "checkpoint": str(checkpoint), "hf_folder": folder,
             "tokenizer": tokenizer, "decoder": StreamDecoder(tokenizer), "ids": ids,
-            "eos": eos_token_ids(tokenizer), "setup_s": time.perf_counter() - t0,
+            "eos": eos, "setup_s": time.perf_counter() - t0,
             "source": f"{gguf.name if gguf else checkpoint}"}
 
 
@@ -274,6 +299,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"real model unavailable ({e}); running the random 'tiny' preset instead")
             run = prepare_random(args, "tiny")
     config = run["config"]
+    if len(run["ids"]) + args.max_new_tokens > config.max_position_embeddings:
+        print(f"the prompt's {len(run['ids'])} tokens and --max-new-tokens "
+              f"{args.max_new_tokens} exceed the model's max_position_embeddings "
+              f"{config.max_position_embeddings}")
+        return 2
     print(f"LLaMA {run['source']}: {config.num_hidden_layers} layers, hidden "
           f"{config.hidden_size}, {config.num_parameters() / 1e6:.1f} M parameters; prompt "
           f"{len(run['ids'])} tokens, up to {args.max_new_tokens} new")

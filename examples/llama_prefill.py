@@ -87,10 +87,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%X")
-    config = (LlamaConfig.from_pretrained(args.checkpoint) if args.checkpoint
-              else LlamaConfig.preset(args.preset))
-    dtype = resolve_dtype(args.dtype)
-    wire = resolve_dtype(args.wire_dtype, dtype)
+    try:  # the user's own input: a bad one is theirs to see, in a line
+        config = (LlamaConfig.from_pretrained(args.checkpoint) if args.checkpoint
+                  else LlamaConfig.preset(args.preset))
+        dtype = resolve_dtype(args.dtype)
+        wire = resolve_dtype(args.wire_dtype, dtype)
+    except (OSError, ValueError) as e:
+        print(f"error: {e}")
+        return 2
+    if args.tokens > config.max_position_embeddings:
+        print(f"error: --tokens {args.tokens} exceeds the model's max_position_embeddings "
+              f"{config.max_position_embeddings}")
+        return 2
     checkpoint = str(args.checkpoint) if args.checkpoint else None
     progress = args.progress
     if progress is None:  # every layer when a prefill takes more than a moment
