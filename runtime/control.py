@@ -290,8 +290,7 @@ def request(path: str, msg: list, fds: tuple[int, ...], *, timeout: float | None
                 try:
                     msgs = reader.feed()
                 except OSError as exc:  # reset: the server's process is likely gone
-                    if check is not None:
-                        check()  # its death explains it best
+                    _await_death(check, deadline)  # its death explains it best
                     raise TransportError(f"{path} failed the connection: {exc}") from exc
                 if reader.fds:  # a reply never carries any: the server is hostile or broken
                     raise ProtocolError(f"{path} sent {len(reader.fds)} descriptors with "
@@ -299,6 +298,7 @@ def request(path: str, msg: list, fds: tuple[int, ...], *, timeout: float | None
                 if msgs:
                     return msgs[0]
                 if reader.eof:
+                    _await_death(check, deadline)
                     raise TransportError(f"{path} closed the connection without a reply")
             if check is not None:
                 check()
@@ -307,6 +307,26 @@ def request(path: str, msg: list, fds: tuple[int, ...], *, timeout: float | None
     finally:
         reader.close_fds()
         sock.close()
+
+
+def _await_death(check: Callable[[], None] | None, deadline: float | None) -> None:
+    """Poll ``check`` for up to :data:`REFUSED_WAIT_S` (or until ``deadline``).
+
+    A connection reset, or closed without a reply, most often means the server's process
+    was killed a moment ago -- before the supervisor reaped it and recorded the death that
+    ``check`` reads.  The caller should get that death (``ActorDiedError``), as the contract
+    says, not a ``TransportError``; one ``check`` right at the reset loses that race.
+    """
+    if check is None:
+        return
+    until = time.monotonic() + REFUSED_WAIT_S
+    if deadline is not None:
+        until = min(until, deadline)
+    while True:
+        check()
+        if time.monotonic() >= until:
+            return
+        time.sleep(0.01)
 
 
 def _connect(path: str, deadline: float | None,

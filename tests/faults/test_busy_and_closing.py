@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from runtime import ActorRuntimeError, ActorSystem, CallTimeoutError, actor
+from runtime import ActorDiedError, ActorRuntimeError, ActorSystem, CallTimeoutError, actor
 from tests.integration.actors_lib import Echo
 
 
@@ -86,6 +86,31 @@ def test_first_call_to_a_busy_actor_waits_for_it():
     with ActorSystem() as system:
         target = _busy(system, 3)
         assert target.add(1, 2) == 3
+
+
+def test_a_death_while_the_first_call_opens_its_channel_is_actor_died_error():
+    """Found in review: the open's connection was reset by the dying actor, and the caller
+    read the table once, before the supervisor had recorded the death:
+    ``TransportError("... failed the connection: Connection reset by peer")``."""
+    with ActorSystem() as system:
+        target = _busy(system, 30)
+        out = {}
+
+        def first_call():
+            try:
+                out["value"] = target.add(1, 2)
+            except BaseException as exc:  # what it got is the test
+                out["exc"] = exc
+
+        t = threading.Thread(target=first_call)
+        t.start()
+        time.sleep(0.3)  # the open now waits on the busy actor
+        os.kill(target.pid, signal.SIGKILL)
+        t0 = time.monotonic()
+        t.join(5)
+        assert not t.is_alive(), "hang"
+        assert isinstance(out.get("exc"), ActorDiedError), repr(out.get("exc"))
+        assert time.monotonic() - t0 < 1.5
 
 
 @pytest.mark.slow
