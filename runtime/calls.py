@@ -22,6 +22,7 @@ id, so a late reply is dropped.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 import os
@@ -162,9 +163,19 @@ class CallFuture(Future):
 
     def _invoke_callbacks(self) -> None:
         # Futures run done-callbacks on whichever thread completes them -- here
-        # often the channel's pump.  concurrent.futures logs an Exception from
-        # a callback; a SystemExit would end that thread and strand every
-        # other pending future, so it is logged too.
+        # often the channel's pump.  Not while that thread holds the channel's
+        # reader role: a slow callback (post-processing, a chained call) would
+        # hold up every other call to the actor, and the news of its death.
+        # Those are queued and run once the role is let go (``_run_due``).
+        if self._owner._role._is_owned():
+            self._owner._due.append(self)
+            return
+        self._run_callbacks()
+
+    def _run_callbacks(self) -> None:
+        # concurrent.futures logs an Exception from a callback; a SystemExit
+        # would end that thread and strand every other pending future, so it
+        # is logged too.
         for callback in self._done_callbacks:
             try:
                 callback(self)
@@ -250,7 +261,7 @@ class CallerChannel:
         self._ids = itertools.count(1)
         self._send_lock = threading.Lock()
         self._sender: int | None = None  # the thread holding _send_lock (close() asks)
-        # Re-entrant: a done-callback run while reading may itself wait on a call.
+        # Re-entrant, for safety: done-callbacks no longer run under it (``_due``).
         self._role = threading.RLock()
         self._pump: threading.Thread | None = None
         self._pump_event = threading.Event()
@@ -258,6 +269,10 @@ class CallerChannel:
         self.closed = False
         self.spin = SpinPolicy(REPLY_SPIN_MIN_S, REPLY_SPIN_MAX_S)
         self._deferred: list[Any] = []  # replies read while a send held the lock
+        # Futures completed while a thread held the reader role: their done-callbacks run
+        # after it lets go (``_run_due``), in completion order, one thread at a time.
+        self._due: collections.deque[CallFuture] = collections.deque()
+        self._due_lock = threading.Lock()
         # Calls that timed out and whose replies have not come yet: they are still read
         # (and dropped) as they come, or they would fill the channel -- ring, pool slots,
         # ZeroMQ -- and leave the actor stuck in a send only this caller could unblock.
@@ -318,6 +333,7 @@ class CallerChannel:
         if self._deferred and not self._role._is_owned():
             with self._role:
                 self._dispatch_deferred()
+        self._run_due()
 
     def _send_locked(self, method: str, args: tuple, kwargs: dict, waiter: Any,
                      deadline: float | None, *, chain: tuple[int, ...] = ()) -> None:
@@ -383,6 +399,7 @@ class CallerChannel:
                     self._role.release()
                     if self.pending or self._late:
                         self._kick_pump()
+                    self._run_due()
                 if self.dead is not None and not waiter.is_done():
                     self._abandon(waiter)  # nothing will ever read its reply
             else:
@@ -560,6 +577,23 @@ class CallerChannel:
             finally:
                 self._role.release()
 
+    def _run_due(self) -> None:
+        """Run the done-callbacks of futures completed while the reader role was held.
+
+        In completion order, by one thread at a time; a thread that finds another running
+        them leaves its own to it (that thread looks again before it stops).  Never called
+        while holding the role, nor from ``_drain_nowait`` (its caller holds the send lock,
+        which a callback calling this actor would wait for).
+        """
+        while self._due:
+            if not self._due_lock.acquire(blocking=False):
+                return
+            try:
+                while self._due:
+                    self._due.popleft()._run_callbacks()
+            finally:
+                self._due_lock.release()
+
     def _dispatch_deferred(self) -> None:
         """Complete the replies ``_drain_nowait`` queued (holding the reader role)."""
         while self._deferred:
@@ -606,6 +640,8 @@ class CallerChannel:
                                                       f"failed: {exc!r}"))
                     finally:
                         self._role.release()
+                    self._run_due()
+            self._run_due()  # those of a failure met by the last read
 
     def close(self, reason: BaseException | None = None) -> None:
         """Fail what is pending with ``reason``, then release the channel (idempotent)."""
@@ -635,7 +671,8 @@ class CallerChannel:
             # unmapping now would pull memory from under it.  Close once it left.
             threading.Thread(target=self._close_when_free, args=(notify,), daemon=True,
                              name=f"rt-close-{self.ref.name}").start()
-        if self._pump is not None and self._pump is not threading.current_thread():
+        if self._pump is not None and self._pump is not threading.current_thread() \
+                and not self._due_lock.locked():  # not in a user's callback: it ends soon
             self._pump.join(2.0)
 
     def _close_when_free(self, notify: bool) -> None:

@@ -324,3 +324,33 @@ def test_an_interrupted_opener_leaves_no_wedge():
         t.start()
         t.join(10)
         assert got == [4]
+
+
+def test_a_slow_done_callback_holds_up_no_other_call():
+    """Found in review: done-callbacks ran on the pump while it held the reader role, so a
+    3 s callback made an unrelated blocking call wait ~2.7 s."""
+    with ActorSystem() as system:
+        target = system.spawn(Echo)
+        fut = target.sleep.remote(0.2)
+        fut.add_done_callback(lambda f: time.sleep(3))
+        time.sleep(0.5)  # the pump completed the future and runs the callback now
+        t0 = time.monotonic()
+        assert target.add(1, 2) == 3
+        assert time.monotonic() - t0 < 1.0
+
+
+def test_a_death_during_a_slow_done_callback_is_reported_at_once():
+    """Found in review: with a 5 s callback running, a SIGKILL was reported 4.5 s late (the
+    reader role, then the close's join of the pump, waited for the callback)."""
+    with ActorSystem() as system:
+        target = system.spawn(Echo)
+        fut = target.sleep.remote(0.2)
+        fut.add_done_callback(lambda f: time.sleep(5))
+        time.sleep(0.5)
+        pending = target.sleep.remote(30)
+        time.sleep(0.3)
+        t0 = time.monotonic()
+        os.kill(target.pid, signal.SIGKILL)
+        with pytest.raises(ActorDiedError):
+            pending.result(10)
+        assert time.monotonic() - t0 < 1.5
