@@ -87,6 +87,11 @@ MAX_CHAIN = 64
 # Timed-out calls whose late replies a channel still expects (and drops); past this many,
 # more are not tracked (an actor that never answers them costs the caller nothing more).
 MAX_LATE = 1 << 16
+# Replies a send waiting for ring space reads per look (then it checks its deadline), and
+# the slack over the calls in flight that the queue of such replies may hold.
+DRAIN_MAX = 256
+# How often a reader that keeps receiving replies still fails the calls past call_timeout.
+EXPIRE_EVERY_S = 0.01
 
 
 @dataclass(frozen=True)
@@ -268,7 +273,8 @@ class CallerChannel:
         self.dead: BaseException | None = None
         self.closed = False
         self.spin = SpinPolicy(REPLY_SPIN_MIN_S, REPLY_SPIN_MAX_S)
-        self._deferred: list[Any] = []  # replies read while a send held the lock
+        # Replies read while a send held the lock (at most one per call in flight, plus slack).
+        self._deferred: collections.deque[Any] = collections.deque()
         # Futures completed while a thread held the reader role: their done-callbacks run
         # after it lets go (``_run_due``), in completion order, one thread at a time.
         self._due: collections.deque[CallFuture] = collections.deque()
@@ -421,6 +427,7 @@ class CallerChannel:
         spin = self.spin.window  # spin once; after a slice of sleep, sleep again
         if ch.woke_peer:
             spin = max(spin, WOKE_SPIN_S)
+        next_expire = time.monotonic() + EXPIRE_EVERY_S
         while not done():
             if self.dead is not None or self.closed:
                 return
@@ -435,6 +442,14 @@ class CallerChannel:
                     self._dispatch(msg)
                     ch.ack()
                     spin = self.spin.window
+                    # Timeouts are looked at between replies too: a peer streaming replies
+                    # that answer nothing must not keep every call past its call_timeout.
+                    now = time.monotonic()
+                    if now >= next_expire:
+                        self._expire(deadline)
+                        next_expire = now + EXPIRE_EVERY_S
+                    if deadline is not None and now >= deadline:
+                        return
                     continue
                 if ch.peer_closed:
                     self.check()  # the actor's death explains it best
@@ -559,7 +574,11 @@ class CallerChannel:
         if self._role.acquire(blocking=False):
             try:
                 ch = self.channel
-                while self.dead is None and not self.closed:
+                # Bounded, so that the send's own deadline is looked at between batches: a
+                # peer streaming replies would otherwise hold the send here for ever.
+                for _ in range(DRAIN_MAX):
+                    if self.dead is not None or self.closed:
+                        break
                     try:
                         ok, msg = self._recv()
                     except ProtocolError as exc:
@@ -572,8 +591,19 @@ class CallerChannel:
 
                     if not ok:
                         break
+                    if type(msg) is tuple and len(msg) == 3 and type(msg[0]) is int \
+                            and msg[0] not in self.pending and msg[0] not in self._late:
+                        ch.ack()  # answers no call: dropped now, as _dispatch would
+                        continue
                     self._deferred.append(msg)
                     ch.ack()
+                    if len(self._deferred) > len(self.pending) + len(self._late) + DRAIN_MAX:
+                        # More replies than calls in flight: an honest actor answers each
+                        # call once.  Queueing them would cost memory without bound.
+                        exc = ProtocolError(f"actor {self.ref.name!r} sent more replies "
+                                            f"than there are calls in flight")
+                        self._fail_all(exc)
+                        raise exc
             finally:
                 self._role.release()
 
@@ -598,7 +628,7 @@ class CallerChannel:
         """Complete the replies ``_drain_nowait`` queued (holding the reader role)."""
         while self._deferred:
             self._dispatch(self._deferred[0])  # then dropped: a Ctrl-C between loses none
-            self._deferred.pop(0)
+            self._deferred.popleft()
 
     def _abandon(self, waiter: Any) -> None:
         """Fail ``waiter`` on a finished channel: no reader will ever complete it."""

@@ -424,6 +424,12 @@ class Channel:
             if safe:
                 pool_bytes = min(pool_bytes, default_pool_bytes(bound))
             if spec.rings:
+                a, b = os.fstat(fds[0]), os.fstat(fds[1])
+                if (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino):
+                    # One segment for both directions: everything this side sent it would
+                    # read back as the peer's (a trusted actor answering its own replies
+                    # for ever, never idle long enough to notice the caller is gone).
+                    raise ProtocolError("the channel's two rings are one segment")
                 rx = ShmRing.from_fd(fds.pop(0), sealed=safe)
                 tx = ShmRing.from_fd(fds.pop(0), sealed=safe)
                 cap = ring_capacity(bound)

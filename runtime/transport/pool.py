@@ -109,6 +109,7 @@ FREE, BUSY = 0, 1
 ALIGN = 64
 MIN_SLOT = 1 << 20
 MAX_PEER_SLOTS = 32  # slots of one peer a receiver maps at most
+POLL_MAX = 1024  # control messages read per poll (an honest backlog is a few hundred at most)
 RETRY_S = 1.0  # after a slot could not be made (shm_dir full), try again this much later
 OP_ADD, OP_DROP = 1, 2
 _OP = struct.Struct("<IIQ")  # op, slot id, capacity
@@ -501,8 +502,13 @@ class RxPool:
         return [data[o:o + n] for o, n in zip(offsets, sizes, strict=True)], fin
 
     def poll(self) -> None:
-        """Read the peer's ADD and DROP messages waiting on the socket."""
-        while True:
+        """Read the peer's ADD and DROP messages waiting on the socket, up to POLL_MAX.
+
+        Bounded: a peer that keeps the socket full of control messages would otherwise hold
+        the receiver in here past every deadline.  An honest peer's backlog is bounded by
+        the socket's buffer (a few hundred small datagrams), far below the cap.
+        """
+        for _ in range(POLL_MAX):
             try:
                 data, anc, flags, _ = self.sock.recvmsg(
                     64, _CMSG_SPACE, socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC)
@@ -522,8 +528,10 @@ class RxPool:
             try:
                 self._control(data, fds, flags)
             except ProtocolError as exc:
+                if self.refused is None:  # once per pool: a flood must not flood the log
+                    log.warning("refused a pool message from the peer: %s (later refusals "
+                                "of this pool are not logged)", exc)
                 self.refused = str(exc)
-                log.warning("refused a pool message from the peer: %s", exc)
             finally:
                 for fd in fds:
                     os.close(fd)

@@ -28,8 +28,17 @@ from runtime import (
     TransportError,
     faults,
 )
+from runtime.calls import DRAIN_MAX
 from runtime.table import DEAD, ActorTable
-from tests.integration.actors_lib import Echo, Hostile, Restartable, Tricky, Truncator, nest
+from tests.integration.actors_lib import (
+    Echo,
+    Hostile,
+    Restartable,
+    Streamer,
+    Tricky,
+    Truncator,
+    nest,
+)
 
 
 def _cpu_seconds(pid: int, over: float) -> float:
@@ -480,3 +489,35 @@ def test_an_untrusted_worker_cannot_truncate_shared_memory_under_the_driver():
         tried = t.shrunk()
         assert len(tried) >= 3  # two rings and at least one slot
         assert not any(tried), "an untrusted actor could resize a shared segment"
+
+
+def test_a_stream_of_replies_naming_no_call_does_not_hold_a_call_past_its_timeout():
+    """Found in review: the reader looked at deadlines and call_timeout only when nothing
+    came, so a worker streaming replies to a call id nobody waits for (dropped as late
+    replies) kept a call with call_timeout=1 waiting as long as the stream lasted."""
+    with ActorSystem(call_timeout=1) as system:
+        s = system.spawn(Streamer)
+        assert s.ping() == "pong"
+        t0 = time.monotonic()
+        with pytest.raises(CallTimeoutError):
+            s.stream(8.0)
+        assert time.monotonic() - t0 < 3.0
+
+
+def test_a_stream_of_replies_does_not_hold_a_send_waiting_for_ring_space():
+    """Found in review: a send waiting for ring space read replies for as long as they came
+    (queueing each: memory without bound), so a worker that made its inbound ring look full
+    and streamed late replies held a call with call_timeout=1 in its send for 9.5 s."""
+    with ActorSystem(shm_threshold=1024, call_timeout=1.0) as system:
+        s = system.spawn(Streamer)
+        blob = b"x" * 900
+        for _ in range(100):  # the ring's write position passes its capacity
+            assert s.take(blob) == 900
+        assert s.jam.remote(8.0).result() == "jammed"
+        time.sleep(0.5)  # nothing pending: the pump goes idle
+        t0 = time.monotonic()
+        with pytest.raises(CallTimeoutError):
+            s.take(blob)
+        assert time.monotonic() - t0 < 2.5
+        (ch,) = system._ctx._channels.values()
+        assert len(ch._deferred) <= DRAIN_MAX

@@ -377,3 +377,48 @@ class Peer:
         """Tells the other something without waiting: served once it is free."""
         self.other.notified.remote("hello")
         return "sent"
+
+
+@actor(untrusted=True)
+class Streamer:
+    """A worker that streams replies naming no call (found by an adversarial review)."""
+
+    def ping(self):
+        return "pong"
+
+    def stream(self, seconds):
+        """Send replies to a call id nobody waits for, for ``seconds``; then reply."""
+        conn, _ = _serving_frame()
+        ch = conn.channel
+        enc = ch.encode((123456789, True, 0))  # a late reply, as the caller sees it
+        end = time.monotonic() + seconds
+        n = 0
+        while time.monotonic() < end:
+            for _ in range(64):
+                ch.send_encoded(enc, tag=123456789, deadline=end + 5)
+            n += 64
+        return n
+
+    def take(self, blob):
+        return len(blob)
+
+    def jam(self, seconds):
+        """Reply at once, then make our inbound ring look full and stream late replies."""
+        from runtime.errors import DeadlineError
+
+        conn, msg = _serving_frame()
+        ch = conn.channel
+        ch.send((msg[0], True, "jammed"), tag=msg[0])  # the real reply: nothing is pending
+        rx = ch.transport.rx
+        enc = ch.encode((123456789, True, 0))
+        end = time.monotonic() + seconds
+        n = 0
+        while time.monotonic() < end:
+            rx._rpos.value = rx._wpos.value - rx.capacity  # "we read nothing": ring full
+            try:
+                for _ in range(64):
+                    ch.send_encoded(enc, tag=123456789, deadline=time.monotonic() + 0.05)
+                    n += 1
+            except DeadlineError:
+                pass
+        return n

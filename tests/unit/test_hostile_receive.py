@@ -16,6 +16,9 @@ import mmap
 import os
 import re
 import struct
+import subprocess
+import sys
+import threading
 import time
 
 import numpy as np
@@ -24,6 +27,7 @@ import torch
 
 from runtime import codec
 from runtime.errors import ProtocolError, TransportError
+from runtime.messages import MessageChannel
 from runtime.transport import framing, pool, segment
 from runtime.transport import ring as ringmod
 from runtime.transport.channel import SAFE_MAX_BUFFERS, Channel
@@ -264,4 +268,153 @@ def test_an_untrusted_caller_may_not_raise_the_threshold(private_dir):
         trusted.close()
     finally:
         caller.close()
+        bell.close()
+
+
+_BELL_FLOOD = r"""
+import os, sys
+import fcntl
+fd = os.open(sys.argv[1], os.O_WRONLY | os.O_NONBLOCK)  # the TEE's doorbell, from the spec
+try:
+    fcntl.fcntl(fd, 1031, 1 << 20)  # F_SETPIPE_SZ: the writer may grow the pipe
+except OSError:
+    pass
+chunk = b"\x01" * 65536
+while True:  # never sleeps: a full pipe is retried at once
+    try:
+        os.write(fd, chunk)
+    except BlockingIOError:
+        pass
+"""
+
+
+@pytest.mark.timeout(60)
+def test_a_doorbell_flood_does_not_hold_a_receive_past_its_deadline(private_dir):
+    """Found in review: ``Doorbell.drain`` read until the pipe was empty, and a peer that
+    kept it full (an untrusted worker is given its caller's doorbell path) held a receive
+    with a 1 s deadline for 5-15 s.  One read per wake-up now."""
+    caller = Channel.create(shm_dir=SHM, private_dir=private_dir, name="tee", threshold=1 << 20,
+                            safe=True)
+    bell = Doorbell(os.path.join(private_dir, "callee.bell"))
+    callee = Channel.attach(caller.spec(), fds=[os.dup(fd) for fd in caller.peer_fds()],
+                            own_bell=bell, safe=False, name="gpu", shm_dir=SHM)
+    caller.attached(bell.path)
+    tee = MessageChannel(caller)
+    flooders = [subprocess.Popen([sys.executable, "-c", _BELL_FLOOD, caller.spec().caller_bell])
+                for _ in range(4)]
+    outcome: list = []
+
+    def receive() -> None:
+        # The peer has cores of its own on a real host; on a small shared test machine,
+        # let it have the CPU first.
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        try:
+            outcome.append(tee.recv(deadline=time.monotonic() + 1.0))
+        except BaseException as exc:  # what it got is the test
+            outcome.append(exc)
+        outcome.append(time.monotonic() - t0)
+
+    try:
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        th = threading.Thread(target=receive, daemon=True)
+        th.start()
+        th.join(15.0)
+        held = time.monotonic() - t0
+        stuck = th.is_alive()
+    finally:
+        for p in flooders:
+            p.kill()
+            p.wait()
+    th.join(30.0)
+    try:
+        # Nothing was sent: the receive must end with DeadlineError at about 1 s.
+        assert not stuck, f"a receive with a 1 s deadline still in drain after {held:.1f} s"
+        assert outcome[-1] < 2.0, f"receive with a 1 s deadline took {outcome[-1]:.1f} s: {outcome}"
+    finally:
+        caller.close()
+        callee.close()
+        bell.close()
+
+
+_POOL_FLOOD = r"""
+import os, socket, struct, sys
+s = socket.socket(fileno=int(sys.argv[1]))
+msg = b"x"  # a malformed control message: refused, and logged, every time
+while True:
+    s.send(msg)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_a_flood_of_pool_control_messages_does_not_hold_a_receive_past_its_deadline(
+        private_dir):
+    """Found in review: ``RxPool.poll`` read control messages until the socket was empty
+    (logging each refusal), and a receive meeting an unknown slot polled with no deadline:
+    a peer flooding the socket held it for as long as it flooded."""
+    # The TEE's end: the caller of an untrusted actor (safe, sealed); the hostile callee.
+    caller = Channel.create(shm_dir=SHM, private_dir=private_dir, name="tee", threshold=64,
+                            safe=True)
+    bell = Doorbell(os.path.join(private_dir, "callee.bell"))
+    callee = Channel.attach(caller.spec(), fds=[os.dup(fd) for fd in caller.peer_fds()],
+                            own_bell=bell, safe=False, name="gpu", shm_dir=SHM)
+    caller.attached(bell.path)
+    tee = MessageChannel(caller)
+    fd = callee.pool_sock.fileno()
+    os.set_blocking(fd, True)
+    flooders = [subprocess.Popen([sys.executable, "-c", _POOL_FLOOD, str(fd)], pass_fds=[fd])
+                for _ in range(3)]
+    outcome: list = []
+
+    def receive() -> None:
+        # The peer has cores of its own on a real host (the GPU worker barely uses them);
+        # on a small shared test machine, let it have the CPU first.
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        try:
+            outcome.append(tee.recv(deadline=time.monotonic() + 1.0))
+        except BaseException as exc:  # what it got is the test
+            outcome.append(exc)
+        outcome.append(time.monotonic() - t0)
+
+    try:
+        time.sleep(0.5)  # the socket is full of DROPs
+        _pool_message(callee, torch.ones(100), slot_id=99)  # a slot it never announced
+        t0 = time.monotonic()
+        th = threading.Thread(target=receive, daemon=True)
+        th.start()
+        th.join(15.0)
+        held = time.monotonic() - t0
+        stuck = th.is_alive()
+    finally:
+        for p in flooders:
+            p.kill()
+            p.wait()
+    th.join(30.0)
+    try:
+        # A receive with a 2 s deadline must end (ProtocolError or DeadlineError) within it.
+        assert not stuck, f"receive with a 1 s deadline still inside pool.poll after {held:.1f} s"
+        assert outcome[-1] < 2.0, f"receive with a 1 s deadline took {outcome[-1]:.1f} s: {outcome}"
+    finally:
+        caller.close()
+        callee.close()
+        bell.close()
+
+
+def test_an_untrusted_caller_cannot_hand_one_ring_for_both_directions(private_dir):
+    """Found in review: given one sealed memfd twice, a trusted callee read back its own
+    replies as calls, for ever (the serve loop answers a malformed call with an error)."""
+    caller = Channel.create(shm_dir=SHM, private_dir=private_dir, name="u", threshold=1 << 20,
+                            sealed=True)
+    bell = Doorbell(os.path.join(private_dir, "callee.bell"))
+    tx_fd, _, *rest = caller.peer_fds()
+    fds = [os.dup(tx_fd), os.dup(tx_fd), *(os.dup(fd) for fd in rest)]  # one ring, twice
+    callee = None
+    try:
+        with pytest.raises(ProtocolError, match="two rings are one segment"):
+            callee = Channel.attach(caller.spec(), fds=fds, own_bell=bell, safe=True,
+                                    name="trusted", shm_dir=SHM)
+    finally:
+        if callee is not None:
+            callee.close(notify=False)
+        caller.close(notify=False)
         bell.close()
