@@ -299,7 +299,7 @@ class ActorSystem:
                             if not n.startswith("__") and callable(getattr(cls, n, None)))
         ref = ActorRef(self.session.sid, index, name, cls.__qualname__, methods, bool(untrusted))
         flags = FLAG_UNTRUSTED if untrusted else 0
-        boot = {"sys_path": list(sys.path), "cwd": os.getcwd(), "flags": flags}
+        boot = {"sys_path": _json_sys_path(), "cwd": os.getcwd(), "flags": flags}
         requested = False
         try:
             spec_fd = _spec_memfd(cls, args, kwargs)
@@ -405,3 +405,20 @@ def _importable(modname: str) -> bool:
     except (ImportError, ValueError):
         return False
     return spec is not None and spec.origin not in (None, "built-in")
+
+
+def _json_sys_path() -> list[str]:
+    """``sys.path`` as strings, for the actor's boot message (JSON).
+
+    ``sys.path.append(Path(...))`` is a common idiom; importlib skips such entries and a
+    ``Path`` would fail the JSON encoding of every spawn, so path-like entries are sent as
+    the paths they name, bytes decoded as file names, anything else left out.
+    """
+    out = []
+    for entry in sys.path:
+        if isinstance(entry, (str, bytes, os.PathLike)):
+            try:
+                out.append(os.fsdecode(os.fspath(entry)))
+            except (TypeError, UnicodeDecodeError):
+                continue
+    return out

@@ -152,3 +152,19 @@ def test_named_by_table_waits_for_its_own_entry():
     t0 = time.monotonic()
     assert not named_by_table(Table(old), 0, 2, wait_s=0.05)
     assert time.monotonic() - t0 < 1
+
+
+def test_a_path_object_in_sys_path_does_not_fail_spawn():
+    """Found in review: the boot message sent ``sys.path`` as JSON, and one ``Path`` entry
+    (``sys.path.append(Path(...))``) failed every spawn with a TypeError."""
+    import pathlib
+    import sys
+
+    extra = pathlib.Path("/nonexistent-sys-path-entry")
+    sys.path.append(extra)
+    try:
+        with ActorSystem() as system:
+            h = system.spawn(Echo)
+            assert h.add(1, 2) == 3
+    finally:
+        sys.path.remove(extra)
