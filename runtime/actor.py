@@ -19,8 +19,6 @@ __all__ = ["ActorHandle", "ActorOptions", "actor", "actor_options", "serving"]
 
 T = TypeVar("T", bound=type)
 
-# Attribute names of ActorHandle that a method must not shadow.
-RESERVED_NAMES = frozenset({"pid", "name", "kill", "stats"})
 _MARK = "__rt_actor_options__"
 
 
@@ -44,16 +42,30 @@ def _check_options(max_restarts: Any, untrusted: Any, borrow_args: Any = False,
             raise ValueError(f"{name} must be a bool, got {value!r}")
 
 
-def _mark(cls: Any, options: ActorOptions) -> Any:
-    if not inspect.isclass(cls):
-        raise TypeError(f"@actor decorates classes, not {type(cls).__name__} {cls!r}")
+def _check_reserved(cls: type, what: str) -> None:
+    """Reject a class whose methods a handle could not reach (``what``: "... {} ...").
+
+    ``handle.m`` finds ``ActorHandle``'s own attributes before ``__getattr__`` turns a
+    name into a remote call, so a method named like one of them (``pid``, ``kill``, but
+    also the internals ``_context``, ``_ref``, ...) would never be called: the handle's
+    attribute would answer instead, silently.  ``RESERVED_NAMES`` is every such name.
+    """
     clash = sorted(n for n in RESERVED_NAMES if callable(getattr(cls, n, None))
                    or n in cls.__dict__)
     if clash:
+        public = ", ".join(sorted(n for n in RESERVED_NAMES if not n.startswith("_")))
         raise TypeError(
-            f"@actor class {cls.__qualname__} defines {', '.join(clash)}, which "
+            f"{what.format(cls.__qualname__)} defines {', '.join(clash)}, which "
             f"{'is' if len(clash) == 1 else 'are'} reserved for ActorHandle attributes "
-            f"({', '.join(sorted(RESERVED_NAMES))}); rename the method")
+            f"({public}; internals: "
+            f"{', '.join(sorted(n for n in RESERVED_NAMES if n.startswith('_')))}); "
+            f"rename the method")
+
+
+def _mark(cls: Any, options: ActorOptions) -> Any:
+    if not inspect.isclass(cls):
+        raise TypeError(f"@actor decorates classes, not {type(cls).__name__} {cls!r}")
+    _check_reserved(cls, "@actor class {}")
     setattr(cls, _MARK, options)
     return cls
 
@@ -90,10 +102,18 @@ def actor(cls: Any = None, *, max_restarts: int = 0, untrusted: bool = False,
 
 
 def actor_options(cls: Any) -> ActorOptions:
-    """The options of an ``@actor`` class; ``TypeError`` for an unmarked class."""
+    """The options of an ``@actor`` class; ``TypeError`` for an unmarked class.
+
+    An undecorated subclass of an ``@actor`` class inherits the mark (and its options)
+    and may be spawned, but ``@actor`` never saw the subclass's own methods: the
+    reserved-name check runs again here, on the class itself, so ``spawn`` rejects a
+    subclass that adds a method the handle would shadow.
+    """
     options = getattr(cls, _MARK, None) if inspect.isclass(cls) else None
     if not isinstance(options, ActorOptions):
         raise TypeError(f"{cls!r} is not an @actor class: decorate it with @actor")
+    if _MARK not in cls.__dict__:
+        _check_reserved(cls, "class {} (an undecorated subclass of an @actor class)")
     return options
 
 
@@ -215,3 +235,10 @@ class ActorHandle:
 
     def __repr__(self) -> str:
         return f"<ActorHandle {self._ref.name!r} ({self._ref.cls_name})>"
+
+
+# Every attribute of ActorHandle but the dunders (``__getattr__`` never turns a dunder into a
+# call): a method with one of these names would be shadowed by the handle's own attribute,
+# so ``@actor`` -- and ``spawn``, for an undecorated subclass -- rejects it.  Derived from the
+# class, so an attribute added to the handle is reserved at once.
+RESERVED_NAMES = frozenset(n for n in dir(ActorHandle) if not n.startswith("__"))

@@ -22,6 +22,7 @@ from runtime import (
     RemoteError,
     actor,
 )
+from runtime.actor import actor_options
 from tests.integration.actors_lib import Caller, CustomError, Echo, FailingInit, Untrusted
 
 
@@ -261,6 +262,38 @@ def test_spawn_rejects_unmarked_class(system):
         pass
     with pytest.raises(TypeError, match="not an @actor"):
         system.spawn(Plain)
+
+
+@pytest.mark.parametrize("internal", ["_context", "_ctx", "_ref", "_methods"])
+def test_decorator_rejects_methods_named_like_handle_internals(internal):
+    # A handle's internals shadow such a method: h._context() returned the runtime's
+    # ProcessContext instead of calling the actor (a review found it).
+    with pytest.raises(TypeError, match=f"reserved.*{internal}"):
+        actor(type("Shadowed", (), {internal: lambda self: "from the actor"}))
+
+
+@actor
+class _Base:
+    def ping(self):
+        return "pong"
+
+
+class _UndecoratedSub(_Base):
+    """Not decorated: it inherits _Base's mark, so @actor never saw ``name``."""
+
+    def name(self):
+        return "from the actor"
+
+
+def test_spawn_checks_reserved_names_of_an_undecorated_subclass():
+    class Sub(_Base):  # an undecorated subclass without a clash is still spawnable
+        def more(self):
+            return 1
+    assert actor_options(Sub) == actor_options(_Base)
+    with ActorSystem() as system:
+        with pytest.raises(TypeError, match=r"undecorated subclass.*defines name.*reserved"):
+            system.spawn(_UndecoratedSub)
+        assert system.spawn(Sub).more() == 1
 
 
 def test_bad_options():
