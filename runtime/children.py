@@ -65,6 +65,10 @@ class Children:
         self._procs[pid] = proc
         return proc
 
+    def pids(self) -> set[int]:
+        """The registered children not reaped yet (actors and the zygote)."""
+        return set(self._procs)
+
     def reap(self) -> None:
         """Collect every exited child; record statuses of registered ones."""
         while True:

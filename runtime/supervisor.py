@@ -18,8 +18,10 @@ Duties:
   in the table -- every caller blocked on that actor fails within its next
   100 ms wait slice -- and remove the files the dead process made;
 * restart an actor with its original arguments while ``max_restarts`` allows;
-* when the driver dies (its request pipe reaches EOF), kill every actor,
-  remove every file of the session and exit.
+* kill the processes actors leave behind (``_kill_strays``): a process an actor
+  started is re-parented here when the actor dies, and would run on for ever;
+* when the driver dies (its request pipe reaches EOF), kill every actor and
+  every process of theirs, remove every file of the session and exit.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import psutil
+
 from runtime import malloc
 from runtime import session as sessions
 from runtime.children import Children, Proc
@@ -52,6 +56,7 @@ PR_SET_CHILD_SUBREAPER = 36
 TERM_GRACE_S = 1.0
 ZYGOTE_START_S = 60.0  # then actors start as fresh interpreters
 FORK_REPLY_S = 10.0
+STRAY_KILL_S = 2.0  # for the processes actors left behind to go
 
 
 def _die_with_parent() -> None:
@@ -277,6 +282,7 @@ class Supervisor:
 
     # -- deaths ----------------------------------------------------------------
     def _reap(self) -> None:
+        died = False
         for actor in list(self.actors.values()):
             proc = actor.proc
             if proc is None or proc.poll() is None:
@@ -285,6 +291,49 @@ class Supervisor:
                 self._status(actor)
                 self._close_status(actor)
             self._died(actor, proc.returncode)
+            died = True
+        if died:
+            self._kill_strays(spare=self.children.pids())
+
+    def _kill_strays(self, spare: set[int]) -> None:
+        """SIGKILL every child of the supervisor not in ``spare``, and its descendants.
+
+        A process an actor starts (``subprocess.Popen``, a helper server) is re-parented
+        to the supervisor, a child subreaper, when the actor dies -- and, without this,
+        to init when the supervisor exits: it ran on after the actor and after the
+        system ("cleans all on exit"; a review found it).  Called after every death with
+        ``spare`` = the registered children (live actors, restarted ones, the zygote), so
+        only unregistered children go: the dead actors' orphans.  An actor being forked
+        is the zygote's grandchild until it is registered, never a child of ours here.
+        The cost of that rule: a process a *live* actor detached (a double fork, ``cmd &``
+        in a shell) is re-parented here too and goes at the next death or at the end --
+        an actor's helpers must stay its children to live as long as it does.  At
+        shutdown and exit (``spare`` without actors) everything left goes.
+        """
+        deadline = time.monotonic() + STRAY_KILL_S
+        while True:
+            self.children.reap()  # orphans that exited already: collected, not listed
+            try:
+                strays = [p for p in psutil.Process().children() if p.pid not in spare]
+            except psutil.Error as exc:
+                log.warning("cannot list the supervisor's children (%s)", exc)
+                return
+            if not strays or time.monotonic() > deadline:
+                if strays:
+                    log.warning("processes left by actors would not go: %s",
+                                [p.pid for p in strays])
+                return
+            for root in strays:  # each root first, then what it started
+                try:
+                    tree = [root, *root.children(recursive=True)]
+                except psutil.Error:
+                    tree = [root]
+                for p in tree:
+                    try:
+                        p.kill()  # psutil refuses a pid that was reused meanwhile
+                    except psutil.Error:
+                        pass
+            time.sleep(0.005)  # their descendants are re-parented here as they die
 
     def _died(self, actor: _Actor, code: int) -> None:
         pid = actor.proc.pid
@@ -345,6 +394,9 @@ class Supervisor:
                 _signal(a.proc, signal.SIGKILL)
                 a.proc.wait()
         self._reap()
+        # Before the driver hears "bye" (then it kills the supervisor): the actors' own
+        # processes go too.  The zygote stays; it dies with the supervisor.
+        self._kill_strays(spare=self.children.pids())
 
     def _exit_all(self, why: str) -> None:
         for a in self.actors.values():
@@ -353,6 +405,7 @@ class Supervisor:
         for a in self.actors.values():
             if a.proc is not None:
                 a.proc.wait()
+        self._kill_strays(spare=set())  # what actors started, and the zygote
         sessions.remove_session_files(self.session)
         log.debug("supervisor exits: %s", why)
         os._exit(0)
@@ -438,7 +491,12 @@ def _signal(proc: Proc, sig: int) -> None:
 def main() -> None:
     cfg = json.loads(sys.argv[1])
     logging.basicConfig(level=logging.WARNING, format="[rt supervisor] %(message)s")
-    Supervisor(cfg).run()
+    sup = Supervisor(cfg)
+    try:
+        sup.run()
+    except BaseException:
+        sup._kill_strays(spare=set())  # a bug: actors die with us, what they started too
+        raise
 
 
 if __name__ == "__main__":

@@ -422,3 +422,19 @@ class Streamer:
             except DeadlineError:
                 pass
         return n
+
+
+@actor(max_restarts=1)
+class Spawner:
+    """Starts processes of its own: a helper and, under it, the helper's child."""
+
+    def start_helper(self):
+        """(helper pid, its child's pid): ``sh`` starts ``sleep`` and waits for it."""
+        import subprocess
+
+        self.helper = subprocess.Popen(["sh", "-c", "sleep 300 & echo $!; wait"],
+                                       stdout=subprocess.PIPE, text=True)
+        return self.helper.pid, int(self.helper.stdout.readline())
+
+    def die(self):
+        os._exit(1)
