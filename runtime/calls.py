@@ -804,6 +804,8 @@ class ProcessContext:
                 f"call cycle: actor {ref.name!r} is busy serving the call that led to this "
                 f"one, and an actor runs one call at a time, so this call could never be "
                 f"served")
+        if ref.index == self.self_index:
+            self._refuse_self_call(ref)
         cc = self._open_channel(ref)
         if cc is not None:  # the hot path: the call's deadline starts at its send
             return cc.call(method, args, kwargs, chain=chain)
@@ -812,11 +814,26 @@ class ProcessContext:
                                                     chain=chain)
 
     def call_async(self, ref: ActorRef, method: str, args: tuple, kwargs: dict) -> Future:
+        if ref.index == self.self_index:
+            self._refuse_self_call(ref)
         cc = self._open_channel(ref)
         if cc is not None:
             return cc.submit(method, args, kwargs)
         deadline = self._call_deadline()
         return self.channel_for(ref, deadline).submit(method, args, kwargs, deadline=deadline)
+
+    def _refuse_self_call(self, ref: ActorRef) -> None:
+        """Refuse a call to this very actor from the thread that serves its calls.
+
+        Only from that thread: another thread of the actor (a timer, a watcher) may feed
+        work through the actor's queue, and its call is served once the current one ends
+        (a review found those refused too).
+        """
+        if threading.get_ident() == self.serving_thread:
+            raise ActorRuntimeError(
+                f"actor {ref.name!r} called itself through its own handle: an actor runs "
+                f"one call at a time, so that call could never be served; call the method "
+                f"directly (self.method(...))")
 
     def _open_channel(self, ref: ActorRef) -> CallerChannel | None:
         """The channel to ``ref`` if it is open and its actor incarnation alive, else None."""
@@ -844,10 +861,7 @@ class ProcessContext:
         if cc is not None:
             return cc
         if ref.index == self.self_index:
-            raise ActorRuntimeError(
-                f"actor {ref.name!r} called itself through its own handle: an actor runs "
-                f"one call at a time, so that call could never be served; call the method "
-                f"directly (self.method(...))")
+            self._refuse_self_call(ref)
         # Opening waits as long as the call would: an actor busy in a long call answers
         # the request after it.  So it is bounded by the call's own deadline, and it runs
         # outside the lock -- calls to other actors, kill() and shutdown() go on meanwhile.

@@ -10,10 +10,12 @@ for the busy actor).
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from runtime import ActorSystem, RemoteError
-from tests.integration.actors_lib import Peer
+from tests.integration.actors_lib import Peer, SelfCaller
 
 
 @pytest.mark.timeout(60)
@@ -63,3 +65,17 @@ def test_remote_calls_back_are_no_cycle():
         while a.get_last() != "hello" and time.monotonic() < deadline:
             time.sleep(0.02)
         assert a.get_last() == "hello"
+
+
+def test_an_actors_background_thread_may_call_its_own_handle():
+    """Found in review: refused as "called itself ... could never be served" although the
+    serving thread was idle.  Only a call from the serving thread itself is refused."""
+    with ActorSystem() as system:
+        a = system.spawn(SelfCaller)
+        a.start(a)
+        deadline = time.monotonic() + 10
+        while a.state() == (0, None) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert a.state() == (1, None)
+        with pytest.raises(RemoteError, match="called itself"):
+            a.call_self_now(a)

@@ -438,3 +438,30 @@ class Spawner:
 
     def die(self):
         os._exit(1)
+
+
+@actor
+class SelfCaller:
+    """Calls its own handle from a background thread of its own (a timer, say)."""
+
+    def __init__(self):
+        self.bumps = 0
+        self.error = None
+
+    def start(self, me):
+        def loop():
+            try:
+                me.bump()
+            except BaseException as exc:  # what it got is the test's
+                self.error = f"{type(exc).__name__}: {exc}"
+
+        threading.Thread(target=loop, daemon=True).start()
+
+    def call_self_now(self, me):
+        return me.bump()  # from the serving thread: refused
+
+    def bump(self):
+        self.bumps += 1
+
+    def state(self):
+        return self.bumps, self.error
