@@ -737,6 +737,8 @@ class ProcessContext:
         self._opening: dict[int, threading.Event] = {}  # index -> set once its open ended
         self._lock = threading.Lock()
         self._names = itertools.count()
+        self._sweeping = self._sweep_due = False  # see sweep_soon
+        self._sweep_lock = threading.Lock()
         self.closed = False
         self.killer: Callable[[int], None] | None = None
         self.owner: object = None  # the driver's ActorSystem: kept alive by its handles
@@ -923,6 +925,41 @@ class ProcessContext:
         for old in stale:
             old.close(ActorDiedError(old.death_text()) if old.dead is None else None)
 
+    def sweep_soon(self) -> None:
+        """Release channels to incarnations that are gone, from a thread of its own.
+
+        A channel to a dead actor holds two ring mappings, whose space in ``shm_dir`` is
+        freed only when the last mapping goes (the segments are nameless): 2 x 2 x the
+        threshold, 40 MiB by default.  A call or an open sweeps them, but a driver that
+        stops calling a crashed worker held its rings for good (a review found it).  So
+        the driver sweeps at each death the supervisor reports, and an idle actor at its
+        liveness ticks.  In a thread: closing waits for a thread still inside the channel.
+        Returns at once when nothing is stale.
+        """
+        with self._lock:
+            if self.closed or self.forked or not any(
+                    old.dead is not None or not self.table.alive(index, old.incarnation)
+                    for index, old in self._channels.items()):
+                return
+            self._sweep_due = True
+            if self._sweeping:
+                return  # the running sweep looks again before it stops
+            self._sweeping = True
+        threading.Thread(target=self._sweep, daemon=True, name="rt-sweep").start()
+
+    def _sweep(self) -> None:
+        while True:
+            with self._lock:
+                if not self._sweep_due or self.closed:
+                    self._sweeping = False
+                    return
+                self._sweep_due = False
+            try:
+                with self._sweep_lock:  # forget() waits on it for a channel taken here
+                    self._close_stale()
+            except Exception:  # a sweep must not end with an exception unlogged
+                log.exception("releasing the channels of dead actors failed")
+
     def retire(self, cc: CallerChannel) -> None:
         """Close ``cc``, whose actor incarnation is gone, and forget it."""
         with self._lock:
@@ -1007,10 +1044,17 @@ class ProcessContext:
         return dict(cc.channel.stats(), actor=cc.ref.name, incarnation=cc.incarnation)
 
     def forget(self, index: int, reason: BaseException | None = None) -> None:
+        """Close the channel to actor ``index`` and forget it; closed when this returns.
+
+        A sweep (``sweep_soon``) may have taken the channel first: then this waits for the
+        sweep, so that a ``kill()`` still returns with the channel's memory let go.
+        """
         with self._lock:
             cc = self._channels.pop(index, None)
         if cc is not None:
             cc.close(reason)
+        elif self._sweeping and self._sweep_lock.acquire(timeout=5):
+            self._sweep_lock.release()
 
     def close(self) -> None:
         with self._lock:

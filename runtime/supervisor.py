@@ -341,6 +341,10 @@ class Supervisor:
         # Callers learn of the death from the table first, then the files go.
         self.table.write(actor.index, state=RESTARTING if self._will_restart(actor) else DEAD,
                          exit=code)
+        try:  # the driver lets go of its channel (two ring mappings) at once
+            write_frame(self.rep_fd, ["died", 0, actor.index])
+        except OSError:
+            pass  # the driver is gone
         sessions.remove_session_files(self.session, pid=pid)
         for suffix in (".bell", ".ctl"):
             name = f"actor{actor.index}.{actor.incarnation}{suffix}"

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import threading
 import weakref
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
@@ -121,6 +122,7 @@ class _SupervisorLink:
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
         self.dead = False
+        self.on_death: Callable[[], None] | None = None  # called on the link's thread
         self._hello: Future = Future()
         self._thread = threading.Thread(target=self._read_loop, daemon=True,
                                         name="rt-supervisor-link")
@@ -140,6 +142,10 @@ class _SupervisorLink:
             for msg in msgs:
                 if msg[0] == "hello":
                     self._hello.set_result(msg[1])
+                    continue
+                if msg[0] == "died":  # unasked: an actor died (its index is msg[2])
+                    if self.on_death is not None:
+                        self.on_death()
                     continue
                 fut = self._waiters.pop(msg[1], None)
                 if fut is not None:
@@ -240,6 +246,7 @@ class ActorSystem:
         self._ctx = ProcessContext(self.session, self._table, owner_check=self._check_link)
         self._ctx.killer = self._kill_index
         self._ctx.owner = self
+        self._link.on_death = self._ctx.sweep_soon
         register_context(self._ctx)
         self._pid = os.getpid()
         self._finalizer = weakref.finalize(self, _emergency_cleanup, self._link, self.session,

@@ -322,6 +322,7 @@ class ActorServer:
                 for conn in list(self.inbound):
                     if not _pid_alive(conn.caller_pid):
                         self._drop(conn)
+                self.ctx.sweep_soon()  # this actor's channels to actors that died
 
     def _sleep(self) -> None:
         conns = self.inbound

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import os
 import resource
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
 from runtime import ActorSystem, limits
+from tests.integration.actors_lib import Caller, Echo
 
 FD_EXHAUSTION_DRIVER = textwrap.dedent("""
     import gc, os, resource, sys
@@ -92,3 +95,44 @@ def test_a_limit_that_cannot_be_raised_is_left_as_it_is(monkeypatch):
     assert limits.raise_fd_limit() == 256
     monkeypatch.undo()
     assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == soft
+
+
+def _shm_mappings(pid: int | str, shm_dir: str) -> int:
+    with open(f"/proc/{pid}/maps") as f:
+        return sum(1 for line in f if f" {shm_dir}/" in line)
+
+
+def _settles(fn, want: int, seconds: float) -> int:
+    deadline = time.monotonic() + seconds
+    while (got := fn()) != want and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return got
+
+
+def test_the_driver_lets_go_of_a_dead_actors_rings_without_another_call():
+    """Found in review: the rings (nameless: their space goes with the last mapping) of an
+    actor that died on its own stayed mapped until the driver's next call or open -- 40 MiB
+    of shm_dir per crashed actor, for good.  The supervisor's death note sweeps them."""
+    with ActorSystem() as system:
+        shm = system.options.shm_dir
+        before = _shm_mappings("self", shm)
+        workers = [system.spawn(Echo) for _ in range(3)]
+        for w in workers:
+            assert w.add(1, 2) == 3
+        assert _shm_mappings("self", shm) >= before + 6
+        for w in workers:
+            os.kill(w.pid, signal.SIGKILL)
+        assert _settles(lambda: _shm_mappings("self", shm), before, 5) == before
+
+
+def test_an_idle_actor_lets_go_of_a_dead_actors_rings():
+    """The same in an actor: its channel to a dead actor goes at its next idle tick."""
+    with ActorSystem() as system:
+        shm = system.options.shm_dir
+        target = system.spawn(Echo)
+        relay = system.spawn(Caller, target)
+        assert relay.relay(7) == 7
+        held = _shm_mappings(relay.pid, shm)  # its rings from the driver, and to the target
+        assert held >= 4
+        os.kill(target.pid, signal.SIGKILL)
+        assert _settles(lambda: _shm_mappings(relay.pid, shm), held - 2, 5) == held - 2
