@@ -341,7 +341,9 @@ class ActorSystem:
     def stats(self) -> dict[str, Any]:
         """What this process sent and received, per route and per channel.
 
-        ``{"routes": {"shm"|"zmq": {"messages", "bytes"}}, "channels": [...]}``;
+        ``{"routes": {"shm"|"zmq": {"messages", "bytes"}}, "channels": [...]}``; the
+        routes' totals include channels to actors that have died or restarted since, the
+        channel list only the open ones;
         each channel entry has ``actor``, ``mode``, ``routes`` (with sent and
         received splits), ``encode_s``, ``decode_s``, ``copy_s`` (copies into and out
         of the transport; a ring record under 4 KiB is not timed), ``wait_s`` and,
@@ -350,7 +352,9 @@ class ActorSystem:
         the peer's it maps (``peer_slots``, ``received``).
         """
         chans = [self._ctx.channel_stats(cc.ref.index) for cc in self._ctx.channels()]
-        return summarize([c for c in chans if c])
+        with self._ctx._lock:  # the channels let go: their counts stay in the totals
+            gone = {r: dict(t) for r, t in self._ctx.gone.items()}
+        return summarize([c for c in chans if c], gone)
 
     # -- shutdown ---------------------------------------------------------------------
     def shutdown(self) -> None:

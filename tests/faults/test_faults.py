@@ -492,3 +492,29 @@ def test_driver_killed_mid_pooled_transfer_leaves_nothing(shm_tmpfs, tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_stats_keep_counting_the_messages_of_dead_and_restarted_actors():
+    """Found in review: ``system.stats()`` summed the open channels only, so an actor's
+    death or restart took its messages out of the totals (12 -> 0 after a kill)."""
+    with ActorSystem() as system:
+        r = system.spawn(Restartable, 1, max_restarts=1)
+        e = system.spawn(Echo)
+        for _ in range(5):
+            r.add(1)
+            e.add(1, 2)
+        before = system.stats()["routes"]["shm"]
+        assert before["messages"] >= 20
+        os.kill(r.pid_(), signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # the restarted incarnation answers
+            try:
+                assert r.add(1) == 2
+                break
+            except ActorDiedError:
+                time.sleep(0.05)
+        e.kill()
+        after = system.stats()["routes"]["shm"]
+        assert after["messages"] >= before["messages"] + 2  # the pid_ call and the last add
+        assert after["bytes"] > before["bytes"]
+        assert [c["actor"] for c in system.stats()["channels"]] == [r.name]
