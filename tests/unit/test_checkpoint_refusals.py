@@ -204,7 +204,8 @@ def test_an_absurd_layer_count_is_refused_before_anything_is_sized_by_it(tmp_pat
 
 # -- what is not float weights ----------------------------------------------------------------
 
-def test_a_big_endian_gguf_reads_right(tmp_path, monkeypatch):
+def _big_endian_gguf(path: Path, monkeypatch, **kw) -> tuple[Path, dict]:
+    """A tiny model written as llama.cpp's ``--bigendian`` does; its source weights."""
     writer = gguf.GGUFWriter
 
     class BigEndian(writer):
@@ -213,9 +214,14 @@ def test_a_big_endian_gguf_reads_right(tmp_path, monkeypatch):
 
     config = tiny()
     source = load_weights(config, all_names(config), seed=0)
-    monkeypatch.setattr(tg.gguf, "GGUFWriter", BigEndian)
-    path = write_gguf(tmp_path / "be.gguf", config, source)
-    monkeypatch.setattr(tg.gguf, "GGUFWriter", writer)
+    with monkeypatch.context() as m:
+        m.setattr(tg.gguf, "GGUFWriter", BigEndian)
+        return write_gguf(path, config, source, **kw), source
+
+
+def test_a_big_endian_gguf_reads_right(tmp_path, monkeypatch):
+    config = tiny()
+    path, source = _big_endian_gguf(tmp_path / "be.gguf", monkeypatch)
     assert gguf.GGUFReader(str(path)).byte_order == "S"
     assert LlamaConfig.from_pretrained(path) == config
     got = load_weights(config, all_names(config), checkpoint=path)
@@ -224,18 +230,8 @@ def test_a_big_endian_gguf_reads_right(tmp_path, monkeypatch):
 
 
 def test_a_quantised_block_in_a_big_endian_gguf_is_refused(tmp_path, monkeypatch):
-    writer = gguf.GGUFWriter
-
-    class BigEndian(writer):
-        def __init__(self, *a, **k):
-            super().__init__(*a, endianess=gguf.GGUFEndian.BIG, **k)
-
-    config = tiny()
-    source = load_weights(config, all_names(config), seed=0)
-    monkeypatch.setattr(tg.gguf, "GGUFWriter", BigEndian)
-    path = write_gguf(tmp_path / "be.gguf", config, source,
-                      quantise={"model.layers.0.mlp.up_proj.weight": tg.Q.Q8_0})
-    monkeypatch.setattr(tg.gguf, "GGUFWriter", writer)
+    path, _ = _big_endian_gguf(tmp_path / "be.gguf", monkeypatch,
+                               quantise={"model.layers.0.mlp.up_proj.weight": tg.Q.Q8_0})
     with pytest.raises(ValueError, match="big-endian"):
         CheckpointReader(path)
 

@@ -287,26 +287,37 @@ while True:  # never sleeps: a full pipe is retried at once
         pass
 """
 
+_POOL_FLOOD = r"""
+import os, socket, struct, sys
+s = socket.socket(fileno=int(sys.argv[1]))
+msg = b"x"  # a malformed control message: refused every time
+while True:
+    s.send(msg)
+"""
 
-@pytest.mark.timeout(60)
-def test_a_doorbell_flood_does_not_hold_a_receive_past_its_deadline(private_dir):
-    """Found in review: ``Doorbell.drain`` read until the pipe was empty, and a peer that
-    kept it full (an untrusted worker is given its caller's doorbell path) held a receive
-    with a 1 s deadline for 5-15 s.  One read per wake-up now."""
-    caller = Channel.create(shm_dir=SHM, private_dir=private_dir, name="tee", threshold=1 << 20,
-                            safe=True)
+
+def _receive_under_flood(private_dir: str, threshold: int, flood: str, n: int,
+                         target, before=None) -> None:
+    """A TEE-side receive with a 1 s deadline, while ``n`` processes run ``flood``.
+
+    ``target(caller, callee)`` -> (argument of the flood script, descriptors to pass);
+    ``before(callee)`` runs once the flood has started.  The receive's thread runs at nice
+    19: the peer has cores of its own on a real host, and on a small shared test machine it
+    gets the CPU first.  The receive must end (any error) within about its deadline.
+    """
+    caller = Channel.create(shm_dir=SHM, private_dir=private_dir, name="tee",
+                            threshold=threshold, safe=True)
     bell = Doorbell(os.path.join(private_dir, "callee.bell"))
     callee = Channel.attach(caller.spec(), fds=[os.dup(fd) for fd in caller.peer_fds()],
                             own_bell=bell, safe=False, name="gpu", shm_dir=SHM)
     caller.attached(bell.path)
     tee = MessageChannel(caller)
-    flooders = [subprocess.Popen([sys.executable, "-c", _BELL_FLOOD, caller.spec().caller_bell])
-                for _ in range(4)]
+    arg, fds = target(caller, callee)
+    flooders = [subprocess.Popen([sys.executable, "-c", flood, arg], pass_fds=fds)
+                for _ in range(n)]
     outcome: list = []
 
     def receive() -> None:
-        # The peer has cores of its own on a real host; on a small shared test machine,
-        # let it have the CPU first.
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
         try:
             outcome.append(tee.recv(deadline=time.monotonic() + 1.0))
@@ -316,6 +327,8 @@ def test_a_doorbell_flood_does_not_hold_a_receive_past_its_deadline(private_dir)
 
     try:
         time.sleep(0.5)
+        if before is not None:
+            before(callee)
         t0 = time.monotonic()
         th = threading.Thread(target=receive, daemon=True)
         th.start()
@@ -328,22 +341,21 @@ def test_a_doorbell_flood_does_not_hold_a_receive_past_its_deadline(private_dir)
             p.wait()
     th.join(30.0)
     try:
-        # Nothing was sent: the receive must end with DeadlineError at about 1 s.
-        assert not stuck, f"a receive with a 1 s deadline still in drain after {held:.1f} s"
-        assert outcome[-1] < 2.0, f"receive with a 1 s deadline took {outcome[-1]:.1f} s: {outcome}"
+        assert not stuck, f"a receive with a 1 s deadline still inside after {held:.1f} s"
+        assert outcome[-1] < 2.0, f"a receive with a 1 s deadline took {outcome[-1]:.1f} s"
     finally:
         caller.close()
         callee.close()
         bell.close()
 
 
-_POOL_FLOOD = r"""
-import os, socket, struct, sys
-s = socket.socket(fileno=int(sys.argv[1]))
-msg = b"x"  # a malformed control message: refused, and logged, every time
-while True:
-    s.send(msg)
-"""
+@pytest.mark.timeout(60)
+def test_a_doorbell_flood_does_not_hold_a_receive_past_its_deadline(private_dir):
+    """Found in review: ``Doorbell.drain`` read until the pipe was empty, and a peer that
+    kept it full (an untrusted worker is given its caller's doorbell path) held a receive
+    with a 1 s deadline for 5-15 s.  One read per wake-up now."""
+    _receive_under_flood(private_dir, 1 << 20, _BELL_FLOOD, 4,
+                         lambda caller, callee: (caller.spec().caller_bell, ()))
 
 
 @pytest.mark.timeout(60)
@@ -352,52 +364,13 @@ def test_a_flood_of_pool_control_messages_does_not_hold_a_receive_past_its_deadl
     """Found in review: ``RxPool.poll`` read control messages until the socket was empty
     (logging each refusal), and a receive meeting an unknown slot polled with no deadline:
     a peer flooding the socket held it for as long as it flooded."""
-    # The TEE's end: the caller of an untrusted actor (safe, sealed); the hostile callee.
-    caller = Channel.create(shm_dir=SHM, private_dir=private_dir, name="tee", threshold=64,
-                            safe=True)
-    bell = Doorbell(os.path.join(private_dir, "callee.bell"))
-    callee = Channel.attach(caller.spec(), fds=[os.dup(fd) for fd in caller.peer_fds()],
-                            own_bell=bell, safe=False, name="gpu", shm_dir=SHM)
-    caller.attached(bell.path)
-    tee = MessageChannel(caller)
-    fd = callee.pool_sock.fileno()
-    os.set_blocking(fd, True)
-    flooders = [subprocess.Popen([sys.executable, "-c", _POOL_FLOOD, str(fd)], pass_fds=[fd])
-                for _ in range(3)]
-    outcome: list = []
+    def pool_socket(caller, callee):
+        fd = callee.pool_sock.fileno()
+        os.set_blocking(fd, True)
+        return str(fd), (fd,)
 
-    def receive() -> None:
-        # The peer has cores of its own on a real host (the GPU worker barely uses them);
-        # on a small shared test machine, let it have the CPU first.
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-        try:
-            outcome.append(tee.recv(deadline=time.monotonic() + 1.0))
-        except BaseException as exc:  # what it got is the test
-            outcome.append(exc)
-        outcome.append(time.monotonic() - t0)
-
-    try:
-        time.sleep(0.5)  # the socket is full of DROPs
-        _pool_message(callee, torch.ones(100), slot_id=99)  # a slot it never announced
-        t0 = time.monotonic()
-        th = threading.Thread(target=receive, daemon=True)
-        th.start()
-        th.join(15.0)
-        held = time.monotonic() - t0
-        stuck = th.is_alive()
-    finally:
-        for p in flooders:
-            p.kill()
-            p.wait()
-    th.join(30.0)
-    try:
-        # A receive with a 2 s deadline must end (ProtocolError or DeadlineError) within it.
-        assert not stuck, f"receive with a 1 s deadline still inside pool.poll after {held:.1f} s"
-        assert outcome[-1] < 2.0, f"receive with a 1 s deadline took {outcome[-1]:.1f} s: {outcome}"
-    finally:
-        caller.close()
-        callee.close()
-        bell.close()
+    _receive_under_flood(private_dir, 64, _POOL_FLOOD, 3, pool_socket,  # a slot never announced
+                         before=lambda callee: _pool_message(callee, torch.ones(100), slot_id=99))
 
 
 def test_an_untrusted_caller_cannot_hand_one_ring_for_both_directions(private_dir):
