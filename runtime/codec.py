@@ -104,7 +104,7 @@ import cloudpickle
 import numpy as np
 import torch
 
-from runtime.errors import ProtocolError, TransportError
+from runtime.errors import ProtocolError, TransportError, exception_reduction
 
 __all__ = [
     "DEVICE_WRITTEN",
@@ -972,14 +972,37 @@ def decode(
 # --------------------------------------------------------------------- exceptions
 
 
+class _ExceptionPickler(cloudpickle.Pickler):
+    """cloudpickle that rebuilds exceptions without calling their ``__init__``.
+
+    Python's own reduction of an exception rebuilds it as ``cls(*exc.args)``, which
+    fails for an ``__init__`` that takes other arguments than it passes up, and the
+    exception would reach the caller as a plain ``RemoteError`` instead of its type
+    (see :func:`runtime.errors.exception_reduction`).  Exceptions nested in the one
+    raised (in its ``args``, its ``__dict__``, an ``ExceptionGroup``) go the same way.
+    """
+
+    def reducer_override(self, obj: object) -> object:
+        if isinstance(obj, BaseException):
+            rv = exception_reduction(obj)
+            if rv is not None:
+                return rv
+        return super().reducer_override(obj)
+
+
 def exception_bytes(exc: BaseException) -> bytes | None:
     """``exc`` pickled for a trusted peer, or None if it cannot be rebuilt there.
 
-    The round trip is tried here, so an exception whose pickling or
-    unpickling fails (or raises ``SystemExit``) travels as text only.
+    The class travels by reference (by value if not importable, as cloudpickle does),
+    with ``args`` and ``__dict__``; the peer rebuilds it without ``__init__`` (see
+    :class:`_ExceptionPickler`).  The round trip is tried here, so an exception whose
+    pickling or unpickling fails (or raises ``SystemExit``) travels as text only.
+    Never for an untrusted peer, nor loaded from one: loading unpickles.
     """
     try:
-        data = cloudpickle.dumps(exc)
+        f = io.BytesIO()
+        _ExceptionPickler(f, protocol=pickle.HIGHEST_PROTOCOL).dump(exc)
+        data = f.getvalue()
         cloudpickle.loads(data)
     except BaseException:  # noqa: BLE001 - a hostile exception must not end the process
         return None

@@ -86,10 +86,17 @@ def _remote_text(exc: BaseException) -> str:
 
 
 _MIXED: dict[type, type] = {}
+_ORIGINAL: dict[type, type] = {}  # mixed class -> the class it was made for
 
 
 def _mixed_class(cls: type[BaseException]) -> type[BaseException] | None:
-    """Return a class deriving from both ``cls`` and ``RemoteError`` (cached)."""
+    """Return a class deriving from both ``cls`` and ``RemoteError`` (cached).
+
+    The class pickles itself as ``cls`` rebuilt by :func:`rebuild_exception` with
+    ``remote=True``, so a remote exception that travels again (an actor lets an
+    exception from another actor through) is still an instance of ``cls`` and of
+    ``RemoteError`` at the far end.
+    """
     if cls in _MIXED:
         return _MIXED[cls]
     try:
@@ -98,13 +105,71 @@ def _mixed_class(cls: type[BaseException]) -> type[BaseException] | None:
             "__qualname__": getattr(cls, "__qualname__", cls.__name__),
             "__str__": _remote_text,
             "__reduce__": lambda self: (
-                make_remote_exception, (None, self.remote_type, self.remote_message,
-                                        self.remote_traceback)),
+                rebuild_exception, (cls, self.args, dict(self.__dict__), True)),
         })
     except TypeError:  # final classes, incompatible layouts
         mixed = None
+    else:
+        _ORIGINAL[mixed] = cls
     _MIXED[cls] = mixed
     return mixed
+
+
+def _blank(cls: type[BaseException], args: tuple) -> BaseException:
+    """An instance of ``cls`` made without calling ``__init__``, with ``args`` set.
+
+    ``cls.__new__(cls, *args)`` first (what ``BaseException.__new__`` and classes such as
+    ``ExceptionGroup`` expect), then ``cls.__new__(cls)`` for a ``__new__`` that takes
+    other arguments.
+    """
+    try:
+        exc = cls.__new__(cls, *args)
+    except TypeError:
+        exc = cls.__new__(cls)
+    exc.args = args
+    return exc
+
+
+def exception_reduction(exc: BaseException) -> tuple | None:
+    """A pickle reduction of ``exc`` that does not call its ``__init__``, or None.
+
+    Python pickles an exception as ``(type(exc), exc.args, exc.__dict__)`` and
+    rebuilds it with ``type(exc)(*args)``, which fails (or builds something else) for
+    the many exceptions whose ``__init__`` takes other arguments than the ``args`` it
+    passes up (``def __init__(self, a, b): super().__init__(f"{a}/{b}")``, a
+    keyword-only ``code``).  This reduction carries the same three things but rebuilds
+    with :func:`rebuild_exception`.  None for a class that defines its own
+    ``__reduce__``/``__reduce_ex__`` (``OSError`` does; a user class may): its own
+    reduction is used then.
+    """
+    cls = type(exc)
+    if cls.__reduce__ is not BaseException.__reduce__ or \
+            cls.__reduce_ex__ is not object.__reduce_ex__:
+        return None
+    return (rebuild_exception, (cls, exc.args, getattr(exc, "__dict__", None) or None))
+
+
+def rebuild_exception(cls: type[BaseException], args: tuple, state: dict | None = None,
+                      remote: bool = False) -> BaseException:
+    """Rebuild an exception from its class, ``args`` and ``__dict__``, without ``__init__``.
+
+    What unpickling a ``BaseException`` does, less the call to ``cls(*args)``: the
+    instance is made with ``__new__``, ``args`` set and ``state`` applied with
+    ``__setstate__``.  With ``remote`` the instance is of ``cls`` mixed with
+    :class:`RemoteError` (a :class:`RemoteError` if no such class can be made), and its
+    ``__cause__`` carries ``remote_traceback`` again, as :func:`make_remote_exception`
+    set it.
+    """
+    target: type[BaseException] = cls
+    if remote:
+        target = (_mixed_class(cls) if isinstance(cls, type) and issubclass(cls, Exception)
+                  else None) or RemoteError
+    exc = _blank(target, tuple(args))
+    if state:
+        exc.__setstate__(state)
+    if remote:
+        exc.__cause__ = RemoteTraceback(str(getattr(exc, "remote_traceback", "")))
+    return exc
 
 
 def make_remote_exception(exc: BaseException | None, type_name: str, message: str,
@@ -115,15 +180,24 @@ def make_remote_exception(exc: BaseException | None, type_name: str, message: st
     ``type(exc)`` and ``RemoteError``; without it, a plain ``RemoteError``.
     The remote traceback is in the text and, as :class:`RemoteTraceback`, in
     ``__cause__``.
+
+    Only an ``Exception`` keeps its type.  Any other ``BaseException`` (the
+    ``SystemExit`` or ``KeyboardInterrupt`` of a method end the actor and never get
+    here; ``asyncio.CancelledError``, ``GeneratorExit``, a user's subclass) arrives as
+    a plain ``RemoteError`` naming it in ``remote_type``: such exceptions steer the
+    task, generator or process that raised them, and raised again in the caller an
+    ``except CancelledError`` or asyncio itself would take the remote failure for the
+    caller's own cancellation.  (A class mixed with ``RemoteError`` would also be an
+    ``Exception``, which such a class means not to be.)
     """
     out: BaseException | None = None
     if exc is not None and isinstance(exc, Exception):
-        mixed = _mixed_class(type(exc))
+        cls = _ORIGINAL.get(type(exc), type(exc))  # a remote one, relayed
+        mixed = _mixed_class(cls)
         if mixed is not None:
             try:
-                out = mixed.__new__(mixed)
+                out = _blank(mixed, exc.args)
                 out.__dict__.update(getattr(exc, "__dict__", {}))
-                out.args = exc.args
             except Exception:  # noqa: BLE001 - any failure means: fall back
                 out = None
     if out is None:
