@@ -47,6 +47,13 @@ class Echo:
         raise {"value": ValueError, "key": KeyError, "runtime": RuntimeError,
                "custom": CustomError}[kind](message)
 
+    def fail_custom_init(self, kind):
+        if kind == "two_args":
+            raise TwoArgError(1, 2)
+        if kind == "kw_only":
+            raise KwOnlyError("bad code", code=4)
+        raise NotAnException("not an Exception")
+
     def fail_unpicklable(self):
         raise UnpicklableError("cannot travel", threading.Lock())
 
@@ -72,6 +79,26 @@ class CustomError(Exception):
     """A user exception type that must keep its identity across the boundary."""
 
 
+class TwoArgError(Exception):
+    """An ``__init__`` whose arguments are not its ``args``: ``cls(*args)`` fails."""
+
+    def __init__(self, a, b):
+        super().__init__(f"{a}/{b}")
+        self.a, self.b = a, b
+
+
+class KwOnlyError(Exception):
+    """A keyword-only ``__init__`` argument: ``cls(*args)`` fails."""
+
+    def __init__(self, message, *, code):
+        super().__init__(message)
+        self.code = code
+
+
+class NotAnException(BaseException):
+    """A ``BaseException`` that is neither ``SystemExit`` nor ``KeyboardInterrupt``."""
+
+
 class UnpicklableError(Exception):
     def __init__(self, message, lock):
         super().__init__(message)
@@ -87,6 +114,9 @@ class Caller:
 
     def relay(self, x):
         return self.other.echo(x)
+
+    def relay_fail(self, kind, message):
+        return self.other.fail(kind, message)  # not caught: the remote exception goes on
 
     def relay_many(self, n):
         futs = [self.other.add.remote(i, 1) for i in range(n)]

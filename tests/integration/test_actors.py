@@ -23,7 +23,16 @@ from runtime import (
     actor,
 )
 from runtime.actor import actor_options
-from tests.integration.actors_lib import Caller, CustomError, Echo, FailingInit, Untrusted
+from tests.integration.actors_lib import (
+    Caller,
+    CustomError,
+    Echo,
+    FailingInit,
+    KwOnlyError,
+    NotAnException,
+    TwoArgError,
+    Untrusted,
+)
 
 
 @pytest.fixture
@@ -75,6 +84,44 @@ def test_remote_exceptions_keep_their_type(system, kind, exc_type):
     assert "Traceback" in str(err) and "in fail" in str(err)
     assert "in fail" in str(err.__cause__)
     assert e.add(1, 1) == 2  # the actor is still serving
+
+
+@pytest.mark.parametrize("kind,exc_type,state", [("two_args", TwoArgError, {"a": 1, "b": 2}),
+                                                 ("kw_only", KwOnlyError, {"code": 4})])
+def test_exception_with_its_own_init_keeps_its_type(system, kind, exc_type, state):
+    """``cls(*args)`` fails for these: they are rebuilt without ``__init__``."""
+    e = system.spawn(Echo)
+    with pytest.raises(exc_type) as info:
+        e.fail_custom_init(kind)
+    err = info.value
+    assert isinstance(err, RemoteError)
+    assert {k: getattr(err, k) for k in state} == state
+    assert "in fail_custom_init" in str(err)
+
+
+def test_base_exception_that_is_no_exception_arrives_as_plain_remote_error(system):
+    """Deliberate (docs/design.md): a CancelledError, GeneratorExit or the like steers
+    the remote task; raised again in the caller it would steer the caller's."""
+    e = system.spawn(Echo)
+    with pytest.raises(RemoteError) as info:
+        e.fail_custom_init("base")
+    assert type(info.value) is RemoteError
+    assert not isinstance(info.value, NotAnException)
+    assert info.value.remote_type.endswith("NotAnException")
+    assert "not an Exception" in str(info.value)
+
+
+def test_exception_keeps_its_type_across_two_hops(system):
+    """driver -> Caller -> Echo: Echo raises, Caller lets it through; the driver gets the
+    type too, and the text holds both tracebacks."""
+    e = system.spawn(Echo)
+    c = system.spawn(Caller, e)
+    with pytest.raises(CustomError, match="two hops") as info:
+        c.relay_fail("custom", "two hops")
+    err = info.value
+    assert isinstance(err, RemoteError)
+    assert "in relay_fail" in str(err) and "in fail" in str(err)
+    assert "in relay_fail" in str(err.__cause__)
 
 
 def test_exception_through_future(system):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import builtins
 import collections
 import enum
 import gc
@@ -29,8 +31,10 @@ from runtime.codec import (
     Encoded,
     decode,
     encode,
+    exception_bytes,
+    trusted_exception,
 )
-from runtime.errors import ProtocolError, TransportError
+from runtime.errors import ProtocolError, RemoteError, TransportError, make_remote_exception
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -802,3 +806,86 @@ def test_mutated_valid_headers_raise_only_transport_errors(data, safe):
     if bufs and data.draw(st.booleans()):
         bufs = bufs[: data.draw(st.integers(0, len(bufs) - 1))]
     _decode_only_transport_errors(bytes(h), bufs, safe)
+
+
+# ----------------------------------------------------------------------------- exceptions
+
+
+class TwoArgError(Exception):
+    def __init__(self, a, b):
+        super().__init__(f"{a}/{b}")
+        self.a, self.b = a, b
+
+
+class KwOnlyError(Exception):
+    def __init__(self, message, *, code):
+        super().__init__(message)
+        self.code = code
+
+
+class OwnReduceError(Exception):
+    """A class with its own reduction: that one is used, not the runtime's."""
+
+    def __init__(self, a, b):
+        super().__init__(a)
+        self.b = b
+
+    def __reduce__(self):
+        return (OwnReduceError, (self.args[0], self.b + 1))
+
+
+@pytest.mark.parametrize("exc", [TwoArgError(1, 2), KwOnlyError("bad", code=4),
+                                 ValueError("plain"), OwnReduceError("x", 1)],
+                         ids=["two_args", "kw_only", "plain", "own_reduce"])
+def test_exception_round_trips_without_calling_init(exc):
+    """``cls(*args)`` (Python's own unpickling) fails for the first two."""
+    exc.extra = "state outside args"
+    data = exception_bytes(exc)
+    assert data is not None
+    back = trusted_exception(data)
+    assert type(back) is type(exc) and back.args == exc.args
+    want = dict(exc.__dict__)
+    if isinstance(exc, OwnReduceError):
+        want = {"b": 2}  # its __reduce__ ran (and dropped ``extra``)
+    assert back.__dict__ == want
+
+
+def test_exceptions_nested_in_a_group_round_trip():
+    group_cls = getattr(builtins, "ExceptionGroup", None)
+    if group_cls is None:
+        pytest.skip("no ExceptionGroup before Python 3.11")
+    group = group_cls("two", [TwoArgError(3, 4), KwOnlyError("k", code=5)])
+    back = trusted_exception(exception_bytes(group))
+    assert type(back) is group_cls and str(back) == str(group)
+    first, second = back.exceptions
+    assert (type(first), first.a, first.b) == (TwoArgError, 3, 4)
+    assert (type(second), second.code) == (KwOnlyError, 5)
+
+
+@pytest.mark.parametrize("exc", [ValueError("v"), TwoArgError(1, 2)], ids=["value", "two_args"])
+@pytest.mark.parametrize("how", ["pickle", "exception_bytes"])
+def test_remote_exception_pickles_as_a_remote_exception_of_its_type(exc, how):
+    """What a second hop does: an actor lets a caller's remote exception through."""
+    remote = make_remote_exception(exc, "x.T", "msg", "TB text")
+    if how == "pickle":
+        back = pickle.loads(pickle.dumps(remote))
+    else:
+        back = trusted_exception(exception_bytes(remote))
+    assert isinstance(back, type(exc)) and isinstance(back, RemoteError)
+    assert type(back) is type(remote)  # the same cached mixed class
+    assert back.args == exc.args and back.__dict__ == remote.__dict__
+    assert back.remote_traceback == "TB text" and str(back.__cause__) == "TB text"
+    again = make_remote_exception(back, "x.T", "msg 2", "TB 2")
+    assert type(again) is type(remote)  # mixed once, not mixed with itself
+    assert str(again) == "msg 2\n\nRemote traceback:\nTB 2"
+
+
+def test_base_exception_that_is_no_exception_becomes_a_plain_remote_error():
+    """Deliberate: see make_remote_exception and docs/design.md."""
+
+    class NotAnException(BaseException):
+        pass
+
+    for exc in (NotAnException("n"), GeneratorExit(), asyncio.CancelledError()):
+        out = make_remote_exception(exc, "m.N", "n", "TB")
+        assert type(out) is RemoteError and out.remote_type == "m.N"
