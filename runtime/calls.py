@@ -12,6 +12,9 @@ thread hand-off: send, spin or sleep on the doorbell, read, return.  Replies
 for other calls it meets on the way complete their futures.  Futures that
 nobody waits on (``.remote()`` followed by ``add_done_callback``) are
 completed by a per-channel pump thread that takes the role when it is free.
+Done-callbacks run on neither: each channel has one callback thread that runs
+them in completion order (``CallerChannel._callbacks_main``), so a slow or
+re-entrant callback holds up no reader, sender, sweep or serving thread.
 
 Failure.  Every wait is cut into slices of at most 100 ms; after each the
 actor's entry in the shared actor table is read (one memory load): a death or
@@ -92,6 +95,8 @@ MAX_LATE = 1 << 16
 DRAIN_MAX = 256
 # How often a reader that keeps receiving replies still fails the calls past call_timeout.
 EXPIRE_EVERY_S = 0.01
+# How long shutdown waits for the done-callbacks of the calls it failed (all channels).
+CALLBACKS_AT_CLOSE_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -159,23 +164,25 @@ class CallFuture(Future):
         super().__init__()
         self._owner = owner
         self.wire: list[Any] | None = None
+        self.done_ns = 0  # monotonic ns when the reply (or the failure) completed the call
 
     def complete(self, ok: bool, value: Any) -> None:
+        self.done_ns = time.monotonic_ns()
         if ok:
             self.set_result(value)
         else:
             self.set_exception(value)
 
     def _invoke_callbacks(self) -> None:
-        # Futures run done-callbacks on whichever thread completes them -- here
-        # often the channel's pump.  Not while that thread holds the channel's
-        # reader role: a slow callback (post-processing, a chained call) would
-        # hold up every other call to the actor, and the news of its death.
-        # Those are queued and run once the role is let go (``_run_due``).
-        if self._owner._role._is_owned():
-            self._owner._due.append(self)
-            return
-        self._run_callbacks()
+        # Futures run done-callbacks on whichever thread completes them.  Here that is a
+        # reader holding the channel's role (the pump, or a caller waiting on another
+        # call), a sender reading while the ring is full, a sweep holding its lock, or an
+        # actor's serving thread: a slow callback (post-processing, a chained call, a
+        # kill) would hold up every other call to the actor, the news of its death, or
+        # be refused what its thread may not do.  So they go to the channel's callback
+        # thread (reviews found each of those).
+        if self._done_callbacks:
+            self._owner._queue_callbacks(self)
 
     def _run_callbacks(self) -> None:
         # concurrent.futures logs an Exception from a callback; a SystemExit
@@ -266,7 +273,7 @@ class CallerChannel:
         self._ids = itertools.count(1)
         self._send_lock = threading.Lock()
         self._sender: int | None = None  # the thread holding _send_lock (close() asks)
-        # Re-entrant, for safety: done-callbacks no longer run under it (``_due``).
+        # Re-entrant, for safety: done-callbacks never run under it (``_queue_callbacks``).
         self._role = threading.RLock()
         self._pump: threading.Thread | None = None
         self._pump_event = threading.Event()
@@ -275,10 +282,11 @@ class CallerChannel:
         self.spin = SpinPolicy(REPLY_SPIN_MIN_S, REPLY_SPIN_MAX_S)
         # Replies read while a send held the lock (at most one per call in flight, plus slack).
         self._deferred: collections.deque[Any] = collections.deque()
-        # Futures completed while a thread held the reader role: their done-callbacks run
-        # after it lets go (``_run_due``), in completion order, one thread at a time.
+        # Futures whose done-callbacks are yet to run, in completion order, and the
+        # thread that runs them (started at the first, ended once closed and idle).
         self._due: collections.deque[CallFuture] = collections.deque()
-        self._due_lock = threading.Lock()
+        self._due_cv = threading.Condition(threading.Lock())
+        self._callbacks: threading.Thread | None = None
         # Calls that timed out and whose replies have not come yet: they are still read
         # (and dropped) as they come, or they would fill the channel -- ring, pool slots,
         # ZeroMQ -- and leave the actor stuck in a send only this caller could unblock.
@@ -339,7 +347,6 @@ class CallerChannel:
         if self._deferred and not self._role._is_owned():
             with self._role:
                 self._dispatch_deferred()
-        self._run_due()
 
     def _send_locked(self, method: str, args: tuple, kwargs: dict, waiter: Any,
                      deadline: float | None, *, chain: tuple[int, ...] = ()) -> None:
@@ -405,7 +412,6 @@ class CallerChannel:
                     self._role.release()
                     if self.pending or self._late:
                         self._kick_pump()
-                    self._run_due()
                 if self.dead is not None and not waiter.is_done():
                     self._abandon(waiter)  # nothing will ever read its reply
             else:
@@ -583,20 +589,22 @@ class CallerChannel:
                         ok, msg = self._recv()
                     except ProtocolError as exc:
                         tag = getattr(exc, "tag", None)
-                        if ch.failed is not None or tag is None:
+                        if ch.failed is not None or tag is None or (
+                                tag not in self.pending and tag not in self._late):
+                            # As _read_until: an undecodable reply to no call fails the
+                            # channel (queueing it would cost memory without bound).
                             self._fail_all(exc)
                             raise
                         self._deferred.append(_Failed(tag, exc))
-                        continue
-
-                    if not ok:
-                        break
-                    if type(msg) is tuple and len(msg) == 3 and type(msg[0]) is int \
-                            and msg[0] not in self.pending and msg[0] not in self._late:
-                        ch.ack()  # answers no call: dropped now, as _dispatch would
-                        continue
-                    self._deferred.append(msg)
-                    ch.ack()
+                    else:
+                        if not ok:
+                            break
+                        if type(msg) is tuple and len(msg) == 3 and type(msg[0]) is int \
+                                and msg[0] not in self.pending and msg[0] not in self._late:
+                            ch.ack()  # answers no call: dropped now, as _dispatch would
+                            continue
+                        self._deferred.append(msg)
+                        ch.ack()
                     if len(self._deferred) > len(self.pending) + len(self._late) + DRAIN_MAX:
                         # More replies than calls in flight: an honest actor answers each
                         # call once.  Queueing them would cost memory without bound.
@@ -607,22 +615,55 @@ class CallerChannel:
             finally:
                 self._role.release()
 
-    def _run_due(self) -> None:
-        """Run the done-callbacks of futures completed while the reader role was held.
+    # -- done-callbacks ------------------------------------------------------------
+    def _queue_callbacks(self, fut: CallFuture) -> None:
+        """Have the channel's callback thread run ``fut``'s done-callbacks."""
+        with self._due_cv:
+            self._due.append(fut)
+            if self._callbacks is None:
+                self._callbacks = threading.Thread(target=self._callbacks_main, daemon=True,
+                                                   name=f"rt-callbacks-{self.ref.name}")
+                self._callbacks.start()
+            self._due_cv.notify()
 
-        In completion order, by one thread at a time; a thread that finds another running
-        them leaves its own to it (that thread looks again before it stops).  Never called
-        while holding the role, nor from ``_drain_nowait`` (its caller holds the send lock,
-        which a callback calling this actor would wait for).
+    def _callbacks_main(self) -> None:
+        """Run queued done-callbacks in completion order, one at a time, until closed.
+
+        One thread per channel: callbacks of one actor's calls keep their order, and a
+        slow one holds up only those queued behind it.  A callback may do anything a user
+        thread may: call (this actor too), kill, shut the system down.
         """
-        while self._due:
-            if not self._due_lock.acquire(blocking=False):
-                return
+        while True:
+            with self._due_cv:
+                while not self._due:
+                    if self.closed:
+                        self._callbacks = None  # a later completion starts a new thread
+                        self._due_cv.notify_all()  # for wait_callbacks
+                        return
+                    self._due_cv.wait(1.0)
+                fut = self._due[0]
             try:
-                while self._due:
-                    self._due.popleft()._run_callbacks()
+                fut._run_callbacks()
             finally:
-                self._due_lock.release()
+                with self._due_cv:
+                    self._due.popleft()
+                    if not self._due:
+                        self._due_cv.notify_all()
+
+    def wait_callbacks(self, deadline: float) -> None:
+        """Wait until the queued done-callbacks have run, or ``deadline`` (monotonic).
+
+        Not from a callback (it would wait for itself).
+        """
+        with self._due_cv:
+            t = self._callbacks
+            if t is None or t is threading.current_thread():
+                return
+            while self._due:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                self._due_cv.wait(left)
 
     def _dispatch_deferred(self) -> None:
         """Complete the replies ``_drain_nowait`` queued (holding the reader role)."""
@@ -670,8 +711,6 @@ class CallerChannel:
                                                       f"failed: {exc!r}"))
                     finally:
                         self._role.release()
-                    self._run_due()
-            self._run_due()  # those of a failure met by the last read
 
     def close(self, reason: BaseException | None = None) -> None:
         """Fail what is pending with ``reason``, then release the channel (idempotent)."""
@@ -681,6 +720,8 @@ class CallerChannel:
         self.closed = True
         self._fail_all(reason or ActorDiedError(f"channel to actor {self.ref.name!r} closed"))
         self._pump_event.set()
+        with self._due_cv:
+            self._due_cv.notify_all()  # an idle callback thread ends
         # A reader finishes its current wait slice (<= 100 ms) and sees `dead`;
         # a sender waiting for ring space sees it in `check`.  This very thread may be
         # that sender or reader, interrupted (a signal handler that shuts the system
@@ -701,9 +742,8 @@ class CallerChannel:
             # unmapping now would pull memory from under it.  Close once it left.
             threading.Thread(target=self._close_when_free, args=(notify,), daemon=True,
                              name=f"rt-close-{self.ref.name}").start()
-        if self._pump is not None and self._pump is not threading.current_thread() \
-                and not self._due_lock.locked():  # not in a user's callback: it ends soon
-            self._pump.join(2.0)
+        if self._pump is not None and self._pump is not threading.current_thread():
+            self._pump.join(2.0)  # it runs no user code: it ends within a wait slice
 
     def _close_when_free(self, notify: bool) -> None:
         with self._send_lock, self._role:
@@ -1085,6 +1125,11 @@ class ProcessContext:
             return  # the channels are the parent's: never touch them from a fork
         for cc in channels:
             cc.close(ActorRuntimeError("the actor system was shut down"))
+        # The done-callbacks of the calls that shutdown failed have run when it returns,
+        # as they did when they ran on the closing thread (bounded: a callback may hang).
+        deadline = time.monotonic() + CALLBACKS_AT_CLOSE_S
+        for cc in channels:
+            cc.wait_callbacks(deadline)
 
 
 def summarize(channel_stats: list[dict[str, Any]],

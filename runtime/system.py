@@ -145,7 +145,10 @@ class _SupervisorLink:
                     continue
                 if msg[0] == "died":  # unasked: an actor died (its index is msg[2])
                     if self.on_death is not None:
-                        self.on_death()
+                        try:
+                            self.on_death()
+                        except Exception:  # the link must outlive it: it reports deaths
+                            log.exception("handling an actor's death failed")
                     continue
                 fut = self._waiters.pop(msg[1], None)
                 if fut is not None:

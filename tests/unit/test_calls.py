@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from types import SimpleNamespace
 
@@ -84,6 +85,10 @@ def test_replies_read_during_a_full_ring_send_complete_in_issue_order():
     ch.inbox.extend((i, True, i) for i in range(1, 7))  # the replies, in order
     ch.full = True
     last = cc.submit("m", (7,), {})  # waits for space: reads all six meanwhile
+    assert all(f.done() for f in futures)
+    deadline = time.monotonic() + 5  # the channel's callback thread runs the callbacks
+    while len(order) < 6 and time.monotonic() < deadline:
+        time.sleep(0.001)
     assert order == [1, 2, 3, 4, 5, 6]
     assert not any(locked), "a callback ran while the send lock was held"
     ch.inbox.append((7, True, 7))
