@@ -354,3 +354,55 @@ def test_a_death_during_a_slow_done_callback_is_reported_at_once():
         with pytest.raises(ActorDiedError):
             pending.result(10)
         assert time.monotonic() - t0 < 1.5
+
+
+def test_a_call_does_not_run_another_futures_slow_done_callback():
+    """Found in review: callbacks queued while a reader held the role were run by the next
+    thread that sent on the channel, so a ``.remote()`` returned only after another
+    future's 2 s callback."""
+    with ActorSystem() as system:
+        target = system.spawn(Echo)
+        assert target.echo(0) == 0
+        first = target.sleep.remote(0.1)
+        first.add_done_callback(lambda f: time.sleep(2))
+        second = target.sleep.remote(1.0)  # the pump keeps reading past the first reply
+        time.sleep(0.3)
+        t0 = time.monotonic()
+        third = target.echo.remote(1)
+        assert time.monotonic() - t0 < 0.5
+        assert second.result(10) == 1.0 and third.result(10) == 1
+
+
+def test_a_done_callback_runs_soon_after_its_reply_with_other_calls_in_flight():
+    """Found in review: the pump ran queued callbacks only once its 0.5 s read slice ended,
+    so with another call in flight a callback came up to 0.5 s after its reply."""
+    with ActorSystem() as system:
+        target = system.spawn(Echo)
+        assert target.echo(0) == 0
+        lags = []
+        for _ in range(3):
+            ran = threading.Event()
+            first = target.echo.remote(1)
+            first.add_done_callback(lambda f, ran=ran: ran.set())
+            second = target.sleep.remote(0.6)  # another call in flight: the pump reads on
+            while not first.done():  # not result(): the pump, not this thread, reads
+                time.sleep(0.001)
+            t0 = time.monotonic()
+            ran.wait(5)
+            lags.append(time.monotonic() - t0)
+            second.result(5)
+        assert max(lags) < 0.1, lags
+
+
+def test_shutdown_returns_once_the_callbacks_of_the_calls_it_failed_ran():
+    """Callbacks run on a thread of their own; shutdown still waits for those of the calls
+    it fails, as it did when it ran them itself."""
+    got = []
+    system = ActorSystem()
+    target = system.spawn(Echo)
+    assert target.echo(0) == 0
+    fut = target.sleep.remote(30)
+    fut.add_done_callback(lambda f: (time.sleep(0.2), got.append(type(f.exception()))))
+    time.sleep(0.1)
+    system.shutdown()
+    assert got and issubclass(got[0], ActorRuntimeError)

@@ -15,7 +15,7 @@ import time
 import pytest
 
 from runtime import ActorSystem, RemoteError
-from tests.integration.actors_lib import Peer, SelfCaller
+from tests.integration.actors_lib import Echo, Peer, SelfCaller
 
 
 @pytest.mark.timeout(60)
@@ -79,3 +79,17 @@ def test_an_actors_background_thread_may_call_its_own_handle():
         assert a.state() == (1, None)
         with pytest.raises(RemoteError, match="called itself"):
             a.call_self_now(a)
+
+
+def test_a_done_callback_may_notify_its_own_actor():
+    """Found in review: a done-callback ran on whichever thread next read or sent on the
+    channel -- here the actor's serving thread, which refused the callback's ``.remote()``
+    to its own actor.  Callbacks run on the channel's callback thread."""
+    with ActorSystem() as system:
+        a = system.spawn(SelfCaller)
+        b = system.spawn(Echo)
+        assert a.chain_by_callback(a, b) == 1.0
+        deadline = time.monotonic() + 10
+        while a.state() == (0, None) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert a.state() == (1, None)

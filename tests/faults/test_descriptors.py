@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
@@ -136,3 +137,26 @@ def test_an_idle_actor_lets_go_of_a_dead_actors_rings():
         assert held >= 4
         os.kill(target.pid, signal.SIGKILL)
         assert _settles(lambda: _shm_mappings(relay.pid, shm), held - 2, 5) == held - 2
+
+
+def test_a_done_callback_failed_by_the_sweep_may_kill_promptly():
+    """Found in review: the sweep that a death starts failed the dead actor's futures on
+    its own thread, under its lock, and ran their callbacks there: a ``kill()`` in one
+    waited 5 s for that lock.  Callbacks run on the channel's callback thread."""
+    with ActorSystem() as system:
+        crashing, other = system.spawn(Echo), system.spawn(Echo)  # no channel to other
+        seen = {}
+        done = threading.Event()
+
+        def kill_other(f):
+            t0 = time.monotonic()
+            other.kill()
+            seen["kill_s"] = time.monotonic() - t0
+            done.set()
+
+        fut = crashing.sleep.remote(30)
+        fut.add_done_callback(kill_other)
+        time.sleep(0.3)
+        os.kill(crashing.pid, signal.SIGKILL)
+        assert done.wait(20)
+        assert seen["kill_s"] < 2.0

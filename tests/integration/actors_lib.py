@@ -432,15 +432,19 @@ class Streamer:
     def take(self, blob):
         return len(blob)
 
-    def jam(self, seconds):
-        """Reply at once, then make our inbound ring look full and stream late replies."""
+    def jam(self, seconds, undecodable=False):
+        """Reply at once, then make our inbound ring look full and stream late replies.
+
+        ``undecodable``: replies the caller cannot decode (nested too deep for a reply
+        from an untrusted actor), still naming no call.
+        """
         from runtime.errors import DeadlineError
 
         conn, msg = _serving_frame()
         ch = conn.channel
         ch.send((msg[0], True, "jammed"), tag=msg[0])  # the real reply: nothing is pending
         rx = ch.transport.rx
-        enc = ch.encode((123456789, True, 0))
+        enc = ch.encode((123456789, True, nest(101) if undecodable else 0))
         end = time.monotonic() + seconds
         n = 0
         while time.monotonic() < end:
@@ -489,6 +493,26 @@ class SelfCaller:
 
     def call_self_now(self, me):
         return me.bump()  # from the serving thread: refused
+
+    def chain_by_callback(self, me, other):
+        """A done-callback of a call to ``other`` notifies this very actor (``.remote()``).
+
+        Meanwhile the serving thread calls ``other`` again: a review found the callback
+        run there, on the serving thread, where its self-call is refused.
+        """
+        first = other.sleep.remote(0.1)
+
+        def notify(f):
+            try:
+                me.bump.remote()
+            except BaseException as exc:  # what it got is the test's
+                self.error = f"{type(exc).__name__}: {exc}"
+
+        first.add_done_callback(notify)
+        second = other.sleep.remote(1.0)  # keeps a reader busy past the first reply
+        time.sleep(0.3)
+        other.echo(1)
+        return second.result()
 
     def bump(self):
         self.bumps += 1
