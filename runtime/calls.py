@@ -1125,6 +1125,9 @@ class ProcessContext:
             return  # the channels are the parent's: never touch them from a fork
         for cc in channels:
             cc.close(ActorRuntimeError("the actor system was shut down"))
+        # A sweep in progress reads the actor table, which the system unmaps next.
+        if self._sweeping and self._sweep_lock.acquire(timeout=5):
+            self._sweep_lock.release()
         # The done-callbacks of the calls that shutdown failed have run when it returns,
         # as they did when they ran on the closing thread (bounded: a callback may hang).
         deadline = time.monotonic() + CALLBACKS_AT_CLOSE_S
