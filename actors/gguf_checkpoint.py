@@ -27,7 +27,9 @@ Metadata → ``config.json`` (:func:`gguf_config_dict`): ``llama.embedding_lengt
 ``hidden_size``, ``feed_forward_length``, ``block_count``, ``attention.head_count(_kv)``,
 ``attention.layer_norm_rms_epsilon``, ``rope.freq_base``, ``context_length`` →
 ``max_position_embeddings``, ``rope.scaling.type`` ``linear`` with ``rope.scaling.factor``;
-``tie_word_embeddings`` when the file has no ``output.weight``.  Refused with a
+``tie_word_embeddings`` when the file has no ``output.weight``; ``tokenizer.ggml.bos_token_id``
+→ ``bos_token_id``, and the eos, end-of-turn and end-of-message ids → ``eos_token_id`` (a list
+when several: an answer ends at any of them).  Refused with a
 ``ValueError``: architectures other than ``llama``, YaRN scaling, and Llama-3 RoPE factors
 stored as a ``rope_freqs`` tensor (their parameters cannot be recovered from the tensor).
 """
@@ -237,11 +239,20 @@ def _config_from_reader(reader: Any, where: str) -> dict[str, Any]:
     if "rope_freqs.weight" in tensors:
         raise ValueError(f"{where}: GGUF file stores Llama-3 RoPE factors as a rope_freqs "
                          f"tensor; converting those back to rope_scaling is not supported")
-    for name, key in (("bos_token_id", "tokenizer.ggml.bos_token_id"),
-                      ("eos_token_id", "tokenizer.ggml.eos_token_id")):
+    bos = _field(reader, "tokenizer.ggml.bos_token_id")
+    if bos is not None:
+        config["bos_token_id"] = _meta_int(bos, "tokenizer.ggml.bos_token_id", where, lo=0)
+    # What ends an answer: llama.cpp stops at any end-of-generation token, and a chat model
+    # ends its turn with end-of-turn (Llama-3 Instruct's <|eot_id|>), not with its eos.
+    # Several ids are a list, as in Llama-3.1's own config.json.
+    ends: list[int] = []
+    for key in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
+                "tokenizer.ggml.eom_token_id"):
         v = _field(reader, key)
-        if v is not None:
-            config[name] = _meta_int(v, key, where, lo=0)
+        if v is not None and (i := _meta_int(v, key, where, lo=0)) not in ends:
+            ends.append(i)
+    if ends:
+        config["eos_token_id"] = ends[0] if len(ends) == 1 else ends
     return config
 
 

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from actors.gguf_checkpoint import conversion_dir, find_gguf
+from actors.gguf_checkpoint import conversion_dir, find_gguf, gguf_config_dict
 
 __all__ = ["StreamDecoder", "chat_ids", "eos_token_ids", "generation_eos_ids", "load_tokenizer"]
 
@@ -108,13 +108,17 @@ def eos_token_ids(tokenizer: Any, extra: Sequence[int] = ()) -> list[int]:
 
 
 def generation_eos_ids(checkpoint: str | Path) -> list[int]:
-    """The ids a Hugging Face folder's ``generation_config.json`` says end an answer.
+    """The ids the checkpoint says end an answer, beyond what its tokenizer may know.
 
     transformers' ``generate`` stops at any of them, and they may be more than the
     tokenizer's eos: Llama-3 Instruct ends a chat turn with ``<|eot_id|>`` (128009) while its
-    tokenizer's eos is ``<|end_of_text|>`` (128001).  ``[]`` for a GGUF file or a folder
-    without the file; ``ValueError`` for one that is not JSON.
+    tokenizer's eos is ``<|end_of_text|>`` (128001).  A Hugging Face folder names them in
+    ``generation_config.json`` (``[]`` without one; ``ValueError`` for one that is not
+    JSON); a GGUF file in its metadata, as eos, end-of-turn and end-of-message tokens.
     """
+    gguf = find_gguf(checkpoint)
+    if gguf is not None:
+        return _token_ids(gguf_config_dict(gguf).get("eos_token_id"))
     path = Path(checkpoint) / "generation_config.json"
     if not path.is_file():
         return []
@@ -122,8 +126,12 @@ def generation_eos_ids(checkpoint: str | Path) -> list[int]:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot read {str(path)!r} as JSON: {e}") from e
-    eos = data.get("eos_token_id") if isinstance(data, dict) else None
-    ids = eos if isinstance(eos, list) else [eos]
+    return _token_ids(data.get("eos_token_id") if isinstance(data, dict) else None)
+
+
+def _token_ids(value: Any) -> list[int]:
+    """An id or a list of ids from a config, keeping only non-negative ints."""
+    ids = value if isinstance(value, list) else [value]
     return [i for i in ids if isinstance(i, int) and not isinstance(i, bool) and i >= 0]
 
 

@@ -40,7 +40,7 @@ def llama_cpp_permute(w: np.ndarray, n_head: int, n_head_kv: int | None) -> np.n
 def write_gguf(path: Path, config: LlamaConfig, weights: dict[str, torch.Tensor], *,
                quantise: dict[str, Q] | None = None, arch: str = "llama",
                scaling: str | None = None, factor: float = 1.0, tokenizer: bool = False,
-               extra: dict[str, np.ndarray] | None = None) -> Path:
+               extra: dict[str, np.ndarray] | None = None, eot: int | None = None) -> Path:
     c = config
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(c.num_hidden_layers)
@@ -70,6 +70,8 @@ def write_gguf(path: Path, config: LlamaConfig, weights: dict[str, torch.Tensor]
         w.add_token_merges(merges)
         w.add_bos_token_id(0)
         w.add_eos_token_id(1)
+        if eot is not None:
+            w.add_eot_token_id(eot)
         w.add_chat_template("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n"
                             "{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, c.num_hidden_layers)
@@ -286,3 +288,22 @@ def test_tokenizer_from_gguf(tmp_path, cache):
     pieces = [stream.push(i) for i in ids]
     assert pieces == ["h", "", "é", "ll", "o"]  # é waits for its second byte
     assert stream.text() == "héllo"
+
+
+def test_a_gguf_files_end_of_turn_token_ends_an_answer(tmp_path, cache):
+    """A chat model's GGUF file names its end-of-turn token (Llama-3 Instruct's <|eot_id|>)
+    beside its eos; an answer must stop at either, as llama.cpp's does.  Before, only the
+    tokenizer's eos stopped it: the model's "end of turn" ran on into the next one."""
+    pytest.importorskip("transformers")
+    from actors.tokenizer import eos_token_ids, generation_eos_ids, load_tokenizer
+
+    config = tiny(vocab_size=260)
+    source = load_weights(config, all_names(config), seed=0)
+    path = write_gguf(tmp_path / "t.gguf", config, source, tokenizer=True, eot=259)
+    assert gc.gguf_config_dict(path)["eos_token_id"] == [1, 259]
+    assert generation_eos_ids(path) == generation_eos_ids(tmp_path) == [1, 259]
+    assert eos_token_ids(load_tokenizer(path), generation_eos_ids(path)) == [1, 259]
+    (tmp_path / "p").mkdir()
+    plain = write_gguf(tmp_path / "p" / "p.gguf", config, source, tokenizer=True)
+    assert gc.gguf_config_dict(plain)["eos_token_id"] == 1
+    assert generation_eos_ids(plain) == [1]
