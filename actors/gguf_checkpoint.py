@@ -54,7 +54,7 @@ __all__ = ["GGUF_NAMES", "cache_root", "cached_conversion", "conversion_dir", "f
 
 logger = logging.getLogger(__name__)
 
-CONVERSION_VERSION = 1  # bump when the folder's content changes: old conversions are redone
+CONVERSION_VERSION = 2  # bump when the folder's content changes: old conversions are redone
 _MAGIC = b"GGUF"
 
 # llama.cpp name -> Hugging Face name; "{i}" is the layer.
