@@ -185,14 +185,12 @@ class CallFuture(Future):
             self._owner._queue_callbacks(self)
 
     def _run_callbacks(self) -> None:
-        # concurrent.futures logs an Exception from a callback; a SystemExit
-        # would end that thread and strand every other pending future, so it
-        # is logged too.
+        # concurrent.futures logs an Exception from a callback; a SystemExit or a
+        # KeyboardInterrupt raised by one would end the channel's callback thread and
+        # strand the callbacks queued behind it, so those are logged too.
         for callback in self._done_callbacks:
             try:
                 callback(self)
-            except KeyboardInterrupt:
-                raise
             except BaseException:  # see above
                 log.exception("exception calling callback for %r", self)
 
@@ -620,11 +618,18 @@ class CallerChannel:
         """Have the channel's callback thread run ``fut``'s done-callbacks."""
         with self._due_cv:
             self._due.append(fut)
-            if self._callbacks is None:
-                self._callbacks = threading.Thread(target=self._callbacks_main, daemon=True,
-                                                   name=f"rt-callbacks-{self.ref.name}")
-                self._callbacks.start()
-            self._due_cv.notify()
+            if self._callbacks is not None:
+                self._due_cv.notify()
+                return
+            t = threading.Thread(target=self._callbacks_main, daemon=True,
+                                 name=f"rt-callbacks-{self.ref.name}")
+            try:
+                t.start()  # it waits for this lock before it looks at the queue
+                self._callbacks = t
+                return
+            except RuntimeError:  # no new thread (the interpreter is exiting)
+                self._due.pop()
+        fut._run_callbacks()  # then here, outside the lock
 
     def _callbacks_main(self) -> None:
         """Run queued done-callbacks in completion order, one at a time, until closed.

@@ -441,14 +441,18 @@ def test_exceptions_and_values_that_fight_back_do_not_kill_the_actor():
         assert t.ping() == "pong" and t.pid == pid
 
 
-def test_a_done_callback_raising_system_exit_does_not_kill_the_pump():
+@pytest.mark.parametrize("exit_type", [SystemExit, KeyboardInterrupt])
+def test_a_done_callback_raising_system_exit_does_not_strand_the_others(exit_type):
+    """Callbacks run on the channel's callback thread: one that raised SystemExit (or,
+    since callbacks moved there, KeyboardInterrupt) would end it, and the callbacks queued
+    behind it would never run."""
     with ActorSystem() as system:
         e = system.spawn(Echo)
         e.add(1, 1)
         done = threading.Event()
 
         def leave(f):
-            raise SystemExit(1)
+            raise exit_type(1)
 
         # Busy first: a future already done runs its callback at once, in this thread,
         # and SystemExit would end the test (a race CI met once).
@@ -456,7 +460,7 @@ def test_a_done_callback_raising_system_exit_does_not_kill_the_pump():
         for i in range(5):
             e.add.remote(i, 1).add_done_callback(leave)
         e.add.remote(5, 1).add_done_callback(lambda f: done.set())
-        assert done.wait(10), "the pump died in a callback"
+        assert done.wait(10), "the callback thread died in a callback"
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf, 0, -1])
