@@ -167,6 +167,8 @@ class CallFuture(Future):
         self.done_ns = 0  # monotonic ns when the reply (or the failure) completed the call
 
     def complete(self, ok: bool, value: Any) -> None:
+        if self._state == "FINISHED":  # a second completion (see _complete) moves nothing
+            raise InvalidStateError(f"{self!r} is done")
         self.done_ns = time.monotonic_ns()
         if ok:
             self.set_result(value)
@@ -283,7 +285,9 @@ class CallerChannel:
         # Futures whose done-callbacks are yet to run, in completion order, and the
         # thread that runs them (started at the first, ended once closed and idle).
         self._due: collections.deque[CallFuture] = collections.deque()
-        self._due_cv = threading.Condition(threading.Lock())
+        # Re-entrant: a signal handler may shut the system down (close() notifies) while
+        # its own thread, a reader, queues a callback.
+        self._due_cv = threading.Condition(threading.RLock())
         self._callbacks: threading.Thread | None = None
         # Calls that timed out and whose replies have not come yet: they are still read
         # (and dropped) as they come, or they would fill the channel -- ring, pool slots,
@@ -621,14 +625,18 @@ class CallerChannel:
             if self._callbacks is not None:
                 self._due_cv.notify()
                 return
-            t = threading.Thread(target=self._callbacks_main, daemon=True,
-                                 name=f"rt-callbacks-{self.ref.name}")
+            # Named before it starts: a signal handler's nested completion must not start
+            # a second thread (callbacks would run out of order).
+            t = self._callbacks = threading.Thread(
+                target=self._callbacks_main, daemon=True, name=f"rt-callbacks-{self.ref.name}")
             try:
                 t.start()  # it waits for this lock before it looks at the queue
-                self._callbacks = t
                 return
-            except RuntimeError:  # no new thread (the interpreter is exiting)
-                self._due.pop()
+            except BaseException as exc:
+                self._callbacks = None  # the next completion starts one
+                if not isinstance(exc, RuntimeError):
+                    raise  # (a Ctrl-C) ``fut`` stays queued for that thread
+                self._due.remove(fut)  # no new thread (the interpreter is exiting)
         fut._run_callbacks()  # then here, outside the lock
 
     def _callbacks_main(self) -> None:
@@ -638,22 +646,27 @@ class CallerChannel:
         slow one holds up only those queued behind it.  A callback may do anything a user
         thread may: call (this actor too), kill, shut the system down.
         """
-        while True:
-            with self._due_cv:
-                while not self._due:
-                    if self.closed:
-                        self._callbacks = None  # a later completion starts a new thread
-                        self._due_cv.notify_all()  # for wait_callbacks
-                        return
-                    self._due_cv.wait(1.0)
-                fut = self._due[0]
-            try:
-                fut._run_callbacks()
-            finally:
+        try:
+            while True:
                 with self._due_cv:
-                    self._due.popleft()
-                    if not self._due:
-                        self._due_cv.notify_all()
+                    while not self._due:
+                        if self.closed:
+                            self._callbacks = None  # a later completion starts a new thread
+                            self._due_cv.notify_all()  # for wait_callbacks
+                            return
+                        self._due_cv.wait(1.0)
+                    fut = self._due[0]
+                try:
+                    fut._run_callbacks()
+                finally:
+                    with self._due_cv:
+                        self._due.popleft()
+                        if not self._due:
+                            self._due_cv.notify_all()
+        except BaseException:  # cannot happen (callbacks' exceptions are logged); if it
+            with self._due_cv:  # does, a later completion starts a new thread
+                self._callbacks = None
+            raise
 
     def wait_callbacks(self, deadline: float) -> None:
         """Wait until the queued done-callbacks have run, or ``deadline`` (monotonic).
@@ -725,8 +738,13 @@ class CallerChannel:
         self.closed = True
         self._fail_all(reason or ActorDiedError(f"channel to actor {self.ref.name!r} closed"))
         self._pump_event.set()
-        with self._due_cv:
-            self._due_cv.notify_all()  # an idle callback thread ends
+        # An idle callback thread ends (it looks again within a second anyway): not
+        # waited for, since a signal handler's close may interrupt a holder of the lock.
+        if self._due_cv.acquire(blocking=False):
+            try:
+                self._due_cv.notify_all()
+            finally:
+                self._due_cv.release()
         # A reader finishes its current wait slice (<= 100 ms) and sees `dead`;
         # a sender waiting for ring space sees it in `check`.  This very thread may be
         # that sender or reader, interrupted (a signal handler that shuts the system

@@ -406,3 +406,33 @@ def test_shutdown_returns_once_the_callbacks_of_the_calls_it_failed_ran():
     time.sleep(0.1)
     system.shutdown()
     assert got and issubclass(got[0], ActorRuntimeError)
+
+
+@pytest.mark.timeout(60)
+def test_a_ctrl_c_while_the_callback_thread_starts_strands_no_callback(monkeypatch):
+    """Found in review: a Ctrl-C (or 'can't start new thread') in the callback thread's
+    ``start()`` left the channel naming a thread that never ran, and every later callback
+    of the channel queued behind it for good."""
+    with ActorSystem() as system:
+        e = system.spawn(Echo)
+        assert e.add(1, 1) == 2
+        real_start = threading.Thread.start
+        fired = []
+
+        def start(self):
+            if self.name.startswith("rt-callbacks-") and not fired:
+                fired.append(1)
+                raise KeyboardInterrupt  # as a Ctrl-C landing here would
+            return real_start(self)
+
+        monkeypatch.setattr(threading.Thread, "start", start)
+        f1 = e.sleep.remote(0.2)
+        f1.add_done_callback(lambda f: None)
+        with pytest.raises(KeyboardInterrupt):
+            f1.result(10)  # this thread reads, completes f1, starts the callback thread
+        monkeypatch.setattr(threading.Thread, "start", real_start)
+        ran = threading.Event()
+        f2 = e.add.remote(2, 2)
+        f2.add_done_callback(lambda f: ran.set())
+        assert f2.result(10) == 4
+        assert ran.wait(5), "later callbacks never run: _callbacks names an unstarted thread"

@@ -13,7 +13,11 @@ the interrupted reader.
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import subprocess
+import sys
+import textwrap
 import time
 
 import pytest
@@ -22,6 +26,8 @@ import torch
 from runtime import ActorSystem
 from runtime.errors import ProtocolError
 from tests.integration.actors_lib import Echo
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 class UserAlarm(Exception):
@@ -202,3 +208,50 @@ def test_a_handler_raising_one_prepared_exception_twice(alarm_in_decode):
                 e.echo(f"x{i}")
             assert got.value is prepared, repr(got.value)
         assert e.echo(3) == 3
+
+
+_SIGNAL_SCRIPT = textwrap.dedent("""
+    import collections, faulthandler, signal, sys, time
+    faulthandler.dump_traceback_later(8, exit=True)
+    from runtime import ActorSystem
+    from tests.integration.actors_lib import Echo
+
+    system = ActorSystem()
+    e = system.spawn(Echo)
+    assert e.add(1, 1) == 2
+    cc = system._ctx._channels[e._ref.index]
+
+    class Due(collections.deque):
+        def append(self, item):
+            super().append(item)
+            signal.raise_signal(signal.SIGUSR1)  # a signal lands while _due_cv is held
+
+    cc._due = Due()
+    signal.signal(signal.SIGUSR1, lambda *_: system.shutdown())
+    f = e.sleep.remote(0.2)
+    f.add_done_callback(lambda f: None)
+    try:
+        f.result(10)  # the main thread reads: it completes f and queues its callback
+    except Exception as exc:
+        pass
+    print("returned", flush=True)
+    system.shutdown()
+""")
+
+
+@pytest.mark.timeout(60)
+def test_shutdown_from_a_signal_handler_while_a_callback_is_queued():
+    """Found in review: a handler that shuts the system down landed while its thread, a
+    reader, held the callback queue's lock (queueing a callback); ``close()`` took the same
+    lock, not re-entrant: the process hung.  In a subprocess, since it hangs."""
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    p = subprocess.Popen([sys.executable, "-c", _SIGNAL_SCRIPT], cwd=ROOT, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        out, _ = p.communicate(timeout=20)
+        assert p.returncode == 0, "hung (faulthandler dump):\n" + out[-3000:]
+    except subprocess.TimeoutExpired:
+        p.kill()  # its supervisor follows the driver's death
+        out, _ = p.communicate()
+        pytest.fail("shutdown in a signal handler hung on _due_cv:\n" + out[-2000:])
+    assert "returned" in out, out[-2000:]

@@ -6,7 +6,7 @@ import time
 from collections import deque
 from types import SimpleNamespace
 
-from runtime.calls import ActorRef, CallerChannel
+from runtime.calls import ActorRef, CallerChannel, CallFuture, _complete
 from runtime.errors import DeadlineError
 from runtime.table import ALIVE, Entry
 
@@ -133,3 +133,18 @@ def test_every_completer_lets_the_first_completion_win():
     _complete(slot, True, 1)
     _complete(slot, False, RuntimeError("late"))
     assert slot.ok and slot.value == 1
+
+
+def test_done_ns_is_not_moved_by_a_second_completion():
+    """Found in review: ``_complete`` lets the first completion win, but ``complete`` stamped
+    ``done_ns`` before ``set_result`` refused the second: a close() racing a reader (it
+    fails what is still in ``pending`` between the reader's complete and pop) moves the
+    time the TEE driver accounts as the reply's arrival."""
+    fut = CallFuture(owner=None)
+    fut.set_running_or_notify_cancel()
+    _complete(fut, True, 1)
+    first = fut.done_ns
+    time.sleep(0.01)
+    _complete(fut, False, RuntimeError("closed"))
+    assert fut.result() == 1
+    assert fut.done_ns == first, f"moved by {(fut.done_ns - first) / 1e6:.1f} ms"
