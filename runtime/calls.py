@@ -929,9 +929,10 @@ class ProcessContext:
             return cc
         if ref.index == self.self_index:
             self._refuse_self_call(ref)
-        # Opening waits as long as the call would: an actor busy in a long call answers
-        # the request after it.  So it is bounded by the call's own deadline, and it runs
-        # outside the lock -- calls to other actors, kill() and shutdown() go on meanwhile.
+        # An actor's control thread answers at once, busy or not; still, the open is
+        # bounded by the call's own deadline (a process holding the GIL in C code answers
+        # late), and it runs outside the lock -- calls to other actors, kill() and
+        # shutdown() go on meanwhile.
         limit = self.session.call_timeout
         if limit is None:
             deadline = None
@@ -962,8 +963,7 @@ class ProcessContext:
                         raise ActorRuntimeError("the actor system is shut down")
                     if deadline is not None and time.monotonic() >= deadline:
                         raise CallTimeoutError(f"no channel to actor {ref.name!r} within "
-                                               f"{limit} s: it is busy (an actor serves one "
-                                               f"call at a time)")
+                                               f"{limit} s: it did not answer the open")
                 continue
             try:
                 cc = self._open(ref, entry.incarnation, deadline)
@@ -1095,8 +1095,8 @@ class ProcessContext:
             if (isinstance(exc, TransportError) and deadline is not None
                     and time.monotonic() >= deadline):
                 raise CallTimeoutError(
-                    f"no channel to actor {ref.name!r} within {s.call_timeout} s: it is "
-                    f"busy (an actor serves one call at a time)") from exc
+                    f"no channel to actor {ref.name!r} within {s.call_timeout} s: it did "
+                    f"not answer (its process is busy outside Python?)") from exc
             raise
         return cc
 

@@ -166,6 +166,13 @@ class ControlServer:
             bool(self._pending) and min(p.deadline for p in self._pending.values())
             <= time.monotonic())
 
+    def wait(self, timeout: float) -> None:
+        """Block until :meth:`ready` may be true, or ``timeout`` seconds pass."""
+        if self._pending:
+            first = min(p.deadline for p in self._pending.values())
+            timeout = min(timeout, max(0.0, first - time.monotonic()))
+        self._poll.poll(max(0, int(timeout * 1000)))
+
     def service(self) -> None:
         """Accept what is waiting and answer every request that arrived whole."""
         while True:

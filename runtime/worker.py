@@ -9,8 +9,10 @@ BOOT_JSON``; never a fork of the driver and never a re-run of the driver's
 The serve loop scans every inbound channel round-robin, one message per
 channel per pass, so a busy caller cannot starve another; calls from one
 caller run in the order issued.  With nothing to do it spins briefly, then
-declares itself asleep in every ring and blocks in ``poll`` on its doorbell
-and its control socket: an idle actor uses no CPU.
+declares itself asleep in every ring and blocks in ``poll`` on its doorbell:
+an idle actor uses no CPU.  Channels are opened by a thread of their own
+(``_control_main``), so a new caller gets its channel while the actor is busy
+in a long call, and its calls wait in the queue like any other's.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ UNTRUSTED_FRAMES_S = 5.0
 # with 3 ms; seed-bench prefill, whose gaps are 10 ms attentions, unchanged).
 IDLE_SPIN_MIN_S, IDLE_SPIN_MAX_S = 100e-6, 3e-3
 LIVENESS_EVERY_S = 1.0
-CONTROL_EVERY_S = 0.01  # while busy, new channels are accepted this often
+CONTROL_RETRY_S = 0.001  # a connection that cannot be accepted (EMFILE) is tried again
 NAMED_WAIT_S = 30.0  # an actor waits this long for the supervisor's table to name it
 
 
@@ -83,7 +85,11 @@ class ActorServer:
         s = ctx.session
         self.bell = Doorbell(bell_path(s, index, incarnation))
         self.ctl = ControlServer(ctl_path(s, index, incarnation), self._open, name=name)
+        # Replaced, never changed in place (the serve loop walks the list it read), under
+        # ``_inbound_lock``: the control thread adds, the serving thread drops.
         self.inbound: list[_Inbound] = []
+        self._inbound_lock = threading.Lock()
+        self._inbound_gen = 0  # bumped at each change: the sleep's poller follows it
         self.instance: Any = None
         # ``@actor(borrow_args=True)``: a trusted caller's arguments are decoded in place,
         # as views of the received ring record, valid until the method returns.
@@ -91,6 +97,7 @@ class ActorServer:
         # ``@actor(untrusted_callers=True)``: a trusted actor that also serves untrusted ones.
         self.untrusted_callers = False
         self._poller: zmq.Poller | None = None
+        self._poller_gen = -1
 
     # -- control: channel opening ------------------------------------------------
     def peer_is_untrusted(self, pid: int) -> bool:
@@ -136,24 +143,41 @@ class ActorServer:
                                  limit=self.ctx.session.threshold)
         if safe:  # a BULK marker without its frames would stall every caller of this actor
             channel.frames_wait_s = min(channel.frames_wait_s, UNTRUSTED_FRAMES_S)
-        # Replaced, never changed in place: the serve loop walks the list it read.
-        self.inbound = [*self.inbound, _Inbound(channel, pid, borrow=self.borrow_args)]
-        self._poller = None
+        with self._inbound_lock:
+            self.inbound = [*self.inbound, _Inbound(channel, pid, borrow=self.borrow_args)]
+            self._inbound_gen += 1
+        # A serve loop asleep waits on a poller built without this channel (its ZeroMQ
+        # socket, when it has no ring): it wakes, and sleeps next with a new poller.
+        self.bell.wake()
         return ["ok", {"bell": self.bell.path}]
 
-    def _control(self) -> None:
-        n = len(self.ctl.fds())
-        self.ctl.service()
-        if len(self.ctl.fds()) != n:
-            self._poller = None  # half-read connections are waited on too
+    def _control_main(self) -> None:
+        """Answer channel-open requests, busy or not, for the life of the process.
+
+        The serve loop used to answer them between calls: a caller's first call to an actor
+        busy in a long call waited for the call's end just to open its channel (a
+        ``.remote()`` too, though it must not wait), and an actor busy serving a call
+        whose chain led back to it could never be reached on first contact.
+        """
+        while True:
+            try:
+                self.ctl.wait(LIVENESS_EVERY_S)
+                if self.ctl.ready():
+                    self.ctl.service()
+                    if self.ctl.ready():  # what is still waiting cannot be taken now
+                        time.sleep(CONTROL_RETRY_S)
+            except Exception:  # the thread must outlive any one request
+                log.exception("actor %s: answering a channel-open request failed", self.name)
+                time.sleep(CONTROL_RETRY_S)
 
     def _drop(self, conn: _Inbound, *, notify: bool = False) -> None:
         """Forget a channel; with ``notify``, tell its (living) caller first."""
-        if conn in self.inbound:
-            # A new list: the serve loop may be walking the old one by index (a drop in
-            # mid-walk made it read past the end, IndexError, and the actor died).
-            self.inbound = [c for c in self.inbound if c is not conn]
-            self._poller = None
+        with self._inbound_lock:
+            if conn in self.inbound:
+                # A new list: the serve loop may be walking the old one by index (a drop in
+                # mid-walk made it read past the end, IndexError, and the actor died).
+                self.inbound = [c for c in self.inbound if c is not conn]
+                self._inbound_gen += 1
         conn.channel.close(notify=notify)
 
     # -- calls -----------------------------------------------------------------------
@@ -248,11 +272,11 @@ class ActorServer:
     # -- the loop ----------------------------------------------------------------------
     def serve(self) -> None:
         self.ctx.serving_thread = threading.get_ident()  # calls run on this thread
+        threading.Thread(target=self._control_main, daemon=True, name="rt-control").start()
         rr = 0
         spin_until = 0.0
         spin = SpinPolicy(IDLE_SPIN_MIN_S, IDLE_SPIN_MAX_S)
         idle_since = None
-        next_control = 0.0
         next_liveness = time.monotonic() + LIVENESS_EVERY_S
         while True:
             progressed = False
@@ -302,16 +326,9 @@ class ActorServer:
                     spin.observe(now - idle_since)
                     idle_since = None
                 spin_until = now + spin.window
-                if now >= next_control:  # busy: still let new callers in
-                    next_control = now + CONTROL_EVERY_S
-                    if self.ctl.ready():
-                        self._control()
                 continue
             if idle_since is None:
                 idle_since = time.perf_counter()
-            if self.ctl.ready():
-                self._control()
-                continue
             if time.perf_counter() < spin_until:
                 os.sched_yield()  # polite spin: a peer on this core runs at once
                 continue
@@ -325,20 +342,21 @@ class ActorServer:
                 self.ctx.sweep_soon()  # this actor's channels to actors that died
 
     def _sleep(self) -> None:
+        gen = self._inbound_gen  # first: a change after it only rebuilds once more
         conns = self.inbound
         for conn in conns:
             conn.channel.set_sleeping(True)
         fence()
         if not any(conn.channel.readable() for conn in conns):
-            if self._poller is None:
-                self._poller = zmq.Poller()
-                self._poller.register(self.bell.fd, zmq.POLLIN)
-                for fd in self.ctl.fds():
-                    self._poller.register(fd, zmq.POLLIN)
+            poller = self._poller
+            if poller is None or self._poller_gen != gen:
+                poller = zmq.Poller()
+                poller.register(self.bell.fd, zmq.POLLIN)
                 for conn in conns:
                     if conn.channel.rx is None:
-                        self._poller.register(conn.channel.bulk.socket, zmq.POLLIN)
-            self._poller.poll(int(LIVENESS_EVERY_S * 1000))
+                        poller.register(conn.channel.bulk.socket, zmq.POLLIN)
+                self._poller, self._poller_gen = poller, gen
+            poller.poll(int(LIVENESS_EVERY_S * 1000))
             self.bell.drain()
         for conn in conns:
             conn.channel.set_sleeping(False)

@@ -70,6 +70,13 @@ class Doorbell:
         except BlockingIOError:
             pass
 
+    def wake(self) -> None:
+        """Ring this doorbell from its own process (another thread wakes its waiter)."""
+        try:
+            os.write(self.fd, b"\x01")
+        except BlockingIOError:
+            pass  # pipe full: a wake-up is already pending
+
     def close(self) -> None:
         """Close and remove the FIFO (idempotent)."""
         if self.fd >= 0:

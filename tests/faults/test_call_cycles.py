@@ -4,8 +4,8 @@ Found by a fault-injection review: A calls B, B calls back A; A serves one call 
 so the inner call could never be served and, without ``call_timeout``, the outer one never
 completed.  An actor calling itself directly already failed at once; every call now carries
 the actors whose blocking calls led to it.  Not caught: a ``.remote()`` future waited on
-by the busy actor, and a ``.remote()`` on first contact with it (the channel's open waits
-for the busy actor).
+by the busy actor.  A ``.remote()`` on first contact with it no longer waits: the actor's
+control thread opens channels while it is busy.
 """
 
 from __future__ import annotations
@@ -93,3 +93,21 @@ def test_a_done_callback_may_notify_its_own_actor():
         while a.state() == (0, None) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert a.state() == (1, None)
+
+
+@pytest.mark.timeout(60)
+def test_a_remote_call_back_on_first_contact_does_not_wait_for_the_busy_caller():
+    """``.remote()`` from b back to a, busy waiting on b, with no channel from b to a yet:
+    the open waited for a to finish its call -- which waited on b.  Without call_timeout,
+    for ever.  The actor's control thread opens the channel while a is busy."""
+    with ActorSystem() as system:
+        a = system.spawn(Peer, name="a")
+        b = system.spawn(Peer, a, name="b")
+        a.set_other(b)
+        t0 = time.monotonic()
+        assert a.call_other_to_notify_back() == "sent"  # a -> b -> a.notified.remote()
+        assert time.monotonic() - t0 < 5
+        deadline = time.monotonic() + 10
+        while a.get_last() != "hello" and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert a.get_last() == "hello"
