@@ -35,6 +35,7 @@ from runtime.codec import (
     trusted_exception,
 )
 from runtime.errors import ProtocolError, RemoteError, TransportError, make_remote_exception
+from tests.integration.actors_lib import KwOnlyError, TwoArgError
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -809,18 +810,6 @@ def test_mutated_valid_headers_raise_only_transport_errors(data, safe):
 
 
 # ----------------------------------------------------------------------------- exceptions
-
-
-class TwoArgError(Exception):
-    def __init__(self, a, b):
-        super().__init__(f"{a}/{b}")
-        self.a, self.b = a, b
-
-
-class KwOnlyError(Exception):
-    def __init__(self, message, *, code):
-        super().__init__(message)
-        self.code = code
 
 
 class OwnReduceError(Exception):
