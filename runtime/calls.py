@@ -646,27 +646,20 @@ class CallerChannel:
         slow one holds up only those queued behind it.  A callback may do anything a user
         thread may: call (this actor too), kill, shut the system down.
         """
-        try:
-            while True:
-                with self._due_cv:
-                    while not self._due:
-                        if self.closed:
-                            self._callbacks = None  # a later completion starts a new thread
-                            self._due_cv.notify_all()  # for wait_callbacks
-                            return
-                        self._due_cv.wait(1.0)
-                    fut = self._due[0]
-                try:
-                    fut._run_callbacks()
-                finally:
-                    with self._due_cv:
-                        self._due.popleft()
-                        if not self._due:
-                            self._due_cv.notify_all()
-        except BaseException:  # cannot happen (callbacks' exceptions are logged); if it
-            with self._due_cv:  # does, a later completion starts a new thread
-                self._callbacks = None
-            raise
+        while True:
+            with self._due_cv:
+                while not self._due:
+                    if self.closed:
+                        self._callbacks = None  # a later completion starts a new thread
+                        self._due_cv.notify_all()  # for wait_callbacks
+                        return
+                    self._due_cv.wait(1.0)
+                fut = self._due[0]  # left queued while it runs: wait_callbacks waits for it
+            fut._run_callbacks()  # logs whatever a callback raises
+            with self._due_cv:
+                self._due.popleft()
+                if not self._due:
+                    self._due_cv.notify_all()
 
     def wait_callbacks(self, deadline: float) -> None:
         """Wait until the queued done-callbacks have run, or ``deadline`` (monotonic).

@@ -20,7 +20,7 @@ import time
 import pytest
 
 from runtime import ActorDiedError, ActorRuntimeError, ActorSystem, CallTimeoutError, actor
-from tests.integration.actors_lib import Echo
+from tests.integration.actors_lib import Caller, ControlBreaker, Echo
 
 
 @actor
@@ -450,3 +450,39 @@ def test_a_ctrl_c_while_the_callback_thread_starts_strands_no_callback(monkeypat
         f2.add_done_callback(lambda f: ran.set())
         assert f2.result(10) == 4
         assert ran.wait(5), "later callbacks never run: _callbacks names an unstarted thread"
+
+
+@pytest.mark.timeout(60)
+def test_the_control_thread_outlives_a_failure_in_it():
+    """The thread that opens an actor's channels logs what fails in it and goes on: a
+    channel opened after the failure still works (had it died, no caller could ever reach
+    the actor again)."""
+    with ActorSystem(call_timeout=5) as system:
+        target = system.spawn(ControlBreaker)
+        target.break_control_once()
+        relay = system.spawn(Caller, target)  # its first call opens a channel to target
+        assert relay.relay(7) == 7
+
+
+def test_callbacks_run_where_the_call_completes_when_no_thread_can_start(monkeypatch):
+    """At interpreter exit no thread can start: the callbacks run on the completing thread
+    rather than not at all."""
+    with ActorSystem() as system:
+        e = system.spawn(Echo)
+        assert e.add(1, 1) == 2
+        real_start = threading.Thread.start
+
+        def start(self):
+            if self.name.startswith("rt-callbacks-"):
+                raise RuntimeError("can't create new thread at interpreter shutdown")
+            return real_start(self)
+
+        monkeypatch.setattr(threading.Thread, "start", start)
+        ran = []
+        fut = e.sleep.remote(0.2)
+        fut.add_done_callback(lambda f: ran.append(threading.current_thread().name))
+        assert fut.result(10) == 0.2
+        deadline = time.monotonic() + 5
+        while not ran and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert ran and not ran[0].startswith("rt-callbacks-")

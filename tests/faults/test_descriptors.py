@@ -192,3 +192,19 @@ def test_shutdown_waits_for_a_sweep_in_progress(caplog):
     assert finished.wait(10)
     time.sleep(0.1)  # the sweep logs what it met
     assert not [r for r in caplog.records if "dead actors failed" in r.getMessage()]
+
+
+@pytest.mark.timeout(60)
+def test_the_supervisor_link_outlives_a_failing_death_handler():
+    """The link's thread reads every answer of the supervisor: a death handler that raised
+    would have ended it, and every later spawn, kill and shutdown with it."""
+    with ActorSystem() as system:
+        def broken():
+            raise RuntimeError("a bug in the death handler")
+
+        system._link.on_death = broken
+        a = system.spawn(Echo)
+        os.kill(a.pid, signal.SIGKILL)
+        time.sleep(0.5)  # the supervisor reports the death: the handler raises
+        b = system.spawn(Echo)  # the link still answers
+        assert b.add(1, 2) == 3

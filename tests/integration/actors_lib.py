@@ -519,3 +519,24 @@ class SelfCaller:
 
     def state(self):
         return self.bumps, self.error
+
+
+@actor
+class ControlBreaker:
+    """A target whose control server fails once, as a bug in it would."""
+
+    def echo(self, x):
+        return x
+
+    def break_control_once(self):
+        frame = sys._getframe(1)
+        while frame.f_code.co_name != "_run_call":
+            frame = frame.f_back
+        ctl = frame.f_locals["self"].ctl  # the ActorServer's ControlServer
+        real = ctl.service
+
+        def service():
+            ctl.service = real
+            raise RuntimeError("a bug in the control server")
+
+        ctl.service = service

@@ -50,6 +50,28 @@ def _written(enc: codec.Encoded) -> list[np.ndarray]:
     return out
 
 
+class _NoControl:
+    """A control server with nothing to open."""
+
+    def ready(self):
+        return False
+
+    def wait(self, timeout):
+        threading.Event().wait()  # the serve loop's control thread parks (a daemon)
+
+
+def _bare_server(name):
+    """An ActorServer without a process around it: the serve loop's own logic only."""
+    from runtime.worker import ActorServer
+
+    server = ActorServer.__new__(ActorServer)
+    server.untrusted, server.name, server._poller = False, name, None
+    server.ctx, server.index, server._alone = SimpleNamespace(serving=()), 0, (0,)
+    server.ctl = _NoControl()
+    server._inbound_lock, server._inbound_gen = threading.Lock(), 0
+    return server
+
+
 # -- the codec -------------------------------------------------------------------------------
 
 
@@ -223,7 +245,7 @@ def test_a_served_call_releases_its_borrowed_record_only_after_the_fill(private_
                                                                         monkeypatch):
     """A deferred result reads the borrowed arguments while the reply is written: the serve
     loop must give the record back after the reply, not when the method returns."""
-    from runtime.worker import ActorServer, _Inbound
+    from runtime.worker import _Inbound
 
     actor_module = importlib.import_module("runtime.actor")
     caller, callee, bell = make_pair(private_dir, MiB)
@@ -241,17 +263,11 @@ def test_a_served_call_releases_its_borrowed_record_only_after_the_fill(private_
     class Done(Exception):
         pass
 
-    class NoControl:
-        def ready(self):
-            return False
-
     def sleep():
         raise Done  # the call was served and the loop went idle: stop it
 
-    server = ActorServer.__new__(ActorServer)
-    server.untrusted, server.name, server._poller = False, "doubler", None
-    server.ctx, server.index, server._alone = SimpleNamespace(serving=()), 0, (0,)
-    server.ctl, server._sleep = NoControl(), sleep
+    server = _bare_server("doubler")
+    server._sleep = sleep
     server.instance = Doubler()
     monkeypatch.setattr(actor_module, "_SERVED", None)
     actor_module._set_served(server.instance)
@@ -309,7 +325,7 @@ def test_a_channel_dropped_in_mid_walk_does_not_end_the_serve_loop():
     """Found by a review: the serve loop walks its inbound channels by index, and a drop
     removed one from that very list, so the walk read past its end (IndexError) and the
     actor died -- every other caller's channel with it."""
-    from runtime.worker import ActorServer, _Inbound
+    from runtime.worker import _Inbound
 
     class Done(Exception):
         pass
@@ -327,17 +343,11 @@ def test_a_channel_dropped_in_mid_walk_does_not_end_the_serve_loop():
         def close(self, notify=False):
             self.closed_with = notify
 
-    class NoControl:
-        def ready(self):
-            return False
-
     def sleep():
         raise Done  # one walk done, nothing to serve: stop
 
-    server = ActorServer.__new__(ActorServer)
-    server.untrusted, server.name, server._poller = False, "walker", None
-    server.ctx, server.index, server._alone = SimpleNamespace(serving=()), 0, (0,)
-    server.ctl, server._sleep = NoControl(), sleep
+    server = _bare_server("walker")
+    server._sleep = sleep
     conns = []
     for closed in (True, False):  # the first caller is gone; the second stays
         conn = _Inbound.__new__(_Inbound)

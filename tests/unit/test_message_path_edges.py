@@ -4,6 +4,7 @@ ring records, MessageChannel, borrowing actors)."""
 from __future__ import annotations
 
 import os
+import threading
 import time
 import uuid
 
@@ -43,6 +44,7 @@ def _server() -> ActorServer:
     server.name = "reviewed"
     server.inbound = []
     server._poller = None
+    server._inbound_lock, server._inbound_gen = threading.Lock(), 0
     return server
 
 
