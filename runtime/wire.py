@@ -88,7 +88,7 @@ class FrameReader:
         try:
             if self.sock is None:
                 return os.read(self.fd, 1 << 20)
-            data, ancdata, _, _ = self.sock.recvmsg(
+            data, ancdata, flags, _ = self.sock.recvmsg(
                 1 << 20, socket.CMSG_SPACE(_MAX_FDS * array.array("i").itemsize))
         except (BlockingIOError, InterruptedError):
             return None
@@ -97,6 +97,12 @@ class FrameReader:
                 fds = array.array("i")
                 fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])
                 self.fds.extend(fds)
+        if flags & socket.MSG_CTRUNC:
+            # The kernel dropped descriptors it could not install (this process at its
+            # limit) or that did not fit: the message would be read without them, and
+            # fail later as a count mismatch that hides why.
+            raise ProtocolError(f"descriptors sent with a message were dropped: this process "
+                                f"is out of file descriptors, or more than {_MAX_FDS} came")
         return data
 
     def feed(self) -> list[Any]:

@@ -28,7 +28,7 @@ from typing import Any
 
 import zmq
 
-from runtime import codec, faults
+from runtime import codec, faults, limits
 from runtime.actor import _set_called, _set_served, actor_options
 from runtime.calls import MAX_CHAIN, ProcessContext, bell_path, ctl_path, register_context
 from runtime.control import ControlServer
@@ -57,7 +57,10 @@ UNTRUSTED_FRAMES_S = 5.0
 # with 3 ms; seed-bench prefill, whose gaps are 10 ms attentions, unchanged).
 IDLE_SPIN_MIN_S, IDLE_SPIN_MAX_S = 100e-6, 3e-3
 LIVENESS_EVERY_S = 1.0
-CONTROL_RETRY_S = 0.001  # a connection that cannot be accepted (EMFILE) is tried again
+# A connection that cannot be accepted (EMFILE, no spare descriptor) is tried again after
+# this, doubling up to the cap while it stays so: the socket polls ready all the while.
+CONTROL_RETRY_S, CONTROL_RETRY_MAX_S = 0.001, 0.5
+CHANNEL_FDS = 16  # descriptors an actor keeps free when it takes a new channel
 NAMED_WAIT_S = 30.0  # an actor waits this long for the supervisor's table to name it
 
 
@@ -122,6 +125,9 @@ class ActorServer:
         if not isinstance(name, str) or not 0 < len(name) <= 200:
             raise ProtocolError("malformed channel name")
         spec = ChannelSpec.from_dict(msg[1].get("spec"))
+        # A channel's segments, sockets and pool slots take descriptors: refused here with
+        # the count, rather than failing somewhere in the attach (or in libzmq).
+        limits.check_fd_headroom(f"a channel from pid {pid}", CHANNEL_FDS)
         safe = self.peer_is_untrusted(pid)
         if safe and not (self.untrusted or self.untrusted_callers):
             raise ProtocolError(f"actor {self.name!r} does not serve untrusted actors (pid "
@@ -159,13 +165,17 @@ class ActorServer:
         ``.remote()`` too, though it must not wait), and an actor busy serving a call
         whose chain led back to it could never be reached on first contact.
         """
+        retry = CONTROL_RETRY_S
         while True:
             try:
                 self.ctl.wait(LIVENESS_EVERY_S)
                 if self.ctl.ready():
                     self.ctl.service()
-                    if self.ctl.ready():  # what is still waiting cannot be taken now
-                        time.sleep(CONTROL_RETRY_S)
+                    if self.ctl.starved:  # what is waiting cannot be taken now
+                        time.sleep(retry)
+                        retry = min(2 * retry, CONTROL_RETRY_MAX_S)
+                        continue
+                retry = CONTROL_RETRY_S
             except Exception:  # the thread must outlive any one request
                 log.exception("actor %s: answering a channel-open request failed", self.name)
                 time.sleep(CONTROL_RETRY_S)

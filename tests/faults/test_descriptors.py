@@ -20,7 +20,7 @@ import time
 import pytest
 
 from runtime import ActorSystem, limits
-from tests.integration.actors_lib import Caller, Echo
+from tests.integration.actors_lib import Caller, Echo, FdHog
 
 FD_EXHAUSTION_DRIVER = textwrap.dedent("""
     import gc, os, resource, sys
@@ -208,3 +208,65 @@ def test_the_supervisor_link_outlives_a_failing_death_handler():
         time.sleep(0.5)  # the supervisor reports the death: the handler raises
         b = system.spawn(Echo)  # the link still answers
         assert b.add(1, 2) == 3
+
+
+@pytest.mark.timeout(60)
+def test_an_actor_out_of_descriptors_refuses_a_new_caller_by_name():
+    """Found in review: an actor at its descriptor limit left a new caller's connection in
+    its backlog -- the caller waited, for good if nothing freed up -- and woke on it every
+    millisecond, logging each failed accept (1,697 lines in 2 s).  The control server's
+    spare descriptor lets it accept and say why: one line logged, the caller told at once."""
+    with ActorSystem() as system:
+        hog = system.spawn(FdHog)
+        relay = system.spawn(Caller, hog)
+        hog.starve(keep_spare=True)
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(Exception, match="out of file descriptors"):
+                relay.relay(1)
+            refused_s = time.monotonic() - t0
+            with pytest.raises(Exception, match="out of file descriptors"):
+                relay.relay(2)  # and the next one too: the spare is taken again
+        finally:
+            hog.release()
+        assert refused_s < 5
+        assert relay.relay(3) == 3  # descriptors back: the same caller gets its channel
+        lines = hog.warnings()
+        assert len(lines) == 2, lines  # the episode's start and its end, not each try
+        assert "refused or delayed" in lines[1]
+
+
+@pytest.mark.timeout(60)
+def test_an_actor_out_of_descriptors_backs_off_and_serves_the_caller_later():
+    """Without a spare descriptor the connection waits in the backlog: the control thread
+    backs off (it polled every millisecond, 0.17 s of CPU in 2 s, one log line a try)
+    and takes the connection once descriptors free up -- the call is served, not lost."""
+    with ActorSystem() as system:
+        hog = system.spawn(FdHog)
+        relay = system.spawn(Caller, hog)
+        hog.starve(keep_spare=False)
+        try:
+            fut = relay.relay.remote(7)
+            time.sleep(2.0)
+            assert not fut.done()
+        finally:
+            cpu_s = hog.release()
+        assert fut.result(timeout=10) == 7
+        lines = hog.warnings()
+        assert len(lines) == 2, lines
+        assert cpu_s < 0.08, f"{cpu_s:.3f} s of CPU while starved for 2 s"
+
+
+def test_an_actor_short_of_descriptors_refuses_a_channel_with_the_count():
+    """A few descriptors left: accepting works, but a channel takes more than are left --
+    refused with the count before the attach fails halfway (or libzmq meets the limit)."""
+    with ActorSystem() as system:
+        hog = system.spawn(FdHog)
+        relay = system.spawn(Caller, hog)
+        hog.starve(leave=6)
+        try:
+            with pytest.raises(Exception, match="file descriptors in use, fewer than"):
+                relay.relay(1)
+        finally:
+            hog.release()
+        assert relay.relay(2) == 2

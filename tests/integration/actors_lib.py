@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import resource
 import signal
 import struct
 import sys
@@ -540,3 +542,59 @@ class ControlBreaker:
             raise RuntimeError("a bug in the control server")
 
         ctl.service = service
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+@actor
+class FdHog:
+    """An actor that uses up its descriptor table, as a leak would, and gives it back."""
+
+    def echo(self, x):
+        return x
+
+    def starve(self, keep_spare: bool = True, leave: int = 0) -> None:
+        """Fill every free descriptor; the soft limit drops to the highest one in use
+        (plus ``leave``).
+
+        ``keep_spare=False`` takes the control server's spare descriptor away first,
+        as another thread opening a file at the wrong moment would.
+        """
+        frame = sys._getframe(1)
+        while frame.f_code.co_name != "_run_call":
+            frame = frame.f_back
+        ctl = frame.f_locals["self"].ctl  # the ActorServer's ControlServer
+        self.records = _Records()
+        logging.getLogger("runtime.control").addHandler(self.records)
+        if not keep_spare and getattr(ctl, "_spare", None) is not None:
+            os.close(ctl._spare)
+            ctl._spare = None
+        self.limits = resource.getrlimit(resource.RLIMIT_NOFILE)
+        top = max(int(n) for n in os.listdir("/proc/self/fd"))
+        self.fillers = []
+        while (fd := os.open(os.devnull, os.O_RDONLY)) <= top:  # every hole below the top
+            self.fillers.append(fd)
+        os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (top + 1 + leave, self.limits[1]))
+        self.cpu0 = time.process_time()
+
+    def release(self) -> float:
+        """Give the descriptors back; the process CPU time spent while starved."""
+        cpu = time.process_time() - self.cpu0
+        resource.setrlimit(resource.RLIMIT_NOFILE, self.limits)
+        for fd in self.fillers:
+            os.close(fd)
+        self.fillers = []
+        return cpu
+
+    def warnings(self) -> list[str]:
+        """The control server's warnings since :meth:`starve`."""
+        logging.getLogger("runtime.control").removeHandler(self.records)
+        return self.records.lines

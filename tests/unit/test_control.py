@@ -375,3 +375,24 @@ def test_a_sender_the_kernel_cannot_pin_is_refused_whatever_the_error():
     no such option", so on 6.5 to ~6.14 (EINVAL for a reaped peer) exactly the reused-pid
     case went through unchecked.  Support is now probed once; then any failure refuses."""
     assert control.peer_pidfd(_ReapedPeerSocket()) == -1
+
+
+def test_descriptors_the_kernel_dropped_are_an_error_not_a_short_count():
+    """More descriptors than a read takes (or a reader at its limit): the kernel drops
+    them and flags MSG_CTRUNC.  Read on as if nothing happened, the message failed later
+    as a count mismatch, or -- announcing none -- was taken without them."""
+    a, b = socket.socketpair()
+    extra = [os.open(os.devnull, os.O_RDONLY) for _ in range(9)]  # the reader takes 8
+    try:
+        before = len(os.listdir("/proc/self/fd"))
+        socket.send_fds(a, [encode_frame(["open", {}])], extra)
+        reader = FrameReader(b)
+        with pytest.raises(ProtocolError, match="dropped"):
+            reader.feed()
+        reader.close_fds()
+        assert len(os.listdir("/proc/self/fd")) == before  # what did arrive is closed
+    finally:
+        for fd in extra:
+            os.close(fd)
+        a.close()
+        b.close()
