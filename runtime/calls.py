@@ -206,11 +206,13 @@ class CallFuture(Future):
 
     def result(self, timeout: float | None = None) -> Any:
         if not self.done():
+            self._owner.ctx.refuse_wait_cycle(self._owner.ref)
             self._owner.drive(self, timeout)
         return super().result(timeout=None if self.done() else 0)
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         if not self.done():
+            self._owner.ctx.refuse_wait_cycle(self._owner.ref)
             self._owner.drive(self, timeout)
         return super().exception(timeout=None if self.done() else 0)
 
@@ -222,6 +224,11 @@ class _Failed:
 
     def __init__(self, tag: int, exc: BaseException) -> None:
         self.tag, self.exc = tag, exc
+
+
+def _cycle_text(ref: ActorRef, outcome: str) -> str:
+    return (f"call cycle: actor {ref.name!r} is busy serving the call that led to this one, "
+            f"and an actor runs one call at a time, so {outcome}")
 
 
 def _complete(waiter: Any, ok: bool, value: Any) -> None:
@@ -860,10 +867,7 @@ class ProcessContext:
         chain = self.serving if self.serving_thread is not None \
             and threading.get_ident() == self.serving_thread else ()
         if chain and ref.index in chain and ref.index != self.self_index:  # self: see below
-            raise ActorRuntimeError(
-                f"call cycle: actor {ref.name!r} is busy serving the call that led to this "
-                f"one, and an actor runs one call at a time, so this call could never be "
-                f"served")
+            raise ActorRuntimeError(_cycle_text(ref, "this call could never be served"))
         if ref.index == self.self_index:
             self._refuse_self_call(ref)
         cc = self._open_channel(ref)
@@ -872,6 +876,24 @@ class ProcessContext:
         deadline = self._call_deadline()
         return self.channel_for(ref, deadline).call(method, args, kwargs, deadline=deadline,
                                                     chain=chain)
+
+    def refuse_wait_cycle(self, ref: ActorRef) -> None:
+        """Refuse to wait, on the serving thread, for a pending call to ``ref`` that waits on it.
+
+        ``.remote()`` back into the chain is allowed (its caller may never wait), but
+        ``result()`` on it then waited for ever: the target is blocked in the call that
+        this thread is serving -- or is this very actor, whose next call starts only
+        once this one ends.
+        """
+        if self.serving_thread is None or threading.get_ident() != self.serving_thread:
+            return
+        if ref.index == self.self_index:
+            raise ActorRuntimeError(
+                f"call cycle: waiting, in a call of actor {ref.name!r}, on another call to "
+                f"it: an actor runs one call at a time, so that call starts only after this "
+                f"one ends")
+        if ref.index in self.serving:
+            raise ActorRuntimeError(_cycle_text(ref, "waiting on this call would never end"))
 
     def call_async(self, ref: ActorRef, method: str, args: tuple, kwargs: dict) -> Future:
         if ref.index == self.self_index:

@@ -3,8 +3,8 @@
 Found by a fault-injection review: A calls B, B calls back A; A serves one call at a time,
 so the inner call could never be served and, without ``call_timeout``, the outer one never
 completed.  An actor calling itself directly already failed at once; every call now carries
-the actors whose blocking calls led to it.  Not caught: a ``.remote()`` future waited on
-by the busy actor.  A ``.remote()`` on first contact with it no longer waits: the actor's
+the actors whose blocking calls led to it, and waiting on a ``.remote()`` future back into
+them fails too.  A ``.remote()`` on first contact with it no longer waits: the actor's
 control thread opens channels while it is busy.
 """
 
@@ -111,3 +111,29 @@ def test_a_remote_call_back_on_first_contact_does_not_wait_for_the_busy_caller()
         while a.get_last() != "hello" and time.monotonic() < deadline:
             time.sleep(0.02)
         assert a.get_last() == "hello"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("how", ["result", "exception"])
+def test_waiting_on_a_remote_call_back_into_the_chain_fails_instead_of_hanging(how):
+    """Left open before: a -> b, and b waits on ``a.m.remote()``; a serves one call at a
+    time and is blocked on b, so the wait never ended."""
+    with ActorSystem() as system:
+        a = system.spawn(Peer, name="a")
+        b = system.spawn(Peer, a, name="b")
+        a.set_other(b)
+        assert b.wait_on_other(how) == (a.own_pid() if how == "result" else "None")
+        with pytest.raises(RemoteError, match="call cycle: actor 'a' is busy"):
+            a.ask_other_to_wait_back.remote(how).result(timeout=15)
+        assert a.ask_other() == b.own_pid()  # nothing stuck after the refusal
+
+
+@pytest.mark.timeout(60)
+def test_waiting_on_a_call_to_the_actor_itself_fails_instead_of_hanging():
+    """A call to itself made by another thread of the actor is served after the current
+    one; its serving thread waiting on it would wait for ever."""
+    with ActorSystem() as system:
+        a = system.spawn(Peer, name="a")
+        with pytest.raises(RemoteError, match="call cycle: waiting, in a call of actor 'a'"):
+            a.wait_on_own_call.remote(a).result(timeout=15)
+        assert a.own_pid() > 0

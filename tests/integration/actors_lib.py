@@ -405,6 +405,23 @@ class Peer:
     def call_other_to_notify_back(self):
         return self.other.notify_other()
 
+    def ask_other_to_wait_back(self, how="result"):
+        return self.other.wait_on_other(how)
+
+    def wait_on_other(self, how="result"):
+        """A ``.remote()`` to the other, then waiting on it: a cycle if the other waits
+        on this call."""
+        fut = self.other.own_pid.remote()
+        return fut.result() if how == "result" else repr(fut.exception())
+
+    def wait_on_own_call(self, me):
+        """Waits, serving a call, on a call to itself that another thread made."""
+        box = []
+        t = threading.Thread(target=lambda: box.append(me.own_pid.remote()))
+        t.start()
+        t.join()
+        return box[0].result()
+
     def notify_other(self):
         """Tells the other something without waiting: served once it is free."""
         self.other.notified.remote("hello")
