@@ -13,7 +13,10 @@ Measured per tree (p50 of many round trips):
   the copy into the record and out of it);
 * ``actor_noop`` and ``actor_echo_8KiB``: the same through an actor (the call layer on top);
 * ``ping_after_5ms`` and ``actor_noop_after_5ms``: a round trip after 5 ms of silence, when
-  the peer has stopped spinning and sleeps on its doorbell (the wake-up).
+  the peer has stopped spinning and sleeps on its doorbell (the wake-up);
+* ``actor_remote_result``: ``.remote().result()`` (a future, its reader driven by the wait);
+* ``actor_callback_chain``: a step of a chain of ``.remote()`` calls each issued by the
+  previous one's done-callback (where callbacks run, and the hand-off to that thread).
 
 Usage::
 
@@ -125,7 +128,30 @@ def actors(n):
         e = system.spawn(Echo)
         x = torch.ones(2048)
         return {"actor_noop": p50(e.noop, n), "actor_echo_8KiB": p50(lambda: e.echo(x), n // 2),
-                "actor_noop_after_5ms": p50(e.noop, 150, warmup=5, pause=0.005)}
+                "actor_noop_after_5ms": p50(e.noop, 150, warmup=5, pause=0.005),
+                "actor_remote_result": p50(lambda: e.noop.remote().result(), n // 2),
+                "actor_callback_chain": statistics.median(
+                    callback_chain(e, max(50, n // 20)) for _ in range(5))}
+
+
+def callback_chain(e, steps):
+    """Microseconds a step of a chain of .remote() calls, each issued by the previous
+    one's done-callback (wherever the runtime runs callbacks)."""
+    import threading
+    done, left = threading.Event(), [steps]
+
+    def next_call(f):
+        f.result()
+        left[0] -= 1
+        if left[0] == 0:
+            done.set()
+        else:
+            e.noop.remote().add_done_callback(next_call)
+
+    t0 = time.perf_counter()
+    e.noop.remote().add_done_callback(next_call)
+    assert done.wait(120), "the callback chain stopped"
+    return (time.perf_counter() - t0) / steps * 1e6
 
 
 n = int(sys.argv[1])
