@@ -518,8 +518,29 @@ def _enc(obj: object, out: bytearray, bufs: list[np.ndarray],
             it = stack.pop()
 
 
-class _Pickler(cloudpickle.Pickler):
-    """cloudpickle with tensors and arrays sent out of band."""
+class _RebuildsExceptions(cloudpickle.Pickler):
+    """cloudpickle that rebuilds exceptions without calling their ``__init__``.
+
+    Python's own reduction of an exception rebuilds it as ``cls(*exc.args)``, which
+    fails for an ``__init__`` that takes other arguments than it passes up: an exception
+    raised would reach the caller as a plain ``RemoteError`` instead of its type, and one
+    passed as an argument or returned as a value made the receiver's decode fail with a
+    ``TypeError`` (see :func:`runtime.errors.exception_reduction`).  Exceptions nested in
+    one (its ``args``, its ``__dict__``, an ``ExceptionGroup``) go the same way.  Pickle
+    asks ``reducer_override`` only about objects that are not of its built-in types, so
+    tuples, strings, numbers and tensors (out of band) never pay for it.
+    """
+
+    def reducer_override(self, obj: object) -> object:
+        if isinstance(obj, BaseException):
+            rv = exception_reduction(obj)
+            if rv is not None:
+                return rv
+        return super().reducer_override(obj)
+
+
+class _Pickler(_RebuildsExceptions):
+    """cloudpickle with tensors and arrays sent out of band (and exceptions rebuilt)."""
 
     def __init__(self, file: io.BytesIO, bufs: list[np.ndarray]) -> None:
         super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
@@ -972,36 +993,18 @@ def decode(
 # --------------------------------------------------------------------- exceptions
 
 
-class _ExceptionPickler(cloudpickle.Pickler):
-    """cloudpickle that rebuilds exceptions without calling their ``__init__``.
-
-    Python's own reduction of an exception rebuilds it as ``cls(*exc.args)``, which
-    fails for an ``__init__`` that takes other arguments than it passes up, and the
-    exception would reach the caller as a plain ``RemoteError`` instead of its type
-    (see :func:`runtime.errors.exception_reduction`).  Exceptions nested in the one
-    raised (in its ``args``, its ``__dict__``, an ``ExceptionGroup``) go the same way.
-    """
-
-    def reducer_override(self, obj: object) -> object:
-        if isinstance(obj, BaseException):
-            rv = exception_reduction(obj)
-            if rv is not None:
-                return rv
-        return super().reducer_override(obj)
-
-
 def exception_bytes(exc: BaseException) -> bytes | None:
     """``exc`` pickled for a trusted peer, or None if it cannot be rebuilt there.
 
     The class travels by reference (by value if not importable, as cloudpickle does),
     with ``args`` and ``__dict__``; the peer rebuilds it without ``__init__`` (see
-    :class:`_ExceptionPickler`).  The round trip is tried here, so an exception whose
+    :class:`_RebuildsExceptions`).  The round trip is tried here, so an exception whose
     pickling or unpickling fails (or raises ``SystemExit``) travels as text only.
     Never for an untrusted peer, nor loaded from one: loading unpickles.
     """
     try:
         f = io.BytesIO()
-        _ExceptionPickler(f, protocol=pickle.HIGHEST_PROTOCOL).dump(exc)
+        _RebuildsExceptions(f, protocol=pickle.HIGHEST_PROTOCOL).dump(exc)
         data = f.getvalue()
         cloudpickle.loads(data)
     except BaseException:  # noqa: BLE001 - a hostile exception must not end the process

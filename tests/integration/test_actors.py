@@ -102,6 +102,19 @@ def test_exception_with_its_own_init_keeps_its_type(system, kind, exc_type, stat
     assert "in fail_custom_init" in str(err)
 
 
+@pytest.mark.parametrize("exc", [TwoArgError(1, 2), KwOnlyError("bad", code=4)],
+                         ids=["two_args", "kw_only"])
+def test_an_exception_passed_and_returned_keeps_its_type_and_state(system, exc):
+    """Left undone before: only raised exceptions were rebuilt without ``__init__``; one
+    passed as an argument failed the actor's decode of the call (``TypeError: missing
+    argument``), one returned failed the caller's decode of the reply."""
+    e = system.spawn(Echo)
+    back = e.echo({"error": exc, "why": [exc]})
+    assert type(back["error"]) is type(exc) and back["error"].args == exc.args
+    assert back["error"].__dict__ == exc.__dict__
+    assert back["why"][0] is back["error"]  # one object, as sent
+
+
 def test_base_exception_that_is_no_exception_arrives_as_plain_remote_error(system):
     """Deliberate (docs/design.md): a CancelledError, GeneratorExit or the like steers
     the remote task; raised again in the caller it would steer the caller's."""

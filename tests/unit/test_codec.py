@@ -839,6 +839,16 @@ def test_exception_round_trips_without_calling_init(exc):
     assert back.__dict__ == want
 
 
+@pytest.mark.parametrize("exc", [TwoArgError(1, 2), KwOnlyError("bad", code=4)],
+                         ids=["two_args", "kw_only"])
+def test_exception_values_are_rebuilt_without_calling_init(exc):
+    """Not only raised ones: as a value, ``cls(*args)`` made decode raise TypeError."""
+    enc = encode({"err": exc, "tensor": torch.ones(3)})
+    back = decode(enc.header, enc.buffers, safe=False)
+    assert type(back["err"]) is type(exc) and back["err"].__dict__ == exc.__dict__
+    assert back["tensor"].tolist() == [1.0, 1.0, 1.0]
+
+
 def test_exceptions_nested_in_a_group_round_trip():
     group_cls = getattr(builtins, "ExceptionGroup", None)
     if group_cls is None:
