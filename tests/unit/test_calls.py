@@ -31,6 +31,9 @@ class _Context:
     def retire(self, cc):
         pass
 
+    def refuse_wait_cycle(self, ref):
+        pass  # a driver's: never serving a call
+
 
 class _ScriptedChannel:
     """Replies come from ``inbox``; with ``full`` set, a send finds the ring full
