@@ -151,3 +151,26 @@ def test_done_ns_is_not_moved_by_a_second_completion():
     _complete(fut, False, RuntimeError("closed"))
     assert fut.result() == 1
     assert fut.done_ns == first, f"moved by {(fut.done_ns - first) / 1e6:.1f} ms"
+
+
+def test_the_pump_reads_once_a_reader_that_did_not_kick_it_lets_go():
+    """The pump never queues for the reader role (it stole the next call of a thread
+    doing .remote().result() one at a time); readers that leave calls pending kick it,
+    and a short backstop covers any that does not."""
+    cc, ch = _caller()
+    del cc._kick_pump  # the real pump, this time
+    cc._role.acquire()  # another reader holds the role
+    try:
+        fut = cc.submit("m", (1,), {})  # kicks the pump, which finds the role taken
+        ch.inbox.append((1, True, "one"))
+        time.sleep(0.05)
+        assert not fut.done()
+    finally:
+        cc._role.release()  # and leaves without a kick
+    t0 = time.monotonic()
+    while not fut.done() and time.monotonic() - t0 < 3:
+        time.sleep(0.001)
+    assert fut.done() and time.monotonic() - t0 < 0.5
+    assert fut.result(timeout=0) == "one"
+    cc.closed = True  # the pump ends (the scripted channel has nothing to close)
+    cc._pump_event.set()
