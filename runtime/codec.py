@@ -532,7 +532,9 @@ class _RebuildsExceptions(cloudpickle.Pickler):
     """
 
     def reducer_override(self, obj: object) -> object:
-        if isinstance(obj, BaseException):
+        # A reducer registered for the class (copyreg.pickle, a library stripping what
+        # cannot travel) comes first, as it does for plain pickle.
+        if isinstance(obj, BaseException) and type(obj) not in self.dispatch_table:
             rv = exception_reduction(obj)
             if rv is not None:
                 return rv

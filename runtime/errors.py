@@ -67,6 +67,16 @@ class RemoteError(Exception):
     def __str__(self) -> str:
         return _remote_text(self)
 
+    def __setstate__(self, state: dict) -> None:
+        # The state comes after the instance is made (see exception_reduction): the
+        # traceback it holds becomes the cause again, as make_remote_exception set it.
+        super().__setstate__(state)
+        _set_remote_cause(self)
+
+
+def _set_remote_cause(exc: BaseException) -> None:
+    exc.__cause__ = RemoteTraceback(str(getattr(exc, "remote_traceback", "")))
+
 
 class RemoteTraceback(Exception):
     """Carries the remote traceback text; attached as ``__cause__``."""
@@ -99,13 +109,19 @@ def _mixed_class(cls: type[BaseException]) -> type[BaseException] | None:
     """
     if cls in _MIXED:
         return _MIXED[cls]
+    def setstate(self: BaseException, state: dict) -> None:
+        cls.__setstate__(self, state)  # the class's own, or BaseException's
+        _set_remote_cause(self)
+
     try:
         mixed = type(cls.__name__, (cls, RemoteError), {
             "__module__": cls.__module__,
             "__qualname__": getattr(cls, "__qualname__", cls.__name__),
             "__str__": _remote_text,
+            # The state in the reduction's state slot, as exception_reduction does.
             "__reduce__": lambda self: (
-                rebuild_exception, (cls, self.args, dict(self.__dict__), True)),
+                rebuild_exception, (cls, self.args, None, True), dict(self.__dict__) or None),
+            "__setstate__": setstate,
         })
     except TypeError:  # final classes, incompatible layouts
         mixed = None
@@ -126,6 +142,13 @@ def _blank(cls: type[BaseException], args: tuple) -> BaseException:
         exc = cls.__new__(cls, *args)
     except TypeError:
         exc = cls.__new__(cls)
+    if isinstance(exc, OSError):
+        # OSError.__new__ leaves errno, strerror and filename to __init__ when a subclass
+        # has its own: OSError's (not the subclass's) sets them from the args.
+        try:
+            OSError.__init__(exc, *args)
+        except (TypeError, ValueError):
+            pass
     exc.args = args
     return exc
 
@@ -139,14 +162,25 @@ def exception_reduction(exc: BaseException) -> tuple | None:
     passes up (``def __init__(self, a, b): super().__init__(f"{a}/{b}")``, a
     keyword-only ``code``).  This reduction carries the same three things but rebuilds
     with :func:`rebuild_exception`.  None for a class that defines its own
-    ``__reduce__``/``__reduce_ex__`` (``OSError`` does; a user class may): its own
-    reduction is used then.
+    ``__reduce__``/``__reduce_ex__`` (a user class may): its own reduction is used
+    then.  ``OSError``'s own (errno, strerror and filename as arguments) is followed,
+    less the call to ``__init__``.
     """
     cls = type(exc)
-    if cls.__reduce__ is not BaseException.__reduce__ or \
-            cls.__reduce_ex__ is not object.__reduce_ex__:
+    if cls.__reduce_ex__ is not object.__reduce_ex__:
         return None
-    return (rebuild_exception, (cls, exc.args, getattr(exc, "__dict__", None) or None))
+    if cls.__reduce__ is BaseException.__reduce__:
+        args, state = exc.args, getattr(exc, "__dict__", None)
+    elif cls.__reduce__ is OSError.__reduce__:  # its args: errno, strerror, filename...
+        rv = exc.__reduce__()
+        args, state = rv[1], (rv[2] if len(rv) > 2 else None)
+    else:
+        return None
+    # The state goes in the reduction's state slot, not among the arguments: pickle
+    # applies it after memoising the instance, so state that refers back to the
+    # exception (``exc.items = [exc]``) finds it (as an argument, the inner reference
+    # was rebuilt first, from the still empty state, and the state was lost).
+    return (rebuild_exception, (cls, tuple(args)), state or None)
 
 
 def rebuild_exception(cls: type[BaseException], args: tuple, state: dict | None = None,

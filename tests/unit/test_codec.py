@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import builtins
 import collections
+import copyreg
 import enum
+import errno
 import gc
 import io
 import math
@@ -847,6 +849,75 @@ def test_exception_values_are_rebuilt_without_calling_init(exc):
     back = decode(enc.header, enc.buffers, safe=False)
     assert type(back["err"]) is type(exc) and back["err"].__dict__ == exc.__dict__
     assert back["tensor"].tolist() == [1.0, 1.0, 1.0]
+
+
+class _Holder:
+    def __init__(self, err):
+        self.err = err
+
+
+class _CycleError(Exception):
+    pass
+
+
+@pytest.mark.parametrize("how", ["value", "raised"])
+def test_an_exception_whose_state_refers_back_to_it_keeps_its_state(how):
+    """Review of 2a3fdb3: the state went to the rebuild as an argument, so a reference
+    back to the exception inside it was rebuilt first, from the still empty state -- and
+    the state was lost, silently.  In the state slot, pickle applies it after memoising."""
+    exc = _CycleError("x")
+    exc.holder = _Holder(exc)
+    exc.items = [exc, 1]
+    if how == "value":
+        enc = encode({"e": exc})
+        back = decode(enc.header, enc.buffers, safe=False)["e"]
+    else:
+        back = trusted_exception(exception_bytes(exc))
+    assert back.holder.err is back and back.items[0] is back and back.items[1] == 1
+
+
+def test_a_remote_exception_whose_state_refers_back_to_it_keeps_it_and_its_cause():
+    remote = make_remote_exception(TwoArgError(1, 2), "x.T", "msg", "TB text")
+    remote.again = [remote]
+    back = pickle.loads(pickle.dumps(remote))
+    assert isinstance(back, TwoArgError) and isinstance(back, RemoteError)
+    assert back.again[0] is back and back.b == 2
+    assert str(back.__cause__) == "TB text"
+
+
+class _LockedError(Exception):
+    """A library's exception carrying what cannot travel, with a copyreg reducer."""
+
+    def __init__(self, msg):
+        super().__init__(msg)
+        self.lock = threading.Lock()
+
+
+copyreg.pickle(_LockedError, lambda e: (_LockedError, e.args))
+
+
+def test_a_copyreg_reducer_of_an_exception_comes_first():
+    """Review of 2a3fdb3: the runtime's reducer ran before the dispatch table, so a
+    registered reducer was ignored and the lock made the encode fail."""
+    enc = encode([_LockedError("m")])
+    back = decode(enc.header, enc.buffers, safe=False)[0]
+    assert type(back) is _LockedError and back.args == ("m",)
+
+
+class _PathError(OSError):
+    def __init__(self, path):
+        super().__init__(errno.ENOENT, "no such thing", path)
+        self.path = path
+
+
+def test_an_oserror_with_its_own_init_is_rebuilt_without_it():
+    """OSError reduces itself as ``cls(errno, strerror, filename)``: with its own
+    ``__init__`` the decode failed (a ProtocolError naming a TypeError)."""
+    enc = encode([_PathError("/x")])
+    back = decode(enc.header, enc.buffers, safe=False)[0]
+    assert type(back) is _PathError
+    assert (back.errno, back.strerror, back.filename, back.path) == (
+        errno.ENOENT, "no such thing", "/x", "/x")
 
 
 def test_exceptions_nested_in_a_group_round_trip():
