@@ -209,13 +209,15 @@ class CallFuture(Future):
 
     def result(self, timeout: float | None = None) -> Any:
         if not self.done():
-            self._owner.ctx.refuse_wait_cycle(self._owner.ref)
+            if timeout is None:  # a wait with a timeout ends anyway
+                self._owner.ctx.refuse_wait_cycle(self._owner.ref)
             self._owner.drive(self, timeout)
         return super().result(timeout=None if self.done() else 0)
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         if not self.done():
-            self._owner.ctx.refuse_wait_cycle(self._owner.ref)
+            if timeout is None:
+                self._owner.ctx.refuse_wait_cycle(self._owner.ref)
             self._owner.drive(self, timeout)
         return super().exception(timeout=None if self.done() else 0)
 
@@ -898,10 +900,14 @@ class ProcessContext:
         ``.remote()`` back into the chain is allowed (its caller may never wait), but
         ``result()`` on it then waited for ever: the target is blocked in the call that
         this thread is serving -- or is this very actor, whose next call starts only
-        once this one ends.
+        once this one ends.  Only a wait that could last for ever is refused: one with a
+        timeout, or under ``call_timeout``, ends anyway (and under ``call_timeout`` a chain
+        member whose call timed out may be free again).
         """
         if self.serving_thread is None or threading.get_ident() != self.serving_thread:
             return
+        if self.session.call_timeout is not None:
+            return  # the wait ends (its call times out), and a chain member may be free
         if ref.index == self.self_index:
             raise ActorRuntimeError(
                 f"call cycle: waiting, in a call of actor {ref.name!r}, on another call to "

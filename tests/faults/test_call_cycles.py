@@ -137,3 +137,26 @@ def test_waiting_on_a_call_to_the_actor_itself_fails_instead_of_hanging():
         with pytest.raises(RemoteError, match="call cycle: waiting, in a call of actor 'a'"):
             a.wait_on_own_call.remote(a).result(timeout=15)
         assert a.own_pid() > 0
+
+
+@pytest.mark.timeout(60)
+def test_a_poll_with_a_timeout_is_no_cycle():
+    """Review of a3c9dfc: ``result(timeout=0)`` on a call to the actor itself raised the
+    cycle error, though a wait with a timeout cannot hang: it is a ``TimeoutError``."""
+    with ActorSystem() as system:
+        a = system.spawn(Peer, name="a")
+        assert a.poll_own_call(a) == "not yet"
+
+
+@pytest.mark.timeout(60)
+def test_under_call_timeout_a_chain_member_whose_call_timed_out_may_be_waited_on():
+    """Review of a3c9dfc: a -> b timed out and a's call ended, so a is free; b's wait on
+    ``a.own_pid.remote()`` was refused as a cycle all the same.  Under ``call_timeout``
+    no wait lasts for ever, so none is refused."""
+    with ActorSystem(call_timeout=1.0) as system:
+        a = system.spawn(Peer, name="a")
+        b = system.spawn(Peer, a, name="b")
+        a.set_other(b)
+        a.call_other_slow.remote(2.0)  # gives up on b after 1 s: a is free
+        time.sleep(3.0)  # b has slept, and waited on its call back to a
+        assert b.get_last() == a.own_pid()

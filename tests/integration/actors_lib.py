@@ -414,6 +414,33 @@ class Peer:
         fut = self.other.own_pid.remote()
         return fut.result() if how == "result" else repr(fut.exception())
 
+    def poll_own_call(self, me):
+        """Polls (timeout 0), serving a call, a call to itself another thread made."""
+        box = []
+        t = threading.Thread(target=lambda: box.append(me.own_pid.remote()))
+        t.start()
+        t.join()
+        try:
+            box[0].result(timeout=0)
+        except TimeoutError:
+            return "not yet"
+        return "done"
+
+    def call_other_slow(self, seconds):
+        try:
+            return self.other.slow_then_ask_back(seconds)
+        except Exception as exc:  # CallTimeoutError: gives up, and this call ends
+            return f"gave up: {type(exc).__name__}"
+
+    def slow_then_ask_back(self, seconds):
+        """Outlasts the caller's call_timeout, then waits on a call back to the caller."""
+        time.sleep(seconds)
+        try:
+            self.last = self.other.own_pid.remote().result()
+        except Exception as exc:
+            self.last = f"{type(exc).__name__}: {exc}"
+        return self.last
+
     def wait_on_own_call(self, me):
         """Waits, serving a call, on a call to itself that another thread made."""
         box = []
