@@ -26,9 +26,14 @@ backlog, its caller waiting on it, and the listening socket readable -- the serv
 woke on it again and again, logging each time (a review saw 1,700 lines and 0.17 s of
 CPU in 2 s for one waiting caller).  So the server keeps one spare descriptor: when an
 accept fails for lack of them, it closes the spare, accepts, answers that it is out of
-descriptors, and takes the spare again (as libuv and nginx do).  Without the spare
-(another thread took its number meanwhile) the server reports :attr:`starved`, and its
-owner backs off; either way one line is logged per episode, not per try.
+descriptors, and takes the spare again (as libuv and nginx do).  At the limit accept()
+fails with EMFILE whether or not anyone waits; the spare's accept tells which.  Without
+the spare (another thread took its number meanwhile) the server reports
+:attr:`starved`, and its owner backs off.  A shortage is one episode, logged once when
+it begins and once when a channel opens again, with the number refused meanwhile:
+failed accepts, refusals by the spare, requests whose descriptors the kernel dropped
+and the handler's :class:`~runtime.limits.OutOfDescriptors` all count into it.  A
+caller refused before it wrote its request reads the refusal that waits in its buffer.
 """
 
 from __future__ import annotations
@@ -45,7 +50,8 @@ from collections.abc import Callable
 from typing import Any
 
 from runtime.errors import ProtocolError, TransportError
-from runtime.wire import FrameReader, encode_frame, write_frame
+from runtime.limits import OutOfDescriptors
+from runtime.wire import DescriptorsDropped, FrameReader, encode_frame, write_frame
 
 __all__ = ["ControlServer", "peer_pid", "reply_fields", "request"]
 
@@ -168,7 +174,8 @@ class ControlServer:
         # True while accepts fail for want of descriptors and none was spare: the
         # connection waits in the backlog, and polling the socket says ready at once.
         self.starved = False
-        self._failed_accepts = 0  # in the current episode; logged when it ends
+        self._short = False  # in a shortage episode (see _shortage)
+        self._short_refused = 0
 
     def fileno(self) -> int:
         return self._sock.fileno()
@@ -196,16 +203,23 @@ class ControlServer:
             try:
                 conn, _ = self._sock.accept()
             except (BlockingIOError, InterruptedError):
-                self.starved = False  # nothing waits (descriptors may still be short)
-                if self._spare is None:
-                    self._spare = _open_spare()
+                self.starved = False
                 break
             except OSError as exc:
-                if exc.errno not in _STARVED or not self._refuse_with_spare(exc):
-                    self._starve(exc)
+                # At the limit accept() fails before it looks at the backlog: EMFILE says
+                # nothing of whether anyone waits.  The spare's accept tells.
+                outcome = self._refuse_with_spare(exc) if exc.errno in _STARVED else None
+                if outcome is None:  # no spare, or another error: back off and retry
+                    self._shortage(f"cannot accept: {exc.strerror or exc}")
+                    self.starved = True
+                    break
+                self.starved = False
+                if not outcome:  # nobody was waiting
                     break
                 continue
-            self._recovered()
+            self.starved = False
+            if self._spare is None:
+                self._spare = _open_spare()
             conn.setblocking(False)
             try:
                 pid = peer_pid(conn)
@@ -226,27 +240,30 @@ class ControlServer:
             if p.deadline <= now:
                 self._refuse(p, "no complete request in time")
 
-    def _refuse_with_spare(self, exc: OSError) -> bool:
-        """Free the spare descriptor, accept, and tell the caller why; False without one.
+    def _refuse_with_spare(self, exc: OSError) -> bool | None:
+        """Free the spare descriptor, accept, and tell the caller why.
 
-        The caller gets a refusal that names the cause at once, instead of waiting in
-        the backlog for a descriptor to free up -- maybe for good.
+        True when a caller was refused, False when nobody was waiting, None without a
+        spare (or when the accept failed even so).  The caller gets a refusal that names
+        the cause at once, instead of waiting in the backlog for a descriptor to free up
+        -- maybe for good.
         """
         if self._spare is None:
-            return False
+            return None
         _close_fd(self._spare)
         self._spare = None
         try:
             conn, _ = self._sock.accept()
-        except OSError:
+        except (BlockingIOError, InterruptedError):
             self._spare = _open_spare()
             return False
-        why = f"actor {self.name} is out of file descriptors ({exc.strerror})"
-        if self._failed_accepts == 0:
-            log.warning("actor %s: cannot accept control connections: %s; refusing them "
-                        "until descriptors free up", self.name, exc)
-        self._failed_accepts += 1
-        self.refused += 1
+        except OSError:
+            self._spare = _open_spare()
+            return None
+        what = ("file descriptors" if exc.errno in (errno.EMFILE, errno.ENFILE)
+                else "memory for connections")
+        why = f"actor {self.name} is out of {what} ({exc.strerror})"
+        self._shortage(why, refused=True)
         try:
             conn.send(encode_frame(["error", why]), socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
         except OSError:
@@ -255,29 +272,34 @@ class ControlServer:
         self._spare = _open_spare()
         return True
 
-    def _starve(self, exc: OSError) -> None:
-        if self._failed_accepts == 0:
-            log.warning("actor %s: cannot accept control connections: %s; retrying",
-                        self.name, exc)
-        self._failed_accepts += 1
-        self.starved = True
+    def _shortage(self, why: str, *, refused: bool = False) -> None:
+        """Note a symptom of running short of descriptors: one line per episode.
 
-    def _recovered(self) -> None:
-        """An accept worked: end a starved episode (one line for it)."""
-        if self._failed_accepts:
-            log.warning("actor %s: accepting control connections again (%d refused or "
-                        "delayed meanwhile)", self.name, self._failed_accepts)
-            self._failed_accepts = 0
-        self.starved = False
-        if self._spare is None:
-            self._spare = _open_spare()
+        An episode lasts until a channel is opened again (:meth:`_finish`): accepts that
+        fail, refusals by the spare, requests whose descriptors the kernel dropped,
+        and the handler's headroom refusals all count into it, quietly.
+        """
+        if not self._short:
+            log.warning("actor %s: short of resources for new channels (%s); refusing or "
+                        "delaying them until they free up", self.name, why)
+            self._short = True
+        if refused:
+            self.refused += 1
+            self._short_refused += 1
+
+    def _finish_shortage(self) -> None:
+        if self._short:
+            log.warning("actor %s: opening channels again (%d refused meanwhile)",
+                        self.name, self._short_refused)
+            self._short, self._short_refused = False, 0
 
     def _read(self, p: _Pending) -> None:
         try:
             msgs = p.reader.feed()
         except Exception as exc:  # noqa: BLE001 - whatever a peer sends, the actor serves on
             self._refuse(p, str(exc) if isinstance(exc, (ProtocolError, OSError))
-                         else f"{type(exc).__name__}: {exc}")
+                         else f"{type(exc).__name__}: {exc}",
+                         shortage=isinstance(exc, DescriptorsDropped) and exc.short)
             return
         if not msgs:
             if p.reader.eof:
@@ -298,14 +320,19 @@ class ControlServer:
         except Exception as exc:  # noqa: BLE001 - refused, reported, and we go on serving
             for fd in fds:
                 _close_fd(fd)
-            self._refuse(p, str(exc))
+            self._refuse(p, str(exc), shortage=isinstance(exc, OutOfDescriptors))
             return
+        self._finish_shortage()
         self._finish(p, reply)
 
-    def _refuse(self, p: _Pending, why: str) -> None:
-        self.refused += 1
-        log.warning("actor %s: refused a control request from pid %d: %.200s", self.name,
-                    p.pid, why)
+    def _refuse(self, p: _Pending, why: str, *, shortage: bool = False) -> None:
+        if shortage:  # counted into the episode: one line for all of them
+            why = f"actor {self.name}: {why}"
+            self._shortage(why, refused=True)
+        else:
+            self.refused += 1
+            log.warning("actor %s: refused a control request from pid %d: %.200s",
+                        self.name, p.pid, why)
         self._finish(p, ["error", why[:1000]])
 
     def _finish(self, p: _Pending, reply: list) -> None:
@@ -368,7 +395,16 @@ def request(path: str, msg: list, fds: tuple[int, ...], *, timeout: float | None
     reader = FrameReader(sock, max_frame=MAX_REQUEST)
     try:
         sock.settimeout(WRITE_TIMEOUT_S if timeout is None else timeout)
-        write_frame(sock, msg, fds)
+        try:
+            write_frame(sock, msg, fds)
+        except OSError as exc:
+            # A server out of descriptors answers (a refusal) and closes before it reads:
+            # the write meets EPIPE, and the answer waits in this socket's buffer.
+            left = _reply_left(sock, reader)
+            if left is not None:
+                return left
+            _await_death(check, deadline)
+            raise TransportError(f"{path} failed the connection: {exc}") from exc
         sock.setblocking(False)
         poller = select.poll()
         poller.register(sock, select.POLLIN)
@@ -394,6 +430,21 @@ def request(path: str, msg: list, fds: tuple[int, ...], *, timeout: float | None
     finally:
         reader.close_fds()
         sock.close()
+
+
+def _reply_left(sock: socket.socket, reader: FrameReader) -> list | None:
+    """A reply already in ``sock``'s buffer (the server wrote it and closed), or None."""
+    sock.setblocking(False)
+    try:
+        for _ in range(16):  # a refusal is one small frame: a read or two
+            msgs = reader.feed()
+            if msgs:
+                return None if reader.fds else msgs[0]
+            if reader.eof:
+                return None
+    except (OSError, ProtocolError):
+        return None
+    return None
 
 
 def _await_death(check: Callable[[], None] | None, deadline: float | None) -> None:

@@ -19,7 +19,7 @@ import resource
 
 from runtime.errors import TransportError
 
-__all__ = ["HEADROOM", "SOFT_CAP", "check_fd_headroom", "raise_fd_limit"]
+__all__ = ["HEADROOM", "SOFT_CAP", "OutOfDescriptors", "check_fd_headroom", "raise_fd_limit"]
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +40,16 @@ def raise_fd_limit() -> int:
     return soft
 
 
-def check_fd_headroom(what: str, need: int = HEADROOM) -> None:
-    """Raise ``TransportError`` unless ``need`` more descriptors can be opened now."""
+class OutOfDescriptors(TransportError):
+    """Too few file descriptors are left to open what was asked for."""
+
+
+CALLER_ADVICE = ("raise the limit, ulimit -n, or talk to fewer actors: handle.kill() closes "
+                 "a channel")
+
+
+def check_fd_headroom(what: str, need: int = HEADROOM, *, advice: str = CALLER_ADVICE) -> None:
+    """Raise :class:`OutOfDescriptors` unless ``need`` more descriptors can be opened now."""
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     if soft == resource.RLIM_INFINITY or soft > 1 << 24:
         return
@@ -52,7 +60,6 @@ def check_fd_headroom(what: str, need: int = HEADROOM) -> None:
             return  # no /proc: nothing to measure by
         used = soft
     if soft - used < need:
-        raise TransportError(
+        raise OutOfDescriptors(
             f"cannot open {what}: {used} of {soft} file descriptors in use, fewer than {need} "
-            f"left (raise the limit, ulimit -n, or talk to fewer actors: handle.kill() "
-            f"closes a channel)")
+            f"left ({advice})")

@@ -29,7 +29,7 @@ from typing import Any
 
 from runtime.errors import ProtocolError
 
-__all__ = ["MAX_FRAME", "FrameReader", "encode_frame", "write_frame"]
+__all__ = ["MAX_FRAME", "DescriptorsDropped", "FrameReader", "encode_frame", "write_frame"]
 
 _LEN = struct.Struct("<I")
 MAX_FRAME = 16 << 20
@@ -69,6 +69,21 @@ def write_frame(target: int | socket.socket, obj: Any, fds: tuple[int, ...] = ()
         buf = buf[n:]
 
 
+class DescriptorsDropped(ProtocolError):
+    """The kernel dropped descriptors sent with a message (``MSG_CTRUNC``).
+
+    ``short``: fewer than a read takes arrived, so this process could not install them
+    (it is at its descriptor limit); otherwise the peer sent more than a message may carry.
+    """
+
+    def __init__(self, arrived: int) -> None:
+        self.short = arrived < _MAX_FDS
+        super().__init__(
+            "descriptors sent with a message were dropped: " +
+            ("this process is out of file descriptors" if self.short
+             else f"more than {_MAX_FDS} came"))
+
+
 class FrameReader:
     """Reassembles messages from a pipe or socket read in whatever pieces arrive.
 
@@ -92,17 +107,18 @@ class FrameReader:
                 1 << 20, socket.CMSG_SPACE(_MAX_FDS * array.array("i").itemsize))
         except (BlockingIOError, InterruptedError):
             return None
+        arrived = 0
         for level, kind, payload in ancdata:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 fds = array.array("i")
                 fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])
                 self.fds.extend(fds)
+                arrived += len(fds)
         if flags & socket.MSG_CTRUNC:
             # The kernel dropped descriptors it could not install (this process at its
             # limit) or that did not fit: the message would be read without them, and
             # fail later as a count mismatch that hides why.
-            raise ProtocolError(f"descriptors sent with a message were dropped: this process "
-                                f"is out of file descriptors, or more than {_MAX_FDS} came")
+            raise DescriptorsDropped(arrived)
         return data
 
     def feed(self) -> list[Any]:

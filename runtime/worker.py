@@ -125,13 +125,15 @@ class ActorServer:
         if not isinstance(name, str) or not 0 < len(name) <= 200:
             raise ProtocolError("malformed channel name")
         spec = ChannelSpec.from_dict(msg[1].get("spec"))
-        # A channel's segments, sockets and pool slots take descriptors: refused here with
-        # the count, rather than failing somewhere in the attach (or in libzmq).
-        limits.check_fd_headroom(f"a channel from pid {pid}", CHANNEL_FDS)
         safe = self.peer_is_untrusted(pid)
         if safe and not (self.untrusted or self.untrusted_callers):
             raise ProtocolError(f"actor {self.name!r} does not serve untrusted actors (pid "
                                 f"{pid}); @actor(untrusted_callers=True) lets it")
+        # A channel's segments, sockets and pool slots take descriptors: refused here with
+        # the count, rather than failing somewhere in the attach (or in libzmq).
+        limits.check_fd_headroom(
+            f"a channel in actor {self.name!r}", CHANNEL_FDS,
+            advice="the actor holds too many descriptors: a leak in it, or raise its limit")
         # The files a channel names must be the requester's own, in this session: a peer
         # may not point this actor at another channel's ZeroMQ socket or doorbell.
         own = os.path.join(self.ctx.session.private_dir, f"rt_{self.ctx.session.sid}_{pid}_")

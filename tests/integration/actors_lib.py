@@ -598,6 +598,35 @@ class _Records(logging.Handler):
 
 
 @actor
+class Prober:
+    """Calls another actor again and again; counts what each call raised, and times it."""
+
+    def __init__(self, other):
+        self.other = other
+        self.times = []
+
+    def probe(self, n):
+        seen = {}
+        self.times = []
+        for i in range(n):
+            t0 = time.monotonic()
+            try:
+                self.other.echo(i)
+                key = "ok"
+            except Exception as exc:  # what a caller meets is the point
+                key = f"{type(exc).__module__}.{type(exc).__name__}: {str(exc)[:300]}"
+            seen[key] = seen.get(key, 0) + 1
+            self.times.append(time.monotonic() - t0)
+        return seen
+
+    def get_times(self):
+        return self.times
+
+    def fds(self):
+        return len(os.listdir("/proc/self/fd"))
+
+
+@actor
 class FdHog:
     """An actor that uses up its descriptor table, as a leak would, and gives it back."""
 

@@ -396,3 +396,46 @@ def test_descriptors_the_kernel_dropped_are_an_error_not_a_short_count():
             os.close(fd)
         a.close()
         b.close()
+
+
+class _Emfile:
+    """A listening socket whose accept() meets EMFILE once, as at the descriptor limit."""
+
+    def __init__(self, sock):
+        self._real, self.n = sock, 1
+
+    def accept(self):
+        if self.n:
+            self.n -= 1
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+        return self._real.accept()
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+
+def test_a_caller_refused_before_it_wrote_gets_the_refusal_not_epipe(server, monkeypatch):
+    """Review of the spare descriptor: the server answers 'out of file descriptors' and
+    closes without reading the request.  A caller scheduled out between its connect and
+    its write met a bare BrokenPipeError, though the refusal sat in its buffer."""
+    srv, _ = server
+    real_sock = srv._sock
+    srv._sock = _Emfile(real_sock)
+    real_connect = control._connect
+
+    def connect_then_server_runs(path, deadline, check):
+        sock = real_connect(path, deadline, check)
+        srv.service()  # the server's turn: EMFILE, the spare, accept, refuse, close
+        return sock
+
+    monkeypatch.setattr(control, "_connect", connect_then_server_runs)
+    r, w = os.pipe()
+    try:
+        reply = control.request(srv.path, ["open", {}], (r,), timeout=5)
+        with pytest.raises(TransportError, match="out of file descriptors"):
+            control.reply_fields(reply, "opening")
+    finally:
+        srv._sock = real_sock
+        os.close(r)
+        os.close(w)
+    assert not srv.starved  # nobody else was waiting: no back-off

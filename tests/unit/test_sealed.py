@@ -258,7 +258,7 @@ def test_a_refused_open_closes_each_descriptor_once(private_dir):
                                                          shm_dir=SHM, threshold=MiB))
     server.peer_is_untrusted = lambda pid: True
     server.bell = Doorbell(os.path.join(private_dir, "callee.bell"))
-    server.inbound, server.borrow_args = [], False
+    server.inbound, server.borrow_args, server.name = [], False, "callee"
     server.untrusted, server.untrusted_callers = False, True  # it serves untrusted callers
     caller = Channel.create(shm_dir=SHM, private_dir=private_dir,
                             name=f"rt_{sid}_{os.getpid()}_c", threshold=MiB, sealed=False)
