@@ -59,6 +59,7 @@ log = logging.getLogger(__name__)
 
 MAX_REQUEST = 64 * 1024
 MAX_PENDING = 32
+MAX_REQUEST_FDS = 8  # an open request carries 3 (two rings and a pool socket)
 REQUEST_DEADLINE_S = 2.0
 # A refused connection to an actor's socket usually means the actor just died and the
 # supervisor has not recorded it yet (it does within ~1 s): ``check`` is polled this long
@@ -139,7 +140,7 @@ class _Pending:
         self.sock = sock
         self.pid = pid
         self.pidfd = pidfd
-        self.reader = FrameReader(sock, max_frame=MAX_REQUEST)
+        self.reader = FrameReader(sock, max_frame=MAX_REQUEST, max_fds=MAX_REQUEST_FDS)
         self.deadline = time.monotonic() + REQUEST_DEADLINE_S
 
     def close(self) -> None:
@@ -275,8 +276,8 @@ class ControlServer:
     def _shortage(self, why: str, *, refused: bool = False) -> None:
         """Note a symptom of running short of descriptors: one line per episode.
 
-        An episode lasts until a channel is opened again (:meth:`_finish`): accepts that
-        fail, refusals by the spare, requests whose descriptors the kernel dropped,
+        An episode lasts until a channel is opened again (:meth:`_finish_shortage`): accepts
+        that fail, refusals by the spare, requests whose descriptors the kernel dropped,
         and the handler's headroom refusals all count into it, quietly.
         """
         if not self._short:
@@ -328,7 +329,7 @@ class ControlServer:
     def _refuse(self, p: _Pending, why: str, *, shortage: bool = False) -> None:
         if shortage:  # counted into the episode: one line for all of them
             why = f"actor {self.name}: {why}"
-            self._shortage(why, refused=True)
+            self._shortage(f"{why}; first refused: pid {p.pid}", refused=True)
         else:
             self.refused += 1
             log.warning("actor %s: refused a control request from pid %d: %.200s",
@@ -392,7 +393,7 @@ def request(path: str, msg: list, fds: tuple[int, ...], *, timeout: float | None
     """
     deadline = None if timeout is None else time.monotonic() + timeout
     sock = _connect(path, deadline, check)
-    reader = FrameReader(sock, max_frame=MAX_REQUEST)
+    reader = FrameReader(sock, max_frame=MAX_REQUEST, max_fds=MAX_REQUEST_FDS)
     try:
         sock.settimeout(WRITE_TIMEOUT_S if timeout is None else timeout)
         try:

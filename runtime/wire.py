@@ -91,8 +91,12 @@ class FrameReader:
     message that announces descriptors takes them from the front.
     """
 
-    def __init__(self, source: int | socket.socket, *, max_frame: int = MAX_FRAME) -> None:
+    def __init__(self, source: int | socket.socket, *, max_frame: int = MAX_FRAME,
+                 max_fds: int | None = None) -> None:
         self.max_frame = max_frame
+        # Descriptors held for messages not yet whole: a peer sending a byte and eight
+        # descriptors at a time, its frame never complete, filled the whole table.
+        self.max_fds = max_fds
         self.sock = source if isinstance(source, socket.socket) else None
         self.fd = source.fileno() if self.sock is not None else source
         self._buf = bytearray()
@@ -119,6 +123,8 @@ class FrameReader:
             # limit) or that did not fit: the message would be read without them, and
             # fail later as a count mismatch that hides why.
             raise DescriptorsDropped(arrived)
+        if self.max_fds is not None and len(self.fds) > self.max_fds:
+            raise ProtocolError(f"more than {self.max_fds} descriptors sent")
         return data
 
     def feed(self) -> list[Any]:

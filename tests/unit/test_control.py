@@ -439,3 +439,35 @@ def test_a_caller_refused_before_it_wrote_gets_the_refusal_not_epipe(server, mon
         os.close(r)
         os.close(w)
     assert not srv.starved  # nobody else was waiting: no back-off
+
+
+@pytest.mark.timeout(60)
+def test_a_half_sent_request_holds_few_descriptors_and_is_named(server, caplog):
+    """Second review: a peer sending a byte and eight descriptors at a time, its frame
+    never whole, made the server hold every descriptor it could take (19,976 of 20,000:
+    honest opens refused, libzmq's accept aborting) -- and the refusal, counted as a
+    shortage, named no pid."""
+    srv, _ = server
+    caplog.set_level(logging.WARNING, logger="runtime.control")
+    c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dn = os.open(os.devnull, os.O_RDONLY)
+    peak = 0
+    try:
+        c.connect(srv.path)
+        c.send(struct.pack("<I", 60000))  # a frame of 60,000 bytes that never completes
+        c.setblocking(False)
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            try:
+                socket.send_fds(c, [b"x"], [dn] * 8)
+            except OSError:
+                pass
+            if srv.ready():
+                srv.service()
+            peak = max([peak, *(len(p.reader.fds) for p in srv._pending.values())])
+    finally:
+        c.close()
+        os.close(dn)
+    assert peak <= control.MAX_REQUEST_FDS
+    assert any(f"from pid {os.getpid()}" in r.getMessage() and "descriptors" in r.getMessage()
+               for r in caplog.records), [r.getMessage() for r in caplog.records]
