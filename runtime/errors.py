@@ -120,7 +120,7 @@ def _mixed_class(cls: type[BaseException]) -> type[BaseException] | None:
             "__str__": _remote_text,
             # The state in the reduction's state slot, as exception_reduction does.
             "__reduce__": lambda self: (
-                rebuild_exception, (cls, self.args, None, True), dict(self.__dict__) or None),
+                rebuild_exception, (cls, self.args, None, True), _exception_state(self)),
             "__setstate__": setstate,
         })
     except TypeError:  # final classes, incompatible layouts
@@ -163,24 +163,38 @@ def exception_reduction(exc: BaseException) -> tuple | None:
     keyword-only ``code``).  This reduction carries the same three things but rebuilds
     with :func:`rebuild_exception`.  None for a class that defines its own
     ``__reduce__``/``__reduce_ex__`` (a user class may): its own reduction is used
-    then.  ``OSError``'s own (errno, strerror and filename as arguments) is followed,
-    less the call to ``__init__``.
+    then; ``OSError``'s own is replaced too (it rebuilds as ``cls(errno, strerror,
+    filename)``): its filenames travel in the state (see :func:`_exception_state`).
     """
     cls = type(exc)
-    if cls.__reduce_ex__ is not object.__reduce_ex__:
-        return None
-    if cls.__reduce__ is BaseException.__reduce__:
-        args, state = exc.args, getattr(exc, "__dict__", None)
-    elif cls.__reduce__ is OSError.__reduce__:  # its args: errno, strerror, filename...
-        rv = exc.__reduce__()
-        args, state = rv[1], (rv[2] if len(rv) > 2 else None)
-    else:
+    if cls.__reduce_ex__ is not object.__reduce_ex__ or \
+            cls.__reduce__ not in (BaseException.__reduce__, OSError.__reduce__):
         return None
     # The state goes in the reduction's state slot, not among the arguments: pickle
     # applies it after memoising the instance, so state that refers back to the
     # exception (``exc.items = [exc]``) finds it (as an argument, the inner reference
     # was rebuilt first, from the still empty state, and the state was lost).
-    return (rebuild_exception, (cls, tuple(args)), state or None)
+    return (rebuild_exception, (cls, exc.args), _exception_state(exc))
+
+
+def _exception_state(exc: BaseException) -> dict | None:
+    """What to restore with ``__setstate__`` (setattr) once ``exc`` is rebuilt.
+
+    Its ``__dict__``, and what an ``OSError`` keeps outside it: ``filename`` and
+    ``filename2`` (its ``args`` hold errno and strerror alone, so they cannot come from
+    there), a ``BlockingIOError``'s ``characters_written`` (a third argument means a
+    filename to any subclass of it, the mixed remote class included).
+    """
+    state = dict(getattr(exc, "__dict__", None) or {})
+    if isinstance(exc, OSError):
+        for name in ("filename", "filename2"):  # None too: a rebuild may have set them
+            state[name] = getattr(exc, name, None)
+        if isinstance(exc, BlockingIOError):
+            try:
+                state["characters_written"] = exc.characters_written
+            except AttributeError:  # not set
+                pass
+    return state or None
 
 
 def rebuild_exception(cls: type[BaseException], args: tuple, state: dict | None = None,
@@ -231,7 +245,9 @@ def make_remote_exception(exc: BaseException | None, type_name: str, message: st
         if mixed is not None:
             try:
                 out = _blank(mixed, exc.args)
-                out.__dict__.update(getattr(exc, "__dict__", {}))
+                state = _exception_state(exc)
+                if state:
+                    BaseException.__setstate__(out, state)
             except Exception:  # noqa: BLE001 - any failure means: fall back
                 out = None
     if out is None:

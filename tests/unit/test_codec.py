@@ -920,6 +920,39 @@ def test_an_oserror_with_its_own_init_is_rebuilt_without_it():
         errno.ENOENT, "no such thing", "/x", "/x")
 
 
+def _raised(exc, tb="TB"):
+    """What a trusted caller gets when an actor's method raises ``exc``."""
+    from runtime.calls import _rebuild_error
+
+    name = f"{type(exc).__module__}.{type(exc).__qualname__}"
+    return _rebuild_error((name, str(exc), tb, exception_bytes(exc)), safe=False)
+
+
+@pytest.mark.parametrize("how", ["value", "raised", "two hops"])
+@pytest.mark.parametrize("exc", [FileNotFoundError(2, "No such file", "/x"),
+                                 PermissionError(1, "perm", "/a", None, "/b"),
+                                 BlockingIOError(11, "would block", 5)],
+                         ids=["filename", "filename2", "characters_written"])
+def test_an_oserror_keeps_its_args_and_what_it_keeps_outside_them(how, exc):
+    """Second review: the rebuild took OSError's reduction arguments (errno, strerror,
+    filename...) as ``args``, so ``errno, msg = e.args`` broke; a raised BlockingIOError
+    lost ``characters_written`` (to any subclass, the mixed remote one too, a third
+    argument is a filename)."""
+    if how == "value":
+        enc = encode([exc])
+        back = decode(enc.header, enc.buffers, safe=False)[0]
+    else:
+        back = _raised(exc)
+        if how == "two hops":  # an actor lets what reached it through
+            back = _raised(back, "TB 2")
+        assert isinstance(back, RemoteError)
+    assert isinstance(back, type(exc)) and back.args == exc.args
+    assert (back.errno, back.strerror, back.filename, back.filename2) == (
+        exc.errno, exc.strerror, exc.filename, exc.filename2)
+    if isinstance(exc, BlockingIOError):
+        assert back.characters_written == 5
+
+
 def test_exceptions_nested_in_a_group_round_trip():
     group_cls = getattr(builtins, "ExceptionGroup", None)
     if group_cls is None:
