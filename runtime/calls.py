@@ -96,8 +96,9 @@ DRAIN_MAX = 256
 # How often a reader that keeps receiving replies still fails the calls past call_timeout.
 EXPIRE_EVERY_S = 0.01
 # How long the pump, finding the reader role taken, waits for a kick before it looks again
-# (a reader that leaves calls pending kicks it; this is the backstop).
-PUMP_RETRY_S = 0.005
+# (a reader that leaves calls pending kicks it; this is the backstop), doubling up to the
+# cap while the role stays taken (a long blocking call: no polling every 5 ms for it).
+PUMP_RETRY_S, PUMP_RETRY_MAX_S = 0.005, 0.5
 # How long shutdown waits for the done-callbacks of the calls it failed (all channels).
 CALLBACKS_AT_CLOSE_S = 2.0
 
@@ -726,6 +727,7 @@ class CallerChannel:
         while not self.closed:
             self._pump_event.wait(1.0)
             self._pump_event.clear()
+            retry = PUMP_RETRY_S
             while (self.pending or self._late) and not self.closed and self.dead is None:
                 # Never queue for the role: a pump blocked on it woke whenever its holder
                 # let go -- after a .remote().result() read its reply -- and took the role
@@ -733,9 +735,11 @@ class CallerChannel:
                 # passed the reply on (55-60 us instead of ~30, round after round).  A
                 # reader that leaves calls pending kicks the pump; the slice is a backstop.
                 if not self._role.acquire(blocking=False):
-                    self._pump_event.wait(PUMP_RETRY_S)
+                    if not self._pump_event.wait(retry):
+                        retry = min(2 * retry, PUMP_RETRY_MAX_S)
                     self._pump_event.clear()
                 else:
+                    retry = PUMP_RETRY_S
                     try:
                         self._read_until(
                             lambda: not (self.pending or self._late) or self.closed,
@@ -900,19 +904,19 @@ class ProcessContext:
         ``.remote()`` back into the chain is allowed (its caller may never wait), but
         ``result()`` on it then waited for ever: the target is blocked in the call that
         this thread is serving -- or is this very actor, whose next call starts only
-        once this one ends.  Only a wait that could last for ever is refused: one with a
-        timeout, or under ``call_timeout``, ends anyway (and under ``call_timeout`` a chain
-        member whose call timed out may be free again).
+        once this one ends.  Only a wait without a timeout is refused (``result()``
+        checks), and under ``call_timeout`` only one on this very actor: the wait on a
+        chain member ends anyway, and a member whose call timed out may be free again.
         """
         if self.serving_thread is None or threading.get_ident() != self.serving_thread:
             return
-        if self.session.call_timeout is not None:
-            return  # the wait ends (its call times out), and a chain member may be free
-        if ref.index == self.self_index:
+        if ref.index == self.self_index:  # never served while this call runs: refused always
             raise ActorRuntimeError(
                 f"call cycle: waiting, in a call of actor {ref.name!r}, on another call to "
                 f"it: an actor runs one call at a time, so that call starts only after this "
                 f"one ends")
+        if self.session.call_timeout is not None:
+            return  # the wait ends (its call times out), and a chain member may be free
         if ref.index in self.serving:
             raise ActorRuntimeError(_cycle_text(ref, "waiting on this call would never end"))
 

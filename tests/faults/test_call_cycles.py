@@ -149,6 +149,20 @@ def test_a_poll_with_a_timeout_is_no_cycle():
 
 
 @pytest.mark.timeout(60)
+def test_under_call_timeout_waiting_on_a_call_to_itself_is_still_a_cycle():
+    """Second review: under call_timeout the check was skipped for the actor itself too,
+    though its own call can never run while it waits: the driver got a bare
+    CallTimeoutError after the whole timeout."""
+    with ActorSystem(call_timeout=3.0) as system:
+        a = system.spawn(Peer, name="a")
+        assert a.own_pid() > 0
+        t0 = time.monotonic()
+        with pytest.raises(RemoteError, match="call cycle: waiting, in a call of actor 'a'"):
+            a.wait_on_own_call(a)
+        assert time.monotonic() - t0 < 2.0
+
+
+@pytest.mark.timeout(60)
 def test_under_call_timeout_a_chain_member_whose_call_timed_out_may_be_waited_on():
     """Review of a3c9dfc: a -> b timed out and a's call ended, so a is free; b's wait on
     ``a.own_pid.remote()`` was refused as a cycle all the same.  Under ``call_timeout``

@@ -174,3 +174,32 @@ def test_the_pump_reads_once_a_reader_that_did_not_kick_it_lets_go():
     assert fut.result(timeout=0) == "one"
     cc.closed = True  # the pump ends (the scripted channel has nothing to close)
     cc._pump_event.set()
+
+
+def test_the_pump_does_not_poll_while_another_reader_holds_the_role():
+    """Second review: the backstop polled every 5 ms for as long as a long blocking call
+    held the role (430 wake-ups in 3 s a channel); it backs off to 0.5 s."""
+    import threading
+
+    class CountingEvent(threading.Event):
+        waits = 0
+
+        def wait(self, timeout=None):
+            if threading.current_thread().name.startswith("rt-pump"):
+                CountingEvent.waits += 1
+            return super().wait(timeout)
+
+    cc, ch = _caller()
+    del cc._kick_pump
+    cc._pump_event = CountingEvent()
+    cc._role.acquire()  # a reader in a long blocking call
+    try:
+        fut = cc.submit("m", (1,), {})  # the pump wakes, finds the role taken
+        time.sleep(2.0)
+    finally:
+        cc._role.release()
+    ch.inbox.append((1, True, "one"))
+    assert fut.result(timeout=5) == "one"
+    assert CountingEvent.waits <= 12, f"{CountingEvent.waits} pump wake-ups in 2 s"
+    cc.closed = True
+    cc._pump_event.set()
