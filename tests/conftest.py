@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import tempfile
 import time
@@ -122,3 +123,18 @@ def tmpfs_used(path: str) -> int:
     """Bytes in use on the filesystem of ``path`` (nameless segments included)."""
     st = os.statvfs(path)
     return (st.f_blocks - st.f_bfree) * st.f_frsize
+
+
+@pytest.fixture
+def sigint_raises():
+    """SIGINT raises KeyboardInterrupt during the test, whatever the run inherited.
+
+    A shell starts a background job with SIGINT ignored, and Python then installs no
+    handler for it: a test that sends itself SIGINT saw nothing happen (a CI run started
+    in the background failed three such tests).
+    """
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)

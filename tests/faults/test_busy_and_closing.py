@@ -256,7 +256,7 @@ class SlowReply:
         return SlowToLoad(v)
 
 
-def test_a_ctrl_c_while_reading_another_calls_reply_loses_nothing(monkeypatch):
+def test_a_ctrl_c_while_reading_another_calls_reply_loses_nothing(monkeypatch, sigint_raises):
     """The blocked thread reads every reply of the channel.  A KeyboardInterrupt while it
     decoded a *future's* reply lost that reply (consumed from the ring, never delivered):
     the future never completed.  The pump thread is kept from starting, so that this
@@ -280,7 +280,7 @@ def test_a_ctrl_c_while_reading_another_calls_reply_loses_nothing(monkeypatch):
         assert fut.result(timeout=5) == 7
 
 
-def test_a_ctrl_c_as_a_reply_is_dispatched_loses_nothing(monkeypatch):
+def test_a_ctrl_c_as_a_reply_is_dispatched_loses_nothing(monkeypatch, sigint_raises):
     """A SIGINT handled right after the reply's call left the pending set (an eval-breaker
     check follows every C call): the call was gone, the reply dropped when redelivered,
     the future never completed.  Calls are now completed before they leave the set."""

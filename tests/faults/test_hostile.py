@@ -73,7 +73,8 @@ def test_reply_nested_too_deep_for_pickle_fails_only_its_call():
 # -- 3. KeyboardInterrupt in the middle of a large send ----------------------------------
 
 
-def test_keyboard_interrupt_during_a_zeromq_send_keeps_the_channel_in_step(monkeypatch):
+def test_keyboard_interrupt_during_a_zeromq_send_keeps_the_channel_in_step(monkeypatch,
+                                                                           sigint_raises):
     """SIGINT lands between queueing a large message's frames and writing its marker.
 
     Before, the frames went out without their marker: the actor then ran every
