@@ -120,7 +120,8 @@ def _mixed_class(cls: type[BaseException]) -> type[BaseException] | None:
             "__str__": _remote_text,
             # The state in the reduction's state slot, as exception_reduction does.
             "__reduce__": lambda self: (
-                rebuild_exception, (cls, self.args, None, True), _exception_state(self)),
+                rebuild_exception, (cls, self.args, None, True, _os_fields(self)),
+                dict(self.__dict__) or None),
             "__setstate__": setstate,
         })
     except TypeError:  # final classes, incompatible layouts
@@ -164,7 +165,7 @@ def exception_reduction(exc: BaseException) -> tuple | None:
     with :func:`rebuild_exception`.  None for a class that defines its own
     ``__reduce__``/``__reduce_ex__`` (a user class may): its own reduction is used
     then; ``OSError``'s own is replaced too (it rebuilds as ``cls(errno, strerror,
-    filename)``): its filenames travel in the state (see :func:`_exception_state`).
+    filename)``, changing ``args``): its filenames travel beside them (:func:`_os_fields`).
     """
     cls = type(exc)
     if cls.__reduce_ex__ is not object.__reduce_ex__ or \
@@ -174,31 +175,53 @@ def exception_reduction(exc: BaseException) -> tuple | None:
     # applies it after memoising the instance, so state that refers back to the
     # exception (``exc.items = [exc]``) finds it (as an argument, the inner reference
     # was rebuilt first, from the still empty state, and the state was lost).
-    return (rebuild_exception, (cls, exc.args), _exception_state(exc))
+    return (rebuild_exception, (cls, exc.args, None, False, _os_fields(exc)),
+            getattr(exc, "__dict__", None) or None)
 
 
-def _exception_state(exc: BaseException) -> dict | None:
-    """What to restore with ``__setstate__`` (setattr) once ``exc`` is rebuilt.
+_OS_FIELDS = (OSError.filename, OSError.filename2, OSError.characters_written)
 
-    Its ``__dict__``, and what an ``OSError`` keeps outside it: ``filename`` and
-    ``filename2`` (its ``args`` hold errno and strerror alone, so they cannot come from
-    there), a ``BlockingIOError``'s ``characters_written`` (a third argument means a
-    filename to any subclass of it, the mixed remote class included).
+
+def _os_fields(exc: BaseException) -> tuple | None:
+    """What an ``OSError`` keeps outside ``args`` and ``__dict__``, or None.
+
+    ``filename`` and ``filename2`` (``args`` holds errno and strerror alone) and a
+    ``BlockingIOError``'s ``characters_written`` (a third argument means a filename to
+    any subclass of it, the mixed remote class included).  Read and written through
+    OSError's own descriptors: a subclass may hide them behind a read-only property.
     """
-    state = dict(getattr(exc, "__dict__", None) or {})
-    if isinstance(exc, OSError):
-        for name in ("filename", "filename2"):  # None too: a rebuild may have set them
-            state[name] = getattr(exc, name, None)
-        if isinstance(exc, BlockingIOError):
-            try:
-                state["characters_written"] = exc.characters_written
-            except AttributeError:  # not set
-                pass
-    return state or None
+    if not isinstance(exc, OSError):
+        return None
+    out = []
+    for field in _OS_FIELDS:
+        try:
+            out.append(field.__get__(exc))
+        except AttributeError:  # characters_written not set
+            out.append(None)
+    return tuple(out)
+
+
+def _set_os_fields(exc: BaseException, fields: tuple | None) -> None:
+    """Give a rebuilt ``OSError`` the fields :func:`_os_fields` read from the original.
+
+    A field that was None is unset, not set to None: ``OSError.__str__`` shows a filename
+    that is set at all (``: None -> None``), and the rebuild may have derived one from
+    the arguments.
+    """
+    if fields is None or not isinstance(exc, OSError):
+        return
+    filename, filename2, written = fields
+    for field, value in ((OSError.filename, filename), (OSError.filename2, filename2)):
+        if value is None and not (field is OSError.filename and filename2 is not None):
+            field.__delete__(exc)
+        else:
+            field.__set__(exc, value)
+    if written is not None:
+        OSError.characters_written.__set__(exc, written)
 
 
 def rebuild_exception(cls: type[BaseException], args: tuple, state: dict | None = None,
-                      remote: bool = False) -> BaseException:
+                      remote: bool = False, os_fields: tuple | None = None) -> BaseException:
     """Rebuild an exception from its class, ``args`` and ``__dict__``, without ``__init__``.
 
     What unpickling a ``BaseException`` does, less the call to ``cls(*args)``: the
@@ -213,6 +236,10 @@ def rebuild_exception(cls: type[BaseException], args: tuple, state: dict | None 
         target = (_mixed_class(cls) if isinstance(cls, type) and issubclass(cls, Exception)
                   else None) or RemoteError
     exc = _blank(target, tuple(args))
+    try:
+        _set_os_fields(exc, os_fields)
+    except (AttributeError, TypeError):  # a hostile tuple from a trusted peer's bug
+        pass
     if state:
         exc.__setstate__(state)
     if remote:
@@ -245,9 +272,8 @@ def make_remote_exception(exc: BaseException | None, type_name: str, message: st
         if mixed is not None:
             try:
                 out = _blank(mixed, exc.args)
-                state = _exception_state(exc)
-                if state:
-                    BaseException.__setstate__(out, state)
+                _set_os_fields(out, _os_fields(exc))
+                out.__dict__.update(getattr(exc, "__dict__", {}))
             except Exception:  # noqa: BLE001 - any failure means: fall back
                 out = None
     if out is None:

@@ -951,6 +951,47 @@ def test_an_oserror_keeps_its_args_and_what_it_keeps_outside_them(how, exc):
         exc.errno, exc.strerror, exc.filename, exc.filename2)
     if isinstance(exc, BlockingIOError):
         assert back.characters_written == 5
+    if how == "value":
+        assert str(back) == str(exc)
+
+
+@pytest.mark.parametrize("exc", [OSError(1), PermissionError(1, "x"), OSError("a message"),
+                                 TimeoutError(), OSError(1, "x", "f", None, "g")], ids=repr)
+def test_an_oserror_keeps_its_message(exc):
+    """Third review: filenames restored as None made ``str()`` read
+    '[Errno None] None: None -> None'; a field that was None is left unset."""
+    enc = encode([exc])
+    back = decode(enc.header, enc.buffers, safe=False)[0]
+    assert type(back) is type(exc) and back.args == exc.args and str(back) == str(exc)
+
+
+def test_an_oserror_in_a_raised_group_keeps_its_message():
+    group_cls = getattr(builtins, "ExceptionGroup", None)
+    if group_cls is None:
+        pytest.skip("no ExceptionGroup before Python 3.11")
+    inner = FileNotFoundError(2, "No such file or directory", "/data/x")
+    back = _raised(group_cls("several", [inner]))
+    assert isinstance(back, group_cls) and str(back.exceptions[0]) == str(inner)
+
+
+class _ReadOnlyFilename(OSError):
+    @property
+    def filename(self):
+        return "/fixed"
+
+
+@pytest.mark.parametrize("how", ["value", "raised"])
+def test_an_oserror_whose_filename_is_read_only_still_travels(how):
+    """Third review: restoring the filename with setattr met the read-only property:
+    the whole reply failed to decode, or a raised one arrived as a plain RemoteError."""
+    exc = _ReadOnlyFilename(2, "x", "/y")
+    if how == "value":
+        enc = encode([exc])
+        back = decode(enc.header, enc.buffers, safe=False)[0]
+    else:
+        back = _raised(exc)
+    assert isinstance(back, _ReadOnlyFilename) and back.args == (2, "x")
+    assert OSError.filename.__get__(back) == "/y"
 
 
 def test_exceptions_nested_in_a_group_round_trip():
