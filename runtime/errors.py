@@ -238,7 +238,7 @@ def rebuild_exception(cls: type[BaseException], args: tuple, state: dict | None 
     exc = _blank(target, tuple(args))
     try:
         _set_os_fields(exc, os_fields)
-    except (AttributeError, TypeError):  # a hostile tuple from a trusted peer's bug
+    except (AttributeError, TypeError, ValueError):  # malformed: the fields are extras
         pass
     if state:
         exc.__setstate__(state)
