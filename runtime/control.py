@@ -265,10 +265,7 @@ class ControlServer:
                 else "memory for connections")
         why = f"actor {self.name} is out of {what} ({exc.strerror})"
         self._shortage(why, refused=True)
-        try:
-            conn.send(encode_frame(["error", why]), socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
-        except OSError:
-            pass
+        _send_reply(conn, ["error", why])
         conn.close()
         self._spare = _open_spare()
         return True
@@ -342,10 +339,7 @@ class ControlServer:
             self._poll.unregister(p.sock)
         except (KeyError, ValueError):
             pass
-        try:
-            p.sock.send(encode_frame(reply), socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
-        except OSError:
-            pass  # the peer is gone or does not read: nothing more to tell it
+        _send_reply(p.sock, reply)
         p.close()
 
     def close(self) -> None:
@@ -360,6 +354,14 @@ class ControlServer:
             os.unlink(self.path)
         except FileNotFoundError:
             pass
+
+
+def _send_reply(sock: socket.socket, reply: list) -> None:
+    """Send a reply frame without blocking; a peer that is gone or does not read misses it."""
+    try:
+        sock.send(encode_frame(reply), socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+    except OSError:
+        pass  # nothing more to tell it
 
 
 def _open_spare() -> int | None:

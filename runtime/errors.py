@@ -212,7 +212,7 @@ def _set_os_fields(exc: BaseException, fields: tuple | None) -> None:
         return
     filename, filename2, written = fields
     for field, value in ((OSError.filename, filename), (OSError.filename2, filename2)):
-        if value is None and not (field is OSError.filename and filename2 is not None):
+        if value is None:
             field.__delete__(exc)
         else:
             field.__set__(exc, value)

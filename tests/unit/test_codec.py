@@ -955,14 +955,30 @@ def test_an_oserror_keeps_its_args_and_what_it_keeps_outside_them(how, exc):
         assert str(back) == str(exc)
 
 
+def _filename2_only():
+    exc = OSError(1, "x")
+    exc.filename2 = "g"  # OSError.__str__ shows it only beside a filename
+    return exc
+
+
 @pytest.mark.parametrize("exc", [OSError(1), PermissionError(1, "x"), OSError("a message"),
-                                 TimeoutError(), OSError(1, "x", "f", None, "g")], ids=repr)
+                                 TimeoutError(), OSError(1, "x", "f", None, "g"),
+                                 _filename2_only()], ids=repr)
 def test_an_oserror_keeps_its_message(exc):
     """Third review: filenames restored as None made ``str()`` read
     '[Errno None] None: None -> None'; a field that was None is left unset."""
     enc = encode([exc])
     back = decode(enc.header, enc.buffers, safe=False)[0]
     assert type(back) is type(exc) and back.args == exc.args and str(back) == str(exc)
+
+
+def test_a_malformed_oserror_field_tuple_is_ignored():
+    """The fields are extras beside args: a tuple of the wrong shape rebuilds without them."""
+    from runtime.errors import rebuild_exception
+
+    for fields in [(1, 2), ("f", "g", "not a count"), 5]:
+        back = rebuild_exception(OSError, (2, "nf"), None, False, fields)
+        assert isinstance(back, OSError) and back.args == (2, "nf") and back.errno == 2
 
 
 def test_an_oserror_in_a_raised_group_keeps_its_message():

@@ -390,8 +390,9 @@ def test_descriptors_the_kernel_dropped_are_an_error_not_a_short_count():
         before = len(os.listdir("/proc/self/fd"))
         socket.send_fds(a, [encode_frame(["open", {}])], extra)
         reader = FrameReader(b)
-        with pytest.raises(ProtocolError, match="dropped"):
+        with pytest.raises(ProtocolError, match="dropped") as info:
             reader.feed()
+        assert not info.value.short  # eight arrived: the peer sent too many, no shortage
         reader.close_fds()
         assert len(os.listdir("/proc/self/fd")) == before  # what did arrive is closed
     finally:
@@ -474,3 +475,21 @@ def test_a_half_sent_request_holds_few_descriptors_and_is_named(server, caplog):
     assert peak <= control.MAX_REQUEST_FDS
     assert any(f"from pid {os.getpid()}" in r.getMessage() and "descriptors" in r.getMessage()
                for r in caplog.records), [r.getMessage() for r in caplog.records]
+
+
+def test_a_write_that_fails_without_a_reply_is_a_transport_error(server, monkeypatch):
+    """The server closed before the request was written and left no refusal: the caller's
+    EPIPE is a TransportError naming the connection, not a bare BrokenPipeError."""
+    srv, _ = server
+    real_connect = control._connect
+
+    def connect_then_server_drops(path, deadline, check):
+        sock = real_connect(path, deadline, check)
+        conn, _ = srv._sock.accept()
+        conn.close()  # gone, with nothing said
+        return sock
+
+    monkeypatch.setattr(control, "_connect", connect_then_server_drops)
+    big = ["open", {"pad": "x" * 60000}]  # more than one write: the second meets EPIPE
+    with pytest.raises(TransportError, match="failed the connection"):
+        control.request(srv.path, big, (), timeout=5)
