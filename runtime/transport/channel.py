@@ -648,6 +648,27 @@ class Channel:
             time.sleep(pause)
             pause = min(pause * 2, 2e-3)
 
+    # -- notes -----------------------------------------------------------------
+    def set_note(self, note: bytes) -> bool:
+        """Leave ``note`` for the peer to read whenever it looks (``ShmRing.write_note``).
+
+        State beside the messages, not one of them: the latest note replaces the last, and
+        ``b""`` clears it.  False (and nothing left) on a channel without rings.
+        """
+        if self.tx is None or self.closed:
+            return False
+        self.tx.write_note(note)
+        return True
+
+    def peer_note(self) -> bytes | None:
+        """The peer's latest note (:meth:`set_note`), None when there is none.
+
+        The peer writes it: an untrusted peer's note says whatever that peer likes.
+        """
+        if self.rx is None or self.closed:
+            return None
+        return self.rx.read_note()
+
     # -- receiving -----------------------------------------------------------
     def readable(self) -> bool:
         """True when a message (or a close record) is waiting."""

@@ -9,6 +9,10 @@ Layout of the segment (all integers little-endian, native order)::
         64     8  write_pos        writer      total bytes ever published
        128     8  read_pos         reader      total bytes ever consumed
        192     4  reader_sleeping  reader      1 while the reader may block on its doorbell
+      1024     8  note_seq         writer      odd while the note below is being written
+      1032     4  note_len         writer      bytes of the note, 0: none
+      1040   <1K  note             writer      what the writer wants the reader to know
+                                               (see :meth:`ShmRing.write_note`)
       4096     C  data             writer
 
     data area, records back to back at (pos % C), each 8-byte aligned:
@@ -64,7 +68,7 @@ import threading
 from runtime.errors import ProtocolError, TransportError
 from runtime.transport.segment import Segment
 
-__all__ = ["HEADER_SIZE", "HOT_BYTES", "MIN_CAPACITY", "ShmRing", "fence"]
+__all__ = ["HEADER_SIZE", "HOT_BYTES", "MIN_CAPACITY", "NOTE_MAX", "ShmRing", "fence"]
 
 MAGIC = int.from_bytes(b"RTRING01", "little")
 HEADER_SIZE = 4096
@@ -76,6 +80,11 @@ WRAP = 2**64 - 1
 # this much of it until a large record comes.  In-process 4 KiB ping-pong: ~1 us a message.
 HOT_BYTES = 256 * 1024
 _OFF_MAGIC, _OFF_CAP, _OFF_WPOS, _OFF_RPOS, _OFF_SLEEP = 0, 8, 64, 128, 192
+_OFF_NOTE_SEQ, _OFF_NOTE_LEN, _OFF_NOTE = 1024, 1032, 1040
+# The largest note: it ends at byte 2064, inside the header.
+NOTE_MAX = 1024
+# Reads of a note that keep meeting its writer in mid-write before the reader gives up.
+_NOTE_TRIES = 64
 
 _U64 = struct.Struct("<Q")
 _fence_lock = threading.Lock()
@@ -109,6 +118,8 @@ class ShmRing:
         self._wpos = ctypes.c_uint64.from_address(base + _OFF_WPOS)
         self._rpos = ctypes.c_uint64.from_address(base + _OFF_RPOS)
         self._sleeping = ctypes.c_uint32.from_address(base + _OFF_SLEEP)
+        self._note_seq = ctypes.c_uint64.from_address(base + _OFF_NOTE_SEQ)
+        self._note_len = ctypes.c_uint32.from_address(base + _OFF_NOTE_LEN)
         if check:
             if self._magic.value != MAGIC:
                 raise ProtocolError(f"segment {segment.path} is not a ring (bad magic)")
@@ -227,7 +238,47 @@ class ShmRing:
     def reader_sleeping(self) -> bool:
         return bool(self._sleeping.value)
 
+    def write_note(self, note: bytes) -> None:
+        """Leave ``note`` (at most :data:`NOTE_MAX` bytes; empty: none) for the reader.
+
+        A note is state, not a message: the reader sees the latest one whenever it looks
+        (:meth:`read_note`), and a newer one replaces it.  One thread writes the notes of
+        a ring.  A sequence counter, odd while the writer is in the middle, lets the
+        reader tell a torn read (a seqlock: on x86 stores stay in program order, and so
+        do loads).
+        """
+        n = len(note)
+        if n > NOTE_MAX:
+            raise ValueError(f"a ring note holds at most {NOTE_MAX} bytes, not {n}")
+        seq = self._note_seq.value
+        self._note_seq.value = seq | 1  # odd: being written
+        if n:
+            self.view[_OFF_NOTE:_OFF_NOTE + n] = note
+        self._note_len.value = n
+        self._note_seq.value = (seq | 1) + 1
+
     # -- reader side ---------------------------------------------------------
+    def read_note(self) -> bytes | None:
+        """The writer's latest note (:meth:`write_note`); None when there is none.
+
+        Also None when the writer keeps writing notes faster than this can read one, or
+        claims a length past :data:`NOTE_MAX`: a note is advice, never worth a wait or a
+        read outside the header.
+        """
+        for _ in range(_NOTE_TRIES):
+            seq = self._note_seq.value
+            if seq & 1:
+                continue
+            n = self._note_len.value
+            if n == 0 or n > NOTE_MAX:
+                if self._note_seq.value == seq:
+                    return None
+                continue
+            note = bytes(self.view[_OFF_NOTE:_OFF_NOTE + n])
+            if self._note_seq.value == seq:
+                return note
+        return None
+
     def readable(self) -> bool:
         return self._wpos.value != self._r
 
@@ -293,7 +344,7 @@ class ShmRing:
     # -- lifecycle -----------------------------------------------------------
     def close(self) -> None:
         # ctypes views point into the mapping: drop them before unmapping.
-        for attr in ("_magic", "_cap", "_wpos", "_rpos", "_sleeping"):
+        for attr in ("_magic", "_cap", "_wpos", "_rpos", "_sleeping", "_note_seq", "_note_len"):
             self.__dict__.pop(attr, None)
         self.segment.close()
 
