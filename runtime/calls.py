@@ -36,7 +36,7 @@ from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
 from typing import Any
 
-from runtime import codec, control, limits
+from runtime import codec, control, limits, waits
 from runtime.errors import (
     ActorDiedError,
     ActorRuntimeError,
@@ -99,6 +99,10 @@ EXPIRE_EVERY_S = 0.01
 # (a reader that leaves calls pending kicks it; this is the backstop), doubling up to the
 # cap while the role stays taken (a long blocking call: no polling every 5 ms for it).
 PUMP_RETRY_S, PUMP_RETRY_MAX_S = 0.005, 0.5
+# How long a serving thread waiting on a future without a timeout first waits before it
+# reads its callers' wait notes again, doubling up to the cap (see runtime.waits): a cycle
+# its wait closes is seen at once, one closed behind it within the cap.
+WATCH_FIRST_S, WATCH_MAX_S = 0.02, 0.25
 # How long shutdown waits for the done-callbacks of the calls it failed (all channels).
 CALLBACKS_AT_CLOSE_S = 2.0
 
@@ -127,7 +131,7 @@ def bell_path(session: Session, index: int, incarnation: int) -> str:
 class _Slot:
     """Where a blocking call's reply lands; lighter than a Future (~0.3 us vs 4 us)."""
 
-    __slots__ = ("done", "event", "ok", "value", "wire")
+    __slots__ = ("call_id", "done", "event", "ok", "value", "wire")
 
     def __init__(self) -> None:
         self.done = False
@@ -168,6 +172,7 @@ class CallFuture(Future):
         super().__init__()
         self._owner = owner
         self.wire: list[Any] | None = None
+        self.call_id = 0  # set when sent
         self.done_ns = 0  # monotonic ns when the reply (or the failure) completed the call
 
     def complete(self, ok: bool, value: Any) -> None:
@@ -210,16 +215,12 @@ class CallFuture(Future):
 
     def result(self, timeout: float | None = None) -> Any:
         if not self.done():
-            if timeout is None:  # a wait with a timeout ends anyway
-                self._owner.ctx.refuse_wait_cycle(self._owner.ref)
-            self._owner.drive(self, timeout)
+            self._owner.wait_for(self, timeout)
         return super().result(timeout=None if self.done() else 0)
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         if not self.done():
-            if timeout is None:
-                self._owner.ctx.refuse_wait_cycle(self._owner.ref)
-            self._owner.drive(self, timeout)
+            self._owner.wait_for(self, timeout)
         return super().exception(timeout=None if self.done() else 0)
 
 
@@ -286,6 +287,10 @@ class CallerChannel:
         self._ids = itertools.count(1)
         self._send_lock = threading.Lock()
         self._sender: int | None = None  # the thread holding _send_lock (close() asks)
+        # Held while a wait note is written (see runtime.waits): close() takes it before
+        # it unmaps the ring the note goes to.
+        self._note_lock = threading.Lock()
+        self._noter: int | None = None  # the thread holding _note_lock (close() asks)
         # Re-entrant, for safety: done-callbacks never run under it (``_queue_callbacks``).
         self._role = threading.RLock()
         self._pump: threading.Thread | None = None
@@ -295,6 +300,9 @@ class CallerChannel:
         self.spin = SpinPolicy(REPLY_SPIN_MIN_S, REPLY_SPIN_MAX_S)
         # Replies read while a send held the lock (at most one per call in flight, plus slack).
         self._deferred: collections.deque[Any] = collections.deque()
+        # True while a reader may hold a reply it has consumed and not yet dispatched (or
+        # queued in ``_deferred``): set before each receive, cleared when it goes to sleep.
+        self._in_hand = False
         # Futures whose done-callbacks are yet to run, in completion order, and the
         # thread that runs them (started at the first, ended once closed and idle).
         self._due: collections.deque[CallFuture] = collections.deque()
@@ -332,7 +340,10 @@ class CallerChannel:
         slot = _Slot()
         t0 = time.perf_counter()
         self._send(method, args, kwargs, slot, deadline, chain=chain)
-        self.drive(slot, None)
+        if chain and self.ctx.watches_waits():  # serving a call: see runtime.waits
+            self._drive_watched(slot, waits.BLOCKED, chain)
+        else:
+            self.drive(slot, None)
         self.spin.observe(time.perf_counter() - t0)
         if slot.ok:
             return slot.value
@@ -391,6 +402,7 @@ class CallerChannel:
             if self.dead is not None:  # closed while we waited for the lock
                 raise _again(self.dead)
             call_id = next(self._ids) & 0xFFFFFFFF
+            waiter.call_id = call_id
             self.pending[call_id] = (waiter, deadline)
             if self.dead is not None:  # failed (close, kill) since the check above: the
                 self.pending.pop(call_id, None)  # failure may have missed this call
@@ -417,6 +429,103 @@ class CallerChannel:
         return CallTimeoutError(f"call to actor {self.ref.name!r} could not be sent within "
                                 f"{timeout} s: the actor is not reading its channel (busy, "
                                 f"or too many calls queued)")
+
+    def set_note(self, note: bytes) -> bool:
+        """Leave a wait note for the actor (``Channel.set_note``); False where it cannot."""
+        with self._note_lock:
+            self._noter = threading.get_ident()
+            try:
+                return not self.closed and self.channel.set_note(note)
+            finally:
+                self._noter = None
+
+    def wait_for(self, fut: CallFuture, timeout: float | None) -> None:
+        """Wait for ``fut`` (``result()``/``exception()``): refuse a wait that would never end.
+
+        A wait with a timeout ends anyway.  Without one, a wait on a chain member or on this
+        very actor is refused at once (``refuse_wait_cycle``), and the serving thread of
+        an actor watches its callers' wait notes while it waits (:meth:`_drive_watched`),
+        as it does in a blocking call.
+        """
+        if timeout is None:
+            try:
+                self.ctx.refuse_wait_cycle(self.ref)
+            except ActorRuntimeError:
+                if not self._unanswered(fut):
+                    return  # answered before this call began: its reply was on the way
+                raise
+            if self.ctx.watches_waits():
+                self._drive_watched(fut, waits.WAITING, self.ctx.serving or (self.ctx.self_index,))
+                return
+        self.drive(fut, timeout)
+
+    def _drive_watched(self, waiter: Any, kind: int, chain: tuple[int, ...]) -> None:
+        """Read replies until ``waiter`` is done, failing the wait if a cycle closes on it.
+
+        See runtime.waits: the note left here lets the actor called see this wait; the
+        notes of this actor's callers tell whether the call waited on waits for it.  They
+        are read once the call has taken ``WATCH_FIRST_S`` (a short call pays nothing
+        more than its note), then at doubling intervals.
+        """
+        mine = waits.WaitNote(kind, waiter.call_id, time.monotonic_ns(), chain,
+                              self.ctx.self_name)
+        # An untrusted actor reads no notes: it learns nothing from one (not even the chain).
+        noted = not self.ref.untrusted and self.set_note(waits.encode(mine))
+        pause = WATCH_FIRST_S
+        try:
+            while True:
+                self.drive(waiter, pause)
+                if waiter.is_done():
+                    return
+                text = self.ctx.wait_cycle(self.ref, mine, noted=noted)
+                if text is not None and self._nothing_unread(waiter):
+                    raise ActorRuntimeError(text)
+                pause = min(2 * pause, WATCH_MAX_S)
+        finally:
+            if noted:
+                self.set_note(b"")
+
+    def _unanswered(self, fut: CallFuture) -> bool:
+        """Whether ``fut``, refused as a cycle, is indeed unanswered (review K of 84e654d).
+
+        A call to a chain member or to this actor may have been answered before the call
+        now served began (sent by an earlier call, or another thread): its reply is then on
+        the way, and the wait must take it rather than fail.  Inconclusive for a while
+        (another reader holds a reply): looked at again for up to a second, then refused.
+        """
+        give_up = time.monotonic() + 1.0
+        while not self._nothing_unread(fut):
+            if fut.is_done():
+                return False
+            if self.channel.rx is None or time.monotonic() >= give_up:
+                return True
+            self.drive(fut, 0.005)
+        return True
+
+    def _nothing_unread(self, fut: Any) -> bool:
+        """True if ``fut`` is not done with every reply the actor has sent so far read.
+
+        What makes a cycle certain: its reply is not on the way.  Only a channel with
+        rings can tell (a ZeroMQ-only one may hold a reply in flight unseen), and only
+        while this thread holds the reader role: a reader holding it may be dispatching
+        that very reply: so a reader, the pump most of all, says when it holds one
+        (``_in_hand``).
+        """
+        ch = self.channel
+        if ch.rx is None:
+            return False
+        if self._role.acquire(blocking=False):
+            try:
+                self._read_until(lambda: fut.is_done() or (
+                    not self._deferred and not ch.readable()), time.monotonic() + 0.1)
+            finally:
+                self._role.release()
+                if self.pending or self._late:
+                    self._kick_pump()
+        # In this order: a reply consumed after the first look was taken in hand first,
+        # and is dispatched (its call done) before it leaves the reader's hand.
+        return not ch.readable() and not self._in_hand and not self._deferred \
+            and not fut.is_done() and self.dead is None
 
     def drive(self, waiter: Any, timeout: float | None) -> None:
         """Read replies until ``waiter`` is done or ``timeout`` seconds pass."""
@@ -451,6 +560,14 @@ class CallerChannel:
         if ch.woke_peer:
             spin = max(spin, WOKE_SPIN_S)
         next_expire = time.monotonic() + EXPIRE_EVERY_S
+        try:
+            self._read_loop(done, deadline, spin, next_expire)
+        finally:
+            self._in_hand = False
+
+    def _read_loop(self, done: Callable[[], bool], deadline: float | None, spin: float,
+                   next_expire: float) -> None:
+        ch = self.channel
         while not done():
             if self.dead is not None or self.closed:
                 return
@@ -458,6 +575,7 @@ class CallerChannel:
                 if self._deferred:
                     self._dispatch_deferred()
                     continue
+                self._in_hand = True
                 ok, msg = self._recv()
                 if ok:
                     # Acknowledged once dispatched: a Ctrl-C before leaves the reply to
@@ -478,6 +596,7 @@ class CallerChannel:
                     self.check()  # the actor's death explains it best
                     raise TransportError(f"actor {self.ref.name!r} closed the channel (it "
                                          f"found the channel broken; see its log)")
+                self._in_hand = False
                 wait_until = self._expire(deadline)
                 if deadline is not None and time.monotonic() >= deadline:
                     return
@@ -595,6 +714,7 @@ class CallerChannel:
         fails every call (their callbacks find the channel dead and return).
         """
         if self._role.acquire(blocking=False):
+            self._in_hand = True
             try:
                 ch = self.channel
                 # Bounded, so that the send's own deadline is looked at between batches: a
@@ -630,6 +750,7 @@ class CallerChannel:
                         self._fail_all(exc)
                         raise exc
             finally:
+                self._in_hand = False
                 self._role.release()
                 if self.pending or self._late:
                     self._kick_pump()  # it does not queue for the role (see _pump_main)
@@ -773,15 +894,18 @@ class CallerChannel:
         me = threading.get_ident()
         got_send = self._sender != me and self._send_lock.acquire(timeout=5)
         got_role = got_send and not self._role._is_owned() and self._role.acquire(timeout=5)
+        got_note = got_role and self._noter != me and self._note_lock.acquire(timeout=5)
         try:
-            if got_role:
+            if got_note:
                 self.channel.close(notify=notify)
         finally:
+            if got_note:
+                self._note_lock.release()
             if got_role:
                 self._role.release()
             if got_send:
                 self._send_lock.release()
-        if not got_role:
+        if not got_note:
             # A thread is still inside the channel (a long done-callback, say):
             # unmapping now would pull memory from under it.  Close once it left.
             threading.Thread(target=self._close_when_free, args=(notify,), daemon=True,
@@ -790,7 +914,7 @@ class CallerChannel:
             self._pump.join(2.0)  # it runs no user code: it ends within a wait slice
 
     def _close_when_free(self, notify: bool) -> None:
-        with self._send_lock, self._role:
+        with self._send_lock, self._role, self._note_lock:
             self.channel.close(notify=notify)
 
 
@@ -834,6 +958,10 @@ class ProcessContext:
         # them -- busy, one call at a time -- fails at once instead of waiting for ever.
         self.serving: tuple[int, ...] = ()
         self.serving_thread: int | None = None
+        # In a trusted actor: the wait notes its inbound callers left, each with the id of
+        # the last call answered on that channel (see runtime.waits), and its name.
+        self.inbound_notes: Callable[[], list[tuple[bytes | None, int]]] | None = None
+        self.self_name = ""
 
     @property
     def forked(self) -> bool:
@@ -919,6 +1047,38 @@ class ProcessContext:
             return  # the wait ends (its call times out), and a chain member may be free
         if ref.index in self.serving:
             raise ActorRuntimeError(_cycle_text(ref, "waiting on this call would never end"))
+
+    def watches_waits(self) -> bool:
+        """Whether this thread, blocked without a timeout, watches for cycles (runtime.waits).
+
+        The serving thread of a trusted actor, when no ``call_timeout`` ends every wait.
+        """
+        return self.inbound_notes is not None and self.session.call_timeout is None \
+            and threading.get_ident() == self.serving_thread
+
+    def wait_cycle(self, ref: ActorRef, mine: waits.WaitNote, *, noted: bool) -> str | None:
+        """Why the wait ``mine`` on a call to ``ref`` would never end, as a caller's note says."""
+        for raw, answered in self.inbound_notes():
+            note = waits.decode(raw)
+            if waits.closes_cycle(note, answered, target=ref.index, me=self.self_index,
+                                  mine=mine, noted=noted):
+                writer = repr(note.name) if note.name else self._actor_name(note.chain[-1])
+                path = " -> ".join([*map(self._actor_name, note.chain[:-1]), writer])
+                me = self.self_name or self._actor_name(self.self_index)
+                how = "a blocking call" if note.kind == waits.BLOCKED else "a wait on a future"
+                return (f"call cycle: waiting, in a call of actor {me!r}, on a call to actor "
+                        f"{ref.name!r}, which cannot end before {me!r} serves the call "
+                        f"{writer} is blocked on ({how}; chain {path}); {me!r} serves it "
+                        f"only after this wait, so the wait would never end")
+        return None
+
+    def _actor_name(self, index: int) -> str:
+        cc = self._channels.get(index)
+        if cc is not None:
+            return repr(cc.ref.name)
+        if index == self.self_index and self.self_name:
+            return repr(self.self_name)
+        return f"actor #{index}"
 
     def call_async(self, ref: ActorRef, method: str, args: tuple, kwargs: dict) -> Future:
         if ref.index == self.self_index:

@@ -65,13 +65,15 @@ NAMED_WAIT_S = 30.0  # an actor waits this long for the supervisor's table to na
 
 
 class _Inbound:
-    __slots__ = ("caller_pid", "channel", "check")
+    __slots__ = ("answered", "caller_pid", "channel", "check")
 
     def __init__(self, channel: Channel, caller_pid: int, *, borrow: bool) -> None:
         # A call nests its values two containers deep, a reply one.
         self.channel = MessageChannel(channel, recv_envelope=2, send_envelope=1, borrow=borrow)
         self.caller_pid = caller_pid
         self.check = _pid_check(caller_pid)
+        # The id of the last call answered (ids grow along a channel; see runtime.waits).
+        self.answered = 0
 
 
 class ActorServer:
@@ -101,6 +103,17 @@ class ActorServer:
         self.untrusted_callers = False
         self._poller: zmq.Poller | None = None
         self._poller_gen = -1
+        if not untrusted:  # an untrusted actor leaves no wait notes and reads none
+            ctx.inbound_notes = self._inbound_notes
+            ctx.self_name = name
+
+    def _inbound_notes(self) -> list[tuple[bytes | None, int]]:
+        """The wait notes of the trusted callers (see runtime.waits), with their ``answered``.
+
+        An untrusted caller's note is not read: it could claim any wait, and fail ours.
+        """
+        return [(conn.channel.peer_note(), conn.answered) for conn in self.inbound
+                if not conn.channel.safe]
 
     # -- control: channel opening ------------------------------------------------
     def peer_is_untrusted(self, pid: int) -> bool:
@@ -232,6 +245,7 @@ class ActorServer:
         actor carry on.  Only a failure of the channel itself drops it.
         """
         call_id = reply[0] if type(reply[0]) is int else 0
+        conn.answered = max(conn.answered, call_id)
         ch = conn.channel
         try:
             enc = ch.encode(reply, plain_only=self.untrusted)

@@ -174,3 +174,106 @@ def test_under_call_timeout_a_chain_member_whose_call_timed_out_may_be_waited_on
         a.call_other_slow.remote(2.0)  # gives up on b after 1 s: a is free
         time.sleep(3.0)  # b has slept, and waited on its call back to a
         assert b.get_last() == a.own_pid()
+
+
+# -- cycles no chain links: a waits on b.m.remote(), and b's call back to a is blocked on a --
+# Left open before (a wait for ever without call_timeout): a .remote() carries no chain, so
+# neither side could see the cycle from what the calls carry.  Each blocked serving thread
+# now leaves a wait note in the ring it called on (runtime/waits.py); the later of two
+# waits on each other fails.
+
+def _pair(system, *, third=False):
+    a = system.spawn(Peer, name="a")
+    b = system.spawn(Peer, name="b")
+    a.set_other(b)
+    if third:
+        c = system.spawn(Peer, a, name="c")
+        b.set_other(c)
+        assert c.ask_other() == a.own_pid()  # channels open: the cycle is the only wait
+    else:
+        b.set_other(a)
+    assert b.ask_other() > 0 and a.ask_other() == b.own_pid()
+    return a, b
+
+
+def _a_is_served(a, b):
+    """Both are free again (a driver call right after the failure may cross b's call back
+    to a, a cycle of its own: ask with .remote() and a timeout)."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            if a.ask_other.remote().result(timeout=5) == b.own_pid():
+                return True
+        except RemoteError:
+            pass  # crossed b's call back (refused as a cycle): b is free after it
+    return False
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("order", ["wait_first", "call_back_first"])
+def test_a_wait_on_a_remote_call_that_calls_back_fails_the_later_wait(order):
+    with ActorSystem() as system:
+        a, b = _pair(system)
+        if order == "wait_first":  # b's call back closes the cycle: it fails
+            args, sleep, failed, other = (0.5,), 0.0, "b", "a"
+        else:  # b is blocked on a before a waits: a's wait fails
+            args, sleep, failed, other = (0.0,), 0.5, "a", "b"
+        t0 = time.monotonic()
+        with pytest.raises(RemoteError, match=f"call cycle: waiting, in a call of actor "
+                                              f"'{failed}', on a call to actor '{other}'"):
+            a.wait_on("call_back_after", *args, sleep=sleep)
+        assert time.monotonic() - t0 < 5
+        assert _a_is_served(a, b)
+
+
+@pytest.mark.timeout(60)
+def test_a_cycle_through_a_third_actor_is_seen_by_the_waiter():
+    """a waits on b.remote(); b calls c, blocking; c calls a, blocking.  c's note names
+    the chain b -> c, which holds the actor a waits on."""
+    with ActorSystem() as system:
+        a, b = _pair(system, third=True)
+        with pytest.raises(RemoteError, match=r"call cycle: waiting, in a call of actor 'a'.*"
+                                              r"'c' is blocked on .*chain 'b' -> 'c'"):
+            a.wait_on("ask_other_to_ask_back", sleep=0.5)
+        assert _a_is_served(a, b)
+
+
+@pytest.mark.timeout(60)
+def test_two_waits_on_each_other_fail_only_the_later_one():
+    """a waits on b.remote(), whose method waits on a.remote(): each sees the other's
+    note.  Only the later wait (b's) fails; a's then ends with b's failure."""
+    with ActorSystem() as system:
+        a, b = _pair(system)
+        with pytest.raises(RemoteError, match="call cycle: waiting, in a call of actor 'b', "
+                                              "on a call to actor 'a'") as info:
+            a.wait_on("wait_back_after", 0.5)
+        assert "in a call of actor 'a'" not in str(info.value)
+        assert _a_is_served(a, b)
+
+
+@pytest.mark.timeout(60)
+def test_crossing_blocking_calls_fail_the_later_one():
+    """a, serving the driver, calls b while b, serving another driver call, calls a: no
+    chain links the two, and both waited for ever."""
+    with ActorSystem() as system:
+        a, b = _pair(system)
+        first = b.call_back_after.remote(0.5)  # b calls a in 0.5 s
+        time.sleep(0.1)
+        assert a.ask_other() == b.own_pid()  # a calls b now, b's call back is the later
+        with pytest.raises(RemoteError, match="call cycle: waiting, in a call of actor 'b', "
+                                              "on a call to actor 'a'"):
+            first.result(timeout=10)
+        assert _a_is_served(a, b)
+
+
+@pytest.mark.timeout(60)
+def test_a_remote_call_back_that_is_not_waited_on_is_no_cycle():
+    """b's method sends a.m.remote() and returns: a's wait ends, then a serves the call
+    (which calls b back)."""
+    with ActorSystem() as system:
+        a, b = _pair(system)
+        assert a.wait_on("kick", sleep=0.3) is True
+        deadline = time.monotonic() + 10
+        while a.get_last() != b.own_pid() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert a.get_last() == b.own_pid()

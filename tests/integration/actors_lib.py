@@ -408,6 +408,22 @@ class Peer:
     def ask_other_to_wait_back(self, how="result"):
         return self.other.wait_on_other(how)
 
+    def wait_on(self, method, *args, sleep=0.0):
+        """A ``.remote()`` call of ``method`` on the other, waited on after ``sleep`` s."""
+        fut = getattr(self.other, method).remote(*args)
+        time.sleep(sleep)
+        return fut.result()
+
+    def call_back_after(self, delay):
+        """Calls the other back, blocking, after ``delay`` s."""
+        time.sleep(delay)
+        return self.other.own_pid()
+
+    def wait_back_after(self, delay):
+        """Waits on a ``.remote()`` call back to the other, after ``delay`` s."""
+        time.sleep(delay)
+        return self.other.own_pid.remote().result()
+
     def wait_on_other(self, how="result"):
         """A ``.remote()`` to the other, then waiting on it: a cycle if the other waits
         on this call."""

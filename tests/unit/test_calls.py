@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import deque
 from types import SimpleNamespace
 
-from runtime.calls import ActorRef, CallerChannel, CallFuture, _complete
-from runtime.errors import DeadlineError
+import pytest
+
+from runtime import waits
+from runtime.calls import ActorRef, CallerChannel, CallFuture, ProcessContext, _complete
+from runtime.errors import ActorRuntimeError, DeadlineError
 from runtime.table import ALIVE, Entry
 
 
@@ -24,6 +28,7 @@ class _Context:
     session = SimpleNamespace(call_timeout=None)
     serving: tuple = ()  # a driver's: no call is being served
     serving_thread = None
+    inbound_notes = None  # a driver's: no callers, no wait notes
 
     def check_owner(self):
         pass
@@ -33,6 +38,9 @@ class _Context:
 
     def refuse_wait_cycle(self, ref):
         pass  # a driver's: never serving a call
+
+    def watches_waits(self):
+        return False
 
 
 class _ScriptedChannel:
@@ -44,10 +52,20 @@ class _ScriptedChannel:
     failed = None
     last_in = None  # no route or size of the last reply: calls record no wire sizes here
 
+    rx = object()  # a channel with rings: it can tell that no reply is on the way
+
     def __init__(self):
         self.inbox = deque()
         self.sent = []
         self.full = False
+        self.notes = []
+
+    def set_note(self, note):
+        self.notes.append(note)
+        return True
+
+    def readable(self):
+        return bool(self.inbox)
 
     def encode(self, obj):
         return SimpleNamespace(obj=obj, nbytes=0)
@@ -70,10 +88,10 @@ class _ScriptedChannel:
         pass
 
 
-def _caller():
-    ref = ActorRef("0" * 12, 0, "scripted", "Scripted", frozenset({"m"}), False)
+def _caller(ctx=None):
+    ref = ActorRef("0" * 12, 1, "scripted", "Scripted", frozenset({"m"}), False)
     ch = _ScriptedChannel()
-    cc = CallerChannel(_Context(), ref, 0, ch)
+    cc = CallerChannel(ctx or _Context(), ref, 0, ch)
     cc._kick_pump = lambda: None  # no pump thread: this test reads itself
     return cc, ch
 
@@ -203,3 +221,109 @@ def test_the_pump_does_not_poll_while_another_reader_holds_the_role():
     assert CountingEvent.waits <= 12, f"{CountingEvent.waits} pump wake-ups in 2 s"
     cc.closed = True
     cc._pump_event.set()
+
+
+# -- the watched wait of an actor's serving thread (runtime/waits.py) -------------------------
+
+class _ActorContext(_Context):
+    """The context of actor 0, serving a call, whose callers left ``notes``."""
+
+    self_index, self_name, serving = 0, "a", (0,)
+    wait_cycle = ProcessContext.wait_cycle
+    _actor_name = ProcessContext._actor_name
+
+    def __init__(self, notes):
+        self._channels = {}
+        self.inbound_notes = notes
+
+    def watches_waits(self):
+        return True
+
+
+def _blocked_on_a(call_id=1):
+    """Actor 1 (the one called here) blocked on its call ``call_id`` to actor 0."""
+    return waits.encode(waits.WaitNote(waits.BLOCKED, call_id, 0, (1,), "scripted"))
+
+
+@pytest.mark.parametrize("how", ["future", "blocking call"])
+def test_a_watched_wait_fails_on_a_cycle_and_clears_its_note(how):
+    cc, ch = _caller(_ActorContext(lambda: [(_blocked_on_a(), 0)]))
+    with pytest.raises(ActorRuntimeError, match="call cycle: waiting, in a call of actor 'a', "
+                                                "on a call to actor 'scripted'"):
+        if how == "future":
+            cc.submit("m", (), {}).result()
+        else:
+            cc.call("m", (), {}, chain=(0,))
+    left = waits.decode(ch.notes[0])
+    kind = waits.WAITING if how == "future" else waits.BLOCKED
+    assert (left.kind, left.call_id, left.chain, left.name) == (kind, 1, (0,), "a")
+    assert ch.notes[1:] == [b""]  # cleared when the wait ended
+
+
+def test_a_cycle_note_read_just_before_the_reply_fails_nothing():
+    """The actor answered our call, then blocked on a call to us: its note is read before
+    our reply (already published).  The reply must end the wait, not the note."""
+    ch_box = []
+
+    def notes():
+        if not ch_box[0].inbox:
+            ch_box[0].inbox.append((1, True, "the reply"))  # published just before
+        return [(_blocked_on_a(), 0)]
+
+    cc, ch = _caller(_ActorContext(notes))
+    ch_box.append(ch)
+    fut = cc.submit("m", (), {})
+    assert fut.result() == "the reply"
+    assert ch.notes[-1] == b""
+
+
+def test_a_stale_note_of_an_answered_call_fails_nothing():
+    cc, ch = _caller(_ActorContext(lambda: [(_blocked_on_a(call_id=3), 3)]))
+    fut = cc.submit("m", (), {})
+    threading.Timer(0.2, lambda: ch.inbox.append((1, True, "late"))).start()
+    assert fut.result() == "late"
+
+
+def test_no_cycle_is_certain_while_another_reader_holds_a_reply():
+    cc, ch = _caller(_ActorContext(list))
+    fut = cc.submit("m", (), {})
+    held, release = threading.Event(), threading.Event()
+
+    def reader():  # consumed a reply, not dispatched yet
+        with cc._role:
+            cc._in_hand = True
+            held.set()
+            release.wait(5)
+            cc._in_hand = False
+
+    t = threading.Thread(target=reader)
+    t.start()
+    held.wait(5)
+    try:
+        assert cc._nothing_unread(fut) is False
+    finally:
+        release.set()
+        t.join()
+    assert cc._nothing_unread(fut) is True
+    ch.inbox.append((1, True, "reply"))
+    assert cc._nothing_unread(fut) is False and fut.result(timeout=0) == "reply"
+
+
+class _RefusingContext(_Context):
+    """A serving thread for which the call waited on is a cycle (a chain member, itself)."""
+
+    def refuse_wait_cycle(self, ref):
+        raise ActorRuntimeError("call cycle: scripted")
+
+
+def test_a_call_answered_before_the_cycle_began_is_no_cycle():
+    """Review K of 84e654d: a call to a chain member (or to itself) sent and answered before
+    the current call began was refused when waited on while its reply sat unread."""
+    cc, ch = _caller(_RefusingContext())
+    fut = cc.submit("m", (), {})
+    ch.inbox.append((1, True, "answered"))  # arrived, not read yet
+    assert fut.result() == "answered"
+    unanswered = cc.submit("m", (), {})
+    with pytest.raises(ActorRuntimeError, match="call cycle: scripted"):
+        unanswered.result()
+    assert not unanswered.done()

@@ -273,7 +273,7 @@ def test_a_served_call_releases_its_borrowed_record_only_after_the_fill(private_
     actor_module._set_served(server.instance)
     conn = _Inbound.__new__(_Inbound)
     callee.borrow = True
-    conn.channel, conn.caller_pid, conn.check = callee, os.getpid(), None
+    conn.channel, conn.caller_pid, conn.check, conn.answered = callee, os.getpid(), None, 0
     server.inbound = [conn]
     try:
         x = torch.arange(1000.0)
@@ -352,6 +352,7 @@ def test_a_channel_dropped_in_mid_walk_does_not_end_the_serve_loop():
     for closed in (True, False):  # the first caller is gone; the second stays
         conn = _Inbound.__new__(_Inbound)
         conn.channel, conn.caller_pid, conn.check = Fake(closed), os.getpid(), None
+        conn.answered = 0
         conns.append(conn)
     server.inbound = list(conns)
     with pytest.raises(Done):

@@ -65,7 +65,7 @@ def test_a_reply_whose_device_buffer_fails_to_write_is_that_calls_error(private_
 
     monkeypatch.setattr(MessageChannel, "encode", encode)
     conn = _Inbound.__new__(_Inbound)
-    conn.channel, conn.caller_pid, conn.check = callee, os.getpid(), None
+    conn.channel, conn.caller_pid, conn.check, conn.answered = callee, os.getpid(), None, 0
     try:
         _server()._reply(conn, (7, True, torch.arange(16.0)))  # raised RuntimeError
         call_id, ok, payload = caller.recv(deadline=time.monotonic() + 10)

@@ -1,0 +1,160 @@
+"""Wait notes (runtime/waits.py): the ring's note slot, the channel's, and the rule.
+
+The end-to-end cycles are in tests/faults/test_call_cycles.py; here each layer alone."""
+
+from __future__ import annotations
+
+import struct
+import threading
+import uuid
+
+import pytest
+
+from runtime import waits
+from runtime.errors import TransportError
+from runtime.transport import channel as channel_module
+from runtime.transport.ring import MIN_CAPACITY, NOTE_MAX, ShmRing
+from runtime.waits import BLOCKED, WAITING, WaitNote, closes_cycle
+from tests.unit.test_transport import make_pair
+
+
+@pytest.fixture
+def ring():
+    r = ShmRing.create("/dev/shm", f"rt_test{uuid.uuid4().hex[:8]}", MIN_CAPACITY)
+    yield r
+    r.close()
+    r.unlink()
+
+
+# -- the ring's note slot --------------------------------------------------------------------
+
+def test_a_note_is_state_the_latest_replaces_the_last(ring):
+    assert ring.read_note() is None
+    ring.write_note(b"x" * NOTE_MAX)
+    assert ring.read_note() == b"x" * NOTE_MAX
+    ring.write_note(b"short")
+    assert ring.read_note() == b"short"
+    ring.write_note(b"")
+    assert ring.read_note() is None
+    with pytest.raises(ValueError, match="at most"):
+        ring.write_note(b"y" * (NOTE_MAX + 1))
+    assert ring.read_note() is None  # a refused note leaves nothing half written
+
+
+def test_a_note_in_mid_write_or_with_a_hostile_length_reads_as_none(ring):
+    ring.write_note(b"note")
+    seq = ring._note_seq.value
+    ring._note_seq.value = seq | 1  # a writer stopped in the middle (or lying)
+    assert ring.read_note() is None
+    ring._note_seq.value = seq + 2
+    assert ring.read_note() == b"note"
+    ring._note_len.value = NOTE_MAX + 1  # claims bytes past the slot
+    assert ring.read_note() is None
+
+
+def test_a_reader_never_sees_a_torn_note(ring):
+    """A writer thread alternates two notes of different lengths as fast as it can: every
+    read is one of them whole, or None (the writer kept it busy)."""
+    notes = (b"A" * 700, b"B" * 40)
+    stop = threading.Event()
+
+    def write():
+        i = 0
+        while not stop.is_set():
+            ring.write_note(notes[i & 1])
+            i += 1
+
+    t = threading.Thread(target=write)
+    t.start()
+    seen = set()
+    try:
+        for _ in range(20000):
+            seen.add(ring.read_note())
+    finally:
+        stop.set()
+        t.join()
+    assert seen <= {None, *notes} and seen & set(notes)
+
+
+# -- the channel's -----------------------------------------------------------------------------
+
+def test_each_end_reads_the_note_the_other_left(private_dir, threshold):
+    caller, callee, bell = make_pair(private_dir, threshold)
+    try:
+        assert caller.set_note(b"caller waits") and callee.peer_note() == b"caller waits"
+        assert callee.set_note(b"callee waits") and caller.peer_note() == b"callee waits"
+        assert caller.set_note(b"") and callee.peer_note() is None
+    finally:
+        caller.close()
+        callee.close()
+        bell.close()
+    assert caller.set_note(b"late") is False and callee.peer_note() is None  # closed
+
+
+def test_a_channel_without_rings_takes_no_note(private_dir, threshold, monkeypatch):
+    def full(*args, **kwargs):
+        raise TransportError("no space left in /dev/shm (simulated)")
+
+    monkeypatch.setattr(channel_module.ShmRing, "create_anonymous", full)
+    caller, callee, bell = make_pair(private_dir, threshold)  # falls back to ZeroMQ alone
+    try:
+        assert caller.tx is None
+        assert caller.set_note(b"waits") is False and callee.peer_note() is None
+    finally:
+        caller.close()
+        callee.close()
+        bell.close()
+
+
+# -- the note and the rule ---------------------------------------------------------------------
+
+def test_a_note_round_trips_and_keeps_the_innermost_actors():
+    note = WaitNote(BLOCKED, 7, 123456789, (3, 1, 2), "b")
+    assert waits.decode(waits.encode(note)) == note
+    long = WaitNote(WAITING, 1, 5, tuple(range(100)), "n" * 500)
+    back = waits.decode(waits.encode(long))
+    assert back.chain == tuple(range(36, 100)) and back.name == "n" * waits.MAX_NAME
+    assert len(waits.encode(long)) <= NOTE_MAX
+
+
+@pytest.mark.parametrize("raw", [
+    None, b"", b"\x01" * 10,
+    waits.encode(WaitNote(BLOCKED, 1, 1, (1,)))[:-1],  # cut short
+    waits.encode(WaitNote(BLOCKED, 1, 1, (1,))) + b"x",  # trailing bytes
+    b"\x02" + waits.encode(WaitNote(BLOCKED, 1, 1, (1,)))[1:],  # another version
+    waits._HEAD.pack(1, 9, 1, 1, 1, 0) + struct.pack("<i", 1),  # an unknown kind
+    waits._HEAD.pack(1, BLOCKED, 1, 1, 0, 0),  # no actor
+    waits._HEAD.pack(1, BLOCKED, 1, 1, 65, 0) + struct.pack("<65i", *range(65)),  # too many
+    waits._HEAD.pack(1, BLOCKED, 1, 1, 1, 201) + struct.pack("<i", 1) + b"n" * 201,  # name
+])
+def test_a_malformed_note_is_no_note(raw):
+    assert waits.decode(raw) is None
+
+
+def _mine(started=100):
+    return WaitNote(WAITING, 5, started, (0,), "a")  # actor 0 waits on its call 5
+
+
+@pytest.mark.parametrize("note, answered, expected", [
+    (WaitNote(BLOCKED, 3, 50, (1,)), 0, True),  # b blocked on a call to a: a cycle
+    (WaitNote(BLOCKED, 3, 50, (1,)), 3, False),  # answered: b's note is stale
+    (WaitNote(BLOCKED, 3, 50, (2,)), 0, False),  # c, not blocked through b
+    (WaitNote(BLOCKED, 3, 50, (1, 2)), 0, True),  # c, blocked through b
+    (WaitNote(BLOCKED, 3, 500, (1, 2)), 0, True),  # ... however late: c does not see a
+    (WaitNote(BLOCKED, 3, 500, (1,)), 0, False),  # b's wait is the later: b fails it
+    (WaitNote(WAITING, 3, 500, (1,)), 0, False),
+    (WaitNote(WAITING, 3, 100, (1,)), 0, False),  # a tie: the higher index (b) fails it
+    (None, 0, False),
+])
+def test_which_notes_close_a_cycle(note, answered, expected):
+    assert closes_cycle(note, answered, target=1, me=0, mine=_mine(), noted=True) is expected
+
+
+def test_a_wait_the_other_side_cannot_see_is_not_left_to_it():
+    """b's later wait would fail it -- but b can only see a's wait if a's note reached it."""
+    note = WaitNote(BLOCKED, 3, 500, (1,))
+    assert closes_cycle(note, 0, target=1, me=0, mine=_mine(), noted=True) is False
+    assert closes_cycle(note, 0, target=1, me=0, mine=_mine(), noted=False) is True
+    tie = WaitNote(WAITING, 3, 100, (0,))  # b's side of a tie: b, the higher index, fails
+    assert closes_cycle(tie, 0, target=0, me=1, mine=WaitNote(WAITING, 3, 100, (1,)),
+                        noted=True) is True
