@@ -16,7 +16,10 @@ Measured per tree (p50 of many round trips):
   the peer has stopped spinning and sleeps on its doorbell (the wake-up);
 * ``actor_remote_result``: ``.remote().result()`` (a future, its reader driven by the wait);
 * ``actor_callback_chain``: a step of a chain of ``.remote()`` calls each issued by the
-  previous one's done-callback (where callbacks run, and the hand-off to that thread).
+  previous one's done-callback (where callbacks run, and the hand-off to that thread);
+* ``actor_to_actor_call`` and ``actor_to_actor_remote_result``: a call (blocking, or
+  ``.remote().result()``) from an actor's serving thread to another actor, timed inside
+  the calling actor (a blocked serving thread leaves a wait note: runtime/waits.py).
 
 Usage::
 
@@ -124,14 +127,37 @@ def actors(n):
         def echo(self, x):
             return x
 
+    @actor
+    class Relay:
+        """Calls another actor from its serving thread (what leaves wait notes)."""
+
+        def __init__(self, other):
+            self.other = other
+
+        def calls(self, k, remote):
+            t0 = time.perf_counter()
+            for _ in range(k):
+                if remote:
+                    self.other.noop.remote().result()
+                else:
+                    self.other.noop()
+            return (time.perf_counter() - t0) / k * 1e6
+
     with ActorSystem() as system:
         e = system.spawn(Echo)
+        r = system.spawn(Relay, e)
         x = torch.ones(2048)
+        k = max(50, n // 10)
+        r.calls(k, False)  # warm-up: opens the channel
         return {"actor_noop": p50(e.noop, n), "actor_echo_8KiB": p50(lambda: e.echo(x), n // 2),
                 "actor_noop_after_5ms": p50(e.noop, 150, warmup=5, pause=0.005),
                 "actor_remote_result": p50(lambda: e.noop.remote().result(), n // 2),
                 "actor_callback_chain": statistics.median(
-                    callback_chain(e, max(50, n // 20)) for _ in range(5))}
+                    callback_chain(e, max(50, n // 20)) for _ in range(5)),
+                "actor_to_actor_call": statistics.median(
+                    r.calls(k, False) for _ in range(5)),
+                "actor_to_actor_remote_result": statistics.median(
+                    r.calls(k, True) for _ in range(5))}
 
 
 def callback_chain(e, steps):
