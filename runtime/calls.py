@@ -99,9 +99,9 @@ EXPIRE_EVERY_S = 0.01
 # (a reader that leaves calls pending kicks it; this is the backstop), doubling up to the
 # cap while the role stays taken (a long blocking call: no polling every 5 ms for it).
 PUMP_RETRY_S, PUMP_RETRY_MAX_S = 0.005, 0.5
-# How long a serving thread waiting on a future without a timeout first waits before it
-# reads its callers' wait notes again, doubling up to the cap (see runtime.waits): a cycle
-# its wait closes is seen at once, one closed behind it within the cap.
+# How long the serving thread of an actor, blocked without a timeout, waits before it leaves
+# a wait note and reads its callers' (see runtime.waits), and then between two looks,
+# doubling up to the cap: a cycle is seen within ~the cap of its closing.
 WATCH_FIRST_S, WATCH_MAX_S = 0.02, 0.25
 # How long shutdown waits for the done-callbacks of the calls it failed (all channels).
 CALLBACKS_AT_CLOSE_S = 2.0
@@ -463,24 +463,27 @@ class CallerChannel:
         """Read replies until ``waiter`` is done, failing the wait if a cycle closes on it.
 
         See runtime.waits: the note left here lets the actor called see this wait; the
-        notes of this actor's callers tell whether the call waited on waits for it.  They
-        are read once the call has taken ``WATCH_FIRST_S`` (a short call pays nothing
-        more than its note), then at doubling intervals.
+        notes of this actor's callers tell whether the call waited on waits for it.  Both
+        wait until the call has taken ``WATCH_FIRST_S``: a cycle lasts for ever, and a
+        short call (most of them) pays for neither (a note costs ~5 us).
         """
-        mine = waits.WaitNote(kind, waiter.call_id, time.monotonic_ns(), chain,
-                              self.ctx.self_name)
+        started = time.monotonic_ns()
+        self.drive(waiter, WATCH_FIRST_S)
+        if waiter.is_done():
+            return
+        mine = waits.WaitNote(kind, waiter.call_id, started, chain, self.ctx.self_name)
         # An untrusted actor reads no notes: it learns nothing from one (not even the chain).
         noted = not self.ref.untrusted and self.set_note(waits.encode(mine))
         pause = WATCH_FIRST_S
         try:
             while True:
-                self.drive(waiter, pause)
-                if waiter.is_done():
-                    return
                 text = self.ctx.wait_cycle(self.ref, mine, noted=noted)
                 if text is not None and self._nothing_unread(waiter):
                     raise ActorRuntimeError(text)
                 pause = min(2 * pause, WATCH_MAX_S)
+                self.drive(waiter, pause)
+                if waiter.is_done():
+                    return
         finally:
             if noted:
                 self.set_note(b"")
