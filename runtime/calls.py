@@ -369,10 +369,16 @@ class CallerChannel:
             self.ctx.retire(self)  # its descriptors go now, not at shutdown
             raise
         # Complete what was read meanwhile -- unless this thread is the reader
-        # (a callback): its reading loop does it next, without nesting deeper.
+        # (a callback): its reading loop does it next, without nesting deeper.  Nor
+        # when another thread reads: it may be in a long blocking call, which this send
+        # (a .remote(), say) must not wait for; it dispatches them at its next look
+        # (within a wait slice) -- review K of 84e654d.
         if self._deferred and not self._role._is_owned():
-            with self._role:
-                self._dispatch_deferred()
+            if self._role.acquire(blocking=False):
+                try:
+                    self._dispatch_deferred()
+                finally:
+                    self._role.release()
             if self.pending or self._late:
                 self._kick_pump()  # the pump does not queue for the role (see _pump_main)
 

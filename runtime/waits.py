@@ -17,8 +17,8 @@ call, or waiting on a future -- for ``calls.WATCH_FIRST_S``, leaves a :class:`Wa
 in the header of the ring it sent that call on (``Channel.set_note``): the call's id,
 when the wait began, its chain and its name.  It then reads the notes its inbound callers
 left, and again at doubling intervals up to ``calls.WATCH_MAX_S``, until the wait ends
-(a short call, most of them, pays for no note).  A note of a caller blocked on a call to it that it has not
-answered, whose chain holds the actor it waits on, closes a cycle
+(a short call, most of them, pays for no note).  A note of a caller blocked on a call to
+it that it has not answered, whose chain holds the actor it waits on, closes a cycle
 (:func:`closes_cycle`): the wait fails with ``ActorRuntimeError``, once the channel of
 the call waited on holds no reply left unread (a reply on the way would end the wait:
 see ``CallerChannel._nothing_unread``).

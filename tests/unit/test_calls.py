@@ -327,3 +327,32 @@ def test_a_call_answered_before_the_cycle_began_is_no_cycle():
     with pytest.raises(ActorRuntimeError, match="call cycle: scripted"):
         unanswered.result()
     assert not unanswered.done()
+
+
+def test_a_send_does_not_wait_for_another_threads_long_read_to_dispatch_deferred_replies():
+    """Review K of 84e654d: with replies deferred (read while a send held the lock), the
+    next send took the reader role with a blocking acquire -- so a .remote() waited for
+    another thread's long blocking call, which holds the role while it waits."""
+    cc, ch = _caller()
+    first = cc.submit("m", (), {})
+    cc._deferred.append((1, True, "deferred"))  # read by a send's drain, not dispatched
+    holding, release = threading.Event(), threading.Event()
+
+    def long_call():  # holds the role, as a blocking call waiting on its reply does
+        with cc._role:
+            holding.set()
+            release.wait(10)
+
+    t = threading.Thread(target=long_call)
+    t.start()
+    holding.wait(5)
+    try:
+        t0 = time.monotonic()
+        second = cc.submit("m", (), {})
+        assert time.monotonic() - t0 < 1.0
+        assert not first.done()  # left for the reader, in order
+    finally:
+        release.set()
+        t.join()
+    ch.inbox.append((2, True, "second"))
+    assert second.result(timeout=5) == "second" and first.result(timeout=0) == "deferred"
