@@ -484,7 +484,9 @@ class CallerChannel:
         try:
             while True:
                 text = self.ctx.wait_cycle(self.ref, mine, noted=noted)
-                if text is not None and self._nothing_unread(waiter):
+                # A dead actor's call ends anyway, and its death explains it better.
+                if text is not None and self.ctx.table.alive(self.ref.index, self.incarnation) \
+                        and self._nothing_unread(waiter):
                     raise ActorRuntimeError(text)
                 pause = min(2 * pause, WATCH_MAX_S)
                 self.drive(waiter, pause)

@@ -110,10 +110,16 @@ class ActorServer:
     def _inbound_notes(self) -> list[tuple[bytes | None, int]]:
         """The wait notes of the trusted callers (see runtime.waits), with their ``answered``.
 
-        An untrusted caller's note is not read: it could claim any wait, and fail ours.
+        An untrusted caller's note is not read: it could claim any wait, and fail ours.  Nor
+        is a dead caller's: it waits no more, and its chain is free again.
         """
-        return [(conn.channel.peer_note(), conn.answered) for conn in self.inbound
-                if not conn.channel.safe]
+        notes = []
+        for conn in self.inbound:
+            if not conn.channel.safe:
+                raw = conn.channel.peer_note()
+                if raw and _pid_alive(conn.caller_pid):
+                    notes.append((raw, conn.answered))
+        return notes
 
     # -- control: channel opening ------------------------------------------------
     def peer_is_untrusted(self, pid: int) -> bool:

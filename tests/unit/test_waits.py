@@ -158,3 +158,29 @@ def test_a_wait_the_other_side_cannot_see_is_not_left_to_it():
     tie = WaitNote(WAITING, 3, 100, (0,))  # b's side of a tie: b, the higher index, fails
     assert closes_cycle(tie, 0, target=0, me=1, mine=WaitNote(WAITING, 3, 100, (1,)),
                         noted=True) is True
+
+
+# -- what an actor reads of its callers' notes -------------------------------------------------
+
+def test_an_actor_reads_the_notes_of_live_trusted_callers_only():
+    import os
+    import subprocess
+    import sys
+    from types import SimpleNamespace
+
+    from runtime.worker import ActorServer, _Inbound
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+
+    def conn(pid, *, safe=False, note=b"note", answered=3):
+        c = _Inbound.__new__(_Inbound)
+        c.channel = SimpleNamespace(safe=safe, peer_note=lambda: note)
+        c.caller_pid, c.answered = pid, answered
+        return c
+
+    server = ActorServer.__new__(ActorServer)
+    server.inbound = [conn(os.getpid(), note=b"live"), conn(gone.pid, note=b"dead"),
+                      conn(os.getpid(), safe=True, note=b"untrusted"),
+                      conn(os.getpid(), note=None)]
+    assert server._inbound_notes() == [(b"live", 3)]
