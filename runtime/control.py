@@ -18,8 +18,8 @@ knows who is on the other end of a Unix socket.
 The server never blocks on a peer: connections are accepted and read
 non-blocking, a request must arrive whole within ``REQUEST_DEADLINE_S`` and
 fit ``MAX_REQUEST`` bytes, and at most ``MAX_PENDING`` half-read connections
-are kept (the oldest is dropped).  A malformed or hostile request is refused
-with one logged line; the actor keeps serving.
+are kept (past that, the oldest of the process holding the most is dropped).  A
+malformed or hostile request is refused with one logged line; the actor keeps serving.
 
 An actor out of file descriptors cannot accept: the connection would stay in the
 backlog, its caller waiting on it, and the listening socket readable -- the server
@@ -228,8 +228,7 @@ class ControlServer:
                 conn.close()
                 continue
             if len(self._pending) >= MAX_PENDING:
-                oldest = min(self._pending.values(), key=lambda p: p.deadline)
-                self._refuse(oldest, "too many connections waiting")
+                self._refuse(self._hoarded(pid), "too many connections waiting")
             self._pending[conn.fileno()] = _Pending(conn, pid, peer_pidfd(conn))
             self._poll.register(conn, select.POLLIN)
         now = time.monotonic()
@@ -240,6 +239,22 @@ class ControlServer:
         for p in list(self._pending.values()):
             if p.deadline <= now:
                 self._refuse(p, "no complete request in time")
+
+    def _hoarded(self, newcomer: int) -> _Pending:
+        """The waiting connection to drop for one more from ``newcomer``.
+
+        The oldest of the process that holds the most (counting the newcomer's new one).
+        Dropping the oldest of all let one process holding 32 half-sent connections push
+        out every honest caller's open (an untrusted actor may connect like anyone).
+        """
+        held: dict[int, list[_Pending]] = {}
+        for p in self._pending.values():
+            held.setdefault(p.pid, []).append(p)
+
+        def weight(pid: int) -> tuple[int, float]:  # most held, then the oldest waiting
+            mine = held[pid]
+            return len(mine) + (pid == newcomer), -min(p.deadline for p in mine)
+        return min(held[max(held, key=weight)], key=lambda p: p.deadline)
 
     def _refuse_with_spare(self, exc: OSError) -> bool | None:
         """Free the spare descriptor, accept, and tell the caller why.

@@ -493,3 +493,44 @@ def test_a_write_that_fails_without_a_reply_is_a_transport_error(server, monkeyp
     big = ["open", {"pad": "x" * 60000}]  # more than one write: the second meets EPIPE
     with pytest.raises(TransportError, match="failed the connection"):
         control.request(srv.path, big, (), timeout=5)
+
+
+def test_a_process_hoarding_waiting_connections_cannot_push_out_another_callers(server):
+    """Left open by the last session: when MAX_PENDING connections waited, the oldest of
+    all was dropped -- so one process holding 32 half-sent connections (any process that
+    can connect, an untrusted actor among them) pushed out every honest caller's open."""
+    import subprocess
+    import sys
+
+    srv, seen = server
+    honest = raw_client(srv.path)
+    frame = encode_frame(["open", {"honest": True}])
+    honest.sendall(frame[:3])  # half sent: waiting, the oldest of all
+    pump(srv, lambda: len(srv._pending) == 1)
+    hoarder = subprocess.Popen(
+        [sys.executable, "-c", f"""
+import socket, sys, time
+held = []
+for _ in range({control.MAX_PENDING + 8}):
+    c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    c.connect({srv.path!r})
+    c.send(b"\\x01")
+    held.append(c)
+    time.sleep(0.002)
+print("done", flush=True)
+time.sleep(30)
+"""], stdout=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and srv.refused < 8:
+            if srv.ready():
+                srv.service()
+            time.sleep(0.001)
+        assert srv.refused >= 8  # the hoarder's own oldest went
+        honest.sendall(frame[3:])
+        pump(srv, lambda: any(m == ["open", {"honest": True}] for m, _, _ in seen))
+        assert read_reply(honest) == ["ok", {"echo": ["open", {"honest": True}]}]
+    finally:
+        hoarder.kill()
+        hoarder.wait()
+        honest.close()
