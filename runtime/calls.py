@@ -341,7 +341,7 @@ class CallerChannel:
         t0 = time.perf_counter()
         self._send(method, args, kwargs, slot, deadline, chain=chain)
         if chain and self.ctx.watches_waits():  # serving a call: see runtime.waits
-            self._drive_watched(slot, waits.BLOCKED, chain)
+            self._drive_watched(slot, waits.BLOCKED)
         else:
             self.drive(slot, None)
         self.spin.observe(time.perf_counter() - t0)
@@ -461,11 +461,11 @@ class CallerChannel:
                     return  # answered before this call began: its reply was on the way
                 raise
             if self.ctx.watches_waits():
-                self._drive_watched(fut, waits.WAITING, self.ctx.serving or (self.ctx.self_index,))
+                self._drive_watched(fut, waits.WAITING)
                 return
         self.drive(fut, timeout)
 
-    def _drive_watched(self, waiter: Any, kind: int, chain: tuple[int, ...]) -> None:
+    def _drive_watched(self, waiter: Any, kind: int) -> None:
         """Read replies until ``waiter`` is done, failing the wait if a cycle closes on it.
 
         See runtime.waits: the note left here lets the actor called see this wait; the
@@ -477,15 +477,17 @@ class CallerChannel:
         self.drive(waiter, WATCH_FIRST_S)
         if waiter.is_done():
             return
-        mine = waits.WaitNote(kind, waiter.call_id, started, chain, self.ctx.self_name)
-        # An untrusted actor reads no notes: it learns nothing from one (not even the chain).
-        noted = not self.ref.untrusted and self.set_note(waits.encode(mine))
+        ctx = self.ctx
+        mine = waits.WaitNote(kind, waiter.call_id, started, ctx.self_index, ctx.self_name)
+        noted = False
         pause = WATCH_FIRST_S
         try:
+            # An untrusted actor reads no notes: it is not told who waits on it.
+            noted = not self.ref.untrusted and self.set_note(waits.encode(mine))
             while True:
-                text = self.ctx.wait_cycle(self.ref, mine, noted=noted)
+                text = ctx.wait_cycle(self.ref, mine, noted=noted)
                 # A dead actor's call ends anyway, and its death explains it better.
-                if text is not None and self.ctx.table.alive(self.ref.index, self.incarnation) \
+                if text is not None and ctx.table.alive(self.ref.index, self.incarnation) \
                         and self._nothing_unread(waiter):
                     raise ActorRuntimeError(text)
                 pause = min(2 * pause, WATCH_MAX_S)
@@ -571,13 +573,14 @@ class CallerChannel:
         if ch.woke_peer:
             spin = max(spin, WOKE_SPIN_S)
         next_expire = time.monotonic() + EXPIRE_EVERY_S
+        outer = self._in_hand  # a reader this one interrupted (a signal handler) holds one
         try:
-            self._read_loop(done, deadline, spin, next_expire)
+            self._read_loop(done, deadline, spin, next_expire, outer)
         finally:
-            self._in_hand = False
+            self._in_hand = outer
 
     def _read_loop(self, done: Callable[[], bool], deadline: float | None, spin: float,
-                   next_expire: float) -> None:
+                   next_expire: float, idle: bool) -> None:
         ch = self.channel
         while not done():
             if self.dead is not None or self.closed:
@@ -607,7 +610,7 @@ class CallerChannel:
                     self.check()  # the actor's death explains it best
                     raise TransportError(f"actor {self.ref.name!r} closed the channel (it "
                                          f"found the channel broken; see its log)")
-                self._in_hand = False
+                self._in_hand = idle  # asleep: holding nothing (unless the reader it interrupted)
                 wait_until = self._expire(deadline)
                 if deadline is not None and time.monotonic() >= deadline:
                     return
@@ -725,7 +728,7 @@ class CallerChannel:
         fails every call (their callbacks find the channel dead and return).
         """
         if self._role.acquire(blocking=False):
-            self._in_hand = True
+            outer, self._in_hand = self._in_hand, True
             try:
                 ch = self.channel
                 # Bounded, so that the send's own deadline is looked at between batches: a
@@ -761,7 +764,7 @@ class CallerChannel:
                         self._fail_all(exc)
                         raise exc
             finally:
-                self._in_hand = False
+                self._in_hand = outer
                 self._role.release()
                 if self.pending or self._late:
                     self._kick_pump()  # it does not queue for the role (see _pump_main)
@@ -1073,23 +1076,12 @@ class ProcessContext:
             note = waits.decode(raw)
             if waits.closes_cycle(note, answered, target=ref.index, me=self.self_index,
                                   mine=mine, noted=noted):
-                writer = repr(note.name) if note.name else self._actor_name(note.chain[-1])
-                path = " -> ".join([*map(self._actor_name, note.chain[:-1]), writer])
-                me = self.self_name or self._actor_name(self.self_index)
+                me = self.self_name or f"actor #{self.self_index}"
                 how = "a blocking call" if note.kind == waits.BLOCKED else "a wait on a future"
                 return (f"call cycle: waiting, in a call of actor {me!r}, on a call to actor "
-                        f"{ref.name!r}, which cannot end before {me!r} serves the call "
-                        f"{writer} is blocked on ({how}; chain {path}); {me!r} serves it "
-                        f"only after this wait, so the wait would never end")
+                        f"{ref.name!r}, which is blocked ({how}) on a call to {me!r} that "
+                        f"{me!r} serves only after this wait, so the wait would never end")
         return None
-
-    def _actor_name(self, index: int) -> str:
-        cc = self._channels.get(index)
-        if cc is not None:
-            return repr(cc.ref.name)
-        if index == self.self_index and self.self_name:
-            return repr(self.self_name)
-        return f"actor #{index}"
 
     def call_async(self, ref: ActorRef, method: str, args: tuple, kwargs: dict) -> Future:
         if ref.index == self.self_index:

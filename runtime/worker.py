@@ -72,7 +72,8 @@ class _Inbound:
         self.channel = MessageChannel(channel, recv_envelope=2, send_envelope=1, borrow=borrow)
         self.caller_pid = caller_pid
         self.check = _pid_check(caller_pid)
-        # The id of the last call answered (ids grow along a channel; see runtime.waits).
+        # The id of the last call answered (ids grow along a channel, wrapping at 2**32;
+        # see runtime.waits).
         self.answered = 0
 
 
@@ -251,8 +252,8 @@ class ActorServer:
         actor carry on.  Only a failure of the channel itself drops it.
         """
         call_id = reply[0] if type(reply[0]) is int else 0
-        if call_id > conn.answered:  # noqa: PLR1730 - max() costs a call per reply
-            conn.answered = call_id
+        if call_id:  # calls are served in the order of their ids (0: a call that failed
+            conn.answered = call_id  # to decode, or the one id in 2**32 that wraps to 0)
         ch = conn.channel
         try:
             enc = ch.encode(reply, plain_only=self.untrusted)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import resource
@@ -687,3 +688,60 @@ class FdHog:
         """The control server's warnings since :meth:`starve`."""
         logging.getLogger("runtime.control").removeHandler(self.records)
         return self.records.lines
+
+
+@actor
+class Hop:
+    """Calls the peers it is given by name, after a delay (review L's reproducers)."""
+
+    def __init__(self):
+        self.peers = {}
+
+    def set(self, name, handle):
+        self.peers[name] = handle
+        return True
+
+    def ping(self):
+        return os.getpid()
+
+    def work(self, delay):
+        time.sleep(delay)
+        return os.getpid()
+
+    def call_after(self, delay, peer, method, *args):
+        """Sleep, then a blocking call peer.method(*args); failures come back as text."""
+        time.sleep(delay)
+        try:
+            return getattr(self.peers[peer], method)(*args)
+        except Exception as exc:
+            return f"{type(exc).__name__}: {exc}"
+
+    def call_after_raw(self, delay, peer, method, *args):
+        """As call_after, failures raise."""
+        time.sleep(delay)
+        return getattr(self.peers[peer], method)(*args)
+
+    def wait_after(self, delay, peer, method, *args):
+        """A ``.remote()`` call peer.method(*args), waited on after ``delay`` s."""
+        fut = getattr(self.peers[peer], method).remote(*args)
+        time.sleep(delay)
+        return fut.result()
+
+    def skip_ids(self, peer, to):
+        """The next call id on the channel to ``peer`` is ``to`` (as after ~4G calls)."""
+        h = self.peers[peer]
+        h._context().channel_for(h._ref)._ids = itertools.count(to)
+        return True
+
+
+@actor(untrusted_callers=True)
+class OpenHop(Hop):
+    pass
+
+
+@actor(untrusted=True)
+class Forger:
+    def forge(self, target, victim_index, method, *args):
+        """A blocking call to ``target`` whose chain claims actor ``victim_index`` waits on it."""
+        cc = target._context().channel_for(target._ref)
+        return cc.call(method, args, {}, chain=(victim_index,))

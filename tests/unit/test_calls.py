@@ -230,10 +230,8 @@ class _ActorContext(_Context):
 
     self_index, self_name, serving = 0, "a", (0,)
     wait_cycle = ProcessContext.wait_cycle
-    _actor_name = ProcessContext._actor_name
 
     def __init__(self, notes):
-        self._channels = {}
         self.inbound_notes = notes
 
     def watches_waits(self):
@@ -242,7 +240,7 @@ class _ActorContext(_Context):
 
 def _blocked_on_a(call_id=1):
     """Actor 1 (the one called here) blocked on its call ``call_id`` to actor 0."""
-    return waits.encode(waits.WaitNote(waits.BLOCKED, call_id, 0, (1,), "scripted"))
+    return waits.encode(waits.WaitNote(waits.BLOCKED, call_id, 0, 1, "scripted"))
 
 
 @pytest.mark.parametrize("how", ["future", "blocking call"])
@@ -256,7 +254,7 @@ def test_a_watched_wait_fails_on_a_cycle_and_clears_its_note(how):
             cc.call("m", (), {}, chain=(0,))
     left = waits.decode(ch.notes[0])
     kind = waits.WAITING if how == "future" else waits.BLOCKED
-    assert (left.kind, left.call_id, left.chain, left.name) == (kind, 1, (0,), "a")
+    assert (left.kind, left.call_id, left.writer, left.name) == (kind, 1, 0, "a")
     assert ch.notes[1:] == [b""]  # cleared when the wait ended
 
 
