@@ -58,6 +58,7 @@ from runtime.table import (
     ActorTable,
     describe_exit,
 )
+from runtime.table import CAPACITY as TABLE_CAPACITY
 from runtime.transport.channel import Channel
 
 __all__ = ["ActorRef", "ProcessContext", "context_for", "register_context"]
@@ -291,6 +292,7 @@ class CallerChannel:
         # it unmaps the ring the note goes to.
         self._note_lock = threading.Lock()
         self._noter: int | None = None  # the thread holding _note_lock (close() asks)
+        self._note = b""  # the note left now (a nested wait puts the outer one back)
         # Re-entrant, for safety: done-callbacks never run under it (``_queue_callbacks``).
         self._role = threading.RLock()
         self._pump: threading.Thread | None = None
@@ -408,6 +410,8 @@ class CallerChannel:
             if self.dead is not None:  # closed while we waited for the lock
                 raise _again(self.dead)
             call_id = next(self._ids) & 0xFFFFFFFF
+            if not call_id:  # 0 is no call's (an actor records no answer to it): skipped
+                call_id = next(self._ids) & 0xFFFFFFFF
             waiter.call_id = call_id
             self.pending[call_id] = (waiter, deadline)
             if self.dead is not None:  # failed (close, kill) since the check above: the
@@ -441,7 +445,10 @@ class CallerChannel:
         with self._note_lock:
             self._noter = threading.get_ident()
             try:
-                return not self.closed and self.channel.set_note(note)
+                if self.closed or not self.channel.set_note(note):
+                    return False
+                self._note = note
+                return True
             finally:
                 self._noter = None
 
@@ -479,6 +486,7 @@ class CallerChannel:
             return
         ctx = self.ctx
         mine = waits.WaitNote(kind, waiter.call_id, started, ctx.self_index, ctx.self_name)
+        outer = self._note  # a wait this one interrupted (a signal handler's call)
         noted = False
         pause = WATCH_FIRST_S
         try:
@@ -496,7 +504,7 @@ class CallerChannel:
                     return
         finally:
             if noted:
-                self.set_note(b"")
+                self.set_note(outer)
 
     def _unanswered(self, fut: CallFuture) -> bool:
         """Whether ``fut``, refused as a cycle, is indeed unanswered (review K of 84e654d).
@@ -973,8 +981,9 @@ class ProcessContext:
         self.serving: tuple[int, ...] = ()
         self.serving_thread: int | None = None
         # In a trusted actor: the wait notes its inbound callers left, each with the id of
-        # the last call answered on that channel (see runtime.waits), and its name.
-        self.inbound_notes: Callable[[], list[tuple[bytes | None, int]]] | None = None
+        # the last call answered on that channel and the caller's pid (see runtime.waits),
+        # and its name.
+        self.inbound_notes: Callable[[], list[tuple[bytes, int, int]]] | None = None
         self.self_name = ""
 
     @property
@@ -1072,8 +1081,10 @@ class ProcessContext:
 
     def wait_cycle(self, ref: ActorRef, mine: waits.WaitNote, *, noted: bool) -> str | None:
         """Why the wait ``mine`` on a call to ``ref`` would never end, as a caller's note says."""
-        for raw, answered in self.inbound_notes():
+        for raw, answered, pid in self.inbound_notes():
             note = waits.decode(raw)
+            if note is not None and not self._is_live(note.writer, pid):
+                continue  # a dead incarnation's note (its pid reused since): review M
             if waits.closes_cycle(note, answered, target=ref.index, me=self.self_index,
                                   mine=mine, noted=noted):
                 me = self.self_name or f"actor #{self.self_index}"
@@ -1082,6 +1093,13 @@ class ProcessContext:
                         f"{ref.name!r}, which is blocked ({how}) on a call to {me!r} that "
                         f"{me!r} serves only after this wait, so the wait would never end")
         return None
+
+    def _is_live(self, index: int, pid: int) -> bool:
+        """Whether ``pid`` is the live process of actor ``index`` (the table says)."""
+        if not 0 <= index < TABLE_CAPACITY:
+            return False
+        entry = self.table.read(index)
+        return entry.state == ALIVE and entry.pid == pid
 
     def call_async(self, ref: ActorRef, method: str, args: tuple, kwargs: dict) -> Future:
         if ref.index == self.self_index:

@@ -18,7 +18,8 @@ knows who is on the other end of a Unix socket.
 The server never blocks on a peer: connections are accepted and read
 non-blocking, a request must arrive whole within ``REQUEST_DEADLINE_S`` and
 fit ``MAX_REQUEST`` bytes, and at most ``MAX_PENDING`` half-read connections
-are kept (past that, the oldest of the process holding the most is dropped).  A
+are kept (past that, the oldest of the process -- or of all processes outside the
+session, together -- holding the most is dropped).  A
 malformed or hostile request is refused with one logged line; the actor keeps serving.
 
 An actor out of file descriptors cannot accept: the connection would stay in the
@@ -134,11 +135,13 @@ class _Pending:
     maybe one the session trusts -- is refused, not judged by the pid's new owner.
     """
 
-    __slots__ = ("deadline", "pid", "pidfd", "reader", "sock")
+    __slots__ = ("deadline", "group", "pid", "pidfd", "reader", "sock")
 
-    def __init__(self, sock: socket.socket, pid: int, pidfd: int | None = None) -> None:
+    def __init__(self, sock: socket.socket, pid: int, pidfd: int | None = None, *,
+                 group: int | None = None) -> None:
         self.sock = sock
         self.pid = pid
+        self.group = pid if group is None else group  # whose share of MAX_PENDING it takes
         self.pidfd = pidfd
         self.reader = FrameReader(sock, max_frame=MAX_REQUEST, max_fds=MAX_REQUEST_FDS)
         self.deadline = time.monotonic() + REQUEST_DEADLINE_S
@@ -154,10 +157,15 @@ class _Pending:
 class ControlServer:
     """The listening end; call :meth:`service` when :meth:`ready` says so."""
 
-    def __init__(self, path: str, handler: Handler, *, name: str = "") -> None:
+    def __init__(self, path: str, handler: Handler, *, name: str = "",
+                 group: Callable[[int], int] | None = None) -> None:
         self.path = path
         self.name = name
         self._handler = handler
+        # Peer pid -> whose share of the waiting connections it takes (default: its own).
+        # An actor puts every process outside its session in one group: one that forks
+        # a child per connection must not get a share per child (review M).
+        self._group = group
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self._sock.bind(path)
@@ -227,9 +235,13 @@ class ControlServer:
             except OSError:
                 conn.close()
                 continue
+            try:
+                group = pid if self._group is None else self._group(pid)
+            except Exception:  # noqa: BLE001 - a share is no reason to stop serving
+                group = 0
             if len(self._pending) >= MAX_PENDING:
-                self._refuse(self._hoarded(pid), "too many connections waiting")
-            self._pending[conn.fileno()] = _Pending(conn, pid, peer_pidfd(conn))
+                self._refuse(self._hoarded(group), "too many connections waiting")
+            self._pending[conn.fileno()] = _Pending(conn, pid, peer_pidfd(conn), group=group)
             self._poll.register(conn, select.POLLIN)
         now = time.monotonic()
         for fd, revents in self._poll.poll(0):
@@ -241,19 +253,20 @@ class ControlServer:
                 self._refuse(p, "no complete request in time")
 
     def _hoarded(self, newcomer: int) -> _Pending:
-        """The waiting connection to drop for one more from ``newcomer``.
+        """The waiting connection to drop for one more from group ``newcomer``.
 
-        The oldest of the process that holds the most (counting the newcomer's new one).
-        Dropping the oldest of all let one process holding 32 half-sent connections push
-        out every honest caller's open (an untrusted actor may connect like anyone).
+        The oldest of the group (a process, or all outside the session) that holds the
+        most, counting the newcomer's new one.  Dropping the oldest of all let one process
+        holding 32 half-sent connections push out every honest caller's open (an
+        untrusted actor may connect like anyone).
         """
         held: dict[int, list[_Pending]] = {}
         for p in self._pending.values():
-            held.setdefault(p.pid, []).append(p)
+            held.setdefault(p.group, []).append(p)
 
-        def weight(pid: int) -> tuple[int, float]:  # most held, then the oldest waiting
-            mine = held[pid]
-            return len(mine) + (pid == newcomer), -min(p.deadline for p in mine)
+        def weight(group: int) -> tuple[int, float]:  # most held, then the oldest waiting
+            mine = held[group]
+            return len(mine) + (group == newcomer), -min(p.deadline for p in mine)
         return min(held[max(held, key=weight)], key=lambda p: p.deadline)
 
     def _refuse_with_spare(self, exc: OSError) -> bool | None:

@@ -90,7 +90,8 @@ class ActorServer:
         self.driver_pid = driver_pid
         s = ctx.session
         self.bell = Doorbell(bell_path(s, index, incarnation))
-        self.ctl = ControlServer(ctl_path(s, index, incarnation), self._open, name=name)
+        self.ctl = ControlServer(ctl_path(s, index, incarnation), self._open, name=name,
+                                 group=self._caller_group)
         # Replaced, never changed in place (the serve loop walks the list it read), under
         # ``_inbound_lock``: the control thread adds, the serving thread drops.
         self.inbound: list[_Inbound] = []
@@ -108,18 +109,19 @@ class ActorServer:
             ctx.inbound_notes = self._inbound_notes
             ctx.self_name = name
 
-    def _inbound_notes(self) -> list[tuple[bytes | None, int]]:
+    def _inbound_notes(self) -> list[tuple[bytes, int, int]]:
         """The wait notes of the trusted callers (see runtime.waits), with their ``answered``.
 
-        An untrusted caller's note is not read: it could claim any wait, and fail ours.  Nor
-        is a dead caller's: it waits no more, and its chain is free again.
+        An untrusted caller's note is not read: it could claim any wait, and fail ours.  Each
+        comes with the caller's pid: only the note of the live process of the actor it names
+        counts (``ProcessContext.wait_cycle``), not a dead caller's, which waits no more.
         """
         notes = []
         for conn in self.inbound:
             if not conn.channel.safe:
                 raw = conn.channel.peer_note()
-                if raw and _pid_alive(conn.caller_pid):
-                    notes.append((raw, conn.answered))
+                if raw:
+                    notes.append((raw, conn.answered, conn.caller_pid))
         return notes
 
     # -- control: channel opening ------------------------------------------------
@@ -136,6 +138,17 @@ class ActorServer:
         if found is None:
             raise ProtocolError(f"pid {pid} is not a process of this session")
         return bool(found[1].flags & FLAG_UNTRUSTED)
+
+    def _caller_group(self, pid: int) -> int:
+        """Whose share of the waiting connections a peer takes (``ControlServer``).
+
+        Its own if it is a process of this session, else one share for all the others
+        (``_open`` refuses them anyway): a process forking a child per connection would
+        otherwise get a share per child (review M).
+        """
+        if pid == self.driver_pid or (pid > 0 and self.ctx.table.find_pid(pid) is not None):
+            return pid
+        return 0
 
     def _open(self, msg: list, fds: list[int], pid: int) -> list:
         """Handle one control request: ``["open", {"name": str, "spec": {...}}]``."""

@@ -244,17 +244,19 @@ class ShmRing:
         A note is state, not a message: the reader sees the latest one whenever it looks
         (:meth:`read_note`), and a newer one replaces it.  One thread writes the notes of
         a ring.  A sequence counter, odd while the writer is in the middle, lets the
-        reader tell a torn read (a seqlock: on x86 stores stay in program order, and so
-        do loads).
+        reader tell a torn read (a seqlock).  x86 keeps stores in program order, and loads;
+        the fences make it hold on a weakly ordered CPU too (notes are rare: ~0.1 us each).
         """
         n = len(note)
         if n > NOTE_MAX:
             raise ValueError(f"a ring note holds at most {NOTE_MAX} bytes, not {n}")
         seq = self._note_seq.value
         self._note_seq.value = seq | 1  # odd: being written
+        fence()
         if n:
             self.view[_OFF_NOTE:_OFF_NOTE + n] = note
         self._note_len.value = n
+        fence()
         self._note_seq.value = (seq | 1) + 1
 
     # -- reader side ---------------------------------------------------------
@@ -269,12 +271,10 @@ class ShmRing:
             seq = self._note_seq.value
             if seq & 1:
                 continue
+            fence()
             n = self._note_len.value
-            if n == 0 or n > NOTE_MAX:
-                if self._note_seq.value == seq:
-                    return None
-                continue
-            note = bytes(self.view[_OFF_NOTE:_OFF_NOTE + n])
+            note = bytes(self.view[_OFF_NOTE:_OFF_NOTE + n]) if 0 < n <= NOTE_MAX else None
+            fence()
             if self._note_seq.value == seq:
                 return note
         return None

@@ -690,6 +690,17 @@ class FdHog:
         return self.records.lines
 
 
+class SlowToDecode:
+    """Unpickling it takes ``delay`` s: the caller's reader holds the reply that long."""
+
+    def __init__(self, delay):
+        self.delay = delay
+
+    def __setstate__(self, state):
+        time.sleep(state["delay"])
+        self.__dict__.update(state)
+
+
 @actor
 class Hop:
     """Calls the peers it is given by name, after a delay (review L's reproducers)."""
@@ -726,6 +737,13 @@ class Hop:
         fut = getattr(self.peers[peer], method).remote(*args)
         time.sleep(delay)
         return fut.result()
+
+    def slow_reply(self, work, decode):
+        time.sleep(work)
+        return SlowToDecode(decode)
+
+    def call_slow_reply(self, peer, work, decode):
+        return type(self.peers[peer].slow_reply(work, decode)).__name__
 
     def skip_ids(self, peer, to):
         """The next call id on the channel to ``peer`` is ``to`` (as after ~4G calls)."""

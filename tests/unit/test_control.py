@@ -534,3 +534,63 @@ time.sleep(30)
         hoarder.kill()
         hoarder.wait()
         honest.close()
+
+
+def test_processes_outside_the_session_share_one_part_of_the_waiting_connections(tmp_path):
+    """Review M: a hoarder forking a child per connection got a share per child: with 36
+    processes holding one each, the oldest of all -- the honest caller's -- was dropped.
+    An actor groups every process outside its session into one share."""
+    d = tempfile.mkdtemp(prefix="rtc")
+    seen = []
+
+    def handler(msg, fds, pid):
+        seen.append(msg)
+        return ["ok", {"echo": msg}]
+
+    me = os.getpid()
+    srv = control.ControlServer(os.path.join(d, "t.ctl"), handler, name="test",
+                                group=lambda pid: pid if pid == me else 0)
+    honest = raw_client(srv.path)
+    frame = encode_frame(["open", {"honest": True}])
+    honest.sendall(frame[:3])  # half sent: waiting, the oldest of all
+    pump(srv, lambda: len(srv._pending) == 1)
+    kids = []
+    try:
+        for _ in range(control.MAX_PENDING + 4):  # each child: one connection, one byte
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                    c.connect(srv.path)
+                    c.send(b"\x01")
+                    time.sleep(20)
+                finally:
+                    os._exit(0)
+            kids.append(pid)
+            time.sleep(0.003)
+            if srv.ready():
+                srv.service()
+        pump(srv, lambda: srv.refused >= 4, timeout=5)
+        assert srv.refused >= 4
+        honest.sendall(frame[3:])
+        pump(srv, lambda: ["open", {"honest": True}] in seen)
+        assert read_reply(honest) == ["ok", {"echo": ["open", {"honest": True}]}]
+    finally:
+        for pid in kids:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+        honest.close()
+        srv.close()
+        os.rmdir(d)
+
+
+def test_an_actor_gives_the_processes_outside_its_session_one_share():
+    from types import SimpleNamespace
+
+    from runtime.worker import ActorServer
+
+    server = ActorServer.__new__(ActorServer)
+    server.driver_pid = 111
+    server.ctx = SimpleNamespace(table=SimpleNamespace(
+        find_pid=lambda pid: (1, None) if pid == 222 else None))
+    assert [server._caller_group(p) for p in (111, 222, 333, 0)] == [111, 222, 0, 0]

@@ -165,16 +165,10 @@ def test_a_wait_the_other_side_cannot_see_is_not_left_to_it():
 
 # -- what an actor reads of its callers' notes -------------------------------------------------
 
-def test_an_actor_reads_the_notes_of_live_trusted_callers_only():
-    import os
-    import subprocess
-    import sys
+def test_an_actor_reads_the_notes_of_trusted_callers_with_their_pids():
     from types import SimpleNamespace
 
     from runtime.worker import ActorServer, _Inbound
-
-    gone = subprocess.Popen([sys.executable, "-c", "pass"])
-    gone.wait()
 
     def conn(pid, *, safe=False, note=b"note", answered=3):
         c = _Inbound.__new__(_Inbound)
@@ -183,7 +177,33 @@ def test_an_actor_reads_the_notes_of_live_trusted_callers_only():
         return c
 
     server = ActorServer.__new__(ActorServer)
-    server.inbound = [conn(os.getpid(), note=b"live"), conn(gone.pid, note=b"dead"),
-                      conn(os.getpid(), safe=True, note=b"untrusted"),
-                      conn(os.getpid(), note=None)]
-    assert server._inbound_notes() == [(b"live", 3)]
+    server.inbound = [conn(10, note=b"one"), conn(11, safe=True, note=b"untrusted"),
+                      conn(12, note=None)]
+    assert server._inbound_notes() == [(b"one", 3, 10)]
+
+
+def test_only_the_note_of_the_live_process_of_the_actor_it_names_counts():
+    """Review M: a dead caller's note stays in a ring its busy callee still maps; once its
+    pid is reused (or the actor restarted), it named a wait nobody waits."""
+    from types import SimpleNamespace
+
+    from runtime.calls import ActorRef, ProcessContext
+    from runtime.table import ALIVE, DEAD, Entry
+
+    entries = {1: Entry(ALIVE, 0, 4242, 0, 0, 0), 2: Entry(DEAD, 0, 5151, 0, 0, 0)}
+    ctx = ProcessContext.__new__(ProcessContext)
+    ctx.table = SimpleNamespace(read=lambda i: entries.get(i, Entry(0, 0, 0, 0, 0, 0)))
+    ctx.self_index, ctx.self_name = 0, "a"
+    b = ActorRef("0" * 12, 1, "b", "B", frozenset(), False)
+    note = waits.encode(WaitNote(BLOCKED, 3, 50, 1, "b"))
+
+    def cycle(*notes):
+        ctx.inbound_notes = lambda: list(notes)
+        return ctx.wait_cycle(b, _mine(), noted=True)
+
+    assert "call cycle" in cycle((note, 0, 4242))  # b's live process
+    assert cycle((note, 0, 9999)) is None  # another process (b's pid reused, say)
+    entries[1] = Entry(DEAD, 0, 4242, 0, 0, 0)
+    assert cycle((note, 0, 4242)) is None  # b is dead: its note is stale
+    bad = waits.encode(WaitNote(BLOCKED, 3, 50, 5000, "x"))
+    assert cycle((bad, 0, 4242)) is None  # an index past the table
