@@ -290,7 +290,7 @@ class CallerChannel:
         self._sender: int | None = None  # the thread holding _send_lock (close() asks)
         # Held while a wait note is written (see runtime.waits): close() takes it before
         # it unmaps the ring the note goes to.
-        self._note_lock = threading.Lock()
+        self._note_lock = threading.RLock()  # a signal handler's wait may nest in a write
         self._noter: int | None = None  # the thread holding _note_lock (close() asks)
         self._note = b""  # the note left now (a nested wait puts the outer one back)
         # Re-entrant, for safety: done-callbacks never run under it (``_queue_callbacks``).
@@ -487,11 +487,13 @@ class CallerChannel:
         ctx = self.ctx
         mine = waits.WaitNote(kind, waiter.call_id, started, ctx.self_index, ctx.self_name)
         outer = self._note  # a wait this one interrupted (a signal handler's call)
-        noted = False
+        # An untrusted actor reads no notes: it is not told who waits on it.  ``writes`` is
+        # known before the write, so that an interrupted one is still taken back.
+        writes, noted = not self.ref.untrusted, False
         pause = WATCH_FIRST_S
         try:
-            # An untrusted actor reads no notes: it is not told who waits on it.
-            noted = not self.ref.untrusted and self.set_note(waits.encode(mine))
+            if writes:
+                noted = self.set_note(waits.encode(mine))
             while True:
                 text = ctx.wait_cycle(self.ref, mine, noted=noted)
                 # A dead actor's call ends anyway, and its death explains it better.
@@ -503,7 +505,7 @@ class CallerChannel:
                 if waiter.is_done():
                     return
         finally:
-            if noted:
+            if writes:
                 self.set_note(outer)
 
     def _unanswered(self, fut: CallFuture) -> bool:
@@ -981,9 +983,9 @@ class ProcessContext:
         self.serving: tuple[int, ...] = ()
         self.serving_thread: int | None = None
         # In a trusted actor: the wait notes its inbound callers left, each with the id of
-        # the last call answered on that channel and the caller's pid (see runtime.waits),
-        # and its name.
-        self.inbound_notes: Callable[[], list[tuple[bytes, int, int]]] | None = None
+        # the last call answered on that channel, the caller's pid and incarnation (see
+        # runtime.waits), and its name.
+        self.inbound_notes: Callable[[], list[tuple[bytes, int, int, int]]] | None = None
         self.self_name = ""
 
     @property
@@ -1081,9 +1083,9 @@ class ProcessContext:
 
     def wait_cycle(self, ref: ActorRef, mine: waits.WaitNote, *, noted: bool) -> str | None:
         """Why the wait ``mine`` on a call to ``ref`` would never end, as a caller's note says."""
-        for raw, answered, pid in self.inbound_notes():
+        for raw, answered, pid, incarnation in self.inbound_notes():
             note = waits.decode(raw)
-            if note is not None and not self._is_live(note.writer, pid):
+            if note is not None and not self._is_live(note.writer, pid, incarnation):
                 continue  # a dead incarnation's note (its pid reused since): review M
             if waits.closes_cycle(note, answered, target=ref.index, me=self.self_index,
                                   mine=mine, noted=noted):
@@ -1094,12 +1096,12 @@ class ProcessContext:
                         f"{me!r} serves only after this wait, so the wait would never end")
         return None
 
-    def _is_live(self, index: int, pid: int) -> bool:
-        """Whether ``pid`` is the live process of actor ``index`` (the table says)."""
+    def _is_live(self, index: int, pid: int, incarnation: int) -> bool:
+        """Whether ``pid`` is incarnation ``incarnation`` of actor ``index``, alive (the table)."""
         if not 0 <= index < TABLE_CAPACITY:
             return False
         entry = self.table.read(index)
-        return entry.state == ALIVE and entry.pid == pid
+        return entry.state == ALIVE and entry.pid == pid and entry.incarnation == incarnation
 
     def call_async(self, ref: ActorRef, method: str, args: tuple, kwargs: dict) -> Future:
         if ref.index == self.self_index:

@@ -183,6 +183,7 @@ class ControlServer:
         # True while accepts fail for want of descriptors and none was spare: the
         # connection waits in the backlog, and polling the socket says ready at once.
         self.starved = False
+        self._evicted, self._evict_log_at = 0, 0.0  # see _evict
         self._short = False  # in a shortage episode (see _shortage)
         self._short_refused = 0
 
@@ -207,8 +208,12 @@ class ControlServer:
         self._poll.poll(max(0, int(timeout * 1000)))
 
     def service(self) -> None:
-        """Accept what is waiting and answer every request that arrived whole."""
-        while True:
+        """Accept what is waiting and answer every request that arrived whole.
+
+        At most ``MAX_PENDING`` accepts a call: a flood of connections must not hold the
+        requests already whole (an honest caller's among them) unread (review N).
+        """
+        for _ in range(MAX_PENDING):
             try:
                 conn, _ = self._sock.accept()
             except (BlockingIOError, InterruptedError):
@@ -240,17 +245,40 @@ class ControlServer:
             except Exception:  # noqa: BLE001 - a share is no reason to stop serving
                 group = 0
             if len(self._pending) >= MAX_PENDING:
-                self._refuse(self._hoarded(group), "too many connections waiting")
+                # Requests already whole are answered, not counted as waiting: a burst of
+                # honest first contacts lost one (review N).
+                self._read_ready()
+            if len(self._pending) >= MAX_PENDING:
+                self._evict(self._hoarded(group))
             self._pending[conn.fileno()] = _Pending(conn, pid, peer_pidfd(conn), group=group)
             self._poll.register(conn, select.POLLIN)
         now = time.monotonic()
+        self._read_ready()
+        for p in list(self._pending.values()):
+            if p.deadline <= now:
+                self._refuse(p, "no complete request in time")
+
+    def _read_ready(self) -> None:
+        """Read every waiting connection that has bytes (answering the requests now whole)."""
         for fd, revents in self._poll.poll(0):
             p = self._pending.get(fd)
             if p is not None and revents:
                 self._read(p)
-        for p in list(self._pending.values()):
-            if p.deadline <= now:
-                self._refuse(p, "no complete request in time")
+
+    def _evict(self, p: _Pending) -> None:
+        """Drop a waiting connection to make room.
+
+        Logged at most once a second, with the count: a flood of connections would log a
+        line each.
+        """
+        self.refused += 1
+        self._evicted += 1
+        now = time.monotonic()
+        if now >= self._evict_log_at:
+            log.warning("actor %s: dropped %d waiting connection(s), too many waiting (the "
+                        "last from pid %d)", self.name, self._evicted, p.pid)
+            self._evicted, self._evict_log_at = 0, now + 1.0
+        self._finish(p, ["error", "too many connections waiting"])
 
     def _hoarded(self, newcomer: int) -> _Pending:
         """The waiting connection to drop for one more from group ``newcomer``.

@@ -65,12 +65,16 @@ NAMED_WAIT_S = 30.0  # an actor waits this long for the supervisor's table to na
 
 
 class _Inbound:
-    __slots__ = ("answered", "caller_pid", "channel", "check")
+    __slots__ = ("answered", "caller_incarnation", "caller_pid", "channel", "check")
 
-    def __init__(self, channel: Channel, caller_pid: int, *, borrow: bool) -> None:
+    def __init__(self, channel: Channel, caller_pid: int, *, borrow: bool,
+                 caller_incarnation: int = -1) -> None:
         # A call nests its values two containers deep, a reply one.
         self.channel = MessageChannel(channel, recv_envelope=2, send_envelope=1, borrow=borrow)
         self.caller_pid = caller_pid
+        # Of the calling actor (-1: the driver): its wait notes count only while that very
+        # process is the actor's live one (a restart may reuse the pid; see runtime.waits).
+        self.caller_incarnation = caller_incarnation
         self.check = _pid_check(caller_pid)
         # The id of the last call answered (ids grow along a channel, wrapping at 2**32;
         # see runtime.waits).
@@ -109,19 +113,20 @@ class ActorServer:
             ctx.inbound_notes = self._inbound_notes
             ctx.self_name = name
 
-    def _inbound_notes(self) -> list[tuple[bytes, int, int]]:
+    def _inbound_notes(self) -> list[tuple[bytes, int, int, int]]:
         """The wait notes of the trusted callers (see runtime.waits), with their ``answered``.
 
         An untrusted caller's note is not read: it could claim any wait, and fail ours.  Each
-        comes with the caller's pid: only the note of the live process of the actor it names
-        counts (``ProcessContext.wait_cycle``), not a dead caller's, which waits no more.
+        comes with the caller's pid and incarnation: only the note of the live process of the
+        actor it names counts (``ProcessContext.wait_cycle``), not a dead caller's.
         """
         notes = []
         for conn in self.inbound:
             if not conn.channel.safe:
                 raw = conn.channel.peer_note()
                 if raw:
-                    notes.append((raw, conn.answered, conn.caller_pid))
+                    notes.append((raw, conn.answered, conn.caller_pid,
+                                  conn.caller_incarnation))
         return notes
 
     # -- control: channel opening ------------------------------------------------
@@ -159,6 +164,8 @@ class ActorServer:
             raise ProtocolError("malformed channel name")
         spec = ChannelSpec.from_dict(msg[1].get("spec"))
         safe = self.peer_is_untrusted(pid)
+        found = None if pid == self.driver_pid else self.ctx.table.find_pid(pid)
+        incarnation = found[1].incarnation if found is not None else -1
         if safe and not (self.untrusted or self.untrusted_callers):
             raise ProtocolError(f"actor {self.name!r} does not serve untrusted actors (pid "
                                 f"{pid}); @actor(untrusted_callers=True) lets it")
@@ -185,7 +192,8 @@ class ActorServer:
         if safe:  # a BULK marker without its frames would stall every caller of this actor
             channel.frames_wait_s = min(channel.frames_wait_s, UNTRUSTED_FRAMES_S)
         with self._inbound_lock:
-            self.inbound = [*self.inbound, _Inbound(channel, pid, borrow=self.borrow_args)]
+            self.inbound = [*self.inbound, _Inbound(channel, pid, borrow=self.borrow_args,
+                                                    caller_incarnation=incarnation)]
             self._inbound_gen += 1
         # A serve loop asleep waits on a poller built without this channel (its ZeroMQ
         # socket, when it has no ring): it wakes, and sleeps next with a new poller.

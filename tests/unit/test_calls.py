@@ -246,7 +246,7 @@ def _blocked_on_a(call_id=1):
 
 @pytest.mark.parametrize("how", ["future", "blocking call"])
 def test_a_watched_wait_fails_on_a_cycle_and_clears_its_note(how):
-    cc, ch = _caller(_ActorContext(lambda: [(_blocked_on_a(), 0, 4242)]))
+    cc, ch = _caller(_ActorContext(lambda: [(_blocked_on_a(), 0, 4242, 0)]))
     with pytest.raises(ActorRuntimeError, match="call cycle: waiting, in a call of actor 'a', "
                                                 "on a call to actor 'scripted'"):
         if how == "future":
@@ -267,7 +267,7 @@ def test_a_cycle_note_read_just_before_the_reply_fails_nothing():
     def notes():
         if not ch_box[0].inbox:
             ch_box[0].inbox.append((1, True, "the reply"))  # published just before
-        return [(_blocked_on_a(), 0, 4242)]
+        return [(_blocked_on_a(), 0, 4242, 0)]
 
     cc, ch = _caller(_ActorContext(notes))
     ch_box.append(ch)
@@ -277,7 +277,7 @@ def test_a_cycle_note_read_just_before_the_reply_fails_nothing():
 
 
 def test_a_stale_note_of_an_answered_call_fails_nothing():
-    cc, ch = _caller(_ActorContext(lambda: [(_blocked_on_a(call_id=3), 3, 4242)]))
+    cc, ch = _caller(_ActorContext(lambda: [(_blocked_on_a(call_id=3), 3, 4242, 0)]))
     fut = cc.submit("m", (), {})
     threading.Timer(0.2, lambda: ch.inbox.append((1, True, "late"))).start()
     assert fut.result() == "late"

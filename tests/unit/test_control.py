@@ -594,3 +594,58 @@ def test_an_actor_gives_the_processes_outside_its_session_one_share():
     server.ctx = SimpleNamespace(table=SimpleNamespace(
         find_pid=lambda pid: (1, None) if pid == 222 else None))
     assert [server._caller_group(p) for p in (111, 222, 333, 0)] == [111, 222, 0, 0]
+
+
+def test_a_burst_of_complete_honest_opens_is_all_served():
+    """Review N: service() accepted everything queued before it read anything, so the 33rd
+    accept found 32 connections "waiting" whose requests were whole in their buffers, and
+    dropped an honest caller's."""
+    d = tempfile.mkdtemp(prefix="rtn")
+    srv = control.ControlServer(os.path.join(d, "t.ctl"), lambda m, f, p: ["ok", {}],
+                                name="burst")
+    n = control.MAX_PENDING + 1  # what the listen backlog lets in before service() runs
+    kids = []
+    rfds = []
+    for _ in range(n):
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(r)
+            try:
+                c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                c.connect(srv.path)
+                c.sendall(encode_frame(["open", {}]))  # the whole request, at once
+                rd = FrameReader(c, max_frame=1 << 16, max_fds=0)
+                c.settimeout(10)
+                msgs = []
+                while not msgs and not rd.eof:
+                    msgs = rd.feed()
+                os.write(w, repr(msgs[0] if msgs else None).encode())
+            finally:
+                os._exit(0)
+        os.close(w)
+        kids.append(pid)
+        rfds.append(r)
+    time.sleep(1.0)  # all connected and sent (the control thread was busy meanwhile)
+    reaped = set()
+    try:
+        end = time.monotonic() + 10
+        while time.monotonic() < end:
+            if srv.ready():
+                srv.service()
+            time.sleep(0.001)
+            for pid in [k for k in kids if k not in reaped]:
+                if os.waitpid(pid, os.WNOHANG) != (0, 0):
+                    reaped.add(pid)
+            if len(reaped) == len(kids):
+                break
+        got = [os.read(r, 4096).decode() for r in rfds]
+    finally:
+        for pid in kids:
+            if pid not in reaped:
+                os.kill(pid, 9)
+                os.waitpid(pid, 0)
+        srv.close()
+        os.rmdir(d)
+    refused = [g for g in got if "too many" in g]
+    assert not refused, f"{len(refused)} of {n} honest complete opens refused: {refused[0]}"

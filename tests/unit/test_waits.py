@@ -173,13 +173,13 @@ def test_an_actor_reads_the_notes_of_trusted_callers_with_their_pids():
     def conn(pid, *, safe=False, note=b"note", answered=3):
         c = _Inbound.__new__(_Inbound)
         c.channel = SimpleNamespace(safe=safe, peer_note=lambda: note)
-        c.caller_pid, c.answered = pid, answered
+        c.caller_pid, c.answered, c.caller_incarnation = pid, answered, 2
         return c
 
     server = ActorServer.__new__(ActorServer)
     server.inbound = [conn(10, note=b"one"), conn(11, safe=True, note=b"untrusted"),
                       conn(12, note=None)]
-    assert server._inbound_notes() == [(b"one", 3, 10)]
+    assert server._inbound_notes() == [(b"one", 3, 10, 2)]
 
 
 def test_only_the_note_of_the_live_process_of_the_actor_it_names_counts():
@@ -201,9 +201,11 @@ def test_only_the_note_of_the_live_process_of_the_actor_it_names_counts():
         ctx.inbound_notes = lambda: list(notes)
         return ctx.wait_cycle(b, _mine(), noted=True)
 
-    assert "call cycle" in cycle((note, 0, 4242))  # b's live process
-    assert cycle((note, 0, 9999)) is None  # another process (b's pid reused, say)
+    assert "call cycle" in cycle((note, 0, 4242, 0))  # b's live process
+    assert cycle((note, 0, 9999, 0)) is None  # another process (b's pid reused, say)
+    entries[1] = Entry(ALIVE, 1, 4242, 0, 0, 0)
+    assert cycle((note, 0, 4242, 0)) is None  # b restarted, as the same pid (review N)
     entries[1] = Entry(DEAD, 0, 4242, 0, 0, 0)
-    assert cycle((note, 0, 4242)) is None  # b is dead: its note is stale
+    assert cycle((note, 0, 4242, 0)) is None  # b is dead: its note is stale
     bad = waits.encode(WaitNote(BLOCKED, 3, 50, 5000, "x"))
-    assert cycle((bad, 0, 4242)) is None  # an index past the table
+    assert cycle((bad, 0, 4242, 0)) is None  # an index past the table
