@@ -529,10 +529,9 @@ class CallerChannel:
         """True if ``fut`` is not done with every reply the actor has sent so far read.
 
         What makes a cycle certain: its reply is not on the way.  Only a channel with
-        rings can tell (a ZeroMQ-only one may hold a reply in flight unseen), and only
-        while this thread holds the reader role: a reader holding it may be dispatching
-        that very reply: so a reader, the pump most of all, says when it holds one
-        (``_in_hand``).
+        rings can tell (a ZeroMQ-only one may hold a reply in flight unseen).  This reads
+        what it can; another thread holding the reader role (the pump, most of all) may
+        hold a consumed reply it has not dispatched yet, and says so (``_in_hand``).
         """
         ch = self.channel
         if ch.rx is None:

@@ -18,9 +18,10 @@ knows who is on the other end of a Unix socket.
 The server never blocks on a peer: connections are accepted and read
 non-blocking, a request must arrive whole within ``REQUEST_DEADLINE_S`` and
 fit ``MAX_REQUEST`` bytes, and at most ``MAX_PENDING`` half-read connections
-are kept (past that, the oldest of the process -- or of all processes outside the
-session, together -- holding the most is dropped).  A
-malformed or hostile request is refused with one logged line; the actor keeps serving.
+are kept: past that, the requests already whole are answered, then the oldest
+connection of the process holding the most is dropped (all processes outside the
+session count as one).  A malformed or hostile request is refused with one logged
+line; the actor keeps serving.
 
 An actor out of file descriptors cannot accept: the connection would stay in the
 backlog, its caller waiting on it, and the listening socket readable -- the server

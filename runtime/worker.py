@@ -274,7 +274,7 @@ class ActorServer:
         """
         call_id = reply[0] if type(reply[0]) is int else 0
         if call_id:  # calls are served in the order of their ids (0: a call that failed
-            conn.answered = call_id  # to decode, or the one id in 2**32 that wraps to 0)
+            conn.answered = call_id  # to decode; callers never use id 0)
         ch = conn.channel
         try:
             enc = ch.encode(reply, plain_only=self.untrusted)
