@@ -257,6 +257,7 @@ def test_a_refused_open_closes_each_descriptor_once(private_dir):
     server.ctx = SimpleNamespace(session=SimpleNamespace(private_dir=private_dir, sid=sid,
                                                          shm_dir=SHM, threshold=MiB))
     server.peer_is_untrusted = lambda pid: True
+    server.driver_pid = os.getpid()  # the caller's incarnation: none to look up
     server.bell = Doorbell(os.path.join(private_dir, "callee.bell"))
     server.inbound, server.borrow_args, server.name = [], False, "callee"
     server.untrusted, server.untrusted_callers = False, True  # it serves untrusted callers
