@@ -460,7 +460,7 @@ class CallerChannel:
         an actor watches its callers' wait notes while it waits (:meth:`_drive_watched`),
         as it does in a blocking call.
         """
-        if timeout is None:
+        if timeout is None and self.ctx.serving_thread is not None:  # an actor (not a driver)
             try:
                 self.ctx.refuse_wait_cycle(self.ref)
             except ActorRuntimeError:

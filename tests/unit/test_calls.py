@@ -229,6 +229,7 @@ class _ActorContext(_Context):
     """The context of actor 0, serving a call, whose callers left ``notes``."""
 
     self_index, self_name, serving = 0, "a", (0,)
+    serving_thread = -1  # an actor's (watches_waits says it is this thread)
     wait_cycle = ProcessContext.wait_cycle
     _is_live = ProcessContext._is_live
 
@@ -310,6 +311,8 @@ def test_no_cycle_is_certain_while_another_reader_holds_a_reply():
 
 class _RefusingContext(_Context):
     """A serving thread for which the call waited on is a cycle (a chain member, itself)."""
+
+    serving_thread = -1  # an actor's
 
     def refuse_wait_cycle(self, ref):
         raise ActorRuntimeError("call cycle: scripted")
