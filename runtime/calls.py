@@ -290,8 +290,8 @@ class CallerChannel:
         self._sender: int | None = None  # the thread holding _send_lock (close() asks)
         # Held while a wait note is written (see runtime.waits): close() takes it before
         # it unmaps the ring the note goes to.
-        self._note_lock = threading.RLock()  # a signal handler's wait may nest in a write
-        self._noter: int | None = None  # the thread holding _note_lock (close() asks)
+        # Re-entrant: a signal handler's wait may nest in a write (close() asks _is_owned).
+        self._note_lock = threading.RLock()
         self._note = b""  # the note left now (a nested wait puts the outer one back)
         # Re-entrant, for safety: done-callbacks never run under it (``_queue_callbacks``).
         self._role = threading.RLock()
@@ -443,14 +443,15 @@ class CallerChannel:
     def set_note(self, note: bytes) -> bool:
         """Leave a wait note for the actor (``Channel.set_note``); False where it cannot."""
         with self._note_lock:
-            self._noter = threading.get_ident()
-            try:
-                if self.closed or not self.channel.set_note(note):
-                    return False
-                self._note = note
-                return True
-            finally:
-                self._noter = None
+            if self.closed:
+                return False
+            # Recorded before the write: a wait nested in it (a signal handler's) puts
+            # this one back when it ends (review O).
+            prev, self._note = self._note, note
+            if not self.channel.set_note(note):
+                self._note = prev
+                return False
+            return True
 
     def wait_for(self, fut: CallFuture, timeout: float | None) -> None:
         """Wait for ``fut`` (``result()``/``exception()``): refuse a wait that would never end.
@@ -917,7 +918,8 @@ class CallerChannel:
         me = threading.get_ident()
         got_send = self._sender != me and self._send_lock.acquire(timeout=5)
         got_role = got_send and not self._role._is_owned() and self._role.acquire(timeout=5)
-        got_note = got_role and self._noter != me and self._note_lock.acquire(timeout=5)
+        got_note = got_role and not self._note_lock._is_owned() \
+            and self._note_lock.acquire(timeout=5)
         try:
             if got_note:
                 self.channel.close(notify=notify)

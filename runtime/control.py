@@ -196,16 +196,22 @@ class ControlServer:
         return [self._sock.fileno(), *self._pending]
 
     def ready(self) -> bool:
-        """True when a connection or request bytes are waiting (never blocks)."""
+        """True when a connection or request bytes are waiting, or drops are to be logged.
+
+        Never blocks.
+        """
+        now = time.monotonic()
         return bool(self._poll.poll(0)) or (
-            bool(self._pending) and min(p.deadline for p in self._pending.values())
-            <= time.monotonic())
+            bool(self._pending) and min(p.deadline for p in self._pending.values()) <= now
+        ) or (self._evicted > 0 and self._evict_log_at <= now)
 
     def wait(self, timeout: float) -> None:
         """Block until :meth:`ready` may be true, or ``timeout`` seconds pass."""
-        if self._pending:
-            first = min(p.deadline for p in self._pending.values())
-            timeout = min(timeout, max(0.0, first - time.monotonic()))
+        due = [p.deadline for p in self._pending.values()]
+        if self._evicted:
+            due.append(self._evict_log_at)
+        if due:
+            timeout = min(timeout, max(0.0, min(due) - time.monotonic()))
         self._poll.poll(max(0, int(timeout * 1000)))
 
     def service(self) -> None:
@@ -255,6 +261,8 @@ class ControlServer:
             self._poll.register(conn, select.POLLIN)
         now = time.monotonic()
         self._read_ready()
+        if self._evicted and now >= self._evict_log_at:
+            self._log_evictions(now, None)
         for p in list(self._pending.values()):
             if p.deadline <= now:
                 self._refuse(p, "no complete request in time")
@@ -276,10 +284,15 @@ class ControlServer:
         self._evicted += 1
         now = time.monotonic()
         if now >= self._evict_log_at:
-            log.warning("actor %s: dropped %d waiting connection(s), too many waiting (the "
-                        "last from pid %d)", self.name, self._evicted, p.pid)
-            self._evicted, self._evict_log_at = 0, now + 1.0
+            self._log_evictions(now, p.pid)
         self._finish(p, ["error", "too many connections waiting"])
+
+    def _log_evictions(self, now: float, pid: int | None) -> None:
+        """One line for the drops counted since the last (``service`` flushes the rest)."""
+        last = "" if pid is None else f" (the last from pid {pid})"
+        log.warning("actor %s: dropped %d waiting connection(s), too many waiting%s",
+                    self.name, self._evicted, last)
+        self._evicted, self._evict_log_at = 0, now + 1.0
 
     def _hoarded(self, newcomer: int) -> _Pending:
         """The waiting connection to drop for one more from group ``newcomer``.

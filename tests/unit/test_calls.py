@@ -358,3 +358,61 @@ def test_a_send_does_not_wait_for_another_threads_long_read_to_dispatch_deferred
         t.join()
     ch.inbox.append((2, True, "second"))
     assert second.result(timeout=5) == "second" and first.result(timeout=0) == "deferred"
+
+
+def test_close_in_a_handler_after_a_nested_note_waits_for_the_outer_write():
+    """Review O: a signal handler's nested set_note cleared the writer mark while the
+    interrupted outer write still held the (re-entrant) note lock; a close() in that
+    handler then unmapped the ring under the outer write."""
+    cc, ch = _caller()
+    events = []
+    state = {"depth": 0}
+
+    def set_note(note):
+        state["depth"] += 1
+        try:
+            events.append(("write-begin", note))
+            if note == b"outer" and state["depth"] == 1:
+                # A signal arrives mid-write; its handler waits on a call (a nested note,
+                # put back after), then shuts the channel down.
+                cc.set_note(b"inner")
+                cc.set_note(b"outer")  # _drive_watched's finally: the outer note back
+                cc.close()
+            events.append(("write-end", note))
+            return True
+        finally:
+            state["depth"] -= 1
+
+    def close(notify=False):
+        events.append(("close", state["depth"]))
+
+    ch.set_note = set_note
+    ch.close = close
+    assert cc.set_note(b"outer")
+    deadline = time.monotonic() + 10
+    while not any(e[0] == "close" for e in events) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    closes = [e for e in events if e[0] == "close"]
+    assert closes, events
+    # The ring must not be unmapped while a write to it is still on the stack.
+    assert closes[0][1] == 0, f"channel closed inside the outer write: {events}"
+
+
+def test_a_nested_wait_interrupting_a_note_write_puts_back_the_outer_note():
+    """Review O: a handler that ran after the ring write but before ``self._note = note``
+    (what _drive_watched puts back) put back the stale note."""
+    cc, ch = _caller()
+    written = []
+
+    def set_note(note):
+        written.append(note)
+        if note == b"outer" and len(written) == 1:
+            outer = cc._note  # what _drive_watched does in the handler's wait
+            cc.set_note(b"inner")
+            cc.set_note(outer)
+        return True
+
+    ch.set_note = set_note
+    assert cc.set_note(b"outer")
+    assert cc._note == b"outer"
+    assert written[-1] == b"outer", f"the ring's note is {written[-1]!r}, the wait's is gone"

@@ -649,3 +649,27 @@ def test_a_burst_of_complete_honest_opens_is_all_served():
         os.rmdir(d)
     refused = [g for g in got if "too many" in g]
     assert not refused, f"{len(refused)} of {n} honest complete opens refused: {refused[0]}"
+
+
+def test_a_burst_of_evictions_is_reported_with_its_count(server, caplog):
+    """Review O: drops after the first of a second were counted but only ever logged by a
+    later drop: a burst that stopped was reported as "dropped 1"."""
+    srv, _ = server
+    extra = 5
+    clients = []
+    with caplog.at_level(logging.WARNING, logger="runtime.control"):
+        for _ in range(control.MAX_PENDING + extra):
+            clients.append(raw_client(srv.path))
+            srv.service()
+        pump(srv, lambda: srv.refused >= extra)
+        assert srv.refused == extra
+        time.sleep(1.2)  # the flood is over; the server keeps serving
+        for _ in range(3):
+            if srv.ready():
+                srv.service()
+            time.sleep(0.05)
+    lines = [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()]
+    for c in clients:
+        c.close()
+    logged = sum(int(m.split("dropped ")[1].split()[0]) for m in lines)
+    assert logged == extra, f"{extra} dropped, {logged} reported: {lines}"
