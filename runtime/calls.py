@@ -488,9 +488,10 @@ class CallerChannel:
         ctx = self.ctx
         mine = waits.WaitNote(kind, waiter.call_id, started, ctx.self_index, ctx.self_name)
         outer = self._note  # a wait this one interrupted (a signal handler's call)
-        # An untrusted actor reads no notes: it is not told who waits on it.  ``writes`` is
+        # An untrusted actor reads no notes: it is not told who waits on it (its trust from
+        # the table, as the channel's: a handle is plain data -- review M).  ``writes`` is
         # known before the write, so that an interrupted one is still taken back.
-        writes, noted = not self.ref.untrusted, False
+        writes, noted = not self.channel.safe, False
         pause = WATCH_FIRST_S
         try:
             if writes:

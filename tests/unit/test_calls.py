@@ -53,6 +53,7 @@ class _ScriptedChannel:
     last_in = None  # no route or size of the last reply: calls record no wire sizes here
 
     rx = object()  # a channel with rings: it can tell that no reply is on the way
+    safe = False  # to a trusted actor
 
     def __init__(self):
         self.inbox = deque()
