@@ -138,11 +138,10 @@ class _Pending:
 
     __slots__ = ("deadline", "group", "pid", "pidfd", "reader", "sock")
 
-    def __init__(self, sock: socket.socket, pid: int, pidfd: int | None = None, *,
-                 group: int | None = None) -> None:
+    def __init__(self, sock: socket.socket, pid: int, pidfd: int | None, group: int) -> None:
         self.sock = sock
         self.pid = pid
-        self.group = pid if group is None else group  # whose share of MAX_PENDING it takes
+        self.group = group  # whose share of MAX_PENDING it takes (ControlServer's group)
         self.pidfd = pidfd
         self.reader = FrameReader(sock, max_frame=MAX_REQUEST, max_fds=MAX_REQUEST_FDS)
         self.deadline = time.monotonic() + REQUEST_DEADLINE_S
@@ -200,19 +199,25 @@ class ControlServer:
 
         Never blocks.
         """
-        now = time.monotonic()
-        return bool(self._poll.poll(0)) or (
-            bool(self._pending) and min(p.deadline for p in self._pending.values()) <= now
-        ) or (self._evicted > 0 and self._evict_log_at <= now)
+        due = self._due()
+        return bool(self._poll.poll(0)) or (due is not None and due <= time.monotonic())
 
     def wait(self, timeout: float) -> None:
         """Block until :meth:`ready` may be true, or ``timeout`` seconds pass."""
+        due = self._due()
+        if due is not None:
+            timeout = min(timeout, max(0.0, due - time.monotonic()))
+        self._poll.poll(max(0, int(timeout * 1000)))
+
+    def _due(self) -> float | None:
+        """When there is next something to do that no peer's bytes announce.
+
+        A waiting request's deadline, or the line for the drops counted since the last.
+        """
         due = [p.deadline for p in self._pending.values()]
         if self._evicted:
             due.append(self._evict_log_at)
-        if due:
-            timeout = min(timeout, max(0.0, min(due) - time.monotonic()))
-        self._poll.poll(max(0, int(timeout * 1000)))
+        return min(due, default=None)
 
     def service(self) -> None:
         """Accept what is waiting and answer every request that arrived whole.
@@ -257,7 +262,7 @@ class ControlServer:
                 self._read_ready()
             if len(self._pending) >= MAX_PENDING:
                 self._evict(self._hoarded(group))
-            self._pending[conn.fileno()] = _Pending(conn, pid, peer_pidfd(conn), group=group)
+            self._pending[conn.fileno()] = _Pending(conn, pid, peer_pidfd(conn), group)
             self._poll.register(conn, select.POLLIN)
         now = time.monotonic()
         self._read_ready()

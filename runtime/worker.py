@@ -37,7 +37,7 @@ from runtime.messages import MessageChannel
 from runtime.session import Session
 from runtime.spec import read_spec
 from runtime.spin import SpinPolicy
-from runtime.table import ALIVE, DEAD, FLAG_UNTRUSTED, STARTING, ActorTable
+from runtime.table import ALIVE, DEAD, FLAG_UNTRUSTED, STARTING, ActorTable, Entry
 from runtime.transport.channel import Channel, ChannelSpec
 from runtime.transport.doorbell import Doorbell
 from runtime.transport.ring import fence
@@ -130,19 +130,19 @@ class ActorServer:
         return notes
 
     # -- control: channel opening ------------------------------------------------
-    def peer_is_untrusted(self, pid: int) -> bool:
-        """Trust of a connecting process, from the supervisor's records only.
+    def _caller_entry(self, pid: int) -> Entry | None:
+        """A connecting process, from the supervisor's records only: its actor's table entry.
 
-        The driver (its pid came from the supervisor) and trusted actors are
-        trusted; an actor spawned ``untrusted`` is not; any other process is
-        refused: it is not part of this session.
+        None for the driver (its pid came from the supervisor); the entry's flags say
+        whether an actor was spawned ``untrusted``, its incarnation which process of the
+        actor this is.  Any other process is refused: it is not part of this session.
         """
         if pid == self.driver_pid:
-            return False
+            return None
         found = self.ctx.table.find_pid(pid)
         if found is None:
             raise ProtocolError(f"pid {pid} is not a process of this session")
-        return bool(found[1].flags & FLAG_UNTRUSTED)
+        return found[1]
 
     def _caller_group(self, pid: int) -> int:
         """Whose share of the waiting connections a peer takes (``ControlServer``).
@@ -163,9 +163,9 @@ class ActorServer:
         if not isinstance(name, str) or not 0 < len(name) <= 200:
             raise ProtocolError("malformed channel name")
         spec = ChannelSpec.from_dict(msg[1].get("spec"))
-        safe = self.peer_is_untrusted(pid)
-        found = None if pid == self.driver_pid else self.ctx.table.find_pid(pid)
-        incarnation = found[1].incarnation if found is not None else -1
+        entry = self._caller_entry(pid)  # one look at the table for trust and incarnation
+        safe = entry is not None and bool(entry.flags & FLAG_UNTRUSTED)
+        incarnation = -1 if entry is None else entry.incarnation
         if safe and not (self.untrusted or self.untrusted_callers):
             raise ProtocolError(f"actor {self.name!r} does not serve untrusted actors (pid "
                                 f"{pid}); @actor(untrusted_callers=True) lets it")

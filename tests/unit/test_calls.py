@@ -417,3 +417,19 @@ def test_a_nested_wait_interrupting_a_note_write_puts_back_the_outer_note():
     assert cc.set_note(b"outer")
     assert cc._note == b"outer"
     assert written[-1] == b"outer", f"the ring's note is {written[-1]!r}, the wait's is gone"
+
+
+@pytest.mark.parametrize("why", ["no rings", "callee dead"])
+def test_a_watched_wait_that_cannot_conclude_waits_for_its_reply(why, monkeypatch):
+    """A cycle note is there, but the wait cannot tell that no reply is on the way (a
+    channel without rings: ZeroMQ may hold one unseen), or the actor waited on is dead
+    (its death ends the call, and explains it better): no cycle error, the wait goes on."""
+    cc, ch = _caller(_ActorContext(lambda: [(_blocked_on_a(), 0, 4242, 0)]))
+    if why == "no rings":
+        monkeypatch.setattr(ch, "rx", None)
+    else:
+        monkeypatch.setattr(cc.ctx.table, "alive", lambda index, incarnation: False,
+                            raising=False)
+    fut = cc.submit("m", (), {})
+    threading.Timer(0.3, lambda: ch.inbox.append((1, True, "late"))).start()
+    assert fut.result() == "late"

@@ -673,3 +673,27 @@ def test_a_burst_of_evictions_is_reported_with_its_count(server, caplog):
         c.close()
     logged = sum(int(m.split("dropped ")[1].split()[0]) for m in lines)
     assert logged == extra, f"{extra} dropped, {logged} reported: {lines}"
+
+
+def test_a_group_function_that_raises_costs_the_peer_nothing_but_its_own_share(tmp_path):
+    """The group only chooses whom to drop when too many wait: a failing lookup (the table
+    gone at teardown, say) puts the peer with the processes outside the session, and its
+    request is served as any other."""
+    d = tempfile.mkdtemp(prefix="rtc")
+
+    def group(pid):
+        raise RuntimeError("table gone")
+
+    seen = []
+    srv = control.ControlServer(os.path.join(d, "t.ctl"),
+                                lambda m, f, p: seen.append(p) or ["ok", {}],
+                                name="test", group=group)
+    c = raw_client(srv.path)
+    try:
+        c.sendall(encode_frame(["open", {}]))
+        pump(srv, lambda: seen)
+        assert read_reply(c) == ["ok", {}] and seen == [os.getpid()]
+    finally:
+        c.close()
+        srv.close()
+        os.rmdir(d)

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from runtime.errors import ProtocolError
+from runtime.table import ALIVE, FLAG_UNTRUSTED, Entry
 from runtime.transport import pool
 from runtime.transport.channel import Channel
 from runtime.transport.doorbell import Doorbell
@@ -256,8 +257,8 @@ def test_a_refused_open_closes_each_descriptor_once(private_dir):
     server = object.__new__(worker.ActorServer)  # just what _open uses
     server.ctx = SimpleNamespace(session=SimpleNamespace(private_dir=private_dir, sid=sid,
                                                          shm_dir=SHM, threshold=MiB))
-    server.peer_is_untrusted = lambda pid: True
-    server.driver_pid = os.getpid()  # the caller's incarnation: none to look up
+    # An untrusted actor's process (the table's entry for it).
+    server._caller_entry = lambda pid: Entry(ALIVE, 0, pid, 0, FLAG_UNTRUSTED, 0)
     server.bell = Doorbell(os.path.join(private_dir, "callee.bell"))
     server.inbound, server.borrow_args, server.name = [], False, "callee"
     server.untrusted, server.untrusted_callers = False, True  # it serves untrusted callers
