@@ -244,7 +244,7 @@ def test_an_actor_out_of_descriptors_refuses_every_new_caller_by_name_at_once():
 @pytest.mark.timeout(60)
 def test_an_actor_out_of_descriptors_backs_off_and_serves_the_caller_later():
     """Without a spare descriptor the connection waits in the backlog: the control thread
-    backs off (it polled every millisecond, 0.17 s of CPU in 2 s, one log line a try)
+    backs off (it polled every millisecond, 40 ms of its CPU in 2 s, one log line a try)
     and takes the connection once descriptors free up -- the call is served, not lost."""
     with ActorSystem() as system:
         hog = system.spawn(FdHog)
@@ -259,7 +259,10 @@ def test_an_actor_out_of_descriptors_backs_off_and_serves_the_caller_later():
         assert fut.result(timeout=10) == 7
         lines = hog.warnings()
         assert len(lines) == 2, lines
-        assert cpu_s < 0.08, f"{cpu_s:.3f} s of CPU while starved for 2 s"
+        # The control thread's own CPU: ~1 ms here with the back-off, 40 ms polling
+        # every millisecond (the process's, which counted the readers too, was 0.17 s
+        # before the back-off and rose under the load of tests run beside it).
+        assert cpu_s < 0.01, f"{cpu_s:.4f} s of the control thread's CPU while starved for 2 s"
 
 
 @pytest.mark.timeout(90)
