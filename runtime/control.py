@@ -20,8 +20,9 @@ non-blocking, a request must arrive whole within ``REQUEST_DEADLINE_S`` and
 fit ``MAX_REQUEST`` bytes, and at most ``MAX_PENDING`` half-read connections
 are kept: past that, the requests already whole are answered, then the oldest
 connection of the process holding the most is dropped (all processes outside the
-session count as one).  A malformed or hostile request is refused with one logged
-line; the actor keeps serving.
+session count as one).  A malformed or hostile request is refused and the actor keeps
+serving.  Refusals and drops are logged at most once a second each, with the count since
+the last line: a peer can cause them as fast as it can connect.
 
 An actor out of file descriptors cannot accept: the connection would stay in the
 backlog, its caller waiting on it, and the listening socket readable -- the server
@@ -76,6 +77,40 @@ _STARVED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 # A descriptor of the very process that connected (Linux >= 6.5); the constant is missing
 # from Python 3.11's socket module.
 SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)
+
+
+class _Throttle:
+    """One log line a second for one kind of event, with the count since the last line.
+
+    The first event of a quiet spell is logged at once; the rest of its second are
+    counted and reported by the next event after it, or by :meth:`flush` (which the
+    server's :meth:`ControlServer.service` calls once :attr:`due` has passed), so a
+    burst that stops is still reported whole.
+    """
+
+    __slots__ = ("_count", "_format", "_last", "_next", "name")
+
+    def __init__(self, name: str, line: str) -> None:
+        self.name = name
+        self._format = line  # % (actor, count, last event)
+        self._count, self._last, self._next = 0, "", 0.0
+
+    @property
+    def due(self) -> float | None:
+        """When the events counted but not logged are to be logged; None if there are none."""
+        return self._next if self._count else None
+
+    def note(self, last: str, now: float) -> None:
+        self._count += 1
+        self._last = last
+        if now >= self._next:
+            self.flush(now)
+
+    def flush(self, now: float) -> None:
+        if self._count:
+            log.warning(self._format, self.name, self._count, self._last)
+        self._count, self._next = 0, now + 1.0
+
 
 # handler(message, descriptors, peer pid) -> reply; raising refuses the request.
 Handler = Callable[[list, list[int], int], list]
@@ -183,7 +218,11 @@ class ControlServer:
         # True while accepts fail for want of descriptors and none was spare: the
         # connection waits in the backlog, and polling the socket says ready at once.
         self.starved = False
-        self._evicted, self._evict_log_at = 0, 0.0  # see _evict
+        self._evictions = _Throttle(
+            name, "actor %s: dropped %d waiting connection(s), too many waiting (the last "
+                  "from pid %s)")
+        self._refusals = _Throttle(
+            name, "actor %s: refused %d control request(s) (the last from pid %s)")
         self._short = False  # in a shortage episode (see _shortage)
         self._short_refused = 0
 
@@ -212,11 +251,11 @@ class ControlServer:
     def _due(self) -> float | None:
         """When there is next something to do that no peer's bytes announce.
 
-        A waiting request's deadline, or the line for the drops counted since the last.
+        A waiting request's deadline, or the line for the refusals or drops counted
+        since the last.
         """
         due = [p.deadline for p in self._pending.values()]
-        if self._evicted:
-            due.append(self._evict_log_at)
+        due += [t.due for t in (self._evictions, self._refusals) if t.due is not None]
         return min(due, default=None)
 
     def service(self) -> None:
@@ -266,11 +305,12 @@ class ControlServer:
             self._poll.register(conn, select.POLLIN)
         now = time.monotonic()
         self._read_ready()
-        if self._evicted and now >= self._evict_log_at:
-            self._log_evictions(now, None)
         for p in list(self._pending.values()):
             if p.deadline <= now:
                 self._refuse(p, "no complete request in time")
+        for throttle in (self._evictions, self._refusals):
+            if throttle.due is not None and throttle.due <= now:
+                throttle.flush(now)
 
     def _read_ready(self) -> None:
         """Read every waiting connection that has bytes (answering the requests now whole)."""
@@ -280,24 +320,10 @@ class ControlServer:
                 self._read(p)
 
     def _evict(self, p: _Pending) -> None:
-        """Drop a waiting connection to make room.
-
-        Logged at most once a second, with the count: a flood of connections would log a
-        line each.
-        """
+        """Drop a waiting connection to make room (logged through a throttle)."""
         self.refused += 1
-        self._evicted += 1
-        now = time.monotonic()
-        if now >= self._evict_log_at:
-            self._log_evictions(now, p.pid)
+        self._evictions.note(str(p.pid), time.monotonic())
         self._finish(p, ["error", "too many connections waiting"])
-
-    def _log_evictions(self, now: float, pid: int | None) -> None:
-        """One line for the drops counted since the last (``service`` flushes the rest)."""
-        last = "" if pid is None else f" (the last from pid {pid})"
-        log.warning("actor %s: dropped %d waiting connection(s), too many waiting%s",
-                    self.name, self._evicted, last)
-        self._evicted, self._evict_log_at = 0, now + 1.0
 
     def _hoarded(self, newcomer: int) -> _Pending:
         """The waiting connection to drop for one more from group ``newcomer``.
@@ -403,9 +429,10 @@ class ControlServer:
             why = f"actor {self.name}: {why}"
             self._shortage(f"{why}; first refused: pid {p.pid}", refused=True)
         else:
+            # Throttled: a peer sending garbage, or letting the deadline pass, as fast as
+            # it connects logged a line a connection (review O).
             self.refused += 1
-            log.warning("actor %s: refused a control request from pid %d: %.200s",
-                        self.name, p.pid, why)
+            self._refusals.note(f"{p.pid}: {why:.200}", time.monotonic())
         self._finish(p, ["error", why[:1000]])
 
     def _finish(self, p: _Pending, reply: list) -> None:

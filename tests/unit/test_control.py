@@ -697,3 +697,32 @@ def test_a_group_function_that_raises_costs_the_peer_nothing_but_its_own_share(t
         c.close()
         srv.close()
         os.rmdir(d)
+
+
+@pytest.mark.parametrize("why", ["garbage", "deadline"])
+def test_a_flood_of_refusals_is_logged_once_a_second_with_its_count(server, caplog, monkeypatch,
+                                                                      why):
+    """Review O: each refused request logged a line of its own, so a peer sending garbage
+    (or letting the request deadline pass) as fast as it connects flooded the log.  Now
+    the first is logged at once and the rest of its second in one line with the count."""
+    srv, seen = server
+    if why == "deadline":
+        monkeypatch.setattr(control, "REQUEST_DEADLINE_S", 0.0)
+    n = 40
+    with caplog.at_level(logging.WARNING, logger="runtime.control"):
+        for i in range(n):
+            c = raw_client(srv.path)
+            if why == "garbage":
+                c.sendall(b"\xff" * 8)
+            pump(srv, lambda i=i: srv.refused > i)
+            assert read_reply(c)[0] == "error"
+            c.close()
+        time.sleep(1.05)  # the flood is over: the rest is logged by the next service()
+        assert srv.ready()
+        srv.service()
+    lines = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert 2 <= len(lines) <= 3, lines
+    logged = sum(int(m.split("refused ")[1].split()[0]) for m in lines)
+    assert logged == n, lines
+    assert f"the last from pid {os.getpid()}: " in lines[-1], lines
+    assert not seen
