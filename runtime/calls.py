@@ -953,7 +953,8 @@ def _rebuild_error(payload: Any, *, safe: bool) -> BaseException:
     if type(exc_bytes) is bytes and not safe:  # never from an untrusted actor
         exc = codec.trusted_exception(exc_bytes)
     try:
-        return make_remote_exception(exc, str(type_name), str(message), str(tb_text))
+        return make_remote_exception(exc, str(type_name), str(message), str(tb_text),
+                                     adopt=True)
     except Exception as err:  # noqa: BLE001 - a hostile payload is a protocol error
         return ProtocolError(f"malformed error reply: {type(err).__name__}: {err}")
 

@@ -8,6 +8,9 @@ reach the caller with their own type, mixed with :class:`RemoteError` (see
 
 from __future__ import annotations
 
+import copyreg
+import types
+
 __all__ = [
     "ActorDiedError",
     "ActorRuntimeError",
@@ -113,15 +116,23 @@ def _mixed_class(cls: type[BaseException]) -> type[BaseException] | None:
         cls.__setstate__(self, state)  # the class's own, or BaseException's
         _set_remote_cause(self)
 
+    def reduce(self: BaseException) -> tuple:
+        # A reducer registered for the class comes first, as for the class itself: the
+        # state it strips (a lock, a handle) cannot travel, so without it the next hop
+        # got a plain RemoteError.  It rebuilds the class itself; the receiver mixes it.
+        reducer = copyreg.dispatch_table.get(cls)
+        if reducer is not None:
+            return reducer(self)
+        # The state in the reduction's state slot, as exception_reduction does.
+        return _with_state((rebuild_exception, (cls, self.args, None, True, _os_fields(self))),
+                           self)
+
     try:
         mixed = type(cls.__name__, (cls, RemoteError), {
             "__module__": cls.__module__,
             "__qualname__": getattr(cls, "__qualname__", cls.__name__),
             "__str__": _remote_text,
-            # The state in the reduction's state slot, as exception_reduction does.
-            "__reduce__": lambda self: (
-                rebuild_exception, (cls, self.args, None, True, _os_fields(self)),
-                dict(self.__dict__) or None),
+            "__reduce__": reduce,
             "__setstate__": setstate,
         })
     except TypeError:  # final classes, incompatible layouts
@@ -175,8 +186,62 @@ def exception_reduction(exc: BaseException) -> tuple | None:
     # applies it after memoising the instance, so state that refers back to the
     # exception (``exc.items = [exc]``) finds it (as an argument, the inner reference
     # was rebuilt first, from the still empty state, and the state was lost).
-    return (rebuild_exception, (cls, exc.args, None, False, _os_fields(exc)),
-            getattr(exc, "__dict__", None) or None)
+    return _with_state((rebuild_exception, (cls, exc.args, None, False, _os_fields(exc))), exc)
+
+
+def _with_state(reduction: tuple, exc: BaseException) -> tuple:
+    """``reduction`` with ``exc``'s state: its ``__dict__``, and its ``__slots__`` if any.
+
+    ``BaseException.__setstate__`` takes a dict alone, so slot values go through a state
+    setter of their own (:func:`_set_state`; pickle protocol 5's sixth item).  Python's
+    own reduction of an exception drops them.
+    """
+    state = getattr(exc, "__dict__", None) or None
+    slots = _slot_values(exc)
+    if not slots:
+        return (*reduction, state)
+    return (*reduction, (state, slots), None, None, _set_state)
+
+
+def _slot_descriptors(cls: type) -> dict[str, types.MemberDescriptorType]:
+    """Every ``__slots__`` member of ``cls`` and its bases, by (mangled) name."""
+    out: dict[str, types.MemberDescriptorType] = {}
+    for klass in reversed(cls.__mro__):
+        names = klass.__dict__.get("__slots__", ())
+        for name in (names,) if isinstance(names, str) else names:
+            if name.startswith("__") and not name.endswith("__"):
+                name = f"_{klass.__name__.lstrip('_')}{name}"
+            member = klass.__dict__.get(name)
+            if isinstance(member, types.MemberDescriptorType):
+                out[name] = member
+    return out
+
+
+def _slot_values(exc: BaseException) -> dict[str, object]:
+    """The values set in ``exc``'s slots.
+
+    Read through the members themselves: a subclass's property of the same name is not
+    asked.
+    """
+    values = {}
+    for name, member in _slot_descriptors(type(exc)).items():
+        try:
+            values[name] = member.__get__(exc, type(exc))
+        except AttributeError:  # never set
+            pass
+    return values
+
+
+def _set_state(exc: BaseException, state: tuple) -> None:
+    """Apply a ``(__dict__, slot values)`` state (see :func:`_with_state`)."""
+    state, slots = state
+    if state:
+        exc.__setstate__(state)
+    members = _slot_descriptors(type(exc))
+    for name, value in (slots or {}).items():
+        member = members.get(name)
+        if member is not None:
+            member.__set__(exc, value)
 
 
 _OS_FIELDS = (OSError.filename, OSError.filename2, OSError.characters_written)
@@ -248,7 +313,7 @@ def rebuild_exception(cls: type[BaseException], args: tuple, state: dict | None 
 
 
 def make_remote_exception(exc: BaseException | None, type_name: str, message: str,
-                          traceback_text: str) -> RemoteError:
+                          traceback_text: str, *, adopt: bool = False) -> RemoteError:
     """Build the exception a caller sees for a remote failure.
 
     With ``exc`` (the rebuilt original) the result is an instance of
@@ -264,16 +329,31 @@ def make_remote_exception(exc: BaseException | None, type_name: str, message: st
     ``except CancelledError`` or asyncio itself would take the remote failure for the
     caller's own cancellation.  (A class mixed with ``RemoteError`` would also be an
     ``Exception``, which such a class means not to be.)
+
+    ``adopt``: ``exc`` is the caller's to change (just decoded).  It then becomes the
+    result itself where its class allows (``__class__`` set to the mixed class), so what
+    refers back to it -- in its ``__dict__``, its slots, its ``args`` -- still does; a copy
+    kept pointing at the original.
     """
     out: BaseException | None = None
     if exc is not None and isinstance(exc, Exception):
         cls = _ORIGINAL.get(type(exc), type(exc))  # a remote one, relayed
         mixed = _mixed_class(cls)
-        if mixed is not None:
+        if mixed is not None and adopt:
+            try:
+                exc.__class__ = mixed
+                out = exc
+            except TypeError:  # a built-in class, or another layout: copied below
+                pass
+        if mixed is not None and out is None:
             try:
                 out = _blank(mixed, exc.args)
                 _set_os_fields(out, _os_fields(exc))
                 out.__dict__.update(getattr(exc, "__dict__", {}))
+                members = _slot_descriptors(mixed)
+                for name, value in _slot_values(exc).items():
+                    if name in members:
+                        members[name].__set__(out, value)
             except Exception:  # noqa: BLE001 - any failure means: fall back
                 out = None
     if out is None:

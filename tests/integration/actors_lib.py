@@ -55,6 +55,8 @@ class Echo:
             raise TwoArgError(1, 2)
         if kind == "kw_only":
             raise KwOnlyError("bad code", code=4)
+        if kind == "slots":
+            raise SlotsError(4)
         raise NotAnException("not an Exception")
 
     def fail_unpicklable(self):
@@ -88,6 +90,16 @@ class TwoArgError(Exception):
     def __init__(self, a, b):
         super().__init__(f"{a}/{b}")
         self.a, self.b = a, b
+
+
+class SlotsError(Exception):
+    """State kept in ``__slots__``, which Python's own reduction drops."""
+
+    __slots__ = ("code",)
+
+    def __init__(self, code):
+        super().__init__(f"code {code}")
+        self.code = code
 
 
 class KwOnlyError(Exception):

@@ -30,6 +30,7 @@ from tests.integration.actors_lib import (
     FailingInit,
     KwOnlyError,
     NotAnException,
+    SlotsError,
     TwoArgError,
     Untrusted,
 )
@@ -90,7 +91,8 @@ def test_remote_exceptions_keep_their_type(system, kind, exc_type):
 
 
 @pytest.mark.parametrize("kind,exc_type,state", [("two_args", TwoArgError, {"a": 1, "b": 2}),
-                                                 ("kw_only", KwOnlyError, {"code": 4})])
+                                                 ("kw_only", KwOnlyError, {"code": 4}),
+                                                 ("slots", SlotsError, {"code": 4})])
 def test_exception_with_its_own_init_keeps_its_type(system, kind, exc_type, state):
     """``cls(*args)`` fails for these: they are rebuilt without ``__init__``."""
     e = system.spawn(Echo)

@@ -904,6 +904,82 @@ def test_a_copyreg_reducer_of_an_exception_comes_first():
     assert type(back) is _LockedError and back.args == ("m",)
 
 
+@pytest.mark.parametrize("how", ["value", "raised", "two hops"])
+def test_a_copyreg_reducer_of_an_exception_holds_on_every_hop(how):
+    """The last note: the mixed remote class at a relaying actor pickled its whole
+    ``__dict__``, the lock the reducer strips with it, so the second hop got a plain
+    RemoteError.  Its reduction now asks the reducer too."""
+    exc = _LockedError("m")
+    if how == "value":  # a remote exception returned as a value: the reducer rebuilds it
+        back = pickle.loads(pickle.dumps(make_remote_exception(exc, "x.L", "m", "TB")))
+        assert type(back) is _LockedError and back.args == ("m",)
+        return
+    back = _raised(exc)
+    if how == "two hops":
+        back = _raised(back, "TB 2")
+    assert isinstance(back, _LockedError) and isinstance(back, RemoteError)
+    assert back.args == ("m",) and back.remote_traceback == ("TB 2" if how == "two hops"
+                                                             else "TB")
+
+
+class _SlotError(Exception):
+    __slots__ = ("__secret", "code")
+
+    def __init__(self, code):
+        super().__init__(f"code {code}")
+        self.code = code
+        self.__secret = code * 2
+
+    def secret(self):
+        return self.__secret
+
+
+class _MoreSlots(_SlotError):
+    __slots__ = "more"  # noqa: PLC0205 - a lone name, as a string: allowed, and handled
+
+
+@pytest.mark.parametrize("how", ["value", "raised", "two hops"])
+def test_an_exception_keeps_the_values_in_its_slots(how):
+    """The last note: values in ``__slots__`` were dropped (as Python's own reduction of
+    an exception drops them), a private name's too; ``__dict__`` travels beside them, and
+    a slot that was never set stays unset."""
+    exc = _MoreSlots(3)
+    exc.more = [exc]  # refers back: applied after the instance is memoised
+    exc.extra = "in the dict"
+    unset = _MoreSlots(4)
+    del unset.code
+    if how == "value":
+        enc = encode([exc, unset])
+        back, back_unset = decode(enc.header, enc.buffers, safe=False)
+    else:
+        back, back_unset = _raised(exc), _raised(unset)
+        if how == "two hops":
+            back, back_unset = _raised(back, "TB 2"), _raised(back_unset, "TB 2")
+        assert isinstance(back, RemoteError) and str(back.__cause__).startswith("TB")
+    assert isinstance(back, _MoreSlots) and back.args == ("code 3",)
+    assert (back.code, back.secret(), back.extra) == (3, 6, "in the dict")
+    assert not hasattr(back_unset, "code") and back_unset.secret() == 8
+    if how == "value":
+        assert back.more[0] is back
+    else:  # a copy (the mixed class of a slotted class without __weakref__ differs in
+        assert back.more[0].code == 3  # layout, so the decoded one cannot become it)
+
+
+@pytest.mark.parametrize("hops", [1, 2])
+def test_a_raised_exception_whose_state_refers_back_to_it_still_does(hops):
+    """The decoded exception becomes the remote one itself (``adopt``): the copy that
+    make_remote_exception made left ``exc.items = [exc]`` pointing at the original."""
+    exc = _CycleError("x")
+    exc.holder = _Holder(exc)
+    exc.items = [exc, 1]
+    back = _raised(exc)
+    if hops == 2:
+        back = _raised(back, "TB 2")
+    assert isinstance(back, _CycleError) and isinstance(back, RemoteError)
+    assert back.holder.err is back and back.items[0] is back
+    assert back.remote_traceback == ("TB 2" if hops == 2 else "TB")
+
+
 class _PathError(OSError):
     def __init__(self, path):
         super().__init__(errno.ENOENT, "no such thing", path)
