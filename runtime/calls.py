@@ -497,7 +497,10 @@ class CallerChannel:
             if writes:
                 noted = self.set_note(waits.encode(mine))
             while True:
-                text = ctx.wait_cycle(self.ref, mine, noted=noted)
+                text, links = ctx.look(self.ref, mine, noted=noted)
+                if writes and links != mine.links:  # who waits on this wait, passed on
+                    mine = mine._replace(links=links)
+                    self.set_note(waits.encode(mine))
                 # A dead actor's call ends anyway, and its death explains it better.
                 if text is not None and ctx.table.alive(self.ref.index, self.incarnation) \
                         and self._nothing_unread(waiter):
@@ -1085,19 +1088,50 @@ class ProcessContext:
             and threading.get_ident() == self.serving_thread
 
     def wait_cycle(self, ref: ActorRef, mine: waits.WaitNote, *, noted: bool) -> str | None:
-        """Why the wait ``mine`` on a call to ``ref`` would never end, as a caller's note says."""
+        """Why the wait ``mine`` on a call to ``ref`` would never end, as callers' notes say."""
+        return self.look(ref, mine, noted=noted)[0]
+
+    def look(self, ref: ActorRef, mine: waits.WaitNote, *,
+             noted: bool) -> tuple[str | None, tuple[waits.Link, ...]]:
+        """Read the callers' wait notes during the wait ``mine`` on a call to ``ref``.
+
+        Returns why the wait would never end (None if nothing says so), and the waits that
+        wait on this one (``waits.upstream``), for this actor's own note.
+        """
+        now = time.monotonic_ns()
+        me = self.self_name or f"actor #{self.self_index}"
+        waiting: list[tuple[waits.WaitNote, waits.Link]] = []
+        names = {ref.index: ref.name, self.self_index: me}
+        text = None
         for raw, answered, pid, incarnation in self.inbound_notes():
             note = waits.decode(raw)
-            if note is not None and not self._is_live(note.writer, pid, incarnation):
-                continue  # a dead incarnation's note (its pid reused since): review M
-            if waits.closes_cycle(note, answered, target=ref.index, me=self.self_index,
-                                  mine=mine, noted=noted):
-                me = self.self_name or f"actor #{self.self_index}"
+            if note is None or not self._is_live(note.writer, pid, incarnation):
+                continue  # none, or a dead incarnation's (its pid reused since): review M
+            if not waits.unanswered(note.call_id, answered):
+                continue  # a wait that has ended
+            waiting.append((note, waits.Link(note.writer, self.self_index, note.call_id,
+                                             note.started_ns, now)))
+            names.setdefault(note.writer, note.name or f"actor #{note.writer}")
+            if text is None and waits.closes_cycle(note, answered, target=ref.index,
+                                                   me=self.self_index, mine=mine, noted=noted):
                 how = "a blocking call" if note.kind == waits.BLOCKED else "a wait on a future"
-                return (f"call cycle: waiting, in a call of actor {me!r}, on a call to actor "
+                text = (f"call cycle: waiting, in a call of actor {me!r}, on a call to actor "
                         f"{ref.name!r}, which is blocked ({how}) on a call to {me!r} that "
                         f"{me!r} serves only after this wait, so the wait would never end")
-        return None
+        links = waits.upstream(waiting, self.self_index, now)
+        if text is None:
+            cycle = waits.cycle_through(waits.Link(self.self_index, ref.index, mine.call_id,
+                                                   mine.started_ns, now), links)
+            if cycle is not None and waits.fails(cycle, noted=noted):
+                for index, cc in list(self._channels.items()):  # names this process knows
+                    names.setdefault(index, cc.ref.name)
+                hops = ", ".join(f"{names.get(link.waiter, f'actor #{link.waiter}')!r} on "
+                                 f"{names.get(link.target, f'actor #{link.target}')!r}"
+                                 for link in cycle[1:])
+                text = (f"call cycle: waiting, in a call of actor {me!r}, on a call to actor "
+                        f"{ref.name!r}; each waits on the next ({hops}), and {me!r} serves "
+                        f"its call only after this wait, so the wait would never end")
+        return text, links
 
     def _is_live(self, index: int, pid: int, incarnation: int) -> bool:
         """Whether ``pid`` is incarnation ``incarnation`` of actor ``index``, alive (the table)."""

@@ -34,10 +34,28 @@ wait failed, timed out or was interrupted is free while its call is still served
 it), and one from an untrusted caller is forged at will -- review L of this change
 turned both into false cycles.
 
-Not caught: cycles through a third actor (a waits on b, b calls c, c calls a), waits
-with a timeout or under ``call_timeout`` (they end anyway), waits on other threads, and
-anything through an untrusted actor: it leaves no note, and a note from an untrusted
-caller is never read.
+Cycles through more actors (a waits on b, b on c, c on a) are caught by passing waits
+along, as in Chandy, Misra and Haas's edge chasing.  A note also carries the waits its
+writer found waiting on it, directly or further up (:class:`Link`: who waits, on which
+call, to whom, since when): at each look an actor takes the notes of its callers blocked
+on a call it has not answered (each such note a :class:`Link` to it, checked by the one
+actor that can: the one waited on), adds the links those notes carry, and leaves them in
+its own note (:func:`upstream`).  A cycle through this actor's wait shows once its
+target's wait comes back among them, and the next one's, around to a caller of its own
+(:func:`cycle_through`).  Why a link passed along still holds: it was checked by the
+actor waited on, during that actor's current wait (a new wait starts a new note, with no
+links); that actor serves nothing until the wait ends, so the call linked stays
+unanswered, and its caller's wait -- without a timeout -- ends only by an exception in
+it (an interrupt, its process's death, or its own wait failing as the cycle's latest).
+Of the waits in a cycle the latest fails (ties: the higher index) -- every member comes
+to see the same cycle -- unless this actor's note reached nobody (a ring-less channel):
+then nobody else sees its link, and it fails its own wait.  A member whose view mixes
+two waits of one actor (one that ended, one new) concludes nothing until the old one
+has left every note.
+
+Not caught: waits with a timeout or under ``call_timeout`` (they end anyway), waits on
+other threads, cycles longer than :data:`MAX_LINKS` actors, and anything through an
+untrusted actor: it leaves no note, and a note from an untrusted caller is never read.
 """
 
 from __future__ import annotations
@@ -45,43 +63,77 @@ from __future__ import annotations
 import struct
 from typing import NamedTuple
 
-__all__ = ["BLOCKED", "WAITING", "WaitNote", "closes_cycle", "decode", "encode", "unanswered"]
+__all__ = ["BLOCKED", "MAX_LINKS", "WAITING", "Link", "WaitNote", "closes_cycle",
+           "cycle_through", "decode", "encode", "unanswered", "upstream"]
 
 BLOCKED = 1  # in a blocking call
 WAITING = 2  # waiting on a future without a timeout
-# version, kind, call id, started (monotonic ns), writer (actor index), bytes of its name
-_HEAD = struct.Struct("<IIQQiI")
-_VERSION = 1
-MAX_NAME = 200  # bytes of the writer's name kept: 32 + 200 < ``ring.NOTE_MAX``
+# version, kind, call id, started (monotonic ns), writer (actor index), bytes of its name,
+# number of links
+_HEAD = struct.Struct("<IIQQiII")
+_LINK = struct.Struct("<iiIQQ")  # waiter, target, call id, started, seen
+_VERSION = 2
+MAX_NAME = 200  # bytes of the writer's name kept
+MAX_LINKS = 24  # links a note carries: 36 + 200 + 24 * 28 < ``ring.NOTE_MAX``
+# A link passed along but not seen by the actor waited on for this long is dropped.  In a
+# cycle of notes the links go round and round: without an age, one that ended never left.
+# Each look of the actor waited on renews it (every WATCH_MAX_S at most), and a copy
+# passed along ages a look's interval a hop: MAX_LINKS hops of 0.25 s fit.
+LINK_TTL_NS = 10_000_000_000
 _IDS = 1 << 32  # call ids wrap here (``CallerChannel``: ``& 0xFFFFFFFF``)
 
 
+class Link(NamedTuple):
+    """One wait: actor ``waiter``'s serving thread on its call ``call_id`` to ``target``.
+
+    ``seen_ns``: when ``target`` last found it in ``waiter``'s note (the one actor that
+    can tell the call is unanswered).  Not part of the wait's identity (:attr:`wait`).
+    """
+
+    waiter: int
+    target: int
+    call_id: int
+    started_ns: int
+    seen_ns: int
+
+    @property
+    def wait(self) -> tuple[int, int, int, int]:
+        return self[:4]
+
+
 class WaitNote(NamedTuple):
-    """What the serving thread of actor ``writer`` is blocked on."""
+    """What the serving thread of actor ``writer`` is blocked on, and who waits on it."""
 
     kind: int  # BLOCKED or WAITING
     call_id: int  # of the call it waits on, on the channel that carries this note
     started_ns: int  # time.monotonic_ns() when the wait began (one clock per host)
     writer: int  # the waiting actor's index
     name: str = ""  # its name, for the error text
+    links: tuple[Link, ...] = ()  # the waits found waiting on this one (see upstream)
 
 
 def encode(note: WaitNote) -> bytes:
     name = note.name.encode("utf-8", "replace")[:MAX_NAME]
-    return _HEAD.pack(_VERSION, note.kind, note.call_id, note.started_ns, note.writer,
-                      len(name)) + name
+    links = note.links[:MAX_LINKS]
+    return b"".join([_HEAD.pack(_VERSION, note.kind, note.call_id, note.started_ns,
+                                note.writer, len(name), len(links)), name,
+                     *(_LINK.pack(*link) for link in links)])
 
 
 def decode(raw: bytes | None) -> WaitNote | None:
     """The note in ``raw``, None when there is none or it is malformed."""
     if not raw or len(raw) < _HEAD.size:
         return None
-    version, kind, call_id, started_ns, writer, k = _HEAD.unpack_from(raw)
+    version, kind, call_id, started_ns, writer, k, n = _HEAD.unpack_from(raw)
     if version != _VERSION or kind not in (BLOCKED, WAITING) or writer < 0 \
-            or k > MAX_NAME or len(raw) != _HEAD.size + k:
+            or k > MAX_NAME or n > MAX_LINKS or len(raw) != _HEAD.size + k + n * _LINK.size:
+        return None
+    at = _HEAD.size + k
+    links = tuple(Link(*_LINK.unpack_from(raw, at + i * _LINK.size)) for i in range(n))
+    if any(link.waiter < 0 or link.target < 0 for link in links):
         return None
     return WaitNote(kind, call_id, started_ns, writer,
-                    raw[_HEAD.size:].decode("utf-8", "replace"))
+                    raw[_HEAD.size:at].decode("utf-8", "replace"), links)
 
 
 def unanswered(call_id: int, answered: int) -> bool:
@@ -108,3 +160,65 @@ def closes_cycle(note: WaitNote | None, answered: int, *, target: int, me: int,
     if noted:  # the actor waited on sees this wait as this one sees its own
         return (note.started_ns, target) < (mine.started_ns, me)
     return True
+
+
+def upstream(waiting: list[tuple[WaitNote, Link]], me: int, now_ns: int) -> tuple[Link, ...]:
+    """The waits that wait, directly or further up, on actor ``me``'s.
+
+    ``waiting``: the notes of this actor's callers blocked on a call it has not answered,
+    each with the link to this actor that it proves (seen now).  Those links first, then
+    the links their notes carry, in order, each wait once (its latest ``seen_ns``), less
+    those not seen for :data:`LINK_TTL_NS` and this actor's own (a wait of its own comes
+    back to it only through a cycle, which :func:`cycle_through` finds from the target's
+    side); at most :data:`MAX_LINKS`.
+    """
+    out: dict[tuple[int, int, int, int], Link] = {}
+    for _, link in waiting:
+        out[link.wait] = link
+    for note, _ in waiting:
+        for link in note.links:
+            if link.waiter == me or now_ns - link.seen_ns > LINK_TTL_NS:
+                continue
+            known = out.get(link.wait)
+            if known is None or known.seen_ns < link.seen_ns:
+                out[link.wait] = link
+    return tuple(out.values())[:MAX_LINKS]
+
+
+def cycle_through(mine: Link, links: tuple[Link, ...]) -> tuple[Link, ...] | None:
+    """The cycle of waits that ``mine`` closes, as ``links`` (this actor's upstream) show.
+
+    Each actor's serving thread waits on one call at a time, so from ``mine`` the waits
+    lead on one way: to its target's wait, to that one's target's, and so on.  A cycle
+    when they come back to ``mine.waiter``; None when they end, loop elsewhere, or an
+    actor shows two different waits (one of them has ended: nothing is certain until it
+    has left every note).
+    """
+    by_waiter: dict[int, Link] = {}
+    for link in links:
+        if link.waiter == mine.waiter:
+            continue
+        if by_waiter.setdefault(link.waiter, link).wait != link.wait:
+            return None
+    path = [mine]
+    at = mine.target
+    while at != mine.waiter:
+        link = by_waiter.pop(at, None)  # popped: a loop elsewhere ends the walk
+        if link is None:
+            return None
+        path.append(link)
+        at = link.target
+    return tuple(path)
+
+
+def fails(cycle: tuple[Link, ...], *, noted: bool) -> bool:
+    """Whether the wait ``cycle[0]`` (this actor's) is the one of ``cycle`` to fail.
+
+    The latest (ties: the higher waiter index): every member sees the same cycle, so
+    exactly one fails.  Without ``noted`` (this wait's note reached nobody) no other
+    member can see the cycle, and this wait fails.
+    """
+    if not noted:
+        return True
+    latest = max(cycle, key=lambda link: (link.started_ns, link.waiter))
+    return latest.wait == cycle[0].wait

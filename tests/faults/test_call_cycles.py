@@ -358,10 +358,9 @@ def test_a_wait_on_a_caller_still_decoding_reply_zero_is_no_cycle(wrap):
 
 
 @pytest.mark.timeout(60)
-def test_a_cycle_through_a_third_actor_is_not_caught_and_ends_at_call_timeout():
-    """a waits on b.remote(); b calls c; c calls a.  No note says that b waits on a (a
-    chain can outlive its waits, and be forged): not caught (runtime/waits.py), so only
-    call_timeout ends it -- c's call to a times out, then the rest unwinds."""
+def test_under_call_timeout_a_cycle_through_a_third_actor_ends_at_call_timeout():
+    """a waits on b.remote(); b calls c; c calls a.  Under call_timeout no wait is watched
+    (each ends anyway): c's call to a times out, then the rest unwinds."""
     with ActorSystem(call_timeout=1.0) as system:
         a, b, c = (system.spawn(Hop, name=n) for n in "abc")
         _link((a, "b", b), (b, "c", c), (c, "a", a))
@@ -378,3 +377,61 @@ def test_a_cycle_through_a_third_actor_is_not_caught_and_ends_at_call_timeout():
                 pass
         else:
             pytest.fail("the cycle did not unwind")
+
+
+# -- cycles through more actors: waits passed along in the notes ------------------------------
+
+def _pids(*handles):
+    return [h.ping() for h in handles]
+
+
+@pytest.mark.timeout(60)
+def test_a_cycle_through_three_actors_fails_the_latest_wait_only():
+    """a waits on b.remote(); b calls c; c calls a: no chain links them, and before the
+    notes passed waits along, only call_timeout ended it.  c's wait, the latest, fails;
+    e, waiting on a from outside the cycle, is served once it unwinds."""
+    with ActorSystem() as system:
+        a, b, c, e = (system.spawn(Hop, name=n) for n in "abce")
+        _link((a, "b", b), (b, "c", c), (c, "a", a), (e, "a", a))
+        assert a.call_after(0, "b", "ping") and b.call_after(0, "c", "ping")
+        assert c.call_after(0, "a", "ping") and e.call_after(0, "a", "ping")
+        t0 = time.monotonic()
+        fa = a.wait_after.remote(0, "b", "call_after", 0.1, "c", "call_after", 0.1, "a", "ping")
+        fe = e.call_after.remote(0.3, "a", "ping")
+        out = fa.result(timeout=30)
+        assert out.startswith("ActorRuntimeError: call cycle: waiting, in a call of actor "
+                              "'c', on a call to actor 'a'; each waits on the next ('a' on "
+                              "'b', 'b' on 'c')"), out
+        assert time.monotonic() - t0 < 5
+        assert fe.result(timeout=30) == a.ping()
+        assert all(pid > 0 for pid in _pids(a, b, c, e))
+
+
+@pytest.mark.timeout(60)
+def test_four_crossing_blocking_calls_fail_the_latest_one():
+    """Four actors, each serving a driver call, each calling the next: a cycle of four
+    blocking calls.  d's, the latest, fails; the other three are then served."""
+    with ActorSystem() as system:
+        a, b, c, d = (system.spawn(Hop, name=n) for n in "abcd")
+        _link((a, "b", b), (b, "c", c), (c, "d", d), (d, "a", a))
+        for h, peer in ((a, "b"), (b, "c"), (c, "d"), (d, "a")):
+            assert h.call_after(0, peer, "ping")
+        fb = b.call_after.remote(0.15, "c", "ping")
+        fc = c.call_after.remote(0.3, "d", "ping")
+        fd = d.call_after.remote(0.45, "a", "ping")
+        fa = a.call_after.remote(0.0, "b", "ping")
+        assert "call cycle: waiting, in a call of actor 'd', on a call to actor 'a'" in \
+            fd.result(timeout=30)
+        assert [fa.result(timeout=30), fb.result(timeout=30), fc.result(timeout=30)] == \
+            _pids(b, c, d)
+
+
+@pytest.mark.timeout(60)
+def test_a_long_chain_of_waits_without_a_cycle_fails_none():
+    """a waits on b, b on c, c on d, d works for a second: notes pass every wait along,
+    and none closes a cycle."""
+    with ActorSystem() as system:
+        a, b, c, d = (system.spawn(Hop, name=n) for n in "abcd")
+        _link((a, "b", b), (b, "c", c), (c, "d", d))
+        out = a.wait_after(0, "b", "call_after", 0, "c", "wait_after", 0, "d", "work", 1.0)
+        assert out == d.ping()

@@ -232,6 +232,7 @@ class _ActorContext(_Context):
     self_index, self_name, serving = 0, "a", (0,)
     serving_thread = -1  # an actor's (watches_waits says it is this thread)
     wait_cycle = ProcessContext.wait_cycle
+    look = ProcessContext.look
     _is_live = ProcessContext._is_live
 
     def __init__(self, notes):
@@ -258,7 +259,12 @@ def test_a_watched_wait_fails_on_a_cycle_and_clears_its_note(how):
     left = waits.decode(ch.notes[0])
     kind = waits.WAITING if how == "future" else waits.BLOCKED
     assert (left.kind, left.call_id, left.writer, left.name) == (kind, 1, 0, "a")
-    assert ch.notes[1:] == [b""]  # cleared when the wait ended
+    # Rewritten once with the wait found waiting on it (actor 1's, its call 1 to us),
+    # then cleared when the wait ended.
+    passed = waits.decode(ch.notes[1])
+    assert passed._replace(links=()) == left
+    assert [link.wait for link in passed.links] == [(1, 0, 1, 0)]
+    assert ch.notes[2:] == [b""]
 
 
 def test_a_cycle_note_read_just_before_the_reply_fails_nothing():

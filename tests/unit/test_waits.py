@@ -13,7 +13,7 @@ from runtime import waits
 from runtime.errors import TransportError
 from runtime.transport import channel as channel_module
 from runtime.transport.ring import MIN_CAPACITY, NOTE_MAX, ShmRing
-from runtime.waits import BLOCKED, WAITING, WaitNote, closes_cycle
+from runtime.waits import BLOCKED, WAITING, Link, WaitNote, closes_cycle, cycle_through, upstream
 from tests.unit.test_transport import make_pair
 
 
@@ -107,11 +107,13 @@ def test_a_channel_without_rings_takes_no_note(private_dir, threshold, monkeypat
 
 # -- the note and the rule ---------------------------------------------------------------------
 
-def test_a_note_round_trips_and_keeps_a_bounded_name():
-    note = WaitNote(BLOCKED, 7, 123456789, 3, "b")
+def test_a_note_round_trips_and_keeps_a_bounded_name_and_links():
+    note = WaitNote(BLOCKED, 7, 123456789, 3, "b", (Link(1, 3, 9, 10, 11), Link(2, 1, 4, 5, 6)))
     assert waits.decode(waits.encode(note)) == note
-    long = WaitNote(WAITING, 1, 5, 2, "n" * 500)
-    assert waits.decode(waits.encode(long)).name == "n" * waits.MAX_NAME
+    many = tuple(Link(i, i + 1, 2**32 - 1, 2**63, 2**64 - 1) for i in range(100))
+    long = WaitNote(WAITING, 1, 5, 2, "n" * 500, many)
+    back = waits.decode(waits.encode(long))
+    assert back.name == "n" * waits.MAX_NAME and back.links == many[:waits.MAX_LINKS]
     assert len(waits.encode(long)) <= NOTE_MAX
 
 
@@ -119,10 +121,13 @@ def test_a_note_round_trips_and_keeps_a_bounded_name():
     None, b"", b"\x01" * 10,
     waits.encode(WaitNote(BLOCKED, 1, 1, 1, "b"))[:-1],  # cut short
     waits.encode(WaitNote(BLOCKED, 1, 1, 1)) + b"x",  # trailing bytes
-    waits._HEAD.pack(2, BLOCKED, 1, 1, 1, 0),  # another version
-    waits._HEAD.pack(1, 9, 1, 1, 1, 0),  # an unknown kind
-    waits._HEAD.pack(1, BLOCKED, 1, 1, -1, 0),  # no actor
-    waits._HEAD.pack(1, BLOCKED, 1, 1, 1, 201) + b"n" * 201,  # a name too long
+    waits._HEAD.pack(1, BLOCKED, 1, 1, 1, 0, 0),  # another version
+    waits._HEAD.pack(2, 9, 1, 1, 1, 0, 0),  # an unknown kind
+    waits._HEAD.pack(2, BLOCKED, 1, 1, -1, 0, 0),  # no actor
+    waits._HEAD.pack(2, BLOCKED, 1, 1, 1, 201, 0) + b"n" * 201,  # a name too long
+    waits._HEAD.pack(2, BLOCKED, 1, 1, 1, 0, 1),  # a link announced, none there
+    waits._HEAD.pack(2, BLOCKED, 1, 1, 1, 0, 25) + waits._LINK.pack(1, 2, 3, 4, 5) * 25,
+    waits._HEAD.pack(2, BLOCKED, 1, 1, 1, 0, 1) + waits._LINK.pack(-1, 2, 3, 4, 5),
 ])
 def test_a_malformed_note_is_no_note(raw):
     assert waits.decode(raw) is None
@@ -161,6 +166,55 @@ def test_a_wait_the_other_side_cannot_see_is_not_left_to_it():
     tie = WaitNote(WAITING, 3, 100, 0)  # b's side of a tie: b, the higher index, fails
     assert closes_cycle(tie, 0, target=0, me=1, mine=WaitNote(WAITING, 3, 100, 1),
                         noted=True) is True
+
+
+# -- cycles through more actors: waits passed along (edge chasing) -----------------------------
+
+NOW = 50_000_000_000
+
+
+def _waiting(writer, call_id, started, links=(), me=0):
+    """A caller's note, blocked on its unanswered call to ``me``, with the link it proves."""
+    return (WaitNote(BLOCKED, call_id, started, writer, f"#{writer}", tuple(links)),
+            Link(writer, me, call_id, started, NOW))
+
+
+def test_upstream_passes_on_each_wait_once_without_the_actors_own_or_stale_ones():
+    old = NOW - waits.LINK_TTL_NS - 1
+    carried = (Link(2, 3, 7, 70, NOW - 5), Link(0, 2, 1, 10, NOW - 9),  # 0: this actor's
+               Link(4, 3, 1, 1, old), Link(5, 2, 1, 1, NOW - 8))
+    again = (Link(2, 3, 7, 70, NOW - 1), Link(5, 2, 1, 1, NOW - 30))  # seen later / earlier
+    got = upstream([_waiting(3, 4, 40, carried), _waiting(6, 2, 20, again)], 0, NOW)
+    assert got == (Link(3, 0, 4, 40, NOW), Link(6, 0, 2, 20, NOW), Link(2, 3, 7, 70, NOW - 1),
+                   Link(5, 2, 1, 1, NOW - 8))
+    many = [_waiting(i, 1, 1) for i in range(1, 40)]
+    assert len(upstream(many, 0, NOW)) == waits.MAX_LINKS
+
+
+def test_a_cycle_through_three_actors_is_found_from_each_member():
+    """a (0) waits on b (1), b on c (2), c on a: each sees the cycle in its upstream."""
+    ab, bc, ca = Link(0, 1, 5, 100, NOW), Link(1, 2, 6, 200, NOW), Link(2, 0, 7, 300, NOW)
+    assert cycle_through(ab, (ca, bc)) == (ab, bc, ca)
+    assert cycle_through(bc, (ab, ca)) == (bc, ca, ab)
+    assert cycle_through(ca, (bc, ab, Link(9, 2, 1, 1, NOW))) == (ca, ab, bc)  # 9: off the cycle
+    assert waits.fails((ca, ab, bc), noted=True)  # c's wait is the latest
+    assert not waits.fails((ab, bc, ca), noted=True) and not waits.fails((bc, ca, ab), noted=True)
+    assert waits.fails((ab, bc, ca), noted=False)  # nobody else sees a's wait
+
+
+@pytest.mark.parametrize("links", [
+    (),  # nothing known of b
+    (Link(1, 2, 6, 200, NOW),),  # b waits on c, c on nothing known
+    (Link(1, 2, 6, 200, NOW), Link(2, 1, 7, 300, NOW)),  # b and c wait on each other, not on a
+    (Link(1, 2, 6, 200, NOW), Link(2, 0, 7, 300, NOW), Link(1, 3, 8, 400, NOW)),  # b: two waits
+])
+def test_no_cycle_through_this_wait_is_none(links):
+    assert cycle_through(Link(0, 1, 5, 100, NOW), links) is None
+
+
+def test_this_actors_stale_link_passed_back_does_not_hide_its_current_wait():
+    ab, bc, ca = Link(0, 1, 5, 100, NOW), Link(1, 2, 6, 200, NOW), Link(2, 0, 7, 300, NOW)
+    assert cycle_through(ab, (Link(0, 1, 2, 50, NOW), bc, ca)) == (ab, bc, ca)
 
 
 # -- what an actor reads of its callers' notes -------------------------------------------------
