@@ -45,6 +45,7 @@ from runtime.errors import (
     ProtocolError,
     TransportError,
     make_remote_exception,
+    rebuilt,
 )
 from runtime.messages import MessageChannel
 from runtime.session import Session
@@ -952,12 +953,15 @@ def _rebuild_error(payload: Any, *, safe: bool) -> BaseException:
         type_name, message, tb_text, exc_bytes = payload
     except (TypeError, ValueError):
         return ProtocolError("malformed error reply")
-    exc = None
+    exc, built = None, []
     if type(exc_bytes) is bytes and not safe:  # never from an untrusted actor
-        exc = codec.trusted_exception(exc_bytes)
+        with rebuilt() as built:
+            exc = codec.trusted_exception(exc_bytes)
     try:
+        # Adopted (made the remote exception itself) only if built for this reply: an
+        # object the process already held must not become a remote one (review Q).
         return make_remote_exception(exc, str(type_name), str(message), str(tb_text),
-                                     adopt=True)
+                                     adopt=any(e is exc for e in built))
     except Exception as err:  # noqa: BLE001 - a hostile payload is a protocol error
         return ProtocolError(f"malformed error reply: {type(err).__name__}: {err}")
 

@@ -48,6 +48,7 @@ import select
 import signal
 import socket
 import struct
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -88,12 +89,13 @@ class _Throttle:
     burst that stops is still reported whole.
     """
 
-    __slots__ = ("_count", "_format", "_last", "_next", "name")
+    __slots__ = ("_count", "_format", "_last", "_lock", "_next", "name")
 
     def __init__(self, name: str, line: str) -> None:
         self.name = name
         self._format = line  # % (actor, count, last event)
         self._count, self._last, self._next = 0, "", 0.0
+        self._lock = threading.Lock()  # the control thread counts; an exit flushes
 
     @property
     def due(self) -> float | None:
@@ -101,12 +103,17 @@ class _Throttle:
         return self._next if self._count else None
 
     def note(self, last: str, now: float) -> None:
-        self._count += 1
-        self._last = last
-        if now >= self._next:
-            self.flush(now)
+        with self._lock:
+            self._count += 1
+            self._last = last
+            if now >= self._next:
+                self._flush(now)
 
     def flush(self, now: float) -> None:
+        with self._lock:
+            self._flush(now)
+
+    def _flush(self, now: float) -> None:
         if self._count:
             log.warning(self._format, self.name, self._count, self._last)
         self._count, self._next = 0, now + 1.0
@@ -444,7 +451,14 @@ class ControlServer:
         _send_reply(p.sock, reply)
         p.close()
 
+    def flush_log(self) -> None:
+        """Log the refusals and drops counted since the last line (at close, at exit)."""
+        now = time.monotonic()
+        self._evictions.flush(now)
+        self._refusals.flush(now)
+
     def close(self) -> None:
+        self.flush_log()
         for p in list(self._pending.values()):
             p.close()
         self._pending.clear()

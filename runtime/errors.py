@@ -8,8 +8,11 @@ reach the caller with their own type, mixed with :class:`RemoteError` (see
 
 from __future__ import annotations
 
+import contextlib
 import copyreg
+import threading
 import types
+from collections.abc import Iterator
 
 __all__ = [
     "ActorDiedError",
@@ -100,6 +103,9 @@ def _remote_text(exc: BaseException) -> str:
 
 _MIXED: dict[type, type] = {}
 _ORIGINAL: dict[type, type] = {}  # mixed class -> the class it was made for
+# Per thread: the mixed instances inside their class's copyreg reducer (see _mixed_class),
+# and the lists collecting what rebuild_exception builds (see rebuilt()).
+_LOCAL = threading.local()
 
 
 def _mixed_class(cls: type[BaseException]) -> type[BaseException] | None:
@@ -112,7 +118,10 @@ def _mixed_class(cls: type[BaseException]) -> type[BaseException] | None:
     """
     if cls in _MIXED:
         return _MIXED[cls]
-    def setstate(self: BaseException, state: dict) -> None:
+    def setstate(self: BaseException, state: dict | tuple) -> None:
+        if type(state) is tuple:  # (__dict__, slot values): see reduce
+            _set_state(self, state)  # which comes back here with the dict
+            return
         cls.__setstate__(self, state)  # the class's own, or BaseException's
         _set_remote_cause(self)
 
@@ -120,12 +129,26 @@ def _mixed_class(cls: type[BaseException]) -> type[BaseException] | None:
         # A reducer registered for the class comes first, as for the class itself: the
         # state it strips (a lock, a handle) cannot travel, so without it the next hop
         # got a plain RemoteError.  It rebuilds the class itself; the receiver mixes it.
+        # A reducer that starts from the default reduction (``e.__reduce__()``) gets it:
+        # asking the reducer again recursed for ever (review Q), and one that cannot take
+        # the mixed class leaves the default to it.
         reducer = copyreg.dispatch_table.get(cls)
-        if reducer is not None:
-            return reducer(self)
-        # The state in the reduction's state slot, as exception_reduction does.
-        return _with_state((rebuild_exception, (cls, self.args, None, True, _os_fields(self))),
-                           self)
+        inside = _LOCAL.__dict__.setdefault("reducing", set())
+        if reducer is not None and id(self) not in inside:
+            inside.add(id(self))
+            try:
+                return reducer(self)
+            except Exception:  # noqa: BLE001 - the default reduction, as if none were registered
+                pass
+            finally:
+                inside.discard(id(self))
+        # The state in the reduction's state slot, as exception_reduction does; slot
+        # values beside the dict in a tuple that ``setstate`` takes (not pickle's state
+        # setter, which Python 3.11's copy module cannot apply: review Q).
+        state = getattr(self, "__dict__", None) or None
+        slots = _slot_values(self)
+        return (rebuild_exception, (cls, self.args, None, True, _os_fields(self)),
+                (state, slots) if slots else state)
 
     try:
         mixed = type(cls.__name__, (cls, RemoteError), {
@@ -204,15 +227,19 @@ def _with_state(reduction: tuple, exc: BaseException) -> tuple:
 
 
 def _slot_descriptors(cls: type) -> dict[str, types.MemberDescriptorType]:
-    """Every ``__slots__`` member of ``cls`` and its bases, by (mangled) name."""
+    """Every ``__slots__`` member of ``cls`` and its bases, by the name it is stored under.
+
+    Taken from the classes' dicts, not derived from ``__slots__``: a private name is
+    mangled with the class's name at creation (a class renamed since, or named with
+    underscores alone, derived it wrongly: review Q).  Only classes that declare
+    ``__slots__``: built-in ones (``OSError.errno``) keep their fields their own way.
+    """
     out: dict[str, types.MemberDescriptorType] = {}
     for klass in reversed(cls.__mro__):
-        names = klass.__dict__.get("__slots__", ())
-        for name in (names,) if isinstance(names, str) else names:
-            if name.startswith("__") and not name.endswith("__"):
-                name = f"_{klass.__name__.lstrip('_')}{name}"
-            member = klass.__dict__.get(name)
-            if isinstance(member, types.MemberDescriptorType):
+        if "__slots__" not in klass.__dict__:
+            continue
+        for name, member in klass.__dict__.items():
+            if isinstance(member, types.MemberDescriptorType) and member.__objclass__ is klass:
                 out[name] = member
     return out
 
@@ -301,6 +328,8 @@ def rebuild_exception(cls: type[BaseException], args: tuple, state: dict | None 
         target = (_mixed_class(cls) if isinstance(cls, type) and issubclass(cls, Exception)
                   else None) or RemoteError
     exc = _blank(target, tuple(args))
+    for built in _LOCAL.__dict__.get("collecting", ()):
+        built.append(exc)
     try:
         _set_os_fields(exc, os_fields)
     except (AttributeError, TypeError, ValueError):  # malformed: the fields are extras
@@ -310,6 +339,23 @@ def rebuild_exception(cls: type[BaseException], args: tuple, state: dict | None 
     if remote:
         exc.__cause__ = RemoteTraceback(str(getattr(exc, "remote_traceback", "")))
     return exc
+
+
+@contextlib.contextmanager
+def rebuilt() -> Iterator[list[BaseException]]:
+    """Collect the exceptions :func:`rebuild_exception` builds in this thread meanwhile.
+
+    What ``make_remote_exception(..., adopt=True)`` may take over: an unpickled
+    exception can also be an object the process already held (a ``__reduce__`` that
+    returns a cached instance, or a global), which must not become a remote one.
+    """
+    stack = _LOCAL.__dict__.setdefault("collecting", [])
+    built: list[BaseException] = []
+    stack.append(built)
+    try:
+        yield built
+    finally:
+        stack.remove(built)
 
 
 def make_remote_exception(exc: BaseException | None, type_name: str, message: str,
@@ -330,10 +376,11 @@ def make_remote_exception(exc: BaseException | None, type_name: str, message: st
     caller's own cancellation.  (A class mixed with ``RemoteError`` would also be an
     ``Exception``, which such a class means not to be.)
 
-    ``adopt``: ``exc`` is the caller's to change (just decoded).  It then becomes the
-    result itself where its class allows (``__class__`` set to the mixed class), so what
-    refers back to it -- in its ``__dict__``, its slots, its ``args`` -- still does; a copy
-    kept pointing at the original.
+    ``adopt``: ``exc`` is the caller's to change (just built by :func:`rebuild_exception`,
+    see :func:`rebuilt`).  It then becomes the result itself where its class allows
+    (``__class__`` set to the mixed class), so what refers back to it -- in its
+    ``__dict__``, its slots, its ``args`` -- still does; a copy kept pointing at the
+    original.
     """
     out: BaseException | None = None
     if exc is not None and isinstance(exc, Exception):

@@ -54,7 +54,8 @@ two waits of one actor (one that ended, one new) concludes nothing until the old
 has left every note.
 
 Not caught: waits with a timeout or under ``call_timeout`` (they end anyway), waits on
-other threads, cycles longer than :data:`MAX_LINKS` actors, and anything through an
+other threads, cycles of more than :data:`MAX_LINKS` waits -- or with more waits than
+that waiting on their members: a note keeps the first ones -- and anything through an
 untrusted actor: it leaves no note, and a note from an untrusted caller is never read.
 """
 

@@ -508,6 +508,7 @@ def run(boot: dict[str, Any]) -> None:
         server.serve()
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        server.ctl.flush_log()  # a second of refusals may be counted, not yet logged
         os._exit(code)
 
 

@@ -726,3 +726,20 @@ def test_a_flood_of_refusals_is_logged_once_a_second_with_its_count(server, capl
     assert logged == n, lines
     assert f"the last from pid {os.getpid()}: " in lines[-1], lines
     assert not seen
+
+
+def test_refusals_counted_but_not_yet_logged_are_logged_at_close(server, caplog):
+    """Review Q: a burst's count waited for the next second's service(); an actor closing
+    (or exiting: worker.run flushes too) within it lost the count."""
+    srv, _ = server
+    n = 3
+    with caplog.at_level(logging.WARNING, logger="runtime.control"):
+        for i in range(n):
+            c = raw_client(srv.path)
+            c.sendall(b"\xff" * 8)
+            pump(srv, lambda i=i: srv.refused > i)
+            assert read_reply(c)[0] == "error"
+            c.close()
+        srv.close()
+    lines = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert sum(int(m.split("refused ")[1].split()[0]) for m in lines) == n, lines
