@@ -1122,7 +1122,7 @@ class ProcessContext:
                 text = (f"call cycle: waiting, in a call of actor {me!r}, on a call to actor "
                         f"{ref.name!r}, which is blocked ({how}) on a call to {me!r} that "
                         f"{me!r} serves only after this wait, so the wait would never end")
-        links = waits.upstream(waiting, self.self_index, now)
+        links = waits.upstream(waiting, self.self_index, ref.index, now)
         if text is None:
             cycle = waits.cycle_through(waits.Link(self.self_index, ref.index, mine.call_id,
                                                    mine.started_ns, now), links)

@@ -49,13 +49,17 @@ unanswered, and its caller's wait -- without a timeout -- ends only by an except
 it (an interrupt, its process's death, or its own wait failing as the cycle's latest).
 Of the waits in a cycle the latest fails (ties: the higher index) -- every member comes
 to see the same cycle -- unless this actor's note reached nobody (a ring-less channel):
-then nobody else sees its link, and it fails its own wait.  A member whose view mixes
-two waits of one actor (one that ended, one new) concludes nothing until the old one
-has left every note.
+then nobody else sees its link, and it fails its own wait.  Only links seen since this
+actor's wait began are walked: a wait that ended by an exception (the cycle's own failed
+one, a process killed) may stay in notes until their writers' next looks, and a later
+wait walked it as if it still held (review P).  A member whose view mixes two waits of
+one actor concludes nothing until the old one has left every note.  A note keeps the
+waits of actors that others wait on first: a crowd of waits on a member, none of them
+waited on, hid a cycle's links (review P).
 
 Not caught: waits with a timeout or under ``call_timeout`` (they end anyway), waits on
-other threads, cycles of more than :data:`MAX_LINKS` waits -- or with more waits than
-that waiting on their members: a note keeps the first ones -- and anything through an
+other threads, cycles of more than :data:`MAX_LINKS` waits -- or with more waits of
+actors that others wait on than that upstream of a member -- and anything through an
 untrusted actor: it leaves no note, and a note from an untrusted caller is never read.
 """
 
@@ -163,15 +167,19 @@ def closes_cycle(note: WaitNote | None, answered: int, *, target: int, me: int,
     return True
 
 
-def upstream(waiting: list[tuple[WaitNote, Link]], me: int, now_ns: int) -> tuple[Link, ...]:
-    """The waits that wait, directly or further up, on actor ``me``'s.
+def upstream(waiting: list[tuple[WaitNote, Link]], me: int, target: int,
+             now_ns: int) -> tuple[Link, ...]:
+    """The waits that wait, directly or further up, on actor ``me``'s (on ``target``).
 
     ``waiting``: the notes of this actor's callers blocked on a call it has not answered,
-    each with the link to this actor that it proves (seen now).  Those links first, then
-    the links their notes carry, in order, each wait once (its latest ``seen_ns``), less
-    those not seen for :data:`LINK_TTL_NS` and this actor's own (a wait of its own comes
-    back to it only through a cycle, which :func:`cycle_through` finds from the target's
-    side); at most :data:`MAX_LINKS`.
+    each with the link to this actor that it proves (seen now).  Those links, then the
+    links their notes carry, each wait once (its latest ``seen_ns``), less those not seen
+    for :data:`LINK_TTL_NS` and this actor's own (a wait of its own comes back to it only
+    through a cycle, which :func:`cycle_through` finds from the target's side).
+
+    At most :data:`MAX_LINKS`, the waits of actors that others wait on first: a member of
+    a cycle is one, so a crowd of waits on a member, none waited on, cannot push the
+    cycle's links out (review P: 23 callers blocked on one member hid a cycle of three).
     """
     out: dict[tuple[int, int, int, int], Link] = {}
     for _, link in waiting:
@@ -183,7 +191,11 @@ def upstream(waiting: list[tuple[WaitNote, Link]], me: int, now_ns: int) -> tupl
             known = out.get(link.wait)
             if known is None or known.seen_ns < link.seen_ns:
                 out[link.wait] = link
-    return tuple(out.values())[:MAX_LINKS]
+    links = list(out.values())
+    if len(links) > MAX_LINKS:
+        waited_on = {link.target for link in links} | {target}
+        links.sort(key=lambda link: link.waiter not in waited_on)  # stable: order kept
+    return tuple(links[:MAX_LINKS])
 
 
 def cycle_through(mine: Link, links: tuple[Link, ...]) -> tuple[Link, ...] | None:
@@ -194,10 +206,16 @@ def cycle_through(mine: Link, links: tuple[Link, ...]) -> tuple[Link, ...] | Non
     when they come back to ``mine.waiter``; None when they end, loop elsewhere, or an
     actor shows two different waits (one of them has ended: nothing is certain until it
     has left every note).
+
+    Only links seen since ``mine`` began count.  One seen before may have ended before
+    it (review P): a wait of the same cycle that failed, its stale link still in a
+    note, made the walk from a later wait go round as if it still waited; so did the
+    wait of a process killed and restarted since.  A link seen during this wait held
+    then, while this one waited.
     """
     by_waiter: dict[int, Link] = {}
     for link in links:
-        if link.waiter == mine.waiter:
+        if link.waiter == mine.waiter or link.seen_ns < mine.started_ns:
             continue
         if by_waiter.setdefault(link.waiter, link).wait != link.wait:
             return None

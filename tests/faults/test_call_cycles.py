@@ -14,8 +14,16 @@ import time
 
 import pytest
 
-from runtime import ActorSystem, CallTimeoutError, RemoteError
-from tests.integration.actors_lib import Echo, Forger, Hop, OpenHop, Peer, SelfCaller
+from runtime import ActorDiedError, ActorSystem, CallTimeoutError, RemoteError
+from tests.integration.actors_lib import (
+    Echo,
+    Forger,
+    Hop,
+    OpenHop,
+    Peer,
+    RestartedHop,
+    SelfCaller,
+)
 
 
 @pytest.mark.timeout(60)
@@ -435,3 +443,63 @@ def test_a_long_chain_of_waits_without_a_cycle_fails_none():
         _link((a, "b", b), (b, "c", c), (c, "d", d))
         out = a.wait_after(0, "b", "call_after", 0, "c", "wait_after", 0, "d", "work", 1.0)
         assert out == d.ping()
+
+
+# -- review P of the above -------------------------------------------------------------------
+
+@pytest.mark.timeout(60)
+def test_the_stale_link_of_a_failed_wait_fails_no_later_wait():
+    """a waits on p.remote(); p waits on q.remote() (the latest); q calls a.  p's wait
+    fails, a's ends -- and a's next call to p, free, failed as a cycle: q's note still
+    carried "p waits on q" until q's next look."""
+    with ActorSystem() as system:
+        a, p, q = (system.spawn(Hop, name=n) for n in ("a", "p", "q"))
+        _link((a, "p", p), (p, "q", q), (q, "a", a))
+        assert a.call_after(0, "p", "ping") and p.call_after(0, "q", "ping")
+        assert q.call_after(0, "a", "ping")
+        first, then = a.wait_then_call(
+            "p", "sleep_wait_after", (1.0, 0.02, "q", "call_after", 0, "a", "ping"),
+            "work", (1.0,))
+        assert "call cycle: waiting, in a call of actor 'p'" in first, first
+        assert then == p.ping(), then
+
+
+@pytest.mark.timeout(90)
+def test_a_killed_waiters_link_fails_no_wait_on_its_next_process():
+    """z waits on a, a on y (no cycle); y kills z, and calls z's next process once it
+    serves: that wait failed as a cycle through "z waits on a", which a's note still
+    carried from z's first process."""
+    with ActorSystem() as system:
+        a, y = system.spawn(Hop, name="a"), system.spawn(Hop, name="y")
+        z = system.spawn(RestartedHop, name="z")
+        _link((a, "y", y), (y, "z", z), (z, "a", a))
+        assert a.call_after(0, "y", "ping") and y.call_after(0, "z", "ping")
+        assert z.call_after(0, "a", "ping")
+        fa = a.call_after.remote(0, "y", "kill_then_call", 0.8, "z", "work", 1.0)
+        time.sleep(0.1)
+        fz = z.call_after.remote(0, "a", "ping")
+        out = fa.result(timeout=60)
+        assert out == z.ping(), out
+        with pytest.raises(ActorDiedError):  # z's first process, killed in the call
+            fz.result(timeout=60)
+
+
+@pytest.mark.timeout(120)
+def test_a_cycle_with_a_crowd_of_waits_on_a_member_still_fails_its_latest_wait():
+    """Review P: 23 callers blocked on b came first in b's note and cut the cycle's links
+    off it: b, the latest of a -> b -> c -> a, never saw the cycle, and all hung."""
+    with ActorSystem() as system:
+        a, b, c = (system.spawn(Hop, name=n) for n in "abc")
+        crowd = [system.spawn(Hop, name=f"o{i}") for i in range(23)]
+        _link((a, "b", b), (b, "c", c), (c, "a", a), *((o, "b", b) for o in crowd))
+        assert a.call_after(0, "b", "ping") and b.call_after(0, "c", "ping")
+        assert c.call_after(0, "a", "ping")
+        assert all(o.call_after(0, "b", "ping") for o in crowd)
+        fb = b.call_after.remote(0.8, "c", "ping")  # the latest wait
+        fc = c.call_after.remote(0.4, "a", "ping")
+        fa = a.call_after.remote(0.0, "b", "ping")
+        fo = [o.call_after.remote(0.0, "b", "ping") for o in crowd]
+        out = fb.result(timeout=30)
+        assert "call cycle: waiting, in a call of actor 'b', on a call to actor 'c'" in out, out
+        assert fa.result(timeout=30) == b.ping() and fc.result(timeout=30) == a.ping()
+        assert all(f.result(timeout=30) == b.ping() for f in fo)

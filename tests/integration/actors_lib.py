@@ -764,6 +764,41 @@ class Hop:
     def call_slow_reply(self, peer, work, decode):
         return type(self.peers[peer].slow_reply(work, decode)).__name__
 
+    def sleep_wait_after(self, pre, delay, peer, method, *args):
+        """Sleep ``pre`` s, then as wait_after."""
+        time.sleep(pre)
+        return self.wait_after(delay, peer, method, *args)
+
+    def wait_then_call(self, peer, method, args, then_method, then_args):
+        """Wait on peer.method.remote(*args), then a blocking peer.then_method(*then_args);
+        failures come back as text."""
+        out = []
+        for call in (lambda: getattr(self.peers[peer], method).remote(*args).result(),
+                     lambda: getattr(self.peers[peer], then_method)(*then_args)):
+            try:
+                out.append(call())
+            except Exception as exc:
+                out.append(f"{type(exc).__name__}: {exc}")
+        return out
+
+    def kill_then_call(self, delay, peer, method, *args):
+        """Sleep, SIGKILL ``peer``'s process, wait until its next one serves, then a
+        blocking peer.method(*args); failures come back as text."""
+        time.sleep(delay)
+        h = self.peers[peer]
+        os.kill(h.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                h.ping()
+                break
+            except Exception:
+                time.sleep(0.005)
+        try:
+            return getattr(h, method)(*args)
+        except Exception as exc:
+            return f"{type(exc).__name__}: {exc}"
+
     def skip_ids(self, peer, to):
         """The next call id on the channel to ``peer`` is ``to`` (as after ~4G calls)."""
         h = self.peers[peer]
@@ -773,6 +808,11 @@ class Hop:
 
 @actor(untrusted_callers=True)
 class OpenHop(Hop):
+    pass
+
+
+@actor(max_restarts=3)
+class RestartedHop(Hop):
     pass
 
 

@@ -1098,7 +1098,7 @@ def test_a_slot_value_that_cannot_travel_fails_as_one_in_the_dict_does():
     plain RemoteError with the text, a value fails the encode."""
     back = _raised(_LockInSlot("x"))
     assert type(back) is RemoteError and "x" in str(back)
-    with pytest.raises(TypeError, match="cannot encode a value of type _thread.lock"):
+    with pytest.raises(TypeError, match=r"cannot encode a value of type _thread\.lock"):
         encode([_LockInSlot("x")])
 
 

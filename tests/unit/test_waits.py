@@ -184,11 +184,34 @@ def test_upstream_passes_on_each_wait_once_without_the_actors_own_or_stale_ones(
     carried = (Link(2, 3, 7, 70, NOW - 5), Link(0, 2, 1, 10, NOW - 9),  # 0: this actor's
                Link(4, 3, 1, 1, old), Link(5, 2, 1, 1, NOW - 8))
     again = (Link(2, 3, 7, 70, NOW - 1), Link(5, 2, 1, 1, NOW - 30))  # seen later / earlier
-    got = upstream([_waiting(3, 4, 40, carried), _waiting(6, 2, 20, again)], 0, NOW)
+    got = upstream([_waiting(3, 4, 40, carried), _waiting(6, 2, 20, again)], 0, 1, NOW)
     assert got == (Link(3, 0, 4, 40, NOW), Link(6, 0, 2, 20, NOW), Link(2, 3, 7, 70, NOW - 1),
                    Link(5, 2, 1, 1, NOW - 8))
     many = [_waiting(i, 1, 1) for i in range(1, 40)]
-    assert len(upstream(many, 0, NOW)) == waits.MAX_LINKS
+    assert len(upstream(many, 0, 1, NOW)) == waits.MAX_LINKS
+
+
+def test_a_crowd_of_waits_on_a_member_cannot_push_a_cycles_links_out():
+    """Review P: 23 callers blocked on b (1), none waited on, came first and cut the links
+    of the cycle b -> c (2) -> a (3) -> b off b's note: b, the latest, never saw it."""
+    crowd = [_waiting(i, 1, 1, me=1) for i in range(10, 33)]
+    a_waits = _waiting(3, 9, 90, [Link(2, 3, 8, 80, NOW)], me=1)  # c waits on a, a on b
+    got = upstream([*crowd, a_waits], 1, 2, NOW)
+    assert len(got) == waits.MAX_LINKS
+    # a: waited on (by c); c: b's target
+    assert got[:2] == (Link(3, 1, 9, 90, NOW), Link(2, 3, 8, 80, NOW))
+    assert cycle_through(Link(1, 2, 7, 100, NOW), got) is not None
+
+
+def test_a_link_seen_before_this_wait_began_is_not_walked():
+    """Review P: a wait of the cycle that failed (or a waiter killed) left its link in a
+    note until the next look; a later wait walked it as if it still held, and failed."""
+    ab, ca = Link(0, 1, 5, 1000, NOW), Link(2, 0, 7, 300, NOW)
+    assert cycle_through(ab, (Link(1, 2, 6, 200, 999), ca)) is None  # seen before 1000
+    assert cycle_through(ab, (Link(1, 2, 6, 200, 1000), ca)) is not None
+    # ... nor does a stale wait of an actor hide its fresh one
+    fresh = Link(1, 2, 9, 1500, NOW)
+    assert cycle_through(ab, (Link(1, 2, 6, 200, 999), fresh, ca)) == (ab, fresh, ca)
 
 
 def test_a_cycle_through_three_actors_is_found_from_each_member():
