@@ -47,15 +47,20 @@ actor waited on, during that actor's current wait (a new wait starts a new note,
 links); that actor serves nothing until the wait ends, so the call linked stays
 unanswered, and its caller's wait -- without a timeout -- ends only by an exception in
 it (an interrupt, its process's death, or its own wait failing as the cycle's latest).
-Of the waits in a cycle the latest fails (ties: the higher index) -- every member comes
-to see the same cycle -- unless this actor's note reached nobody (a ring-less channel):
-then nobody else sees its link, and it fails its own wait.  Only links seen since this
-actor's wait began are walked: a wait that ended by an exception (the cycle's own failed
-one, a process killed) may stay in notes until their writers' next looks, and a later
-wait walked it as if it still held (review P).  A member whose view mixes two waits of
-one actor concludes nothing until the old one has left every note.  A note keeps the
-waits of actors that others wait on first: a crowd of waits on a member, none of them
-waited on, hid a cycle's links (review P).
+Of the waits in a cycle the latest fails (ties: the higher index): every member comes
+to see the same cycle.  (A wait whose own note could not be written fails itself, since
+nobody else sees its link; a ring-less channel, where no note can be written, cannot
+conclude at all: see ``CallerChannel._nothing_unread``.)
+
+Only links seen since this actor's wait began are walked: a wait that ended by an
+exception (the cycle's own failed one, a process killed) stays in notes until their
+writers' next looks, and a later wait walked it as if it still held (review P).  A cycle
+broken by such an exception less than a look a hop before the verdict may still fail
+its latest wait -- the links say what held until then, as for any detector racing a
+timeout (review R).  An actor shown with two waits is followed through the later one (a
+nested wait blocks the thread; an ended one is the older).  A note keeps the waits of
+actors that others wait on first: a crowd of waits on a member, none of them waited on,
+hid a cycle's links (review P).
 
 Not caught: waits with a timeout or under ``call_timeout`` (they end anyway), waits on
 other threads, cycles of more than :data:`MAX_LINKS` waits -- or with more waits of
@@ -201,11 +206,14 @@ def upstream(waiting: list[tuple[WaitNote, Link]], me: int, target: int,
 def cycle_through(mine: Link, links: tuple[Link, ...]) -> tuple[Link, ...] | None:
     """The cycle of waits that ``mine`` closes, as ``links`` (this actor's upstream) show.
 
-    Each actor's serving thread waits on one call at a time, so from ``mine`` the waits
+    Each actor's serving thread blocks on one call at a time, so from ``mine`` the waits
     lead on one way: to its target's wait, to that one's target's, and so on.  A cycle
-    when they come back to ``mine.waiter``; None when they end, loop elsewhere, or an
-    actor shows two different waits (one of them has ended: nothing is certain until it
-    has left every note).
+    when they come back to ``mine.waiter``; None when they end or loop elsewhere.  An
+    actor shown with two waits is walked through the later one: a wait nested in another
+    (a signal handler's call) is what blocks the thread, the outer one cannot end before
+    it, and of an ended wait and a new one the new one is the later.  (Giving up instead,
+    as the first version did, left a cycle through a nested wait hanging for ever while
+    both waits were renewed: review R.)
 
     Only links seen since ``mine`` began count.  One seen before may have ended before
     it (review P): a wait of the same cycle that failed, its stale link still in a
@@ -217,8 +225,10 @@ def cycle_through(mine: Link, links: tuple[Link, ...]) -> tuple[Link, ...] | Non
     for link in links:
         if link.waiter == mine.waiter or link.seen_ns < mine.started_ns:
             continue
-        if by_waiter.setdefault(link.waiter, link).wait != link.wait:
-            return None
+        known = by_waiter.get(link.waiter)
+        if known is None or (known.started_ns, known.call_id, known.target) < \
+                (link.started_ns, link.call_id, link.target):
+            by_waiter[link.waiter] = link
     path = [mine]
     at = mine.target
     while at != mine.waiter:

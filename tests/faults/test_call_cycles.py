@@ -503,3 +503,27 @@ def test_a_cycle_with_a_crowd_of_waits_on_a_member_still_fails_its_latest_wait()
         assert "call cycle: waiting, in a call of actor 'b', on a call to actor 'c'" in out, out
         assert fa.result(timeout=30) == b.ping() and fc.result(timeout=30) == a.ping()
         assert all(f.result(timeout=30) == b.ping() for f in fo)
+
+
+# -- review R ---------------------------------------------------------------------------------
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("d_calls_at", [0.52, 0.58, 0.62])
+def test_a_cycle_through_a_signal_handlers_nested_wait_fails_its_latest_wait(d_calls_at):
+    """a's call waits on b (outer); 0.2 s in, a's SIGALRM handler calls c (nested); c calls
+    d, and d (serving b) calls a: a deadlock, d's wait the latest.  d saw both of a's
+    waits, and gave up on an actor with two waits: nobody failed, for ever."""
+    with ActorSystem() as system:
+        a, b, c, d = (system.spawn(Hop, name=n) for n in "abcd")
+        _link((a, "b", b), (a, "c", c), (b, "d", d), (c, "d", d), (d, "a", a))
+        for h, peer in ((a, "b"), (a, "c"), (b, "d"), (c, "d"), (d, "a")):
+            assert h.call_after(0, peer, "ping")
+        fb = b.call_after.remote(0, "d", "call_after", d_calls_at, "a", "ping")
+        time.sleep(0.05)
+        fa = a.call_with_nested_alarm.remote(0.2, ("b", "ping"),
+                                             ("c", "call_after", 0, "d", "ping"))
+        out_b = fb.result(timeout=20)
+        assert "call cycle: waiting, in a call of actor 'd', on a call to actor 'a'" in out_b, \
+            out_b
+        outer, nested = fa.result(timeout=20)
+        assert outer == b.ping() and nested == d.ping(), (outer, nested)

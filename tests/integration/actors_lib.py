@@ -799,6 +799,30 @@ class Hop:
         except Exception as exc:
             return f"{type(exc).__name__}: {exc}"
 
+    def call_with_nested_alarm(self, alarm_s, outer, nested):
+        """A blocking call ``outer`` = (peer, method, *args); ``alarm_s`` into it, a SIGALRM
+        handler makes the blocking call ``nested`` (a wait nested in another).  Both
+        outcomes, failures as text."""
+        got = {}
+
+        def run(call):
+            try:
+                return getattr(self.peers[call[0]], call[1])(*call[2:])
+            except Exception as exc:
+                return f"{type(exc).__name__}: {exc}"
+
+        def on_alarm(signum, frame):
+            got["nested"] = run(nested)
+
+        old = signal.signal(signal.SIGALRM, on_alarm)
+        signal.setitimer(signal.ITIMER_REAL, alarm_s)
+        try:
+            out = run(outer)
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, old)
+        return [out, got.get("nested")]
+
     def skip_ids(self, peer, to):
         """The next call id on the channel to ``peer`` is ``to`` (as after ~4G calls)."""
         h = self.peers[peer]

@@ -229,10 +229,20 @@ def test_a_cycle_through_three_actors_is_found_from_each_member():
     (),  # nothing known of b
     (Link(1, 2, 6, 200, NOW),),  # b waits on c, c on nothing known
     (Link(1, 2, 6, 200, NOW), Link(2, 1, 7, 300, NOW)),  # b and c wait on each other, not on a
-    (Link(1, 2, 6, 200, NOW), Link(2, 0, 7, 300, NOW), Link(1, 3, 8, 400, NOW)),  # b: two waits
+    (Link(1, 2, 6, 200, NOW), Link(2, 0, 7, 300, NOW), Link(1, 3, 8, 400, NOW)),  # b's later
 ])
 def test_no_cycle_through_this_wait_is_none(links):
     assert cycle_through(Link(0, 1, 5, 100, NOW), links) is None
+
+
+def test_an_actor_with_two_waits_is_followed_through_the_later_one():
+    """Review R: a signal handler's wait nested in an outer one (both renewed at every
+    look) made the walk give up for ever: the nested one, the later, blocks the thread."""
+    ab, ca = Link(0, 1, 5, 100, NOW), Link(2, 0, 7, 300, NOW)
+    outer, nested = Link(1, 3, 6, 150, NOW), Link(1, 2, 9, 250, NOW)
+    assert cycle_through(ab, (outer, nested, ca)) == (ab, nested, ca)
+    assert cycle_through(ab, (nested, outer, ca)) == (ab, nested, ca)  # whatever the order
+    assert cycle_through(ab, (Link(1, 2, 9, 150, NOW), Link(1, 3, 6, 250, NOW), ca)) is None
 
 
 def test_this_actors_stale_link_passed_back_does_not_hide_its_current_wait():
