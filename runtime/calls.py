@@ -1091,10 +1091,6 @@ class ProcessContext:
         return self.inbound_notes is not None and self.session.call_timeout is None \
             and threading.get_ident() == self.serving_thread
 
-    def wait_cycle(self, ref: ActorRef, mine: waits.WaitNote, *, noted: bool) -> str | None:
-        """Why the wait ``mine`` on a call to ``ref`` would never end, as callers' notes say."""
-        return self.look(ref, mine, noted=noted)[0]
-
     def look(self, ref: ActorRef, mine: waits.WaitNote, *,
              noted: bool) -> tuple[str | None, tuple[waits.Link, ...]]:
         """Read the callers' wait notes during the wait ``mine`` on a call to ``ref``.

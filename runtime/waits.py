@@ -74,7 +74,7 @@ import struct
 from typing import NamedTuple
 
 __all__ = ["BLOCKED", "MAX_LINKS", "WAITING", "Link", "WaitNote", "closes_cycle",
-           "cycle_through", "decode", "encode", "unanswered", "upstream"]
+           "cycle_through", "decode", "encode", "fails", "unanswered", "upstream"]
 
 BLOCKED = 1  # in a blocking call
 WAITING = 2  # waiting on a future without a timeout
@@ -244,7 +244,9 @@ def fails(cycle: tuple[Link, ...], *, noted: bool) -> bool:
     """Whether the wait ``cycle[0]`` (this actor's) is the one of ``cycle`` to fail.
 
     The latest (ties: the higher waiter index): every member sees the same cycle, so
-    exactly one fails.  Without ``noted`` (this wait's note reached nobody) no other
+    one wait of it fails.  (An actor with a wait nested in another, a signal handler's,
+    may be in two cycles at once, one through each: each fails its own latest.)  Without
+    ``noted`` (this wait's note reached nobody) no other
     member can see the cycle, and this wait fails.
     """
     if not noted:

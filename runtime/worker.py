@@ -118,7 +118,7 @@ class ActorServer:
 
         An untrusted caller's note is not read: it could claim any wait, and fail ours.  Each
         comes with the caller's pid and incarnation: only the note of the live process of the
-        actor it names counts (``ProcessContext.wait_cycle``), not a dead caller's.
+        actor it names counts (``ProcessContext.look``), not a dead caller's.
         """
         notes = []
         for conn in self.inbound:

@@ -517,8 +517,8 @@ def test_a_cycle_through_a_signal_handlers_nested_wait_fails_its_latest_wait():
         _link((a, "b", b), (a, "c", c), (b, "d", d), (c, "d", d), (d, "a", a))
         for h, peer in ((a, "b"), (a, "c"), (b, "d"), (c, "d"), (d, "a")):
             assert h.call_after(0, peer, "ping")
-        # d calls a at 0.58 s: b's and c's looks then renew both of a's waits in step (the
-        # review saw the hang for any time from 0.52 to 0.62 s).
+        # d calls a at 0.58 s: the first version hung there (b's and c's looks renewed both
+        # of a's waits in step; the review saw it from 0.52 to 0.62 s).
         fb = b.call_after.remote(0, "d", "call_after", 0.58, "a", "ping")
         time.sleep(0.05)
         fa = a.call_with_nested_alarm.remote(0.2, ("b", "ping"),

@@ -231,7 +231,6 @@ class _ActorContext(_Context):
 
     self_index, self_name, serving = 0, "a", (0,)
     serving_thread = -1  # an actor's (watches_waits says it is this thread)
-    wait_cycle = ProcessContext.wait_cycle
     look = ProcessContext.look
     _is_live = ProcessContext._is_live
 

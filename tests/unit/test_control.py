@@ -709,6 +709,7 @@ def test_a_flood_of_refusals_is_logged_once_a_second_with_its_count(server, capl
     if why == "deadline":
         monkeypatch.setattr(control, "REQUEST_DEADLINE_S", 0.0)
     n = 40
+    t0 = time.monotonic()
     with caplog.at_level(logging.WARNING, logger="runtime.control"):
         for i in range(n):
             c = raw_client(srv.path)
@@ -717,11 +718,14 @@ def test_a_flood_of_refusals_is_logged_once_a_second_with_its_count(server, capl
             pump(srv, lambda i=i: srv.refused > i)
             assert read_reply(c)[0] == "error"
             c.close()
+        flood_s = time.monotonic() - t0
         time.sleep(1.05)  # the flood is over: the rest is logged by the next service()
         assert srv.ready()
         srv.service()
     lines = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
-    assert 2 <= len(lines) <= 3, lines
+    # The first at once, then one a second of the flood (however long a loaded machine
+    # takes for it), then the rest: never a line a refusal.
+    assert 2 <= len(lines) <= 2 + int(flood_s), (flood_s, lines)
     logged = sum(int(m.split("refused ")[1].split()[0]) for m in lines)
     assert logged == n, lines
     assert f"the last from pid {os.getpid()}: " in lines[-1], lines

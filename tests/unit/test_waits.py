@@ -286,7 +286,7 @@ def test_only_the_note_of_the_live_process_of_the_actor_it_names_counts():
 
     def cycle(*notes):
         ctx.inbound_notes = lambda: list(notes)
-        return ctx.wait_cycle(b, _mine(), noted=True)
+        return ctx.look(b, _mine(), noted=True)[0]
 
     assert "call cycle" in cycle((note, 0, 4242, 0))  # b's live process
     assert cycle((note, 0, 9999, 0)) is None  # another process (b's pid reused, say)
