@@ -255,14 +255,21 @@ class ActorServer:
                 reply = (call_id, True, fn(*args, **kwargs))
             finally:
                 _set_called(None)
-                self.ctx.serving = ()
         except (SystemExit, KeyboardInterrupt):
+            self.ctx.serving = ()
             raise  # the method ends the actor (sys.exit): the caller gets ActorDiedError
         except BaseException as exc:  # noqa: BLE001 - every failure goes back to the caller
             call_id = msg[0] if isinstance(msg, tuple) and msg else 0
             reply = (call_id, False, self._error_payload(exc))
-        faults.hit("before_reply")
-        self._reply(conn, reply)
+        try:
+            faults.hit("before_reply")
+            # Still this call's: encoding the reply runs user code, and a DeferredTensor's
+            # fill may call other actors -- with this call's chain, and watched, as the
+            # method's own calls are (they went out without either, and a cycle through
+            # a fill hung: review L).
+            self._reply(conn, reply)
+        finally:
+            self.ctx.serving = ()
 
     def _reply(self, conn: _Inbound, reply: tuple) -> None:
         """Send a reply; a reply that cannot be encoded becomes that call's error.
@@ -273,27 +280,35 @@ class ActorServer:
         actor carry on.  Only a failure of the channel itself drops it.
         """
         call_id = reply[0] if type(reply[0]) is int else 0
-        if call_id:  # calls are served in the order of their ids (0: a call that failed
-            conn.answered = call_id  # to decode; callers never use id 0)
         ch = conn.channel
         try:
-            enc = ch.encode(reply, plain_only=self.untrusted)
-        except BaseException as exc:
-            if isinstance(exc, KeyboardInterrupt):
-                raise
-            enc = ch.encode((call_id, False, self._error_payload(exc)))
-        try:
-            self._send_or_drop(conn, enc, call_id)
-        except (SystemExit, KeyboardInterrupt):
-            raise  # as from the method itself: the actor ends
-        except BaseException as exc:  # noqa: BLE001 - a buffer that failed to write itself
-            # A result's bytes are written while the reply is sent (a device tensor copies
-            # itself device-to-host into the record, a DeferredTensor computes itself
-            # there): that can fail in any way a method can.  A send happens whole or not
-            # at all, so nothing went: the call fails instead (an error payload is plain
-            # strings and bytes: no buffer to write).
-            self._send_or_drop(conn, ch.encode((call_id, False, self._error_payload(exc))),
-                               call_id)
+            try:
+                enc = ch.encode(reply, plain_only=self.untrusted)
+            except BaseException as exc:
+                if isinstance(exc, KeyboardInterrupt):
+                    raise
+                enc = ch.encode((call_id, False, self._error_payload(exc)))
+            try:
+                self._send_or_drop(conn, enc, call_id)
+            except (SystemExit, KeyboardInterrupt):
+                raise  # as from the method itself: the actor ends
+            except BaseException as exc:  # noqa: BLE001 - a buffer that failed to write itself
+                # A result's bytes are written while the reply is sent (a device tensor
+                # copies itself device-to-host into the record, a DeferredTensor computes
+                # itself there): that can fail in any way a method can.  A send happens
+                # whole or not at all, so nothing went: the call fails instead (an error
+                # payload is plain strings and bytes: no buffer to write).
+                self._send_or_drop(conn, ch.encode((call_id, False,
+                                                    self._error_payload(exc))), call_id)
+        finally:
+            # Calls are served in the order of their ids (0: a call that failed to decode;
+            # callers never use id 0).  Recorded once the reply has gone: while it is
+            # encoded and sent -- user code, a DeferredTensor's fill that may call other
+            # actors -- the call is unanswered, and a caller's note naming it closes a
+            # cycle through that wait (recorded before, such a cycle was missed: review L).
+            # No look comes between the send and this: looks run on this thread.
+            if call_id:
+                conn.answered = call_id
 
     def _send_or_drop(self, conn: _Inbound, enc: Any, call_id: int) -> None:
         try:

@@ -528,3 +528,27 @@ def test_a_cycle_through_a_signal_handlers_nested_wait_fails_its_latest_wait():
             out_b
         outer, nested = fa.result(timeout=20)
         assert outer == b.ping() and nested == d.ping(), (outer, nested)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("how", ["blocking", "future"])
+def test_a_cycle_through_a_deferred_replys_fill_fails(how):
+    """c calls a.deferred_call(), whose reply's fill (run while the reply is sent) calls b,
+    and b calls c: c -> a -> b -> c.  The fill's call went out without the call's chain,
+    unwatched, and a took its call as answered once its reply began to be sent, so
+    neither the chain nor the notes showed the cycle: it hung (review L of the last
+    session).  Blocking, the chain now refuses b's call back at once; through a future
+    (no chain), the notes fail b's wait, the latest."""
+    with ActorSystem() as system:
+        a, b, c = (system.spawn(Hop, name=n) for n in "abc")
+        _link((c, "a", a), (a, "b", b), (b, "c", c))
+        assert c.call_after(0, "a", "ping") and a.call_after(0, "b", "ping")
+        assert b.call_after(0, "c", "ping")
+        call = c.call_after if how == "blocking" else (lambda _, *args: c.wait_after(0, *args))
+        out = call(0, "a", "deferred_call", "b", "call_after", 0.1, "c", "ping")
+        assert out.tolist() == [1.0] * 4  # the fill went on once b's call back failed
+        why = a.filled()
+        if how == "blocking":
+            assert why.startswith("ActorRuntimeError: call cycle") and "never be served" in why
+        else:
+            assert "call cycle: waiting, in a call of actor 'b', on a call to actor 'c'" in why
