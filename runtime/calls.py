@@ -1099,39 +1099,43 @@ class ProcessContext:
         wait on this one (``waits.upstream``), for this actor's own note.
         """
         now = time.monotonic_ns()
-        me = self.self_name or f"actor #{self.self_index}"
         waiting: list[tuple[waits.WaitNote, waits.Link]] = []
-        names = {ref.index: ref.name, self.self_index: me}
-        text = None
         for raw, answered, pid, incarnation in self.inbound_notes():
             note = waits.decode(raw)
             if note is None or not self._is_live(note.writer, pid, incarnation):
                 continue  # none, or a dead incarnation's (its pid reused since): review M
-            if not waits.unanswered(note.call_id, answered):
-                continue  # a wait that has ended
-            waiting.append((note, waits.Link(note.writer, self.self_index, note.call_id,
-                                             note.started_ns, now)))
-            names.setdefault(note.writer, note.name or f"actor #{note.writer}")
-            if text is None and waits.closes_cycle(note, answered, target=ref.index,
-                                                   me=self.self_index, mine=mine, noted=noted):
-                how = "a blocking call" if note.kind == waits.BLOCKED else "a wait on a future"
-                text = (f"call cycle: waiting, in a call of actor {me!r}, on a call to actor "
-                        f"{ref.name!r}, which is blocked ({how}) on a call to {me!r} that "
-                        f"{me!r} serves only after this wait, so the wait would never end")
+            if waits.unanswered(note.call_id, answered):  # else a wait that has ended
+                waiting.append((note, waits.Link(note.writer, self.self_index, note.call_id,
+                                                 note.started_ns, now)))
         links = waits.upstream(waiting, self.self_index, ref.index, now)
-        if text is None:
-            cycle = waits.cycle_through(waits.Link(self.self_index, ref.index, mine.call_id,
-                                                   mine.started_ns, now), links)
-            if cycle is not None and waits.fails(cycle, noted=noted):
-                for index, cc in list(self._channels.items()):  # names this process knows
-                    names.setdefault(index, cc.ref.name)
-                hops = ", ".join(f"{names.get(link.waiter, f'actor #{link.waiter}')!r} on "
-                                 f"{names.get(link.target, f'actor #{link.target}')!r}"
-                                 for link in cycle[1:])
-                text = (f"call cycle: waiting, in a call of actor {me!r}, on a call to actor "
-                        f"{ref.name!r}; each waits on the next ({hops}), and {me!r} serves "
-                        f"its call only after this wait, so the wait would never end")
-        return text, links
+        # Two actors (the target's own note blocked on a call to this one) or more: one walk.
+        cycle = waits.cycle_through(waits.Link(self.self_index, ref.index, mine.call_id,
+                                               mine.started_ns, now), links)
+        if cycle is None or not waits.fails(cycle, noted=noted):
+            return None, links
+        return self._cycle_text(ref, cycle, [note for note, _ in waiting]), links
+
+    def _cycle_text(self, ref: ActorRef, cycle: tuple[waits.Link, ...],
+                    notes: list[waits.WaitNote]) -> str:
+        """The error of a wait that ``cycle`` (this actor's wait first) would never end."""
+        me = self.self_name or f"actor #{self.self_index}"
+        head = f"call cycle: waiting, in a call of actor {me!r}, on a call to actor {ref.name!r}"
+        tail = f"{me!r} serves only after this wait, so the wait would never end"
+        # Two actors: the target blocked on a call to this one, as its own note says (a link
+        # passed back to this actor may stand in for the note: then the general text).
+        kind = next((n.kind for n in notes if n.writer == ref.index), None)
+        if len(cycle) == 2 and kind is not None:
+            how = "a blocking call" if kind == waits.BLOCKED else "a wait on a future"
+            return f"{head}, which is blocked ({how}) on a call to {me!r} that {tail}"
+        names = {ref.index: ref.name, self.self_index: me}
+        names.update((n.writer, n.name) for n in notes if n.name)
+        for index, cc in list(self._channels.items()):  # the names this process knows
+            names.setdefault(index, cc.ref.name)
+        hops = ", ".join(f"{names.get(link.waiter, f'actor #{link.waiter}')!r} on "
+                         f"{names.get(link.target, f'actor #{link.target}')!r}"
+                         for link in cycle[1:])
+        return f"{head}; each waits on the next ({hops}), and {me!r} serves its call only " \
+               f"after this wait, so the wait would never end"
 
     def _is_live(self, index: int, pid: int, incarnation: int) -> bool:
         """Whether ``pid`` is incarnation ``incarnation`` of actor ``index``, alive (the table)."""

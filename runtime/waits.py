@@ -19,10 +19,10 @@ in the header of the ring it sent that call on (``Channel.set_note``): the call'
 when the wait began, and who waits.  It then reads the notes its inbound callers left,
 and again at doubling intervals up to ``calls.WATCH_MAX_S``, until the wait ends (a
 short call, most of them, pays for no note).  A note from the very actor it waits on,
-blocked on a call to it that it has not answered, closes a cycle (:func:`closes_cycle`):
-the wait fails with ``ActorRuntimeError``, once the channel of the call waited on holds
-no reply left unread (the actor may have answered, then blocked, and its note be read
-before its reply: see ``CallerChannel._nothing_unread``).
+blocked on a call to it that it has not answered, closes a cycle (the walk below, two
+links long): the wait fails with ``ActorRuntimeError``, once the channel of the call
+waited on holds no reply left unread (the actor may have answered, then blocked, and its
+note be read before its reply: see ``CallerChannel._nothing_unread``).
 
 Why it is exact: the note's writer is blocked while its call is unanswered (a live
 process's note is cleared when its wait ends), so it serves nothing, and the call waited
@@ -73,8 +73,8 @@ from __future__ import annotations
 import struct
 from typing import NamedTuple
 
-__all__ = ["BLOCKED", "MAX_LINKS", "WAITING", "Link", "WaitNote", "closes_cycle",
-           "cycle_through", "decode", "encode", "fails", "unanswered", "upstream"]
+__all__ = ["BLOCKED", "MAX_LINKS", "WAITING", "Link", "WaitNote", "cycle_through", "decode",
+           "encode", "fails", "unanswered", "upstream"]
 
 BLOCKED = 1  # in a blocking call
 WAITING = 2  # waiting on a future without a timeout
@@ -154,22 +154,6 @@ def unanswered(call_id: int, answered: int) -> bool:
     the wrap).
     """
     return 0 < (call_id - answered) % _IDS < _IDS // 2
-
-
-def closes_cycle(note: WaitNote | None, answered: int, *, target: int, me: int,
-                 mine: WaitNote, noted: bool) -> bool:
-    """Whether a caller's ``note`` closes a cycle with this actor's wait ``mine``.
-
-    ``answered``: the id of the last call this actor answered on the note's channel.
-    ``target``: the actor waited on; ``me``: this one.  ``noted``: whether ``mine``
-    reached the actor waited on (its channel has rings): only then may the failure be
-    left to that actor, when its wait is the later.
-    """
-    if note is None or note.writer != target or not unanswered(note.call_id, answered):
-        return False  # no wait, another actor's, or one that has ended
-    if noted:  # the actor waited on sees this wait as this one sees its own
-        return (note.started_ns, target) < (mine.started_ns, me)
-    return True
 
 
 def upstream(waiting: list[tuple[WaitNote, Link]], me: int, target: int,

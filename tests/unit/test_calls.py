@@ -232,6 +232,7 @@ class _ActorContext(_Context):
     self_index, self_name, serving = 0, "a", (0,)
     serving_thread = -1  # an actor's (watches_waits says it is this thread)
     look = ProcessContext.look
+    _cycle_text = ProcessContext._cycle_text
     _is_live = ProcessContext._is_live
 
     def __init__(self, notes):

@@ -13,7 +13,7 @@ from runtime import waits
 from runtime.errors import TransportError
 from runtime.transport import channel as channel_module
 from runtime.transport.ring import MIN_CAPACITY, NOTE_MAX, ShmRing
-from runtime.waits import BLOCKED, WAITING, Link, WaitNote, closes_cycle, cycle_through, upstream
+from runtime.waits import BLOCKED, WAITING, Link, WaitNote, cycle_through, upstream
 from tests.unit.test_transport import make_pair
 
 
@@ -144,6 +144,31 @@ def _mine(started=100):
     return WaitNote(WAITING, 5, started, 0, "a")  # actor 0 waits on its call 5 to actor 1
 
 
+def _context(me=0):
+    """Actor ``me``'s context over a table where actors 0 to 2 live as pid 4242."""
+    from types import SimpleNamespace
+
+    from runtime.calls import ProcessContext
+    from runtime.table import ALIVE, Entry
+
+    ctx = ProcessContext.__new__(ProcessContext)
+    ctx.table = SimpleNamespace(read=lambda i: Entry(ALIVE, 0, 4242, 0, 0, 0) if i < 3
+                                else Entry(0, 0, 0, 0, 0, 0))
+    ctx.self_index, ctx.self_name, ctx._channels = me, "ab"[me] if me < 2 else "c", {}
+    return ctx
+
+
+def _two_actor_verdict(note, answered, *, me=0, mine=None, noted=True):
+    """What ``look`` concludes of a caller's ``note`` during ``mine`` on a call to the other."""
+    from runtime.calls import ActorRef
+
+    ctx = _context(me)
+    ctx.inbound_notes = lambda: [] if note is None else [(waits.encode(note), answered, 4242, 0)]
+    other = 1 - me
+    ref = ActorRef("0" * 12, other, "ab"[other], "X", frozenset(), False)
+    return ctx.look(ref, mine or _mine(), noted=noted)[0] is not None
+
+
 @pytest.mark.parametrize("note, answered, expected", [
     (WaitNote(BLOCKED, 3, 50, 1), 0, True),  # b blocked on a call to a, earlier: a fails
     (WaitNote(BLOCKED, 3, 50, 1), 3, False),  # answered: b's note is stale
@@ -154,18 +179,29 @@ def _mine(started=100):
     (WaitNote(WAITING, 3, 100, 1), 0, False),  # a tie: the higher index (b) fails it
     (None, 0, False),
 ])
-def test_which_notes_close_a_cycle(note, answered, expected):
-    assert closes_cycle(note, answered, target=1, me=0, mine=_mine(), noted=True) is expected
+def test_which_notes_close_a_cycle_of_two(note, answered, expected):
+    assert _two_actor_verdict(note, answered) is expected
 
 
 def test_a_wait_the_other_side_cannot_see_is_not_left_to_it():
     """b's later wait would fail it -- but b can only see a's wait if a's note reached it."""
     note = WaitNote(BLOCKED, 3, 500, 1)
-    assert closes_cycle(note, 0, target=1, me=0, mine=_mine(), noted=True) is False
-    assert closes_cycle(note, 0, target=1, me=0, mine=_mine(), noted=False) is True
+    assert _two_actor_verdict(note, 0, noted=True) is False
+    assert _two_actor_verdict(note, 0, noted=False) is True
     tie = WaitNote(WAITING, 3, 100, 0)  # b's side of a tie: b, the higher index, fails
-    assert closes_cycle(tie, 0, target=0, me=1, mine=WaitNote(WAITING, 3, 100, 1),
-                        noted=True) is True
+    assert _two_actor_verdict(tie, 0, me=1, mine=WaitNote(WAITING, 3, 100, 1)) is True
+
+
+def test_the_text_of_a_cycle_of_two_says_how_the_other_waits():
+    from runtime.calls import ActorRef
+
+    ctx = _context()
+    ctx.inbound_notes = lambda: [(waits.encode(WaitNote(WAITING, 3, 50, 1, "b")), 0, 4242, 0)]
+    text, links = ctx.look(ActorRef("0" * 12, 1, "b", "X", frozenset(), False), _mine(),
+                           noted=True)
+    assert text.startswith("call cycle: waiting, in a call of actor 'a', on a call to actor "
+                           "'b', which is blocked (a wait on a future) on a call to 'a'")
+    assert [link.wait for link in links] == [(1, 0, 3, 50)]
 
 
 # -- cycles through more actors: waits passed along (edge chasing) -----------------------------
