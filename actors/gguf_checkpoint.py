@@ -50,7 +50,8 @@ import numpy as np
 import torch
 
 __all__ = ["GGUF_NAMES", "cache_root", "cached_conversion", "conversion_dir", "find_gguf",
-           "gguf_config_dict", "is_gguf", "permute_qk", "read_gguf_tensors", "unpermute_qk"]
+           "gguf_config_dict", "gguf_special_token_ids", "is_gguf", "permute_qk",
+           "read_gguf_tensors", "unpermute_qk"]
 
 logger = logging.getLogger(__name__)
 
@@ -266,6 +267,30 @@ def _reader(path: Path) -> Any:
         # (and the examples' "cannot use checkpoint" line) rely on one type.
         raise ValueError(f"cannot read {str(path)!r} as GGUF: "
                          f"{type(e).__name__}: {e}") from e
+
+
+# The tokenizer's special tokens, as a GGUF file names them (``tokenizer.ggml.*``).
+SPECIAL_TOKEN_KEYS = {"bos": "tokenizer.ggml.bos_token_id", "eos": "tokenizer.ggml.eos_token_id",
+                      "unk": "tokenizer.ggml.unknown_token_id",
+                      "pad": "tokenizer.ggml.padding_token_id"}
+
+
+def gguf_special_token_ids(path: str | Path) -> dict[str, int]:
+    """``{"bos": id, "eos": id, "unk": id, "pad": id}``: those the GGUF file at ``path`` names.
+
+    What a tokenizer built from the file must say (``actors.tokenizer.load_tokenizer``
+    checks it): transformers' conversion has not always got them right.  Reads the file's
+    metadata (its whole vocabulary: seconds for a large one); ``ValueError`` for a file that
+    is not GGUF or a value that is not an id.
+    """
+    p = Path(path)
+    reader = _reader(p)
+    out: dict[str, int] = {}
+    for name, key in SPECIAL_TOKEN_KEYS.items():
+        v = _field(reader, key)
+        if v is not None:
+            out[name] = _meta_int(v, key, str(p), lo=0)
+    return out
 
 
 def gguf_config_dict(path: str | Path) -> dict[str, Any]:

@@ -5,7 +5,9 @@ GGUF file's own vocabulary (``tokenizer.ggml.*`` metadata, with its chat templat
 one from a GGUF file takes seconds (7 s for SmolLM2's 49152 tokens on two cores), so the
 result is saved next to the weights' conversion in the user's cache
 (``$XDG_CACHE_HOME/tee-actors/gguf/<stem>-<key>-tokenizer/``) and loaded from there
-afterwards.
+afterwards, with the GGUF file's special-token ids beside it (``gguf_special_tokens.json``),
+which the tokenizer is made to match: transformers 5.17's conversion made the bos token the
+eos too (5.24's does not), so an answer did not end at the model's eos.
 
 Tokenising runs wherever the caller is: in the split it belongs to the TEE side (the text
 never reaches the GPU worker, which sees token ids at most).
@@ -20,7 +22,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from actors.gguf_checkpoint import conversion_dir, find_gguf, gguf_config_dict
+from actors.gguf_checkpoint import (
+    conversion_dir,
+    find_gguf,
+    gguf_config_dict,
+    gguf_special_token_ids,
+)
 
 __all__ = ["StreamDecoder", "chat_ids", "eos_token_ids", "generation_eos_ids", "load_tokenizer"]
 
@@ -44,7 +51,9 @@ def load_tokenizer(checkpoint: str | Path, cache_dir: str | Path | None = None) 
     """A tokenizer (transformers') for a Hugging Face folder, a GGUF file or a folder with one.
 
     ``cache_dir`` overrides ``$XDG_CACHE_HOME/tee-actors/gguf`` for GGUF conversions.  The
-    tokenizer's ``chat_template`` is the model's when the checkpoint has one.
+    tokenizer's ``chat_template`` is the model's when the checkpoint has one; a GGUF file's
+    tokenizer has the bos, eos, unk and pad tokens the file names, whatever transformers'
+    conversion made of them.
     """
     auto = _auto_tokenizer()
     path = Path(checkpoint)
@@ -54,14 +63,22 @@ def load_tokenizer(checkpoint: str | Path, cache_dir: str | Path | None = None) 
     if gguf is None:
         return auto.from_pretrained(str(path))
     saved = tokenizer_cache_dir(gguf, cache_dir)
-    if (saved / "tokenizer_config.json").is_file():
-        return auto.from_pretrained(str(saved))
+    ids_file = saved / SPECIAL_IDS_FILE
+    if (saved / "tokenizer_config.json").is_file() and ids_file.is_file():
+        tok = auto.from_pretrained(str(saved))
+        _match_special_tokens(tok, json.loads(ids_file.read_text()), gguf)
+        return tok
+    ids = gguf_special_token_ids(gguf)
     tok = auto.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    _match_special_tokens(tok, ids, gguf)
     saved.parent.mkdir(parents=True, exist_ok=True)
     tmp = saved.with_name(f".{saved.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tok.save_pretrained(str(tmp))
+        (tmp / SPECIAL_IDS_FILE).write_text(json.dumps(ids))
+        # A folder saved without the ids (before they were kept) may hold a wrong eos.
+        shutil.rmtree(saved, ignore_errors=True)
         try:
             tmp.rename(saved)
         except OSError:  # another process saved it first
@@ -69,6 +86,25 @@ def load_tokenizer(checkpoint: str | Path, cache_dir: str | Path | None = None) 
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return tok
+
+
+SPECIAL_IDS_FILE = "gguf_special_tokens.json"
+
+
+def _match_special_tokens(tok: Any, ids: dict[str, int], gguf: Path) -> None:
+    """Make ``tok``'s bos/eos/unk/pad tokens those of ``ids`` (a GGUF file's own).
+
+    transformers 5.17's GGUF conversion gave the tokenizer the bos token as its eos: an
+    answer then ended at neither (``eos_token_ids`` gave the bos id).  An id beyond the
+    vocabulary is the file's error: ``ValueError``.
+    """
+    size = len(tok)
+    for name, i in ids.items():
+        if not isinstance(i, int) or not 0 <= i < size:
+            raise ValueError(f"{gguf}: GGUF metadata names {name} token id {i!r}, outside "
+                             f"its vocabulary of {size}")
+        if getattr(tok, f"{name}_token_id", None) != i:
+            setattr(tok, f"{name}_token", tok.convert_ids_to_tokens(i))
 
 
 def _as_ids(out: Any) -> list[int]:

@@ -160,13 +160,17 @@ def test_a_hf_config_that_undercounts_its_layers_is_refused(tmp_path):
 
 CHILD = textwrap.dedent("""
     import json, resource, sys
-    resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))
     from safetensors.torch import save_file
     from tests.unit.test_checkpoint_refusals import _good, _set_block_count
     from tests.unit.test_gguf import all_names, tiny
     from actors import LlamaConfig, LlamaReference
     from actors.llama import CheckpointReader, load_weights
     from pathlib import Path
+    # 3 GiB beyond what the imports mapped: a CUDA build of torch maps more than 3 GiB of
+    # address space on import alone (torch 2.11+cu130, the device image's).
+    with open("/proc/self/statm") as f:
+        mapped = int(f.read().split()[0]) * resource.getpagesize()
+    resource.setrlimit(resource.RLIMIT_AS, (mapped + (3 << 30), mapped + (3 << 30)))
 
     root = Path(sys.argv[1])
     path = _good(root)
@@ -193,8 +197,8 @@ CHILD = textwrap.dedent("""
 
 
 def test_an_absurd_layer_count_is_refused_before_anything_is_sized_by_it(tmp_path):
-    """Run in a child capped at 3 GiB: before the fix it listed 2**31 layers' names until
-    MemoryError (or, uncapped, until the machine ran out)."""
+    """Run in a child given 3 GiB beyond its imports: before the fix it listed 2**31 layers'
+    names until MemoryError (or, uncapped, until the machine ran out)."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), XDG_CACHE_HOME=str(tmp_path / "xdg"))
     done = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120, check=False)

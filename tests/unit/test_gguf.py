@@ -8,6 +8,7 @@ taken from the code under test), hyper-parameters as ``llama.*`` metadata.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from pathlib import Path
 
@@ -307,3 +308,63 @@ def test_a_gguf_files_end_of_turn_token_ends_an_answer(tmp_path, cache):
     plain = write_gguf(tmp_path / "p" / "p.gguf", config, source, tokenizer=True)
     assert gc.gguf_config_dict(plain)["eos_token_id"] == 1
     assert generation_eos_ids(plain) == [1]
+
+
+def _converting_like_transformers_5_17(monkeypatch):
+    """Make transformers' GGUF conversion give the bos token as eos, as 5.17's did.
+
+    Seen on the device image's transformers 5.17: SmolLM2's eos came out as <|im_start|>
+    (id 1, its bos) instead of <|im_end|> (2), and its pad as None.  5.24 gets them right,
+    so this stands in for 5.17 here.
+    """
+    import actors.tokenizer as at
+
+    real = at._auto_tokenizer()
+
+    class Auto:
+        @staticmethod
+        def from_pretrained(where, **kw):
+            tok = real.from_pretrained(where, **kw)
+            if "gguf_file" in kw:
+                tok.eos_token = tok.bos_token
+            return tok
+
+    monkeypatch.setattr(at, "_auto_tokenizer", lambda: Auto)
+
+
+def test_a_tokenizer_converted_with_a_wrong_eos_gets_the_files_own(tmp_path, cache, monkeypatch):
+    """transformers 5.17 built a GGUF file's tokenizer with its bos as eos: an answer ran on
+    past the model's eos (and stopped at its bos).  The file's own ids now win, when
+    converted, from the cache, and over a cached folder saved without them."""
+    pytest.importorskip("transformers")
+    from actors.tokenizer import SPECIAL_IDS_FILE, eos_token_ids, load_tokenizer
+
+    config = tiny(vocab_size=260)
+    path = write_gguf(tmp_path / "t.gguf", config,
+                      load_weights(config, all_names(config), seed=0), tokenizer=True)
+    assert gc.gguf_special_token_ids(path) == {"bos": 0, "eos": 1}
+    _converting_like_transformers_5_17(monkeypatch)
+    tok = load_tokenizer(path)
+    assert (tok.bos_token_id, tok.eos_token_id, eos_token_ids(tok)) == (0, 1, [1])
+    saved = next(p for p in cache.iterdir() if p.name.endswith("-tokenizer"))
+    assert json.loads((saved / SPECIAL_IDS_FILE).read_text()) == {"bos": 0, "eos": 1}
+    assert load_tokenizer(path).eos_token_id == 1  # from the cache
+    # A folder an older version saved (the wrong eos, no ids beside it) is converted again.
+    (saved / SPECIAL_IDS_FILE).unlink()
+    wrong = load_tokenizer(path)
+    wrong.eos_token = wrong.bos_token
+    wrong.save_pretrained(str(saved))
+    assert load_tokenizer(path).eos_token_id == 1
+    assert (saved / SPECIAL_IDS_FILE).is_file()
+
+
+def test_a_special_token_id_outside_the_vocabulary_is_refused(tmp_path, cache, monkeypatch):
+    pytest.importorskip("transformers")
+    import actors.tokenizer as at
+
+    config = tiny(vocab_size=260)
+    path = write_gguf(tmp_path / "t.gguf", config,
+                      load_weights(config, all_names(config), seed=0), tokenizer=True)
+    monkeypatch.setattr(at, "gguf_special_token_ids", lambda p: {"bos": 0, "eos": 99999})
+    with pytest.raises(ValueError, match="eos token id 99999, outside its vocabulary of 26"):
+        at.load_tokenizer(path)
