@@ -16,6 +16,7 @@ never reaches the GPU worker, which sees token ids at most).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from collections.abc import Sequence
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from actors.gguf_checkpoint import (
+    SPECIAL_TOKEN_KEYS,
     conversion_dir,
     find_gguf,
     gguf_config_dict,
@@ -30,6 +32,8 @@ from actors.gguf_checkpoint import (
 )
 
 __all__ = ["StreamDecoder", "chat_ids", "eos_token_ids", "generation_eos_ids", "load_tokenizer"]
+
+log = logging.getLogger(__name__)
 
 
 def _auto_tokenizer() -> Any:
@@ -63,10 +67,10 @@ def load_tokenizer(checkpoint: str | Path, cache_dir: str | Path | None = None) 
     if gguf is None:
         return auto.from_pretrained(str(path))
     saved = tokenizer_cache_dir(gguf, cache_dir)
-    ids_file = saved / SPECIAL_IDS_FILE
-    if (saved / "tokenizer_config.json").is_file() and ids_file.is_file():
+    ids = _saved_ids(saved)
+    if ids is not None:
         tok = auto.from_pretrained(str(saved))
-        _match_special_tokens(tok, json.loads(ids_file.read_text()), gguf)
+        _match_special_tokens(tok, ids, gguf)
         return tok
     ids = gguf_special_token_ids(gguf)
     tok = auto.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -77,12 +81,19 @@ def load_tokenizer(checkpoint: str | Path, cache_dir: str | Path | None = None) 
     try:
         tok.save_pretrained(str(tmp))
         (tmp / SPECIAL_IDS_FILE).write_text(json.dumps(ids))
-        # A folder saved without the ids (before they were kept) may hold a wrong eos.
-        shutil.rmtree(saved, ignore_errors=True)
-        try:
-            tmp.rename(saved)
-        except OSError:  # another process saved it first
-            pass
+        if _saved_ids(saved) is None:  # not since saved by another process
+            # A folder saved without the ids (before they were kept) may hold a wrong
+            # eos: moved aside, then removed, so that no reader sees it half deleted.
+            stale = saved.with_name(f".{saved.name}.stale-{os.getpid()}")
+            try:
+                saved.rename(stale)
+            except OSError:  # none there (or another process moved it first)
+                pass
+            shutil.rmtree(stale, ignore_errors=True)
+            try:
+                tmp.rename(saved)
+            except OSError:  # another process saved it first
+                pass
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return tok
@@ -91,20 +102,49 @@ def load_tokenizer(checkpoint: str | Path, cache_dir: str | Path | None = None) 
 SPECIAL_IDS_FILE = "gguf_special_tokens.json"
 
 
+def _saved_ids(saved: Path) -> dict[str, int] | None:
+    """The special-token ids kept beside a cached tokenizer; None if it must be converted.
+
+    None for a folder without them (saved before they were kept), or with a file that is not
+    what this module writes (a damaged cache is converted again, not a load that fails for
+    ever).
+    """
+    if not (saved / "tokenizer_config.json").is_file():
+        return None
+    try:
+        ids = json.loads((saved / SPECIAL_IDS_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(ids, dict) or not all(
+            k in SPECIAL_TOKEN_KEYS and type(v) is int and v >= 0 for k, v in ids.items()):
+        return None
+    return ids
+
+
 def _match_special_tokens(tok: Any, ids: dict[str, int], gguf: Path) -> None:
     """Make ``tok``'s bos/eos/unk/pad tokens those of ``ids`` (a GGUF file's own).
 
     transformers 5.17's GGUF conversion gave the tokenizer the bos token as its eos: an
-    answer then ended at neither (``eos_token_ids`` gave the bos id).  An id beyond the
-    vocabulary is the file's error: ``ValueError``.
+    answer then ended at neither (``eos_token_ids`` gave the bos id).  An id the tokenizer
+    cannot name by its string alone (none there, or a string the vocabulary holds twice:
+    real GGUF files have such duplicates) is left as converted, with a warning.
     """
-    size = len(tok)
     for name, i in ids.items():
-        if not isinstance(i, int) or not 0 <= i < size:
-            raise ValueError(f"{gguf}: GGUF metadata names {name} token id {i!r}, outside "
-                             f"its vocabulary of {size}")
-        if getattr(tok, f"{name}_token_id", None) != i:
-            setattr(tok, f"{name}_token", tok.convert_ids_to_tokens(i))
+        if getattr(tok, f"{name}_token_id", None) == i:
+            continue
+        try:
+            token = tok.convert_ids_to_tokens(i)
+        except (IndexError, OverflowError, TypeError, ValueError):
+            token = None
+        before = getattr(tok, f"{name}_token", None)
+        if isinstance(token, str):
+            setattr(tok, f"{name}_token", token)
+            if getattr(tok, f"{name}_token_id", None) == i:
+                continue
+            setattr(tok, f"{name}_token", before)
+        log.warning("%s names %s token id %d, which its tokenizer cannot take (%s); it keeps "
+                    "%r", gguf, name, i, "no such token" if token is None else
+                    f"{token!r} stands at another id too", before)
 
 
 def _as_ids(out: Any) -> list[int]:

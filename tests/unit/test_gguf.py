@@ -348,23 +348,49 @@ def test_a_tokenizer_converted_with_a_wrong_eos_gets_the_files_own(tmp_path, cac
     assert (tok.bos_token_id, tok.eos_token_id, eos_token_ids(tok)) == (0, 1, [1])
     saved = next(p for p in cache.iterdir() if p.name.endswith("-tokenizer"))
     assert json.loads((saved / SPECIAL_IDS_FILE).read_text()) == {"bos": 0, "eos": 1}
-    assert load_tokenizer(path).eos_token_id == 1  # from the cache
-    # A folder an older version saved (the wrong eos, no ids beside it) is converted again.
-    (saved / SPECIAL_IDS_FILE).unlink()
+    # From the cache, the ids are applied again: a folder whose eos went wrong is mended.
     wrong = load_tokenizer(path)
     wrong.eos_token = wrong.bos_token
     wrong.save_pretrained(str(saved))
     assert load_tokenizer(path).eos_token_id == 1
-    assert (saved / SPECIAL_IDS_FILE).is_file()
+    # A folder an older version saved (the wrong eos, no ids beside it) is converted again,
+    # and so is one whose ids file is damaged.
+    for damage in (None, "", "[0, 1]", '{"eos": true}', '{"foo": 3}', '{"eos": "1"}'):
+        if damage is None:
+            (saved / SPECIAL_IDS_FILE).unlink()
+        else:
+            (saved / SPECIAL_IDS_FILE).write_text(damage)
+        wrong.save_pretrained(str(saved))
+        assert load_tokenizer(path).eos_token_id == 1, damage
+        assert json.loads((saved / SPECIAL_IDS_FILE).read_text()) == {"bos": 0, "eos": 1}
+        assert _loaded_afresh(saved).eos_token_id == 1, damage
+    assert [p.name for p in cache.iterdir() if p.name.startswith(".")] == []  # no tmp, stale
 
 
-def test_a_special_token_id_outside_the_vocabulary_is_refused(tmp_path, cache, monkeypatch):
+def _loaded_afresh(folder):
+    """The tokenizer saved in `folder`, read by transformers alone."""
+    import transformers
+
+    return transformers.AutoTokenizer.from_pretrained(str(folder))
+
+
+def test_an_id_the_tokenizer_cannot_take_is_left_as_converted(tmp_path, cache, monkeypatch,
+                                                              caplog):
+    """An id past the vocabulary, or a string the vocabulary holds twice (real GGUF files
+    have such duplicates), cannot be set by its string: the conversion's token stays, and
+    the log says why.  A refusal would fail a file that loaded before."""
     pytest.importorskip("transformers")
     import actors.tokenizer as at
 
     config = tiny(vocab_size=260)
     path = write_gguf(tmp_path / "t.gguf", config,
                       load_weights(config, all_names(config), seed=0), tokenizer=True)
-    monkeypatch.setattr(at, "gguf_special_token_ids", lambda p: {"bos": 0, "eos": 99999})
-    with pytest.raises(ValueError, match="eos token id 99999, outside its vocabulary of 26"):
-        at.load_tokenizer(path)
+    raw = at._auto_tokenizer().from_pretrained(str(tmp_path), gguf_file=path.name)
+    monkeypatch.setattr(at, "gguf_special_token_ids",
+                        lambda p: {"bos": 0, "eos": 1, "unk": 99999})
+    with caplog.at_level("WARNING", logger="actors.tokenizer"):
+        tok = at.load_tokenizer(path)
+    assert (tok.bos_token_id, tok.eos_token_id) == (0, 1)  # the others are still set
+    assert tok.unk_token == raw.unk_token
+    assert "names unk token id 99999, which its tokenizer cannot take (no such token)" \
+        in caplog.text
