@@ -281,15 +281,20 @@ def gguf_special_token_ids(path: str | Path) -> dict[str, int]:
     What a tokenizer built from the file must say (``actors.tokenizer.load_tokenizer``
     checks it): transformers' conversion has not always got them right.  Reads the file's
     metadata (its whole vocabulary: seconds for a large one); ``ValueError`` for a file that
-    is not GGUF or a value that is not an id.
+    is not GGUF.  A value that is no id is left out, with a warning: llama.cpp writes -1
+    for "no such token" (a pad or unk, typically), and such files loaded before.
     """
     p = Path(path)
     reader = _reader(p)
     out: dict[str, int] = {}
     for name, key in SPECIAL_TOKEN_KEYS.items():
         v = _field(reader, key)
-        if v is not None:
+        if v is None:
+            continue
+        try:
             out[name] = _meta_int(v, key, str(p), lo=0)
+        except ValueError as e:
+            logger.warning("%s; its tokenizer keeps the %s token it converts to", e, name)
     return out
 
 

@@ -69,9 +69,13 @@ def load_tokenizer(checkpoint: str | Path, cache_dir: str | Path | None = None) 
     saved = tokenizer_cache_dir(gguf, cache_dir)
     ids = _saved_ids(saved)
     if ids is not None:
-        tok = auto.from_pretrained(str(saved))
-        _match_special_tokens(tok, ids, gguf)
-        return tok
+        try:
+            tok = auto.from_pretrained(str(saved))
+        except (OSError, ValueError):  # swapped by another process as it was read
+            pass
+        else:
+            _match_special_tokens(tok, ids, gguf)
+            return tok
     ids = gguf_special_token_ids(gguf)
     tok = auto.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     _match_special_tokens(tok, ids, gguf)

@@ -13,7 +13,7 @@ side by side in one run:
   ``TEEDriver`` calls).  Mean round trip less the worker's own compute (``compute_stats``).
 
 Run: ``python benchmarks/bench_decode_calls.py --json out.json`` (SmolLM2-135M's shapes by
-default; ~1 minute on 2 cores).
+default; ~10 s on 2 cores).
 """
 
 from __future__ import annotations

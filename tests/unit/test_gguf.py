@@ -41,7 +41,8 @@ def llama_cpp_permute(w: np.ndarray, n_head: int, n_head_kv: int | None) -> np.n
 def write_gguf(path: Path, config: LlamaConfig, weights: dict[str, torch.Tensor], *,
                quantise: dict[str, Q] | None = None, arch: str = "llama",
                scaling: str | None = None, factor: float = 1.0, tokenizer: bool = False,
-               extra: dict[str, np.ndarray] | None = None, eot: int | None = None) -> Path:
+               extra: dict[str, np.ndarray] | None = None, eot: int | None = None,
+               pad: int | None = None) -> Path:
     c = config
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(c.num_hidden_layers)
@@ -73,6 +74,8 @@ def write_gguf(path: Path, config: LlamaConfig, weights: dict[str, torch.Tensor]
         w.add_eos_token_id(1)
         if eot is not None:
             w.add_eot_token_id(eot)
+        if pad is not None:  # signed: llama.cpp writes -1 for "no such token"
+            w.add_int32("tokenizer.ggml.padding_token_id", pad)
         w.add_chat_template("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n"
                             "{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, c.num_hidden_layers)
@@ -366,6 +369,12 @@ def test_a_tokenizer_converted_with_a_wrong_eos_gets_the_files_own(tmp_path, cac
         assert _loaded_afresh(saved).eos_token_id == 1, damage
     assert [p.name for p in cache.iterdir() if p.name.startswith(".")] == []  # no tmp, stale
 
+    # And a valid cache is used: no conversion at all.
+    def no_conversion(*a, **kw):
+        raise AssertionError("converted again")
+    monkeypatch.setattr(gc, "_reader", no_conversion)
+    assert load_tokenizer(path).eos_token_id == 1
+
 
 def _loaded_afresh(folder):
     """The tokenizer saved in `folder`, read by transformers alone."""
@@ -394,3 +403,43 @@ def test_an_id_the_tokenizer_cannot_take_is_left_as_converted(tmp_path, cache, m
     assert tok.unk_token == raw.unk_token
     assert "names unk token id 99999, which its tokenizer cannot take (no such token)" \
         in caplog.text
+
+
+def test_a_token_set_by_a_string_that_lands_on_another_id_is_put_back(caplog):
+    """A string the vocabulary holds at two ids names the other one when set: the converted
+    token stays, and the log says why."""
+    from actors.tokenizer import _match_special_tokens
+
+    class Tok:  # what transformers' tokenizers offer here, with "</s>" at ids 5 and 7
+        eos_token, eos_token_id = "<s>", 0
+
+        def convert_ids_to_tokens(self, i):
+            return "</s>" if i in (5, 7) else None
+
+        def __setattr__(self, name, value):
+            object.__setattr__(self, name, value)
+            if name == "eos_token":
+                object.__setattr__(self, "eos_token_id", {"<s>": 0, "</s>": 7}[value])
+
+    tok = Tok()
+    with caplog.at_level("WARNING", logger="actors.tokenizer"):
+        _match_special_tokens(tok, {"eos": 5}, Path("m.gguf"))
+    assert (tok.eos_token, tok.eos_token_id) == ("<s>", 0)
+    assert "'</s>' stands at another id too" in caplog.text
+    _match_special_tokens(tok, {"eos": 7}, Path("m.gguf"))
+    assert (tok.eos_token, tok.eos_token_id) == ("</s>", 7)
+
+
+def test_a_pad_id_of_minus_one_leaves_the_pad_as_converted(tmp_path, cache, caplog):
+    """llama.cpp writes -1 for "no such token"; such a file loaded before the special ids
+    were checked, and still does."""
+    pytest.importorskip("transformers")
+    from actors.tokenizer import load_tokenizer
+
+    config = tiny(vocab_size=260)
+    path = write_gguf(tmp_path / "t.gguf", config,
+                      load_weights(config, all_names(config), seed=0), tokenizer=True, pad=-1)
+    with caplog.at_level("WARNING", logger="actors.gguf_checkpoint"):
+        assert gc.gguf_special_token_ids(path) == {"bos": 0, "eos": 1}
+    assert "padding_token_id must be an integer >= 0, got -1" in caplog.text
+    assert load_tokenizer(path).eos_token_id == 1
