@@ -7,7 +7,7 @@ result is saved next to the weights' conversion in the user's cache
 (``$XDG_CACHE_HOME/tee-actors/gguf/<stem>-<key>-tokenizer/``) and loaded from there
 afterwards, with the GGUF file's special-token ids beside it (``gguf_special_tokens.json``),
 which the tokenizer is made to match: transformers 5.17's conversion made the bos token the
-eos too (5.24's does not), so an answer did not end at the model's eos.
+eos too (5.24's does not), so the tokenizer's eos, and ``eos_token_ids``, named the bos.
 
 Tokenising runs wherever the caller is: in the split it belongs to the TEE side (the text
 never reaches the GPU worker, which sees token ids at most).
@@ -129,7 +129,8 @@ def _match_special_tokens(tok: Any, ids: dict[str, int], gguf: Path) -> None:
     """Make ``tok``'s bos/eos/unk/pad tokens those of ``ids`` (a GGUF file's own).
 
     transformers 5.17's GGUF conversion gave the tokenizer the bos token as its eos: an
-    answer then ended at neither (``eos_token_ids`` gave the bos id).  An id the tokenizer
+    answer then also stopped at a bos (``eos_token_ids`` named it beside the file's own stop
+    ids), and the tokenizer's eos was wrong for whatever else reads it.  An id the tokenizer
     cannot name by its string alone (none there, or a string the vocabulary holds twice:
     real GGUF files have such duplicates) is left as converted, with a warning.
     """
