@@ -12,6 +12,9 @@
 # The device tool brings back at most 8 files: every log goes into one steps.log, beside
 # the benchmarks' JSON files (5 files in all).
 # A dry run anywhere else: DEV=cpu TOKENS=16 OUT=/tmp/dry bash benchmarks/device_check.sh
+# Before a device session, `bash .ci/device_stack` runs the suite on the device image's
+# versions (Python 3.12, torch 2.11, transformers 5.17) on the CPU; its venv's python3 on
+# PATH makes the dry run use them too.
 set -u
 OUT=${OUT:-/tmp/device_out}
 DEV=${DEV:-cuda}
