@@ -120,7 +120,7 @@ def _saved_ids(saved: Path) -> dict[str, int] | None:
     except (OSError, ValueError):
         return None
     if not isinstance(ids, dict) or not all(
-            k in SPECIAL_TOKEN_KEYS and type(v) is int and v >= 0 for k, v in ids.items()):
+            k in SPECIAL_TOKEN_KEYS and _token_ids(v) == [v] for k, v in ids.items()):
         return None
     return ids
 

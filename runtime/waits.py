@@ -230,8 +230,8 @@ def fails(cycle: tuple[Link, ...], *, noted: bool) -> bool:
     The latest (ties: the higher waiter index): every member sees the same cycle, so
     one wait of it fails.  (An actor with a wait nested in another, a signal handler's,
     may be in two cycles at once, one through each: each fails its own latest.)  Without
-    ``noted`` (this wait's note reached nobody) no other
-    member can see the cycle, and this wait fails.
+    ``noted`` (this wait's note reached nobody) no other member can see the cycle, and this
+    wait fails.
     """
     if not noted:
         return True
