@@ -172,6 +172,18 @@ class _Method:
         h = self._handle
         return h._context().call_async(h._ref, self._name, args, kwargs)
 
+    def call_with_wire(self, *args: Any, **kwargs: Any) -> tuple[Any, list[Any]]:
+        """Block as a plain call does; return ``(result, wire)``.
+
+        ``wire`` is the call's own record, as ``CallFuture.wire`` has it: ``[route sent,
+        bytes sent, route received, bytes received]``.  Per-call accounting of a blocking
+        call without reading the channel's counters around it (two ``stats()`` cost ~12 us,
+        a decode-sized call ~45 us), and exact whatever else uses the channel meanwhile.
+        """
+        h = self._handle
+        wire: list[Any] = []
+        return h._context().call(h._ref, self._name, args, kwargs, wire=wire), wire
+
     def __repr__(self) -> str:
         return f"<method {self._name} of {self._handle!r}>"
 

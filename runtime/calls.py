@@ -333,12 +333,14 @@ class CallerChannel:
 
     # -- calls -----------------------------------------------------------------
     def call(self, method: str, args: tuple, kwargs: dict, *,
-             deadline: float | None = None, chain: tuple[int, ...] = ()) -> Any:
+             deadline: float | None = None, chain: tuple[int, ...] = (),
+             wire: list[Any] | None = None) -> Any:
         """A blocking call: send, read replies until ours, return or raise.
 
         ``deadline`` (monotonic): when the call began, if earlier than now -- a first call
         spent part of its ``call_timeout`` opening the channel.  Default: now + call_timeout.
         ``chain``: the actors waiting on this call (``ProcessContext.serving``).
+        ``wire``: a list that receives the call's wire record (see ``CallFuture``).
         """
         slot = _Slot()
         t0 = time.perf_counter()
@@ -348,6 +350,8 @@ class CallerChannel:
         else:
             self.drive(slot, None)
         self.spin.observe(time.perf_counter() - t0)
+        if wire is not None and slot.wire is not None:
+            wire[:] = slot.wire
         if slot.ok:
             return slot.value
         raise slot.value
@@ -1044,7 +1048,9 @@ class ProcessContext:
                 f"(now pid {entry.pid}, {state})")
 
     # -- calls -----------------------------------------------------------------
-    def call(self, ref: ActorRef, method: str, args: tuple, kwargs: dict) -> Any:
+    def call(self, ref: ActorRef, method: str, args: tuple, kwargs: dict, *,
+             wire: list[Any] | None = None) -> Any:
+        """A blocking call to ``ref``; ``wire`` receives its wire record (``CallFuture``)."""
         # A blocking call from the thread serving a call carries the actors whose calls
         # wait on it (``serving``); one back into any of them could never be served.  Not
         # ``.remote()``: its caller may not wait (a notification, fire and forget).
@@ -1056,10 +1062,10 @@ class ProcessContext:
             self._refuse_self_call(ref)
         cc = self._open_channel(ref)
         if cc is not None:  # the hot path: the call's deadline starts at its send
-            return cc.call(method, args, kwargs, chain=chain)
+            return cc.call(method, args, kwargs, chain=chain, wire=wire)
         deadline = self._call_deadline()
         return self.channel_for(ref, deadline).call(method, args, kwargs, deadline=deadline,
-                                                    chain=chain)
+                                                    chain=chain, wire=wire)
 
     def refuse_wait_cycle(self, ref: ActorRef) -> None:
         """Refuse to wait, on the serving thread, for a pending call to ``ref`` that waits on it.

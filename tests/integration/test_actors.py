@@ -55,6 +55,24 @@ def test_sync_and_future_calls(system, route):
     assert routes[other]["messages"] == 0
 
 
+def test_call_with_wire_reports_the_calls_own_route_and_sizes(system, route):
+    """A blocking call's wire record: its route each way, and sizes that are exactly what
+    the channel's counters moved (what the TEE driver's per-op table counts)."""
+    e = system.spawn(Echo)
+    e.count()  # the channel is open: its counters hold only calls from here on
+    before = system.stats()["routes"][route]
+    t = torch.randn(64, 3)
+    value, wire = e.echo.call_with_wire(t)
+    after = system.stats()["routes"][route]
+    assert torch.equal(value, t)
+    assert wire[0] == wire[2] == route
+    assert after["messages"] - before["messages"] == 2
+    assert wire[1] + wire[3] == after["bytes"] - before["bytes"]
+    assert wire[1] > t.nbytes and wire[3] > t.nbytes  # the tensor, and a header
+    with pytest.raises(KeyError, match="gone"):
+        e.fail.call_with_wire("key", "gone")  # the call's exception, as a plain call's
+
+
 def test_thousand_futures_complete_in_issue_order(system):
     e = system.spawn(Echo)
     done = []
