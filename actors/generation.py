@@ -164,10 +164,12 @@ class one_thread:  # noqa: N801 - used like a function: ``with one_thread():``
     def __init__(self) -> None:
         self.prev = 0
 
-    def __enter__(self) -> None:
+    def __enter__(self) -> int:
+        """The thread count before (what the block may widen a big op back to)."""
         self.prev = torch.get_num_threads()
         if self.prev != 1:
             torch.set_num_threads(1)
+        return self.prev
 
     def __exit__(self, *exc: object) -> None:
         if self.prev != 1:
@@ -197,6 +199,7 @@ class GenerationState:
         self.steps = 0
         self.decode_s = 0.0
         self.summary: dict | None = None
+        self.lm_head_threads: dict | None = None  # the decode steps' lm_head threads choice
 
     def emit(self) -> int:
         """Hand out the pending token and note whether generation is over."""

@@ -91,4 +91,9 @@ def decode_split(gen: dict[str, Any]) -> str:
     decode = gen["decode"]
     if not decode or not gen["steps"]:
         return "decode: no decode step ran"
-    return time_split(decode, "decode", gen["steps"], "/token")
+    text = time_split(decode, "decode", gen["steps"], "/token")
+    lm = gen.get("lm_head_threads")
+    if lm and lm.get("one_ms") is not None:
+        text += (f"\nlm_head in the TEE on {lm['threads']} thread(s): measured "
+                 f"{lm['one_ms']:.2f} ms on one, {lm['many_ms']:.2f} ms on all offered")
+    return text

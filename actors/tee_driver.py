@@ -86,7 +86,7 @@ import torch.nn.functional as F  # noqa: N812 - the usual alias
 
 from actors.errors import VerificationError, WorkerResultError
 from actors.generation import GenerationOptions, GenerationState, KVCache, one_thread
-from actors.gpu_worker import resolve_dtype, set_threads
+from actors.gpu_worker import Threads, resolve_dtype, set_threads
 from actors.llama import (
     EMBED,
     FINAL_NORM,
@@ -114,6 +114,10 @@ __all__ = ["OPS", "POLICIES", "TEEDriver", "VerificationError", "WorkerResultErr
 logger = logging.getLogger(__name__)
 
 POLICIES = ("auto", "worker", "tee")
+# A decode step's lm_head in the TEE takes the process's threads only for a weight this big,
+# and only when they make it this many times faster (``TEEDriver._decode_lm_threads``).
+LM_THREADS_MIN_BYTES = 16 << 20
+LM_THREADS_GAIN = 1.1
 # Rows of the per-op table, in pipeline order; the first set is what may go to the worker.
 WORKER_OPS = ("embedding", "qkv", "scores", "context", "o_proj", "gate_up", "down", "lm_head")
 # "attention" is the fused causal kernel of the "tee" policy; "scores", "softmax" and "context"
@@ -156,6 +160,14 @@ class _Row:
                 "wait_s": self.wait_s, "tee_s": self.tee_s, "worker_s": self.worker_s,
                 "checks": self.checks, "verify_s": self.verify_s,
                 "in_flight_s": self.in_flight_s}
+
+
+def _timed_linear(x: torch.Tensor, w: torch.Tensor, threads: int) -> float:
+    """Seconds of one ``F.linear(x, w)`` on ``threads`` intra-op threads."""
+    with Threads(threads):
+        t0 = time.perf_counter()
+        F.linear(x, w)
+        return time.perf_counter() - t0
 
 
 def _nbytes(obj: Any) -> int:
@@ -434,6 +446,9 @@ class TEEDriver:
         self._rows: dict[str, _Row] = {}
         self._last: dict[str, Any] | None = None
         self._gen: GenerationState | None = None
+        # The decode step's lm_head threads, measured once per thread count offered
+        # (:meth:`_decode_lm_threads`): {offered: {"threads", "one_ms", "many_ms"}}.
+        self._lm_choice: dict[int, dict[str, Any]] = {}
 
     # -- the attention policy probe -------------------------------------------------------------
 
@@ -868,12 +883,14 @@ class TEEDriver:
         t0 = time.perf_counter()
         length = state.cache.length
         try:
-            with one_thread():
+            with one_thread() as offered:
                 ids = torch.tensor(state.tokens[-1:], dtype=torch.long)
                 h = self._embed(ids)
                 h = self._layers(h, length, state.cache)
                 x = self._norm(h, FINAL_NORM)
-                logits = self._logits(x)[0]
+                logits = self._logits(x, offered)[0]
+                if self.private_io and offered > 1:
+                    state.lm_head_threads = self._lm_choice.get(offered)
                 with self._tee("sample"):
                     self._rows["sample"].calls += 1
                     state.pending = state.sampler(logits)
@@ -896,6 +913,8 @@ class TEEDriver:
             "ms_per_token": None, "tokens_per_s": None, "calls_per_token": None,
             "tee_ms_per_token": None, "worker_ms_per_token": None,
             "transport_ms_per_token": None,
+            "lm_head_threads": None if state.lm_head_threads is None
+            else dict(state.lm_head_threads),
         }
         if state.rows is None:
             return out
@@ -928,7 +947,10 @@ class TEEDriver:
         decode step, ``tokens`` being the number of steps, plus ``sample_s``), ``steps``
         (decode steps: the first new token comes from the prefill), and per decode step:
         ``ms_per_token``, ``tokens_per_s``, ``calls_per_token`` (offloads),
-        ``tee_ms_per_token``, ``worker_ms_per_token``, ``transport_ms_per_token``.
+        ``tee_ms_per_token``, ``worker_ms_per_token``, ``transport_ms_per_token``;
+        ``lm_head_threads``: how a decode step's lm_head in the TEE was threaded
+        (``{"threads", "one_ms", "many_ms"}``, the times of its one-off measurement, ``None``
+        when not measured), or ``None`` (``private_io=False``, or one thread offered).
         """
         state = self._gen
         if state is None:
@@ -1162,18 +1184,25 @@ class TEEDriver:
             self._verify("embedding", "lookup", "embedding", ids, h)
             return h
 
-    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+    def _logits(self, x: torch.Tensor, offered: int = 0) -> torch.Tensor:
         """Float32 logits ``[rows, vocab]`` of final-normed states ``x [rows, hidden]``.
 
         In the TEE with ``private_io``, else by the worker (asked for float32 whatever the
         wire dtype: a bf16 wire flipped greedy choices on a real model) and verified.
+        ``offered``: in a decode step (which runs on one thread), the threads the process
+        had before it: the TEE's product may use them where that pays
+        (:meth:`_decode_lm_threads`).
         """
         row = self._rows["lm_head"]
         if self.private_io:
             row.where = "tee"
             with self._tee("lm_head"):
                 row.calls += 1
-                return F.linear(x.float(), self._io[LM_HEAD])
+                xf, w = x.float(), self._io[LM_HEAD]
+                if offered > 1:
+                    with Threads(self._decode_lm_threads(offered, xf, w)):
+                        return F.linear(xf, w)
+                return F.linear(xf, w)
         with self._tee("lm_head"):
             xw = x.to(self.wire_dtype).contiguous()
         out = self._offload("lm_head", "lm_head", xw, dtype="float32")
@@ -1183,6 +1212,33 @@ class TEEDriver:
             self._verify("lm_head", "linear", "lm_head", None, xw, [logits],
                          out_dtype=torch.float32)
             return logits
+
+    def _decode_lm_threads(self, offered: int, x: torch.Tensor, w: torch.Tensor) -> int:
+        """Threads for a decode step's lm_head in the TEE: 1, or ``offered`` where faster.
+
+        The one big op of a decode step with ``private_io``: a matrix-vector product over the
+        whole vocabulary (113 MB for SmolLM2-135M, 1.05 GB for Llama-3.2-1B in float32),
+        bound by memory bandwidth.  One thread reaches all of it on the 2-core machine (6.8
+        ms on one thread or two); a server's bandwidth needs several threads.  So it is
+        measured, once per driver and thread count, on the step's own input: the better of
+        two runs each way, alternated, and ``offered`` threads only if at least
+        ``LM_THREADS_GAIN`` faster.  Below ``LM_THREADS_MIN_BYTES`` of weight, one thread
+        (waking others costs more than they save).  The choice is kept, so a driver's
+        generations stay alike; the logits came out the same bits on one thread and two here.
+        """
+        choice = self._lm_choice.get(offered)
+        if choice is None:
+            if w.numel() * w.element_size() < LM_THREADS_MIN_BYTES:
+                choice = {"threads": 1, "one_ms": None, "many_ms": None}
+            else:
+                one = many = math.inf
+                for _ in range(2):
+                    one = min(one, _timed_linear(x, w, 1))
+                    many = min(many, _timed_linear(x, w, offered))
+                choice = {"threads": offered if many * LM_THREADS_GAIN < one else 1,
+                          "one_ms": one * 1e3, "many_ms": many * 1e3}
+            self._lm_choice[offered] = choice
+        return choice["threads"]
 
     def _finish(self, t: int, all_logits: bool, total: float,
                 compute_before: dict[str, Any] | None) -> None:

@@ -285,3 +285,74 @@ def test_several_rows_against_the_cache(config, driver):
         got = driver._logits(driver._norm(h, "model.norm.weight"))
     assert cache.length == 13
     assert (got - want[9:]).abs().max().item() < 1e-4
+
+
+# -- the decode step's lm_head threads ----------------------------------------------------------
+
+@pytest.fixture
+def two_threads():
+    """The process offers two intra-op threads (a decode step runs on one, and may widen)."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(prev)
+
+
+@pytest.mark.parametrize(("one_s", "many_s", "want"), [
+    (0.010, 0.004, 2),    # the threads pay: taken
+    (0.010, 0.0095, 1),   # less than LM_THREADS_GAIN faster: one thread
+    (0.004, 0.010, 1)])   # slower: one thread
+def test_decode_lm_head_takes_the_threads_only_where_measured_faster(
+        config, monkeypatch, two_threads, one_s, many_s, want):
+    import actors.tee_driver as td
+
+    monkeypatch.setattr(td, "LM_THREADS_MIN_BYTES", 0)
+    seen: list[int] = []
+    used: list[int] = []
+
+    def timed(x, w, threads):
+        seen.append(threads)
+        return one_s if threads == 1 else many_s
+
+    real_linear = td.F.linear
+
+    def linear(x, w, *a):
+        if w is drv._io[td.LM_HEAD]:
+            used.append(torch.get_num_threads())
+        return real_linear(x, w, *a)
+
+    monkeypatch.setattr(td, "_timed_linear", timed)
+    drv = TEEDriver(config, GPUWorker(config, seed=0, device="cpu"), seed=0)
+    monkeypatch.setattr(td.F, "linear", linear)
+    ids = ids_for(config, 5, seed=21)
+    tokens = drv.generate(ids, 6).tolist()
+    assert sorted(seen) == [1, 1, 2, 2]  # measured once, two runs each way
+    assert used[1:] == [want] * 5  # the prefill's lm_head, then the five decode steps
+    s = drv.last_generate_stats()
+    assert s["lm_head_threads"] == {"threads": want, "one_ms": one_s * 1e3,
+                                    "many_ms": many_s * 1e3}
+    assert torch.get_num_threads() == 2  # restored after each step
+    drv.generate(ids, 3)
+    assert len(seen) == 4  # not measured again by the same driver
+    monkeypatch.setattr(td.F, "linear", real_linear)
+    ref = TEEDriver(config, GPUWorker(config, seed=0, device="cpu"), seed=0)
+    with torch.no_grad():
+        torch.set_num_threads(1)  # one thread offered: nothing measured, nothing widened
+        assert ref.generate(ids, 6).tolist() == tokens
+        assert ref.last_generate_stats()["lm_head_threads"] is None
+    assert len(seen) == 4
+
+
+def test_decode_lm_head_of_a_small_vocabulary_stays_on_one_thread(config, two_threads,
+                                                                   monkeypatch):
+    import actors.tee_driver as td
+
+    monkeypatch.setattr(td, "_timed_linear", lambda *a: pytest.fail("measured"))
+    drv = TEEDriver(config, GPUWorker(config, seed=0, device="cpu"), seed=0)
+    drv.generate(ids_for(config, 3, seed=22), 3)
+    assert drv.last_generate_stats()["lm_head_threads"] == {
+        "threads": 1, "one_ms": None, "many_ms": None}
+    worker_logits = TEEDriver(config, GPUWorker(config, seed=0, device="cpu"), seed=0,
+                              private_io=False)
+    worker_logits.generate(ids_for(config, 3, seed=22), 3)
+    assert worker_logits.last_generate_stats()["lm_head_threads"] is None
