@@ -95,5 +95,6 @@ def decode_split(gen: dict[str, Any]) -> str:
     lm = gen.get("lm_head_threads")
     if lm and lm.get("one_ms") is not None:
         text += (f"\nlm_head in the TEE on {lm['threads']} thread(s): measured "
-                 f"{lm['one_ms']:.2f} ms on one, {lm['many_ms']:.2f} ms on all offered")
+                 f"{lm['one_ms']:.2f} ms on one, {lm['many_ms']:.2f} ms on "
+                 f"{lm['offered']}")
     return text

@@ -153,6 +153,18 @@ class _Row:
                 r["messages"] += 1
                 r["bytes"] += nbytes
 
+    def add_counts(self, before: tuple[int, ...] | None, after: tuple[int, ...] | None) -> None:
+        """Count what a channel's route counters moved around one blocking call.
+
+        For a worker handle that keeps no per-call record (``call_with_wire``): exact only
+        when nothing else used the channel meanwhile.  ``None`` on either side counts nothing.
+        """
+        if before is not None and after is not None:
+            for i, route in enumerate(("shm", "zmq")):
+                r = self.routes.setdefault(route, {"messages": 0, "bytes": 0})
+                r["messages"] += after[2 * i] - before[2 * i]
+                r["bytes"] += after[2 * i + 1] - before[2 * i + 1]
+
     def as_dict(self) -> dict[str, Any]:
         return {"where": self.where, "calls": self.calls, "bytes_out": self.bytes_out,
                 "bytes_in": self.bytes_in,
@@ -160,6 +172,16 @@ class _Row:
                 "wait_s": self.wait_s, "tee_s": self.tee_s, "worker_s": self.worker_s,
                 "checks": self.checks, "verify_s": self.verify_s,
                 "in_flight_s": self.in_flight_s}
+
+
+def _route_counts(stats: Any) -> tuple[int, int, int, int] | None:
+    """``(shm messages, shm bytes, zmq messages, zmq bytes)`` of ``stats()``, or None."""
+    try:
+        r = stats["routes"]
+        return (int(r["shm"]["messages"]), int(r["shm"]["bytes"]),
+                int(r["zmq"]["messages"]), int(r["zmq"]["bytes"]))
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def _timed_linear(x: torch.Tensor, w: torch.Tensor, threads: int) -> float:
@@ -447,8 +469,13 @@ class TEEDriver:
         self._last: dict[str, Any] | None = None
         self._gen: GenerationState | None = None
         # The decode step's lm_head threads, measured once per thread count offered
-        # (:meth:`_decode_lm_threads`): {offered: {"threads", "one_ms", "many_ms"}}.
+        # (:meth:`_decode_lm_threads`): {offered: {"threads", "offered", "one_ms", "many_ms"}}.
+        # Measured here for the process's own count, so that no generation pays for it.
         self._lm_choice: dict[int, dict[str, Any]] = {}
+        offered = torch.get_num_threads()
+        if private_io and offered > 1:
+            self._decode_lm_threads(offered, torch.randn(1, config.hidden_size),
+                                    self._io[LM_HEAD])
 
     # -- the attention policy probe -------------------------------------------------------------
 
@@ -503,6 +530,11 @@ class TEEDriver:
             return _TracedTeeTimer(self._rows[op], self._rec, op, self._at)
         return _TeeTimer(self._rows[op])
 
+    def _routes(self) -> tuple[int, int, int, int] | None:
+        """The worker channel's route counters, or None (no ``stats()``: in process)."""
+        stats = getattr(self.gpu, "stats", None)
+        return _route_counts(stats()) if callable(stats) else None
+
     def _issue(self, op: str, method: str, *args: Any, **kwargs: Any) -> _Call:
         """Send one offload: a future when the layer loop pipelines, else a blocking call.
 
@@ -510,7 +542,8 @@ class TEEDriver:
         the tensors sent and received, routes and encoded sizes from the call's own record
         (``CallFuture.wire``; a blocking call's from ``call_with_wire``).  Reading the
         channel's counters around a blocking call instead cost ~12 us of a decode-sized
-        call's ~45 (two ``stats()``), and counted whatever else used the channel meanwhile.
+        call's ~45 (two ``stats()``), and counted whatever else used the channel meanwhile;
+        it is left for a worker handle that offers ``stats()`` but no per-call record.
         """
         row = self._rows[op]
         row.calls += 1
@@ -527,12 +560,15 @@ class TEEDriver:
             with_wire = getattr(fn, "call_with_wire", None)
             if with_wire is not None:  # an actor: the call's own wire record
                 call.value, wire = with_wire(*args, tag=self._tags[op], **kwargs)
-            else:  # in process: no channel
-                call.value, wire = fn(*args, tag=self._tags[op], **kwargs), None
-            t1 = call.arrived = time.monotonic_ns()
+                t1 = call.arrived = time.monotonic_ns()
+                row.add_wire(wire)
+            else:  # in process (no channel), or a handle-like without records: its counters
+                before = self._routes()
+                call.value = fn(*args, tag=self._tags[op], **kwargs)
+                t1 = call.arrived = time.monotonic_ns()
+                row.add_counts(before, self._routes())
             row.in_flight_s += (t1 - call.sent) * 1e-9
             row.bytes_in += _nbytes(call.value)
-            row.add_wire(wire)
             name = "call "
         row.wait_s += (t1 - call.sent) * 1e-9
         if self._rec is not None:
@@ -1220,8 +1256,10 @@ class TEEDriver:
         whole vocabulary (113 MB for SmolLM2-135M, 1.05 GB for Llama-3.2-1B in float32),
         bound by memory bandwidth.  One thread reaches all of it on the 2-core machine (6.8
         ms on one thread or two); a server's bandwidth needs several threads.  So it is
-        measured, once per driver and thread count, on the step's own input: the better of
-        two runs each way, alternated, and ``offered`` threads only if at least
+        measured, once per driver and thread count -- when the driver is made for the
+        process's own count (no generation pays for it), else at the first step that offers
+        another -- the better of two runs each way, alternated, and ``offered`` threads only
+        if at least
         ``LM_THREADS_GAIN`` faster.  Below ``LM_THREADS_MIN_BYTES`` of weight, one thread
         (waking others costs more than they save).  The choice is kept, so a driver's
         generations stay alike; the logits came out the same bits on one thread and two here.
@@ -1229,14 +1267,14 @@ class TEEDriver:
         choice = self._lm_choice.get(offered)
         if choice is None:
             if w.numel() * w.element_size() < LM_THREADS_MIN_BYTES:
-                choice = {"threads": 1, "one_ms": None, "many_ms": None}
+                choice = {"threads": 1, "offered": offered, "one_ms": None, "many_ms": None}
             else:
                 one = many = math.inf
                 for _ in range(2):
                     one = min(one, _timed_linear(x, w, 1))
                     many = min(many, _timed_linear(x, w, offered))
                 choice = {"threads": offered if many * LM_THREADS_GAIN < one else 1,
-                          "one_ms": one * 1e3, "many_ms": many * 1e3}
+                          "offered": offered, "one_ms": one * 1e3, "many_ms": many * 1e3}
             self._lm_choice[offered] = choice
         return choice["threads"]
 

@@ -426,9 +426,13 @@ class CallerChannel:
                 # No chain (the driver's calls, most of all): the four fields alone.
                 enc = self.channel.encode((call_id, method, args, kwargs, chain) if chain
                                           else (call_id, method, args, kwargs))
-                route = self.channel.send_encoded(enc, tag=call_id, deadline=deadline,
-                                                  check=self.check, on_full=self._drain_nowait)
-                waiter.wire = [route, enc.nbytes]
+                # The record exists before the send: another thread may read the reply
+                # before ``send_encoded`` returns (one waiting for the send lock drains
+                # replies), and notes its half then (review V: 1 record in 40,000 lacked it).
+                wire = waiter.wire = [None, enc.nbytes]
+                wire[0] = self.channel.send_encoded(enc, tag=call_id, deadline=deadline,
+                                                    check=self.check,
+                                                    on_full=self._drain_nowait)
             except BaseException as exc:
                 self.pending.pop(call_id, None)
                 if isinstance(exc, ActorDiedError):

@@ -55,22 +55,66 @@ def test_sync_and_future_calls(system, route):
     assert routes[other]["messages"] == 0
 
 
+def _channel_routes(system, actor) -> dict:
+    (ch,) = [c for c in system.stats()["channels"] if c["actor"] == actor.name]
+    return ch["routes"]
+
+
 def test_call_with_wire_reports_the_calls_own_route_and_sizes(system, route):
     """A blocking call's wire record: its route each way, and sizes that are exactly what
-    the channel's counters moved (what the TEE driver's per-op table counts)."""
+    the channel's counters moved (what the TEE driver's per-op table counts) -- the first
+    call too, which opens the channel."""
     e = system.spawn(Echo)
-    e.count()  # the channel is open: its counters hold only calls from here on
-    before = system.stats()["routes"][route]
     t = torch.randn(64, 3)
-    value, wire = e.echo.call_with_wire(t)
-    after = system.stats()["routes"][route]
+    value, wire = e.echo.call_with_wire(t)  # the first call: it opens the channel
     assert torch.equal(value, t)
     assert wire[0] == wire[2] == route
-    assert after["messages"] - before["messages"] == 2
-    assert wire[1] + wire[3] == after["bytes"] - before["bytes"]
+    r = _channel_routes(system, e)[route]
+    assert (r["sent_messages"], r["sent_bytes"]) == (1, wire[1])
+    assert (r["received_messages"], r["received_bytes"]) == (1, wire[3])
     assert wire[1] > t.nbytes and wire[3] > t.nbytes  # the tensor, and a header
+    value, wire = e.add.call_with_wire(2, b=3)  # the channel open: the hot path
+    assert value == 5 and wire[0] == wire[2] == route
+    r2 = _channel_routes(system, e)[route]
+    assert r2["bytes"] - r["bytes"] == wire[1] + wire[3]
     with pytest.raises(KeyError, match="gone"):
         e.fail.call_with_wire("key", "gone")  # the call's exception, as a plain call's
+
+
+def test_a_reply_read_by_another_thread_still_completes_the_wire_record(system):
+    """Review V: the record was made only once ``send`` returned, and a reply that another
+    thread read in between (one waiting for the send lock drains replies) left it without
+    its reply's half, which the TEE driver then skipped: 1 call in 40,000 under load.
+    Here the send returns late on purpose, while another thread's call reads that reply."""
+    e = system.spawn(Echo)
+    e.echo(1)
+    cc = system._ctx.channel_for(e._ref)
+    real = cc.channel.send_encoded
+
+    def late(*a, **k):
+        route = real(*a, **k)
+        if threading.current_thread().name == "late-sender":
+            time.sleep(0.2)  # as if the GIL went to the other thread right here
+        return route
+
+    cc.channel.send_encoded = late
+    for how in ("call_with_wire", "remote"):
+        out = {}
+
+        def send(how=how, out=out):
+            if how == "remote":
+                f = e.echo.remote(7)
+                f.result()
+                out["wire"] = f.wire
+            else:
+                out["wire"] = e.echo.call_with_wire(7)[1]
+
+        sender = threading.Thread(target=send, name="late-sender")
+        sender.start()
+        time.sleep(0.05)
+        assert e.echo(9) == 9  # waits for the send lock, reading the other call's reply
+        sender.join(10)
+        assert len(out["wire"]) == 4 and None not in out["wire"], (how, out["wire"])
 
 
 def test_thousand_futures_complete_in_issue_order(system):

@@ -228,6 +228,48 @@ def _routes(handle) -> dict[str, tuple[int, int]]:
     return {k: (v["messages"], v["bytes"]) for k, v in r.items()}
 
 
+class _Forwarding:
+    """A worker handle behind a wrapper: methods (with ``.remote``) and ``stats()``, but no
+    per-call record (``call_with_wire``)."""
+
+    def __init__(self, handle):
+        self._handle = handle
+
+    def stats(self):
+        return self._handle.stats()
+
+    def __getattr__(self, name):
+        method = getattr(self._handle, name)
+
+        def forward(*a, **k):
+            return method(*a, **k)
+
+        forward.remote = method.remote
+        return forward
+
+
+def test_a_worker_handle_without_call_records_is_counted_from_its_channel(config):
+    """Review V: blocking calls through a handle that keeps no per-call record were counted
+    as no message at all, while ``stats()`` said the routes were known.  They are counted
+    from the channel's counters around each call, as before per-call records."""
+    ids = ids_for(config, 24, seed=3)
+    with ActorSystem(shm_threshold=48 * 1024) as system:
+        gpu = system.spawn(GPUWorker, config, seed=0, device="cpu")
+        drv = TEEDriver(config, _Forwarding(gpu), seed=0, private_io=False, chunk_rows=0)
+        drv.prefill(ids)  # warm-up: the worker now knows this driver's tags
+        before = _routes(gpu)
+        drv.prefill(ids)
+        after = _routes(gpu)
+        gpu.compute_stats()
+        extra = _routes(gpu)
+        s = drv.last_prefill_stats()
+        for route in ("shm", "zmq"):
+            one = [extra[route][i] - after[route][i] for i in (0, 1)]
+            channel = [after[route][i] - before[route][i] - 2 * one[i] for i in (0, 1)]
+            assert [s["routes"][route]["messages"], s["routes"][route]["bytes"]] == channel
+        assert s["routes"]["shm"]["messages"] == 2 * s["calls"]
+
+
 def test_chunked_prefill_accounting_is_exact(config, reference):
     """Per call, not by diffing the channel around each call: with several calls in flight
     the per-op table is what an unchunked prefill reports (calls times the chunks), and its

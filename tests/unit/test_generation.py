@@ -304,43 +304,60 @@ def two_threads():
     (0.004, 0.010, 1)])   # slower: one thread
 def test_decode_lm_head_takes_the_threads_only_where_measured_faster(
         config, monkeypatch, two_threads, one_s, many_s, want):
+    import actors.generation as gen
     import actors.tee_driver as td
 
     monkeypatch.setattr(td, "LM_THREADS_MIN_BYTES", 0)
     seen: list[int] = []
-    used: list[int] = []
+    # Each way, one run at the time asked and one three times slower, in the order that
+    # makes the first run or the last one of each way give the other choice: the better
+    # of the two decides.
+    runs = {1: [one_s, 3 * one_s], 2: [3 * many_s, many_s], 3: [3 * many_s, many_s]}
 
     def timed(x, w, threads):
         seen.append(threads)
-        return one_s if threads == 1 else many_s
+        return runs[threads][(seen.count(threads) - 1) % 2]
 
-    real_linear = td.F.linear
+    monkeypatch.setattr(td, "_timed_linear", timed)
+    drv = TEEDriver(config, GPUWorker(config, seed=0, device="cpu"), seed=0)
+    assert sorted(seen) == [1, 1, 2, 2]  # when the driver is made, for the process's count
+    used: list[int] = []
+    sampled: list[int] = []
+    real_linear, real_sample = td.F.linear, gen.Sampler.__call__
 
     def linear(x, w, *a):
         if w is drv._io[td.LM_HEAD]:
             used.append(torch.get_num_threads())
         return real_linear(x, w, *a)
 
-    monkeypatch.setattr(td, "_timed_linear", timed)
-    drv = TEEDriver(config, GPUWorker(config, seed=0, device="cpu"), seed=0)
+    def sample(self, logits):
+        sampled.append(torch.get_num_threads())
+        return real_sample(self, logits)
+
     monkeypatch.setattr(td.F, "linear", linear)
+    monkeypatch.setattr(gen.Sampler, "__call__", sample)
     ids = ids_for(config, 5, seed=21)
     tokens = drv.generate(ids, 6).tolist()
-    assert sorted(seen) == [1, 1, 2, 2]  # measured once, two runs each way
+    assert len(seen) == 4  # no generation measures again
     assert used[1:] == [want] * 5  # the prefill's lm_head, then the five decode steps
+    assert sampled[1:] == [1] * 5  # back on one thread within the step
     s = drv.last_generate_stats()
-    assert s["lm_head_threads"] == {"threads": want, "one_ms": one_s * 1e3,
+    assert s["lm_head_threads"] == {"threads": want, "offered": 2, "one_ms": one_s * 1e3,
                                     "many_ms": many_s * 1e3}
     assert torch.get_num_threads() == 2  # restored after each step
+    torch.set_num_threads(3)  # another count offered: measured for it, at its first step
     drv.generate(ids, 3)
-    assert len(seen) == 4  # not measured again by the same driver
+    assert sorted(seen[4:]) == [1, 1, 3, 3]
+    assert drv.last_generate_stats()["lm_head_threads"]["offered"] == 3
+    torch.set_num_threads(2)
+    drv.generate(ids, 3)
+    assert len(seen) == 8  # each count is measured once
     monkeypatch.setattr(td.F, "linear", real_linear)
+    torch.set_num_threads(1)  # one thread offered: nothing measured, nothing widened
     ref = TEEDriver(config, GPUWorker(config, seed=0, device="cpu"), seed=0)
-    with torch.no_grad():
-        torch.set_num_threads(1)  # one thread offered: nothing measured, nothing widened
-        assert ref.generate(ids, 6).tolist() == tokens
-        assert ref.last_generate_stats()["lm_head_threads"] is None
-    assert len(seen) == 4
+    assert ref.generate(ids, 6).tolist() == tokens
+    assert ref.last_generate_stats()["lm_head_threads"] is None
+    assert len(seen) == 8
 
 
 def test_decode_lm_head_of_a_small_vocabulary_stays_on_one_thread(config, two_threads,
@@ -351,8 +368,19 @@ def test_decode_lm_head_of_a_small_vocabulary_stays_on_one_thread(config, two_th
     drv = TEEDriver(config, GPUWorker(config, seed=0, device="cpu"), seed=0)
     drv.generate(ids_for(config, 3, seed=22), 3)
     assert drv.last_generate_stats()["lm_head_threads"] == {
-        "threads": 1, "one_ms": None, "many_ms": None}
+        "threads": 1, "offered": 2, "one_ms": None, "many_ms": None}
     worker_logits = TEEDriver(config, GPUWorker(config, seed=0, device="cpu"), seed=0,
                               private_io=False)
     worker_logits.generate(ids_for(config, 3, seed=22), 3)
     assert worker_logits.last_generate_stats()["lm_head_threads"] is None
+
+
+def test_the_decode_summary_says_how_lm_head_was_threaded(config, driver):
+    from actors.report import decode_split
+
+    driver.generate(ids_for(config, 3, seed=23), 3)
+    stats = driver.last_generate_stats()
+    assert "lm_head" not in decode_split(stats)  # not measured: nothing to say
+    stats["lm_head_threads"] = {"threads": 4, "offered": 4, "one_ms": 9.5, "many_ms": 2.25}
+    assert decode_split(stats).endswith(
+        "\nlm_head in the TEE on 4 thread(s): measured 9.50 ms on one, 2.25 ms on 4")
