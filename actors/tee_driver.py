@@ -474,7 +474,8 @@ class TEEDriver:
         self._lm_choice: dict[int, dict[str, Any]] = {}
         offered = torch.get_num_threads()
         if private_io and offered > 1:
-            self._decode_lm_threads(offered, torch.randn(1, config.hidden_size),
+            # Any input times the same; ones leave the caller's random generator alone.
+            self._decode_lm_threads(offered, torch.ones(1, config.hidden_size),
                                     self._io[LM_HEAD])
 
     # -- the attention policy probe -------------------------------------------------------------
@@ -985,8 +986,9 @@ class TEEDriver:
         ``ms_per_token``, ``tokens_per_s``, ``calls_per_token`` (offloads),
         ``tee_ms_per_token``, ``worker_ms_per_token``, ``transport_ms_per_token``;
         ``lm_head_threads``: how a decode step's lm_head in the TEE was threaded
-        (``{"threads", "one_ms", "many_ms"}``, the times of its one-off measurement, ``None``
-        when not measured), or ``None`` (``private_io=False``, or one thread offered).
+        (``{"threads", "offered", "one_ms", "many_ms"}``, the times of its one-off
+        measurement, ``None`` when not measured), or ``None`` (``private_io=False``, or one
+        thread offered).
         """
         state = self._gen
         if state is None:
@@ -1259,10 +1261,10 @@ class TEEDriver:
         measured, once per driver and thread count -- when the driver is made for the
         process's own count (no generation pays for it), else at the first step that offers
         another -- the better of two runs each way, alternated, and ``offered`` threads only
-        if at least
-        ``LM_THREADS_GAIN`` faster.  Below ``LM_THREADS_MIN_BYTES`` of weight, one thread
-        (waking others costs more than they save).  The choice is kept, so a driver's
-        generations stay alike; the logits came out the same bits on one thread and two here.
+        if at least ``LM_THREADS_GAIN`` faster.  Below ``LM_THREADS_MIN_BYTES`` of weight,
+        one thread (waking others costs more than they save).  The choice is kept, so a
+        driver's generations stay alike; the logits came out the same bits on one thread and
+        two here.
         """
         choice = self._lm_choice.get(offered)
         if choice is None:
