@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import itertools
 import logging
 import os
@@ -680,12 +681,36 @@ class FdHog:
             ctl._spare = None
         self.limits = resource.getrlimit(resource.RLIMIT_NOFILE)
         top = max(int(n) for n in os.listdir("/proc/self/fd"))
-        self.fillers = []
-        while (fd := os.open(os.devnull, os.O_RDONLY)) <= top:  # every hole below the top
-            self.fillers.append(fd)
-        os.close(fd)
         resource.setrlimit(resource.RLIMIT_NOFILE, (top + 1 + leave, self.limits[1]))
+        self.fillers = []
+        self._fill()
+        # Another thread may still close a descriptor: the control thread closes the
+        # connection that opened the caller's channel (and its pidfd) after its reply, which
+        # under load comes after this call has begun.  The hole then took the relay's
+        # connection, and with no room for the descriptors its request carried, it was
+        # refused instead of waiting in the backlog (test_an_actor_out_of_descriptors_backs_
+        # off_and_serves_the_caller_later failed once in a full run; a close made 20 ms late
+        # on purpose fails it every time).  So holes are filled until none has appeared for
+        # 0.1 s: the control thread waits for the GIL (5 ms slices), not for the reply.
+        for _ in range(20):
+            time.sleep(0.1)
+            if not self._fill():
+                break
+        for _ in range(leave):  # free again: the table is full up to the limit less these
+            os.close(self.fillers.pop())
         self.cpu0 = self._control_cpu()
+
+    def _fill(self) -> int:
+        """Take every free descriptor below the soft limit; how many there were."""
+        n = 0
+        while True:
+            try:
+                self.fillers.append(os.open(os.devnull, os.O_RDONLY))
+            except OSError as exc:
+                if exc.errno != errno.EMFILE:
+                    raise
+                return n
+            n += 1
 
     @staticmethod
     def _control_cpu() -> float:
