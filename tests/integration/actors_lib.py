@@ -689,9 +689,9 @@ class FdHog:
         # under load comes after this call has begun.  The hole then took the relay's
         # connection, and with no room for the descriptors its request carried, it was
         # refused instead of waiting in the backlog (test_an_actor_out_of_descriptors_backs_
-        # off_and_serves_the_caller_later failed once in a full run; a close made 20 ms late
-        # on purpose fails it every time).  So holes are filled until none has appeared for
-        # 0.1 s: the control thread waits for the GIL (5 ms slices), not for the reply.
+        # off_and_serves_the_caller_later failed once in a full run, and every time with that
+        # close made 20 ms late on purpose).  So holes are filled until none has appeared for
+        # 0.1 s: a late close waits only for the GIL, which changes hands every 5 ms.
         for _ in range(20):
             time.sleep(0.1)
             if not self._fill():
