@@ -27,11 +27,12 @@ quickstart: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
+# Parallel pytest shards (tests/run_shards.py; TEST_JOBS=1 for one plain pytest).
 test: lint
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python tests/run_shards.py -q $(PYTEST_ARGS)
 
 test-all: lint
-	$(BIN)/python -m pytest -q -m "" $(PYTEST_ARGS)
+	$(BIN)/python tests/run_shards.py -q -m "" $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	mkdir -p benchmarks/results
