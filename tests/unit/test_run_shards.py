@@ -85,8 +85,15 @@ def _project(tmp_path: Path, tests: dict[str, str]) -> Path:
     return tmp_path
 
 
+def _env(root: Path, **extra: str) -> dict[str, str]:
+    """The runner's environment: its temporary files (kept after a failed run) in ``root``."""
+    tmp = root / "tmp"
+    tmp.mkdir(exist_ok=True)
+    return dict(os.environ, TMPDIR=str(tmp), **extra)
+
+
 def _runner(root: Path, *args: str, jobs: int = 2, **kw) -> subprocess.Popen:
-    env = dict(os.environ, TEST_JOBS=str(jobs))
+    env = _env(root, TEST_JOBS=str(jobs))
     return subprocess.Popen([sys.executable, str(root / "tests" / "run_shards.py"), "-q", *args],
                             cwd=root, env=env, text=True, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, **kw)
@@ -109,19 +116,16 @@ def test_a_failing_shard_fails_the_run_and_its_report_is_printed_whole(tmp_path)
     assert "-> exit 1" in out
     report = out[out.index("the planted failure"):]
     assert "[1] " not in report.splitlines()[0]  # the report is not interleaved line by line
-    assert "logs and temporary files of the shards:" in out  # kept for a failed run
+    assert f"logs and temporary files of the shards: {root / 'tmp'}" in out  # kept
 
 
-def test_a_passing_run_exits_zero_and_leaves_no_temporary_files(tmp_path, monkeypatch):
-    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
-    (tmp_path / "tmp").mkdir()
-    root = _project(tmp_path / "p", {"test_a.py": PASSING, "test_c.py": PASSING})
-    p = subprocess.run([sys.executable, str(root / "tests" / "run_shards.py"), "-q"], cwd=root,
-                       env=dict(os.environ, TEST_JOBS="2"), capture_output=True, text=True,
-                       timeout=60)
-    assert p.returncode == 0, p.stdout + p.stderr
-    assert "-> exit 0" in p.stdout
-    assert list((tmp_path / "tmp").iterdir()) == []
+def test_a_passing_run_exits_zero_and_leaves_no_temporary_files(tmp_path):
+    root = _project(tmp_path, {"test_a.py": PASSING, "test_c.py": PASSING})
+    p = _runner(root)
+    out, _ = p.communicate(timeout=60)
+    assert p.returncode == 0, out
+    assert "-> exit 0" in out
+    assert list((root / "tmp").iterdir()) == []
 
 
 def test_deselecting_everything_in_one_shard_is_not_a_failure(tmp_path):
@@ -171,7 +175,7 @@ def test_a_signal_to_the_runner_alone_stops_its_shards_with_their_reports(tmp_pa
 def test_a_bad_test_jobs_is_refused_by_name(tmp_path, value):
     root = _project(tmp_path, {"test_a.py": PASSING})
     p = subprocess.run([sys.executable, str(root / "tests" / "run_shards.py")], cwd=root,
-                       env=dict(os.environ, TEST_JOBS=value), capture_output=True, text=True,
+                       env=_env(root, TEST_JOBS=value), capture_output=True, text=True,
                        timeout=60)
     assert p.returncode != 0
     assert "TEST_JOBS" in p.stderr
