@@ -17,7 +17,8 @@ its output in a log: while the shards run, their progress lines are printed as t
 come, prefixed by the shard's number; each shard's report (failures, summary) is
 printed whole when it ends, never interleaved with another's.
 
-Arguments are pytest's and go to every shard.  When they name a test file or directory
+Arguments are pytest's and go to every shard (with ``-x``, a shard's failure stops the
+others).  When they name a test file or directory
 the run is a single plain pytest (the user chose the tests); so is ``TEST_JOBS=1``.
 Exit status: pytest's, merged (the worst shard's; 5, "no tests collected", only if no
 shard ran any test).
@@ -246,6 +247,10 @@ def run(args: Sequence[str], jobs: int, *, record: bool = False) -> int:
     running = [_Running(n + 1, s, args, tmp, record) for n, s in enumerate(shards)]
     pending = list(running)
     stop = _Stop()
+    # -x: a failing shard stops the others (SIGINT: they print their reports); their
+    # "interrupted" is then ours, not a status of theirs.
+    exit_first = any(a in ("-x", "--exitfirst") or a.startswith("--maxfail") for a in args)
+    cut: set[int] = set()
     old = {sig: signal.signal(sig, stop.note) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         while pending:
@@ -261,6 +266,11 @@ def run(args: Sequence[str], jobs: int, *, record: bool = False) -> int:
                            f"{_plural(len(r.shard.files), 'file')}, "
                            f"exit {r.proc.returncode}, {r.wall_s:.0f} s ----")
                     _print("\n".join(_trimmed(r.report)))
+                    if exit_first and r.proc.returncode == 1:
+                        for other in pending:
+                            if other.number not in cut and other.proc.poll() is None:
+                                cut.add(other.number)
+                                other.proc.send_signal(signal.SIGINT)
     finally:
         for sig, handler in old.items():
             signal.signal(sig, handler)
@@ -268,7 +278,8 @@ def run(args: Sequence[str], jobs: int, *, record: bool = False) -> int:
             r.proc.kill()
             r.proc.wait()
             r.finish()
-    status = merge_status([r.proc.returncode for r in running])
+    status = merge_status([r.proc.returncode for r in running
+                           if not (r.number in cut and r.proc.returncode == 2)])
     totals: dict[str, int] = {}
     for r in running:
         for kind, n in outcome_counts(r.report).items():

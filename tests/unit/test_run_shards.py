@@ -128,6 +128,17 @@ def test_a_passing_run_exits_zero_and_leaves_no_temporary_files(tmp_path):
     assert list((root / "tmp").iterdir()) == []
 
 
+def test_exitfirst_stops_the_other_shards_at_the_first_failure(tmp_path):
+    hang = "import time\n\ndef test_hang():\n    time.sleep(60)\n"
+    root = _project(tmp_path, {"test_a.py": hang, "test_b.py": FAILING})
+    t0 = time.monotonic()
+    p = _runner(root, "-x")
+    out, _ = p.communicate(timeout=60)
+    assert time.monotonic() - t0 < 30, out
+    assert p.returncode == 1, out  # the failure's status, not the stopped shard's
+    assert "the planted failure" in out and "KeyboardInterrupt" in out
+
+
 def test_deselecting_everything_in_one_shard_is_not_a_failure(tmp_path):
     root = _project(tmp_path, {"test_a.py": PASSING, "test_c.py": "def test_x():\n    pass\n"})
     p = _runner(root, "-k", "one")
