@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -123,6 +124,23 @@ def tmpfs_used(path: str) -> int:
     """Bytes in use on the filesystem of ``path`` (nameless segments included)."""
     st = os.statvfs(path)
     return (st.f_blocks - st.f_bfree) * st.f_frsize
+
+
+@pytest.fixture
+def own_tmp(monkeypatch):
+    """A directory of the test's own as TMPDIR, to use as ``shm_dir`` too.
+
+    Every ``ActorSystem()`` collects stale sessions machine-wide: a test that makes a
+    session stale on purpose (a killed supervisor, a planted owner record) and then
+    inspects it loses it to any other test process starting a session meanwhile (the
+    other shard of ``make test``: 4 failures in 15 runs under such load, a review
+    measured).  Sessions in here are out of that reach.
+    """
+    d = tempfile.mkdtemp(prefix="rtg")  # short: ipc:// paths are limited to 107 bytes
+    monkeypatch.setenv("TMPDIR", d)
+    monkeypatch.setattr(tempfile, "tempdir", d)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture

@@ -233,14 +233,14 @@ def test_driver_killed(tmp_path):
         proc.wait()
 
 
-def _session_files(sid: str) -> list[str]:
+def _session_files(sid: str, shm_dir: str = "/dev/shm") -> list[str]:
     import tempfile
-    return [n for d in ("/dev/shm", tempfile.gettempdir()) for n in os.listdir(d)
+    return [n for d in (shm_dir, tempfile.gettempdir()) for n in os.listdir(d)
             if n.startswith(f"rt_{sid}")]
 
 
-def test_supervisor_killed_then_gc():
-    system = ActorSystem()
+def test_supervisor_killed_then_gc(own_tmp):
+    system = ActorSystem(shm_dir=own_tmp)
     try:
         e = system.spawn(Echo)
         actor_pid = e.pid
@@ -251,10 +251,10 @@ def test_supervisor_killed_then_gc():
         with pytest.raises(ActorDiedError, match="supervisor"):
             e.add(1, 1)
         assert time.monotonic() - t0 < 1.0
-        out = subprocess.run([sys.executable, "-m", "runtime", "gc"], capture_output=True,
-                             text=True, check=True).stdout
+        out = subprocess.run([sys.executable, "-m", "runtime", "gc", "--shm-dir", own_tmp],
+                             capture_output=True, text=True, check=True).stdout
         assert system.session.sid in out and "supervisor process gone" in out
-        assert not _session_files(system.session.sid)
+        assert not _session_files(system.session.sid, own_tmp)
     finally:
         system.shutdown()
 

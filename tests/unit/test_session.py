@@ -12,17 +12,16 @@ import pytest
 
 from runtime.session import collect, process_identity
 
-SHM = "/dev/shm"
-
 
 @pytest.fixture
-def fake_session():
+def fake_session(own_tmp):
     """A session whose owners are recorded as this very process, with a start time
-    of the caller's choosing, and one segment."""
+    of the caller's choosing, and one segment (in ``own_tmp``: a stale one elsewhere is
+    any other test process's to collect)."""
     sid = secrets.token_hex(6)
     private = os.path.join(tempfile.gettempdir(), f"rt_{sid}")
     os.mkdir(private, 0o700)
-    segment = os.path.join(SHM, f"rt_{sid}_{os.getpid()}_c0")
+    segment = os.path.join(own_tmp, f"rt_{sid}_{os.getpid()}_c0")
     open(segment, "wb").close()
 
     def record(start):
@@ -38,15 +37,15 @@ def fake_session():
 
 
 def test_gc_keeps_a_session_whose_owners_live(fake_session):
-    sid, _, _ = fake_session(process_identity(os.getpid()))
-    found = collect([SHM], dry_run=True)
+    sid, _, segment = fake_session(process_identity(os.getpid()))
+    found = collect([os.path.dirname(segment)], dry_run=True)
     assert not [p for p, _ in found if sid in p]
 
 
 def test_gc_takes_a_recycled_pid_for_a_dead_owner(fake_session):
     """The recorded pid is alive, but it is another process now (its start time differs)."""
     _, private, segment = fake_session(process_identity(os.getpid()) - 3600.0)
-    found = dict(collect([SHM], dry_run=True))
+    found = dict(collect([os.path.dirname(segment)], dry_run=True))
     assert found.get(segment) == "driver process gone"
     assert found.get(private) == "driver process gone"
     assert os.path.exists(segment)  # a dry run removes nothing
