@@ -1,31 +1,46 @@
 """Run the test suite as parallel pytest shards: what ``make test`` calls.
 
 Why: the suite waits far more than it computes.  On the 2-core CI machine a serial run
-took ~8.6 minutes of wall time for ~3 minutes of CPU (``time make test``): nearly every
+took ~8.8 minutes of wall time for ~3 minutes of CPU (``time make test``): nearly every
 actor test pays ~0.8 s for its session's zygote to import torch, and the fault tests
 wait out timeouts on purpose.  Two pytest processes over disjoint files overlap those
 waits; each test still runs alone in its process, with the same fixtures (the
-``no_leaks`` check already ignores sessions of unrelated processes, see
+``no_leaks`` check already ignores sessions of unrelated processes; tests that make a
+session stale on purpose keep it out of other processes' gc with ``own_tmp``, see
 ``tests/conftest.py``).
 
 How: test files are dealt to ``TEST_JOBS`` shards (default: 2, at most the CPU count),
 longest first, each to the shard with the least expected time so far, by the per-file
 seconds in ``tests/shard_weights.json`` (a file not listed there counts
 ``DEFAULT_WEIGHT``; ``--record`` rewrites the table from a run).  Each shard is
-``python -m pytest <its files> <args>`` with its own ``--basetemp`` and cache directory,
-its output in a log: while the shards run, their progress lines are printed as they
-come, prefixed by the shard's number; each shard's report (failures, summary) is
-printed whole when it ends, never interleaved with another's.
+``python -m pytest <args> <its files>`` with its own ``--basetemp`` and cache directory,
+in a session of its own, its output in a log.  While the shards run, their progress
+lines (those ending in ``[ NN%]``) are printed as they come, prefixed by the shard's
+number; each shard's report (failures, summary) is printed whole when it ends, never
+interleaved with another's.  Afterwards the shards' failures are merged into pytest's
+own cache, so ``make test PYTEST_ARGS=--lf`` reruns exactly them.
 
-Arguments are pytest's and go to every shard (with ``-x``, a shard's failure stops the
-others).  When they name a test file or directory
-the run is a single plain pytest (the user chose the tests); so is ``TEST_JOBS=1``.
+Arguments are pytest's and go to every shard; with ``-x`` (``--maxfail=1``) a shard's
+failure stops the others.  A single plain pytest replaces this process (``exec``) when
+the arguments name test files, directories or modules (the user chose the tests), when
+they ask for something one process must do (one ``--junitxml`` or ``--basetemp``, the
+cache's ``--lf``/``--ff``/``--sw``, ``--pdb``, ``--co``, ``--help``), and for
+``TEST_JOBS=1``.
+
+Signals: the shards are in sessions of their own, so a terminal's Ctrl-C reaches this
+process only; it passes each SIGINT or SIGTERM on to the shards as one SIGINT (pytest
+then stops, tears down and prints its report, which is worth waiting for; a second one
+cuts the teardown short, as at a terminal).  A third signal, or 30 s, kills them.  If
+this process dies, its shards get SIGINT (``PR_SET_PDEATHSIG``).
+
 Exit status: pytest's, merged (the worst shard's; 5, "no tests collected", only if no
-shard ran any test).
+shard ran any test).  A failed run keeps its shards' logs and temporary files, and says
+where; kept directories older than a day are removed by the next run.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import re
@@ -42,10 +57,36 @@ from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parent.parent
 WEIGHTS = ROOT / "tests" / "shard_weights.json"
+CACHE = ROOT / ".pytest_cache"  # pytest's default cache_dir (setup.cfg sets none)
 DEFAULT_WEIGHT = 1.0  # seconds: a file the table does not know yet
+INTERRUPTED = 2  # pytest's exit status after Ctrl-C
 NO_TESTS = 5  # pytest's exit status when nothing was collected
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-_PROGRESS = re.compile(r"^[.sSxXfFeE]+\s*\[\s*\d+%\]$")
+KEPT_PREFIX = "pytest-shards-"
+KEEP_S = 24 * 3600  # a failed run's directory is removed by the first run a day later
+PR_SET_PDEATHSIG = 1
+
+# pytest options that take a value, spelled as the next argument ("-k expr").
+_VALUE_OPTIONS = frozenset({
+    "--basetemp", "--capture", "--code-highlight", "--color", "--confcutdir",
+    "--config-file", "--deselect", "--durations", "--durations-min", "--ignore",
+    "--ignore-glob", "--import-mode", "--junit-prefix", "--junit-xml", "--junitxml",
+    "--last-failed-no-failures", "--lfnf", "--log-cli-level", "--log-date-format",
+    "--log-file", "--log-file-level", "--log-format", "--log-level", "--maxfail",
+    "--override-ini", "--report-log", "--rootdir", "--show-capture", "--tb", "--timeout",
+    "--timeout-method", "--timeout_method",
+})  # fmt: skip
+_SHORT_WITH_VALUE = "ckmopWr"  # -k expr, -m marks, -p plugin, -o ini, -c file, -W, -r chars
+# Options only one pytest process can honour: one output file or directory, the cache's
+# selections (per-shard caches would each see part of the history), interaction.
+_PLAIN_OPTIONS = frozenset({
+    "--basetemp", "--junitxml", "--junit-xml", "--report-log", "--lf", "--last-failed",
+    "--ff", "--failed-first", "--nf", "--new-first", "--sw", "--stepwise", "--sw-skip",
+    "--stepwise-skip", "--pdb", "--trace", "--pyargs", "--co", "--collect-only",
+    "--fixtures", "--fixtures-per-test", "--markers", "--help", "--version", "--cache-show",
+    "--setup-plan", "--setup-only",
+})  # fmt: skip
+_ANSI = re.compile(rb"\x1b\[[0-9;]*m")
+_PROGRESS = re.compile(rb"\[\s*\d+%\]$")
 _COUNT = re.compile(r"(\d+) (passed|failed|errors?|skipped|deselected|xfailed|xpassed|warnings?)")
 _ORDER = ("passed", "failed", "error", "skipped", "deselected", "xfailed", "xpassed", "warning")
 
@@ -55,6 +96,15 @@ class Shard(NamedTuple):
 
     files: list[str]
     expected_s: float
+
+
+class Args(NamedTuple):
+    """What the runner must know of pytest's arguments."""
+
+    names_tests: bool  # a test file, directory or node id: the user chose the tests
+    plain: str | None  # an option one process must honour (its name), else None
+    exit_first: bool  # -x, --exitfirst, --maxfail=1
+    no_cache: bool  # -p no:cacheprovider
 
 
 def suite_files(root: Path = ROOT) -> list[str]:
@@ -89,15 +139,49 @@ def deal(files: Sequence[str], weights: dict[str, float], jobs: int) -> list[Sha
             for i, s in enumerate(shares) if s]
 
 
-def names_tests(args: Sequence[str], root: Path = ROOT) -> bool:
-    """True if ``args`` name a test file or directory (then the user chose the tests)."""
-    for a in args:
-        if a.startswith("-"):
-            continue
-        path = Path(a.split("::", 1)[0])
-        if (path if path.is_absolute() else root / path).exists():
-            return True
-    return False
+def parse_args(args: Sequence[str], root: Path = ROOT) -> Args:
+    """Read pytest's arguments as pytest would, as far as sharding cares."""
+    names = exit_first = no_cache = False
+    plain: str | None = None
+    i = 0
+    while i < len(args):
+        a = args[i]
+        i += 1
+        if a == "--":  # the rest are paths
+            names = names or any(_exists(b, root) for b in args[i:])
+            break
+        if a.startswith("--"):
+            name, eq, value = a.partition("=")
+            if name in _VALUE_OPTIONS and not eq:
+                value = args[i] if i < len(args) else ""
+                i += 1
+            if name in _PLAIN_OPTIONS and plain is None:
+                plain = name
+            exit_first |= name == "--exitfirst" or (name == "--maxfail"
+                                                    and value.strip() == "1")
+        elif a.startswith("-") and len(a) > 1:
+            # A cluster of short options ("-qx", "-rfE"): letters up to one taking a value.
+            for j, ch in enumerate(a[1:], 1):
+                if ch in "hV" and plain is None:
+                    plain = f"-{ch}"
+                exit_first |= ch == "x"
+                if ch in _SHORT_WITH_VALUE:
+                    value = a[j + 1:]
+                    if not value:
+                        value = args[i] if i < len(args) else ""
+                        i += 1
+                    no_cache |= ch == "p" and value == "no:cacheprovider"
+                    break
+        else:
+            names = names or _exists(a, root)
+    return Args(names, plain, exit_first, no_cache)
+
+
+def _exists(arg: str, root: Path) -> bool:
+    if not arg:
+        return False
+    path = Path(arg.split("::", 1)[0])
+    return (path if path.is_absolute() else root / path).exists()
 
 
 def merge_status(codes: Sequence[int]) -> int:
@@ -108,15 +192,15 @@ def merge_status(codes: Sequence[int]) -> int:
     return max(real)
 
 
-def is_progress(line: str) -> bool:
-    """A pytest ``-q`` progress line: outcome letters, then ``[ NN%]``."""
-    return bool(_PROGRESS.match(_ANSI.sub("", line).strip()))
+def is_progress(line: bytes) -> bool:
+    """A pytest progress line: ``-q``'s outcome letters or ``-v``'s test, then ``[ NN%]``."""
+    return bool(_PROGRESS.search(_ANSI.sub(b"", line).rstrip()))
 
 
-def outcome_counts(report: Sequence[str]) -> dict[str, int]:
+def outcome_counts(report: Sequence[bytes]) -> dict[str, int]:
     """The counts in pytest's final line ("3 passed, 1 skipped in 2.0s"), if it printed one."""
-    for line in reversed(report):
-        plain = _ANSI.sub("", line)
+    for raw in reversed(report):
+        plain = _ANSI.sub(b"", raw).decode("utf-8", "replace")
         if " in " in plain and _COUNT.search(plain):
             return {kind.rstrip("s") if kind.startswith(("error", "warning")) else kind: int(n)
                     for n, kind in _COUNT.findall(plain)}
@@ -133,39 +217,62 @@ def default_jobs() -> int:
     return max(1, min(2, os.cpu_count() or 1))
 
 
+def _die_with_parent(parent: int) -> None:
+    """In the shard, before exec: SIGINT when the runner dies (pytest then tears down)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGINT, 0, 0, 0)
+    except (OSError, AttributeError):
+        return  # not Linux: a killed runner leaves its shards to finish
+    if os.getppid() != parent:  # the runner died before prctl
+        os._exit(INTERRUPTED)
+
+
 class _Running:
     """A shard's process and what of its log has been read."""
 
-    def __init__(self, number: int, shard: Shard, args: Sequence[str], tmp: Path,
-                 record: bool) -> None:
+    def __init__(self, number: int, shard: Shard, args: Sequence[str], parsed: Args,
+                 tmp: Path, record: bool) -> None:
         self.number = number
         self.shard = shard
         self.log_path = tmp / f"shard{number}.log"
         self.junit = tmp / f"shard{number}.xml" if record else None
-        cmd = [sys.executable, "-m", "pytest", *shard.files, *args,
-               f"--basetemp={tmp / f'basetemp{number}'}",
-               "-o", f"cache_dir={ROOT / '.pytest_cache' / f'shard{number}'}"]
+        # The runner's options first: the user's, after them, win where both are given.
+        ours = [f"--basetemp={tmp / f'basetemp{number}'}"]
+        if not parsed.no_cache:
+            ours += ["-o", f"cache_dir={self.cache_dir}"]
+        if sys.stdout.isatty():
+            ours.append("--color=yes")
+        cmd = [sys.executable, "-m", "pytest", *ours, *args, *shard.files]
         if self.junit is not None:
             cmd += [f"--junitxml={self.junit}", "-o", "junit_family=xunit1"]
-        if sys.stdout.isatty():
-            cmd.append("--color=yes")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
+        parent = os.getpid()
         self.log = open(self.log_path, "wb")  # noqa: SIM115 -- closed in finish()
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, env=env)
         self._reader = open(self.log_path, "rb")  # noqa: SIM115 -- closed in finish()
         self._partial = b""
-        self.report: list[str] = []
+        self.report: list[bytes] = []
         self.started = time.monotonic()
         self.wall_s = 0.0
+        try:
+            self.proc = subprocess.Popen(
+                cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, env=env, start_new_session=True,
+                preexec_fn=lambda: _die_with_parent(parent))  # noqa: PLW1509 -- no threads here
+        except BaseException:
+            self._reader.close()
+            self.log.close()
+            raise
 
-    def poll_lines(self) -> list[str]:
+    @property
+    def cache_dir(self) -> Path:
+        return CACHE / f"shard{self.number}"
+
+    def poll_lines(self) -> list[bytes]:
         """Complete lines written since the last look; non-progress ones kept for the end."""
         data = self._partial + self._reader.read()
         *lines, self._partial = data.split(b"\n")
         progress = []
-        for raw in lines:
-            line = raw.decode("utf-8", "replace")
+        for line in lines:
             (progress if is_progress(line) else self.report).append(line)
         return progress
 
@@ -173,50 +280,49 @@ class _Running:
         self.wall_s = time.monotonic() - self.started
         self.poll_lines()
         if self._partial:
-            self.report.append(self._partial.decode("utf-8", "replace"))
+            self.report.append(self._partial)
             self._partial = b""
         self._reader.close()
         self.log.close()
 
 
 class _Stop:
-    """Ctrl-C or SIGTERM while shards run: let them stop on their own, then make them.
+    """SIGINT or SIGTERM to the runner: each is passed on to the shards as one SIGINT.
 
-    A terminal's Ctrl-C reaches the shards too (one process group), and pytest then
-    stops and prints its report, which is worth waiting for.  A signal sent to this
-    process alone is passed on after a second; shards still running 30 s later are
-    killed.
+    pytest stops at the first, tears down and prints its report; a second cuts the
+    teardown short, as at a terminal.  A third signal, or ``KILL_AFTER_S`` after the
+    first, kills the shards still running.
     """
 
-    FORWARD_AFTER_S = 1.0
     KILL_AFTER_S = 30.0
 
     def __init__(self) -> None:
         self.since: float | None = None
-        self.signum = signal.SIGINT
-        self._forwarded = False
+        self.received = 0
+        self._passed_on = 0
 
-    def note(self, signum: int, _frame: object) -> None:
+    def note(self, _signum: int, _frame: object) -> None:
+        self.received += 1
         if self.since is None:
             self.since = time.monotonic()
-            self.signum = signum
 
     def act(self, pending: Sequence[_Running]) -> None:
         if self.since is None:
             return
-        waited = time.monotonic() - self.since
-        for r in pending:
-            if r.proc.poll() is not None:
-                continue
-            if waited >= self.KILL_AFTER_S:
-                r.proc.kill()
-            elif waited >= self.FORWARD_AFTER_S and not self._forwarded:
-                r.proc.send_signal(self.signum)
-        if waited >= self.FORWARD_AFTER_S:
-            self._forwarded = True
+        kill = self.received >= 3 or time.monotonic() - self.since >= self.KILL_AFTER_S
+        while self._passed_on < self.received or kill:
+            for r in pending:
+                if r.proc.poll() is None:
+                    if kill:
+                        r.proc.kill()
+                    else:
+                        r.proc.send_signal(signal.SIGINT)
+            if kill:
+                break
+            self._passed_on += 1
 
 
-def _trimmed(lines: list[str]) -> list[str]:
+def _trimmed(lines: list[bytes]) -> list[bytes]:
     """``lines`` without the blank lines at either end."""
     start, end = 0, len(lines)
     while start < end and not lines[start].strip():
@@ -230,47 +336,74 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
+def _write(line: bytes) -> None:
+    """One line to stdout as the shard wrote it (its bytes: any encoding passes)."""
+    out = sys.stdout.buffer
+    out.write(line + b"\n")
+    out.flush()
+
+
 def _print(text: str) -> None:
-    sys.stdout.write(text + "\n")
-    sys.stdout.flush()
+    _write(text.encode(sys.stdout.encoding or "utf-8", "replace"))
+
+
+def _prune_kept(tmpdir: str) -> None:
+    """Remove what failed runs kept more than ``KEEP_S`` ago (pytest keeps its last 3)."""
+    now = time.time()
+    try:
+        names = os.listdir(tmpdir)
+    except OSError:
+        return
+    for name in names:
+        path = os.path.join(tmpdir, name)
+        try:
+            old = name.startswith(KEPT_PREFIX) and now - os.stat(path).st_mtime > KEEP_S
+        except OSError:
+            continue
+        if old:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def run(args: Sequence[str], jobs: int, *, record: bool = False) -> int:
+    parsed = parse_args(args)
     files = suite_files()
-    weights = load_weights()
-    shards = deal(files, weights, jobs)
+    shards = deal(files, load_weights(), jobs)
     t0 = time.monotonic()
-    tmp = Path(tempfile.mkdtemp(prefix="pytest-shards-"))
+    _prune_kept(tempfile.gettempdir())
+    tmp = Path(tempfile.mkdtemp(prefix=KEPT_PREFIX))
     _print(f"{len(files)} test files in {len(shards)} shards "
            f"(TEST_JOBS={jobs}; expected " +
            ", ".join(f"{s.expected_s:.0f} s" for s in shards) + ")")
-    running = [_Running(n + 1, s, args, tmp, record) for n, s in enumerate(shards)]
-    pending = list(running)
     stop = _Stop()
-    # -x: a failing shard stops the others (SIGINT: they print their reports); their
-    # "interrupted" is then ours, not a status of theirs.
-    exit_first = any(a in ("-x", "--exitfirst") or a.startswith("--maxfail") for a in args)
-    cut: set[int] = set()
     old = {sig: signal.signal(sig, stop.note) for sig in (signal.SIGINT, signal.SIGTERM)}
+    running: list[_Running] = []
+    pending: list[_Running] = []
+    cut: set[int] = set()  # shards stopped by -x: their "interrupted" is ours, not theirs
     try:
+        for n, s in enumerate(shards):
+            r = _Running(n + 1, s, args, parsed, tmp, record)
+            running.append(r)
+            pending.append(r)
         while pending:
             time.sleep(0.2)
             stop.act(pending)
             for r in list(pending):
                 for line in r.poll_lines():
-                    _print(f"[{r.number}] {line}")
-                if r.proc.poll() is not None:
-                    r.finish()
-                    pending.remove(r)
-                    _print(f"---- shard {r.number}/{len(running)}: "
-                           f"{_plural(len(r.shard.files), 'file')}, "
-                           f"exit {r.proc.returncode}, {r.wall_s:.0f} s ----")
-                    _print("\n".join(_trimmed(r.report)))
-                    if exit_first and r.proc.returncode == 1:
-                        for other in pending:
-                            if other.number not in cut and other.proc.poll() is None:
-                                cut.add(other.number)
-                                other.proc.send_signal(signal.SIGINT)
+                    _write(f"[{r.number}] ".encode() + line)
+                if r.proc.poll() is None:
+                    continue
+                r.finish()
+                pending.remove(r)
+                _print(f"---- shard {r.number}/{len(shards)}: "
+                       f"{_plural(len(r.shard.files), 'file')}, "
+                       f"exit {r.proc.returncode}, {r.wall_s:.0f} s ----")
+                for line in _trimmed(r.report):
+                    _write(line)
+                if parsed.exit_first and r.proc.returncode == 1:
+                    for other in pending:
+                        if other.number not in cut and other.proc.poll() is None:
+                            cut.add(other.number)
+                            other.proc.send_signal(signal.SIGINT)
     finally:
         for sig, handler in old.items():
             signal.signal(sig, handler)
@@ -278,8 +411,7 @@ def run(args: Sequence[str], jobs: int, *, record: bool = False) -> int:
             r.proc.kill()
             r.proc.wait()
             r.finish()
-    status = merge_status([r.proc.returncode for r in running
-                           if not (r.number in cut and r.proc.returncode == 2)])
+    status = merge_status([r.proc.returncode for r in running if r.number not in cut])
     totals: dict[str, int] = {}
     for r in running:
         for kind, n in outcome_counts(r.report).items():
@@ -289,8 +421,10 @@ def run(args: Sequence[str], jobs: int, *, record: bool = False) -> int:
     _print(f"all shards: {counts or 'no counts'} in {time.monotonic() - t0:.0f} s ("
            + "; ".join(f"shard {r.number}: {r.wall_s:.0f} s, exit {r.proc.returncode}"
                        for r in running) + f") -> exit {status}")
+    if not parsed.no_cache:
+        merge_last_failed(running)
     if record and status == 0 and stop.since is None:
-        write_weights([r.junit for r in running if r.junit is not None])
+        write_weights([r.junit for r in running if r.junit is not None], files)
     if status in (0, NO_TESTS):
         shutil.rmtree(tmp, ignore_errors=True)
     else:
@@ -298,17 +432,51 @@ def run(args: Sequence[str], jobs: int, *, record: bool = False) -> int:
     return status
 
 
-def write_weights(junit_files: Sequence[Path], path: Path = WEIGHTS) -> None:
-    """Sum a run's per-test seconds (setup, call and teardown) by file into ``path``."""
-    totals: dict[str, float] = {}
+def merge_last_failed(running: Sequence[_Running], cache: Path = CACHE) -> None:
+    """Put the shards' failures in pytest's own cache, for a later ``--lf`` (one process).
+
+    A shard's cache keeps failures of files it no longer runs (weights moved them): only
+    each shard's own files' entries count.
+    """
+    failed: dict[str, bool] = {}
+    for r in running:
+        try:
+            entries = json.loads((r.cache_dir / "v" / "cache" / "lastfailed").read_text())
+        except (OSError, ValueError):
+            continue
+        mine = set(r.shard.files)
+        if isinstance(entries, dict):
+            failed.update({k: True for k in entries if k.split("::", 1)[0] in mine})
+    target = cache / "v" / "cache" / "lastfailed"
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _replace_text(target, json.dumps(failed, indent=2, sort_keys=True))
+    except OSError as exc:
+        _print(f"could not record the failures for --lf in {target}: {exc}")
+
+
+def write_weights(junit_files: Sequence[Path], files: Sequence[str],
+                  path: Path = WEIGHTS) -> None:
+    """Sum a run's per-test seconds (setup, call and teardown) by file into ``path``.
+
+    Every suite file gets an entry (one whose tests were all deselected: the minimum).
+    """
+    totals = dict.fromkeys(files, 0.0)
     for j in junit_files:
         for case in ET.parse(j).iter("testcase"):
             f = case.get("file")
             if f:
                 totals[f] = totals.get(f, 0.0) + float(case.get("time") or 0.0)
-    path.write_text(json.dumps({f: max(0.1, round(s, 1)) for f, s in sorted(totals.items())},
-                               indent=1) + "\n")
-    _print(f"wrote {path.relative_to(ROOT)}: {len(totals)} files, {sum(totals.values()):.0f} s")
+    _replace_text(path, json.dumps({f: max(0.1, round(s, 1)) for f, s in
+                                    sorted(totals.items())}, indent=1) + "\n")
+    _print(f"wrote {path}: {len(totals)} files, {sum(totals.values()):.0f} s")
+
+
+def _replace_text(path: Path, text: str) -> None:
+    """Write ``path`` whole or not at all."""
+    part = path.with_name(path.name + ".part")
+    part.write_text(text)
+    os.replace(part, path)
 
 
 def main(argv: Sequence[str]) -> int:
@@ -316,11 +484,16 @@ def main(argv: Sequence[str]) -> int:
     record = "--record" in args
     if record:
         args.remove("--record")
+    parsed = parse_args(args)
     jobs = default_jobs()
-    if record and names_tests(args):
-        sys.exit("--record times the whole suite: name no test files")
-    if (jobs == 1 or names_tests(args)) and not record:
-        return subprocess.call([sys.executable, "-m", "pytest", *args], cwd=ROOT)
+    if record and (parsed.names_tests or parsed.plain):
+        sys.exit("--record times the whole suite: name no tests, and no "
+                 f"{parsed.plain or 'test path'}")
+    if not record and (jobs == 1 or parsed.names_tests or parsed.plain):
+        # Exactly as plain pytest: its own signals, teardown and exit status.
+        os.chdir(ROOT)
+        sys.stdout.flush()
+        os.execv(sys.executable, [sys.executable, "-m", "pytest", *args])
     return run(args, jobs, record=record)
 
 

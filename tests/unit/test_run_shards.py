@@ -1,4 +1,5 @@
-"""The shard runner behind ``make test``: how it deals files, merges, reports and stops."""
+"""The shard runner behind ``make test``: how it deals files, reads arguments, merges,
+reports and stops.  The end-to-end tests run it on throwaway projects of a few tests."""
 
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tests import run_shards
-from tests.run_shards import deal, is_progress, merge_status, names_tests
+from tests.run_shards import deal, is_progress, merge_status, parse_args
 
 RUNNER = Path(run_shards.__file__)
 
@@ -43,11 +45,51 @@ def test_the_weights_table_names_every_test_file():
     assert not missing, f"run `python tests/run_shards.py --record`: {sorted(missing)}"
 
 
-def test_names_tests_tells_paths_from_options():
-    assert not names_tests(["-q", "-rf", "-k", "codec", "-m", "not slow"])
-    assert names_tests(["tests/unit"])
-    assert names_tests(["-q", "tests/unit/test_codec.py::test_something"])
-    assert not names_tests(["no/such/file.py"])
+@pytest.mark.parametrize("args", [
+    ["-q", "-rf", "-k", "codec", "-m", "not slow"],
+    ["-q", "-m", ""],  # make test-all
+    ["-k", "tests"], ["-k", "runtime or docs"],  # values, not paths
+    ["--deselect", "tests/unit/test_codec.py::test_x"], ["--ignore", "tests/faults"],
+    ["--rootdir", "."], ["-c", "setup.cfg"], ["-o", "cache_dir=tests"],
+    ["no/such/file.py"], [""],
+])  # fmt: skip
+def test_options_and_their_values_name_no_tests(args):
+    parsed = parse_args(args)
+    assert not parsed.names_tests and parsed.plain is None
+
+
+@pytest.mark.parametrize("args", [
+    ["tests/unit"], ["-q", "tests/unit/test_codec.py::test_something"], ["--", "tests"],
+    ["-k", "x", "tests/unit/test_codec.py"],
+])  # fmt: skip
+def test_paths_name_tests(args):
+    assert parse_args(args).names_tests
+
+
+@pytest.mark.parametrize(("args", "option"), [
+    (["--junitxml=out.xml"], "--junitxml"), (["--junitxml", "out.xml"], "--junitxml"),
+    (["--basetemp=/tmp/x"], "--basetemp"), (["--lf"], "--lf"), (["--sw"], "--sw"),
+    (["--pyargs", "tests.unit.test_codec"], "--pyargs"), (["--pdb"], "--pdb"),
+    (["-h"], "-h"), (["--co"], "--co"),
+])  # fmt: skip
+def test_options_one_process_must_honour_are_named(args, option):
+    assert parse_args(args).plain == option
+
+
+@pytest.mark.parametrize(("args", "first"), [
+    (["-x"], True), (["-qx"], True), (["-xq"], True), (["--exitfirst"], True),
+    (["--maxfail=1"], True), (["--maxfail", "1"], True),
+    (["-rx"], False), (["-rfx"], False), (["--maxfail=3"], False), (["--maxfail", "0"], False),
+    (["-k", "x"], False), (["-kx"], False),
+])  # fmt: skip
+def test_exit_first_is_read_from_every_spelling(args, first):
+    assert parse_args(args).exit_first is first
+
+
+def test_no_cacheprovider_is_seen_in_both_spellings():
+    assert parse_args(["-p", "no:cacheprovider"]).no_cache
+    assert parse_args(["-pno:cacheprovider"]).no_cache
+    assert not parse_args(["-p", "no:randomly"]).no_cache
 
 
 def test_merge_status_is_the_worst_shard():
@@ -61,132 +103,264 @@ def test_merge_status_is_the_worst_shard():
 
 
 def test_outcome_counts_read_pytests_final_line():
-    assert run_shards.outcome_counts(["x", "3 passed, 1 error, 2 warnings in 0.2s"]) == \
+    assert run_shards.outcome_counts([b"x", b"3 passed, 1 error, 2 warnings in 0.2s"]) == \
         {"passed": 3, "error": 1, "warning": 2}
-    assert run_shards.outcome_counts(["\x1b[32m1 failed, 4 skipped in 1.0s\x1b[0m", ""]) == \
+    assert run_shards.outcome_counts([b"\x1b[32m1 failed, 4 skipped in 1.0s\x1b[0m", b""]) == \
         {"failed": 1, "skipped": 4}
-    assert run_shards.outcome_counts(["no summary"]) == {}
+    assert run_shards.outcome_counts([b"no summary"]) == {}
 
 
 def test_progress_lines_are_told_from_reports():
-    assert is_progress("........................ [ 42%]")
-    assert is_progress("..sF.E.. [100%]")
-    assert is_progress("\x1b[32m....\x1b[0m\x1b[32m [ 5%]\x1b[0m")
-    assert not is_progress("FAILED tests/unit/test_x.py::test_y - assert 1 == 2")
-    assert not is_progress("1 passed in 0.01s")
+    assert is_progress(b"........................ [ 42%]")
+    assert is_progress(b"..sF.E.. [100%]")
+    assert is_progress(b"\x1b[32m....\x1b[0m\x1b[32m [ 5%]\x1b[0m")
+    assert is_progress(b"tests/unit/test_x.py::test_y PASSED                   [ 12%]")  # -v
+    assert not is_progress(b"FAILED tests/unit/test_x.py::test_y - assert 1 == 2")
+    assert not is_progress(b"1 passed in 0.01s")
 
 
-def _project(tmp_path: Path, tests: dict[str, str]) -> Path:
-    """A throwaway project: the runner and some test files, nothing else."""
-    (tmp_path / "tests").mkdir(parents=True)
-    shutil.copy(RUNNER, tmp_path / "tests" / "run_shards.py")
+# --------------------------------------------------------------------- end to end
+
+# Every test of these projects leaves a marker once its teardown has run.
+CONFTEST = """\
+import os, time, pytest
+
+@pytest.fixture(autouse=True)
+def marked_teardown(request):
+    yield
+    time.sleep(float(os.environ.get("TEARDOWN_S", "0")))
+    open(os.path.join(os.environ["MARKS"], "done." + request.node.name + "." +
+                      str(os.getpid())), "w").close()
+"""
+PASSING = "def test_one():\n    pass\n\ndef test_two():\n    pass\n"
+FAILING = "def test_bad():\n    assert 1 == 2, 'the planted failure'\n"
+HANG = """\
+import os, time
+
+def test_hang():
+    open(os.path.join(os.environ["MARKS"], "started." + str(os.getpid())), "w").close()
+    time.sleep(60)
+"""
+
+
+def _project(root: Path, tests: dict[str, str]) -> Path:
+    """A throwaway project: the runner, a conftest and some test files, nothing else."""
+    (root / "tests").mkdir(parents=True)
+    (root / "marks").mkdir()
+    (root / "tmp").mkdir()
+    shutil.copy(RUNNER, root / "tests" / "run_shards.py")
+    (root / "tests" / "conftest.py").write_text(CONFTEST)
     for name, body in tests.items():
-        (tmp_path / "tests" / name).write_text(body)
-    return tmp_path
+        (root / "tests" / name).write_text(body)
+    return root
 
 
 def _env(root: Path, **extra: str) -> dict[str, str]:
     """The runner's environment: its temporary files (kept after a failed run) in ``root``."""
-    tmp = root / "tmp"
-    tmp.mkdir(exist_ok=True)
-    return dict(os.environ, TMPDIR=str(tmp), **extra)
+    env = dict(os.environ, TMPDIR=str(root / "tmp"), MARKS=str(root / "marks"), TEST_JOBS="2")
+    env.update(extra)
+    return env
 
 
-def _runner(root: Path, *args: str, jobs: int = 2, **kw) -> subprocess.Popen:
-    env = _env(root, TEST_JOBS=str(jobs))
+def _runner(root: Path, *args: str, **env: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, str(root / "tests" / "run_shards.py"), "-q", *args],
-                            cwd=root, env=env, text=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, **kw)
+                            cwd=root, env=_env(root, **env), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
 
 
-PASSING = "def test_one():\n    pass\n\ndef test_two():\n    pass\n"
-FAILING = "def test_bad():\n    assert 1 == 2, 'the planted failure'\n"
+def _run(root: Path, *args: str, **env: str) -> tuple[int, str]:
+    p = _runner(root, *args, **env)
+    out, _ = p.communicate(timeout=60)
+    return p.returncode, out.decode("utf-8", "replace")
+
+
+def _marks(root: Path, kind: str) -> list[str]:
+    return sorted(n for n in os.listdir(root / "marks") if n.startswith(kind + "."))
+
+
+def _wait_started(root: Path, n: int) -> None:
+    deadline = time.monotonic() + 30
+    while len(_marks(root, "started")) < n:
+        assert time.monotonic() < deadline, "the shards never reached their test"
+        time.sleep(0.05)
+
+
+def _blocks(out: str) -> list[list[str]]:
+    """Each shard's report: the lines after its '---- shard' header, up to the next one."""
+    blocks: list[list[str]] = []
+    for line in out.splitlines():
+        if line.startswith("---- shard"):
+            blocks.append([])
+        elif line.startswith("all shards:"):
+            break
+        elif blocks:
+            blocks[-1].append(line)
+    return blocks
 
 
 def test_a_failing_shard_fails_the_run_and_its_report_is_printed_whole(tmp_path):
     root = _project(tmp_path, {"test_a.py": PASSING, "test_b.py": FAILING,
                                "test_c.py": PASSING})
-    p = _runner(root)
-    out, _ = p.communicate(timeout=60)
-    assert p.returncode == 1, out
+    rc, out = _run(root)
+    assert rc == 1, out
     assert "3 test files in 2 shards" in out
-    assert "---- shard 1/2" in out and "---- shard 2/2" in out
-    assert "the planted failure" in out
-    assert "all shards: 4 passed, 1 failed in " in out
-    assert "-> exit 1" in out
-    report = out[out.index("the planted failure"):]
-    assert "[1] " not in report.splitlines()[0]  # the report is not interleaved line by line
-    assert f"logs and temporary files of the shards: {root / 'tmp'}" in out  # kept
+    assert any(line.startswith("[1] .") for line in out.splitlines())  # progress, live
+    assert any(line.startswith("[2] ") for line in out.splitlines())
+    blocks = _blocks(out)
+    assert len(blocks) == 2
+    for block in blocks:  # a report is printed whole, not line by line with a prefix
+        assert not [line for line in block if line.startswith(("[1] ", "[2] "))]
+    assert any("the planted failure" in line for block in blocks for line in block)
+    assert "all shards: 4 passed, 1 failed in " in out and "-> exit 1" in out
+    kept = [line.split(": ", 1)[1] for line in out.splitlines()
+            if line.startswith("logs and temporary files of the shards: ")]
+    assert len(kept) == 1 and Path(kept[0]).parent == root / "tmp"
+    assert (Path(kept[0]) / "shard1.log").exists()  # kept, for a failed run
 
 
 def test_a_passing_run_exits_zero_and_leaves_no_temporary_files(tmp_path):
     root = _project(tmp_path, {"test_a.py": PASSING, "test_c.py": PASSING})
-    p = _runner(root)
-    out, _ = p.communicate(timeout=60)
-    assert p.returncode == 0, out
+    rc, out = _run(root)
+    assert rc == 0, out
     assert "-> exit 0" in out
     assert list((root / "tmp").iterdir()) == []
 
 
-def test_exitfirst_stops_the_other_shards_at_the_first_failure(tmp_path):
-    hang = "import time\n\ndef test_hang():\n    time.sleep(60)\n"
-    root = _project(tmp_path, {"test_a.py": hang, "test_b.py": FAILING})
-    t0 = time.monotonic()
-    p = _runner(root, "-x")
-    out, _ = p.communicate(timeout=60)
-    assert time.monotonic() - t0 < 30, out
-    assert p.returncode == 1, out  # the failure's status, not the stopped shard's
-    assert "the planted failure" in out and "KeyboardInterrupt" in out
+def test_a_kept_directory_older_than_a_day_goes_with_the_next_run(tmp_path):
+    root = _project(tmp_path, {"test_a.py": PASSING, "test_c.py": PASSING})
+    old, new = root / "tmp" / "pytest-shards-old", root / "tmp" / "pytest-shards-new"
+    old.mkdir()
+    new.mkdir()
+    os.utime(old, (time.time() - 2 * run_shards.KEEP_S,) * 2)
+    rc, out = _run(root)
+    assert rc == 0, out
+    assert not old.exists() and new.exists()
 
 
-def test_deselecting_everything_in_one_shard_is_not_a_failure(tmp_path):
+def test_make_test_all_is_sharded_and_deselecting_a_whole_shard_is_no_failure(tmp_path):
     root = _project(tmp_path, {"test_a.py": PASSING, "test_c.py": "def test_x():\n    pass\n"})
-    p = _runner(root, "-k", "one")
-    out, _ = p.communicate(timeout=60)
-    assert p.returncode == 0, out
+    rc, out = _run(root, "-m", "")
+    assert rc == 0 and "in 2 shards" in out, out
+    rc, out = _run(root, "-k", "one")
+    assert rc == 0 and "in 2 shards" in out, out
 
 
-def test_named_test_files_run_as_one_plain_pytest(tmp_path):
+def test_named_test_files_and_one_job_run_as_one_plain_pytest(tmp_path):
     root = _project(tmp_path, {"test_a.py": PASSING, "test_b.py": FAILING})
-    p = _runner(root, "tests/test_a.py")
-    out, _ = p.communicate(timeout=60)
-    assert p.returncode == 0, out
+    rc, out = _run(root, "tests/test_a.py")
+    assert rc == 0, out
     assert "shards" not in out and "2 passed" in out
+    rc, out = _run(root, TEST_JOBS="1")
+    assert rc == 1 and "shards" not in out and "1 failed, 2 passed" in out
+
+
+def test_one_output_file_means_one_plain_pytest(tmp_path):
+    root = _project(tmp_path, {"test_a.py": PASSING, "test_c.py": PASSING})
+    rc, out = _run(root, f"--junitxml={tmp_path / 'out.xml'}")
+    assert rc == 0 and "shards" not in out, out
+    assert 'tests="4"' in (tmp_path / "out.xml").read_text()  # not one shard's half
+
+
+def test_no_cacheprovider_gets_no_cache_dir_option(tmp_path):
+    root = _project(tmp_path, {"test_a.py": PASSING, "test_c.py": PASSING})
+    rc, out = _run(root, "-p", "no:cacheprovider", "-W", "error::pytest.PytestConfigWarning")
+    assert rc == 0 and "in 2 shards" in out, out
+    assert not (root / ".pytest_cache").exists()
+
+
+def test_last_failed_after_a_sharded_run_reruns_exactly_its_failures(tmp_path):
+    root = _project(tmp_path, {"test_a.py": PASSING, "test_b.py": FAILING,
+                               "test_c.py": PASSING})
+    rc, out = _run(root)
+    assert rc == 1, out
+    rc, out = _run(root, "--lf")
+    assert rc == 1 and "shards" not in out, out
+    assert "1 failed" in out and "passed" not in out.splitlines()[-1], out
 
 
 def test_record_writes_the_weights_of_every_file(tmp_path):
     root = _project(tmp_path, {"test_a.py": PASSING,
                                "test_slow.py": "import time\n\ndef test_s():\n"
-                                               "    time.sleep(0.5)\n"})
-    p = _runner(root, "--record")
-    out, _ = p.communicate(timeout=60)
-    assert p.returncode == 0, out
+                                               "    time.sleep(0.5)\n",
+                               "test_none.py": "import pytest\n\n@pytest.mark.skipif(True, "
+                                               "reason='x')\ndef test_n():\n    pass\n"})
+    rc, out = _run(root, "--record", "-k", "not test_n")
+    assert rc == 0, out
     weights = json.loads((root / "tests" / "shard_weights.json").read_text())
-    assert set(weights) == {"tests/test_a.py", "tests/test_slow.py"}
+    assert set(weights) == {"tests/test_a.py", "tests/test_slow.py", "tests/test_none.py"}
     assert weights["tests/test_slow.py"] >= 0.5 > weights["tests/test_a.py"]
+    assert weights["tests/test_none.py"] == 0.1  # deselected: the minimum, not missing
 
 
-def test_a_signal_to_the_runner_alone_stops_its_shards_with_their_reports(tmp_path):
-    hang = "import time\n\ndef test_hang():\n    time.sleep(60)\n"
-    root = _project(tmp_path, {"test_a.py": hang, "test_b.py": hang})
-    p = _runner(root, start_new_session=True)  # the signal reaches the runner only
-    first = p.stdout.readline()
-    assert "2 test files in 2 shards" in first
-    time.sleep(1.5)  # both shards are in their sleep by now
-    t0 = time.monotonic()
-    p.send_signal(signal.SIGINT)
+@pytest.mark.parametrize("how", ["ctrl-c at a terminal", "SIGTERM to the runner"])
+def test_a_signal_stops_the_shards_after_their_teardown_with_their_reports(tmp_path, how):
+    root = _project(tmp_path, {"test_a.py": HANG, "test_b.py": HANG})
+    p = _runner(root, TEARDOWN_S="1.0")
+    _wait_started(root, 2)
+    if how == "ctrl-c at a terminal":
+        os.killpg(p.pid, signal.SIGINT)  # the terminal's process group: the runner's
+    else:
+        p.send_signal(signal.SIGTERM)
     out, _ = p.communicate(timeout=30)
-    assert time.monotonic() - t0 < 15
-    assert p.returncode == 2, out  # pytest's "interrupted"
+    out = out.decode()
+    assert p.returncode == 2, out  # pytest's "interrupted", not a signal's death
+    assert len(_marks(root, "done")) == 2, out  # each teardown ran to its end
     assert out.count("KeyboardInterrupt") >= 2, out  # each shard's own report
     assert "-> exit 2" in out
+
+
+def test_ctrl_c_with_one_job_is_plain_pytests_own(tmp_path):
+    root = _project(tmp_path, {"test_a.py": HANG})
+    p = _runner(root, TEST_JOBS="1", TEARDOWN_S="1.0")
+    _wait_started(root, 1)
+    os.killpg(p.pid, signal.SIGINT)
+    out, _ = p.communicate(timeout=30)
+    assert p.returncode == 2, out
+    assert len(_marks(root, "done")) == 1, out
+
+
+def test_shards_stop_with_their_teardown_when_the_runner_is_killed(tmp_path):
+    root = _project(tmp_path, {"test_a.py": HANG, "test_b.py": HANG})
+    p = _runner(root, TEARDOWN_S="0.5")
+    _wait_started(root, 2)
+    shards = psutil.Process(p.pid).children()
+    assert len(shards) == 2
+    p.kill()
+    p.communicate(timeout=30)
+    _, alive = psutil.wait_procs(shards, timeout=30)
+    assert not alive
+    assert len(_marks(root, "done")) == 2
+
+
+def test_exitfirst_stops_the_other_shards_at_the_first_failure(tmp_path):
+    root = _project(tmp_path, {"test_a.py": HANG, "test_b.py": FAILING})
+    t0 = time.monotonic()
+    rc, out = _run(root, "-x")
+    assert time.monotonic() - t0 < 30, out
+    assert rc == 1, out  # the failure's status, not the stopped shard's
+    assert "the planted failure" in out and "KeyboardInterrupt" in out
+
+
+def test_maxfail_above_one_lets_the_other_shards_run_on(tmp_path):
+    slow = "import time\n\ndef test_slow():\n    time.sleep(1.5)\n"
+    root = _project(tmp_path, {"test_a.py": slow, "test_b.py": FAILING})
+    rc, out = _run(root, "--maxfail=3")
+    assert rc == 1, out
+    assert "all shards: 1 passed, 1 failed" in out
+
+
+def test_a_report_in_another_encoding_passes_through(tmp_path):
+    root = _project(tmp_path, {"test_a.py": PASSING,
+                               "test_b.py": "def test_bad():\n    assert 0, 'caf\\xe9'\n"})
+    p = _runner(root, PYTHONIOENCODING="latin-1")
+    out, _ = p.communicate(timeout=60)
+    assert p.returncode == 1, out
+    assert b"caf\xe9" in out and b"-> exit 1" in out
 
 
 @pytest.mark.parametrize("value", ["two", "-"])
 def test_a_bad_test_jobs_is_refused_by_name(tmp_path, value):
     root = _project(tmp_path, {"test_a.py": PASSING})
-    p = subprocess.run([sys.executable, str(root / "tests" / "run_shards.py")], cwd=root,
-                       env=_env(root, TEST_JOBS=value), capture_output=True, text=True,
-                       timeout=60)
-    assert p.returncode != 0
-    assert "TEST_JOBS" in p.stderr
+    rc, out = _run(root, TEST_JOBS=value)
+    assert rc != 0
+    assert "TEST_JOBS" in out
