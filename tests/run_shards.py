@@ -13,15 +13,20 @@ How: test files are dealt to ``TEST_JOBS`` shards (default: 2, at most the CPU c
 longest first, each to the shard with the least expected time so far, by the per-file
 seconds in ``tests/shard_weights.json`` (a file not listed there counts
 ``DEFAULT_WEIGHT``; ``--record`` rewrites the table from a run).  Each shard is
-``python -m pytest <args> <its files>`` with its own ``--basetemp`` and cache directory,
-in a session of its own, its output in a log.  While the shards run, their progress
-lines (those ending in ``[ NN%]``) are printed as they come, prefixed by the shard's
-number; each shard's report (failures, summary) is printed whole when it ends, never
-interleaved with another's.  Afterwards the shards' failures are merged into pytest's
-own cache, so ``make test PYTEST_ARGS=--lf`` reruns exactly them.
+``python -m pytest -p tests.run_shards --shard-files=<list> <args>``: pytest's own
+collection (``testpaths``, ``--ignore``, ``collect_ignore``, ``python_files``), of which
+this module, loaded as a plugin, drops the other shards' files (a test module the runner
+did not deal goes to shard 1).  Each shard has its own ``--basetemp`` and cache
+directory and runs in a session of its own, its output in a log.  While the shards run,
+their progress lines (those ending in ``[ NN%]``) are printed as they come, prefixed by
+the shard's number; each shard's report (failures, summary) is printed whole when it
+ends, never interleaved with another's.  Afterwards the shards' failures are merged into pytest's
+own cache (each shard's cache is first given the earlier failures of its files), so
+``make test PYTEST_ARGS=--lf`` reruns exactly what is still failing.
 
 Arguments are pytest's and go to every shard; with ``-x`` (``--maxfail=1``) a shard's
-failure stops the others.  A single plain pytest replaces this process (``exec``) when
+failure stops the others (and is killed 30 s later if it has not stopped).
+``PYTEST_ADDOPTS`` is read too.  A single plain pytest replaces this process (``exec``) when
 the arguments name test files, directories or modules (the user chose the tests), when
 they ask for something one process must do (one ``--junitxml`` or ``--basetemp``, the
 cache's ``--lf``/``--ff``/``--sw``, ``--pdb``, ``--co``, ``--help``), and for
@@ -30,8 +35,10 @@ cache's ``--lf``/``--ff``/``--sw``, ``--pdb``, ``--co``, ``--help``), and for
 Signals: the shards are in sessions of their own, so a terminal's Ctrl-C reaches this
 process only; it passes each SIGINT or SIGTERM on to the shards as one SIGINT (pytest
 then stops, tears down and prints its report, which is worth waiting for; a second one
-cuts the teardown short, as at a terminal).  A third signal, or 30 s, kills them.  If
-this process dies, its shards get SIGINT (``PR_SET_PDEATHSIG``).
+cuts the teardown short, as at a terminal).  A third signal, or 30 s, kills their whole
+sessions.  If this process dies, its shards get SIGINT (``PR_SET_PDEATHSIG``).  Shards
+start with SIGINT's default action whatever this process inherited (a shell starts a
+background job with SIGINT ignored, and an ignored signal stays ignored across exec).
 
 Exit status: pytest's, merged (the worst shard's; 5, "no tests collected", only if no
 shard ran any test).  A failed run keeps its shards' logs and temporary files, and says
@@ -41,9 +48,11 @@ where; kept directories older than a day are removed by the next run.
 from __future__ import annotations
 
 import ctypes
+import fnmatch
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -107,9 +116,13 @@ class Args(NamedTuple):
     no_cache: bool  # -p no:cacheprovider
 
 
+PYTHON_FILES = ("test_*.py", "*_test.py")  # pytest's default python_files (setup.cfg: same)
+
+
 def suite_files(root: Path = ROOT) -> list[str]:
-    """The suite's test files, relative to ``root``, in pytest's order."""
-    return sorted(str(p.relative_to(root)) for p in (root / "tests").rglob("test_*.py"))
+    """The suite's test modules under ``tests/``, relative to ``root``, in sorted order."""
+    return sorted(str(p.relative_to(root)) for p in (root / "tests").rglob("*.py")
+                  if any(fnmatch.fnmatch(p.name, pat) for pat in PYTHON_FILES))
 
 
 def load_weights(path: Path = WEIGHTS) -> dict[str, float]:
@@ -153,6 +166,8 @@ def parse_args(args: Sequence[str], root: Path = ROOT) -> Args:
         if a.startswith("--"):
             name, eq, value = a.partition("=")
             if name in _VALUE_OPTIONS and not eq:
+                if i >= len(args):  # pytest's usage error: let pytest say so
+                    plain = plain or name
                 value = args[i] if i < len(args) else ""
                 i += 1
             if name in _PLAIN_OPTIONS and plain is None:
@@ -168,6 +183,8 @@ def parse_args(args: Sequence[str], root: Path = ROOT) -> Args:
                 if ch in _SHORT_WITH_VALUE:
                     value = a[j + 1:]
                     if not value:
+                        if i >= len(args):
+                            plain = plain or f"-{ch}"
                         value = args[i] if i < len(args) else ""
                         i += 1
                     no_cache |= ch == "p" and value == "no:cacheprovider"
@@ -218,7 +235,8 @@ def default_jobs() -> int:
 
 
 def _die_with_parent(parent: int) -> None:
-    """In the shard, before exec: SIGINT when the runner dies (pytest then tears down)."""
+    """In the shard, before exec: SIGINT's default action, and SIGINT when the runner dies."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # not an ignore inherited from a shell
     try:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGINT, 0, 0, 0)
     except (OSError, AttributeError):
@@ -230,21 +248,25 @@ def _die_with_parent(parent: int) -> None:
 class _Running:
     """A shard's process and what of its log has been read."""
 
-    def __init__(self, number: int, shard: Shard, args: Sequence[str], parsed: Args,
-                 tmp: Path, record: bool) -> None:
+    def __init__(self, number: int, shard: Shard, dealt: Sequence[str], args: Sequence[str],
+                 parsed: Args, tmp: Path, record: bool) -> None:
         self.number = number
         self.shard = shard
         self.log_path = tmp / f"shard{number}.log"
         self.junit = tmp / f"shard{number}.xml" if record else None
         # The runner's options first: the user's, after them, win where both are given.
-        ours = [f"--basetemp={tmp / f'basetemp{number}'}"]
+        share = tmp / f"shard{number}.files"
+        share.write_text(json.dumps({"number": number, "files": shard.files,
+                                     "dealt": dealt}))
+        ours = ["-p", "tests.run_shards", f"--shard-files={share}",
+                f"--basetemp={tmp / f'basetemp{number}'}"]
         if not parsed.no_cache:
             ours += ["-o", f"cache_dir={self.cache_dir}"]
         if sys.stdout.isatty():
             ours.append("--color=yes")
-        cmd = [sys.executable, "-m", "pytest", *ours, *args, *shard.files]
         if self.junit is not None:
-            cmd += [f"--junitxml={self.junit}", "-o", "junit_family=xunit1"]
+            ours += [f"--junitxml={self.junit}", "-o", "junit_family=xunit1"]
+        cmd = [sys.executable, "-m", "pytest", *ours, *args]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         parent = os.getpid()
         self.log = open(self.log_path, "wb")  # noqa: SIM115 -- closed in finish()
@@ -276,14 +298,23 @@ class _Running:
             (progress if is_progress(line) else self.report).append(line)
         return progress
 
-    def finish(self) -> None:
+    def finish(self) -> list[bytes]:
+        """The shard has exited: read the rest; return its last progress lines."""
         self.wall_s = time.monotonic() - self.started
-        self.poll_lines()
+        progress = self.poll_lines()
         if self._partial:
             self.report.append(self._partial)
             self._partial = b""
         self._reader.close()
         self.log.close()
+        return progress
+
+    def kill(self) -> None:
+        """Kill the shard's whole session: pytest and whatever its tests started."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except OSError:
+            self.proc.kill()
 
 
 class _Stop:
@@ -314,7 +345,7 @@ class _Stop:
             for r in pending:
                 if r.proc.poll() is None:
                     if kill:
-                        r.proc.kill()
+                        r.kill()
                     else:
                         r.proc.send_signal(signal.SIGINT)
             if kill:
@@ -365,23 +396,31 @@ def _prune_kept(tmpdir: str) -> None:
 
 
 def run(args: Sequence[str], jobs: int, *, record: bool = False) -> int:
-    parsed = parse_args(args)
+    parsed = parse_args(_addopts() + list(args))
     files = suite_files()
-    shards = deal(files, load_weights(), jobs)
+    weights = load_weights()
+    shards = deal(files, weights, jobs)
     t0 = time.monotonic()
     _prune_kept(tempfile.gettempdir())
     tmp = Path(tempfile.mkdtemp(prefix=KEPT_PREFIX))
     _print(f"{len(files)} test files in {len(shards)} shards "
            f"(TEST_JOBS={jobs}; expected " +
            ", ".join(f"{s.expected_s:.0f} s" for s in shards) + ")")
+    unknown = [f for f in files if f not in weights]
+    if unknown:
+        _print(f"{_plural(len(unknown), 'file')} without a weight, counted as "
+               f"{DEFAULT_WEIGHT:g} s: to deal by measured times, run "
+               f"`python tests/run_shards.py --record`")
     stop = _Stop()
     old = {sig: signal.signal(sig, stop.note) for sig in (signal.SIGINT, signal.SIGTERM)}
     running: list[_Running] = []
     pending: list[_Running] = []
-    cut: set[int] = set()  # shards stopped by -x: their "interrupted" is ours, not theirs
+    cut: dict[int, float] = {}  # shards stopped by -x (when): their "interrupted" is ours
+    if not parsed.no_cache:
+        seed_last_failed(shards)
     try:
         for n, s in enumerate(shards):
-            r = _Running(n + 1, s, args, parsed, tmp, record)
+            r = _Running(n + 1, s, files, args, parsed, tmp, record)
             running.append(r)
             pending.append(r)
         while pending:
@@ -391,24 +430,29 @@ def run(args: Sequence[str], jobs: int, *, record: bool = False) -> int:
                 for line in r.poll_lines():
                     _write(f"[{r.number}] ".encode() + line)
                 if r.proc.poll() is None:
+                    since = cut.get(r.number)
+                    if since is not None and time.monotonic() - since > _Stop.KILL_AFTER_S:
+                        r.kill()
                     continue
-                r.finish()
+                for line in r.finish():
+                    _write(f"[{r.number}] ".encode() + line)
                 pending.remove(r)
                 _print(f"---- shard {r.number}/{len(shards)}: "
                        f"{_plural(len(r.shard.files), 'file')}, "
                        f"exit {r.proc.returncode}, {r.wall_s:.0f} s ----")
                 for line in _trimmed(r.report):
                     _write(line)
-                if parsed.exit_first and r.proc.returncode == 1:
+                if parsed.exit_first and r.number not in cut \
+                        and r.proc.returncode not in (0, NO_TESTS):
                     for other in pending:
                         if other.number not in cut and other.proc.poll() is None:
-                            cut.add(other.number)
+                            cut[other.number] = time.monotonic()
                             other.proc.send_signal(signal.SIGINT)
     finally:
         for sig, handler in old.items():
             signal.signal(sig, handler)
         for r in pending:  # only after an error of our own: leave no shard behind
-            r.proc.kill()
+            r.kill()
             r.proc.wait()
             r.finish()
     status = merge_status([r.proc.returncode for r in running if r.number not in cut])
@@ -424,7 +468,7 @@ def run(args: Sequence[str], jobs: int, *, record: bool = False) -> int:
     if not parsed.no_cache:
         merge_last_failed(running)
     if record and status == 0 and stop.since is None:
-        write_weights([r.junit for r in running if r.junit is not None], files)
+        write_weights([r.junit for r in running if r.junit is not None], files, weights)
     if status in (0, NO_TESTS):
         shutil.rmtree(tmp, ignore_errors=True)
     else:
@@ -432,41 +476,75 @@ def run(args: Sequence[str], jobs: int, *, record: bool = False) -> int:
     return status
 
 
-def merge_last_failed(running: Sequence[_Running], cache: Path = CACHE) -> None:
-    """Put the shards' failures in pytest's own cache, for a later ``--lf`` (one process).
+def _last_failed_path(cache: Path) -> Path:
+    return cache / "v" / "cache" / "lastfailed"
 
-    A shard's cache keeps failures of files it no longer runs (weights moved them): only
-    each shard's own files' entries count.
-    """
-    failed: dict[str, bool] = {}
-    for r in running:
-        try:
-            entries = json.loads((r.cache_dir / "v" / "cache" / "lastfailed").read_text())
-        except (OSError, ValueError):
-            continue
-        mine = set(r.shard.files)
-        if isinstance(entries, dict):
-            failed.update({k: True for k in entries if k.split("::", 1)[0] in mine})
-    target = cache / "v" / "cache" / "lastfailed"
+
+def _read_last_failed(cache: Path) -> dict[str, bool]:
+    try:
+        entries = json.loads(_last_failed_path(cache).read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: True for k in entries if isinstance(k, str)} if isinstance(entries, dict) else {}
+
+
+def _write_last_failed(cache: Path, entries: dict[str, bool]) -> None:
+    target = _last_failed_path(cache)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        _replace_text(target, json.dumps(failed, indent=2, sort_keys=True))
+        _replace_text(target, json.dumps(entries, indent=2, sort_keys=True))
     except OSError as exc:
         _print(f"could not record the failures for --lf in {target}: {exc}")
 
 
+def _owner(node_id: str, shards: Sequence[Shard]) -> int:
+    """The shard (from 1) whose pytest runs ``node_id``: its file's, else 1 (see
+    ``pytest_ignore_collect``)."""
+    path = node_id.split("::", 1)[0]
+    for n, s in enumerate(shards, 1):
+        if path in s.files:
+            return n
+    return 1
+
+
+def seed_last_failed(shards: Sequence[Shard], cache: Path = CACHE) -> None:
+    """Give each shard's cache pytest's own record of its tests' failures, so that a shard
+    that does not run a test (``-k``, a crash) keeps it as pytest would."""
+    known = _read_last_failed(cache)
+    for n in range(1, len(shards) + 1):
+        _write_last_failed(cache / f"shard{n}",
+                           {k: True for k in known if _owner(k, shards) == n})
+
+
+def merge_last_failed(running: Sequence[_Running], cache: Path = CACHE) -> None:
+    """Put the shards' failures in pytest's own cache, for a later ``--lf`` (one process).
+
+    A shard's cache may hold failures of tests it does not own (its files moved, or a
+    plain run's): each test's record comes from its owner's cache only.
+    """
+    shards = [r.shard for r in running]
+    failed: dict[str, bool] = {}
+    for r in running:
+        failed.update({k: True for k in _read_last_failed(r.cache_dir)
+                       if _owner(k, shards) == r.number})
+    _write_last_failed(cache, failed)
+
+
 def write_weights(junit_files: Sequence[Path], files: Sequence[str],
-                  path: Path = WEIGHTS) -> None:
+                  old: dict[str, float] | None = None, path: Path = WEIGHTS) -> None:
     """Sum a run's per-test seconds (setup, call and teardown) by file into ``path``.
 
-    Every suite file gets an entry (one whose tests were all deselected: the minimum).
+    Every suite file gets an entry: a file none of whose tests ran keeps its old weight
+    (or the minimum).
     """
-    totals = dict.fromkeys(files, 0.0)
+    totals = {f: (old or {}).get(f, 0.0) for f in files}
+    measured: dict[str, float] = {}
     for j in junit_files:
         for case in ET.parse(j).iter("testcase"):
             f = case.get("file")
             if f:
-                totals[f] = totals.get(f, 0.0) + float(case.get("time") or 0.0)
+                measured[f] = measured.get(f, 0.0) + float(case.get("time") or 0.0)
+    totals.update(measured)
     _replace_text(path, json.dumps({f: max(0.1, round(s, 1)) for f, s in
                                     sorted(totals.items())}, indent=1) + "\n")
     _print(f"wrote {path}: {len(totals)} files, {sum(totals.values()):.0f} s")
@@ -479,12 +557,63 @@ def _replace_text(path: Path, text: str) -> None:
     os.replace(part, path)
 
 
+def _addopts() -> list[str]:
+    """``PYTEST_ADDOPTS``: options every shard's pytest reads before the command line."""
+    try:
+        return shlex.split(os.environ.get("PYTEST_ADDOPTS", ""))
+    except ValueError:
+        return []  # pytest reports it
+
+
+# -------------------------------------------------------------- the plugin, in each shard
+
+
+def pytest_addoption(parser) -> None:
+    parser.addoption("--shard-files", default=None,
+                     help="(tests/run_shards.py) the JSON list of this shard's test files")
+
+
+class _Share(NamedTuple):
+    """In a shard's pytest: which test modules are its own."""
+
+    number: int
+    mine: set[str]
+    dealt: set[str]  # every shard's
+    patterns: list[str]  # python_files
+
+
+def pytest_configure(config) -> None:
+    path = config.getoption("shard_files")
+    if path:
+        share = json.loads(Path(path).read_text())
+        config._rt_share = _Share(share["number"], set(share["files"]), set(share["dealt"]),
+                                  list(config.getini("python_files")))
+
+
+def pytest_ignore_collect(collection_path: Path, config) -> bool | None:
+    """Drop test modules another shard runs; a module nobody dealt goes to shard 1."""
+    share: _Share | None = getattr(config, "_rt_share", None)
+    if share is None or not any(fnmatch.fnmatch(collection_path.name, pat)
+                                for pat in share.patterns) or not collection_path.is_file():
+        return None
+    number, mine, dealt, _ = share
+    try:
+        rel = str(collection_path.relative_to(config.rootpath))
+    except ValueError:
+        rel = str(collection_path)
+    if rel in mine:
+        return None
+    if rel in dealt or number != 1:
+        return True
+    return None
+
+
 def main(argv: Sequence[str]) -> int:
     args = list(argv)
     record = "--record" in args
     if record:
         args.remove("--record")
-    parsed = parse_args(args)
+    parsed = parse_args(_addopts() + args)
     jobs = default_jobs()
     if record and (parsed.names_tests or parsed.plain):
         sys.exit("--record times the whole suite: name no tests, and no "

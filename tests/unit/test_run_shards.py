@@ -39,10 +39,12 @@ def test_deal_drops_empty_shards_and_takes_at_least_one():
     assert deal([], {}, 2) == []
 
 
-def test_the_weights_table_names_every_test_file():
-    weights = run_shards.load_weights()
-    missing = set(run_shards.suite_files()) - set(weights)
-    assert not missing, f"run `python tests/run_shards.py --record`: {sorted(missing)}"
+def test_suite_files_are_pytests_default_test_modules(tmp_path):
+    for name in ("tests/test_a.py", "tests/sub/b_test.py", "tests/helper.py",
+                 "tests/conftest.py", "other/test_c.py"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("")
+    assert run_shards.suite_files(tmp_path) == ["tests/sub/b_test.py", "tests/test_a.py"]
 
 
 @pytest.mark.parametrize("args", [
@@ -51,7 +53,7 @@ def test_the_weights_table_names_every_test_file():
     ["-k", "tests"], ["-k", "runtime or docs"],  # values, not paths
     ["--deselect", "tests/unit/test_codec.py::test_x"], ["--ignore", "tests/faults"],
     ["--rootdir", "."], ["-c", "setup.cfg"], ["-o", "cache_dir=tests"],
-    ["no/such/file.py"], [""],
+    ["no/such/file.py"], [""], ["--deselect=tests/x.py::t"],
 ])  # fmt: skip
 def test_options_and_their_values_name_no_tests(args):
     parsed = parse_args(args)
@@ -71,6 +73,7 @@ def test_paths_name_tests(args):
     (["--basetemp=/tmp/x"], "--basetemp"), (["--lf"], "--lf"), (["--sw"], "--sw"),
     (["--pyargs", "tests.unit.test_codec"], "--pyargs"), (["--pdb"], "--pdb"),
     (["-h"], "-h"), (["--co"], "--co"),
+    (["-q", "--deselect"], "--deselect"), (["-k"], "-k"),  # no value: pytest's usage error
 ])  # fmt: skip
 def test_options_one_process_must_honour_are_named(args, option):
     assert parse_args(args).plain == option
@@ -162,9 +165,12 @@ def _env(root: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-def _runner(root: Path, *args: str, **env: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(root / "tests" / "run_shards.py"), "-q", *args],
-                            cwd=root, env=_env(root, **env), stdout=subprocess.PIPE,
+def _runner(root: Path, *args: str, sigint_ignored: bool = False,
+            **env: str) -> subprocess.Popen:
+    cmd = [sys.executable, str(root / "tests" / "run_shards.py"), "-q", *args]
+    if sigint_ignored:  # as a shell starts a background job; exec keeps the ignore
+        cmd = ["bash", "-c", 'trap "" INT; exec "$@"', "bash", *cmd]
+    return subprocess.Popen(cmd, cwd=root, env=_env(root, **env), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -196,6 +202,37 @@ def _blocks(out: str) -> list[list[str]]:
         elif blocks:
             blocks[-1].append(line)
     return blocks
+
+
+def test_pytests_own_collection_rules_hold_in_the_shards(tmp_path):
+    root = _project(tmp_path, {"test_a.py": PASSING, "thing_test.py": FAILING,
+                               "test_c.py": PASSING})
+    (root / "tests" / "sub").mkdir()
+    (root / "tests" / "sub" / "test_d.py").write_text(FAILING)
+    rc, out = _run(root)  # thing_test.py: a test module the runner's table does not know
+    assert rc == 1 and "all shards: 4 passed, 2 failed" in out, out
+    rc, out = _run(root, "--ignore=tests/sub", "--deselect", "tests/thing_test.py::test_bad")
+    assert rc == 0 and "in 2 shards" in out and "all shards: 4 passed, 1 deselected" in out, out
+
+
+def test_a_shard_that_cannot_collect_or_dies_fails_the_run(tmp_path):
+    root = _project(tmp_path, {"test_a.py": PASSING, "test_c.py": PASSING})
+    (root / "tests" / "sub").mkdir()
+    (root / "tests" / "sub" / "conftest.py").write_text("import no_such_module\n")
+    (root / "tests" / "sub" / "test_d.py").write_text(PASSING)
+    rc, out = _run(root)
+    assert rc not in (0, 5), out
+    (root / "tests" / "sub" / "conftest.py").unlink()
+    (root / "tests" / "sub" / "test_d.py").write_text(
+        "import os, signal\n\ndef test_crash():\n    os.kill(os.getpid(), signal.SIGSEGV)\n")
+    rc, out = _run(root)
+    assert rc == 128 + signal.SIGSEGV and f"exit -{int(signal.SIGSEGV)}" in out, out
+
+
+def test_a_trailing_option_without_its_value_is_pytests_usage_error(tmp_path):
+    root = _project(tmp_path, {"test_a.py": FAILING, "test_c.py": PASSING})
+    rc, out = _run(root, "--deselect")
+    assert rc == 4, out  # not 0 with a shard's file taken for the option's value
 
 
 def test_a_failing_shard_fails_the_run_and_its_report_is_printed_whole(tmp_path):
@@ -269,13 +306,28 @@ def test_no_cacheprovider_gets_no_cache_dir_option(tmp_path):
 
 
 def test_last_failed_after_a_sharded_run_reruns_exactly_its_failures(tmp_path):
-    root = _project(tmp_path, {"test_a.py": PASSING, "test_b.py": FAILING,
-                               "test_c.py": PASSING})
-    rc, out = _run(root)
+    root = _project(tmp_path, {"test_a.py": FAILING, "test_b.py": PASSING,
+                               "test_c.py": FAILING})
+    (root / "tests" / "shard_weights.json").write_text(
+        json.dumps({"tests/test_a.py": 5, "tests/test_b.py": 1, "tests/test_c.py": 1}))
+    rc, out = _run(root)  # a alone in one shard, b and c in the other: failures in both
     assert rc == 1, out
     rc, out = _run(root, "--lf")
     assert rc == 1 and "shards" not in out, out
-    assert "1 failed" in out and "passed" not in out.splitlines()[-1], out
+    assert "2 failed" in out and "passed" not in out.splitlines()[-1], out
+
+
+def test_last_failed_keeps_what_plain_runs_and_unselected_tests_recorded(tmp_path):
+    root = _project(tmp_path, {"test_a.py": FAILING, "test_b.py": PASSING,
+                               "test_c.py": PASSING})
+    assert _run(root)[0] == 1
+    (root / "tests" / "test_a.py").write_text(PASSING)  # fixed
+    assert _run(root, "--lf")[0] == 0
+    (root / "tests" / "test_c.py").write_text(FAILING)  # broken, seen by a plain run
+    assert _run(root, "tests/test_c.py")[0] == 1
+    assert _run(root, "-k", "test_one")[0] == 0  # sharded, test_c not selected
+    rc, out = _run(root, "--lf")
+    assert rc == 1 and "the planted failure" in out, out  # still known to have failed
 
 
 def test_record_writes_the_weights_of_every_file(tmp_path):
@@ -292,12 +344,13 @@ def test_record_writes_the_weights_of_every_file(tmp_path):
     assert weights["tests/test_none.py"] == 0.1  # deselected: the minimum, not missing
 
 
-@pytest.mark.parametrize("how", ["ctrl-c at a terminal", "SIGTERM to the runner"])
+@pytest.mark.parametrize("how", ["ctrl-c at a terminal", "SIGTERM to the runner",
+                                 "ctrl-c, the runner started with SIGINT ignored"])
 def test_a_signal_stops_the_shards_after_their_teardown_with_their_reports(tmp_path, how):
     root = _project(tmp_path, {"test_a.py": HANG, "test_b.py": HANG})
-    p = _runner(root, TEARDOWN_S="1.0")
+    p = _runner(root, TEARDOWN_S="1.0", sigint_ignored="ignored" in how)
     _wait_started(root, 2)
-    if how == "ctrl-c at a terminal":
+    if how.startswith("ctrl-c"):
         os.killpg(p.pid, signal.SIGINT)  # the terminal's process group: the runner's
     else:
         p.send_signal(signal.SIGTERM)
@@ -339,6 +392,52 @@ def test_exitfirst_stops_the_other_shards_at_the_first_failure(tmp_path):
     assert time.monotonic() - t0 < 30, out
     assert rc == 1, out  # the failure's status, not the stopped shard's
     assert "the planted failure" in out and "KeyboardInterrupt" in out
+
+
+def test_exitfirst_cuts_nothing_for_a_shard_that_selected_nothing(tmp_path):
+    root = _project(tmp_path, {"test_a.py": PASSING, "test_b.py": FAILING,
+                               "test_c.py": "def test_other():\n    pass\n"})
+    rc, out = _run(root, "-x", "-k", "one or bad", TEST_JOBS="3")
+    assert rc == 1, out
+
+
+def test_a_shard_that_ignores_its_stop_is_killed_with_what_it_started(tmp_path, monkeypatch):
+    stubborn = """\
+import subprocess, time
+
+def test_stubborn():
+    subprocess.Popen(["sleep", "120"])
+    while True:
+        try:
+            time.sleep(60)
+        except KeyboardInterrupt:
+            pass
+"""
+    root = _project(tmp_path, {"test_a.py": stubborn, "test_b.py": FAILING})
+    shutil.copy(RUNNER, root / "tests" / "run_shards.py")
+    text = (root / "tests" / "run_shards.py").read_text()
+    (root / "tests" / "run_shards.py").write_text(
+        text.replace("KILL_AFTER_S = 30.0", "KILL_AFTER_S = 1.0"))
+    before = set(_sleeps())
+    rc, out = _run(root, "-x")
+    assert rc == 1, out
+    deadline = time.monotonic() + 5
+    while set(_sleeps()) - before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not set(_sleeps()) - before, out  # the shard's whole session went
+
+
+def _sleeps() -> list[int]:
+    """Live ``sleep 120`` processes."""
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if p.name() == "sleep" and p.status() != psutil.STATUS_ZOMBIE \
+                    and p.cmdline()[1:] == ["120"]:
+                found.append(p.pid)
+        except psutil.Error:
+            pass
+    return found
 
 
 def test_maxfail_above_one_lets_the_other_shards_run_on(tmp_path):
