@@ -13,21 +13,21 @@ How: test files are dealt to ``TEST_JOBS`` shards (default: 2, at most the CPU c
 longest first, each to the shard with the least expected time so far, by the per-file
 seconds in ``tests/shard_weights.json`` (a file not listed there counts
 ``DEFAULT_WEIGHT``; ``--record`` rewrites the table from a run).  Each shard is
-``python -m pytest -p tests.run_shards --shard-files=<list> <args>``: pytest's own
+``python -m pytest -p tests.shard_plugin --shard-files=<list> <args>``: pytest's own
 collection (``testpaths``, ``--ignore``, ``collect_ignore``, ``python_files``), of which
-this module, loaded as a plugin, drops the other shards' files (a test module the runner
-did not deal goes to shard 1).  Each shard has its own ``--basetemp`` and cache
+that plugin drops the other shards' files (a test module the runner did not deal goes to
+shard 1).  Each shard has its own ``--basetemp`` and cache
 directory and runs in a session of its own, its output in a log.  While the shards run,
 their progress lines (those ending in ``[ NN%]``) are printed as they come, prefixed by
 the shard's number; each shard's report (failures, summary) is printed whole when it
-ends, never interleaved with another's.  Afterwards the shards' failures are merged into pytest's
-own cache (each shard's cache is first given the earlier failures of its files), so
-``make test PYTEST_ARGS=--lf`` reruns exactly what is still failing.
+ends, never interleaved with another's.  Afterwards the shards' failures are merged into
+pytest's own cache (each shard's cache is first given the earlier failures of its
+files), so ``make test PYTEST_ARGS=--lf`` reruns exactly what is still failing.
 
 Arguments are pytest's and go to every shard; with ``-x`` (``--maxfail=1``) a shard's
 failure stops the others (and is killed 30 s later if it has not stopped).
-``PYTEST_ADDOPTS`` is read too.  A single plain pytest replaces this process (``exec``) when
-the arguments name test files, directories or modules (the user chose the tests), when
+``PYTEST_ADDOPTS`` is read too.  A single plain pytest replaces this process (``exec``)
+when the arguments name test files, directories or modules (the user chose the tests), when
 they ask for something one process must do (one ``--junitxml`` or ``--basetemp``, the
 cache's ``--lf``/``--ff``/``--sw``, ``--pdb``, ``--co``, ``--help``), and for
 ``TEST_JOBS=1``.
@@ -258,7 +258,7 @@ class _Running:
         share = tmp / f"shard{number}.files"
         share.write_text(json.dumps({"number": number, "files": shard.files,
                                      "dealt": dealt}))
-        ours = ["-p", "tests.run_shards", f"--shard-files={share}",
+        ours = ["-p", "tests.shard_plugin", f"--shard-files={share}",
                 f"--basetemp={tmp / f'basetemp{number}'}"]
         if not parsed.no_cache:
             ours += ["-o", f"cache_dir={self.cache_dir}"]
@@ -563,49 +563,6 @@ def _addopts() -> list[str]:
         return shlex.split(os.environ.get("PYTEST_ADDOPTS", ""))
     except ValueError:
         return []  # pytest reports it
-
-
-# -------------------------------------------------------------- the plugin, in each shard
-
-
-def pytest_addoption(parser) -> None:
-    parser.addoption("--shard-files", default=None,
-                     help="(tests/run_shards.py) the JSON list of this shard's test files")
-
-
-class _Share(NamedTuple):
-    """In a shard's pytest: which test modules are its own."""
-
-    number: int
-    mine: set[str]
-    dealt: set[str]  # every shard's
-    patterns: list[str]  # python_files
-
-
-def pytest_configure(config) -> None:
-    path = config.getoption("shard_files")
-    if path:
-        share = json.loads(Path(path).read_text())
-        config._rt_share = _Share(share["number"], set(share["files"]), set(share["dealt"]),
-                                  list(config.getini("python_files")))
-
-
-def pytest_ignore_collect(collection_path: Path, config) -> bool | None:
-    """Drop test modules another shard runs; a module nobody dealt goes to shard 1."""
-    share: _Share | None = getattr(config, "_rt_share", None)
-    if share is None or not any(fnmatch.fnmatch(collection_path.name, pat)
-                                for pat in share.patterns) or not collection_path.is_file():
-        return None
-    number, mine, dealt, _ = share
-    try:
-        rel = str(collection_path.relative_to(config.rootpath))
-    except ValueError:
-        rel = str(collection_path)
-    if rel in mine:
-        return None
-    if rel in dealt or number != 1:
-        return True
-    return None
 
 
 def main(argv: Sequence[str]) -> int:

@@ -1,5 +1,6 @@
-"""The shard runner behind ``make test``: how it deals files, reads arguments, merges,
-reports and stops.  The end-to-end tests run it on throwaway projects of a few tests."""
+"""The shard runner behind ``make test`` (``tests/run_shards.py``, ``tests/shard_plugin.py``):
+how it deals files, reads arguments, merges, reports and stops.  The end-to-end tests run
+it on throwaway projects of a few tests."""
 
 from __future__ import annotations
 
@@ -152,6 +153,7 @@ def _project(root: Path, tests: dict[str, str]) -> Path:
     (root / "marks").mkdir()
     (root / "tmp").mkdir()
     shutil.copy(RUNNER, root / "tests" / "run_shards.py")
+    shutil.copy(RUNNER.with_name("shard_plugin.py"), root / "tests" / "shard_plugin.py")
     (root / "tests" / "conftest.py").write_text(CONFTEST)
     for name, body in tests.items():
         (root / "tests" / name).write_text(body)
