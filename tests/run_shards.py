@@ -254,10 +254,10 @@ class _Running:
         self.shard = shard
         self.log_path = tmp / f"shard{number}.log"
         self.junit = tmp / f"shard{number}.xml" if record else None
-        # The runner's options first: the user's, after them, win where both are given.
         share = tmp / f"shard{number}.files"
         share.write_text(json.dumps({"number": number, "files": shard.files,
                                      "dealt": dealt}))
+        # The runner's options first: the user's, after them, win where both are given.
         ours = ["-p", "tests.shard_plugin", f"--shard-files={share}",
                 f"--basetemp={tmp / f'basetemp{number}'}"]
         if not parsed.no_cache:
