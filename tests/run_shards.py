@@ -395,8 +395,8 @@ def _prune_kept(tmpdir: str) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def run(args: Sequence[str], jobs: int, *, record: bool = False) -> int:
-    parsed = parse_args(_addopts() + list(args))
+def run(args: Sequence[str], parsed: Args, jobs: int, *, record: bool = False) -> int:
+    """Run ``args`` as ``jobs`` shards (``parsed``: what :func:`parse_args` read of them)."""
     files = suite_files()
     weights = load_weights()
     shards = deal(files, weights, jobs)
@@ -580,7 +580,7 @@ def main(argv: Sequence[str]) -> int:
         os.chdir(ROOT)
         sys.stdout.flush()
         os.execv(sys.executable, [sys.executable, "-m", "pytest", *args])
-    return run(args, jobs, record=record)
+    return run(args, parsed, jobs, record=record)
 
 
 if __name__ == "__main__":
