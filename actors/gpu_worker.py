@@ -147,7 +147,8 @@ class GPUWorker:
         if self._cuda:
             # Every ring and pool slot this process maps, now and later, is page-locked
             # for CUDA: arguments copy to the device and results back at DMA speed.
-            self._registrar = hostmem.cuda_registrar()  # one per process, shared
+            # On this worker's device: the registering threads chose none (GPU 0 otherwise).
+            self._registrar = hostmem.cuda_registrar(device=self.device.index)
         self._stats: dict[str, list] = {}  # key -> [calls, seconds, deferred results]
         # (tag, start ns, end ns, rows) of each call, CLOCK_MONOTONIC (shared by the processes
         # of one host): ~0.3 us a call, bounded.

@@ -317,7 +317,7 @@ class Channel:
         if sealed is None:
             sealed = safe
         tx = rx = None
-        bell = None
+        bell = bulk = None
         socks: tuple[socket.socket, socket.socket] | tuple[None, None] = (None, None)
         try:
             cap = ring_capacity(threshold)
@@ -340,6 +340,13 @@ class Channel:
                 socks = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
                 socks[0].setblocking(False)
             bulk = BulkLink(f"ipc://{os.path.join(private_dir, name + '.zmq')}", bind=True)
+            # Inside the try: the constructor can fail too (the pool's stat of shm_dir), and
+            # rings left to GC would be unmapped while CUDA still holds them registered.
+            return cls(tx=tx, rx=rx, bulk=bulk, own_bell=bell, owns_bell=True,
+                       peer_bell=None, threshold=threshold, safe=safe, name=name,
+                       secret=secrets.token_bytes(SECRET_LEN), pool_sock=socks[0],
+                       shm_dir=shm_dir, pool_bytes=pool_bytes, peer_sock=socks[1],
+                       sealed=sealed)
         except BaseException:
             for ring in (tx, rx):
                 if ring is not None:
@@ -349,11 +356,9 @@ class Channel:
             for sock in socks:
                 if sock is not None:
                     sock.close()
+            if bulk is not None:
+                bulk.close()
             raise
-        return cls(tx=tx, rx=rx, bulk=bulk, own_bell=bell, owns_bell=True, peer_bell=None,
-                   threshold=threshold, safe=safe, name=name,
-                   secret=secrets.token_bytes(SECRET_LEN), pool_sock=socks[0],
-                   shm_dir=shm_dir, pool_bytes=pool_bytes, peer_sock=socks[1], sealed=sealed)
 
     def spec(self) -> ChannelSpec:
         return ChannelSpec(rings=self.tx is not None, endpoint=self.bulk.endpoint,
@@ -410,7 +415,7 @@ class Channel:
         memfd costs the peer nothing: a 96 GiB ring or slot made the copy-out raise
         ``MemoryError`` and end the trusted actor.)
         """
-        tx = rx = bulk = sock = None
+        tx = rx = bulk = sock = peer = None
         fds = list(fds)
         want = 2 * spec.rings + spec.pool
         pool_bytes = spec.pool_bytes
@@ -441,6 +446,12 @@ class Channel:
             bulk = BulkLink(spec.endpoint, bind=False)
             peer = DoorbellWriter(spec.caller_bell) if (tx is not None and spec.caller_bell) \
                 else None
+            # Inside the try, as in create(): a failing constructor (the pool's stat of
+            # shm_dir) must not leave mapped, registered rings to GC.
+            return cls(tx=tx, rx=rx, bulk=bulk, own_bell=own_bell if rx is not None else None,
+                       owns_bell=False, peer_bell=peer, threshold=spec.threshold, safe=safe,
+                       name=name, secret=spec.secret, pool_sock=sock, shm_dir=shm_dir,
+                       pool_bytes=pool_bytes, sealed=sealed)
         except BaseException:
             for fd in fds:
                 os.close(fd)
@@ -451,11 +462,9 @@ class Channel:
                 sock.close()
             if bulk is not None:
                 bulk.close()
+            if peer is not None:
+                peer.close()
             raise
-        return cls(tx=tx, rx=rx, bulk=bulk, own_bell=own_bell if rx is not None else None,
-                   owns_bell=False, peer_bell=peer, threshold=spec.threshold, safe=safe,
-                   name=name, secret=spec.secret, pool_sock=sock, shm_dir=shm_dir,
-                   pool_bytes=pool_bytes, sealed=sealed)
 
     @property
     def mode(self) -> str:

@@ -14,14 +14,25 @@ Every mapping the transport makes or drops in this process is announced here
 A :class:`Registrar` installed with :func:`install` hears of each -- including those
 already live -- and is told before a mapping goes.  Nothing is installed by default: the
 transport itself never touches CUDA.
+
+Announcements are serialised, registrars' calls included: a registrar hears of a mapping's
+end only after it heard of its start, so it never keeps a registration of memory that is
+gone.  Such a stale registration is silent corruption in waiting: the next mapping at that
+address would be taken as registered already, while CUDA holds the old range's pages.  A
+mapping announced at an address still live -- its predecessor went without
+:func:`unmapping`, a bug elsewhere -- is therefore first unregistered, with a warning.
+(Found by a review; ``Channel.create``/``attach`` had left rings to GC when their
+constructor failed.)
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import threading
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
 __all__ = ["CudaRegistrar", "Registrar", "cuda_registrar", "install", "live", "mapped",
@@ -32,7 +43,9 @@ log = logging.getLogger(__name__)
 CUDA_HOST_REGISTER_PORTABLE = 1  # registered for every CUDA context, not just the current
 CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED = 712
 
-_lock = threading.Lock()
+# Held across the registrars' calls (see the module docstring); re-entrant, since a signal
+# handler that shuts channels down may run inside an announcement on the same thread.
+_lock = threading.RLock()
 _live: dict[int, int] = {}  # address -> size of every transport mapping of this process
 _registrars: list[Registrar] = []
 
@@ -48,19 +61,24 @@ class Registrar(Protocol):
 def mapped(address: int, size: int) -> None:
     """A mapping of ``size`` bytes at ``address`` was made."""
     with _lock:
+        stale = _live.get(address)
+        if stale is not None:
+            log.warning("a %d-byte transport mapping at %#x went without being announced; "
+                        "unregistering it before the new %d-byte one", stale, address, size)
+            for r in _registrars:
+                r.unregister(address, stale)
         _live[address] = size
-        registrars = list(_registrars)
-    for r in registrars:
-        r.register(address, size)
+        for r in _registrars:
+            r.register(address, size)
 
 
 def unmapping(address: int) -> None:
     """The mapping at ``address`` is about to go (idempotent)."""
     with _lock:
         size = _live.pop(address, None)
-        registrars = list(_registrars) if size is not None else []
-    for r in registrars:
-        r.unregister(address, size)
+        if size is not None:
+            for r in _registrars:
+                r.unregister(address, size)
 
 
 def live() -> dict[int, int]:
@@ -73,9 +91,8 @@ def install(registrar: Registrar) -> None:
     """Announce every mapping, from now on and those already live, to ``registrar``."""
     with _lock:
         _registrars.append(registrar)
-        now = list(_live.items())
-    for address, size in now:
-        registrar.register(address, size)
+        for address, size in list(_live.items()):
+            registrar.register(address, size)
 
 
 def uninstall(registrar: Registrar) -> None:
@@ -84,9 +101,8 @@ def uninstall(registrar: Registrar) -> None:
         if registrar not in _registrars:
             return
         _registrars.remove(registrar)
-        now = list(_live.items())
-    for address, size in now:
-        registrar.unregister(address, size)
+        for address, size in list(_live.items()):
+            registrar.unregister(address, size)
 
 
 class CudaRegistrar:
@@ -102,24 +118,44 @@ class CudaRegistrar:
     therefore cleared at once (:meth:`_clear_error`).  Registration is per process: use
     :func:`cuda_registrar`, not a registrar per worker (a second one's every registration
     fails with ``cudaErrorHostMemoryAlreadyRegistered``, which is not counted as a failure).
+
+    ``device``: the CUDA device index the registrations are made on (None: the calling
+    thread's current device).  The runtime creates a device's primary context at a thread's
+    first call, and mappings are announced from any thread (the actor's control thread
+    attaches channels), none of which chose a device: without it a worker on ``cuda:1``
+    also made a context -- hundreds of MiB -- on GPU 0.  ``device_guard`` (tests): what
+    makes a device current for a block, ``torch.cuda.device`` by default.
     """
 
     def __init__(self, cudart: Any = None, *, flags: int = CUDA_HOST_REGISTER_PORTABLE,
-                 clear_error: Callable[[], object] | None = None) -> None:
+                 clear_error: Callable[[], object] | None = None, device: int | None = None,
+                 device_guard: Callable[[int], AbstractContextManager] | None = None) -> None:
         if cudart is None:
             import torch  # only a process that uses CUDA gets here
 
             cudart = torch.cuda.cudart()
         self.cudart = cudart
         self.flags = flags
+        self.device = device
+        self._device_guard = device_guard
         self.registered: dict[int, int] = {}
         self.failures = 0
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # re-entrant: see hostmem's own lock
         self._clear_error = clear_error or _error_clearer(cudart)
 
+    def _on_device(self) -> AbstractContextManager:
+        if self.device is None:
+            return contextlib.nullcontext()
+        guard = self._device_guard
+        if guard is None:
+            import torch
+
+            guard = torch.cuda.device
+        return guard(self.device)
+
     def register(self, address: int, size: int) -> None:
-        with self._lock:
-            if address in self.registered:
+        with self._lock, self._on_device():
+            if address in self.registered:  # announced twice: hostmem never does
                 return
             err = int(self.cudart.cudaHostRegister(address, size, self.flags))
             if err:
@@ -136,7 +172,7 @@ class CudaRegistrar:
             self.registered[address] = size
 
     def unregister(self, address: int, size: int) -> None:
-        with self._lock:
+        with self._lock, self._on_device():
             if self.registered.pop(address, None) is None:
                 return
             err = int(self.cudart.cudaHostUnregister(address))
@@ -195,15 +231,17 @@ _process_registrar: CudaRegistrar | None = None
 _registrar_lock = threading.Lock()  # not _lock: install() takes that one
 
 
-def cuda_registrar(cudart: Any = None) -> CudaRegistrar:
+def cuda_registrar(cudart: Any = None, *, device: int | None = None) -> CudaRegistrar:
     """The process's one :class:`CudaRegistrar`, made and installed on first use.
 
-    ``cudart``: the bindings the first call's registrar uses (tests pass a stand-in).
+    ``cudart`` and ``device``: the first call's registrar's (tests pass a stand-in
+    ``cudart``); the device is the first CUDA worker's, registrations being valid for every
+    device anyway (``cudaHostRegisterPortable``).
     """
     global _process_registrar
     with _registrar_lock:
         if _process_registrar is None:
-            r = CudaRegistrar(cudart)
+            r = CudaRegistrar(cudart, device=device)
             install(r)
             _process_registrar = r
         return _process_registrar

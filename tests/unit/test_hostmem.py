@@ -7,9 +7,11 @@ and a CPU tensor wrapped as a ``DeviceBuffer`` takes the path a CUDA tensor's by
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import io
 import logging
+import os
 import threading
 import time
 
@@ -20,6 +22,8 @@ import torch
 from runtime import codec
 from runtime.messages import MessageChannel
 from runtime.transport import hostmem
+from runtime.transport.channel import Channel
+from runtime.transport.doorbell import Doorbell
 from runtime.transport.segment import Segment
 from tests.unit.test_transport import make_pair
 
@@ -188,6 +192,114 @@ def test_without_cudagetlasterror_a_launch_clears_the_error(monkeypatch):
     r = hostmem.CudaRegistrar(Bare())
     r.register(4096, 8192)
     assert r.failures == 1 and launched == [{"device": "cuda"}]
+
+
+@pytest.mark.parametrize("end", ["create", "attach"])
+def test_a_channel_that_fails_to_open_leaves_nothing_mapped_or_registered(private_dir,
+                                                                          registrar, end):
+    """Found by a review: the constructor ran outside the try that closes the rings, so a
+    failure there (the pool's stat of ``shm_dir``) left two mapped, registered rings to GC --
+    unmapped while CUDA still held them, and the next mapping at that address was then
+    taken as registered already."""
+    before_live, before_reg = set(hostmem.live()), set(registrar.registered)
+    if end == "create":
+        with pytest.raises(OSError):
+            Channel.create(shm_dir="/nonexistent-shm-dir", private_dir=private_dir,
+                           name="rt_testfail", threshold=MiB, sealed=True)
+    else:
+        caller = Channel.create(shm_dir="/dev/shm", private_dir=private_dir,
+                                name="rt_testfail", threshold=MiB)
+        bell = Doorbell(os.path.join(private_dir, "callee.bell"))
+        try:
+            before_live, before_reg = set(hostmem.live()), set(registrar.registered)
+            fds = [os.dup(fd) for fd in caller.peer_fds()]
+            with pytest.raises(OSError):
+                Channel.attach(caller.spec(), fds=fds, own_bell=bell, safe=False,
+                               name="callee", shm_dir="/nonexistent-shm-dir")
+        finally:
+            caller.close()
+            bell.close()
+    assert set(hostmem.live()) <= before_live
+    assert set(registrar.registered) <= before_reg
+    assert registrar.cudart.pending() == 0
+
+
+def test_a_mapping_announced_at_a_live_address_replaces_the_stale_registration(registrar,
+                                                                               caplog):
+    """Should a mapping ever go without ``unmapping``, the next one at its address must be
+    registered afresh (CUDA would still hold the old pages there), not taken as done."""
+    address = 1 << 40  # the stand-in registers ranges, never touches them
+    hostmem.mapped(address, 4096)
+    try:
+        with caplog.at_level(logging.WARNING, logger="runtime.transport.hostmem"):
+            hostmem.mapped(address, 8192)  # the first went unannounced
+        assert registrar.registered[address] == 8192
+        assert registrar.cudart.ranges[address] == 8192
+        ops = [c[:3] for c in registrar.cudart.calls if c[1] == address]
+        assert ops == [("register", address, 4096), ("unregister", address),
+                       ("register", address, 8192)]
+        assert any("without being announced" in m for m in caplog.messages)
+    finally:
+        hostmem.unmapping(address)
+    assert address not in registrar.registered and address not in hostmem.live()
+
+
+def test_a_mapping_that_goes_while_a_registrar_installs_is_not_left_registered():
+    """Announcements are serialised with the registrars' calls: ``install`` registered its
+    snapshot of the live mappings outside any lock, so a mapping that went meanwhile was
+    unregistered (a no-op) before it was registered, and stayed registered for good."""
+    address = 1 << 41
+    entered, release = threading.Event(), threading.Event()
+
+    class Slow:  # a registrar that takes its time before it registers
+        def __init__(self):
+            self.registered = set()
+
+        def register(self, address, size):
+            entered.set()
+            release.wait(10)
+            self.registered.add(address)
+
+        def unregister(self, address, size):
+            self.registered.discard(address)
+
+    r = Slow()
+    hostmem.mapped(address, 4096)
+    installer = threading.Thread(target=hostmem.install, args=(r,))
+    installer.start()
+    try:
+        assert entered.wait(10)
+        goes = threading.Thread(target=hostmem.unmapping, args=(address,))
+        goes.start()
+        goes.join(0.2)  # returns at once only if it did not wait for the installation
+        release.set()
+        installer.join(10)
+        goes.join(10)
+        assert not installer.is_alive() and not goes.is_alive()
+        assert address not in r.registered
+    finally:
+        release.set()
+        hostmem.unmapping(address)
+        hostmem.uninstall(r)
+
+
+def test_registrations_are_made_on_the_registrars_device():
+    """The registering threads (the actor's control thread, say) chose no device, so the
+    runtime would make a context on GPU 0 for a worker on ``cuda:1``."""
+    cudart = FakeCudart()
+
+    @contextlib.contextmanager
+    def guard(index):
+        cudart.calls.append(("device", index))
+        yield
+        cudart.calls.append(("device done", index))
+
+    r = hostmem.CudaRegistrar(cudart, device=1, device_guard=guard)
+    r.register(1 << 42, 4096)
+    r.unregister(1 << 42, 4096)
+    assert [c[0] for c in cudart.calls] == ["device", "register", "device done",
+                                            "device", "unregister", "device done"]
+    assert all(c[1] == 1 for c in cudart.calls if c[0].startswith("device"))
 
 
 # -- device buffers: written straight into the reply record --------------------------------
