@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
+import os
 import threading
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -48,6 +49,21 @@ CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED = 712
 _lock = threading.RLock()
 _live: dict[int, int] = {}  # address -> size of every transport mapping of this process
 _registrars: list[Registrar] = []
+
+
+def _after_fork_in_child() -> None:
+    """A forked child starts with a free lock and no registrars.
+
+    The lock is held across registrations (milliseconds each), so a fork from another
+    thread may copy it held by a thread the child lacks, and the child's first mapping
+    would wait for ever.  And the child must not call CUDA at all: the parent's context
+    does not survive a fork.  Its inherited mappings stay listed (they are still mapped).
+    """
+    global _lock, _process_registrar, _registrar_lock
+    _lock = threading.RLock()
+    _registrars.clear()
+    _process_registrar = None
+    _registrar_lock = threading.Lock()
 
 
 class Registrar(Protocol):
@@ -229,6 +245,7 @@ def _error_clearer(cudart: Any) -> Callable[[], object]:
 
 _process_registrar: CudaRegistrar | None = None
 _registrar_lock = threading.Lock()  # not _lock: install() takes that one
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def cuda_registrar(cudart: Any = None, *, device: int | None = None) -> CudaRegistrar:

@@ -12,6 +12,7 @@ import gc
 import io
 import logging
 import os
+import signal
 import threading
 import time
 
@@ -279,6 +280,45 @@ def test_a_mapping_that_goes_while_a_registrar_installs_is_not_left_registered()
         assert address not in r.registered
     finally:
         release.set()
+        hostmem.unmapping(address)
+        hostmem.uninstall(r)
+
+
+def test_a_child_forked_while_a_registration_runs_starts_free():
+    """The announcements' lock is held across registrations (milliseconds), so a fork from
+    another thread may copy it held: the child's first mapping waited for ever.  The child
+    starts with a fresh lock and no registrars (CUDA does not survive a fork)."""
+    address = 1 << 43
+    entered, release = threading.Event(), threading.Event()
+
+    class Slow:
+        def register(self, address, size):
+            entered.set()
+            release.wait(10)
+
+        def unregister(self, address, size):
+            pass
+
+    r = Slow()
+    hostmem.install(r)
+    announcer = threading.Thread(target=hostmem.mapped, args=(address, 4096))
+    announcer.start()
+    try:
+        assert entered.wait(10)
+        pid = os.fork()
+        if pid == 0:  # the child: a mapping of its own, within 5 s, or it is killed
+            signal.alarm(5)
+            try:
+                seg = Segment.create_anonymous("/dev/shm", 4096)
+                seg.close()
+                os._exit(0 if r not in hostmem._registrars else 3)
+            except BaseException:
+                os._exit(4)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        release.set()
+        announcer.join(10)
         hostmem.unmapping(address)
         hostmem.uninstall(r)
 
