@@ -11,7 +11,6 @@ and one whose driver is killed is cleaned up by its supervisor.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import itertools
 import json
 import logging
@@ -403,7 +402,7 @@ def _spec_memfd(cls: type, args: tuple, kwargs: dict) -> int:
     """
     module = sys.modules.get(cls.__module__)
     by_value = (module is not None and cls.__module__ != "__main__"
-                and not _importable(cls.__module__))
+                and not _importable(module))
     if by_value:
         cloudpickle.register_pickle_by_value(module)
     try:
@@ -413,12 +412,52 @@ def _spec_memfd(cls: type, args: tuple, kwargs: dict) -> int:
             cloudpickle.unregister_pickle_by_value(module)
 
 
-def _importable(modname: str) -> bool:
-    try:
-        spec = importlib.util.find_spec(modname)
-    except (ImportError, ValueError):
+def _importable(module: Any) -> bool:
+    """Whether an actor process, importing by name on this ``sys.path``, gets ``module``.
+
+    Asked of the import system's finders directly, not of ``importlib.util.find_spec``,
+    which answers from ``sys.modules``: a module loaded from a file path (pytest's
+    ``--import-mode=importlib``, ``spec_from_file_location``) looked importable, and the
+    actor failed with ``ModuleNotFoundError``.  The file found must be the module's own, or
+    the actor would run another module of the same name.
+    """
+    own = getattr(module, "__file__", None)
+    if not own:
         return False
-    return spec is not None and spec.origin not in (None, "built-in")
+    spec = None
+    path = None
+    parts = module.__name__.split(".")
+    for i in range(len(parts)):
+        if i and path is None:  # the parent is no package
+            return False
+        spec = _find_spec(".".join(parts[:i + 1]), path)
+        if spec is None:
+            return False
+        path = spec.submodule_search_locations
+    if spec is None or spec.origin in (None, "built-in", "frozen"):
+        return False
+    try:
+        return os.path.samefile(spec.origin, own)
+    except (OSError, TypeError, ValueError):
+        return False
+
+
+def _find_spec(name: str, path: Any) -> Any:
+    """``name``'s spec from the finders on ``sys.meta_path``, or None if none finds it.
+
+    As ``import`` would find it, without looking at ``sys.modules``.
+    """
+    for finder in sys.meta_path:
+        find = getattr(finder, "find_spec", None)
+        if find is None:
+            continue
+        try:
+            spec = find(name, path)
+        except Exception:  # noqa: BLE001 - a third-party finder's failure: not found there
+            continue
+        if spec is not None:
+            return spec
+    return None
 
 
 def _json_sys_path() -> list[str]:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import pickle
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -382,6 +384,50 @@ def test_decorator_rejects_misuse():
         def m(self):
             return 1
     assert Fine().m() == 1  # still usable in-process
+
+
+def _load_by_path(name, path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+_BY_PATH = """
+from runtime import actor
+
+@actor
+class ByPath:
+    def where(self):
+        return WHERE
+"""
+
+
+def test_actor_classes_of_modules_loaded_by_path_travel_by_value(tmp_path, monkeypatch):
+    """DESIGN.md: an actor class may live in a test module or any importable module, by value
+    where the actor cannot import it.  ``importlib.util.find_spec`` answers from
+    ``sys.modules``, so a module loaded by path (pytest's ``--import-mode=importlib``) looked
+    importable and the actor failed with ModuleNotFoundError (an API review).  The module an
+    actor would import by that name must also be the same file, or it runs another one."""
+    (tmp_path / "loaded").mkdir()
+    (tmp_path / "on_path").mkdir()
+    (tmp_path / "loaded" / "rt_by_path.py").write_text(_BY_PATH.replace("WHERE", "'loaded'"))
+    (tmp_path / "on_path" / "rt_by_path_shadow.py").write_text(
+        _BY_PATH.replace("WHERE", "'on sys.path'"))
+    (tmp_path / "loaded" / "rt_by_path_shadow.py").write_text(
+        _BY_PATH.replace("WHERE", "'loaded'"))
+    monkeypatch.syspath_prepend(str(tmp_path / "on_path"))
+    try:
+        alone = _load_by_path("rt_by_path", tmp_path / "loaded" / "rt_by_path.py")
+        shadowed = _load_by_path("rt_by_path_shadow",
+                                 tmp_path / "loaded" / "rt_by_path_shadow.py")
+        with ActorSystem() as system:
+            assert system.spawn(alone.ByPath).where() == "loaded"
+            assert system.spawn(shadowed.ByPath).where() == "loaded"
+    finally:
+        sys.modules.pop("rt_by_path", None)
+        sys.modules.pop("rt_by_path_shadow", None)
 
 
 def test_spawn_rejects_unmarked_class(system):
