@@ -325,6 +325,39 @@ def _plain_info(info: Any) -> dict[str, Any]:
     return out
 
 
+def _refuse_coarse_worker(worker: Any, wire: torch.dtype, tee: torch.dtype,
+                          private_io: bool) -> None:
+    """Refuse a worker whose compute dtype no honest result of it could pass the checks with.
+
+    Results are checked at the precision they cross the wire in (the logits, when the worker
+    computes them, at the TEE's: they are float32); a worker that rounds its weights coarser
+    than that misses every check by its own rounding, and the first prefill would blame an
+    honest worker with ``VerificationError``.  ``worker`` is the worker's own word
+    (``device_info``): a liar gains nothing by it but this refusal.
+    """
+    dtype = getattr(torch, worker, None) if isinstance(worker, str) else None
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        return
+    eps = torch.finfo(dtype).eps
+    name = str(dtype).removeprefix("torch.")
+    if eps > torch.finfo(wire).eps:
+        raise ValueError(
+            f"the worker computes in {name}, coarser than the {_name(wire)} wire its results "
+            f"are checked at: an honest worker fails verification. Use "
+            f"wire_dtype=torch.{name} (checks at {name}'s precision), a worker of the wire's "
+            f"dtype, or verify=False")
+    if not private_io and eps > torch.finfo(tee).eps:
+        raise ValueError(
+            f"the worker computes in {name}, and with private_io=False its logits are "
+            f"checked at the TEE's {_name(tee)}: an honest worker fails verification. Use "
+            f"private_io=True (lm_head in the TEE), a worker of the TEE's dtype, or "
+            f"verify=False")
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def _cores() -> int:
     """CPUs this process may run on."""
     try:
@@ -445,6 +478,9 @@ class TEEDriver:
         self._cos = self._sin = torch.empty(0)
         info = self.gpu.device_info()
         self.worker_device = _plain_info(info)
+        if verify:
+            _refuse_coarse_worker(self.worker_device.get("dtype"), self.wire_dtype, self.dtype,
+                                  private_io)
         threads = self.worker_device.get("threads")  # sizes chunks: a count, or nothing
         if threads is not None and not (type(threads) is int and 0 < threads <= 1 << 16):
             logger.warning("the worker reports threads=%r: ignored", threads)

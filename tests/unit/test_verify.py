@@ -543,6 +543,28 @@ def test_fused_attention_equals_the_materialised_one(config, tq, tk):
     assert (got - want).abs().max().item() < 1e-5
 
 
+@pytest.mark.parametrize("worker", [torch.bfloat16, torch.float16])
+def test_a_worker_coarser_than_its_checks_is_refused_when_the_driver_is_made(config, worker):
+    """An honest 16-bit worker failed verification in 12 of 16 configurations, blamed with
+    ``VerificationError`` at the first prefill (an API review): results are checked at the
+    wire's precision, and the logits at the TEE's.  Such a driver is refused when made, with
+    what to change; the configurations that pass are still accepted."""
+    ids = ids_for(config, 9)
+
+    def make(**kw):
+        return TEEDriver(config, GPUWorker(config, seed=0, device="cpu", dtype=worker),
+                         seed=0, **kw)
+
+    with pytest.raises(ValueError, match="coarser than the float32 wire"):
+        make()
+    with pytest.raises(ValueError, match="private_io=True"):
+        make(wire_dtype=worker, private_io=False)
+    for drv in (make(wire_dtype=worker), make(verify=False), make(private_io=False,
+                                                                 verify=False)):
+        assert drv.prefill(ids).dtype == torch.float32
+    assert make(wire_dtype=worker).generate(ids, 3).shape == (3,)
+
+
 def test_a_16bit_tee_that_lets_the_worker_compute_logits_is_warned(config, caplog):
     """One logit bumped by less than bf16's tolerance (~3 % of the row's norm) passes every
     check (a review: the worker chose the greedy token in 25 of 30 prefills).  Not closable
