@@ -49,9 +49,10 @@ def _check_reserved(cls: type, what: str) -> None:
     name into a remote call, so a method named like one of them (``pid``, ``kill``, but
     also the internals ``_context``, ``_ref``, ...) would never be called: the handle's
     attribute would answer instead, silently.  ``RESERVED_NAMES`` is every such name.
+    Data attributes of those names are fine (a dataclass's ``name`` field, say): a handle
+    reaches methods only, so it shadows nothing a caller could have reached.
     """
-    clash = sorted(n for n in RESERVED_NAMES if callable(getattr(cls, n, None))
-                   or n in cls.__dict__)
+    clash = sorted(n for n in RESERVED_NAMES if callable(getattr(cls, n, None)))
     if clash:
         public = ", ".join(sorted(n for n in RESERVED_NAMES if not n.startswith("_")))
         raise TypeError(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import importlib.util
 import os
 import pickle
@@ -385,11 +386,34 @@ def test_decorator_rejects_misuse():
     with pytest.raises(ValueError):
         actor(max_restarts=-1)
 
+    for reserved in ("pid", "stats", "name"):
+        with pytest.raises(TypeError, match=f"defines {reserved}, which is reserved"):
+            actor(type("Bad", (), {reserved: staticmethod(lambda: 1)}))
+
     @actor(max_restarts=2)
     class Fine:
         def m(self):
             return 1
     assert Fine().m() == 1  # still usable in-process
+    assert actor(Fine) is Fine
+
+
+def test_data_attributes_named_like_handle_attributes_are_fine(system):
+    """DESIGN.md rejects *methods* named like a handle attribute; a field of that name (a
+    dataclass's ``name``, say) shadows nothing a handle could reach (an API review found
+    such classes refused)."""
+    @actor
+    @dataclasses.dataclass
+    class Named:
+        name: str = "mine"
+        stats: int = 0
+
+        def my_name(self):
+            return self.name
+
+    h = system.spawn(Named, "given")
+    assert h.my_name() == "given"
+    assert h.name.startswith("Named")  # the handle's own attribute
 
 
 def _load_by_path(name, path):
