@@ -449,14 +449,16 @@ class GPUWorker:
         return out
 
     @torch.no_grad()
-    def lm_head(self, x: torch.Tensor, dtype: torch.dtype | str | None = None,
+    def lm_head(self, x: torch.Tensor, dtype: torch.dtype | str | None = torch.float32,
                 tag: str | None = None) -> torch.Tensor:
         """Logits ``[..., vocab]`` of final-normed states ``x [..., hidden]``, in ``dtype``.
 
-        ``dtype`` defaults to ``x``'s; the TEE driver asks for float32 whatever the wire dtype.
+        Float32 by default (``None`` too), whatever the wire dtype (issue 8, item 6): a
+        bfloat16 reply rounded two of SmolLM2's logits 0.08 apart to one value and flipped a
+        greedy choice.  Another ``dtype`` is the caller's explicit choice.
         """
         t0 = time.monotonic_ns()
-        out_dtype = resolve_dtype(dtype, x.dtype if isinstance(x, torch.Tensor) else None)
+        out_dtype = resolve_dtype(dtype, torch.float32)
         if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point \
                 or x.dim() < 1 or x.shape[-1] != self.config.hidden_size:
             raise ValueError(f"x must be a floating tensor [..., hidden_size="

@@ -91,6 +91,18 @@ def test_bfloat16_wire_within_tolerance(config, worker, reference, attention):
     assert s16["bytes_in"] - logits_bytes == (s32["bytes_in"] - logits_bytes) / 2
 
 
+def test_the_workers_lm_head_returns_float32_unless_asked_otherwise(config, worker):
+    """Issue 8, item 6, for any caller of the worker, not only the driver (it returned the
+    input's dtype by default: an API review)."""
+    x = torch.randn(3, config.hidden_size)
+    want = worker.lm_head(x)
+    for wire in (torch.float32, torch.bfloat16, torch.float16):
+        assert worker.lm_head(x.to(wire)).dtype == torch.float32
+        assert worker.lm_head(x.to(wire), dtype=None).dtype == torch.float32
+        assert worker.lm_head(x.to(wire), dtype=wire).dtype == wire
+    assert want.dtype == torch.float32 and want.shape == (3, config.vocab_size)
+
+
 def test_causal_mask_matters(config, worker):
     drv = TEEDriver(config, worker, seed=0, attention="worker")
     ids = ids_for(config, 32)
