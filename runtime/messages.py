@@ -183,7 +183,10 @@ class MessageChannel:
 
     def recv(self, *, deadline: float | None = None, check: Callable[[], None] | None = None,
              **kw: Any) -> Any:
-        """Block until a message arrives and decode it; see ``Channel.recv``."""
+        """Block until a message arrives and decode it; see ``Channel.recv``.
+
+        ``timeout=`` (seconds) may stand for ``deadline`` (issue 2's ``recv(timeout=...)``).
+        """
         if self.redeliver:
             raise TypeError("a redelivering end receives with try_recv (and acknowledges)")
         return self._decode(self.transport.recv(

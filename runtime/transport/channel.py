@@ -859,13 +859,17 @@ class Channel:
         return bufs
 
     def recv(self, *, deadline: float | None = None, check: Callable[[], None] | None = None,
-             spin_s: float = SPIN_S, lend: bool = True) -> Received:
+             spin_s: float = SPIN_S, lend: bool = True,
+             timeout: float | None = None) -> Received:
         """Block until a message arrives (``DeadlineError``, a ``TimeoutError``, at ``deadline``).
 
-        Spins ``spin_s`` first, then sleeps on the doorbell (or the ZeroMQ
+        ``deadline`` is a ``time.monotonic()`` value; ``timeout`` (seconds from now, issue 2's
+        ``recv(timeout=...)``) is the same bound said the other way, the earlier of the two
+        applying.  Spins ``spin_s`` first, then sleeps on the doorbell (or the ZeroMQ
         socket in ZeroMQ-only mode) in slices of at most 100 ms, calling
         ``check`` after each.  Raises ``TransportError`` if the peer closed.
         """
+        deadline = _earlier(deadline, timeout)
         while True:
             got = self.try_recv(deadline=deadline, check=check, lend=lend)
             if got is not None:
@@ -943,6 +947,16 @@ class Channel:
             if sock is not None:
                 sock.close()
         self.bulk.close()
+
+
+def _earlier(deadline: float | None, timeout: float | None) -> float | None:
+    """The earlier of ``deadline`` (monotonic) and ``timeout`` seconds from now (None: none)."""
+    if timeout is None:
+        return deadline
+    if not timeout >= 0:  # NaN too
+        raise ValueError(f"timeout must be >= 0 seconds or None, got {timeout!r}")
+    until = time.monotonic() + timeout
+    return until if deadline is None else min(deadline, until)
 
 
 def _pool_socket(fd: int) -> socket.socket:

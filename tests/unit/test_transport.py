@@ -68,6 +68,25 @@ def roundtrip(pair, obj):
 # -- segments ------------------------------------------------------------------------
 
 
+def test_recv_takes_a_timeout_or_a_deadline(pair):
+    """Issue 2 names ``recv(timeout=...)``; the runtime passes monotonic deadlines.  Both are
+    taken, the earlier applying (an API review found only ``deadline``)."""
+    caller, callee = pair
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError):
+        callee.recv(timeout=0.05)
+    with pytest.raises(TimeoutError):
+        callee.recv(timeout=60, deadline=time.monotonic() + 0.05)
+    with pytest.raises(TimeoutError):
+        callee.transport.recv(deadline=time.monotonic() + 60, timeout=0.05)
+    assert time.monotonic() - t0 < 10
+    caller.send({"x": torch.arange(3)})
+    assert torch.equal(callee.recv(timeout=10)["x"], torch.arange(3))
+    for bad in (-1, float("nan")):
+        with pytest.raises(ValueError, match="timeout"):
+            callee.recv(timeout=bad)
+
+
 def test_segment_mode_size_and_lifecycle():
     seg = Segment.create(SHM, name(), 12345)
     try:
