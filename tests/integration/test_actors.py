@@ -34,6 +34,7 @@ from tests.integration.actors_lib import (
     FailingInit,
     KwOnlyError,
     NotAnException,
+    Restartable,
     SlotsError,
     TwoArgError,
     Untrusted,
@@ -227,6 +228,8 @@ def test_init_failure_is_actor_start_error(system):
     with pytest.raises(ActorStartError) as info:
         system.spawn(FailingInit, "bad config")
     assert "bad config" in str(info.value) and "ValueError" in str(info.value)
+    # "with the remote traceback": the actor's own frame, not only the message.
+    assert "Traceback" in str(info.value) and "raise ValueError(message)" in str(info.value)
     e = system.spawn(Echo)  # the system still works
     assert e.add(1, 2) == 3
 
@@ -313,18 +316,26 @@ def test_with_exit_leaves_nothing(threshold):
     assert not psutil.Process().children(recursive=True)
 
 
+def _shared_mappings(pid: int) -> int:
+    """Shared-memory mappings of a process: rings and pool slots are nameless (O_TMPFILE
+    inodes or memfds), so they are counted where they are mapped, not by file name."""
+    with open(f"/proc/{pid}/maps") as f:
+        return sum(1 for line in f if "/dev/shm/" in line or "memfd:" in line)
+
+
 def test_many_calls_leak_no_fds_or_segments(system):
     e = system.spawn(Echo)
     me = psutil.Process()
     t = torch.ones(64)
     for _ in range(100):
         e.echo(t)
-    mine = f"rt_{system.session.sid}"  # other test runs may share /dev/shm
-    fds, shm = me.num_fds(), sorted(n for n in os.listdir("/dev/shm") if n.startswith(mine))
+    fds = me.num_fds(), psutil.Process(e.pid).num_fds()
+    maps = _shared_mappings(me.pid), _shared_mappings(e.pid)
+    assert maps[0] >= 2 and maps[1] >= 2  # the channel's two rings, in each process
     for _ in range(5000):
         e.echo(t)
-    assert me.num_fds() == fds
-    assert sorted(n for n in os.listdir("/dev/shm") if n.startswith(mine)) == shm
+    assert (me.num_fds(), psutil.Process(e.pid).num_fds()) == fds
+    assert (_shared_mappings(me.pid), _shared_mappings(e.pid)) == maps
 
 
 def test_kill_is_synchronous_and_final(system):
@@ -334,6 +345,74 @@ def test_kill_is_synchronous_and_final(system):
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     with pytest.raises(ActorDiedError):
         e.add(1, 1)
+
+
+def test_kill_is_final_even_for_a_restartable_actor(system):
+    """DESIGN.md: a killed actor is not restarted (max_restarts is for deaths)."""
+    r = system.spawn(Restartable, 1)  # @actor(max_restarts=2)
+    pid = r.pid
+    r.kill()
+    time.sleep(0.3)  # a restart would have begun by now
+    with pytest.raises(ActorDiedError):
+        r.add(1)
+    assert r.pid == pid  # no new incarnation
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+@actor
+class _Concurrency:
+    """Counts the calls running at once inside the actor."""
+
+    def __init__(self):
+        self.now = self.most = 0
+        self.lock = threading.Lock()
+
+    def enter(self, seconds):
+        with self.lock:
+            self.now += 1
+            self.most = max(self.most, self.now)
+        time.sleep(seconds)
+        with self.lock:
+            self.now -= 1
+
+    def add(self, a, b=0):  # what Caller.relay_many calls
+        self.enter(0.01)
+        return a + b
+
+    def peak(self):
+        return self.most
+
+
+def test_an_actor_runs_one_call_at_a_time(system):
+    """DESIGN.md: calls from many threads, futures and another actor at once still run one
+    after the other inside the actor."""
+    c = system.spawn(_Concurrency)
+    relay = system.spawn(Caller, c)
+    with ThreadPoolExecutor(4) as pool:
+        futs = [c.enter.remote(0.01) for _ in range(8)]
+        futs += [pool.submit(c.enter, 0.01) for _ in range(8)]
+        futs.append(relay.relay_many.remote(4))
+        for f in futs:
+            f.result(timeout=30)
+    assert c.peak() == 1
+
+
+@actor
+class _SlowInit:
+    def __init__(self, seconds):
+        time.sleep(seconds)
+
+    def sleep(self, seconds):
+        time.sleep(seconds)
+
+
+def test_call_timeout_bounds_method_calls_not_spawn():
+    """DESIGN.md: ``call_timeout`` is for method calls only, not ``spawn``."""
+    with ActorSystem(call_timeout=0.5) as system:
+        slow = system.spawn(_SlowInit, 1.0)  # __init__ twice the timeout: still spawned
+        slow.sleep(0.01)
+        with pytest.raises(CallTimeoutError):
+            slow.sleep(2.0)
 
 
 def test_untrusted_results_are_safe_decoded(system):
