@@ -7,6 +7,7 @@ import dataclasses
 import importlib.util
 import os
 import pickle
+import subprocess
 import sys
 import threading
 import time
@@ -27,6 +28,7 @@ from runtime import (
     actor,
 )
 from runtime.actor import actor_options
+from tests.conftest import tmpfs_used
 from tests.integration.actors_lib import (
     Caller,
     CustomError,
@@ -539,6 +541,41 @@ def test_actor_classes_of_modules_loaded_by_path_travel_by_value(tmp_path, monke
         sys.modules.pop("rt_by_path_shadow", None)
 
 
+_DRIVER_SCRIPT = """
+import sys, torch
+from runtime import ActorSystem, actor
+
+with open(sys.argv[1], "a") as f:  # once per run of this file as a program
+    f.write("ran\\n")
+
+@actor
+class Adder:
+    def __init__(self, base):
+        self.base = base
+
+    def add(self, t):
+        return t + self.base
+
+with ActorSystem() as system:  # no main guard: DESIGN.md says none is needed
+    a = system.spawn(Adder, 1.0)
+    print(a.add(torch.ones(2)).tolist(), flush=True)
+"""
+
+
+def test_a_driver_script_needs_no_main_guard(tmp_path):
+    """DESIGN.md: an actor class may live in a script's ``__main__``, and actor processes
+    never re-run the driver's main module."""
+    script, runs = tmp_path / "driver.py", tmp_path / "runs.txt"
+    script.write_text(_DRIVER_SCRIPT)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, PYTHONPATH=root)
+    done = subprocess.run([sys.executable, str(script), str(runs)], capture_output=True,
+                          text=True, timeout=120, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[2.0, 2.0]"
+    assert runs.read_text() == "ran\n"
+
+
 def test_spawn_rejects_unmarked_class(system):
     class Plain:
         pass
@@ -591,8 +628,26 @@ def test_env_threshold(monkeypatch):
     monkeypatch.setenv("RT_SHM_THRESHOLD", "1")
     with ActorSystem() as system:
         e = system.spawn(Echo)
+        monkeypatch.setenv("RT_SHM_THRESHOLD", str(10 << 20))  # read once: changes nothing
         e.add(1, 1)
         assert system.stats()["routes"]["zmq"]["messages"] == 2
+        assert system.options.shm_threshold == 1
+    with ActorSystem(shm_threshold=1 << 20) as system:  # an argument overrides it
+        assert system.options.shm_threshold == 1 << 20
+
+
+def test_env_shm_dir(monkeypatch, shm_tmpfs):
+    """DESIGN.md: ``RT_SHM_DIR`` sets ``shm_dir``'s default; an argument overrides it."""
+    monkeypatch.setenv("RT_SHM_DIR", shm_tmpfs)
+    before = tmpfs_used(shm_tmpfs)
+    with ActorSystem() as system:
+        assert system.options.shm_dir == shm_tmpfs
+        e = system.spawn(Echo)
+        assert torch.equal(e.echo(torch.ones(8)), torch.ones(8))
+        assert tmpfs_used(shm_tmpfs) > before  # the channel's rings live there
+        assert system.stats()["routes"]["shm"]["messages"] == 2
+    with ActorSystem(shm_dir="/dev/shm") as system:
+        assert system.options.shm_dir == "/dev/shm"
 
 
 def test_public_api():

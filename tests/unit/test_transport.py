@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
+import shutil
 import stat
 import struct
 import subprocess
@@ -814,9 +816,18 @@ def test_fuzzed_records_raise_only_protocol_errors(private_dir, garbage):
         bell.close()
 
 
-def test_full_shm_dir_falls_back_to_zmq(tiny_tmpfs, private_dir, caplog):
-    caller, callee, bell = make_pair(private_dir, 10 << 20, shm_dir=tiny_tmpfs)
+def test_full_shm_dir_falls_back_to_zmq(tiny_tmpfs, private_dir, caplog, monkeypatch):
+    import runtime.transport.channel as channel_mod
+
+    monkeypatch.setattr(channel_mod, "_warned_fallback", False)  # once per process
+    second = tempfile.mkdtemp(prefix="rtp")  # each pair's bells need a directory
+    with caplog.at_level(logging.WARNING, logger="runtime.transport.channel"):
+        pairs = [make_pair(d, 10 << 20, shm_dir=tiny_tmpfs) for d in (private_dir, second)]
     try:
+        # DESIGN.md: "with one logged warning", however many channels fall back.
+        warned = [r for r in caplog.records if "shared memory unavailable" in r.getMessage()]
+        assert len(warned) == 1 and tiny_tmpfs in warned[0].getMessage()
+        caller, callee, _ = pairs[0]
         assert caller.mode == "zmq-only" and callee.mode == "zmq-only"
         for obj in ["small", torch.randn(100)]:
             caller.send(obj)
@@ -825,9 +836,11 @@ def test_full_shm_dir_falls_back_to_zmq(tiny_tmpfs, private_dir, caplog):
         assert caller.stats()["routes"]["zmq"]["sent_messages"] == 2
         assert os.listdir(tiny_tmpfs) == []
     finally:
-        caller.close()
-        callee.close()
-        bell.close()
+        for caller, callee, bell in pairs:
+            caller.close()
+            callee.close()
+            bell.close()
+        shutil.rmtree(second, ignore_errors=True)
 
 
 def test_doorbell_rung_before_wait():
