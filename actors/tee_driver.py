@@ -329,24 +329,26 @@ def _refuse_coarse_worker(worker: Any, wire: torch.dtype, tee: torch.dtype,
                           private_io: bool) -> None:
     """Refuse a worker whose compute dtype no honest result of it could pass the checks with.
 
-    Results are checked at the precision they cross the wire in (the logits, when the worker
-    computes them, at the TEE's: they are float32); a worker that rounds its weights coarser
-    than that misses every check by its own rounding, and the first prefill would blame an
-    honest worker with ``VerificationError``.  ``worker`` is the worker's own word
-    (``device_info``): a liar gains nothing by it but this refusal.
+    A result is checked to the coarser of the wire's and the TEE's precision, and never
+    finer than float32's (the checks accumulate in float32; ``verify.py``); offloaded logits
+    cross as float32 and are checked to the TEE's precision.  A worker that rounds its
+    weights coarser than that misses every check by its own rounding, and the first prefill
+    would blame an honest worker with ``VerificationError``.  ``worker`` is the worker's own
+    word (``device_info``): a liar gains nothing by it but this refusal.
     """
     dtype = getattr(torch, worker, None) if isinstance(worker, str) else None
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         return
     eps = torch.finfo(dtype).eps
-    name = str(dtype).removeprefix("torch.")
-    if eps > torch.finfo(wire).eps:
+    floor = torch.finfo(torch.float32).eps
+    name = _name(dtype)
+    if eps > max(torch.finfo(wire).eps, torch.finfo(tee).eps, floor):
         raise ValueError(
-            f"the worker computes in {name}, coarser than the {_name(wire)} wire its results "
-            f"are checked at: an honest worker fails verification. Use "
-            f"wire_dtype=torch.{name} (checks at {name}'s precision), a worker of the wire's "
-            f"dtype, or verify=False")
-    if not private_io and eps > torch.finfo(tee).eps:
+            f"the worker computes in {name}, coarser than the {_name(wire)} wire and the "
+            f"{_name(tee)} TEE its results are checked at: an honest worker fails "
+            f"verification. Use wire_dtype=torch.{name} (checks at {name}'s precision), a "
+            f"worker of the wire's dtype, or verify=False")
+    if not private_io and eps > max(torch.finfo(tee).eps, floor):
         raise ValueError(
             f"the worker computes in {name}, and with private_io=False its logits are "
             f"checked at the TEE's {_name(tee)}: an honest worker fails verification. Use "

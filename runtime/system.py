@@ -430,16 +430,22 @@ def _importable(module: Any) -> bool:
     for i in range(len(parts)):
         if i and path is None:  # the parent is no package
             return False
-        spec = _find_spec(".".join(parts[:i + 1]), path)
+        name = ".".join(parts[:i + 1])
+        spec = _find_spec(name, path)
         if spec is None:
             return False
-        path = spec.submodule_search_locations
+        # The next part is looked up where the import will look: the imported package's
+        # own ``__path__``, which its ``__init__`` may have extended (pkgutil.extend_path).
+        parent = sys.modules.get(name)
+        path = getattr(parent, "__path__", None)
+        path = spec.submodule_search_locations if path is None else list(path)
     if spec is None or spec.origin in (None, "built-in", "frozen"):
         return False
     try:
         return os.path.samefile(spec.origin, own)
-    except (OSError, TypeError, ValueError):
-        return False
+    except (OSError, TypeError, ValueError):  # not a file of its own: a zip's member, say
+        return isinstance(spec.origin, str) and \
+            os.path.normpath(spec.origin) == os.path.normpath(own)
 
 
 def _find_spec(name: str, path: Any) -> Any:

@@ -19,8 +19,8 @@ Announcements are serialised, registrars' calls included: a registrar hears of a
 end only after it heard of its start, so it never keeps a registration of memory that is
 gone.  Such a stale registration is silent corruption in waiting: the next mapping at that
 address would be taken as registered already, while CUDA holds the old range's pages.  A
-mapping announced at an address still live -- its predecessor went without
-:func:`unmapping`, a bug elsewhere -- is therefore first unregistered, with a warning.
+mapping announced over one still listed -- its predecessor went without
+:func:`unmapping`, a bug elsewhere -- therefore first unregisters that one, with a warning.
 (Found by a review; ``Channel.create``/``attach`` had left rings to GC when their
 constructor failed.)
 """
@@ -77,12 +77,17 @@ class Registrar(Protocol):
 def mapped(address: int, size: int) -> None:
     """A mapping of ``size`` bytes at ``address`` was made."""
     with _lock:
-        stale = _live.get(address)
-        if stale is not None:
+        # Any live entry the new range overlaps went without being announced: the kernel
+        # reuses a freed range anywhere inside it (a smaller mapping lands at the top of a
+        # larger hole), not only at its start.
+        for old, n in [(a, n) for a, n in _live.items() if a < address + size
+                       and address < a + n]:
             log.warning("a %d-byte transport mapping at %#x went without being announced; "
-                        "unregistering it before the new %d-byte one", stale, address, size)
+                        "unregistering it before the new %d-byte one at %#x", n, old, size,
+                        address)
+            del _live[old]
             for r in _registrars:
-                r.unregister(address, stale)
+                r.unregister(old, n)
         _live[address] = size
         for r in _registrars:
             r.register(address, size)

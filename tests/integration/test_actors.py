@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import importlib
 import importlib.util
 import os
 import pickle
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 
 import psutil
@@ -28,6 +30,7 @@ from runtime import (
     actor,
 )
 from runtime.actor import actor_options
+from runtime.system import _importable
 from tests.conftest import tmpfs_used
 from tests.integration.actors_lib import (
     Caller,
@@ -539,6 +542,46 @@ def test_actor_classes_of_modules_loaded_by_path_travel_by_value(tmp_path, monke
     finally:
         sys.modules.pop("rt_by_path", None)
         sys.modules.pop("rt_by_path_shadow", None)
+
+
+_ZIPPED = """
+from runtime import actor
+
+class Point:
+    pass
+
+@actor
+class Maker:
+    def check(self, p):
+        return isinstance(p, Point)
+"""
+
+
+def test_importable_modules_of_zips_and_extended_packages_travel_by_reference(
+        tmp_path, monkeypatch):
+    """By value, an actor's classes are not the driver's (``isinstance`` fails there).  A
+    review of the check above found two importable kinds it sent by value: a module in a zip
+    on ``sys.path`` (no file of its own to compare), and a submodule in a directory its
+    package added to ``__path__`` (``pkgutil.extend_path``)."""
+    archive = tmp_path / "lib.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("rt_zipped.py", _ZIPPED)
+    for part in ("a", "b"):
+        (tmp_path / part / "rt_ext_pkg").mkdir(parents=True)
+        (tmp_path / part / "rt_ext_pkg" / "__init__.py").write_text(
+            "import pkgutil\n__path__ = pkgutil.extend_path(__path__, __name__)\n")
+    (tmp_path / "b" / "rt_ext_pkg" / "extra.py").write_text("X = 1\n")
+    for entry in (tmp_path / "b", tmp_path / "a", archive):
+        monkeypatch.syspath_prepend(str(entry))
+    try:
+        zipped = importlib.import_module("rt_zipped")
+        extra = importlib.import_module("rt_ext_pkg.extra")
+        assert _importable(zipped) and _importable(extra)
+        with ActorSystem() as system:
+            assert system.spawn(zipped.Maker).check(zipped.Point()) is True
+    finally:
+        for name in ("rt_zipped", "rt_ext_pkg", "rt_ext_pkg.extra"):
+            sys.modules.pop(name, None)
 
 
 _DRIVER_SCRIPT = """

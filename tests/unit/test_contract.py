@@ -76,14 +76,24 @@ def test_error_hierarchy():
 
 
 def _imports(path: pathlib.Path) -> set[str]:
-    """Every module ``path`` imports, at any depth of its code (lazy imports included)."""
+    """Every module ``path`` imports, at any depth of its code (lazy imports included).
+
+    Relative imports are resolved against ``path``'s package (a module's or an
+    ``__init__``'s: its parts but the last).
+    """
+    package = list(path.relative_to(ROOT).with_suffix("").parts)[:-1]
     found = set()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
             found.update(a.name for a in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
-            found.add(node.module)
-            found.update(f"{node.module}.{a.name}" for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package[:len(package) - (node.level - 1)]
+                base = ".".join([*anchor, *([base] if base else [])])
+            if base:
+                found.add(base)
+            found.update(f"{base}.{a.name}" if base else a.name for a in node.names)
     return found
 
 

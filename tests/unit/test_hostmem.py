@@ -245,6 +245,21 @@ def test_a_mapping_announced_at_a_live_address_replaces_the_stale_registration(r
     assert address not in registrar.registered and address not in hostmem.live()
 
 
+def test_a_mapping_inside_a_stale_one_replaces_its_registration(registrar):
+    """The kernel may put a smaller mapping at the top of a larger freed range, not at its
+    start (a review saw it 20 times in 20), so an overlap, not an equal address, marks the
+    stale one."""
+    old, new = 1 << 44, (1 << 44) + 7 * MiB  # that placement, with stand-in addresses
+    hostmem.mapped(old, 8 * MiB)  # then it goes without unmapping (the bug elsewhere)
+    try:
+        hostmem.mapped(new, MiB)
+        assert old not in registrar.registered and old not in hostmem.live()
+        assert registrar.registered.get(new) == MiB
+    finally:
+        hostmem.unmapping(new)
+        hostmem.unmapping(old)
+
+
 def test_a_mapping_that_goes_while_a_registrar_installs_is_not_left_registered():
     """Announcements are serialised with the registrars' calls: ``install`` registered its
     snapshot of the live mappings outside any lock, so a mapping that went meanwhile was

@@ -563,6 +563,23 @@ def test_a_worker_coarser_than_its_checks_is_refused_when_the_driver_is_made(con
                                                                  verify=False)):
         assert drv.prefill(ids).dtype == torch.float32
     assert make(wire_dtype=worker).generate(ids, 3).shape == (3,)
+    # The checks' precision is the coarser of the wire's and the TEE's (a review of the
+    # first version: it looked at the wire alone and refused these honest ones).
+    for kw in ({"dtype": worker, "wire_dtype": torch.float32},
+               {"dtype": worker, "wire_dtype": torch.float32, "private_io": False}):
+        assert make(**kw).generate(ids, 3).shape == (3,)
+
+
+@pytest.mark.parametrize(("worker", "tee", "wire", "private_io"), [
+    (torch.float32, torch.float64, None, True),  # a float64 TEE, the default worker
+    (torch.float32, torch.float32, torch.float64, True),  # a float64 wire
+    (torch.float32, torch.float32, None, False),
+    (torch.bfloat16, torch.bfloat16, torch.float16, True)])
+def test_honest_configurations_with_finer_checks_are_accepted(config, worker, tee, wire,
+                                                             private_io):
+    drv = TEEDriver(config, GPUWorker(config, seed=0, device="cpu", dtype=worker), seed=0,
+                    dtype=tee, wire_dtype=wire, private_io=private_io)
+    assert drv.generate(ids_for(config, 9), 3).shape == (3,)  # every result verified
 
 
 def test_a_16bit_tee_that_lets_the_worker_compute_logits_is_warned(config, caplog):
