@@ -259,6 +259,23 @@ def test_supervisor_killed_then_gc(own_tmp):
         system.shutdown()
 
 
+def test_supervisor_killed_then_shutdown_alone_leaves_nothing(own_tmp):
+    """No ``gc`` needed: the driver's own shutdown removes the session's files after its
+    supervisor died (an API review found only the gc path tested)."""
+    system = ActorSystem(shm_dir=own_tmp)
+    e = system.spawn(Echo)
+    actor_pid = e.pid
+    e.echo(torch.ones(8))
+    private = system.session.private_dir
+    assert os.path.isdir(private)
+    os.kill(system._link.proc.pid, signal.SIGKILL)
+    assert wait_gone([actor_pid], 2), "actors die with their supervisor"
+    system.shutdown()
+    assert not os.path.exists(private)
+    assert not _session_files(system.session.sid, own_tmp)
+    assert not psutil.Process().children(recursive=True)
+
+
 def test_gc_dry_run_and_help():
     out = subprocess.run([sys.executable, "-m", "runtime", "gc", "--help"],
                          capture_output=True, text=True, check=True).stdout

@@ -76,6 +76,24 @@ def test_example_with_a_random_preset(tmp_path, capsys, monkeypatch):
     assert len(result["tokens"]) == 12
 
 
+def test_example_exits_1_when_a_token_differs(tmp_path, capsys, monkeypatch):
+    """The demo's verdict is its exit status: a mismatch against transformers is 1 (only
+    the success path was tested: an API review)."""
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    example = _example()
+    real = example.hf_generate
+
+    def off_by_one(run, args, n):
+        want = real(run, args, n)
+        return [*want[:-1], (want[-1] + 1) % run["config"].vocab_size]
+
+    monkeypatch.setattr(example, "hf_generate", off_by_one)
+    out = tmp_path / "r.json"
+    assert example.main(["--preset", "tiny", "--max-new-tokens", "6", "--json", str(out)]) == 1
+    assert "MISMATCH at token 5" in capsys.readouterr().out
+    assert json.loads(out.read_text())["ok"] is False
+
+
 def test_example_with_a_gguf_checkpoint(tmp_path, capsys, monkeypatch):
     pytest.importorskip("transformers")
     pytest.importorskip("gguf")
