@@ -102,7 +102,8 @@ def _optional_int(name: str, value: Any, least: int) -> int | None:
     return value
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
+def dtype_name(dtype: torch.dtype) -> str:
+    """``"bfloat16"`` for ``torch.bfloat16``: the name :func:`resolve_dtype` reads back."""
     return str(dtype).removeprefix("torch.")
 
 
@@ -198,7 +199,7 @@ class GPUWorker:
     def device_info(self) -> dict[str, Any]:
         """Where and how this worker computes, as plain values."""
         info: dict[str, Any] = {"type": self.device.type, "device": str(self.device),
-                                "dtype": _dtype_name(self.dtype),
+                                "dtype": dtype_name(self.dtype),
                                 "threads": torch.get_num_threads()}
         if self._cuda:
             info["name"] = torch.cuda.get_device_name(self.device)

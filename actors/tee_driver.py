@@ -86,7 +86,7 @@ import torch.nn.functional as F  # noqa: N812 - the usual alias
 
 from actors.errors import VerificationError, WorkerResultError
 from actors.generation import GenerationOptions, GenerationState, KVCache, one_thread
-from actors.gpu_worker import Threads, resolve_dtype, set_threads
+from actors.gpu_worker import Threads, dtype_name, resolve_dtype, set_threads
 from actors.llama import (
     EMBED,
     FINAL_NORM,
@@ -336,28 +336,27 @@ def _refuse_coarse_worker(worker: Any, wire: torch.dtype, tee: torch.dtype,
     would blame an honest worker with ``VerificationError``.  ``worker`` is the worker's own
     word (``device_info``): a liar gains nothing by it but this refusal.
     """
-    dtype = getattr(torch, worker, None) if isinstance(worker, str) else None
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+    try:
+        dtype = resolve_dtype(worker) if isinstance(worker, str) else None
+    except ValueError:  # no floating dtype's name: nothing to judge by
+        return
+    if dtype is None:
         return
     eps = torch.finfo(dtype).eps
     floor = torch.finfo(torch.float32).eps
-    name = _name(dtype)
+    name = dtype_name(dtype)
     if eps > max(torch.finfo(wire).eps, torch.finfo(tee).eps, floor):
         raise ValueError(
-            f"the worker computes in {name}, coarser than the {_name(wire)} wire and the "
-            f"{_name(tee)} TEE its results are checked at: an honest worker fails "
+            f"the worker computes in {name}, coarser than the {dtype_name(wire)} wire and the "
+            f"{dtype_name(tee)} TEE its results are checked at: an honest worker fails "
             f"verification. Use wire_dtype=torch.{name} (checks at {name}'s precision), a "
             f"worker of the wire's dtype, or verify=False")
     if not private_io and eps > max(torch.finfo(tee).eps, floor):
         raise ValueError(
             f"the worker computes in {name}, and with private_io=False its logits are "
-            f"checked at the TEE's {_name(tee)}: an honest worker fails verification. Use "
+            f"checked at the TEE's {dtype_name(tee)}: an honest worker fails verification. Use "
             f"private_io=True (lm_head in the TEE), a worker of the TEE's dtype, or "
             f"verify=False")
-
-
-def _name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def _cores() -> int:
@@ -473,7 +472,7 @@ class TEEDriver:
                         "to it, so they are checked only to ~3 %% of a row's norm, and one "
                         "logit changed by less is never caught -- enough to choose the next "
                         "token. Use a float32 TEE dtype or private_io=True (docs/design.md).",
-                        str(self.dtype).removeprefix("torch."))
+                        dtype_name(self.dtype))
             self._verifier = Verifier(config, ops, checkpoint, seed, dtype=self.dtype,
                                       wire_dtype=self.wire_dtype)
         self._inv_freq = rope_inv_freq(config)
@@ -817,7 +816,7 @@ class TEEDriver:
         meta = {"tokens": st.get("tokens"), "chunks": st.get("chunks"),
                 "chunk_rows": st.get("chunk_rows"), "policy": self.attention,
                 "private_io": self.private_io, "verify": self._verifier is not None,
-                "wire_dtype": str(self.wire_dtype).removeprefix("torch."),
+                "wire_dtype": dtype_name(self.wire_dtype),
                 "total_ms": round(1e3 * st.get("total_s", 0.0), 3),
                 "worker_device": str(self.worker_device.get("device", ""))}
         # The worker's own account of its compute: a malformed one (trace.worker_spans)
@@ -1359,8 +1358,8 @@ class TEEDriver:
         return {
             "tokens": t, "layers": self.config.num_hidden_layers,
             "policy": self.attention, "policy_reason": self.policy_reason,
-            "dtype": str(self.dtype).removeprefix("torch."),
-            "wire_dtype": str(self.wire_dtype).removeprefix("torch."),
+            "dtype": dtype_name(self.dtype),
+            "wire_dtype": dtype_name(self.wire_dtype),
             "worker_device": dict(self.worker_device),
             "total_s": total, "tee_s": sum(r["tee_s"] for r in rows.values()),
             "wait_s": wait, "worker_s": worker,

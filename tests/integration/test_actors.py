@@ -584,6 +584,25 @@ def test_importable_modules_of_zips_and_extended_packages_travel_by_reference(
             sys.modules.pop(name, None)
 
 
+def test_importability_is_judged_without_failing(monkeypatch):
+    """The check's refusals, each meaning "send it by value": a module with no file (made in
+    memory), a name whose parent is no package; and a third-party finder that raises is
+    passed over, not taken as an answer (the import would go on to the next one too)."""
+    import types
+
+    class Raising:
+        def find_spec(self, name, path=None, target=None):
+            raise RuntimeError("a broken finder")
+
+    monkeypatch.setattr(sys, "meta_path", [Raising(), *sys.meta_path])
+    assert _importable(sys.modules[Echo.__module__])  # found by the finders behind it
+    in_memory = types.ModuleType("rt_in_memory")
+    assert not _importable(in_memory)
+    fake = types.ModuleType("json.decoder.deeper")  # json.decoder is a module, no package
+    fake.__file__ = sys.modules["json.decoder"].__file__
+    assert not _importable(fake)
+
+
 _DRIVER_SCRIPT = """
 import sys, torch
 from runtime import ActorSystem, actor

@@ -17,6 +17,7 @@ import threading
 import time
 
 import numpy as np
+import psutil
 import pytest
 import torch
 
@@ -207,16 +208,24 @@ def test_a_channel_that_fails_to_open_leaves_nothing_mapped_or_registered(privat
         with pytest.raises(OSError):
             Channel.create(shm_dir="/nonexistent-shm-dir", private_dir=private_dir,
                            name="rt_testfail", threshold=MiB, sealed=True)
+        assert os.listdir(private_dir) == []  # its doorbell and ZeroMQ socket file: gone
     else:
         caller = Channel.create(shm_dir="/dev/shm", private_dir=private_dir,
                                 name="rt_testfail", threshold=MiB)
         bell = Doorbell(os.path.join(private_dir, "callee.bell"))
         try:
             before_live, before_reg = set(hostmem.live()), set(registrar.registered)
+            open_fds = psutil.Process().num_fds()  # ZeroMQ's context exists already
             fds = [os.dup(fd) for fd in caller.peer_fds()]
             with pytest.raises(OSError):
                 Channel.attach(caller.spec(), fds=fds, own_bell=bell, safe=False,
                                name="callee", shm_dir="/nonexistent-shm-dir")
+            # The descriptors it took over, its sockets and its doorbell writer: closed
+            # (ZeroMQ's I/O thread closes a socket's own descriptors a moment later).
+            give_up = time.monotonic() + 5
+            while psutil.Process().num_fds() != open_fds and time.monotonic() < give_up:
+                time.sleep(0.02)
+            assert psutil.Process().num_fds() == open_fds
         finally:
             caller.close()
             bell.close()

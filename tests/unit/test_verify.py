@@ -570,6 +570,17 @@ def test_a_worker_coarser_than_its_checks_is_refused_when_the_driver_is_made(con
         assert make(**kw).generate(ids, 3).shape == (3,)
 
 
+def test_a_worker_report_that_names_no_float_dtype_is_not_a_reason_to_refuse():
+    """The refusal reads the worker's word; anything but a floating dtype's name (another
+    worker's report, a liar's) refuses nothing -- the checks judge its results."""
+    from actors.tee_driver import _refuse_coarse_worker
+
+    for report in (None, "", "int8", "bool", "nonsense", "cuda", 16, b"float32"):
+        _refuse_coarse_worker(report, torch.float32, torch.float32, False)
+    with pytest.raises(ValueError):
+        _refuse_coarse_worker("bfloat16", torch.float32, torch.float32, True)
+
+
 @pytest.mark.parametrize(("worker", "tee", "wire", "private_io"), [
     (torch.float32, torch.float64, None, True),  # a float64 TEE, the default worker
     (torch.float32, torch.float32, torch.float64, True),  # a float64 wire
